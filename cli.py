@@ -1,0 +1,243 @@
+"""The `dpal` command line: parse, resolve the config, set up logging, call one function.
+
+A user's mistake (a missing corpus, an unknown teacher, a bad `--set` key, an unwritable output,
+a mismatched resume) is printed as one line starting with `error:` and exits 2, never with a
+traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+    help="dpal: distill a large human-centric teacher into a lightweight ViT (DPAL, arXiv 2508.07144).\n\n"
+    "Stage one, [bold]cache-teacher[/bold], runs the teacher once and writes a store; stage two, "
+    "[bold]distill[/bold], trains students from it, as often as you like.",
+)
+store_app = typer.Typer(no_args_is_help=True, help="Inspect and check a teacher store.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate students and teachers.")
+app.add_typer(store_app, name="store")
+app.add_typer(eval_app, name="eval")
+
+logger = logging.getLogger("dpal")
+
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override any config key: --set key=value (dotted for sections, "
+                 "e.g. --set recipe.global_size=[128,64]). Repeatable; applied last."),
+]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML or TOML file of config keys.")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, rich_tracebacks=False)
+    # dask's own INFO chatter (nannies starting and closing) is not the user's business.
+    handler.addFilter(lambda r: r.name.startswith("dpal") or r.levelno >= logging.WARNING)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[handler], force=True)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn the user's mistakes into one `error:` line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from dpal.store import StoreError
+
+        known: tuple[type[BaseException], ...] = (ValueError, StoreError, FileNotFoundError, PermissionError,
+                                                  NotADirectoryError, IsADirectoryError, FileExistsError)
+        try:
+            from dpal.pipeline.cache import StrictModeError
+
+            known += (StrictModeError,)
+        except ImportError:
+            pass
+        try:
+            return fn(*args, **kwargs)
+        except known as e:
+            msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
+            typer.echo(f"error: {msg}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command("cache-teacher")
+@user_errors
+def cache_teacher(
+    corpus: Annotated[str | None, typer.Option(help="Folder of images, a .txt list of paths, or WebDataset "
+                                               ".tar shards (path, glob, {a..b}, fsspec URL).")] = None,
+    out: Annotated[str | None, typer.Option(help="Store to create, or to resume if it exists.")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Preset (path-b, efficientnet-lite2) or a timm model "
+                                                "name. [default: efficientnet-lite2]")] = None,
+    teacher_checkpoint: Annotated[str | None, typer.Option(help="Teacher weights file (PATH-B .pth, "
+                                                           "timm state dict).")] = None,
+    teacher_layer: Annotated[int | None, typer.Option(help="Use the output of ViT block i instead of the "
+                                                      "final normalised tokens.")] = None,
+    random_init: Annotated[bool | None, typer.Option("--random-init", help="Allow a randomly initialised "
+                                                     "teacher (tests and benchmarks only).")] = None,
+    views: Annotated[int | None, typer.Option(help="K: replayable views cached per image. [default: 4]")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float16 (default), bfloat16, int8 (per-token scale) "
+                                              "or float32.")] = None,
+    shard_size: Annotated[int | None, typer.Option(help="Images per shard (unit of work and resume). "
+                                                   "[default: 256]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the view parameters. [default: 0]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Views per teacher forward. [default: 32]")] = None,
+    workers: Annotated[int | None, typer.Option(help="Local dask worker processes, one per GPU. "
+                                                "[default: 1]")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Address of a running dask scheduler "
+                                                  "(tcp://host:8786).")] = None,
+    slurm: Annotated[bool | None, typer.Option("--slurm", help="Start dask workers on SLURM through "
+                                               "dask-jobqueue; see --set slurm.partition=..., slurm.jobs, "
+                                               "slurm.gpus_per_job, slurm.walltime.")] = None,
+    shards: Annotated[str | None, typer.Option(help="Run only shards A:B in this process, without dask "
+                                               "(SLURM array jobs).")] = None,
+    strict: Annotated[bool | None, typer.Option("--strict", help="Fail on the first bad image instead of "
+                                                "skipping and recording it.")] = None,
+    no_embed_images: Annotated[bool, typer.Option("--no-embed-images", help="Reference the corpus instead of "
+                                                  "copying images into the store.")] = False,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. [default: auto]")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Time the teacher on a few images and print the "
+                                          "store size and run time; with --slurm also the job script.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary (or dry-run) as JSON.")] = False,
+) -> None:
+    """Stage one: run the teacher once over a corpus and write K replayable views' targets to a store.
+
+    Rerunning the same command resumes: finished shards are skipped. A rerun with another teacher,
+    recipe, seed, K or dtype is refused.
+    """
+    from dpal.config import CacheConfig, resolve
+
+    _setup_logging(False)
+    flags = dict(corpus=corpus, out=out, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
+                 teacher_layer=teacher_layer, random_init=random_init, views=views, dtype=dtype,
+                 shard_size=shard_size, seed=seed, batch_size=batch_size, workers=workers, scheduler=scheduler,
+                 use_slurm=slurm, shards=shards, strict=strict, device=device,
+                 embed_images=False if no_embed_images else None)
+    cfg = resolve(CacheConfig, str(config) if config else None, flags, set_ or [])
+    if not cfg.corpus:
+        raise ValueError("--corpus is required (a folder of images, a .txt list, or .tar shards)")
+    if not dry_run and not cfg.out:
+        raise ValueError("--out is required (the store to create or resume)")
+    from dpal.pipeline.engine import dry_run as do_dry_run
+    from dpal.pipeline.engine import run_cache, slurm_cluster
+
+    if dry_run:
+        rep = do_dry_run(cfg)
+        if cfg.use_slurm:
+            rep["slurm_job_script"] = slurm_cluster(cfg).job_script()
+        if as_json:
+            typer.echo(json.dumps(rep, indent=1))
+            return
+        _print_dry_run(rep)
+        return
+    summary = run_cache(cfg, show_progress=not quiet and sys.stderr.isatty())
+    if as_json:
+        typer.echo(json.dumps(summary.__dict__))
+    else:
+        typer.echo(summary.line())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def _print_dry_run(rep: dict[str, Any]) -> None:
+    t = rep["teacher"]
+    typer.echo(f"teacher        {t['name']} ({t.get('arch')}, D={t['embed_dim']}, sha256 "
+               f"{(t.get('checkpoint_sha256') or 'random-init')[:12]}) on {rep['device']}")
+    if rep["qkv_std_ratio"] is not None:
+        typer.echo(f"qkv std ratio  last block / previous block = {rep['qkv_std_ratio']:.3f}"
+                   + ("   <- the last block looks untrained; consider --teacher-layer -2"
+                      if rep["qkv_std_ratio"] < 0.2 else ""))
+    typer.echo(f"corpus         {rep['num_images']} images x K={rep['num_views']} views, {rep['num_shards']} shards")
+    typer.echo(f"bytes per view {_human(rep['bytes_per_view'])} ({rep['dtype']})")
+    typer.echo(f"store size     {_human(rep['store_bytes'])} (features {_human(rep['feature_bytes'])}, "
+               f"images {_human(rep['image_bytes'])})")
+    typer.echo(f"teacher rate   {1 / rep['seconds_per_view']:.1f} views/s per worker; estimated "
+               f"{rep['estimated_seconds'] / 3600:.2f} h on {rep['workers']} worker(s)")
+    if "slurm_job_script" in rep:
+        typer.echo("\nSLURM job script (one per worker job):\n" + rep["slurm_job_script"])
+
+
+@store_app.command("info")
+@user_errors
+def store_info_cmd(
+    store: Annotated[Path, typer.Argument(help="Store written by `dpal cache-teacher`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Counts, shapes, dtype, bytes per view, skipped images, shards done and teacher identity."""
+    from dpal.store import store_info
+
+    info = store_info(store)
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+        return
+    t = info["teacher"]
+    lines = [
+        f"store          {info['path']} (schema {info['schema_version']}, dpal {info['dpal_version']})",
+        f"complete       {info['complete']} ({info['shards_done']}/{info['num_shards']} shards of "
+        f"{info['shard_size']} images)",
+        f"images         {info['num_images']} indexed, {info['num_cached_images']} cached, "
+        f"{info['num_skipped_images']} skipped; K = {info['num_views']} views",
+        f"dtype          {info['dtype']}, {_human(info['bytes_per_view'])} per view",
+        "shapes         " + ", ".join(f"{k} {tuple(v)}" for k, v in info["shapes"].items()),
+        f"teacher        {t['name']} ({t.get('arch')}, D={t['embed_dim']}, layer {t.get('layer')}, "
+        f"sha256 {t.get('checkpoint_sha256') or 'random-init seed ' + str(t.get('random_init_seed'))})",
+        f"images         {'embedded (WebDataset tars)' if info['embed_images'] else 'referenced from the corpus'}",
+    ]
+    for s in info["skipped"][:20]:
+        lines.append(f"  skipped      {s['key']}: {s['reason']}")
+    if len(info["skipped"]) > 20:
+        lines.append(f"  ... and {len(info['skipped']) - 20} more (--json lists all)")
+    typer.echo("\n".join(lines))
+
+
+@store_app.command("verify")
+@user_errors
+def store_verify_cmd(
+    store: Annotated[Path, typer.Argument(help="Store written by `dpal cache-teacher`.")],
+) -> None:
+    """Check every shard's files against its marker's checksums; exit 1 naming bad or missing shards."""
+    from dpal.store import verify_store
+
+    rep = verify_store(store)
+    for shard, problems in rep["bad"].items():
+        typer.echo(f"BAD shard {shard}: {'; '.join(problems)}")
+    if rep["not_done"]:
+        typer.echo(f"NOT DONE {len(rep['not_done'])} shard(s): {', '.join(rep['not_done'][:20])}")
+    if rep["ok"]:
+        typer.echo(f"ok: {rep['shards_checked']} shards verified")
+        return
+    typer.echo("rerun the same `dpal cache-teacher` command after deleting the bad shards' markers "
+               f"({store}/shards/<shard>.json) to rewrite them")
+    raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

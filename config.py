@@ -1,0 +1,333 @@
+"""Typed, frozen run configuration for both stages: load YAML/TOML, apply overrides, validate, save.
+
+Precedence: dataclass defaults < `--config FILE` < command-line flags < `--set key=value`.
+Nested sections use dotted keys (`--set recipe.global_size=[128,64]`, `--set slurm.partition=gpu`).
+Unknown keys are errors that list the known ones; a bad value names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpal.views import ViewRecipe
+
+DTYPES = ("float16", "bfloat16", "int8", "float32")
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """Stage-one workers on SLURM through dask-jobqueue (one worker per GPU)."""
+
+    partition: str | None = None
+    """SLURM partition (queue)."""
+    account: str | None = None
+    """SLURM account to charge."""
+    jobs: int = 1
+    """Number of SLURM jobs, each running one dask worker with one GPU."""
+    gpus_per_job: int = 1
+    """GPUs requested per job (one worker uses one)."""
+    cores: int = 8
+    """CPU cores per job (decoding and views)."""
+    memory: str = "32GB"
+    """Memory per job."""
+    walltime: str = "04:00:00"
+    """Walltime per job; shards left over are picked up by a rerun."""
+    job_extra: tuple[str, ...] = ()
+    """Extra #SBATCH directives, e.g. ["--constraint=a100"]."""
+
+    def __post_init__(self) -> None:
+        if self.jobs < 1 or self.gpus_per_job < 0 or self.cores < 1:
+            raise ValueError("slurm.jobs and slurm.cores must be >= 1 and slurm.gpus_per_job >= 0")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """`dpal cache-teacher`: run the teacher once over a corpus and write the store."""
+
+    corpus: str = ""
+    """Folder of images, .txt list of image paths, or WebDataset .tar shards (glob, {a..b}, URL)."""
+    out: str = ""
+    """Store path (created; rerunning the same command resumes it)."""
+    teacher: str = "efficientnet-lite2"
+    """Teacher preset (path-b, efficientnet-lite2) or any timm model name."""
+    teacher_checkpoint: str | None = None
+    """Teacher weights file (required for path-b and plain timm names)."""
+    teacher_arch: str | None = None
+    """Override the timm architecture of a preset (e.g. a smaller ViT in PATH layout)."""
+    teacher_layer: int | None = None
+    """None: final normalised tokens; i: output of ViT block i (see docs/store.md)."""
+    random_init: bool = False
+    """Allow a teacher without weights, randomly initialised (tests and benchmarks only)."""
+    random_init_seed: int = 0
+    """Seed of the random teacher init, so that stage two can rebuild it for --online-teacher."""
+    views: int = 4
+    """K: replayable augmented views cached per image."""
+    dtype: str = "float16"
+    """Stored feature dtype: float16, bfloat16 (as uint16), int8 (per-token scale) or float32."""
+    shard_size: int = 256
+    """Images per store shard: the unit of work, of writing and of resume."""
+    seed: int = 0
+    """Seed of the view parameters (with each image's key and view index)."""
+    batch_size: int = 32
+    """Views per teacher forward."""
+    workers: int = 1
+    """Local dask worker processes (one per GPU on a GPU machine)."""
+    threads_per_worker: int = 0
+    """Torch threads per worker; 0 = cores / workers."""
+    scheduler: str | None = None
+    """Address of a running dask scheduler to use instead of a local cluster."""
+    use_slurm: bool = False
+    """Start workers on SLURM through dask-jobqueue (see the slurm section)."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    shards: str | None = None
+    """Run only shards A:B in this process, without dask (for SLURM array jobs)."""
+    strict: bool = False
+    """Fail on the first bad corpus image instead of skipping and recording it."""
+    embed_images: bool = True
+    """Copy source images into WebDataset tars beside the features (stage two then needs only the store)."""
+    max_pixels: int = 64_000_000
+    """Images declaring more pixels are skipped as decompression bombs."""
+    device: str = "auto"
+    """auto (cuda if available), cpu or cuda[:i]."""
+    recipe: ViewRecipe = field(default_factory=ViewRecipe)
+
+    def __post_init__(self) -> None:
+        if self.views < 1:
+            raise ValueError(f"views must be >= 1, got {self.views}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.shard_size < 1 or self.batch_size < 1 or self.workers < 1:
+            raise ValueError("shard_size, batch_size and workers must be >= 1")
+        if self.shards is not None:
+            shard_slice(self.shards, 10**12)
+        for hw in (self.recipe.global_size, self.recipe.crowd_size):
+            if hw[0] % 16 or hw[1] % 16:
+                raise ValueError(f"recipe sizes must be multiples of 16 (the patch), got {hw}")
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.shards is None
+
+
+def shard_slice(spec: str, num_shards: int) -> range:
+    """Parse `A:B` (either side may be empty) into a range of shard indices."""
+    try:
+        a, b = spec.split(":")
+        start = int(a) if a else 0
+        stop = int(b) if b else num_shards
+    except ValueError:
+        raise ValueError(f"--shards {spec!r} must look like A:B (e.g. 0:10, 5:, :3)") from None
+    if start < 0 or stop < start:
+        raise ValueError(f"--shards {spec!r}: need 0 <= A <= B")
+    return range(start, min(stop, num_shards))
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """`dpal distill`: train the student and D-PaDe against a store."""
+
+    store: str = ""
+    """Store written by `dpal cache-teacher`."""
+    out: str = ""
+    """Run directory: checkpoints, metrics.jsonl, config.yaml."""
+    student: str = "dpal_vit_tiny"
+    """dpal_vit_tiny (the paper's student) or any timm ViT name."""
+    epochs: int = 200
+    """Length of the schedule (warmup + cosine)."""
+    max_steps: int | None = None
+    """Stop at this optimizer step without changing the schedule (resume continues it)."""
+    batch_size: int = 256
+    """Images per rank per optimizer step (before accumulation)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; each rank's step sees batch_size images in total."""
+    base_lr: float = 2.5e-4
+    """Learning rate per 256 images; lr = base_lr * global_batch / 256."""
+    min_lr: float = 0.0
+    """Floor of the cosine decay."""
+    warmup_epochs: float = 10.0
+    """Linear warmup length (per step)."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (none on 1-D parameters and biases)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    seed: int = 0
+    """Seed of the sampler, the fresh local crops and the init."""
+    num_workers: int = 2
+    """DataLoader worker processes (spawned) that decode and replay views."""
+    resume: str = "auto"
+    """auto (newest complete checkpoint in out/), a checkpoint path, or none."""
+    keep_last: int = 3
+    """Checkpoints kept in out/checkpoints."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (plus one at the end and on SIGTERM/SIGUSR1)."""
+    log_every: int = 10
+    """Steps between metric lines."""
+    online_teacher: bool = False
+    """Compute the targets with the teacher in the loop (same replayed views) instead of the store."""
+    fix_mask_sign: bool = True
+    """Orient the PCA shape mask so the image centre scores higher than its border (documented deviation)."""
+    dpade_scale: float = 1.0 / 256.0
+    """D-PaDe expert mixing scale (the paper's 1/256, its per-GPU batch)."""
+    route_weight_early: float = 0.1
+    """Weight of the routing CE before `route_switch_epoch`."""
+    route_weight_late: float = 0.01
+    """Weight of the routing CE from `route_switch_epoch` on."""
+    route_switch_epoch: int = 20
+    l2_weight: float = 0.025
+    """Weight of the expert Frobenius regulariser."""
+    allow_incomplete: bool = False
+    """Train on the finished shards of an incomplete store."""
+    device: str = "auto"
+    """auto, cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK."""
+    recipe_local_size: tuple[int, int] | None = None
+    """Override the local crop size (default: the store's recipe)."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("epochs, batch_size and grad_accum must be >= 1")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("max_steps must be >= 1")
+        if self.keep_last < 1 or self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("keep_last, checkpoint_every and log_every must be >= 1")
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a parsed value (YAML scalar/list/dict) to the field type `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], name)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a mapping")
+        return build(tp, value, prefix=name + ".")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, e.g. [256, 128]")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], name) for v in value)
+        if len(args) != len(value):
+            raise ValueError(f"{name} needs {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, name) for v, a in zip(value, args, strict=True))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        try:
+            v = tp(value) if not isinstance(value, str) else tp(yaml.safe_load(value))
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be {'an integer' if tp is int else 'a number'}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != int(value):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return v
+    if tp is str:
+        return str(value)
+    return value
+
+
+def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a (nested) mapping; unknown keys raise ValueError."""
+    types_ = _field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ValueError(
+            f"unknown config key {prefix}{unknown[0]!r}; known keys: {', '.join(prefix + k for k in types_)}"
+        )
+    kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (lists for tuples) for YAML/JSON."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file {p} not found")
+    text = p.read_text()
+    data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p} must hold a mapping of keys to values")
+    return data
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ValueError(f"--set {dotted}: {p} is not a section")
+    d[parts[-1]] = value
+
+
+def parse_sets(sets: list[str]) -> dict[str, Any]:
+    """`key=value` strings -> nested mapping; values parsed as YAML (numbers, lists, true/false)."""
+    out: dict[str, Any] = {}
+    for s in sets:
+        if "=" not in s:
+            raise ValueError(f"--set {s!r} must look like key=value")
+        k, v = s.split("=", 1)
+        _set_dotted(out, k.strip(), yaml.safe_load(v) if v.strip() else "")
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve(cls: type, config_file: str | None, flags: dict[str, Any], sets: list[str]) -> Any:
+    """Defaults < config file < flags given on the command line (not None) < --set."""
+    values: dict[str, Any] = load_file(config_file) if config_file else {}
+    values = _merge(values, {k: v for k, v in flags.items() if v is not None})
+    values = _merge(values, parse_sets(sets))
+    return build(cls, values)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def dump_json(cfg: Any) -> str:
+    return json.dumps(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,161 @@
+"""Stage one's unit of work: one store shard, from corpus bytes to written, marked targets.
+
+`cache_shard` is the one function that the dask engine, SLURM array jobs (`--shards A:B`) and the
+tests all call. It is pure but for writing its own shard: it decodes the shard's images, samples
+each view's parameters (views.sample_view), replays them into pixels, runs the teacher on v0 and
+Ic, and hands everything to `store.write_shard`, which writes each array in one assignment and
+then the marker. A shard whose marker exists is skipped before any image is decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dpal.config import CacheConfig
+from dpal.corpus import BadImage, decode_image, read_bytes
+from dpal.store import (
+    GLOBAL,
+    KEYS,
+    LOCAL,
+    RELATION,
+    SOURCE,
+    SOURCE_OFFSET,
+    SOURCE_SIZE,
+    ShardData,
+    StoreReader,
+    marker_path,
+    shift_rows,
+    write_shard,
+)
+from dpal.teachers import Teacher, TeacherSpec, autocast_context
+from dpal.views import NUM_PARAMS, ViewRecipe, background_index, replay, sample_view
+
+logger = logging.getLogger(__name__)
+
+
+class StrictModeError(Exception):
+    """A bad corpus image under --strict."""
+
+
+@dataclass
+class ShardReport:
+    """What one `cache_shard` call did."""
+
+    shard: int
+    num_images: int
+    num_cached: int
+    num_skipped: int
+    seconds: float
+    already_done: bool = False
+
+
+def teacher_spec(cfg: CacheConfig) -> TeacherSpec:
+    return TeacherSpec(
+        name=cfg.teacher, checkpoint=cfg.teacher_checkpoint, random_init=cfg.random_init,
+        random_init_seed=cfg.random_init_seed, layer=cfg.teacher_layer, arch=cfg.teacher_arch,
+        global_size=cfg.recipe.global_size, crowd_size=cfg.recipe.crowd_size,
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.inference_mode()
+def teacher_targets(teacher: Teacher, v0: torch.Tensor, ic: torch.Tensor, device: torch.device
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Teacher targets of a batch of views, float32 numpy.
+
+    Returns:
+        global (B, D), local (B, P, D), relation (B, T, T) row-shifted logits.
+    """
+    with autocast_context(device):
+        g, patches = teacher.encode_global(v0.to(device, non_blocking=True))
+        rel = teacher.relation_logits(ic.to(device, non_blocking=True))
+    return (g.float().cpu().numpy(), patches.float().cpu().numpy(), shift_rows(rel.float().cpu().numpy()))
+
+
+def cache_shard(store_path: str | Path, shard: int, teacher: Teacher, cfg: CacheConfig,
+                device: torch.device | str = "cpu") -> ShardReport:
+    """Cache one store shard: decode, sample views, run the teacher, write, mark done.
+
+    Args:
+        store_path: an initialised store (see `pipeline.engine.prepare_store`).
+        shard: shard index.
+        teacher: the loaded teacher (one per worker, never shipped in a task).
+        cfg: the run's config (recipe, seed, K, batch size, strictness).
+        device: where the teacher runs.
+
+    Raises:
+        StrictModeError: a bad image while `cfg.strict`.
+    """
+    t0 = time.perf_counter()
+    store_path = Path(store_path)
+    device = torch.device(device)
+    reader = StoreReader(store_path, allow_incomplete=True)
+    layout = reader.layout
+    start, stop = layout.shard_range(shard)
+    if marker_path(store_path, shard).exists():
+        return ShardReport(shard, stop - start, 0, 0, 0.0, already_done=True)
+    rows = stop - start
+    keys = reader.array(KEYS)[start:stop]
+    sources = reader.array(SOURCE)[start:stop]
+    offsets = reader.array(SOURCE_OFFSET)[start:stop]
+    sizes = reader.array(SOURCE_SIZE)[start:stop]
+
+    images: list = [None] * rows
+    blobs: list = [None] * rows
+    skipped = []
+    for r in range(rows):
+        key = str(keys[r])
+        try:
+            try:
+                blob = read_bytes(str(sources[r]), int(offsets[r]), int(sizes[r]))
+            except OSError as e:
+                raise BadImage(f"unreadable: {e}") from None
+            images[r] = decode_image(blob, cfg.max_pixels)
+            ext = (str(sources[r]) if int(offsets[r]) < 0 else key).rsplit(".", 1)[-1].lower()
+            blobs[r] = (key, blob, ext if ext in ("jpg", "jpeg", "png", "webp", "bmp") else "img")
+        except BadImage as e:
+            if cfg.strict:
+                raise StrictModeError(f"bad image {key!r} ({e.reason}); rerun without --strict to skip it") from None
+            skipped.append({"index": start + r, "key": key, "reason": e.reason})
+
+    recipe: ViewRecipe = cfg.recipe
+    k_views = layout.num_views
+    good = [r for r in range(rows) if images[r] is not None]
+    hw = {r: (images[r].height, images[r].width) for r in good}
+    params = np.zeros((rows, k_views, NUM_PARAMS), dtype=np.float64)
+    feats = {name: np.zeros((rows, *shape[1:]), dtype=np.float32)
+             for name, shape in layout.feature_shapes().items()}
+    jobs = []
+    for r in good:
+        pool = [(start + b, hw[b]) for b in good if b != r] or [(start + r, hw[r])]
+        for k in range(k_views):
+            params[r, k] = sample_view(recipe, cfg.seed, str(keys[r]), k, hw[r], pool)
+            jobs.append((r, k))
+    for i in range(0, len(jobs), cfg.batch_size):
+        batch = jobs[i : i + cfg.batch_size]
+        v0s, ics = [], []
+        for r, k in batch:
+            bg = images[background_index(params[r, k]) - start]
+            v0, ic = replay(recipe, params[r, k], images[r], bg)
+            v0s.append(v0)
+            ics.append(ic)
+        g, loc, rel = teacher_targets(teacher, torch.stack(v0s), torch.stack(ics), device)
+        for j, (r, k) in enumerate(batch):
+            feats[GLOBAL][r, k], feats[LOCAL][r, k], feats[RELATION][r, k] = g[j], loc[j], rel[j]
+    valid = np.zeros(rows, dtype=np.uint8)
+    valid[good] = 1
+    data = ShardData(shard=shard, features=feats, params=params, valid=valid, images=blobs, skipped=skipped,
+                     seconds=time.perf_counter() - t0)
+    write_shard(store_path, data)
+    return ShardReport(shard, rows, len(good), len(skipped), time.perf_counter() - t0)

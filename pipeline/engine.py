@@ -1,0 +1,311 @@
+"""Stage one's engine: prepare the store, then run one `cache_shard` task per pending shard.
+
+Where the tasks run: an embedded dask LocalCluster (default, `--workers N` processes), a running
+dask scheduler (`--scheduler ADDRESS`), SLURM workers through dask-jobqueue (`--slurm`), or this
+process alone for a slice of shards (`--shards A:B`, for SLURM array jobs). Each dask worker loads
+the teacher once, through a WorkerPlugin, and uses one device; tasks carry only a shard index.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from distributed.diagnostics.plugin import WorkerPlugin
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from dpal import __version__
+from dpal.config import CacheConfig, shard_slice, to_dict
+from dpal.corpus import index_corpus
+from dpal.pipeline.cache import ShardReport, cache_shard, resolve_device, teacher_spec, teacher_targets
+from dpal.store import (
+    Layout,
+    StoreError,
+    create_store,
+    corpus_fingerprint,
+    done_shards,
+    identity_diff,
+    layout_of,
+    mark_complete_if_done,
+    read_attrs,
+)
+from dpal.teachers import Teacher, load_teacher, qkv_std_ratio
+from dpal.views import IMAGENET_MEAN, IMAGENET_STD, background_index, replay, sample_view
+
+logger = logging.getLogger(__name__)
+PLUGIN_NAME = "dpal-teacher"
+
+
+@dataclass
+class RunSummary:
+    num_shards: int
+    shards_run: int
+    shards_already_done: int
+    images: int
+    cached: int
+    skipped: int
+    seconds: float
+    complete: bool
+
+    def line(self) -> str:
+        rate = self.images / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"cached {self.cached} images in {self.shards_run} shards ({rate:.1f} img/s, {self.seconds:.1f} s); "
+            f"skipped {self.skipped} bad images; {self.shards_already_done} shards were already done; "
+            f"store {'complete' if self.complete else 'INCOMPLETE: rerun the same command to finish'}"
+        )
+
+
+def store_attrs(cfg: CacheConfig, teacher: Teacher, fingerprint: str, num_images: int) -> dict[str, Any]:
+    """Attributes that describe what the store holds (the identity a resume must match)."""
+    r = cfg.recipe
+    p = (r.global_size[0] // 16) * (r.global_size[1] // 16)
+    t = 1 + (r.crowd_size[0] // 16) * (r.crowd_size[1] // 16)
+    return {
+        "teacher": teacher.identity(),
+        "preprocessing": {"input": "RGB in [0, 1]", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                          "decode": "PIL, EXIF transpose, to RGB (dpal.corpus.decode_image)"},
+        "recipe": r.to_dict(),
+        "seed": cfg.seed,
+        "num_views": cfg.views,
+        "num_images": num_images,
+        "dtype": cfg.dtype,
+        "shard_size": cfg.shard_size,
+        "token_grid": {"patch_size": 16, "global": [r.global_size[0] // 16, r.global_size[1] // 16],
+                       "crowd": [r.crowd_size[0] // 16, r.crowd_size[1] // 16], "num_patches": p,
+                       "num_crowd_tokens": t, "relation": "row-shifted logits F F^T / sqrt(D)"},
+        "corpus": cfg.corpus,
+        "corpus_fingerprint": fingerprint,
+        "embed_images": cfg.embed_images,
+        "config": to_dict(cfg),
+    }
+
+
+def prepare_store(cfg: CacheConfig, teacher: Teacher) -> Layout:
+    """Create the store, or check that an existing one was made by the same command.
+
+    Raises:
+        StoreError: the existing store differs in teacher, recipe, seed, K, dtype, ...; the
+            message names each difference.
+    """
+    out = Path(cfg.out)
+    if out.exists() and not (out / "zarr.json").exists() and any(out.iterdir()):
+        raise StoreError(f"--out {out} exists and is not a dpal store; choose a new path")
+    refs = index_corpus(cfg.corpus)
+    attrs = store_attrs(cfg, teacher, corpus_fingerprint(refs), len(refs))
+    if not out.exists():
+        layout = Layout(len(refs), cfg.views, cfg.shard_size, teacher.embed_dim,
+                        attrs["token_grid"]["num_patches"], attrs["token_grid"]["num_crowd_tokens"], cfg.dtype)
+        create_store(out, layout, attrs, refs)
+    old = read_attrs(out)
+    diff = identity_diff(old, attrs)
+    if diff:
+        raise StoreError(
+            f"{out} was made with different settings, refusing to mix them:\n  " + "\n  ".join(diff)
+            + "\nUse a new --out, or rerun with the store's settings."
+        )
+    return layout_of(old)
+
+
+# ---------------------------------------------------------------- dask
+
+
+class TeacherPlugin(WorkerPlugin):
+    """A dask WorkerPlugin that loads the teacher once per worker, on the worker's own device."""
+
+    name = PLUGIN_NAME
+
+    def __init__(self, cfg: CacheConfig, threads: int) -> None:
+        self.cfg = cfg
+        self.threads = threads
+        self.teacher: Teacher | None = None
+        self.device: torch.device | None = None
+
+    def setup(self, worker: Any) -> None:
+        if self.threads > 0:
+            torch.set_num_threads(self.threads)
+        device = resolve_device(self.cfg.device)
+        if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+            # One worker per GPU: local workers are named 0..N-1.
+            try:
+                device = torch.device("cuda", int(worker.name) % torch.cuda.device_count())
+            except (TypeError, ValueError):
+                device = torch.device("cuda", 0)
+        self.device = device
+        self.teacher = load_teacher(teacher_spec(self.cfg), device=device)
+
+    def teardown(self, worker: Any) -> None:
+        self.teacher = None
+
+
+def _dask_task(store_path: str, shard: int, cfg: CacheConfig) -> ShardReport:
+    from distributed import get_worker
+
+    plugin = get_worker().plugins[PLUGIN_NAME]
+    return cache_shard(store_path, shard, plugin.teacher, cfg, plugin.device)
+
+
+def slurm_cluster(cfg: CacheConfig) -> Any:
+    """A dask-jobqueue SLURMCluster with one worker (one GPU) per job."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise StoreError("--slurm needs dask-jobqueue: pip install 'dpal[slurm]'") from None
+    s = cfg.slurm
+    extra = [f"--gres=gpu:{s.gpus_per_job}"] if s.gpus_per_job else []
+    extra += list(s.job_extra)
+    return SLURMCluster(
+        queue=s.partition, account=s.account, cores=s.cores, processes=1, memory=s.memory, walltime=s.walltime,
+        job_extra_directives=extra, job_name="dpal-cache",
+        worker_extra_args=["--nthreads", "1"],
+    )
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]caching"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+        TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        transient=False,
+    )
+
+
+def _drive(reports: Iterable[ShardReport], total_images: int, show: bool, on_report: Callable | None = None
+           ) -> list[ShardReport]:
+    out = []
+    t0 = time.perf_counter()
+    with _progress() as bar:
+        task = bar.add_task("cache", total=total_images, rate=0.0, visible=show)
+        done = 0
+        for rep in reports:
+            out.append(rep)
+            done += rep.num_images
+            bar.update(task, advance=rep.num_images, rate=done / max(time.perf_counter() - t0, 1e-9))
+            if on_report:
+                on_report(rep)
+    return out
+
+
+def run_cache(cfg: CacheConfig, show_progress: bool = True) -> RunSummary:
+    """Run (or resume) stage one as configured; returns the summary."""
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    local = cfg.shards is not None
+    # The driver needs the teacher's identity and width; in --shards mode it also computes.
+    teacher = load_teacher(teacher_spec(cfg), device=device if local else torch.device("cpu"))
+    layout = prepare_store(cfg, teacher)
+    store = str(Path(cfg.out))
+    wanted = shard_slice(cfg.shards, layout.num_shards) if local else range(layout.num_shards)
+    already = done_shards(Path(store))
+    pending = [s for s in wanted if s not in already]
+    total = sum(layout.shard_range(s)[1] - layout.shard_range(s)[0] for s in pending)
+
+    if local:
+        reports = _drive((cache_shard(store, s, teacher, cfg, device) for s in pending), total, show_progress)
+    else:
+        del teacher
+        reports = _run_dask(cfg, store, pending, total, show_progress)
+    complete = mark_complete_if_done(Path(store))
+    return RunSummary(
+        num_shards=layout.num_shards, shards_run=len(reports), shards_already_done=len(wanted) - len(pending),
+        images=sum(r.num_images for r in reports), cached=sum(r.num_cached for r in reports),
+        skipped=sum(r.num_skipped for r in reports), seconds=time.perf_counter() - t0, complete=complete,
+    )
+
+
+def _run_dask(cfg: CacheConfig, store: str, pending: list[int], total: int, show: bool) -> list[ShardReport]:
+    from distributed import Client, LocalCluster, as_completed
+
+    if not pending:
+        return []
+    cluster = None
+    if cfg.scheduler:
+        client = Client(cfg.scheduler)
+        threads = 0
+    elif cfg.use_slurm:
+        cluster = slurm_cluster(cfg)
+        cluster.scale(jobs=cfg.slurm.jobs)
+        client = Client(cluster)
+        threads = cfg.threads_per_worker or cfg.slurm.cores
+    else:
+        n = min(cfg.workers, len(pending))
+        threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // n)
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.ERROR)
+        client = Client(cluster)
+    try:
+        client.register_plugin(TeacherPlugin(cfg, threads), name=PLUGIN_NAME)
+        futures = [client.submit(_dask_task, store, s, cfg, key=f"dpal-shard-{s}-{__version__}", pure=False)
+                   for s in pending]
+        return _drive((f.result() for f in as_completed(futures)), total, show)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+# ---------------------------------------------------------------- dry run
+
+
+def dry_run(cfg: CacheConfig, num_images: int = 8) -> dict[str, Any]:
+    """Time the teacher on a few images and size the store for this corpus and K."""
+    from dpal.corpus import BadImage, decode_image, read_bytes
+
+    device = resolve_device(cfg.device)
+    teacher = load_teacher(teacher_spec(cfg), device=device)
+    refs = index_corpus(cfg.corpus)
+    imgs = []
+    for ref in refs:
+        try:
+            imgs.append((ref.key, decode_image(read_bytes(ref.source, ref.offset, ref.size), cfg.max_pixels)))
+        except (BadImage, OSError):
+            continue
+        if len(imgs) >= num_images:
+            break
+    if not imgs:
+        raise StoreError(f"no decodable image among the first images of {cfg.corpus}")
+    pool = [(i, (im.height, im.width)) for i, (_, im) in enumerate(imgs)]
+    v0s, ics = [], []
+    for i, (key, im) in enumerate(imgs):
+        p = sample_view(cfg.recipe, cfg.seed, key, 0, (im.height, im.width), [b for b in pool if b[0] != i] or pool)
+        v0, ic = replay(cfg.recipe, p, im, imgs[background_index(p)][1])
+        v0s.append(v0)
+        ics.append(ic)
+    v0, ic = torch.stack(v0s), torch.stack(ics)
+    teacher_targets(teacher, v0[:2], ic[:2], device)  # warm up
+    t0 = time.perf_counter()
+    teacher_targets(teacher, v0, ic, device)
+    per_view = (time.perf_counter() - t0) / len(imgs)
+    r = cfg.recipe
+    layout = Layout(len(refs), cfg.views, cfg.shard_size, teacher.embed_dim,
+                    (r.global_size[0] // 16) * (r.global_size[1] // 16),
+                    1 + (r.crowd_size[0] // 16) * (r.crowd_size[1] // 16), cfg.dtype)
+    image_bytes = 0
+    if cfg.embed_images:
+        sample = refs[: min(len(refs), 256)]
+        sizes = [ref.size if ref.size >= 0 else os.path.getsize(ref.source) for ref in sample
+                 if ref.size >= 0 or os.path.exists(ref.source)]
+        image_bytes = int(sum(sizes) / max(len(sizes), 1) * len(refs))
+    views = len(refs) * cfg.views
+    workers = 1 if cfg.shards else (cfg.slurm.jobs if cfg.use_slurm else cfg.workers)
+    return {
+        "teacher": teacher.identity(),
+        "device": str(device),
+        "num_images": len(refs),
+        "num_views": cfg.views,
+        "dtype": cfg.dtype,
+        "bytes_per_view": layout.bytes_per_view(),
+        "feature_bytes": layout.bytes_per_view() * views,
+        "image_bytes": image_bytes,
+        "store_bytes": layout.bytes_per_view() * views + image_bytes,
+        "seconds_per_view": per_view,
+        "estimated_seconds": per_view * views / workers,
+        "workers": workers,
+        "qkv_std_ratio": qkv_std_ratio(teacher),
+        "num_shards": layout.num_shards,
+    }

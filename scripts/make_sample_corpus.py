@@ -1,0 +1,619 @@
+"""Build the sample corpus and the sample ReID set in sample_data/ from OpenCV's vtest.avi.
+
+The video (one fixed camera, 795 frames, 10 fps) is cut in time. People in the first part become
+the distillation corpus (sample_data/corpus/, one folder of person crops). People in the held-out
+last part become a small Market-1501-style ReID set (sample_data/reid/query/ and
+sample_data/reid/bounding_box_test/). People are found with OpenCV's built-in HOG people detector,
+linked into tracks by box IoU (with a colour-histogram check so that a track does not jump to a
+person it crosses), and broken tracks are stitched again. A track id is an identity. Because the
+video has one camera, each held-out track is given two pseudo-cameras by time (c1 for the first
+half of its frames, c2 for the second), so Market's rule that drops same-pid-same-camera gallery
+images leaves the c2 images as the true matches of a c1 query. Background crops that overlap no
+detection are the distractors (pid 0000). The output is deterministic for a given video and seed.
+
+Run from the repository root:
+
+    .venv/bin/python scripts/make_sample_corpus.py --out sample_data --contact-sheets /tmp/sheets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_VIDEO = REPO_ROOT.parent / "shared" / "data" / "vtest.avi"
+CACHE_VERSION = 1
+
+# Boxes are float arrays (x0, y0, x1, y1) in the video's pixel coordinates.
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """HOG people detector settings (OpenCV's default 64x128 people SVM)."""
+
+    upscale: float = 1.5
+    """Frames are enlarged by this factor first: HOG's window needs people about 100 px tall, and
+    the people at the back of the courtyard are about 60 px tall."""
+    win_stride: int = 8
+    """Window step in pixels of the enlarged frame."""
+    padding: int = 8
+    """Border added around the frame by detectMultiScale, in pixels of the enlarged frame."""
+    scale: float = 1.05
+    """Pyramid step between detection scales."""
+    hit_threshold: float = 0.0
+    """SVM margin below which a window is not a hit at all."""
+
+
+@dataclass(frozen=True)
+class TrackConfig:
+    """Detection filtering, IoU tracking and track stitching settings."""
+
+    min_score: float = 0.6
+    """HOG weight (SVM margin) below which a detection is dropped."""
+    nms_iou: float = 0.3
+    """Non-max suppression IoU."""
+    size_tolerance: float = 0.3
+    """Drop a detection whose height differs by more than this fraction from the height that the
+    ground-plane fit (height against foot row) predicts."""
+    match_iou: float = 0.3
+    """Least IoU between a track's last box and a detection to link them."""
+    max_hist_dist: float = 0.45
+    """Greatest Bhattacharyya distance between a track's colour histogram and a detection's."""
+    max_missed: int = 4
+    """A track ends after this many frames without a detection."""
+    stitch_gap: int = 25
+    """Most frames between the end of one track and the start of another for them to be stitched."""
+    stitch_speed: float = 6.0
+    """Most pixels per frame (plus a fixed 20 px) that a person moves across a stitch gap."""
+    stitch_hist_dist: float = 0.35
+    """Greatest histogram distance for a stitch."""
+    min_track_len: int = 20
+    """Tracks with fewer detections are dropped."""
+    min_motion: float = 15.0
+    """Tracks whose box centre never moves more than this many pixels are static false positives."""
+
+
+@dataclass
+class Track:
+    """A person followed through the video.
+
+    Attributes:
+        track_id: 1-based id, in order of first frame.
+        frames: video frame index of each detection, increasing.
+        boxes: (x0, y0, x1, y1) of each detection.
+        hist: running mean of the detections' colour histograms.
+    """
+
+    track_id: int
+    frames: list[int] = field(default_factory=list)
+    boxes: list[np.ndarray] = field(default_factory=list)
+    hist: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def add(self, frame: int, box: np.ndarray, hist: np.ndarray) -> None:
+        """Append a detection and fold its histogram into the track's (exponential mean)."""
+        self.frames.append(frame)
+        self.boxes.append(box)
+        self.hist = hist.copy() if self.hist is None else 0.8 * self.hist + 0.2 * hist
+
+
+def read_frames(video: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (index, BGR frame) for frames start <= index < stop of a video."""
+    cap = cv2.VideoCapture(str(video))
+    if not cap.isOpened():
+        raise ValueError(f"--video: cannot open {video}")
+    try:
+        index = 0
+        while stop is None or index < stop:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            if index >= start:
+                yield index, frame
+            index += 1
+    finally:
+        cap.release()
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of (N, 4) and (M, 4) boxes -> (N, M)."""
+    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Greedy non-max suppression; returns kept indices, best score first.
+
+    Ties are broken by position so the result does not depend on the detector's output order
+    (which varies with its thread scheduling).
+    """
+    order = np.lexsort((boxes[:, 1], boxes[:, 0], -scores))
+    keep: list[int] = []
+    for i in order:
+        if not keep or box_iou(boxes[i : i + 1], boxes[keep]).max() <= iou:
+            keep.append(int(i))
+    return np.asarray(keep, dtype=np.int64)
+
+
+def detect_video(video: Path, cfg: DetectorConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Run the HOG people detector on every frame.
+
+    Returns:
+        Per frame, (boxes (N, 4), scores (N,)) before any filtering, sorted by score.
+    """
+    hog = cv2.HOGDescriptor()
+    hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
+    out = []
+    for index, frame in read_frames(video):
+        big = cv2.resize(frame, None, fx=cfg.upscale, fy=cfg.upscale, interpolation=cv2.INTER_LINEAR)
+        rects, weights = hog.detectMultiScale(
+            big,
+            hitThreshold=cfg.hit_threshold,
+            winStride=(cfg.win_stride, cfg.win_stride),
+            padding=(cfg.padding, cfg.padding),
+            scale=cfg.scale,
+            groupThreshold=0,  # we run our own NMS; OpenCV's grouping drops lone true hits
+        )
+        rects = np.asarray(rects, dtype=np.float64).reshape(-1, 4) / cfg.upscale
+        boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
+        scores = np.asarray(weights, dtype=np.float64).reshape(-1)
+        order = np.lexsort((boxes[:, 1], boxes[:, 0], -scores))
+        out.append((boxes[order], scores[order]))
+        if index % 100 == 0:
+            logger.info("detected frame %d (%d windows)", index, len(scores))
+    return out
+
+
+def load_or_detect(video: Path, cfg: DetectorConfig, cache: Path | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """detect_video, read from / written to an .npz cache keyed by the detector settings."""
+    key = json.dumps({"version": CACHE_VERSION, "video": video.name, **asdict(cfg)}, sort_keys=True)
+    if cache is not None and cache.exists():
+        with np.load(cache) as z:
+            if str(z["key"]) == key:
+                counts = z["counts"]
+                splits = np.cumsum(counts)[:-1]
+                boxes = np.split(z["boxes"], splits)
+                scores = np.split(z["scores"], splits)
+                logger.info("loaded detections from %s", cache)
+                return list(zip(boxes, scores, strict=True))
+    dets = detect_video(video, cfg)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            cache,
+            key=np.asarray(key),
+            counts=np.asarray([len(s) for _, s in dets]),
+            boxes=np.concatenate([b for b, _ in dets]).reshape(-1, 4),
+            scores=np.concatenate([s for _, s in dets]),
+        )
+    return dets
+
+
+def fit_ground_plane(dets: list[tuple[np.ndarray, np.ndarray]], min_score: float) -> np.ndarray:
+    """Fit box height as a line in the foot row (the camera looks down on a flat courtyard).
+
+    Two rounds of least squares on confident detections; the second drops the 20% worst residuals
+    of the first, which are mostly false positives (poles, signs, the van) and boxes around groups.
+
+    Returns:
+        (slope, intercept) with height ~= slope * y1 + intercept.
+    """
+    boxes = np.concatenate([b[s >= max(min_score, 1.0)] for b, s in dets])
+    foot, height = boxes[:, 3], boxes[:, 3] - boxes[:, 1]
+    coef = np.polyfit(foot, height, 1)
+    resid = np.abs(height - np.polyval(coef, foot)) / height
+    inlier = resid <= np.quantile(resid, 0.8)
+    return np.polyfit(foot[inlier], height[inlier], 1)
+
+
+def filter_detections(
+    dets: list[tuple[np.ndarray, np.ndarray]], cfg: TrackConfig, plane: np.ndarray
+) -> list[np.ndarray]:
+    """Score threshold, size check against the ground plane, then NMS; boxes per frame."""
+    out = []
+    for boxes, scores in dets:
+        height = boxes[:, 3] - boxes[:, 1]
+        expected = np.polyval(plane, boxes[:, 3])
+        ok = (scores >= cfg.min_score) & (np.abs(height - expected) <= cfg.size_tolerance * expected)
+        boxes, scores = boxes[ok], scores[ok]
+        out.append(boxes[nms(boxes, scores, cfg.nms_iou)] if len(boxes) else boxes)
+    return out
+
+
+def color_hist(frame: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Normalised HSV histogram (8 hue x 4 saturation x 4 value bins) of a box's central part.
+
+    The central part (middle 50% of the width, 15% to 90% of the height) is mostly the person's
+    clothes, not the grass or tarmac around them.
+    """
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    cx0, cx1 = int(max(x0 + 0.25 * w, 0)), int(min(x1 - 0.25 * w, frame.shape[1]))
+    cy0, cy1 = int(max(y0 + 0.15 * h, 0)), int(min(y0 + 0.9 * h, frame.shape[0]))
+    hsv = cv2.cvtColor(frame[cy0:cy1, cx0:cx1], cv2.COLOR_BGR2HSV)
+    hist = cv2.calcHist([hsv], [0, 1, 2], None, [8, 4, 4], [0, 180, 0, 256, 0, 256]).reshape(-1)
+    return hist / max(float(hist.sum()), 1.0)
+
+
+def hist_dist(a: np.ndarray, b: np.ndarray) -> float:
+    """Bhattacharyya distance between two normalised histograms (0 same, 1 disjoint)."""
+    return float(np.sqrt(max(0.0, 1.0 - np.sum(np.sqrt(a * b)))))
+
+
+def track_people(
+    video: Path, boxes_per_frame: list[np.ndarray], start: int, stop: int, cfg: TrackConfig
+) -> list[Track]:
+    """Greedy IoU tracking over frames start <= t < stop.
+
+    Each frame, (track, detection) pairs are linked in order of decreasing IoU when the IoU is at
+    least `match_iou` and the colour histograms are close; an unlinked detection starts a track and
+    a track unlinked for more than `max_missed` frames ends.
+
+    Returns:
+        All tracks (unfiltered), numbered by first frame.
+    """
+    active: list[Track] = []
+    finished: list[Track] = []
+    next_id = 1
+    for t, frame in read_frames(video, start, stop):
+        boxes = boxes_per_frame[t]
+        hists = [color_hist(frame, b) for b in boxes]
+        still = []
+        for tr in active:
+            if t - tr.frames[-1] > cfg.max_missed + 1:
+                finished.append(tr)
+            else:
+                still.append(tr)
+        active = still
+        pairs = []
+        if active and len(boxes):
+            iou = box_iou(np.stack([tr.boxes[-1] for tr in active]), boxes)
+            for i, j in zip(*np.nonzero(iou >= cfg.match_iou), strict=True):
+                if hist_dist(active[i].hist, hists[j]) <= cfg.max_hist_dist:
+                    pairs.append((-iou[i, j], int(i), int(j)))
+        used_t, used_d = set(), set()
+        for _, i, j in sorted(pairs):
+            if i in used_t or j in used_d:
+                continue
+            used_t.add(i)
+            used_d.add(j)
+            active[i].add(t, boxes[j], hists[j])
+        for j in range(len(boxes)):
+            if j not in used_d:
+                tr = Track(next_id)
+                tr.add(t, boxes[j], hists[j])
+                active.append(tr)
+                next_id += 1
+    tracks = sorted(finished + active, key=lambda tr: (tr.frames[0], tr.track_id))
+    return tracks
+
+
+def stitch_tracks(tracks: list[Track], cfg: TrackConfig) -> list[Track]:
+    """Join a track that ends to one that starts soon after, near where the first ended.
+
+    Candidates are pairs with a gap of 1 to `stitch_gap` frames, a start box within
+    `stitch_speed * gap + 20` pixels of the end box (centres) and a similar colour histogram; they
+    are joined greedily, closest histograms first, each track joined at most once at each end.
+    """
+    cands = []
+    for a in tracks:
+        for b in tracks:
+            gap = b.frames[0] - a.frames[-1]
+            if a is b or not 1 <= gap <= cfg.stitch_gap:
+                continue
+            ca = (a.boxes[-1][:2] + a.boxes[-1][2:]) / 2
+            cb = (b.boxes[0][:2] + b.boxes[0][2:]) / 2
+            if np.linalg.norm(ca - cb) > cfg.stitch_speed * gap + 20:
+                continue
+            d = hist_dist(a.hist, b.hist)
+            if d <= cfg.stitch_hist_dist:
+                cands.append((d, a.track_id, b.track_id))
+    by_id = {tr.track_id: tr for tr in tracks}
+    nxt: dict[int, int] = {}
+    prv: dict[int, int] = {}
+    for _, ia, ib in sorted(cands):
+        if ia in nxt or ib in prv:
+            continue
+        nxt[ia], prv[ib] = ib, ia
+    merged = []
+    for tr in tracks:
+        if tr.track_id in prv:
+            continue
+        out = Track(tr.track_id, list(tr.frames), list(tr.boxes), tr.hist)
+        cur = tr.track_id
+        while cur in nxt:
+            cur = nxt[cur]
+            out.frames += by_id[cur].frames
+            out.boxes += by_id[cur].boxes
+        merged.append(out)
+    return merged
+
+
+def keep_tracks(tracks: list[Track], cfg: TrackConfig) -> list[Track]:
+    """Drop short and static tracks and renumber the rest 1.. by first frame."""
+    kept = []
+    for tr in tracks:
+        centres = np.stack([(b[:2] + b[2:]) / 2 for b in tr.boxes])
+        motion = float(np.linalg.norm(centres - centres[0], axis=1).max())
+        if len(tr) >= cfg.min_track_len and motion >= cfg.min_motion:
+            kept.append(tr)
+    kept.sort(key=lambda tr: (tr.frames[0], tr.track_id))
+    return [Track(i + 1, tr.frames, tr.boxes, tr.hist) for i, tr in enumerate(kept)]
+
+
+def crop_person(frame: np.ndarray, box: np.ndarray, pad: float, size: tuple[int, int]) -> np.ndarray:
+    """Crop a box with `pad` context on each side, widened or heightened to the output aspect.
+
+    Args:
+        frame: BGR video frame.
+        box: (x0, y0, x1, y1).
+        pad: context added on each side as a fraction of the box's width and height.
+        size: output (height, width).
+
+    Returns:
+        (height, width, 3) BGR crop; pixels outside the frame repeat the border.
+    """
+    out_h, out_w = size
+    x0, y0, x1, y1 = box
+    w, h = (x1 - x0) * (1 + 2 * pad), (y1 - y0) * (1 + 2 * pad)
+    aspect = out_w / out_h
+    if w / h > aspect:
+        h = w / aspect
+    else:
+        w = h * aspect
+    centre = ((x0 + x1) / 2, (y0 + y1) / 2)
+    patch = cv2.getRectSubPix(frame, (round(w), round(h)), centre)
+    return cv2.resize(patch, (out_w, out_h), interpolation=cv2.INTER_AREA)
+
+
+def even_pick(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n), centred in k equal bins (all of them if k >= n)."""
+    if k >= n:
+        return list(range(n))
+    return [int((i + 0.5) * n / k) for i in range(k)]
+
+
+@dataclass(frozen=True)
+class CropJob:
+    """One crop to write: frame, box, destination file and contact-sheet label."""
+
+    frame: int
+    box: tuple[float, float, float, float]
+    path: Path
+    sheet: str
+    label: str
+
+
+def plan_corpus(tracks: list[Track], out: Path, stride: int) -> list[CropJob]:
+    """Every `stride`-th detection of each corpus track -> corpus/t{track:04d}_f{frame:06d}.jpg."""
+    jobs = []
+    for tr in tracks:
+        for k in range(0, len(tr), stride):
+            f = tr.frames[k]
+            jobs.append(
+                CropJob(f, tuple(tr.boxes[k]), out / f"t{tr.track_id:04d}_f{f:06d}.jpg", f"corpus_t{tr.track_id:04d}", f"{f}")
+            )
+    return jobs
+
+
+def plan_reid(tracks: list[Track], out: Path, num_query: int, gallery_stride: int) -> list[CropJob]:
+    """Queries from the first half (c1) of each held-out track; gallery from the second half (c2).
+
+    Queries are spread evenly over c1; the gallery takes every `gallery_stride`-th detection of c2.
+    """
+    jobs = []
+    for tr in tracks:
+        half = len(tr) // 2
+        picks = [(k, 1, "query") for k in even_pick(half, num_query)]
+        picks += [(k, 2, "bounding_box_test") for k in range(half, len(tr), gallery_stride)]
+        for k, cam, split in picks:
+            f = tr.frames[k]
+            name = f"{tr.track_id:04d}_c{cam}s1_{f:06d}_00.jpg"
+            jobs.append(CropJob(f, tuple(tr.boxes[k]), out / split / name, f"reid_{tr.track_id:04d}", f"c{cam} {f}"))
+    return jobs
+
+
+def plan_distractors(
+    boxes_per_frame: list[np.ndarray],
+    dets: list[tuple[np.ndarray, np.ndarray]],
+    tracks: list[Track],
+    start: int,
+    stop: int,
+    frame_hw: tuple[int, int],
+    plane: np.ndarray,
+    count: int,
+    out: Path,
+    seed: int,
+) -> list[CropJob]:
+    """Background crops (pid 0000) in held-out frames that overlap no person.
+
+    A random foot point and the ground-plane height give a person-sized box; it is kept when it
+    overlaps (IoU > 0) no tracked box and no raw HOG window with a positive score within 5 frames,
+    so that people the tracker missed are not labelled as distractors.
+    """
+    rng = np.random.default_rng(seed)
+    fh, fw = frame_hw
+    track_boxes: dict[int, list[np.ndarray]] = {}
+    for tr in tracks:
+        for f, b in zip(tr.frames, tr.boxes, strict=True):
+            track_boxes.setdefault(f, []).append(b)
+    jobs: list[CropJob] = []
+    per_frame: dict[int, int] = {}
+    for _ in range(200 * count):
+        if len(jobs) == count:
+            break
+        f = int(rng.integers(start, stop))
+        foot_y = float(rng.uniform(0.3 * fh, fh))
+        h = float(np.polyval(plane, foot_y))
+        w = h / 2
+        cx = float(rng.uniform(w / 2, fw - w / 2))
+        box = np.array([cx - w / 2, foot_y - h, cx + w / 2, foot_y])
+        if box[1] < 0:
+            continue
+        near = [b for g in range(max(start, f - 5), min(stop, f + 6)) for b in track_boxes.get(g, [])]
+        near += [b for g in range(max(start, f - 5), min(stop, f + 6)) for b in dets[g][0][dets[g][1] > 0]]
+        if near and box_iou(box[None], np.stack(near)).max() > 0:
+            continue
+        k = per_frame.get(f, 0)
+        per_frame[f] = k + 1
+        cam = 1 + len(jobs) % 2
+        name = f"0000_c{cam}s1_{f:06d}_{k:02d}.jpg"
+        jobs.append(CropJob(f, tuple(box), out / "bounding_box_test" / name, "reid_0000", f"{f}"))
+    return jobs
+
+
+def write_crops(
+    video: Path, jobs: list[CropJob], pad: float, size: tuple[int, int], quality: int
+) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """Decode the video once and write every job's JPEG; returns the crops grouped by sheet."""
+    by_frame: dict[int, list[CropJob]] = {}
+    for job in jobs:
+        by_frame.setdefault(job.frame, []).append(job)
+    sheets: dict[str, list[tuple[int, str, np.ndarray]]] = {}
+    last = max(by_frame) + 1 if by_frame else 0
+    for t, frame in read_frames(video, 0, last):
+        for job in by_frame.get(t, []):
+            crop = crop_person(frame, np.asarray(job.box), pad, size)
+            job.path.parent.mkdir(parents=True, exist_ok=True)
+            ok, buf = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, quality])
+            assert ok
+            job.path.write_bytes(buf.tobytes())
+            sheets.setdefault(job.sheet, []).append((t, job.label, crop))
+    return {k: [(lab, img) for _, lab, img in sorted(v, key=lambda x: x[0])] for k, v in sheets.items()}
+
+
+def write_contact_sheets(sheets: dict[str, list[tuple[str, np.ndarray]]], out: Path, cols: int = 16) -> None:
+    """One PNG per track: its crops in time order, each labelled (camera and) frame."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, tiles in sheets.items():
+        th, tw = tiles[0][1].shape[:2]
+        rows = (len(tiles) + cols - 1) // cols
+        sheet = np.full((rows * (th + 14), min(cols, len(tiles)) * tw, 3), 255, np.uint8)
+        for i, (label, img) in enumerate(tiles):
+            r, c = divmod(i, cols)
+            y, x = r * (th + 14), c * tw
+            sheet[y : y + th, x : x + tw] = img
+            cv2.putText(sheet, label, (x + 2, y + th + 11), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
+        cv2.imwrite(str(out / f"{name}.png"), sheet)
+
+
+def write_overview(video: Path, tracks: list[Track], frames: list[int], out: Path) -> None:
+    """Full frames with every track's box and id drawn, for checking the tracker by eye."""
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = set(frames)
+    for t, frame in read_frames(video, min(frames), max(frames) + 1):
+        if t not in wanted:
+            continue
+        for tr in tracks:
+            if t in tr.frames:
+                x0, y0, x1, y1 = (int(v) for v in tr.boxes[tr.frames.index(t)])
+                colour = tuple(int(c) for c in np.random.default_rng(tr.track_id).integers(60, 255, 3))
+                cv2.rectangle(frame, (x0, y0), (x1, y1), colour, 2)
+                cv2.putText(frame, str(tr.track_id), (x0, y0 - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.6, colour, 2)
+        cv2.putText(frame, str(t), (5, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 0, 255), 2)
+        cv2.imwrite(str(out / f"frame_{t:06d}.jpg"), frame)
+
+
+def dir_bytes(path: Path) -> int:
+    """Total size of the files under a folder."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--video", type=Path, default=DEFAULT_VIDEO, help="input video (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "sample_data", help="output folder (replaced)")
+    p.add_argument("--split", type=float, default=0.6, help="fraction of frames that go to the corpus")
+    p.add_argument("--corpus-stride", type=int, default=6, help="keep every n-th detection of a corpus track")
+    p.add_argument("--gallery-stride", type=int, default=4, help="keep every n-th c2 detection of a held-out track")
+    p.add_argument("--num-query", type=int, default=2, help="queries per held-out identity")
+    p.add_argument("--num-distractors", type=int, default=30, help="background gallery crops (pid 0000)")
+    p.add_argument("--height", type=int, default=128, help="crop height; width is height / 2")
+    p.add_argument("--pad", type=float, default=0.1, help="context around each box, fraction of its size")
+    p.add_argument("--quality", type=int, default=85, help="JPEG quality")
+    p.add_argument("--seed", type=int, default=0, help="seed for the distractor boxes")
+    p.add_argument("--cache", type=Path, default=None, help="optional .npz cache of the raw HOG detections")
+    p.add_argument("--contact-sheets", type=Path, default=None, help="write one PNG per track here")
+    p.add_argument("--overview", type=Path, default=None, help="write full frames with track boxes here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Detect, track, split and write sample_data/; prints a summary."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    det_cfg, trk_cfg = DetectorConfig(), TrackConfig()
+    video = args.video.resolve()
+    cap = cv2.VideoCapture(str(video))
+    num_frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    frame_hw = (int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)))
+    cap.release()
+    if num_frames <= 0:
+        raise ValueError(f"--video: cannot read {video}")
+
+    dets = load_or_detect(video, det_cfg, args.cache)
+    num_frames = len(dets)
+    plane = fit_ground_plane(dets, trk_cfg.min_score)
+    boxes_per_frame = filter_detections(dets, trk_cfg, plane)
+    split = int(round(args.split * num_frames))
+
+    parts = {}
+    for name, (start, stop) in {"corpus": (0, split), "heldout": (split, num_frames)}.items():
+        raw = track_people(video, boxes_per_frame, start, stop, trk_cfg)
+        stitched = stitch_tracks(raw, trk_cfg)
+        kept = keep_tracks(stitched, trk_cfg)
+        parts[name] = kept
+        logger.info("%s frames %d-%d: %d raw tracks, %d after stitching, %d kept", name, start, stop - 1,
+                    len(raw), len(stitched), len(kept))
+
+    out = args.out.resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    size = (args.height, args.height // 2)
+    jobs = plan_corpus(parts["corpus"], out / "corpus", args.corpus_stride)
+    jobs += plan_reid(parts["heldout"], out / "reid", args.num_query, args.gallery_stride)
+    jobs += plan_distractors(boxes_per_frame, dets, parts["heldout"], split, num_frames, frame_hw, plane,
+                             args.num_distractors, out / "reid", args.seed)
+    sheets = write_crops(video, jobs, args.pad, size, args.quality)
+    if args.contact_sheets is not None:
+        write_contact_sheets(sheets, args.contact_sheets)
+    if args.overview is not None:
+        all_tracks = parts["corpus"] + [Track(100 + tr.track_id, tr.frames, tr.boxes) for tr in parts["heldout"]]
+        write_overview(video, all_tracks, list(range(0, num_frames, 25)), args.overview)
+
+    summary = {
+        "frames": num_frames,
+        "split_frame": split,
+        "ground_plane": [round(float(c), 4) for c in plane],
+        "corpus_tracks": len(parts["corpus"]),
+        "reid_identities": len(parts["heldout"]),
+        "corpus_crops": len(list((out / "corpus").glob("*.jpg"))),
+        "query_crops": len(list((out / "reid" / "query").glob("*.jpg"))),
+        "gallery_crops": len(list((out / "reid" / "bounding_box_test").glob("*.jpg"))),
+        "distractors": len(list((out / "reid" / "bounding_box_test").glob("0000_*.jpg"))),
+        "bytes": dir_bytes(out),
+    }
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,555 @@
+"""The teacher store: the on-disk contract between stage one (writer) and stage two (reader).
+
+Only this module spells array names, dtypes, chunking and `SCHEMA_VERSION`. A store is a Zarr v3
+group plus two folders:
+
+    STORE/zarr.json            group attributes (identity, recipe, dtype, grid, complete flag)
+    STORE/<array>/...          Zarr v3 arrays, one Zarr shard file per store shard
+    STORE/images/000012.tar    WebDataset tar of shard 12's source images (unless not embedded)
+    STORE/shards/000012.json   shard 12's marker: written atomically after all its data
+
+Store shard s holds images [s * S, min((s + 1) * S, N)). It is written by exactly one writer,
+each array in one assignment, and is done when its marker exists. Readers refuse other schema
+versions, incomplete stores (unless asked) and missing chunks (they raise, never read zeros).
+docs/store.md documents the schema and keeps the changelog.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from torch import Tensor
+
+from dpal import __version__
+from dpal.corpus import ImageRef, read_bytes
+from dpal.views import NUM_PARAMS, PARAM_FIELDS
+
+SCHEMA_VERSION = 1
+FORMAT = "dpal-teacher-store"
+
+# N images, K views per image, P patch tokens of v0, T tokens of Ic (1 + grid), D teacher width
+GLOBAL = "global"  # (N, K, D)     teacher CLS (or mean patch token) on v0
+LOCAL = "local"  # (N, K, P, D)  teacher patch tokens on v0
+RELATION = "relation"  # (N, K, T, T) teacher affinity logits F F^T / sqrt(D) on Ic, each row minus its max
+SCALE_SUFFIX = "_scale"  # int8 only: per-token float32 scale, (N, K), (N, K, P), (N, K, T)
+PARAMS = "params"  # (N, K, NUM_PARAMS) float64 view parameters, laid out as views.PARAM_FIELDS
+VALID = "valid"  # (N,) uint8: 1 cached, 0 skipped (bad image)
+KEYS = "keys"  # (N,) str     image keys
+SOURCE = "source"  # (N,) str    where the corpus image lives (file, or tar)
+SOURCE_OFFSET = "source_offset"  # (N,) int64 byte offset in the source tar, -1 for a file
+SOURCE_SIZE = "source_size"  # (N,) int64
+IMAGE_OFFSET = "image_offset"  # (N,) int64 byte offset of the image in images/<shard>.tar, -1 if none
+IMAGE_SIZE = "image_size"  # (N,) int64
+FEATURES = (GLOBAL, LOCAL, RELATION)
+INDEX_ARRAYS = (KEYS, SOURCE, SOURCE_OFFSET, SOURCE_SIZE)  # written once, when the store is created
+SHARD_ARRAYS = (PARAMS, VALID, IMAGE_OFFSET, IMAGE_SIZE)  # written by each shard's writer
+IMAGES_DIR = "images"
+MARKERS_DIR = "shards"
+
+DTYPES = ("float16", "bfloat16", "int8", "float32")
+_STORAGE_DTYPE = {"float16": "float16", "bfloat16": "uint16", "int8": "int8", "float32": "float32"}
+
+# Attributes that fix what a store means: a rerun that differs in any of them is refused.
+IDENTITY_ATTRS = ("teacher", "recipe", "seed", "num_views", "dtype", "shard_size", "corpus_fingerprint",
+                  "num_images", "embed_images", "token_grid")
+
+
+class StoreError(Exception):
+    """A store that cannot be used as asked; the message says what to run."""
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:06d}"
+
+
+def corpus_fingerprint(refs: list[ImageRef]) -> str:
+    h = hashlib.sha256()
+    for r in refs:
+        h.update(f"{r.key}\x00{r.offset}\x00{r.size}\n".encode())
+    return h.hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32 (..., C) -> stored array (and, for int8, a per-token float32 scale (...,))."""
+    x = np.asarray(x, dtype=np.float32)
+    if dtype == "float32":
+        return x, None
+    if dtype == "float16":
+        return x.astype(np.float16), None
+    if dtype == "bfloat16":
+        t = torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16)
+        return t.view(torch.int16).numpy().view(np.uint16), None
+    if dtype == "int8":
+        amax = np.abs(x).max(axis=-1)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        q = np.clip(np.rint(x / scale[..., None]), -127, 127).astype(np.int8)
+        return q, scale
+    raise ValueError(f"unknown dtype {dtype!r}; choose one of {DTYPES}")
+
+
+def decode(data: np.ndarray, scale: np.ndarray | None, dtype: str) -> Tensor:
+    """Stored array -> float32 tensor (inverse of `encode`)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(data).view(np.int16)).view(torch.bfloat16).float()
+    if dtype == "int8":
+        return torch.from_numpy(data.astype(np.float32) * scale[..., None])
+    return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+
+
+def shift_rows(logits: np.ndarray) -> np.ndarray:
+    """Subtract each row's max. softmax_row is unchanged; values become <= 0, which keeps the
+    largest (most probable) logits precise in float16 and int8."""
+    return logits - logits.max(axis=-1, keepdims=True)
+
+
+# ---------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Shapes of one store. P patches and T crowd tokens follow the student's 16-pixel grid."""
+
+    num_images: int
+    num_views: int
+    shard_size: int
+    embed_dim: int
+    num_patches: int
+    num_crowd_tokens: int
+    dtype: str
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.shard_size)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.num_images)
+
+    def feature_shapes(self) -> dict[str, tuple[int, ...]]:
+        n, k, d, p, t = self.num_images, self.num_views, self.embed_dim, self.num_patches, self.num_crowd_tokens
+        return {GLOBAL: (n, k, d), LOCAL: (n, k, p, d), RELATION: (n, k, t, t)}
+
+    def bytes_per_view(self) -> int:
+        """Bytes of targets per cached view, scales and parameters included."""
+        item = np.dtype(_STORAGE_DTYPE[self.dtype]).itemsize
+        d, p, t = self.embed_dim, self.num_patches, self.num_crowd_tokens
+        n = (d + p * d + t * t) * item + NUM_PARAMS * 8
+        if self.dtype == "int8":
+            n += (1 + p + t) * 4
+        return n
+
+
+def _open_rw(path: Path, name: str) -> zarr.Array:
+    # write_empty_chunks is a runtime setting, not metadata: a chunk equal to the fill value (a
+    # shard of skipped images, offsets of -1) must still be written, or readers would see it missing.
+    return zarr.open_array(Path(path) / name, mode="r+", config={"write_empty_chunks": True})
+
+
+def _create_arrays(group: zarr.Group, layout: Layout) -> None:
+    s, k = layout.shard_size, layout.num_views
+    cfg = {"write_empty_chunks": True}
+    storage = _STORAGE_DTYPE[layout.dtype]
+    for name, shape in layout.feature_shapes().items():
+        # One Zarr shard per store shard; one inner chunk per (image, view) so that stage two reads
+        # single views without touching the rest of the shard.
+        group.create_array(name, shape=shape, dtype=storage, shards=(s, k, *shape[2:]),
+                           chunks=(1, 1, *shape[2:]), compressors=None, fill_value=0, config=cfg)
+        if layout.dtype == "int8":
+            sshape = shape[:-1]
+            group.create_array(name + SCALE_SUFFIX, shape=sshape, dtype="float32",
+                               shards=(s, k, *sshape[2:]), chunks=(1, 1, *sshape[2:]),
+                               compressors=None, fill_value=0, config=cfg)
+    n = layout.num_images
+    group.create_array(PARAMS, shape=(n, k, NUM_PARAMS), dtype="float64", chunks=(s, k, NUM_PARAMS),
+                       fill_value=0, config=cfg)
+    for name in (VALID,):
+        group.create_array(name, shape=(n,), dtype="uint8", chunks=(s,), fill_value=0, config=cfg)
+    for name in (IMAGE_OFFSET, IMAGE_SIZE, SOURCE_OFFSET, SOURCE_SIZE):
+        group.create_array(name, shape=(n,), dtype="int64", chunks=(s,), fill_value=-1, config=cfg)
+    for name in (KEYS, SOURCE):
+        group.create_array(name, shape=(n,), dtype=str, chunks=(s,), config=cfg)
+
+
+def create_store(path: Path, layout: Layout, attrs: dict[str, Any], refs: list[ImageRef]) -> None:
+    """Create an empty store atomically: build it in a temporary folder, then rename it into place.
+
+    If another process created `path` first (SLURM array jobs starting together), this is a no-op
+    and the caller validates the existing store.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.init-"))
+    try:
+        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+        _create_arrays(group, layout)
+        _open_rw(tmp, KEYS)[:] = np.array([r.key for r in refs], dtype=object)
+        _open_rw(tmp, SOURCE)[:] = np.array([r.source for r in refs], dtype=object)
+        _open_rw(tmp, SOURCE_OFFSET)[:] = np.array([r.offset for r in refs], dtype=np.int64)
+        _open_rw(tmp, SOURCE_SIZE)[:] = np.array([r.size for r in refs], dtype=np.int64)
+        (tmp / MARKERS_DIR).mkdir()
+        (tmp / IMAGES_DIR).mkdir()
+        group.attrs.update({
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "dpal_version": __version__,
+            "complete": False,
+            "num_shards": layout.num_shards,
+            "embed_dim": layout.embed_dim,
+            "param_fields": list(PARAM_FIELDS),
+            **attrs,
+        })
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (path / "zarr.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two stores' identity attributes."""
+    out = []
+    for k in IDENTITY_ATTRS:
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            for sub in sorted(set(a) | set(b)):
+                if a.get(sub) != b.get(sub):
+                    out.append(f"{k}.{sub}: store has {a.get(sub)!r}, this run has {b.get(sub)!r}")
+        else:
+            out.append(f"{k}: store has {a!r}, this run has {b!r}")
+    return out
+
+
+# ---------------------------------------------------------------- shard writing
+
+
+@dataclass
+class ShardData:
+    """Everything one store shard holds, assembled in memory by its single writer.
+
+    Arrays cover the shard's rows [start, stop); skipped rows are zeros with valid = 0.
+    """
+
+    shard: int
+    features: dict[str, np.ndarray]  # name -> float32 (rows, K, ...)
+    params: np.ndarray  # (rows, K, NUM_PARAMS) float64
+    valid: np.ndarray  # (rows,) uint8
+    images: list[tuple[str, bytes, str] | None]  # per row: (key, bytes, ext) or None
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _chunk_files(root: Path, name: str, ndim: int, shard: int) -> list[Path]:
+    return [root / name / "c" / "/".join([str(shard)] + ["0"] * (ndim - 1))]
+
+
+def write_shard(path: Path, data: ShardData) -> dict[str, Any]:
+    """Write one store shard (each array in one assignment), then its marker. Returns the marker."""
+    path = Path(path)
+    group = zarr.open_group(path, mode="r+")
+    attrs = group.attrs.asdict()
+    layout = layout_of(attrs)
+    start, stop = layout.shard_range(data.shard)
+    dtype = layout.dtype
+    files: list[Path] = []
+    offsets = np.full(stop - start, -1, dtype=np.int64)
+    sizes = np.full(stop - start, -1, dtype=np.int64)
+    if attrs["embed_images"]:
+        tar_path = path / IMAGES_DIR / f"{shard_name(data.shard)}.tar"
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for row, item in enumerate(data.images):
+                if item is None:
+                    continue
+                key, blob, ext = item
+                # WebDataset sample: __key__ is the store index (keys must not contain dots).
+                wkey = f"{start + row:09d}"
+                for member, payload in ((f"{wkey}.{ext}", blob), (f"{wkey}.key.txt", key.encode())):
+                    info = tarfile.TarInfo(member)
+                    info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                    tf.addfile(info, io.BytesIO(payload))
+        raw = buf.getvalue()
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tf:
+            for m in tf:
+                if not m.name.endswith(".key.txt"):
+                    row = int(m.name.split(".", 1)[0]) - start
+                    offsets[row], sizes[row] = m.offset_data, m.size
+        atomic_write_bytes(tar_path, raw)
+        files.append(tar_path)
+    for name in FEATURES:
+        stored, scale = encode(data.features[name], dtype)
+        _open_rw(path, name)[start:stop] = stored
+        files += _chunk_files(path, name, stored.ndim, data.shard)
+        if scale is not None:
+            _open_rw(path, name + SCALE_SUFFIX)[start:stop] = scale
+            files += _chunk_files(path, name + SCALE_SUFFIX, scale.ndim, data.shard)
+    for name, arr in ((PARAMS, data.params), (VALID, data.valid), (IMAGE_OFFSET, offsets), (IMAGE_SIZE, sizes)):
+        _open_rw(path, name)[start:stop] = arr
+        files += _chunk_files(path, name, arr.ndim, data.shard)
+    marker = {
+        "shard": data.shard,
+        "start": start,
+        "stop": stop,
+        "num_cached": int(data.valid.sum()),
+        "skipped": data.skipped,
+        "seconds": round(data.seconds, 3),
+        "files": {f.relative_to(path).as_posix(): sha256_file(f) for f in files},
+    }
+    atomic_write_bytes(marker_path(path, data.shard), json.dumps(marker, indent=1).encode())
+    return marker
+
+
+def marker_path(path: Path, shard: int) -> Path:
+    return Path(path) / MARKERS_DIR / f"{shard_name(shard)}.json"
+
+
+def done_shards(path: Path) -> set[int]:
+    d = Path(path) / MARKERS_DIR
+    return {int(p.stem) for p in d.glob("*.json")} if d.exists() else set()
+
+
+def read_marker(path: Path, shard: int) -> dict[str, Any]:
+    return json.loads(marker_path(path, shard).read_text())
+
+
+def mark_complete_if_done(path: Path) -> bool:
+    """Set the `complete` attribute once every shard has its marker; returns the flag."""
+    group = zarr.open_group(path, mode="r+")
+    n = group.attrs["num_shards"]
+    done = len(done_shards(path) & set(range(n))) == n
+    if done and not group.attrs.get("complete"):
+        group.attrs["complete"] = True
+    return done
+
+
+# ---------------------------------------------------------------- reading
+
+
+def layout_of(attrs: dict[str, Any]) -> Layout:
+    grid = attrs["token_grid"]
+    return Layout(
+        num_images=attrs["num_images"], num_views=attrs["num_views"], shard_size=attrs["shard_size"],
+        embed_dim=attrs["embed_dim"], num_patches=grid["num_patches"],
+        num_crowd_tokens=grid["num_crowd_tokens"], dtype=attrs["dtype"],
+    )
+
+
+def read_attrs(path: Path) -> dict[str, Any]:
+    """Group attributes of a store, after checking it is one this version reads."""
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise StoreError(f"{path} is not a dpal store (no zarr.json); create one with `dpal cache-teacher`")
+    attrs = zarr.open_group(path, mode="r").attrs.asdict()
+    if attrs.get("format") != FORMAT:
+        raise StoreError(f"{path} is a Zarr group but not a dpal teacher store")
+    if attrs.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has store schema {attrs.get('schema_version')}, this dpal ({__version__}) reads "
+            f"schema {SCHEMA_VERSION}; rebuild it with `dpal cache-teacher` or use a matching dpal"
+        )
+    return attrs
+
+
+@dataclass
+class Targets:
+    """Teacher targets of one batch, decoded to float32."""
+
+    global_: Tensor  # (B, D)
+    local: Tensor  # (B, P, D)
+    relation: Tensor  # (B, T, T) row-shifted logits
+    params: np.ndarray  # (B, NUM_PARAMS)
+
+
+class StoreReader:
+    """Read-only access to a store for stage two, `dpal store info` and `verify`.
+
+    Missing chunks raise (`read_missing_chunks=False`): a lost shard file is never read as zeros.
+    """
+
+    def __init__(self, path: str | Path, allow_incomplete: bool = False) -> None:
+        self.path = Path(path)
+        self.attrs = read_attrs(self.path)
+        if not self.attrs.get("complete") and not allow_incomplete:
+            done = len(done_shards(self.path))
+            raise StoreError(
+                f"{self.path} is incomplete ({done}/{self.attrs['num_shards']} shards done); finish it by "
+                "rerunning the same `dpal cache-teacher` command, or pass --allow-incomplete"
+            )
+        self.layout = layout_of(self.attrs)
+        self.dtype = self.attrs["dtype"]
+        self._arrays: dict[str, zarr.Array] = {}
+        self._meta: dict[str, np.ndarray] = {}
+
+    def array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = zarr.open_array(self.path / name, mode="r", config={"read_missing_chunks": False})
+        return self._arrays[name]
+
+    def meta(self, name: str) -> np.ndarray:
+        """A whole small per-image array (valid, keys, sources, offsets), cached."""
+        if name not in self._meta:
+            try:
+                self._meta[name] = self.array(name)[:]
+            except zarr.errors.ChunkNotFoundError as e:
+                raise StoreError(f"{self.path}: array {name!r} is missing shard data ({e}); "
+                                 "run `dpal store verify` and rerun stage one for the named shards") from None
+        return self._meta[name]
+
+    def shard_of(self, index: int) -> int:
+        return index // self.layout.shard_size
+
+    def read_targets(self, indices: np.ndarray, view: int) -> Targets:
+        """Targets of view `view` of the images `indices` (one orthogonal selection per array).
+
+        Raises:
+            StoreError: a shard's data is missing; the message names the shard.
+        """
+        order = np.argsort(indices, kind="stable")
+        sorted_idx = np.asarray(indices)[order]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        out: dict[str, Tensor] = {}
+        try:
+            for name in FEATURES:
+                data = self.array(name).oindex[sorted_idx, view]
+                scale = self.array(name + SCALE_SUFFIX).oindex[sorted_idx, view] if self.dtype == "int8" else None
+                out[name] = decode(data, scale, self.dtype)[inverse]
+            params = self.array(PARAMS).oindex[sorted_idx, view][inverse]
+        except zarr.errors.ChunkNotFoundError:
+            shards = sorted({self.shard_of(int(i)) for i in sorted_idx})
+            bad = [s for s in shards if not self._shard_files_present(s)]
+            raise StoreError(
+                f"{self.path}: data of shard(s) {[shard_name(s) for s in bad or shards]} is missing; "
+                "run `dpal store verify` and rerun stage one to rewrite them"
+            ) from None
+        return Targets(out[GLOBAL], out[LOCAL], out[RELATION], params)
+
+    def _shard_files_present(self, shard: int) -> bool:
+        try:
+            marker = read_marker(self.path, shard)
+        except FileNotFoundError:
+            return False
+        return all((self.path / f).exists() for f in marker["files"])
+
+    def image_bytes(self, index: int) -> bytes:
+        """The source image bytes of store row `index`: from the embedded tar, else the corpus."""
+        if self.attrs["embed_images"]:
+            off, size = int(self.meta(IMAGE_OFFSET)[index]), int(self.meta(IMAGE_SIZE)[index])
+            if off < 0:
+                raise StoreError(f"{self.path}: row {index} has no embedded image (skipped image?)")
+            tar = self.path / IMAGES_DIR / f"{shard_name(self.shard_of(index))}.tar"
+            return read_bytes(str(tar), off, size)
+        return read_bytes(str(self.meta(SOURCE)[index]), int(self.meta(SOURCE_OFFSET)[index]),
+                          int(self.meta(SOURCE_SIZE)[index]))
+
+    def fingerprint(self) -> str:
+        """Identity of the store's contents: identity attributes plus every marker's checksums."""
+        h = hashlib.sha256(json.dumps({k: self.attrs.get(k) for k in IDENTITY_ATTRS}, sort_keys=True).encode())
+        for s in sorted(done_shards(self.path)):
+            h.update(json.dumps(read_marker(self.path, s)["files"], sort_keys=True).encode())
+        return h.hexdigest()
+
+
+# ---------------------------------------------------------------- info and verify
+
+
+def store_info(path: Path) -> dict[str, Any]:
+    attrs = read_attrs(path)
+    layout = layout_of(attrs)
+    done = sorted(done_shards(path))
+    skipped: list[dict[str, Any]] = []
+    cached = 0
+    for s in done:
+        m = read_marker(path, s)
+        cached += m["num_cached"]
+        skipped += m["skipped"]
+    shapes = {k: list(v) for k, v in layout.feature_shapes().items()}
+    return {
+        "path": str(path),
+        "schema_version": attrs["schema_version"],
+        "dpal_version": attrs["dpal_version"],
+        "complete": attrs["complete"],
+        "num_images": layout.num_images,
+        "num_views": layout.num_views,
+        "num_cached_images": cached,
+        "num_skipped_images": len(skipped),
+        "skipped": skipped,
+        "shards_done": len(done),
+        "num_shards": layout.num_shards,
+        "shard_size": layout.shard_size,
+        "dtype": layout.dtype,
+        "shapes": shapes,
+        "token_grid": attrs["token_grid"],
+        "bytes_per_view": layout.bytes_per_view(),
+        "embed_images": attrs["embed_images"],
+        "teacher": attrs["teacher"],
+        "seed": attrs["seed"],
+    }
+
+
+def verify_store(path: Path) -> dict[str, Any]:
+    """Check every shard's files against its marker's checksums.
+
+    Returns a dict with `ok` (bool), `bad` ({shard: [problems]}) and `not_done` (shard list).
+    """
+    attrs = read_attrs(path)
+    n = attrs["num_shards"]
+    done = done_shards(path)
+    bad: dict[str, list[str]] = {}
+    for s in sorted(done & set(range(n))):
+        problems = []
+        for rel, digest in read_marker(path, s)["files"].items():
+            f = Path(path) / rel
+            if not f.exists():
+                problems.append(f"{rel} missing")
+            elif sha256_file(f) != digest:
+                problems.append(f"{rel} checksum mismatch")
+        if problems:
+            bad[shard_name(s)] = problems
+    not_done = [shard_name(s) for s in range(n) if s not in done]
+    return {"ok": not bad and not not_done, "bad": bad, "not_done": not_done, "num_shards": n,
+            "shards_checked": len(done)}

@@ -1,0 +1,71 @@
+"""Tests for dpal.trainer.student: the dpal_vit_tiny layout, create_student, student_tokens."""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import dpal.trainer.student as student_mod
+import pytest
+import timm
+import torch
+from dpal.trainer.student import BACKBONE_PREFIXES, create_student, student_tokens
+
+# B batch, N patches, d width
+
+
+def test_dpal_vit_tiny_layout() -> None:
+    with torch.device("meta"):  # full size, no init cost
+        m = create_student("dpal_vit_tiny")
+        ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=(256, 128))
+    assert [b.attn.num_heads for b in m.blocks] == [6] * 11 + [12]
+    assert m.blocks[-1].attn.head_dim == 16 and m.blocks[0].attn.head_dim == 32
+    assert m.embed_dim == 192 and len(m.blocks) == 12 and m.patch_embed.grid_size == (16, 8)
+    assert m.num_classes == 0 and m.norm.eps == 1e-6 and m.blocks[0].norm1.eps == 1e-6
+    assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    # patch 3*16*16*192 + 192 = 147,648; cls 192; pos 129*192 = 24,768; norm 384;
+    # per block: 2 LN 768 + qkv 111,168 + proj 37,056 + fc1 148,224 + fc2 147,648 = 444,864; x12
+    assert sum(p.numel() for p in m.parameters()) == 147_648 + 192 + 24_768 + 384 + 12 * 444_864
+    assert m.pretrained_cfg["input_size"] == (3, 256, 128)
+
+
+def test_registration_is_idempotent() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        importlib.reload(student_mod)
+    assert timm.is_model("dpal_vit_tiny")
+    with pytest.raises(ValueError):
+        timm.create_model("dpal_vit_tiny", pretrained=True)
+
+
+def test_create_student_any_vit_and_refusals() -> None:
+    m = create_student("vit_tiny_patch16_224", img_size=(64, 32), depth=2)
+    assert len(m.blocks) == 2 and m.patch_embed.grid_size == (4, 2) and m.dpal_timm_kwargs == {"depth": 2}
+    with pytest.raises(ValueError, match="unknown"):
+        create_student("no_such_model")
+    with pytest.raises(ValueError):
+        create_student("resnet18")
+    with pytest.raises(ValueError, match="cls_token"):
+        create_student("vit_tiny_patch16_224", img_size=(64, 32), depth=1, class_token=False, global_pool="avg")
+
+
+def test_student_tokens_shapes_and_pos_grad() -> None:
+    torch.manual_seed(0)
+    m = create_student("dpal_vit_tiny", depth=1).eval()
+    x = torch.randn(2, 3, 256, 128)
+    tokens = student_tokens(m, x)
+    assert tokens.shape == (2, 1 + 128, 192)
+    torch.testing.assert_close(tokens, m.forward_features(x))
+    assert student_tokens(m, torch.randn(1, 3, 128, 96)).shape == (1, 1 + 48, 192)
+    crowd = student_tokens(m, torch.randn(1, 3, 256, 256))
+    assert crowd.shape == (1, 1 + 256, 192)
+    # a random linear read-out: the sum of LayerNorm outputs alone would have ~zero gradient
+    (crowd[:, 1:] * torch.randn(crowd[:, 1:].shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    grad = m.pos_embed.grad
+    assert grad is not None and grad[0, 1:].abs().mean() > 1e-2
+
+
+def test_backbone_prefixes() -> None:
+    assert set(BACKBONE_PREFIXES) >= {"patch_embed", "cls_token", "pos_embed", "blocks", "norm", "reg_token"}
+    m = create_student("dpal_vit_tiny", depth=1)
+    assert {k.split(".")[0] for k in m.state_dict()} <= set(BACKBONE_PREFIXES)

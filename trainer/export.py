@@ -1,0 +1,135 @@
+"""Export of the pretrained student backbone as a plain timm ViT (safetensors + JSON config).
+
+After pretraining only the backbone is kept (method.md, What is kept): the state-dict entries
+under `BACKBONE_PREFIXES`, with timm's own key names, written as contiguous tensors to
+`<stem>.safetensors`, and `<stem>.json` beside it saying how to rebuild the model
+(`timm.create_model(model_name, pretrained=False, num_classes=0, img_size=..., **timm_kwargs)`).
+Before writing, the kept keys and shapes are checked against a freshly built model, so every
+export loads with `strict=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import dpal
+import timm
+import torch
+from dpal.trainer.student import BACKBONE_PREFIXES  # importing it registers dpal_vit_tiny with timm
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+# wrappers whose prefixes are stripped: torch.compile and DistributedDataParallel
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def _plain_key(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                stripped = True
+    return key
+
+
+def backbone_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The backbone entries of `model`'s state dict: plain timm keys, detached, contiguous, on CPU."""
+    out = {}
+    for key, value in model.state_dict().items():
+        key = _plain_key(key)
+        if key.split(".", 1)[0] in BACKBONE_PREFIXES:
+            out[key] = value.detach().to("cpu").contiguous()
+    return out
+
+
+def _build(model_name: str, img_size: tuple[int, int], timm_kwargs: dict[str, Any]) -> nn.Module:
+    return timm.create_model(
+        model_name, pretrained=False, num_classes=0, img_size=tuple(img_size), **timm_kwargs
+    )
+
+
+def export_student(
+    model: nn.Module,
+    model_name: str,
+    img_size: tuple[int, int],
+    out_path: Path,
+    timm_kwargs: dict[str, Any] | None = None,
+) -> Path:
+    """Write the student backbone to `out_path` (.safetensors) and its config to the .json beside.
+
+    Args:
+        model: the trained student (a timm ViT, possibly wrapped by DDP or torch.compile).
+        model_name: its timm name (`dpal_vit_tiny`, `vit_small_patch16_224`, ...).
+        img_size: (H, W) its native input size.
+        out_path: the .safetensors file to write; parent folders are created.
+        timm_kwargs: extra `timm.create_model` arguments that built it; defaults to those that
+            `create_student` recorded on the model (`dpal_timm_kwargs`), else none.
+
+    Returns:
+        The path written (.safetensors).
+
+    Raises:
+        ValueError: the kept keys or shapes differ from a freshly built `model_name`.
+    """
+    out_path = Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise ValueError(f"out_path {out_path} must end in .safetensors")
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)
+    if timm_kwargs is None:
+        timm_kwargs = dict(getattr(inner, "dpal_timm_kwargs", {}))
+    state = backbone_state_dict(model)
+
+    with torch.device("meta"):
+        reference = _build(model_name, img_size, timm_kwargs)
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != got:
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        shapes = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+        raise ValueError(
+            f"the backbone of this model does not match timm {model_name!r} with img_size={tuple(img_size)} "
+            f"and {timm_kwargs}: missing {missing[:5]}, unexpected {extra[:5]}, other shapes {shapes[:5]}"
+        )
+
+    config = {
+        "model_name": model_name,
+        "img_size": list(img_size),
+        "num_classes": 0,
+        "timm_kwargs": timm_kwargs,
+        "dpal_version": dpal.__version__,
+    }
+    try:
+        config_text = json.dumps(config, indent=2) + "\n"
+    except TypeError as err:
+        raise ValueError(f"timm_kwargs {timm_kwargs} must be JSON-serialisable to be exported") from err
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out_path), metadata={"model_name": model_name, "format": "pt"})
+    out_path.with_suffix(".json").write_text(config_text)
+    logger.info("exported %s backbone (%d tensors) to %s", model_name, len(state), out_path)
+    return out_path
+
+
+def load_exported(path: Path) -> nn.Module:
+    """Rebuild an exported student: timm model from the JSON, weights loaded with strict=True.
+
+    Args:
+        path: the .safetensors file (or the .json beside it).
+
+    Returns:
+        The model on CPU, in eval mode.
+    """
+    path = Path(path)
+    weights, config_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    config = json.loads(config_path.read_text())
+    model = _build(config["model_name"], tuple(config["img_size"]), config.get("timm_kwargs", {}))
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    return model.eval()

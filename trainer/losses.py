@@ -1,0 +1,165 @@
+"""DPAL's objectives as pure functions from tensors to scalars (method.md, Objectives).
+
+Global (identity): the decoded student CLS of every view is pulled to the teacher's global
+feature on v0. Local (shape): decoded student patches on v0 match the teacher's patches, both
+weighted by a shape mask, the min-max scaled first principal component of the teacher's patches.
+Relation (interaction): the row-softmaxed token affinities of the decoded student tokens on the
+crowd image match the teacher's, in KL(A_t || A_s). `total_loss` adds the three and D-PaDe's
+router and expert terms. Every mean-squared error averages over channels, then tokens and batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# B batch, D teacher width, P patch tokens (h * w grid), L tokens (T = 257 on the crowd image)
+
+logger = logging.getLogger(__name__)
+
+ROUTE_WEIGHT_EARLY = 0.1
+ROUTE_WEIGHT_LATE = 0.01
+ROUTE_WEIGHT_SWITCH_EPOCH = 20
+
+
+def global_mse(student_globals: Sequence[Tensor], teacher_global: Tensor) -> Tensor:
+    """L_g: mean over the views of MSE(decoded student CLS, teacher global feature).
+
+    Args:
+        student_globals: one (B, D) (or (B, 1, D)) tensor per view (v0, v1, v2).
+        teacher_global: (B, D) the teacher's CLS (or mean token) on v0.
+
+    Returns:
+        () the loss.
+    """
+    if not student_globals:
+        raise ValueError("student_globals is empty")
+    t = teacher_global.float()
+    losses = [F.mse_loss(s.reshape(t.shape).float(), t) for s in student_globals]
+    return torch.stack(losses).mean()
+
+
+def shape_mask(teacher_patches: Tensor, grid_hw: tuple[int, int], fix_sign: bool) -> Tensor:
+    """The shape mask M: first principal component of all teacher patches, min-max scaled.
+
+    The B * P patch vectors are centred by their mean and projected on the top right singular
+    vector of the centred matrix (exact SVD); the projections are min-max scaled to [0, 1] over
+    the whole batch. The result is a constant (no gradient).
+
+    A principal component's sign is arbitrary, so without a fix the mask may highlight the
+    background instead of the person. With `fix_sign` the sign is chosen so that the mean mask
+    value over the border tokens of the grid (first and last row and column) is not higher than
+    over the inner tokens: a person crop is centred on the person. The comparison is made on the
+    projections before scaling (min-max scaling of -p equals 1 - scaling of p, so flipping the
+    sign is the same as M -> 1 - M). method.md names this as an improvement over the public code,
+    which keeps whatever sign the SVD returns.
+
+    Args:
+        teacher_patches: (B, P, D) with P = h * w, row-major.
+        grid_hw: (h, w) the patch grid (16 x 8 for 256 x 128).
+        fix_sign: choose the sign as above; False keeps the SVD's sign.
+
+    Returns:
+        (B, P, 1) in [0, 1], float32; all zeros when every patch is the same vector.
+    """
+    b, p, dim = teacher_patches.shape
+    h, w = grid_hw
+    if h * w != p:
+        raise ValueError(f"grid_hw {grid_hw} does not match {p} patch tokens")
+    with torch.no_grad():
+        x = teacher_patches.detach().float().reshape(b * p, dim)  # (B*P, D)
+        x = x - x.mean(dim=0, keepdim=True)
+        _, _, vh = torch.linalg.svd(x, full_matrices=False)  # vh (min(B*P, D), D)
+        proj = (x @ vh[0]).reshape(b, p)  # (B, P)
+        if fix_sign and h > 2 and w > 2:
+            border = torch.ones(h, w, dtype=torch.bool, device=proj.device)
+            border[1:-1, 1:-1] = False
+            border = border.flatten()  # (P,)
+            if proj[:, border].mean() > proj[:, ~border].mean():
+                proj = -proj
+        lo, hi = proj.min(), proj.max()
+        span = hi - lo
+        mask = (proj - lo) / span if span > 0 else torch.zeros_like(proj)
+    return mask.unsqueeze(-1)  # (B, P, 1)
+
+
+def local_masked_mse(student_patches: Tensor, teacher_patches: Tensor, mask: Tensor) -> Tensor:
+    """L_l = MSE(M * student, M * teacher), averaged over channels, tokens and batch.
+
+    Args:
+        student_patches: (B, P, D) decoded student patches on v0.
+        teacher_patches: (B, P, D) teacher patches on v0.
+        mask: (B, P, 1) from `shape_mask`.
+
+    Returns:
+        () the loss.
+    """
+    m = mask.float()
+    return F.mse_loss(m * student_patches.float(), m * teacher_patches.float())
+
+
+def relation_kl(student: Tensor, teacher_logits: Tensor) -> Tensor:
+    """L_r = KL(A_t || A_s) of row-softmaxed token affinities; mean over batch and rows.
+
+    A_s = softmax_row(Y Y^T / sqrt(D)) with Y the decoded student tokens, A_t =
+    softmax_row(teacher_logits). Only softmaxes of the teacher logits enter, so rows shifted by
+    a constant (e.g. a cache that subtracts each row's max) give the same loss.
+
+    Args:
+        student: (B, L, D) decoded student tokens on the crowd image.
+        teacher_logits: (B, L, L) the teacher's F F^T / sqrt(D).
+
+    Returns:
+        () the loss.
+    """
+    y = student.float()
+    logits_s = y @ y.transpose(1, 2) / y.shape[-1] ** 0.5  # (B, L, L)
+    log_a_s = logits_s.log_softmax(dim=-1)
+    log_a_t = teacher_logits.float().log_softmax(dim=-1)  # (B, L, L)
+    kl = (log_a_t.exp() * (log_a_t - log_a_s)).sum(dim=-1)  # (B, L)
+    return kl.mean()
+
+
+def route_weight(epoch: int) -> float:
+    """lambda_route: 0.1 for epochs 0-19, then 0.01."""
+    return ROUTE_WEIGHT_EARLY if epoch < ROUTE_WEIGHT_SWITCH_EPOCH else ROUTE_WEIGHT_LATE
+
+
+def total_loss(
+    loss_global: Tensor,
+    loss_local: Tensor,
+    loss_relation: Tensor,
+    route_losses: Sequence[Tensor],
+    weight_l2s: Sequence[Tensor],
+    epoch: int,
+) -> tuple[Tensor, dict[str, float]]:
+    """L = L_g + L_l + L_r + lambda_route(epoch) * mean(route CE) + mean(L_W).
+
+    Args:
+        loss_global: () L_g.
+        loss_local: () L_l.
+        loss_relation: () L_r.
+        route_losses: () router cross-entropy of each D-PaDe call (5 per step).
+        weight_l2s: () expert regulariser of each D-PaDe call (5 per step).
+        epoch: the current epoch, 0-based.
+
+    Returns:
+        The total (), and its terms as floats: global, local, relation, route, weight_l2,
+        route_weight, total.
+    """
+    if not route_losses or not weight_l2s:
+        raise ValueError("route_losses and weight_l2s must not be empty")
+    lam = route_weight(epoch)
+    route = torch.stack([r.float() for r in route_losses]).mean()
+    l2 = torch.stack([w.float() for w in weight_l2s]).mean()
+    total = loss_global.float() + loss_local.float() + loss_relation.float() + lam * route + l2
+    parts = torch.stack([loss_global.float(), loss_local.float(), loss_relation.float(), route, l2, total])
+    values = parts.detach().tolist()  # one device sync for all terms
+    names = ("global", "local", "relation", "route", "weight_l2", "total")
+    terms = dict(zip(names, values, strict=True))
+    terms["route_weight"] = lam
+    return total, terms

@@ -1,0 +1,146 @@
+"""The student backbone: the paper's ViT-Ti/16 layout (`dpal_vit_tiny`) and any timm ViT.
+
+`dpal_vit_tiny` is a timm `VisionTransformer` (patch 16, width 192, depth 12, MLP ratio 4, qkv
+bias, LayerNorm eps 1e-6, no drop path, 256 x 128 input) with 6 heads in blocks 0-10 and 12 in the
+last block, so that its last attention matches PATH-B's 12 heads (method.md, Student). Head count
+changes no parameter shape, so its state dict has the same keys and shapes as timm's
+`vit_tiny_patch16_224` at 256 x 128. It is registered with timm on import (as timm's own model
+files do), so `timm.create_model("dpal_vit_tiny")` works anywhere `dpal.trainer.student` has been
+imported. This module also owns the student token forward and the list of state-dict prefixes
+that make up the backbone kept after pretraining.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import timm
+from dpal.vit import vit_tokens
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import Attention, to_2tuple
+from timm.models import VisionTransformer, register_model
+from torch import Tensor, nn
+
+# B batch, H x W pixels, N = (H / 16) * (W / 16) patch tokens, d student width
+
+logger = logging.getLogger(__name__)
+
+DPAL_VIT_TINY = "dpal_vit_tiny"
+DEFAULT_IMG_SIZE = (256, 128)
+# First component of the state-dict keys of the backbone kept after pretraining (method.md, What
+# is kept). `norm_pre` only has parameters in pre-norm ViTs (CLIP-style); `reg_token` only in
+# register ViTs.
+BACKBONE_PREFIXES = ("patch_embed", "cls_token", "reg_token", "pos_embed", "norm_pre", "blocks", "norm")
+_REQUIRED_ATTRS = ("patch_embed", "pos_embed", "blocks", "norm", "norm_pre", "pos_drop")
+
+
+def dpal_vit_tiny(pretrained: bool = False, last_num_heads: int = 12, **kwargs: Any) -> VisionTransformer:
+    """ViT-Ti/16 with 6 heads in all blocks but the last, which has `last_num_heads` (12).
+
+    Args:
+        pretrained: must be False; there are no published weights for this layout.
+        last_num_heads: heads of the last block's attention.
+        **kwargs: `VisionTransformer` arguments overriding the defaults (img_size, depth,
+            num_classes, ...).
+
+    Returns:
+        The model, with all blocks but the last initialised by timm and the last block's new
+        attention holding the weights timm initialised for it.
+    """
+    if pretrained:
+        raise ValueError(f"{DPAL_VIT_TINY} has no pretrained weights; create it with pretrained=False")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    args: dict[str, Any] = dict(
+        img_size=DEFAULT_IMG_SIZE,
+        patch_size=16,
+        embed_dim=192,
+        depth=12,
+        num_heads=6,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop_path_rate=0.0,
+        num_classes=0,
+    )
+    args.update(kwargs)
+    model = VisionTransformer(**args)  # LayerNorm eps defaults to 1e-6 in timm's ViT
+    last = model.blocks[-1]
+    old = last.attn
+    qkv_w = old.qkv.weight
+    new = Attention(
+        qkv_w.shape[1],
+        num_heads=last_num_heads,
+        qkv_bias=old.qkv.bias is not None,
+        attn_drop=old.attn_drop.p,
+        proj_drop=old.proj_drop.p,
+        device=qkv_w.device,
+        dtype=qkv_w.dtype,
+    )
+    # Same parameter shapes: keep the initialisation timm gave the 6-head attention.
+    new.load_state_dict(old.state_dict(), strict=True)
+    last.attn = new
+    model.pretrained_cfg = dict(
+        architecture=DPAL_VIT_TINY,
+        input_size=(3, *to_2tuple(args["img_size"])),
+        interpolation="bicubic",
+        crop_pct=1.0,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        num_classes=args["num_classes"],
+        first_conv="patch_embed.proj",
+        classifier="head",
+    )
+    model.default_cfg = model.pretrained_cfg
+    return model
+
+
+# Importing this module twice (or reloading it) must not re-register, which timm warns about.
+if not timm.is_model(DPAL_VIT_TINY):
+    register_model(dpal_vit_tiny)
+
+
+def create_student(name: str, img_size: tuple[int, int] = DEFAULT_IMG_SIZE, **kw: Any) -> nn.Module:
+    """A randomly initialised, head-less student ViT.
+
+    Args:
+        name: `dpal_vit_tiny` or any timm Vision Transformer name (`vit_tiny_patch16_224`, ...).
+        img_size: (H, W) the model's native input; its position grid is (H / 16, W / 16).
+        **kw: extra timm model arguments (depth, num_heads, ...); recorded on the model as
+            `dpal_timm_kwargs` so that `dpal.trainer.export` can rebuild it.
+
+    Returns:
+        The model (pretrained=False, num_classes=0).
+
+    Raises:
+        ValueError: unknown model name, or a model without the ViT attributes DPAL needs.
+    """
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}; use {DPAL_VIT_TINY!r} or a timm ViT name")
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0, img_size=tuple(img_size), **kw)
+    except TypeError as err:  # e.g. a CNN that takes no img_size
+        raise ValueError(f"{name!r} cannot be built as a DPAL student ViT: {err}") from err
+    missing = [a for a in _REQUIRED_ATTRS if getattr(model, a, None) is None]
+    if missing or getattr(model, "cls_token", None) is None:
+        raise ValueError(
+            f"{name!r} is not a timm VisionTransformer with a CLS token and a learned position embedding "
+            f"(missing: {missing + ([] if getattr(model, 'cls_token', None) is not None else ['cls_token'])}); "
+            "DPAL needs patch_embed, cls_token, pos_embed, blocks and norm"
+        )
+    model.dpal_timm_kwargs = dict(kw)
+    return model
+
+
+def student_tokens(model: nn.Module, x: Tensor) -> Tensor:
+    """All final normalised tokens of the student at any input size (position grid resized 2-D).
+
+    Args:
+        model: a student from `create_student`.
+        x: (B, 3, H, W) normalised pixels, H and W divisible by 16.
+
+    Returns:
+        (B, num_prefix_tokens + N, d): CLS first (then registers, if any), patches row-major.
+        Gradients flow into every parameter, `pos_embed` included.
+    """
+    return vit_tokens(model, x)

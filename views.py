@@ -1,0 +1,291 @@
+"""The view recipe: sample the parameters of DPAL's views, and replay parameters into pixels.
+
+Both stages use this module. Stage one samples the parameters of the two views the teacher sees,
+the global view v0 and the synthetic two-person crowd image Ic, from (seed, image key, view index),
+replays them into pixels, runs the teacher and stores the parameters beside the targets. Stage two
+replays the stored parameters and so sees bit-for-bit the same pixels. Every pixel operation is a
+PIL operation on uint8 images (integer arithmetic, no thread-dependent reductions) followed by
+element-wise float32 arithmetic, so replay is identical in any process on any machine that has the
+same Pillow version. The local crops v1, v2 are only seen by the student and are drawn fresh with
+`sample_aug`/`apply_aug` from a generator the caller seeds.
+
+A view's parameters are one float64 vector laid out as `PARAM_FIELDS` (integers are exact in
+float64): the v0 augmentation, the augmentation of the v2 crop pasted into Ic (person A), the
+background image (its store index) and its augmentation, and the two paste positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter, ImageOps
+from torch import Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# One augmentation: a RandomResizedCrop box in source pixels, then flip, colour jitter (four factors
+# applied in the order o0..o3 when `jitter` is 1), grayscale, gaussian blur (sigma 0 = none),
+# solarize. Order of operations is that of the DPAL/DINO pipelines.
+AUG_FIELDS = (
+    "top", "left", "height", "width", "flip", "jitter", "brightness", "contrast", "saturation",
+    "hue", "o0", "o1", "o2", "o3", "gray", "blur", "solarize",
+)  # fmt: skip
+NUM_AUG = len(AUG_FIELDS)
+PARAM_FIELDS = (
+    tuple(f"v0_{f}" for f in AUG_FIELDS)
+    + tuple(f"a_{f}" for f in AUG_FIELDS)
+    + ("bg_index",)
+    + tuple(f"bg_{f}" for f in AUG_FIELDS)
+    + ("a_row", "a_col", "b_row", "b_col")
+)
+NUM_PARAMS = len(PARAM_FIELDS)
+_V0 = slice(0, NUM_AUG)
+_A = slice(NUM_AUG, 2 * NUM_AUG)
+_BG_INDEX = 2 * NUM_AUG
+_BG = slice(2 * NUM_AUG + 1, 3 * NUM_AUG + 1)
+_PASTE = slice(3 * NUM_AUG + 1, 3 * NUM_AUG + 5)
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """Sizes and augmentation ranges of DPAL's views (method.md, "Views per image and step")."""
+
+    global_size: tuple[int, int] = (256, 128)
+    """(H, W) of v0, seen by teacher and student."""
+    local_size: tuple[int, int] = (128, 96)
+    """(H, W) of the local crops v1, v2; also the size of each person pasted into Ic."""
+    crowd_size: tuple[int, int] = (256, 256)
+    """(H, W) of the crowd image Ic."""
+    global_scale: tuple[float, float] = (0.8, 1.0)
+    """RandomResizedCrop area fraction for v0."""
+    local_scale: tuple[float, float] = (0.05, 0.8)
+    """RandomResizedCrop area fraction for v1, v2."""
+    person_ratio: tuple[float, float] = (0.4, 0.6)
+    """Aspect range w/h of v0, v1, v2 crops (log-uniform)."""
+    crowd_scale: tuple[float, float] = (0.2, 1.0)
+    """RandomResizedCrop area fraction for the Ic background."""
+    crowd_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """Aspect range w/h of the Ic background crop."""
+    flip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    """ColorJitter strengths: brightness, contrast, saturation, hue."""
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    """Gaussian blur radius range (PIL GaussianBlur radius)."""
+    global_blur_p: float = 1.0
+    local_blur_p: float = 0.5
+    crowd_blur_p: float = 0.1
+    crowd_solarize_p: float = 0.2
+    person_alpha: float = 0.7
+    """Ic pixel = alpha * person + (1 - alpha) * background inside each pasted box."""
+
+    def __post_init__(self) -> None:
+        for name in ("global_size", "local_size", "crowd_size"):
+            h, w = getattr(self, name)
+            if h <= 0 or w <= 0:
+                raise ValueError(f"recipe.{name} must be positive, got {(h, w)}")
+        ch, cw = self.crowd_size
+        lh, lw = self.local_size
+        # Two persons side by side, no horizontal overlap (method.md: A col in [0, Wc - 2w - 1)).
+        if cw < 2 * lw + 2 or ch < lh + 2:
+            raise ValueError(
+                f"recipe.crowd_size {self.crowd_size} cannot hold two {self.local_size} persons side by "
+                f"side; it needs width >= {2 * lw + 2} and height >= {lh + 2}"
+            )
+        for name in ("flip_p", "jitter_p", "gray_p", "global_blur_p", "local_blur_p", "crowd_blur_p",
+                     "crowd_solarize_p", "person_alpha"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"recipe.{name} must be in [0, 1], got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ViewRecipe:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown recipe keys {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def view_rng(seed: int, key: str, view: int, stream: str = "view") -> np.random.Generator:
+    """A generator that depends only on (seed, key, view, stream), never on process or order."""
+    digest = hashlib.sha256(f"{stream}\x00{seed}\x00{view}\x00{key}".encode()).digest()
+    return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
+
+
+def _crop_box(rng: np.random.Generator, hw: tuple[int, int], scale, ratio) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box: (top, left, height, width) with area and aspect in range."""
+    h_img, w_img = hw
+    area = h_img * w_img
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= w_img and 0 < h <= h_img:
+            top = int(rng.integers(0, h_img - h + 1))
+            left = int(rng.integers(0, w_img - w + 1))
+            return top, left, h, w
+    # Fallback: the whole image clipped to the aspect range, centred.
+    in_ratio = w_img / h_img
+    if in_ratio < ratio[0]:
+        w, h = w_img, int(round(w_img / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = h_img, int(round(h_img * ratio[1]))
+    else:
+        w, h = w_img, h_img
+    return (h_img - h) // 2, (w_img - w) // 2, h, w
+
+
+def sample_aug(
+    rng: np.random.Generator,
+    recipe: ViewRecipe,
+    image_hw: tuple[int, int],
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    blur_p: float,
+    solarize_p: float = 0.0,
+) -> np.ndarray:
+    """Draw one augmentation's parameters, laid out as AUG_FIELDS. Draw order is fixed."""
+    top, left, h, w = _crop_box(rng, image_hw, scale, ratio)
+    flip = float(rng.random() < recipe.flip_p)
+    jitter = float(rng.random() < recipe.jitter_p)
+    b, c, s, hue = recipe.jitter
+    factors = (
+        rng.uniform(max(0.0, 1 - b), 1 + b),
+        rng.uniform(max(0.0, 1 - c), 1 + c),
+        rng.uniform(max(0.0, 1 - s), 1 + s),
+        rng.uniform(-hue, hue),
+    )
+    order = rng.permutation(4)
+    if not jitter:
+        factors, order = (1.0, 1.0, 1.0, 0.0), np.arange(4)
+    gray = float(rng.random() < recipe.gray_p)
+    blur_draw = rng.random()
+    sigma = rng.uniform(*recipe.blur_sigma)
+    blur = sigma if blur_draw < blur_p else 0.0
+    solarize = float(rng.random() < solarize_p)
+    return np.array([top, left, h, w, flip, jitter, *factors, *order, gray, blur, solarize], dtype=np.float64)
+
+
+def sample_view(
+    recipe: ViewRecipe,
+    seed: int,
+    key: str,
+    view: int,
+    image_hw: tuple[int, int],
+    backgrounds: list[tuple[int, tuple[int, int]]],
+) -> np.ndarray:
+    """Parameters of view `view` of image `key`: v0 and Ic (with its v2 crop), as PARAM_FIELDS.
+
+    Args:
+        recipe: the view recipe.
+        seed: the run's seed.
+        key: the image's stable key.
+        view: view index in [0, K).
+        image_hw: (H, W) of the decoded image.
+        backgrounds: candidates for Ic's background, as (store index, (H, W)); stage one passes
+            the other decodable images of the same store shard (the image itself if alone).
+    """
+    if not backgrounds:
+        raise ValueError("sample_view needs at least one background candidate")
+    rng = view_rng(seed, key, view)
+    v0 = sample_aug(rng, recipe, image_hw, recipe.global_scale, recipe.person_ratio, recipe.global_blur_p)
+    a = sample_aug(rng, recipe, image_hw, recipe.local_scale, recipe.person_ratio, recipe.local_blur_p)
+    bg_index, bg_hw = backgrounds[int(rng.integers(0, len(backgrounds)))]
+    bg = sample_aug(rng, recipe, bg_hw, recipe.crowd_scale, recipe.crowd_ratio, recipe.crowd_blur_p,
+                    recipe.crowd_solarize_p)
+    ch, cw = recipe.crowd_size
+    lh, lw = recipe.local_size
+    # method.md: A at row [0, 127), col [0, 63); B at row [0, 127), col [end_col_A, 159) for 256/128x96.
+    a_row = int(rng.integers(0, ch - lh - 1))
+    a_col = int(rng.integers(0, cw - 2 * lw - 1))
+    b_row = int(rng.integers(0, ch - lh - 1))
+    b_col = int(rng.integers(a_col + lw, cw - lw - 1))
+    return np.concatenate([v0, a, [bg_index], bg, [a_row, a_col, b_row, b_col]]).astype(np.float64)
+
+
+def background_index(params: np.ndarray) -> int:
+    """The store index of the image that Ic's background is cut from."""
+    return int(params[_BG_INDEX])
+
+
+def apply_aug(image: Image.Image, aug: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """Replay one augmentation (AUG_FIELDS) on an RGB image; returns an RGB image of `size` (H, W)."""
+    top, left, h, w = (int(v) for v in aug[0:4])
+    out = image.resize((size[1], size[0]), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+    if aug[4]:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if aug[5]:
+        b, c, s, hue = (float(v) for v in aug[6:10])
+        ops = (
+            lambda im: TF.adjust_brightness(im, b),
+            lambda im: TF.adjust_contrast(im, c),
+            lambda im: TF.adjust_saturation(im, s),
+            lambda im: TF.adjust_hue(im, hue),
+        )
+        for o in aug[10:14]:
+            out = ops[int(o)](out)
+    if aug[14]:
+        out = out.convert("L").convert("RGB")
+    if aug[15] > 0:
+        out = out.filter(ImageFilter.GaussianBlur(radius=float(aug[15])))
+    if aug[16]:
+        out = ImageOps.solarize(out, threshold=128)
+    return out
+
+
+def to_unit(image: Image.Image) -> np.ndarray:
+    """uint8 RGB image -> (3, H, W) float32 in [0, 1]."""
+    return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+
+
+def normalize(x: np.ndarray) -> Tensor:
+    """(3, H, W) float32 in [0, 1] -> ImageNet-normalised tensor."""
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None, None]
+    return torch.from_numpy(np.ascontiguousarray((x - mean) / std))
+
+
+def replay(
+    recipe: ViewRecipe, params: np.ndarray, image: Image.Image, background: Image.Image
+) -> tuple[Tensor, Tensor]:
+    """Rebuild v0 and Ic from stored parameters.
+
+    Args:
+        recipe: the recipe the parameters were drawn with.
+        params: (NUM_PARAMS,) float64, one view's PARAM_FIELDS.
+        image: the decoded RGB image.
+        background: the decoded RGB image at `background_index(params)`.
+
+    Returns:
+        v0 (3, Hg, Wg) and Ic (3, Hc, Wc), ImageNet-normalised float32.
+    """
+    lh, lw = recipe.local_size
+    v0 = apply_aug(image, params[_V0], recipe.global_size)
+    person_a = apply_aug(image, params[_A], recipe.local_size)  # the v2 crop
+    person_b = v0.resize((lw, lh), Image.Resampling.NEAREST)
+    crowd = to_unit(apply_aug(background, params[_BG], recipe.crowd_size))  # (3, Hc, Wc)
+    alpha = np.float32(recipe.person_alpha)
+    a_row, a_col, b_row, b_col = (int(v) for v in params[_PASTE])
+    for person, r, c in ((person_a, a_row, a_col), (person_b, b_row, b_col)):
+        box = crowd[:, r : r + lh, c : c + lw]
+        crowd[:, r : r + lh, c : c + lw] = alpha * to_unit(person) + (np.float32(1.0) - alpha) * box
+    return normalize(to_unit(v0)), normalize(crowd)
+
+
+def random_local(recipe: ViewRecipe, rng: np.random.Generator, image: Image.Image) -> Tensor:
+    """A fresh local crop (v1 or v2) for the student, ImageNet-normalised (3, Hl, Wl)."""
+    hw = (image.height, image.width)
+    aug = sample_aug(rng, recipe, hw, recipe.local_scale, recipe.person_ratio, recipe.local_blur_p)
+    return normalize(to_unit(apply_aug(image, aug, recipe.local_size)))
