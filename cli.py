@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -233,6 +234,78 @@ def store_verify_cmd(
     typer.echo("rerun the same `dpal cache-teacher` command after deleting the bad shards' markers "
                f"({store}/shards/<shard>.json) to rewrite them")
     raise typer.Exit(1)
+
+
+@app.command("distill")
+@user_errors
+def distill(
+    store: Annotated[str | None, typer.Option(help="Store written by `dpal cache-teacher`.")] = None,
+    out: Annotated[str | None, typer.Option(help="Run directory: checkpoints/, metrics.jsonl, config.yaml.")] = None,
+    student: Annotated[str | None, typer.Option(help="dpal_vit_tiny (the paper's) or any timm ViT name.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Schedule length in epochs. [default: 200]")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop at this step without changing the schedule; "
+                                                  "a later run resumes.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per rank per step. [default: 256]")] = None,
+    base_lr: Annotated[float | None, typer.Option(help="LR per 256 images; scaled by the global batch. "
+                                                  "[default: 2.5e-4]")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option(help="Linear warmup, in epochs. [default: 10]")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per step. [default: 1]")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="DataLoader worker processes. [default: 2]")] = None,
+    resume: Annotated[str | None, typer.Option(help="auto (newest checkpoint in --out), PATH, or none. "
+                                               "[default: auto]")] = None,
+    online_teacher: Annotated[bool | None, typer.Option("--online-teacher", help="Run the teacher in the loop "
+                                                        "on the same replayed views instead of reading "
+                                                        "its targets.")] = None,
+    allow_incomplete: Annotated[bool | None, typer.Option("--allow-incomplete", help="Train on the finished "
+                                                          "shards of an incomplete store.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of init, sampler and local crops. [default: 0]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. [default: auto]")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Stage two: train the student and D-PaDe on the store's targets (global, local, relation).
+
+    Resumable: rerunning the same command continues from the newest checkpoint, bit for bit.
+    SIGTERM or SIGUSR1 checkpoints at the next step and exits 0. Under `torchrun --nproc-per-node N`
+    each rank trains on its own slice of every batch.
+    """
+    from dpal.config import DistillConfig, resolve
+    from dpal.trainer.train import train
+
+    _setup_logging(False)
+    flags = dict(store=store, out=out, student=student, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                 base_lr=base_lr, warmup_epochs=warmup_epochs, grad_accum=grad_accum, num_workers=num_workers,
+                 resume=resume, online_teacher=online_teacher, allow_incomplete=allow_incomplete, seed=seed,
+                 device=device)
+    cfg = resolve(DistillConfig, str(config) if config else None, flags, set_ or [])
+    if not cfg.store or not cfg.out:
+        raise ValueError("--store and --out are required")
+    result = train(cfg, show_progress=not quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        how = "stopped by signal" if result.stopped_by_signal else "done"
+        typer.echo(f"{how}: step {result.step}, epoch {result.epoch}, {result.seconds:.1f} s; "
+                   f"checkpoint {result.last_checkpoint}")
+
+
+@app.command("export")
+@user_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory of `dpal distill` (or a checkpoint .pt).")],
+    out: Annotated[Path, typer.Option("--out", help="Output FILE.safetensors (a .json config is written beside).")],
+) -> None:
+    """Write the student backbone as safetensors with plain timm ViT keys, plus a JSON config.
+
+    Load it with `timm.create_model(name, num_classes=0, img_size=...)` and `load_state_dict(strict=True)`,
+    or with `dpal.trainer.export.load_exported`.
+    """
+    from dpal.trainer.export import export_student
+    from dpal.trainer.train import build_student_from_checkpoint
+
+    model, ckpt = build_student_from_checkpoint(run_dir)
+    path = export_student(model, ckpt["student_name"], tuple(ckpt["img_size"]), out,
+                          timm_kwargs=ckpt.get("student_kwargs") or {})
+    typer.echo(f"exported {ckpt['student_name']} at step {ckpt['step']} to {path} (+ {path.with_suffix('.json').name})")
 
 
 def main() -> None:

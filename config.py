@@ -141,6 +141,8 @@ class DistillConfig:
     """Run directory: checkpoints, metrics.jsonl, config.yaml."""
     student: str = "dpal_vit_tiny"
     """dpal_vit_tiny (the paper's student) or any timm ViT name."""
+    student_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra timm.create_model arguments for the student, e.g. {depth: 2} (recorded for export)."""
     epochs: int = 200
     """Length of the schedule (warmup + cosine)."""
     max_steps: int | None = None
@@ -177,11 +179,6 @@ class DistillConfig:
     """Orient the PCA shape mask so the image centre scores higher than its border (documented deviation)."""
     dpade_scale: float = 1.0 / 256.0
     """D-PaDe expert mixing scale (the paper's 1/256, its per-GPU batch)."""
-    route_weight_early: float = 0.1
-    """Weight of the routing CE before `route_switch_epoch`."""
-    route_weight_late: float = 0.01
-    """Weight of the routing CE from `route_switch_epoch` on."""
-    route_switch_epoch: int = 20
     l2_weight: float = 0.025
     """Weight of the expert Frobenius regulariser."""
     allow_incomplete: bool = False
@@ -224,6 +221,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"{name} must be a mapping")
         return build(tp, value, prefix=name + ".")
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a mapping, e.g. {{depth: 2}}")
+        return dict(value)
     if origin is tuple:
         if isinstance(value, str):
             value = yaml.safe_load(value)

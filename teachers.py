@@ -17,6 +17,7 @@ import difflib
 import hashlib
 import logging
 import math
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,9 +27,10 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from dpal.vit import PosEmbed, patch_size_of, pos_embed_of, resize_pos_grid, vit_tokens
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+
+from dpal.vit import PosEmbed, patch_size_of, pos_embed_of, resize_pos_grid, vit_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -465,7 +467,13 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 def _read_state_dict(path: str) -> dict[str, Tensor]:
     """A state dict from `{"model": sd}`, `{"state_dict": sd}` or a bare sd (weights_only)."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path} holds more than tensors (weights_only load failed): save just its state dict, "
+            "e.g. torch.save({'model': ckpt['model']}, 'teacher.pth') in a session that trusts the file"
+        ) from e
     for wrapper in ("model", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -478,7 +486,7 @@ def _read_state_dict(path: str) -> dict[str, Tensor]:
 def _map_path_b_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """PATH/HumanBench keys -> timm ViT keys: strip wrappers, drop necks, decoders and heads."""
     if any(k.startswith(PATH_BACKBONE_PREFIX) for k in state):
-        ignored = sorted({k.split(".")[1] for k in state if not k.startswith(PATH_BACKBONE_PREFIX)})
+        ignored = sorted({k.rsplit(".", 1)[0] for k in state if not k.startswith(PATH_BACKBONE_PREFIX)})
         if ignored:
             logger.info("path-b checkpoint: ignoring non-backbone parts %s", ignored)
         return {

@@ -18,7 +18,14 @@ from typing import Any
 
 import torch
 from distributed.diagnostics.plugin import WorkerPlugin
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from dpal import __version__
 from dpal.config import CacheConfig, shard_slice, to_dict
@@ -27,8 +34,8 @@ from dpal.pipeline.cache import ShardReport, cache_shard, resolve_device, teache
 from dpal.store import (
     Layout,
     StoreError,
-    create_store,
     corpus_fingerprint,
+    create_store,
     done_shards,
     identity_diff,
     layout_of,

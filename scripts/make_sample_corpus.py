@@ -410,7 +410,7 @@ def plan_corpus(tracks: list[Track], out: Path, stride: int) -> list[CropJob]:
         for k in range(0, len(tr), stride):
             f = tr.frames[k]
             jobs.append(
-                CropJob(f, tuple(tr.boxes[k]), out / f"t{tr.track_id:04d}_f{f:06d}.jpg", f"corpus_t{tr.track_id:04d}", f"{f}")
+                CropJob(f, tuple(tr.boxes[k]), out / f"t{tr.track_id:04d}_f{f:06d}.jpg", f"corpus_t{tr.track_id:04d}", "c")
             )
     return jobs
 
@@ -423,12 +423,12 @@ def plan_reid(tracks: list[Track], out: Path, num_query: int, gallery_stride: in
     jobs = []
     for tr in tracks:
         half = len(tr) // 2
-        picks = [(k, 1, "query") for k in even_pick(half, num_query)]
-        picks += [(k, 2, "bounding_box_test") for k in range(half, len(tr), gallery_stride)]
-        for k, cam, split in picks:
+        picks = [(k, 1, "query", "q") for k in even_pick(half, num_query)]
+        picks += [(k, 2, "bounding_box_test", "g") for k in range(half, len(tr), gallery_stride)]
+        for k, cam, split, label in picks:
             f = tr.frames[k]
             name = f"{tr.track_id:04d}_c{cam}s1_{f:06d}_00.jpg"
-            jobs.append(CropJob(f, tuple(tr.boxes[k]), out / split / name, f"reid_{tr.track_id:04d}", f"c{cam} {f}"))
+            jobs.append(CropJob(f, tuple(tr.boxes[k]), out / split / name, f"heldout_t{tr.track_id:04d}", label))
     return jobs
 
 
@@ -477,60 +477,97 @@ def plan_distractors(
         per_frame[f] = k + 1
         cam = 1 + len(jobs) % 2
         name = f"0000_c{cam}s1_{f:06d}_{k:02d}.jpg"
-        jobs.append(CropJob(f, tuple(box), out / "bounding_box_test" / name, "reid_0000", f"{f}"))
+        jobs.append(CropJob(f, tuple(box), out / "bounding_box_test" / name, "distractors", "d"))
     return jobs
 
 
-def write_crops(
-    video: Path, jobs: list[CropJob], pad: float, size: tuple[int, int], quality: int
-) -> dict[str, list[tuple[str, np.ndarray]]]:
-    """Decode the video once and write every job's JPEG; returns the crops grouped by sheet."""
+def write_crops(video: Path, jobs: list[CropJob], pad: float, size: tuple[int, int], quality: int) -> None:
+    """Decode the video once and write every job's crop as a JPEG."""
     by_frame: dict[int, list[CropJob]] = {}
     for job in jobs:
         by_frame.setdefault(job.frame, []).append(job)
-    sheets: dict[str, list[tuple[int, str, np.ndarray]]] = {}
     last = max(by_frame) + 1 if by_frame else 0
     for t, frame in read_frames(video, 0, last):
         for job in by_frame.get(t, []):
             crop = crop_person(frame, np.asarray(job.box), pad, size)
             job.path.parent.mkdir(parents=True, exist_ok=True)
             ok, buf = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, quality])
-            assert ok
+            if not ok:
+                raise RuntimeError(f"JPEG encoding failed for {job.path}")
             job.path.write_bytes(buf.tobytes())
-            sheets.setdefault(job.sheet, []).append((t, job.label, crop))
-    return {k: [(lab, img) for _, lab, img in sorted(v, key=lambda x: x[0])] for k, v in sheets.items()}
 
 
-def write_contact_sheets(sheets: dict[str, list[tuple[str, np.ndarray]]], out: Path, cols: int = 16) -> None:
-    """One PNG per track: its crops in time order, each labelled (camera and) frame."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name, tiles in sheets.items():
-        th, tw = tiles[0][1].shape[:2]
+def write_contact_sheets(
+    video: Path, parts: dict[str, list[Track]], jobs: list[CropJob], out: Path, pad: float, every: int = 2
+) -> None:
+    """PNGs for checking tracks by eye; none of this goes into the output folder.
+
+    Writes `{part}_t{id:04d}.png` with every `every`-th detection of a track in time order (labels:
+    frame, then q / g / c when that crop was written as query, gallery or corpus image), an index
+    `{part}_index.png` with 8 evenly spaced crops per track, one row per track, to spot one person
+    split over two ids, and `distractors.png`.
+    """
+    tile_h, tile_w = 128, 64
+    written = {(j.sheet, j.frame): j.label for j in jobs}
+    wanted: dict[int, list[tuple[str, int, np.ndarray]]] = {}
+    for part, tracks in parts.items():
+        for tr in tracks:
+            name = f"{part}_t{tr.track_id:04d}"
+            for k, (f, b) in enumerate(zip(tr.frames, tr.boxes, strict=True)):
+                if k % every == 0 or (name, f) in written:
+                    wanted.setdefault(f, []).append((name, f, b))
+    for j in jobs:
+        if j.sheet == "distractors":
+            wanted.setdefault(j.frame, []).append(("distractors", j.frame, np.asarray(j.box)))
+    crops: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for t, frame in read_frames(video, 0, max(wanted) + 1):
+        for name, f, b in wanted.get(t, []):
+            crops.setdefault(name, []).append((f, crop_person(frame, b, pad, (tile_h, tile_w))))
+
+    def grid(tiles: list[tuple[str, np.ndarray]], cols: int) -> np.ndarray:
         rows = (len(tiles) + cols - 1) // cols
-        sheet = np.full((rows * (th + 14), min(cols, len(tiles)) * tw, 3), 255, np.uint8)
+        sheet = np.full((rows * (tile_h + 14), min(cols, len(tiles)) * (tile_w + 2), 3), 255, np.uint8)
         for i, (label, img) in enumerate(tiles):
             r, c = divmod(i, cols)
-            y, x = r * (th + 14), c * tw
-            sheet[y : y + th, x : x + tw] = img
-            cv2.putText(sheet, label, (x + 2, y + th + 11), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1)
-        cv2.imwrite(str(out / f"{name}.png"), sheet)
+            y, x = r * (tile_h + 14), c * (tile_w + 2)
+            sheet[y : y + tile_h, x : x + tile_w] = img
+            cv2.putText(sheet, label, (x + 1, y + tile_h + 11), cv2.FONT_HERSHEY_SIMPLEX, 0.33, (0, 0, 0), 1)
+        return sheet
 
-
-def write_overview(video: Path, tracks: list[Track], frames: list[int], out: Path) -> None:
-    """Full frames with every track's box and id drawn, for checking the tracker by eye."""
     out.mkdir(parents=True, exist_ok=True)
-    wanted = set(frames)
-    for t, frame in read_frames(video, min(frames), max(frames) + 1):
-        if t not in wanted:
-            continue
+    for name, tiles in crops.items():
+        labelled = [(f"{f} {written.get((name, f), '')}", img) for f, img in tiles]
+        cv2.imwrite(str(out / f"{name}.png"), grid(labelled, 16))
+    for part, tracks in parts.items():
+        rows = []
         for tr in tracks:
-            if t in tr.frames:
-                x0, y0, x1, y1 = (int(v) for v in tr.boxes[tr.frames.index(t)])
-                colour = tuple(int(c) for c in np.random.default_rng(tr.track_id).integers(60, 255, 3))
-                cv2.rectangle(frame, (x0, y0), (x1, y1), colour, 2)
-                cv2.putText(frame, str(tr.track_id), (x0, y0 - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.6, colour, 2)
+            tiles = crops[f"{part}_t{tr.track_id:04d}"]
+            picks = even_pick(len(tiles), 8)
+            rows += [(f"{tr.track_id}: {tiles[i][0]}", tiles[i][1]) for i in picks]
+            rows += [("", np.full((tile_h, tile_w, 3), 255, np.uint8))] * (8 - len(picks))
+        cv2.imwrite(str(out / f"{part}_index.png"), grid(rows, 8))
+
+
+def write_overview(video: Path, parts: dict[str, list[Track]], every: int, out: Path) -> None:
+    """Every `every`-th frame with each track's box and id drawn (held-out ids as h<id>), as PNG."""
+    out.mkdir(parents=True, exist_ok=True)
+    boxes: dict[int, list[tuple[str, int, np.ndarray]]] = {}
+    for part, tracks in parts.items():
+        for tr in tracks:
+            for f, b in zip(tr.frames, tr.boxes, strict=True):
+                if f % every == 0:
+                    tag = f"h{tr.track_id}" if part == "heldout" else str(tr.track_id)
+                    boxes.setdefault(f, []).append((tag, tr.track_id, b))
+    for t, frame in read_frames(video):
+        if t % every:
+            continue
+        for tag, tid, b in boxes.get(t, []):
+            x0, y0, x1, y1 = (int(v) for v in b)
+            colour = tuple(int(c) for c in np.random.default_rng(tid).integers(60, 256, 3))
+            cv2.rectangle(frame, (x0, y0), (x1, y1), colour, 2)
+            cv2.putText(frame, tag, (x0, y0 - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.6, colour, 2)
         cv2.putText(frame, str(t), (5, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 0, 255), 2)
-        cv2.imwrite(str(out / f"frame_{t:06d}.jpg"), frame)
+        cv2.imwrite(str(out / f"frame_{t:06d}.png"), cv2.resize(frame, None, fx=0.75, fy=0.75))
 
 
 def dir_bytes(path: Path) -> int:
@@ -593,12 +630,11 @@ def main(argv: list[str] | None = None) -> None:
     jobs += plan_reid(parts["heldout"], out / "reid", args.num_query, args.gallery_stride)
     jobs += plan_distractors(boxes_per_frame, dets, parts["heldout"], split, num_frames, frame_hw, plane,
                              args.num_distractors, out / "reid", args.seed)
-    sheets = write_crops(video, jobs, args.pad, size, args.quality)
+    write_crops(video, jobs, args.pad, size, args.quality)
     if args.contact_sheets is not None:
-        write_contact_sheets(sheets, args.contact_sheets)
+        write_contact_sheets(video, parts, jobs, args.contact_sheets, args.pad)
     if args.overview is not None:
-        all_tracks = parts["corpus"] + [Track(100 + tr.track_id, tr.frames, tr.boxes) for tr in parts["heldout"]]
-        write_overview(video, all_tracks, list(range(0, num_frames, 25)), args.overview)
+        write_overview(video, parts, 25, args.overview)
 
     summary = {
         "frames": num_frames,

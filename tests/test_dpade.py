@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from dpal.trainer.dpade import DPaDe
 
 # B batch, L tokens, d student width, D teacher width, K patterns

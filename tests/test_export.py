@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import dpal
 import pytest
 import timm
 import torch
-from dpal.trainer.export import export_student, load_exported
-from dpal.trainer.student import create_student, student_tokens
 from safetensors.torch import load_file
 from torch import nn
+
+import dpal
+from dpal.trainer.export import export_student, load_exported
+from dpal.trainer.student import create_student, student_tokens
 
 # B batch
 
@@ -30,7 +31,9 @@ def _perturb(model: nn.Module) -> None:
             p.add_(0.01 * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("name,kwargs", [("dpal_vit_tiny", {"depth": 2}), ("vit_tiny_patch16_224", {"depth": 2})])
+@pytest.mark.parametrize(
+    "name,kwargs", [("dpal_vit_tiny", {"depth": 2}), ("vit_tiny_patch16_224", {"depth": 2})]
+)
 def test_export_round_trip(tmp_path: Path, name: str, kwargs: dict) -> None:
     torch.manual_seed(0)
     model = create_student(name, img_size=(256, 128), **kwargs).eval()
@@ -39,7 +42,10 @@ def test_export_round_trip(tmp_path: Path, name: str, kwargs: dict) -> None:
     assert path == tmp_path / "out" / "student.safetensors"
     config = json.loads(path.with_suffix(".json").read_text())
     assert config == {
-        "model_name": name, "img_size": [256, 128], "num_classes": 0, "timm_kwargs": kwargs,
+        "model_name": name,
+        "img_size": [256, 128],
+        "num_classes": 0,
+        "timm_kwargs": kwargs,
         "dpal_version": dpal.__version__,
     }
     state = load_file(str(path))

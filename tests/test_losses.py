@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from dpal.trainer.losses import (
     global_mse,
     local_masked_mse,
@@ -138,11 +139,20 @@ def test_total_loss_by_hand() -> None:
     total, terms = total_loss(lg, torch.tensor(2.0), torch.tensor(3.0), routes, l2s, epoch=0)
     assert total.item() == pytest.approx(6.4)
     assert terms == pytest.approx(
-        {"global": 1.0, "local": 2.0, "relation": 3.0, "route": 3.0, "weight_l2": 0.1, "route_weight": 0.1,
-         "total": 6.4}
+        {
+            "global": 1.0,
+            "local": 2.0,
+            "relation": 3.0,
+            "route": 3.0,
+            "weight_l2": 0.1,
+            "route_weight": 0.1,
+            "total": 6.4,
+        }
     )
     total.backward()
     assert lg.grad.item() == 1.0
-    total20, terms20 = total_loss(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0), routes, l2s, epoch=20)
+    total20, terms20 = total_loss(
+        torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0), routes, l2s, epoch=20
+    )
     assert total20.item() == pytest.approx(6.13)
     assert terms20["route_weight"] == 0.01

@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib
 import warnings
 
-import dpal.trainer.student as student_mod
 import pytest
 import timm
 import torch
+
+import dpal.trainer.student as student_mod
 from dpal.trainer.student import BACKBONE_PREFIXES, create_student, student_tokens
 
 # B batch, N patches, d width
@@ -22,7 +23,9 @@ def test_dpal_vit_tiny_layout() -> None:
     assert m.blocks[-1].attn.head_dim == 16 and m.blocks[0].attn.head_dim == 32
     assert m.embed_dim == 192 and len(m.blocks) == 12 and m.patch_embed.grid_size == (16, 8)
     assert m.num_classes == 0 and m.norm.eps == 1e-6 and m.blocks[0].norm1.eps == 1e-6
-    assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert {k: v.shape for k, v in m.state_dict().items()} == {
+        k: v.shape for k, v in ref.state_dict().items()
+    }
     # patch 3*16*16*192 + 192 = 147,648; cls 192; pos 129*192 = 24,768; norm 384;
     # per block: 2 LN 768 + qkv 111,168 + proj 37,056 + fc1 148,224 + fc2 147,648 = 444,864; x12
     assert sum(p.numel() for p in m.parameters()) == 147_648 + 192 + 24_768 + 384 + 12 * 444_864
@@ -46,7 +49,9 @@ def test_create_student_any_vit_and_refusals() -> None:
     with pytest.raises(ValueError):
         create_student("resnet18")
     with pytest.raises(ValueError, match="cls_token"):
-        create_student("vit_tiny_patch16_224", img_size=(64, 32), depth=1, class_token=False, global_pool="avg")
+        create_student(
+            "vit_tiny_patch16_224", img_size=(64, 32), depth=1, class_token=False, global_pool="avg"
+        )
 
 
 def test_student_tokens_shapes_and_pos_grad() -> None:
@@ -60,7 +65,9 @@ def test_student_tokens_shapes_and_pos_grad() -> None:
     crowd = student_tokens(m, torch.randn(1, 3, 256, 256))
     assert crowd.shape == (1, 1 + 256, 192)
     # a random linear read-out: the sum of LayerNorm outputs alone would have ~zero gradient
-    (crowd[:, 1:] * torch.randn(crowd[:, 1:].shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    (
+        crowd[:, 1:] * torch.randn(crowd[:, 1:].shape, generator=torch.Generator().manual_seed(1))
+    ).sum().backward()
     grad = m.pos_embed.grad
     assert grad is not None and grad[0, 1:].abs().mean() > 1e-2
 

@@ -15,12 +15,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import dpal
 import timm
 import torch
-from dpal.trainer.student import BACKBONE_PREFIXES  # importing it registers dpal_vit_tiny with timm
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+import dpal
+from dpal.trainer.student import BACKBONE_PREFIXES  # importing it registers dpal_vit_tiny with timm
 
 logger = logging.getLogger(__name__)
 

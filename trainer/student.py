@@ -16,11 +16,12 @@ import logging
 from typing import Any
 
 import timm
-from dpal.vit import vit_tokens
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, to_2tuple
 from timm.models import VisionTransformer, register_model
 from torch import Tensor, nn
+
+from dpal.vit import vit_tokens
 
 # B batch, H x W pixels, N = (H / 16) * (W / 16) patch tokens, d student width
 
@@ -32,7 +33,8 @@ DEFAULT_IMG_SIZE = (256, 128)
 # is kept). `norm_pre` only has parameters in pre-norm ViTs (CLIP-style); `reg_token` only in
 # register ViTs.
 BACKBONE_PREFIXES = ("patch_embed", "cls_token", "reg_token", "pos_embed", "norm_pre", "blocks", "norm")
-_REQUIRED_ATTRS = ("patch_embed", "pos_embed", "blocks", "norm", "norm_pre", "pos_drop")
+# what `dpal.vit.vit_tokens` and the global (CLS) branch rely on
+_REQUIRED_ATTRS = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm", "norm_pre", "pos_drop")
 
 
 def dpal_vit_tiny(pretrained: bool = False, last_num_heads: int = 12, **kwargs: Any) -> VisionTransformer:
@@ -122,11 +124,10 @@ def create_student(name: str, img_size: tuple[int, int] = DEFAULT_IMG_SIZE, **kw
     except TypeError as err:  # e.g. a CNN that takes no img_size
         raise ValueError(f"{name!r} cannot be built as a DPAL student ViT: {err}") from err
     missing = [a for a in _REQUIRED_ATTRS if getattr(model, a, None) is None]
-    if missing or getattr(model, "cls_token", None) is None:
+    if missing:
         raise ValueError(
             f"{name!r} is not a timm VisionTransformer with a CLS token and a learned position embedding "
-            f"(missing: {missing + ([] if getattr(model, 'cls_token', None) is not None else ['cls_token'])}); "
-            "DPAL needs patch_embed, cls_token, pos_embed, blocks and norm"
+            f"(missing: {missing}); DPAL needs patch_embed, cls_token, pos_embed, blocks and norm"
         )
     model.dpal_timm_kwargs = dict(kw)
     return model

@@ -1,0 +1,451 @@
+"""Stage two's loop: student + D-PaDe against the store's targets, with exact resume and DDP.
+
+One optimizer step per rank: `grad_accum` micro-batches, each with the five D-PaDe calls of
+method.md (CLS of v0, v1, v2 -> pattern 0; patches of v0 -> 1; all tokens of Ic -> 2), the
+three alignment losses, the router CE and the expert regulariser. The learning rate is a pure
+function of the step (linear warmup per step, then half-cycle cosine). Checkpoints are plain dicts
+that load with `torch.load(weights_only=True)`, written atomically, and hold everything needed to
+continue bit for bit: model, D-PaDe, optimizer, schedule, scaler, sampler position, RNG states,
+config and the store fingerprint. SIGTERM and SIGUSR1 make every rank stop at the same step
+boundary, checkpoint and exit 0.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import re
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dpal import __version__
+from dpal.config import DistillConfig, dump_yaml, to_dict
+from dpal.store import StoreError, StoreReader, atomic_write_bytes
+from dpal.teachers import TeacherSpec, load_teacher
+from dpal.trainer.data import BatchDataset, EpochSampler, collate_requests, valid_rows
+from dpal.trainer.dpade import PATTERN_GLOBAL, PATTERN_LOCAL, PATTERN_RELATION, DPaDe
+from dpal.trainer.losses import global_mse, local_masked_mse, relation_kl, shape_mask, total_loss
+from dpal.trainer.student import create_student, student_tokens
+from dpal.views import ViewRecipe
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+_CKPT_RE = re.compile(r"step-(\d+)\.pt$")
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then half-cycle cosine."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    decay = max(total_steps - warmup_steps, 1)
+    t = min(max(step - warmup_steps, 0) / decay, 1.0)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def param_groups(modules: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices only, none on 1-D parameters and biases."""
+    decay, no_decay = [], []
+    for name, p in modules.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------- distributed and signals
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
+    """Join the torchrun process group if there is one (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device_pref == "auto":
+        use_cuda = torch.cuda.is_available()
+    else:
+        use_cuda = device_pref.startswith("cuda")
+    device = torch.device("cuda", info.local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return info, device
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1; ranks agree on it at each step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, info: DistInfo, device: torch.device) -> bool:
+        if info.world_size == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_paths(run_dir: Path) -> list[Path]:
+    d = Path(run_dir) / CHECKPOINT_DIR
+    if not d.exists():
+        return []
+    found = [(int(m.group(1)), p) for p in d.glob("step-*.pt") if (m := _CKPT_RE.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is not a dpal checkpoint of format {CHECKPOINT_VERSION}")
+    return ckpt
+
+
+def find_resume(run_dir: Path, resume: str) -> Path | None:
+    """`auto`: the newest checkpoint that loads; `none`: start fresh; else a path."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        p = Path(resume)
+        if not p.is_file():
+            raise ValueError(f"--resume {resume}: no such checkpoint")
+        return p
+    for p in reversed(checkpoint_paths(run_dir)):
+        try:
+            load_checkpoint(p)
+            return p
+        except ValueError:
+            logger.warning("skipping unreadable checkpoint %s", p)
+    return None
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any], keep_last: int) -> Path:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    path = Path(run_dir) / CHECKPOINT_DIR / f"step-{state['step']:08d}.pt"
+    atomic_write_bytes(path, buf.getvalue())
+    for old in checkpoint_paths(run_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- model
+
+
+class Distiller(nn.Module):
+    """Student plus D-PaDe; `forward` returns the total loss and its terms for one micro-batch."""
+
+    def __init__(self, student: nn.Module, dpade: DPaDe, grid_hw: tuple[int, int], fix_mask_sign: bool) -> None:
+        super().__init__()
+        self.student = student
+        self.dpade = dpade
+        self.grid_hw = grid_hw
+        self.fix_mask_sign = fix_mask_sign
+
+    def forward(self, batch: dict[str, Tensor], epoch: int) -> tuple[Tensor, dict[str, float]]:
+        # B batch, P patches of v0, T tokens of Ic, d student width, D teacher width
+        tok0 = student_tokens(self.student, batch["v0"])  # (B, 1 + P, d)
+        tok1 = student_tokens(self.student, batch["v1"])  # (B, 1 + P_local, d)
+        tok2 = student_tokens(self.student, batch["v2"])
+        tok_ic = student_tokens(self.student, batch["ic"])  # (B, T, d)
+        npre = self.student.num_prefix_tokens
+        calls = [
+            self.dpade(tok0[:, :1], PATTERN_GLOBAL),
+            self.dpade(tok1[:, :1], PATTERN_GLOBAL),
+            self.dpade(tok2[:, :1], PATTERN_GLOBAL),
+            self.dpade(tok0[:, npre:], PATTERN_LOCAL),
+            self.dpade(torch.cat([tok_ic[:, :1], tok_ic[:, npre:]], dim=1), PATTERN_RELATION),
+        ]
+        g_t, local_t, rel_t = batch["g_t"], batch["local_t"], batch["rel_t"]
+        l_g = global_mse([c.y[:, 0] for c in calls[:3]], g_t)  # (B, D) each
+        mask = shape_mask(local_t, self.grid_hw, self.fix_mask_sign)  # (B, P, 1)
+        l_l = local_masked_mse(calls[3].y, local_t, mask)
+        l_r = relation_kl(calls[4].y, rel_t)
+        total, terms = total_loss(l_g, l_l, l_r, [c.route_loss for c in calls], [c.weight_l2 for c in calls], epoch)
+        terms["route_acc"] = float(torch.stack([c.route_correct for c in calls]).mean())
+        return total, terms
+
+
+def build_student_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The student of a run directory's newest checkpoint (or of a checkpoint file), on CPU."""
+    path = Path(path)
+    if path.is_dir():
+        found = find_resume(path, "auto")
+        if found is None:
+            raise ValueError(f"{path} holds no dpal checkpoint (expected {path}/{CHECKPOINT_DIR}/step-*.pt)")
+        path = found
+    elif not path.is_file():
+        raise ValueError(f"{path}: no such run directory or checkpoint")
+    ckpt = load_checkpoint(path)
+    student = create_student(ckpt["student_name"], img_size=tuple(ckpt["img_size"]), **ckpt.get("student_kwargs", {}))
+    student.load_state_dict(ckpt["model"])
+    return student.eval(), ckpt
+
+
+def teacher_spec_from_store(attrs: dict[str, Any]) -> TeacherSpec:
+    """Rebuild the teacher that wrote a store, for --online-teacher; checks the checkpoint hash."""
+    t = attrs["teacher"]
+    r = attrs["recipe"]
+    spec = TeacherSpec(name=t["name"], checkpoint=t.get("checkpoint"), random_init=t.get("random_init", False),
+                       random_init_seed=t.get("random_init_seed", 0), layer=t.get("layer"),
+                       arch=t.get("arch") if t["name"] in ("path-b",) else None,
+                       global_size=tuple(r["global_size"]), crowd_size=tuple(r["crowd_size"]))
+    return spec
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class TrainResult:
+    step: int
+    epoch: int
+    stopped_by_signal: bool
+    last_checkpoint: Path | None
+    seconds: float
+
+
+def _jsonl_truncate(path: Path, max_step: int) -> None:
+    """Drop metric lines past a resumed checkpoint, so the log equals an uninterrupted run's."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= max_step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def train(cfg: DistillConfig, show_progress: bool = True) -> TrainResult:
+    """Run (or resume) stage two as configured."""
+    t_start = time.perf_counter()
+    info, device = init_distributed(cfg.device)
+    run_dir = Path(cfg.out)
+    reader = StoreReader(cfg.store, allow_incomplete=cfg.allow_incomplete)
+    attrs = reader.attrs
+    recipe = ViewRecipe.from_dict(attrs["recipe"])
+    if cfg.recipe_local_size is not None:
+        recipe = ViewRecipe.from_dict({**recipe.to_dict(), "local_size": list(cfg.recipe_local_size)})
+    fingerprint = reader.fingerprint()
+    grid = tuple(attrs["token_grid"]["global"])
+
+    torch.manual_seed(cfg.seed)
+    student = create_student(cfg.student, img_size=tuple(recipe.global_size), **cfg.student_kwargs)
+    dpade = DPaDe(student.embed_dim, attrs["embed_dim"], scale=cfg.dpade_scale, l2_weight=cfg.l2_weight)
+    model = Distiller(student, dpade, grid, cfg.fix_mask_sign).to(device)
+    ddp_model: nn.Module = model
+    if info.world_size > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=0.0, betas=cfg.betas)
+
+    sampler = EpochSampler(valid_rows(reader), cfg.batch_size, info.world_size, info.rank, cfg.seed)
+    total_steps = cfg.epochs * sampler.steps_per_epoch
+    warmup_steps = int(round(cfg.warmup_epochs * sampler.steps_per_epoch))
+    global_batch = cfg.batch_size * info.world_size
+    peak_lr = cfg.base_lr * global_batch / 256
+
+    step, epoch, position = 0, 0, 0
+    resume_path = find_resume(run_dir, cfg.resume)
+    if resume_path is not None:
+        ckpt = load_checkpoint(resume_path)
+        if ckpt["store_fingerprint"] != fingerprint:
+            raise StoreError(
+                f"checkpoint {resume_path} was trained on another store (fingerprint "
+                f"{ckpt['store_fingerprint'][:12]}, this store {fingerprint[:12]}: teacher, views or shard "
+                "data differ); use a new --out or --resume none"
+            )
+        if ckpt["world_size"] != info.world_size or ckpt["config"]["batch_size"] != cfg.batch_size:
+            raise ValueError(f"checkpoint {resume_path} used {ckpt['world_size']} ranks x batch "
+                             f"{ckpt['config']['batch_size']}; resume with the same to keep the data stream")
+        model.student.load_state_dict(ckpt["model"])
+        model.dpade.load_state_dict(ckpt["dpade"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        step, epoch, position = ckpt["step"], ckpt["sampler"]["epoch"], ckpt["sampler"]["position"]
+        if info.is_main:
+            logger.info("resumed from %s at step %d (epoch %d)", resume_path, step, epoch)
+
+    teacher = None
+    if cfg.online_teacher:
+        teacher = load_teacher(teacher_spec_from_store(attrs), device=device)
+        if teacher.identity().get("checkpoint_sha256") != attrs["teacher"].get("checkpoint_sha256"):
+            raise StoreError("the teacher checkpoint differs from the one that wrote the store (sha256)")
+
+    end_steps = total_steps if cfg.max_steps is None else min(cfg.max_steps, total_steps)
+    requests = collate_requests(sampler, epoch, position, cfg.epochs, end_steps - step, cfg.grad_accum)
+    dataset = BatchDataset(cfg.store, sampler, recipe, cfg.seed, cfg.grad_accum,
+                           read_targets=not cfg.online_teacher, allow_incomplete=cfg.allow_incomplete)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=requests, num_workers=cfg.num_workers,
+        multiprocessing_context="forkserver" if cfg.num_workers > 0 else None,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.num_workers > 0 else None,
+    )
+
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        _jsonl_truncate(run_dir / "metrics.jsonl", step)
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if info.is_main else None  # noqa: SIM115
+    tb = _tensorboard(run_dir) if info.is_main else None
+
+    def state() -> dict[str, Any]:
+        return {
+            "format_version": CHECKPOINT_VERSION, "dpal_version": __version__, "step": step,
+            "model": model.student.state_dict(), "dpade": model.dpade.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": {"step": step, "peak_lr": peak_lr, "warmup_steps": warmup_steps,
+                          "total_steps": total_steps, "min_lr": cfg.min_lr},
+            "scaler": {}, "sampler": {"seed": cfg.seed, "epoch": epoch, "position": position},
+            "rng": rng_state(), "config": to_dict(cfg), "store_fingerprint": fingerprint,
+            "student_name": cfg.student, "img_size": list(recipe.global_size), "world_size": info.world_size,
+            "student_kwargs": dict(getattr(model.student, "dpal_timm_kwargs", {})),
+        }
+
+    stop = StopFlag()
+    stop.install()
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+    last_ckpt: Path | None = None
+    stopped = False
+    progress = _progress(show_progress and info.is_main, end_steps, step)
+    t_log, imgs_log = time.perf_counter(), 0
+    try:
+        it = iter(loader)
+        while step < end_steps:
+            model.train()
+            lr = lr_at(step, peak_lr, warmup_steps, total_steps, cfg.min_lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            terms_acc: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                batch = next(it)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                if teacher is not None:
+                    with torch.inference_mode():
+                        g, patches = teacher.encode_global(batch["v0"])
+                        rel = teacher.relation_logits(batch["ic"])
+                    batch.update(g_t=g.float().clone(), local_t=patches.float().clone(), rel_t=rel.float().clone())
+                sync = micro == cfg.grad_accum - 1 or info.world_size == 1
+                ctx = nullcontext() if sync else ddp_model.no_sync()
+                with ctx, autocast:
+                    loss, terms = ddp_model(batch, epoch)
+                    (loss / cfg.grad_accum).backward()
+                for k, v in terms.items():
+                    terms_acc[k] = terms_acc.get(k, 0.0) + v / cfg.grad_accum
+                imgs_log += batch["v0"].shape[0] * info.world_size
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            position += 1
+            if position >= sampler.steps_per_epoch:
+                epoch, position = epoch + 1, 0
+            if info.is_main and (step % cfg.log_every == 0 or step == end_steps):
+                dt = time.perf_counter() - t_log
+                line = {"step": step, "epoch": epoch, "lr": lr, **terms_acc, "images_per_s": imgs_log / max(dt, 1e-9)}
+                metrics_file.write(json.dumps(line) + "\n")
+                metrics_file.flush()
+                if tb is not None:
+                    for k, v in line.items():
+                        if k != "step":
+                            tb.add_scalar(k, v, step)
+                t_log, imgs_log = time.perf_counter(), 0
+            if progress is not None:
+                progress.update(0, completed=step, loss=terms_acc.get("total", 0.0))
+            stop_now = stop.agreed(info, device)
+            if stop_now or step % cfg.checkpoint_every == 0 or step == end_steps:
+                if info.is_main:
+                    last_ckpt = save_checkpoint(run_dir, state(), cfg.keep_last)
+                if info.world_size > 1:
+                    dist.barrier()
+            if stop_now:
+                stopped = True
+                if info.is_main:
+                    logger.info("stopped by %s at step %d; checkpoint %s", stop.signal_name or "signal", step,
+                                last_ckpt)
+                break
+    finally:
+        stop.uninstall()
+        if progress is not None:
+            progress.stop()
+        if metrics_file is not None:
+            metrics_file.close()
+        if tb is not None:
+            tb.close()
+    return TrainResult(step, epoch, stopped, last_ckpt, time.perf_counter() - t_start)
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def _progress(show: bool, total: int, done: int) -> Any:
+    if not show or not sys.stderr.isatty():
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    p = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                 TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
+    p.start()
+    p.add_task("distill", total=total, completed=done, loss=0.0)
+    return p
