@@ -65,6 +65,8 @@ class CacheConfig:
     """Override the timm architecture of a preset (e.g. a smaller ViT in PATH layout)."""
     teacher_layer: int | None = None
     """None: final normalised tokens; i: output of ViT block i (see docs/store.md)."""
+    teacher_global_token: str = "auto"
+    """auto: the teacher's CLS token where it has one, else the mean patch token; mean: always the mean."""
     random_init: bool = False
     """Allow a teacher without weights, randomly initialised (tests and benchmarks only)."""
     random_init_seed: int = 0

@@ -60,6 +60,7 @@ def teacher_spec(cfg: CacheConfig) -> TeacherSpec:
         name=cfg.teacher, checkpoint=cfg.teacher_checkpoint, random_init=cfg.random_init,
         random_init_seed=cfg.random_init_seed, layer=cfg.teacher_layer, arch=cfg.teacher_arch,
         global_size=cfg.recipe.global_size, crowd_size=cfg.recipe.crowd_size,
+        global_token=cfg.teacher_global_token,
     )
 
 

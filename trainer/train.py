@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from dpal import __version__
 from dpal.config import DistillConfig, dump_yaml, to_dict
 from dpal.store import StoreError, StoreReader, atomic_write_bytes
-from dpal.teachers import TeacherSpec, load_teacher
+from dpal.teachers import EFFICIENTNET_LITE2, PRESETS, TeacherSpec, load_teacher
 from dpal.trainer.data import BatchDataset, EpochSampler, collate_requests, valid_rows
 from dpal.trainer.dpade import PATTERN_GLOBAL, PATTERN_LOCAL, PATTERN_RELATION, DPaDe
 from dpal.trainer.losses import global_mse, local_masked_mse, relation_kl, shape_mask, total_loss
@@ -246,11 +246,14 @@ def teacher_spec_from_store(attrs: dict[str, Any]) -> TeacherSpec:
     """Rebuild the teacher that wrote a store, for --online-teacher; checks the checkpoint hash."""
     t = attrs["teacher"]
     r = attrs["recipe"]
-    spec = TeacherSpec(name=t["name"], checkpoint=t.get("checkpoint"), random_init=t.get("random_init", False),
-                       random_init_seed=t.get("random_init_seed", 0), layer=t.get("layer"),
-                       arch=t.get("arch") if t["name"] in ("path-b",) else None,
-                       global_size=tuple(r["global_size"]), crowd_size=tuple(r["crowd_size"]))
-    return spec
+    packaged = t["name"] == EFFICIENTNET_LITE2  # weights come from its package, not a file
+    return TeacherSpec(
+        name=t["name"], checkpoint=None if packaged or t.get("random_init") else t.get("checkpoint"),
+        random_init=t.get("random_init", False), random_init_seed=t.get("random_init_seed", 0),
+        layer=t.get("layer"), arch=t.get("arch") if t["name"] in PRESETS else None,
+        global_size=tuple(r["global_size"]), crowd_size=tuple(r["crowd_size"]),
+        global_token="mean" if t.get("global_token") == "mean" else "auto",
+    )
 
 
 # ---------------------------------------------------------------- training

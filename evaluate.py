@@ -1,0 +1,86 @@
+"""Resolve "a model" for evaluation into an embedding function: image batch -> global feature.
+
+`dpal eval reid --model M` accepts an exported student (.safetensors with its .json), a run
+directory or checkpoint of `dpal distill`, a teacher preset (`efficientnet-lite2`, `path-b` with
+a checkpoint), or a timm / dpal model name. A bare name has no weights, so it needs
+`random_init=True`: nobody scores a random network by accident. Students give their CLS token
+after the final norm (the backbone that is kept); teachers give the global target of stage one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dpal.teachers import PRESETS, TeacherSpec, load_teacher
+from dpal.vit import vit_tokens
+
+EmbedFn = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class Embedder:
+    """A model ready to embed images: `fn` maps (B, 3, H, W) normalised pixels to (B, D)."""
+
+    name: str
+    fn: EmbedFn
+    image_size: tuple[int, int]
+    kind: str  # "student", "teacher" or "random"
+
+
+def _student_embedder(name: str, model: nn.Module, image_size: tuple[int, int], kind: str) -> Embedder:
+    model.eval()
+
+    def fn(x: Tensor) -> Tensor:
+        return vit_tokens(model, x)[:, 0]
+
+    return Embedder(name, fn, image_size, kind)
+
+
+def resolve_model(model: str, image_size: tuple[int, int] | None = None, random_init: bool = False,
+                  checkpoint: str | None = None, seed: int = 0) -> Embedder:
+    """Build the embedder for `model` (see the module docstring for what it may name).
+
+    Raises:
+        ValueError: unknown model, or a bare model name without `random_init`.
+    """
+    path = Path(model)
+    if path.suffix in (".safetensors", ".json") and path.exists():
+        from dpal.trainer.export import load_exported
+        import json
+
+        cfg = json.loads(path.with_suffix(".json").read_text())
+        size = image_size or tuple(cfg["img_size"])
+        return _student_embedder(path.stem, load_exported(path), size, "student")
+    if path.is_dir() or path.suffix == ".pt":
+        from dpal.trainer.train import build_student_from_checkpoint
+
+        student, ckpt = build_student_from_checkpoint(path)
+        return _student_embedder(path.name, student, image_size or tuple(ckpt["img_size"]), "student")
+    size = image_size or (256, 128)
+    if model in PRESETS or checkpoint is not None:
+        teacher = load_teacher(TeacherSpec(name=model, checkpoint=checkpoint, random_init=random_init,
+                                           random_init_seed=seed, global_size=size))
+        return Embedder(model, lambda x: teacher.encode_global(x)[0], size, "teacher")
+    import timm
+
+    from dpal.trainer.student import create_student
+
+    if not timm.is_model(model):
+        raise ValueError(f"--model {model!r} is not an exported .safetensors, a run directory, a teacher preset "
+                         f"({', '.join(PRESETS)}) or a timm/dpal model name")
+    if not random_init:
+        raise ValueError(f"--model {model!r} names an architecture without weights; pass --random-init to score "
+                         "a randomly initialised network on purpose")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        try:
+            student = create_student(model, img_size=size)
+        except ValueError:
+            teacher = load_teacher(TeacherSpec(name=model, random_init=True, random_init_seed=seed, global_size=size))
+            return Embedder(f"{model} (random)", lambda x: teacher.encode_global(x)[0], size, "random")
+    return _student_embedder(f"{model} (random)", student, size, "random")
