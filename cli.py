@@ -45,7 +45,9 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML or TOML f
 def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
-    handler = RichHandler(show_path=False, rich_tracebacks=False)
+    from rich.console import Console
+
+    handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
     # dask's own INFO chatter (nannies starting and closing) is not the user's business.
     handler.addFilter(lambda r: r.name.startswith("dpal") or r.levelno >= logging.WARNING)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
@@ -306,6 +308,45 @@ def export(
     path = export_student(model, ckpt["student_name"], tuple(ckpt["img_size"]), out,
                           timm_kwargs=ckpt.get("student_kwargs") or {})
     typer.echo(f"exported {ckpt['student_name']} at step {ckpt['step']} to {path} (+ {path.with_suffix('.json').name})")
+
+
+@eval_app.command("reid")
+@user_errors
+def eval_reid(
+    model: Annotated[str, typer.Option(help="An exported student (.safetensors), a run directory or checkpoint, "
+                                       "a teacher preset (efficientnet-lite2, path-b), or a timm/dpal model name.")],
+    data: Annotated[Path, typer.Option(help="Market-1501 layout: DIR/query and DIR/bounding_box_test.")],
+    image_size: Annotated[list[int] | None, typer.Option(help="Input H and W: --image-size 256 --image-size 128. "
+                                                         "[default: the model's own, else 256x128]")] = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="Allow a bare model name without weights "
+                                              "(a random baseline, on purpose).")] = False,
+    teacher_checkpoint: Annotated[str | None, typer.Option(help="Weights for a teacher preset or timm name.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of --random-init weights.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """ReID on a Market-1501-style folder: rank the gallery by cosine similarity of global features.
+
+    Market's protocol: junk images (pid -1) and same-pid same-camera gallery images are excluded
+    per query; distractors (pid 0000) stay as negatives. Prints mAP and CMC Rank-1/5/10.
+    """
+    import torch
+
+    from dpal.evaluate import evaluate_reid, resolve_model
+    from dpal.reid import format_table
+
+    if image_size is not None and len(image_size) != 2:
+        raise ValueError("--image-size takes two values: --image-size H --image-size W")
+    if not (data / "query").is_dir() or not (data / "bounding_box_test").is_dir():
+        raise ValueError(f"--data {data} must hold query/ and bounding_box_test/ (Market-1501 layout)")
+    torch.set_grad_enabled(False)
+    emb = resolve_model(model, tuple(image_size) if image_size else None, random_init, teacher_checkpoint, seed)
+    res = evaluate_reid(emb, data, batch_size)
+    if as_json:
+        typer.echo(json.dumps({"model": emb.name, **res}))
+        return
+    typer.echo(format_table([{"model": emb.name, **res}]))
+    typer.echo(f"{res['num_query']} queries, {res['num_gallery']} gallery images at {res['image_size']}")
 
 
 def main() -> None:

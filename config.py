@@ -243,6 +243,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # --set strict=1 arrives as YAML's int 1
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
         raise ValueError(f"{name} must be true or false, got {value!r}")
@@ -267,7 +269,7 @@ def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(values) - set(types_))
     if unknown:
         raise ValueError(
-            f"unknown config key {prefix}{unknown[0]!r}; known keys: {', '.join(prefix + k for k in types_)}"
+            f"unknown config key {prefix + unknown[0]!r}; known keys: {', '.join(prefix + k for k in types_)}"
         )
     kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in values.items()}
     return cls(**kwargs)

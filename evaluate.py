@@ -84,3 +84,15 @@ def resolve_model(model: str, image_size: tuple[int, int] | None = None, random_
             teacher = load_teacher(TeacherSpec(name=model, random_init=True, random_init_seed=seed, global_size=size))
             return Embedder(f"{model} (random)", lambda x: teacher.encode_global(x)[0], size, "random")
     return _student_embedder(f"{model} (random)", student, size, "random")
+
+
+def evaluate_reid(embedder: Embedder, data: str | Path, batch_size: int = 64) -> dict[str, float]:
+    """Market-1501 protocol on `data` (query/ and bounding_box_test/): mAP and CMC rank-1/5/10."""
+    from dpal.reid import evaluate_ranking, extract_features, read_market
+
+    split = read_market(data)
+    qf = extract_features(embedder.fn, split.query.paths, embedder.image_size, batch_size)
+    gf = extract_features(embedder.fn, split.gallery.paths, embedder.image_size, batch_size)
+    res = evaluate_ranking(qf, gf, split.query.pids, split.query.cams, split.gallery.pids, split.gallery.cams)
+    return {**res, "num_query": len(split.query.paths), "num_gallery": len(split.gallery.paths),
+            "image_size": list(embedder.image_size)}

@@ -9,13 +9,16 @@ then the marker. A shard whose marker exists is skipped before any image is deco
 
 from __future__ import annotations
 
+import io
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from dpal.config import CacheConfig
 from dpal.corpus import BadImage, decode_image, read_bytes
@@ -37,6 +40,7 @@ from dpal.teachers import Teacher, TeacherSpec, autocast_context
 from dpal.views import NUM_PARAMS, ViewRecipe, background_index, replay, sample_view
 
 logger = logging.getLogger(__name__)
+FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
 
 
 class StrictModeError(Exception):
@@ -53,6 +57,15 @@ class ShardReport:
     num_skipped: int
     seconds: float
     already_done: bool = False
+
+
+def _image_ext(blob: bytes) -> str:
+    """Extension of the embedded copy, from the bytes: tar keys carry none, and a WebDataset reader
+    of the store's image tars decodes by extension."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(blob)) as img:
+            return FORMAT_EXT.get(img.format or "", "img")
 
 
 def teacher_spec(cfg: CacheConfig) -> TeacherSpec:
@@ -123,8 +136,7 @@ def cache_shard(store_path: str | Path, shard: int, teacher: Teacher, cfg: Cache
             except OSError as e:
                 raise BadImage(f"unreadable: {e}") from None
             images[r] = decode_image(blob, cfg.max_pixels)
-            ext = (str(sources[r]) if int(offsets[r]) < 0 else key).rsplit(".", 1)[-1].lower()
-            blobs[r] = (key, blob, ext if ext in ("jpg", "jpeg", "png", "webp", "bmp") else "img")
+            blobs[r] = (key, blob, _image_ext(blob))
         except BadImage as e:
             if cfg.strict:
                 raise StrictModeError(f"bad image {key!r} ({e.reason}); rerun without --strict to skip it") from None

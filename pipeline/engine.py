@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from distributed.diagnostics.plugin import WorkerPlugin
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -30,7 +31,14 @@ from rich.progress import (
 from dpal import __version__
 from dpal.config import CacheConfig, shard_slice, to_dict
 from dpal.corpus import index_corpus
-from dpal.pipeline.cache import ShardReport, cache_shard, resolve_device, teacher_spec, teacher_targets
+from dpal.pipeline.cache import (
+    ShardReport,
+    StrictModeError,
+    cache_shard,
+    resolve_device,
+    teacher_spec,
+    teacher_targets,
+)
 from dpal.store import (
     Layout,
     StoreError,
@@ -102,14 +110,18 @@ def prepare_store(cfg: CacheConfig, teacher: Teacher) -> Layout:
             message names each difference.
     """
     out = Path(cfg.out)
-    if out.exists() and not (out / "zarr.json").exists() and any(out.iterdir()):
+    is_store = (out / "zarr.json").exists()
+    if out.exists() and not is_store and (not out.is_dir() or any(out.iterdir())):
         raise StoreError(f"--out {out} exists and is not a dpal store; choose a new path")
     refs = index_corpus(cfg.corpus)
     attrs = store_attrs(cfg, teacher, corpus_fingerprint(refs), len(refs))
-    if not out.exists():
+    if not is_store:  # a new path, or an empty folder made for it
         layout = Layout(len(refs), cfg.views, cfg.shard_size, teacher.embed_dim,
                         attrs["token_grid"]["num_patches"], attrs["token_grid"]["num_crowd_tokens"], cfg.dtype)
-        create_store(out, layout, attrs, refs)
+        try:
+            create_store(out, layout, attrs, refs)
+        except OSError as e:
+            raise StoreError(f"--out {out}: cannot create the store there ({e.strerror or e}: {e.filename})") from None
     old = read_attrs(out)
     diff = identity_diff(old, attrs)
     if diff:
@@ -151,11 +163,22 @@ class TeacherPlugin(WorkerPlugin):
         self.teacher = None
 
 
-def _dask_task(store_path: str, shard: int, cfg: CacheConfig) -> ShardReport:
+def _dask_task(store_path: str, shard: int, cfg: CacheConfig) -> ShardReport | StrictModeError:
     from distributed import get_worker
 
     plugin = get_worker().plugins[PLUGIN_NAME]
-    return cache_shard(store_path, shard, plugin.teacher, cfg, plugin.device)
+    try:
+        return cache_shard(store_path, shard, plugin.teacher, cfg, plugin.device)
+    except StrictModeError as e:
+        # A bad image under --strict is the user's input, not a worker failure: returned as a value
+        # so that the worker does not log "Compute Failed" and a traceback; the driver raises it.
+        return e
+
+
+def _shard_result(rep: ShardReport | StrictModeError) -> ShardReport:
+    if isinstance(rep, StrictModeError):
+        raise rep
+    return rep
 
 
 def slurm_cluster(cfg: CacheConfig) -> Any:
@@ -178,7 +201,7 @@ def _progress() -> Progress:
     return Progress(
         TextColumn("[bold]caching"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
         TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        transient=False,
+        transient=False, console=Console(stderr=True),  # stdout carries the summary (or --json)
     )
 
 
@@ -249,7 +272,7 @@ def _run_dask(cfg: CacheConfig, store: str, pending: list[int], total: int, show
         client.register_plugin(TeacherPlugin(cfg, threads), name=PLUGIN_NAME)
         futures = [client.submit(_dask_task, store, s, cfg, key=f"dpal-shard-{s}-{__version__}", pure=False)
                    for s in pending]
-        return _drive((f.result() for f in as_completed(futures)), total, show)
+        return _drive((_shard_result(f.result()) for f in as_completed(futures)), total, show)
     finally:
         client.close()
         if cluster is not None:

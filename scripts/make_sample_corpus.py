@@ -1,19 +1,21 @@
-"""Build the sample corpus and the sample ReID set in sample_data/ from OpenCV's vtest.avi.
+"""Cut the sample corpus and the sample ReID split in sample_data/ from OpenCV's vtest.avi.
 
-The video (one fixed camera, 795 frames, 10 fps) is cut in time. People in the first part become
-the distillation corpus (sample_data/corpus/, one folder of person crops). People in the held-out
-last part become a small Market-1501-style ReID set (sample_data/reid/query/ and
-sample_data/reid/bounding_box_test/). People are found with OpenCV's built-in HOG people detector,
-linked into tracks by box IoU (with a colour-histogram check so that a track does not jump to a
-person it crosses), and broken tracks are stitched again. A track id is an identity. Because the
-video has one camera, each held-out track is given two pseudo-cameras by time (c1 for the first
-half of its frames, c2 for the second), so Market's rule that drops same-pid-same-camera gallery
-images leaves the c2 images as the true matches of a c1 query. Background crops that overlap no
-detection are the distractors (pid 0000). The output is deterministic for a given video and seed.
+The video (one fixed camera, 795 frames, 10 fps) is cut in time. People in the first 60% of the
+frames become the distillation corpus (sample_data/corpus/, one folder of person crops); people in
+the held-out rest become a small Market-1501-style ReID split (sample_data/reid/query/ and
+sample_data/reid/bounding_box_test/). People are found with OpenCV's built-in HOG people detector
+and linked into tracks by box IoU with a colour-histogram gate, so that a track does not jump to a
+person it crosses; broken tracks are stitched, and held-out tracks of one person who comes back
+are joined into one identity. Only crops that no other detection covers are written. Because the
+video has one camera, each held-out person gets two pseudo-cameras by time (c1 for the first half
+of their frames, c2 for the second), so Market's rule that drops gallery images of the query's
+person seen by the query's camera leaves the c2 images as the true matches of a c1 query. Scene
+background cut where people walk, at person scale, is the distractor set (pid 0000). The output
+is deterministic for a given video and seed.
 
-Run from the repository root:
+Run from the repository root (about 6 minutes on two CPU cores, almost all of it HOG):
 
-    .venv/bin/python scripts/make_sample_corpus.py --out sample_data --contact-sheets /tmp/sheets
+    .venv/bin/python scripts/make_sample_corpus.py --contact-sheets /tmp/sheets
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -33,8 +37,10 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VIDEO = REPO_ROOT.parent / "shared" / "data" / "vtest.avi"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 APPEARANCE_STRIPES = ((0.12, 0.35), (0.35, 0.6), (0.6, 0.92))
+OUTPUT_ENTRIES = {"corpus", "reid", "README.md"}
+PLANE_MIN_SCORE = 1.0
 
 # Boxes are float arrays (x0, y0, x1, y1) in the video's pixel coordinates.
 
@@ -70,13 +76,15 @@ class TrackConfig:
     """Drop a detection whose height differs by more than this fraction from the height that the
     ground-plane fit (height against foot row) predicts."""
     match_iou: float = 0.3
-    """Least IoU between a track's last box and a detection to link them."""
+    """Least IoU between a track's predicted box and a detection to link them."""
     max_link_dist: float = 0.42
     """Greatest appearance distance between a detection and a track's last 5 detections."""
     max_missed: int = 4
     """A track ends after this many frames without a detection."""
     stitch_gap: int = 25
     """Most frames between the end of one track and the start of another for them to be stitched."""
+    min_stitch_len: int = 3
+    """Tracks with fewer detections are too short to judge by appearance and are not stitched."""
     stitch_radius: float = 0.25
     """Greatest distance, in box heights, from where the ending track was heading to where the next
     one starts, for a gap of one frame..."""
@@ -180,36 +188,72 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
-def detect_video(video: Path, cfg: DetectorConfig) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Run the HOG people detector on every frame.
+def detect_frame(frame: np.ndarray, cfg: DetectorConfig) -> tuple[np.ndarray, np.ndarray]:
+    """HOG people windows of one BGR frame.
 
     Returns:
-        Per frame, (boxes (N, 4), scores (N,)) before any filtering, sorted by score.
+        boxes (N, 4) in frame pixels and scores (N,), before any filtering, best score first
+        (ties by position, so the order does not depend on how OpenCV ordered them).
     """
     hog = cv2.HOGDescriptor()
     hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
+    big = cv2.resize(frame, None, fx=cfg.upscale, fy=cfg.upscale, interpolation=cv2.INTER_LINEAR)
+    rects, weights = hog.detectMultiScale(
+        big,
+        hitThreshold=cfg.hit_threshold,
+        winStride=(cfg.win_stride, cfg.win_stride),
+        padding=(cfg.padding, cfg.padding),
+        scale=cfg.scale,
+        groupThreshold=0,  # raw scored windows; filter_detections keeps one box per person
+    )
+    rects = np.asarray(rects, dtype=np.float64).reshape(-1, 4) / cfg.upscale
+    boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
+    scores = np.asarray(weights, dtype=np.float64).reshape(-1)
+    order = np.lexsort((boxes[:, 1], boxes[:, 0], -scores))
+    return boxes[order], scores[order]
+
+
+def _single_threaded_opencv() -> None:
+    cv2.setNumThreads(1)
+
+
+def detect_video(video: Path, cfg: DetectorConfig, workers: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`detect_frame` on every frame, each on one OpenCV thread, frames spread over processes.
+
+    With several OpenCV threads, detectMultiScale sometimes pairs scores with the wrong boxes:
+    two runs on a busy machine returned the same boxes and the same scores for one frame in 795,
+    paired differently. One thread per call makes the result exact and repeatable; `workers`
+    processes keep the speed.
+
+    Returns:
+        Per frame, (boxes (N, 4), scores (N,)).
+    """
+    frames = (frame for _, frame in read_frames(video))
     out = []
-    for index, frame in read_frames(video):
-        big = cv2.resize(frame, None, fx=cfg.upscale, fy=cfg.upscale, interpolation=cv2.INTER_LINEAR)
-        rects, weights = hog.detectMultiScale(
-            big,
-            hitThreshold=cfg.hit_threshold,
-            winStride=(cfg.win_stride, cfg.win_stride),
-            padding=(cfg.padding, cfg.padding),
-            scale=cfg.scale,
-            groupThreshold=0,  # we run our own NMS; OpenCV's grouping drops lone true hits
-        )
-        rects = np.asarray(rects, dtype=np.float64).reshape(-1, 4) / cfg.upscale
-        boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
-        scores = np.asarray(weights, dtype=np.float64).reshape(-1)
-        order = np.lexsort((boxes[:, 1], boxes[:, 0], -scores))
-        out.append((boxes[order], scores[order]))
-        if index % 100 == 0:
-            logger.info("detected frame %d (%d windows)", index, len(scores))
+    if workers <= 1:
+        previous = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            results = (detect_frame(frame, cfg) for frame in frames)
+            for index, result in enumerate(results):
+                out.append(result)
+                if index % 100 == 0:
+                    logger.info("detected frame %d", index)
+        finally:
+            cv2.setNumThreads(previous)
+        return out
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_single_threaded_opencv) as pool:
+        for index, result in enumerate(pool.imap(partial(detect_frame, cfg=cfg), frames, chunksize=4)):
+            out.append(result)
+            if index % 100 == 0:
+                logger.info("detected frame %d", index)
     return out
 
 
-def load_or_detect(video: Path, cfg: DetectorConfig, cache: Path | None) -> list[tuple[np.ndarray, np.ndarray]]:
+def load_or_detect(
+    video: Path, cfg: DetectorConfig, cache: Path | None, workers: int = 1
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """detect_video, read from / written to an .npz cache keyed by the detector settings."""
     key = json.dumps({"version": CACHE_VERSION, "video": video.name, **asdict(cfg)}, sort_keys=True)
     if cache is not None and cache.exists():
@@ -221,7 +265,7 @@ def load_or_detect(video: Path, cfg: DetectorConfig, cache: Path | None) -> list
                 scores = np.split(z["scores"], splits)
                 logger.info("loaded detections from %s", cache)
                 return list(zip(boxes, scores, strict=True))
-    dets = detect_video(video, cfg)
+    dets = detect_video(video, cfg, workers)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(
@@ -237,13 +281,14 @@ def load_or_detect(video: Path, cfg: DetectorConfig, cache: Path | None) -> list
 def fit_ground_plane(dets: list[tuple[np.ndarray, np.ndarray]], min_score: float) -> np.ndarray:
     """Fit box height as a line in the foot row (the camera looks down on a flat courtyard).
 
-    Two rounds of least squares on confident detections; the second drops the 20% worst residuals
-    of the first, which are mostly false positives (poles, signs, the van) and boxes around groups.
+    Two rounds of least squares on confident detections (score at least `min_score`); the second
+    drops the 20% worst residuals of the first, which are mostly false positives (poles, signs,
+    the van) and boxes around groups.
 
     Returns:
         (slope, intercept) with height ~= slope * y1 + intercept.
     """
-    boxes = np.concatenate([b[s >= max(min_score, 1.0)] for b, s in dets])
+    boxes = np.concatenate([b[s >= min_score] for b, s in dets])
     foot, height = boxes[:, 3], boxes[:, 3] - boxes[:, 1]
     coef = np.polyfit(foot, height, 1)
     resid = np.abs(height - np.polyval(coef, foot)) / height
@@ -365,7 +410,7 @@ def stitch_tracks(tracks: list[Track], cfg: TrackConfig) -> list[Track]:
     for a in tracks:
         for b in tracks:
             gap = b.frames[0] - a.frames[-1]
-            if a is b or not 1 <= gap <= cfg.stitch_gap:
+            if a is b or not 1 <= gap <= cfg.stitch_gap or min(len(a), len(b)) < cfg.min_stitch_len:
                 continue
             pa = a.predict(b.frames[0])
             ca, cb = (pa[:2] + pa[2:]) / 2, (b.boxes[0][:2] + b.boxes[0][2:]) / 2
@@ -552,45 +597,40 @@ def plan_reid(
 
 
 def plan_distractors(
-    boxes_per_frame: list[np.ndarray],
     dets: list[tuple[np.ndarray, np.ndarray]],
     tracks: list[Track],
     start: int,
     stop: int,
-    frame_hw: tuple[int, int],
-    plane: np.ndarray,
     count: int,
     out: Path,
     seed: int,
 ) -> list[CropJob]:
-    """Background crops (pid 0000) in held-out frames that overlap no person.
+    """Background crops (pid 0000): a held-out person's box, cut from a frame where nobody is there.
 
-    A random foot point and the ground-plane height give a person-sized box; it is kept when it
-    overlaps (IoU > 0) no tracked box and no raw HOG window with a positive score within 5 frames,
-    so that people the tracker missed are not labelled as distractors.
+    A random box of a held-out track is placed in a random held-out frame; it is kept when it
+    overlaps (IoU > 0) no tracked box and no raw HOG window with a positive score within 5 frames
+    either side, so that people the tracker missed are not labelled as distractors. The crops show
+    the pavement, lawn, posts and signs where people walk, at person scale.
     """
     rng = np.random.default_rng(seed)
-    fh, fw = frame_hw
-    track_boxes: dict[int, list[np.ndarray]] = {}
+    boxes_near: dict[int, list[np.ndarray]] = {}
     for tr in tracks:
         for f, b in zip(tr.frames, tr.boxes, strict=True):
-            track_boxes.setdefault(f, []).append(b)
+            boxes_near.setdefault(f, []).append(b)
+    for f in range(start, stop):
+        boxes_near.setdefault(f, []).extend(dets[f][0][dets[f][1] > 0])
+    pool = [b for tr in tracks for b in tr.boxes]
     jobs: list[CropJob] = []
     per_frame: dict[int, int] = {}
-    for _ in range(200 * count):
+    for _ in range(1000 * count):
         if len(jobs) == count:
             break
         f = int(rng.integers(start, stop))
-        foot_y = float(rng.uniform(0.3 * fh, fh))
-        h = float(np.polyval(plane, foot_y))
-        w = h / 2
-        cx = float(rng.uniform(w / 2, fw - w / 2))
-        box = np.array([cx - w / 2, foot_y - h, cx + w / 2, foot_y])
-        if box[1] < 0:
-            continue
-        near = [b for g in range(max(start, f - 5), min(stop, f + 6)) for b in track_boxes.get(g, [])]
-        near += [b for g in range(max(start, f - 5), min(stop, f + 6)) for b in dets[g][0][dets[g][1] > 0]]
+        box = pool[int(rng.integers(len(pool)))]
+        near = [b for g in range(max(start, f - 5), min(stop, f + 6)) for b in boxes_near[g]]
         if near and box_iou(box[None], np.stack(near)).max() > 0:
+            continue
+        if any(box_iou(box[None], np.asarray(j.box)[None])[0, 0] > 0.3 for j in jobs):
             continue
         k = per_frame.get(f, 0)
         per_frame[f] = k + 1
@@ -689,6 +729,29 @@ def write_overview(video: Path, parts: dict[str, list[Track]], every: int, out: 
         cv2.imwrite(str(out / f"frame_{t:06d}.png"), cv2.resize(frame, None, fx=0.75, fy=0.75))
 
 
+def write_readme(out: Path, summary: dict[str, object], size: tuple[int, int]) -> None:
+    """sample_data/README.md: what the folders hold, where they come from, the license."""
+    text = f"""# Sample data (generated; do not edit)
+
+Written by `scripts/make_sample_corpus.py` from OpenCV's `vtest.avi` (one fixed camera, 795 frames,
+768x576, 10 fps); docs/sample_data.md says how and what was checked. Crops are {size[0]}x{size[1]}
+JPEGs of people found by OpenCV's HOG people detector and tracked by box IoU and colour.
+
+- `corpus/`: {summary["corpus_crops"]} crops of {summary["corpus_tracks"]} tracks from frames 0 to
+  {summary["split_frame"] - 1}, named `t{{track:04d}}_f{{frame:06d}}.jpg` (frame: 0-based video frame).
+- `reid/`: a Market-1501-style split of the later frames {summary["split_frame"]} to
+  {summary["frames"] - 1}, {summary["reid_identities"]} people: `query/` {summary["query_crops"]}
+  images, `bounding_box_test/` {summary["gallery_crops"]} images of which {summary["distractors"]}
+  are background distractors (pid 0000). Names are `{{pid:04d}}_c{{cam}}s1_{{frame:06d}}_{{box:02d}}.jpg`.
+  The video has one camera, so each person's frames are split in time into pseudo-cameras: c1
+  (first half, queries) and c2 (second half, gallery).
+
+Source: `vtest.avi` from OpenCV's samples (Debian package `opencv-doc` 4.6.0), under OpenCV's
+license as Debian records it for these files: Apache-2.0 and BSD-3-Clause.
+"""
+    (out / "README.md").write_text(text)
+
+
 def dir_bytes(path: Path) -> int:
     """Total size of the files under a folder."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -697,16 +760,23 @@ def dir_bytes(path: Path) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--video", type=Path, default=DEFAULT_VIDEO, help="input video (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "sample_data", help="output folder (replaced)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "sample_data", help="output folder; its corpus/, reid/ and README.md are replaced")
     p.add_argument("--split", type=float, default=0.6, help="fraction of frames that go to the corpus")
-    p.add_argument("--corpus-stride", type=int, default=6, help="keep every n-th detection of a corpus track")
-    p.add_argument("--gallery-stride", type=int, default=4, help="keep every n-th c2 detection of a held-out track")
+    p.add_argument("--corpus-stride", type=int, default=5, help="keep every n-th detection of a corpus track")
+    p.add_argument("--gallery-stride", type=int, default=6, help="keep every n-th c2 detection of a held-out track")
     p.add_argument("--num-query", type=int, default=2, help="queries per held-out identity")
     p.add_argument("--num-distractors", type=int, default=30, help="background gallery crops (pid 0000)")
-    p.add_argument("--height", type=int, default=128, help="crop height; width is height / 2")
-    p.add_argument("--pad", type=float, default=0.1, help="context around each box, fraction of its size")
+    p.add_argument("--height", type=int, default=160, help="crop height; width is height / 2")
+    p.add_argument(
+        "--pad",
+        type=float,
+        default=0.0,
+        help="context added around each HOG box, as a fraction of its size; the 64x128 HOG window already "
+        "holds about 12%% of its height above and below the person",
+    )
     p.add_argument("--quality", type=int, default=85, help="JPEG quality")
     p.add_argument("--seed", type=int, default=0, help="seed for the distractor boxes")
+    p.add_argument("--workers", type=int, default=2, help="processes for the HOG detector")
     p.add_argument("--cache", type=Path, default=None, help="optional .npz cache of the raw HOG detections")
     p.add_argument("--contact-sheets", type=Path, default=None, help="write one PNG per track here")
     p.add_argument("--overview", type=Path, default=None, help="write full frames with track boxes here")
@@ -719,16 +789,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     det_cfg, trk_cfg = DetectorConfig(), TrackConfig()
     video = args.video.resolve()
-    cap = cv2.VideoCapture(str(video))
-    num_frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-    frame_hw = (int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)))
-    cap.release()
-    if num_frames <= 0:
-        raise ValueError(f"--video: cannot read {video}")
+    if not video.is_file():
+        raise ValueError(f"--video: {video} does not exist; see /work/shared/data/README.md for where it comes from")
+    out = args.out.resolve()
+    if out.exists() and not {p.name for p in out.iterdir()} <= OUTPUT_ENTRIES:
+        raise ValueError(f"--out: {out} holds files this script did not write; pick an empty or new folder")
 
-    dets = load_or_detect(video, det_cfg, args.cache)
+    dets = load_or_detect(video, det_cfg, args.cache, args.workers)
     num_frames = len(dets)
-    plane = fit_ground_plane(dets, trk_cfg.min_score)
+    plane = fit_ground_plane(dets, PLANE_MIN_SCORE)
     boxes_per_frame = filter_detections(dets, trk_cfg, plane)
     feats_per_frame = describe_video(video, boxes_per_frame)
     split = int(round(args.split * num_frames))
@@ -742,22 +811,21 @@ def main(argv: list[str] | None = None) -> None:
         logger.info("%s frames %d-%d: %d raw tracks, %d after stitching, %d kept, %d identities", name,
                     start, stop - 1, len(raw), len(stitched), len(kept), len(parts[name]))
 
-    out = args.out.resolve()
-    if out.exists():
-        shutil.rmtree(out)
+    for name in OUTPUT_ENTRIES:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
     size = (args.height, args.height // 2)
     jobs = plan_corpus(parts["corpus"], boxes_per_frame, out / "corpus", args.corpus_stride, trk_cfg.max_overlap)
     jobs += plan_reid(parts["heldout"], boxes_per_frame, out / "reid", args.num_query, args.gallery_stride,
                       trk_cfg.max_overlap)
-    jobs += plan_distractors(boxes_per_frame, dets, parts["heldout"], split, num_frames, frame_hw, plane,
-                             args.num_distractors, out / "reid", args.seed)
+    jobs += plan_distractors(dets, parts["heldout"], split, num_frames, args.num_distractors, out / "reid", args.seed)
     write_crops(video, jobs, args.pad, size, args.quality)
     if args.contact_sheets is not None:
         write_contact_sheets(video, parts, jobs, args.contact_sheets, args.pad)
     if args.overview is not None:
         write_overview(video, parts, 25, args.overview)
 
-    summary = {
+    summary: dict[str, object] = {
         "frames": num_frames,
         "split_frame": split,
         "ground_plane": [round(float(c), 4) for c in plane],
@@ -767,8 +835,9 @@ def main(argv: list[str] | None = None) -> None:
         "query_crops": len(list((out / "reid" / "query").glob("*.jpg"))),
         "gallery_crops": len(list((out / "reid" / "bounding_box_test").glob("*.jpg"))),
         "distractors": len(list((out / "reid" / "bounding_box_test").glob("0000_*.jpg"))),
-        "bytes": dir_bytes(out),
     }
+    write_readme(out, summary, size)
+    summary["bytes"] = dir_bytes(out)
     print(json.dumps(summary, indent=2))
 
 

@@ -17,6 +17,7 @@ v1, v2 from a generator seeded by (seed, epoch, image index).
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from dpal.corpus import decode_image
-from dpal.store import PARAMS, VALID, StoreError, StoreReader
+from dpal.store import PARAMS, VALID, StoreError, StoreReader, shard_name
 from dpal.views import ViewRecipe, background_index, random_local, replay, view_rng
 
 # B batch, D teacher width, P patches of v0, T tokens of Ic
@@ -125,14 +126,32 @@ class BatchDataset(torch.utils.data.Dataset):
             return decode_image(self.reader.image_bytes(index))
         except Exception as e:  # noqa: BLE001 - any failure here means the store changed under us
             raise StoreError(f"{self.store_path}: cannot read the image of row {index} "
-                             f"(shard {self.reader.shard_of(index)}): {e}") from None
+                             f"(shard {shard_name(self.reader.shard_of(index))}): {e}") from None
+
+    def _unreadable_shards(self, idx: np.ndarray, view: int) -> list[str]:
+        """The shards of `idx` whose targets fail to read, one shard at a time (error path only)."""
+        shards = idx // self.reader.layout.shard_size
+        bad = []
+        for s in np.unique(shards).tolist():
+            try:
+                self.reader.read_targets(idx[shards == s], view)
+            except Exception:  # noqa: BLE001
+                bad.append(shard_name(s))
+        return bad or sorted({shard_name(int(s)) for s in shards})
 
     def __getitem__(self, req: BatchRequest) -> dict[str, Tensor]:
         idx = self.indices(req)
         reader = self.reader
         view = req.epoch % reader.layout.num_views
         if self.read_targets:
-            t = reader.read_targets(idx, view)
+            try:
+                t = reader.read_targets(idx, view)
+            except StoreError:
+                raise
+            except Exception as e:  # noqa: BLE001 - zarr's checksum or decode error on a damaged shard file
+                raise StoreError(f"{self.store_path}: data of shard(s) {self._unreadable_shards(idx, view)} "
+                                 f"cannot be read ({e}); run `dpal store verify` and rerun stage one to "
+                                 "rewrite them") from None
             params = t.params
         else:
             t = None
@@ -165,6 +184,13 @@ class BatchDataset(torch.utils.data.Dataset):
         if t is not None:
             out.update(g_t=t.global_, local_t=t.local, rel_t=t.relation)
         return out
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a SIGTERM or SIGUSR1 sent to the whole process group must not kill
+    the workers; the main process stops at a step boundary, checkpoints and shuts them down."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def valid_rows(reader: StoreReader) -> np.ndarray:

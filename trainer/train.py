@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from dpal import __version__
 from dpal.config import DistillConfig, dump_yaml, to_dict
 from dpal.store import StoreError, StoreReader, atomic_write_bytes
-from dpal.teachers import EFFICIENTNET_LITE2, PRESETS, TeacherSpec, load_teacher
-from dpal.trainer.data import BatchDataset, EpochSampler, collate_requests, valid_rows
+from dpal.teachers import EFFICIENTNET_LITE2, PRESETS, TeacherSpec, autocast_context, load_teacher
+from dpal.trainer.data import BatchDataset, EpochSampler, collate_requests, ignore_stop_signals, valid_rows
 from dpal.trainer.dpade import PATTERN_GLOBAL, PATTERN_LOCAL, PATTERN_RELATION, DPaDe
 from dpal.trainer.losses import global_mse, local_masked_mse, relation_kl, shape_mask, total_loss
 from dpal.trainer.student import create_student, student_tokens
@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 _CKPT_RE = re.compile(r"step-(\d+)\.pt$")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 # ---------------------------------------------------------------- schedule
@@ -108,7 +109,7 @@ class StopFlag:
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in STOP_SIGNALS:
             self._old[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:
@@ -272,7 +273,13 @@ def _jsonl_truncate(path: Path, max_step: int) -> None:
     """Drop metric lines past a resumed checkpoint, so the log equals an uninterrupted run's."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= max_step]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln).get("step", 0) <= max_step:
+                keep.append(ln)
+        except json.JSONDecodeError:  # the half-written last line of a killed run
+            continue
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
@@ -340,6 +347,10 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> TrainResult:
         dataset, batch_size=None, sampler=requests, num_workers=cfg.num_workers,
         multiprocessing_context="forkserver" if cfg.num_workers > 0 else None,
         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.num_workers > 0 else None,
+        worker_init_fn=ignore_stop_signals if cfg.num_workers > 0 else None,
+        # its own generator: `iter(loader)` draws a base seed, which must not advance the global
+        # RNG (drop path) differently in a resumed run than in an uninterrupted one
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
 
     if info.is_main:
@@ -370,7 +381,14 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> TrainResult:
     progress = _progress(show_progress and info.is_main, end_steps, step)
     t_log, imgs_log = time.perf_counter(), 0
     try:
-        it = iter(loader)
+        # The forkserver and the workers start with the stop signals blocked (the mask is inherited),
+        # so a SIGTERM sent to the whole process group reaches only this process; one that arrives
+        # meanwhile is delivered here after the unblock, not lost.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            it = iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         while step < end_steps:
             model.train()
             lr = lr_at(step, peak_lr, warmup_steps, total_steps, cfg.min_lr)
@@ -378,10 +396,14 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> TrainResult:
                 g["lr"] = lr
             terms_acc: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
-                batch = next(it)
+                try:
+                    batch = next(it)
+                except StoreError as e:
+                    raise StoreError(_worker_message(e)) from None
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 if teacher is not None:
-                    with torch.inference_mode():
+                    # stage one's autocast (bf16 on CUDA), so online targets equal cached float32 ones
+                    with torch.inference_mode(), autocast_context(device):
                         g, patches = teacher.encode_global(batch["v0"])
                         rel = teacher.relation_logits(batch["ic"])
                     batch.update(g_t=g.float().clone(), local_t=patches.float().clone(), rel_t=rel.float().clone())
@@ -395,13 +417,15 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> TrainResult:
                 imgs_log += batch["v0"].shape[0] * info.world_size
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            step_epoch = epoch  # the epoch this step trained in (its route weight), for the log
             step += 1
             position += 1
             if position >= sampler.steps_per_epoch:
                 epoch, position = epoch + 1, 0
             if info.is_main and (step % cfg.log_every == 0 or step == end_steps):
                 dt = time.perf_counter() - t_log
-                line = {"step": step, "epoch": epoch, "lr": lr, **terms_acc, "images_per_s": imgs_log / max(dt, 1e-9)}
+                line = {"step": step, "epoch": step_epoch, "lr": lr, **terms_acc,
+                        "images_per_s": imgs_log / max(dt, 1e-9)}
                 metrics_file.write(json.dumps(line) + "\n")
                 metrics_file.flush()
                 if tb is not None:
@@ -432,6 +456,13 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> TrainResult:
         if tb is not None:
             tb.close()
     return TrainResult(step, epoch, stopped, last_ckpt, time.perf_counter() - t_start)
+
+
+def _worker_message(err: StoreError) -> str:
+    """The message of a StoreError re-raised by a DataLoader worker, without the worker's traceback."""
+    text = str(err)
+    tag = f"{StoreError.__module__}.{StoreError.__name__}: "
+    return text.rsplit(tag, 1)[1].strip() if text.startswith("Caught StoreError") and tag in text else text
 
 
 def _tensorboard(run_dir: Path) -> Any:

@@ -1,0 +1,378 @@
+"""Stage-two benchmark: speedup of the cached teacher, loader overhead, and memory per image.
+
+All timings come from the real training loop, `trainer.train.train`, run for one epoch of a
+small store (1 warmup step + the rest timed) and read back from its metrics.jsonl (one line per
+step, `log_every=1`; a line's time covers loading the batch and the whole optimizer step). Two
+variants are always run alternately in one process (A B, B A, ...) and the median of the per-pair
+ratios is reported, so that other load on the machine hits both alike.
+
+1. Speedup: steps/s from the store over steps/s with `online_teacher=True` (the teacher runs in
+   the loop on the same replayed views). Target >= 3.5. Beside it, the FLOP bound
+   (offline step + teacher forward) / offline step, counted with `FlopCounterMode` on one step
+   (student and D-PaDe forward and backward) and one teacher forward on v0 and Ic.
+2. Loader overhead: steps/s reading targets from the store over steps/s with the same targets held
+   in memory (a `BatchDataset` whose reader serves preloaded, decoded tensors); same images and
+   replay. Target >= 0.9.
+3. Memory: peak memory of one student + D-PaDe training step (D = 768) at several batch sizes,
+   each in a fresh process; per image = the slope of a least-squares line. Two measures: the
+   peak of live tensor bytes seen by the torch profiler, and the peak resident set size (VmHWM,
+   reset before the step).
+
+The store (ViT-B/16 random-init teacher, K = 2, float16) is created once with `run_cache` and
+reused. Run from the repository root (2 CPU cores, about ten minutes):
+
+    .venv/bin/python bench/bench_distill.py --json /tmp/dpal_bench/distill.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import dpal.trainer.train as train_mod
+from dpal.config import CacheConfig, DistillConfig
+from dpal.pipeline.engine import run_cache
+from dpal.store import StoreError, StoreReader, Targets
+from dpal.teachers import load_teacher
+from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, valid_rows
+from dpal.trainer.dpade import DPaDe
+from dpal.trainer.student import create_student
+from dpal.trainer.train import Distiller, param_groups, teacher_spec_from_store
+from dpal.views import ViewRecipe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cache import TEACHER, make_corpus  # noqa: E402
+
+# B batch, K views, P patches of v0, T crowd tokens, D teacher width
+
+STUDENT = "dpal_vit_tiny"
+MEMORY_BATCHES = (2, 4, 8, 16)
+
+
+# ---------------------------------------------------------------- store
+
+
+def ensure_store(work: Path, num_images: int, views: int, batch_size: int) -> tuple[Path, str]:
+    """The benchmark store: reused when it exists and is complete, else built with run_cache."""
+    corpus, desc = make_corpus(work / f"corpus-{num_images}", num_images)
+    tag = hashlib.sha256(desc.encode()).hexdigest()[:8]  # a new corpus selection gets a new store
+    store = work / f"store-vitb-n{num_images}-k{views}-f16-{tag}"
+    try:
+        StoreReader(store)
+        return store, desc
+    except StoreError:
+        pass
+    cfg = CacheConfig(corpus=str(corpus), out=str(store), teacher=TEACHER, random_init=True, views=views,
+                      dtype="float16", shard_size=max(1, num_images // 2), batch_size=batch_size, shards="0:",
+                      device="cpu")
+    t0 = time.perf_counter()
+    summary = run_cache(cfg, show_progress=False)
+    print(f"built {store}: {summary.line()} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return store, desc
+
+
+# ---------------------------------------------------------------- training runs
+
+
+class MemoryTargetsReader(StoreReader):
+    """A StoreReader whose targets come from decoded tensors preloaded in memory."""
+
+    preloaded: dict[str, Any] = {}
+
+    def read_targets(self, indices: np.ndarray, view: int) -> Targets:
+        p = self.preloaded
+        idx = torch.as_tensor(np.asarray(indices))
+        return Targets(p["global"][idx, view], p["local"][idx, view], p["relation"][idx, view],
+                       p["params"][np.asarray(indices), view])
+
+
+class MemoryBatchDataset(BatchDataset):
+    """`BatchDataset` with in-memory targets; images, replay and local crops are unchanged."""
+
+    @property
+    def reader(self) -> StoreReader:
+        if self._reader is None:
+            self._reader = MemoryTargetsReader(self.store_path, allow_incomplete=self.allow_incomplete)
+        return self._reader
+
+
+def preload_targets(store: Path) -> dict[str, Any]:
+    """Every target of the store, decoded to float32 once: (N, K, ...) tensors and params."""
+    reader = StoreReader(store)
+    n, k = reader.layout.num_images, reader.layout.num_views
+    rows = np.arange(n)
+    per_view = [reader.read_targets(rows, v) for v in range(k)]
+    return {"global": torch.stack([t.global_ for t in per_view], 1),
+            "local": torch.stack([t.local for t in per_view], 1),
+            "relation": torch.stack([t.relation for t in per_view], 1),
+            "params": np.stack([t.params for t in per_view], 1)}
+
+
+def train_steps(store: Path, work: Path, batch_size: int, steps: int, online: bool = False,
+                memory_targets: dict[str, Any] | None = None) -> list[float]:
+    """Run `train` for `steps` steps; returns each step's seconds (load + step), from metrics.jsonl."""
+    run = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
+    cfg = DistillConfig(store=str(store), out=str(run), student=STUDENT, max_steps=steps, batch_size=batch_size,
+                        num_workers=0, resume="none", log_every=1, checkpoint_every=10**6, keep_last=1,
+                        online_teacher=online, device="cpu")
+    orig = train_mod.BatchDataset
+    try:
+        if memory_targets is not None:
+            MemoryTargetsReader.preloaded = memory_targets
+            train_mod.BatchDataset = MemoryBatchDataset
+        train_mod.train(cfg, show_progress=False)
+        lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln]
+    finally:
+        train_mod.BatchDataset = orig
+        MemoryTargetsReader.preloaded = {}
+        shutil.rmtree(run, ignore_errors=True)
+    assert [ln["step"] for ln in lines] == list(range(1, steps + 1)), lines
+    return [batch_size / ln["images_per_s"] for ln in lines]
+
+
+def compare(name_a: str, run_a: Any, name_b: str, run_b: Any, reps: int, warmup: int) -> dict[str, Any]:
+    """Alternate two training variants; per pair, the median step time of each (warmup steps dropped)
+    and `ratio` = steps/s of `name_a` over steps/s of `name_b`."""
+    pairs = []
+    for rep in range(reps):
+        order = ((name_a, run_a), (name_b, run_b)) if rep % 2 == 0 else ((name_b, run_b), (name_a, run_a))
+        med = {}
+        for name, fn in order:
+            secs = fn()
+            med[name] = statistics.median(secs[warmup:])
+        pair = {f"{name_a}_steps_per_s": 1 / med[name_a], f"{name_b}_steps_per_s": 1 / med[name_b],
+                "ratio": med[name_b] / med[name_a], "loadavg_1min": os.getloadavg()[0]}
+        pairs.append(pair)
+        print(f"  pair {rep + 1}: {name_a} {pair[f'{name_a}_steps_per_s']:.4f} steps/s, {name_b} "
+              f"{pair[f'{name_b}_steps_per_s']:.4f} steps/s, steps/s ratio {name_a}/{name_b} {pair['ratio']:.3f} "
+              f"(load {pair['loadavg_1min']:.2f})", flush=True)
+    return {"pairs": pairs, "median_ratio": statistics.median(p["ratio"] for p in pairs),
+            f"median_{name_a}_steps_per_s": statistics.median(p[f"{name_a}_steps_per_s"] for p in pairs),
+            f"median_{name_b}_steps_per_s": statistics.median(p[f"{name_b}_steps_per_s"] for p in pairs)}
+
+
+# ---------------------------------------------------------------- model, batches, FLOPs, parts
+
+
+def build_model(embed_dim: int, recipe: ViewRecipe, grid: tuple[int, int]) -> tuple[Distiller, torch.optim.Optimizer]:
+    """The student + D-PaDe and optimizer exactly as `train` builds them (CPU, float32)."""
+    cfg = DistillConfig()
+    torch.manual_seed(0)
+    student = create_student(STUDENT, img_size=tuple(recipe.global_size))
+    dpade = DPaDe(student.embed_dim, embed_dim, scale=cfg.dpade_scale, l2_weight=cfg.l2_weight)
+    model = Distiller(student, dpade, grid, cfg.fix_mask_sign)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=1e-4, betas=cfg.betas)
+    return model, opt
+
+
+def real_batch(store: Path, batch_size: int) -> dict[str, torch.Tensor]:
+    reader = StoreReader(store)
+    recipe = ViewRecipe.from_dict(reader.attrs["recipe"])
+    sampler = EpochSampler(valid_rows(reader), batch_size, 1, 0, 0)
+    return BatchDataset(store, sampler, recipe, 0)[BatchRequest(0, 0, 0)]
+
+
+def step(model: Distiller, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> None:
+    model.train()
+    loss, _ = model(batch, 0)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def flops(store: Path, batch_size: int) -> dict[str, Any]:
+    """Matmul/conv/attention FLOPs of one offline step and of the teacher on v0 + Ic (same batch)."""
+    reader = StoreReader(store)
+    attrs = reader.attrs
+    recipe = ViewRecipe.from_dict(attrs["recipe"])
+    model, _ = build_model(attrs["embed_dim"], recipe, tuple(attrs["token_grid"]["global"]))
+    batch = real_batch(store, batch_size)
+    with FlopCounterMode(display=False) as fc:
+        loss, _ = model(batch, 0)
+        fwd = fc.get_total_flops()
+        loss.backward()
+    step_flops = fc.get_total_flops()
+    teacher = load_teacher(teacher_spec_from_store(attrs), device="cpu")
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        teacher.encode_global(batch["v0"])
+        g_flops = fc.get_total_flops()
+        teacher.relation_logits(batch["ic"])
+    t_flops = fc.get_total_flops()
+    return {"batch_size": batch_size, "offline_step": step_flops, "offline_forward": fwd,
+            "teacher_forward": t_flops, "teacher_v0": g_flops, "teacher_ic": t_flops - g_flops,
+            "bound": (step_flops + t_flops) / step_flops}
+
+
+def parts(store: Path, batch_size: int, reps: int) -> dict[str, Any]:
+    """Seconds per batch of the pieces of a step, alternated: data (store / memory targets),
+    target read alone, student + D-PaDe step, teacher forward."""
+    reader = StoreReader(store)
+    attrs = reader.attrs
+    recipe = ViewRecipe.from_dict(attrs["recipe"])
+    model, opt = build_model(attrs["embed_dim"], recipe, tuple(attrs["token_grid"]["global"]))
+    teacher = load_teacher(teacher_spec_from_store(attrs), device="cpu")
+    sampler = EpochSampler(valid_rows(reader), batch_size, 1, 0, 0)
+    ds_store = BatchDataset(store, sampler, recipe, 0)
+    MemoryTargetsReader.preloaded = preload_targets(store)
+    ds_mem = MemoryBatchDataset(store, sampler, recipe, 0)
+    req = BatchRequest(0, 0, 0)
+    idx = ds_store.indices(req)
+    batch = ds_store[req]
+
+    def teacher_fwd() -> None:
+        with torch.inference_mode():
+            teacher.encode_global(batch["v0"])
+            teacher.relation_logits(batch["ic"])
+
+    fns = {"data_store": lambda: ds_store[req], "data_memory": lambda: ds_mem[req],
+           "read_targets": lambda: reader.read_targets(idx, 0), "train_step": lambda: step(model, opt, batch),
+           "teacher_forward": teacher_fwd}
+    for fn in fns.values():  # warmup
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for rep in range(reps):
+        for name in (list(fns) if rep % 2 == 0 else list(reversed(fns))):
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    MemoryTargetsReader.preloaded = {}
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ---------------------------------------------------------------- memory
+
+
+def memory_child(store: Path, batch_size: int) -> dict[str, Any]:
+    """Peak memory of one training step at `batch_size`, after a warmup step (in this process)."""
+    reader = StoreReader(store)
+    attrs = reader.attrs
+    recipe = ViewRecipe.from_dict(attrs["recipe"])
+    model, opt = build_model(attrs["embed_dim"], recipe, tuple(attrs["token_grid"]["global"]))
+    batch = real_batch(store, batch_size)
+    step(model, opt, batch)  # allocates the AdamW state
+    from torch.profiler import ProfilerActivity, profile
+
+    rss_before = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(model, opt, batch)
+    rss_peak = _status_kib("VmHWM")
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    live = np.cumsum([b for _, b in events]) if events else np.zeros(1)
+    return {"batch_size": batch_size, "tensor_peak_bytes": int(live.max()), "rss_before_kib": rss_before,
+            "rss_peak_kib": rss_peak, "rss_peak_increase_bytes": (rss_peak - rss_before) * 1024}
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory(store: Path, threads: int) -> dict[str, Any]:
+    rows = []
+    for b in MEMORY_BATCHES:
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # large tensors are returned on free
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(b), "--store", str(store),
+                              "--threads", str(threads)], capture_output=True, text=True, env=env, check=True)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"  batch {b}: live tensor peak {row['tensor_peak_bytes'] / 2**20:.0f} MiB, RSS peak increase "
+              f"{row['rss_peak_increase_bytes'] / 2**20:.0f} MiB", flush=True)
+    x = np.array([r["batch_size"] for r in rows], dtype=np.float64)
+    res: dict[str, Any] = {"rows": rows}
+    for key in ("tensor_peak_bytes", "rss_peak_increase_bytes"):
+        slope, intercept = np.polyfit(x, np.array([r[key] for r in rows], dtype=np.float64), 1)
+        res[key] = {"per_image_bytes": float(slope), "intercept_bytes": float(intercept)}
+    return res
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", default="/tmp/dpal_bench", help="scratch folder (corpus, store, runs)")
+    ap.add_argument("--images", type=int, default=32, help="images in the store")
+    ap.add_argument("--views", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=4, help="steps per training run; the first is a warmup")
+    ap.add_argument("--reps", type=int, default=3, help="alternated pairs of training runs per comparison")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: speedup,loader,memory,parts")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child is not None:
+        print(json.dumps(memory_child(Path(args.store), args.memory_child)))
+        return
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    store, corpus_desc = ensure_store(work, args.images, args.views, args.batch_size)
+    print(f"store {store} ({corpus_desc}); teacher {TEACHER} random init; student {STUDENT}; batch "
+          f"{args.batch_size}; {args.steps} steps per run (first dropped); torch threads {torch.get_num_threads()}")
+    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "corpus": corpus_desc, "store": str(store),
+                              "teacher": TEACHER, "student": STUDENT, "batch_size": args.batch_size,
+                              "steps": args.steps, "threads": torch.get_num_threads()}
+    warmup = 1
+    if "speedup" not in skip:
+        fl = flops(store, args.batch_size)
+        result["flops"] = fl
+        print(f"FLOPs per step of batch {args.batch_size}: offline step {fl['offline_step'] / 1e9:.1f} G "
+              f"(forward {fl['offline_forward'] / 1e9:.1f} G), teacher forward {fl['teacher_forward'] / 1e9:.1f} G "
+              f"(v0 {fl['teacher_v0'] / 1e9:.1f} G, Ic {fl['teacher_ic'] / 1e9:.1f} G); bound {fl['bound']:.2f}x")
+        print("speedup (store vs online teacher):", flush=True)
+        sp = compare("offline", lambda: train_steps(store, work, args.batch_size, args.steps),
+                     "online", lambda: train_steps(store, work, args.batch_size, args.steps, online=True),
+                     args.reps, warmup)
+        result["speedup"] = sp
+        print(f"speedup: median {sp['median_ratio']:.2f}x ({'meets' if sp['median_ratio'] >= 3.5 else 'MISSES'} "
+              f"target >= 3.5x; FLOP bound {fl['bound']:.2f}x)", flush=True)
+    if "loader" not in skip:
+        pre = preload_targets(store)
+        print("loader overhead (store vs in-memory targets):", flush=True)
+        lo = compare("store", lambda: train_steps(store, work, args.batch_size, args.steps),
+                     "memory", lambda: train_steps(store, work, args.batch_size, args.steps, memory_targets=pre),
+                     args.reps, warmup)
+        result["loader"] = lo
+        r = lo["median_ratio"]
+        print(f"loader: store / memory steps/s median {r:.3f} ({'meets' if r >= 0.9 else 'MISSES'} target >= 0.9)",
+              flush=True)
+    if "parts" not in skip:
+        pt = parts(store, args.batch_size, max(args.reps, 3))
+        result["parts_seconds_per_batch"] = pt
+        print("parts, median seconds per batch: " + ", ".join(f"{k} {v:.3f}" for k, v in pt.items()), flush=True)
+    if "memory" not in skip:
+        print("memory of one student + D-PaDe training step (D = 768):", flush=True)
+        mem = memory(store, args.threads)
+        result["memory"] = mem
+        for key in ("tensor_peak_bytes", "rss_peak_increase_bytes"):
+            print(f"  {key}: {mem[key]['per_image_bytes'] / 2**20:.1f} MiB per image "
+                  f"(+ {mem[key]['intercept_bytes'] / 2**20:.0f} MiB fixed)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

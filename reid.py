@@ -1,0 +1,281 @@
+"""The Market-1501 person re-identification protocol, independent of any model.
+
+This module owns the folder layout and file names of a Market-1501 split (`query/` and
+`bounding_box_test/`, names like `0002_c1s1_000451_03.jpg`: person id, camera, sequence, frame,
+box), the image preprocessing for feature extraction (RGB, bilinear resize, ImageNet mean/std), the
+ranking metrics (mAP and CMC rank-k, with Market's rules: gallery images of the query's person seen
+by the query's camera are not counted, junk images with pid -1 are ignored, distractors with pid 0
+stay as negatives) and the printed results table. A model enters only as a function from an image
+batch to features.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+# Nq queries, Ng gallery images, D feature width, B batch, H x W image size
+
+QUERY_DIR = "query"
+GALLERY_DIR = "bounding_box_test"
+JUNK_PID = -1
+DISTRACTOR_PID = 0
+MARKET_NAME = re.compile(r"^(?P<pid>-1|\d{4})_c(?P<cam>\d+)s\d+_\d+_\d+\.jpg$")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TABLE_RANKS = (1, 5, 10)
+
+
+@dataclass(frozen=True)
+class MarketImages:
+    """The images of one Market-1501 folder, sorted by file name.
+
+    Attributes:
+        paths: image files.
+        pids: (N,) int64 person ids; -1 junk, 0 distractor.
+        cams: (N,) int64 camera ids (1-based, as in the names).
+    """
+
+    paths: list[Path]
+    pids: np.ndarray
+    cams: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass(frozen=True)
+class MarketSplit:
+    """A Market-1501 evaluation split.
+
+    Attributes:
+        query: the `query/` images.
+        gallery: the `bounding_box_test/` images.
+    """
+
+    query: MarketImages
+    gallery: MarketImages
+
+
+def parse_market_name(name: str) -> tuple[int, int]:
+    """(pid, camera) from a Market-1501 file name such as `0002_c1s1_000451_03.jpg`.
+
+    Raises:
+        ValueError: the name is not in Market-1501 form.
+    """
+    match = MARKET_NAME.match(name)
+    if match is None:
+        raise ValueError(
+            f"{name!r} is not a Market-1501 file name: expected PPPP_cCsS_FFFFFF_BB.jpg "
+            "(4-digit pid, or -1 for junk), e.g. 0002_c1s1_000451_03.jpg"
+        )
+    return int(match["pid"]), int(match["cam"])
+
+
+def read_market_folder(folder: Path) -> MarketImages:
+    """Every `.jpg` in one folder (other files are ignored), with pid and camera from the name.
+
+    Raises:
+        ValueError: the folder is missing or holds no .jpg, or a .jpg name is not in Market form
+            (the message names the file).
+    """
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder; a Market-1501 root holds {QUERY_DIR}/ and {GALLERY_DIR}/")
+    paths = sorted(p for p in folder.iterdir() if p.suffix == ".jpg" and p.is_file())
+    if not paths:
+        raise ValueError(f"{folder} holds no .jpg images")
+    pids, cams = [], []
+    for path in paths:
+        try:
+            pid, cam = parse_market_name(path.name)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+        pids.append(pid)
+        cams.append(cam)
+    return MarketImages(paths, np.asarray(pids, dtype=np.int64), np.asarray(cams, dtype=np.int64))
+
+
+def read_market(root: str | Path) -> MarketSplit:
+    """Read a Market-1501 evaluation split: `root/query/` and `root/bounding_box_test/`.
+
+    Args:
+        root: the dataset folder (e.g. `Market-1501-v15.09.15/` or `sample_data/reid/`).
+
+    Raises:
+        ValueError: a folder is missing or empty, or a file name is not in Market form.
+    """
+    root = Path(root)
+    return MarketSplit(read_market_folder(root / QUERY_DIR), read_market_folder(root / GALLERY_DIR))
+
+
+def load_image(path: Path, image_size: tuple[int, int]) -> Tensor:
+    """One image as the models see it: RGB, bilinear resize, ImageNet mean/std.
+
+    Args:
+        path: image file.
+        image_size: (height, width).
+
+    Returns:
+        (3, H, W) float32.
+    """
+    height, width = image_size
+    with Image.open(path) as img:
+        rgb = img.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+    x = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def extract_features(
+    embed_fn: Callable[[Tensor], Tensor],
+    paths: Sequence[str | Path],
+    image_size: tuple[int, int] = (256, 128),
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Embed images in order, in batches, under `torch.inference_mode`.
+
+    Args:
+        embed_fn: maps a (B, 3, H, W) float32 batch of normalised pixels to (B, D) features.
+        paths: image files.
+        image_size: (height, width) every image is resized to.
+        batch_size: images per call of `embed_fn`.
+        device: where batches are sent before `embed_fn`.
+
+    Returns:
+        (N, D) float32 features on the CPU, row i for paths[i].
+
+    Raises:
+        ValueError: no paths, a batch size below 1, or `embed_fn` returns another shape.
+    """
+    if not paths:
+        raise ValueError("extract_features: no images given")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    feats = []
+    with torch.inference_mode():
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            batch = torch.stack([load_image(Path(p), image_size) for p in chunk]).to(device)  # (B, 3, H, W)
+            out = embed_fn(batch)
+            if out.ndim != 2 or out.shape[0] != len(chunk):
+                raise ValueError(f"embed_fn must return (B, D) = ({len(chunk)}, D), got {tuple(out.shape)}")
+            feats.append(out.float().cpu())
+    return torch.cat(feats)
+
+
+def _as_array(x: Tensor | np.ndarray, dtype: type) -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def evaluate_ranking(
+    query_feats: Tensor | np.ndarray,
+    gallery_feats: Tensor | np.ndarray,
+    q_pids: Tensor | np.ndarray,
+    q_cams: Tensor | np.ndarray,
+    g_pids: Tensor | np.ndarray,
+    g_cams: Tensor | np.ndarray,
+    max_rank: int = 10,
+) -> dict[str, float | int]:
+    """mAP and CMC of ranking the gallery for each query by cosine similarity.
+
+    Features are L2-normalised, so only their direction counts; equal similarities keep gallery
+    order. For each query, gallery images with pid -1 (junk) and images of the query's pid seen by
+    the query's camera are removed from the ranking; distractors (pid 0) and everyone else stay as
+    negatives. A query with no remaining true match is skipped and not counted.
+
+    AP of a query is the mean, over its true matches, of the precision at each match's rank (hits
+    so far / rank), i.e. the usual `np.cumsum` formulation. CMC rank-k is the fraction of queries
+    with a true match among their first k.
+
+    Args:
+        query_feats: (Nq, D).
+        gallery_feats: (Ng, D).
+        q_pids, q_cams: (Nq,) person and camera ids of the queries.
+        g_pids, g_cams: (Ng,) person and camera ids of the gallery.
+        max_rank: length of the CMC curve; the result holds rank-k for k in 1, 5, 10 up to it.
+
+    Returns:
+        {"mAP", "rank1", "rank5", "rank10"} floats in [0, 1] (ranks above max_rank left out) and
+        "num_valid_queries", "num_skipped_queries" ints.
+
+    Raises:
+        ValueError: shapes disagree, max_rank < 1, or no query has a true match.
+    """
+    q = _as_array(query_feats, np.float64)
+    g = _as_array(gallery_feats, np.float64)
+    q_pids, q_cams = _as_array(q_pids, np.int64), _as_array(q_cams, np.int64)
+    g_pids, g_cams = _as_array(g_pids, np.int64), _as_array(g_cams, np.int64)
+    if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
+        raise ValueError(f"features must be (Nq, D) and (Ng, D), got {q.shape} and {g.shape}")
+    if q_pids.shape != (len(q),) or q_cams.shape != (len(q),):
+        raise ValueError(f"q_pids and q_cams must have shape ({len(q)},), got {q_pids.shape} and {q_cams.shape}")
+    if g_pids.shape != (len(g),) or g_cams.shape != (len(g),):
+        raise ValueError(f"g_pids and g_cams must have shape ({len(g)},), got {g_pids.shape} and {g_cams.shape}")
+    if max_rank < 1:
+        raise ValueError(f"max_rank must be at least 1, got {max_rank}")
+
+    q = q / np.clip(np.linalg.norm(q, axis=1, keepdims=True), 1e-12, None)
+    g = g / np.clip(np.linalg.norm(g, axis=1, keepdims=True), 1e-12, None)
+    order = np.argsort(-(q @ g.T), axis=1, kind="stable")  # (Nq, Ng) gallery indices, best first
+
+    aps, cmcs = [], []
+    for i in range(len(q)):
+        ranked = order[i]
+        same_view = (g_pids[ranked] == q_pids[i]) & (g_cams[ranked] == q_cams[i])
+        keep = ~same_view & (g_pids[ranked] != JUNK_PID)
+        hits = (g_pids[ranked][keep] == q_pids[i]).astype(np.float64)  # ranking with removals
+        if not hits.any():
+            continue
+        ranks = np.arange(1, len(hits) + 1)
+        precision = np.cumsum(hits) / ranks
+        aps.append(float((precision * hits).sum() / hits.sum()))
+        first = int(np.argmax(hits))  # 0-based rank of the first true match
+        cmcs.append(np.arange(max_rank) >= first)
+    if not aps:
+        raise ValueError("no query has a true match in the gallery (other than same-camera images)")
+
+    cmc = np.mean(cmcs, axis=0)  # (max_rank,)
+    result: dict[str, float | int] = {"mAP": float(np.mean(aps))}
+    for k in TABLE_RANKS:
+        if k <= max_rank:
+            result[f"rank{k}"] = float(cmc[k - 1])
+    result["num_valid_queries"] = len(aps)
+    result["num_skipped_queries"] = len(q) - len(aps)
+    return result
+
+
+def format_table(rows: list[dict]) -> str:
+    """A fixed-width table of results, one row per model, metrics in percent with one decimal.
+
+    Args:
+        rows: dicts with "model" (a name) and "mAP", "rank1", "rank5", "rank10" in [0, 1], as
+            returned by `evaluate_ranking` (extra keys are ignored).
+
+    Returns:
+        The table, lines joined by newlines, no trailing newline.
+
+    Raises:
+        ValueError: a row lacks one of those keys.
+    """
+    keys = ("mAP", "rank1", "rank5", "rank10")
+    for row in rows:
+        missing = [k for k in ("model", *keys) if k not in row]
+        if missing:
+            raise ValueError(f"results row {row!r} lacks {missing}")
+    width = max([len("model"), *(len(str(row["model"])) for row in rows)])
+    lines = [f"{'model':<{width}}  {'mAP':>6}  {'R1':>6}  {'R5':>6}  {'R10':>6}"]
+    for row in rows:
+        values = "  ".join(f"{100 * row[k]:6.1f}" for k in keys)
+        lines.append(f"{str(row['model']):<{width}}  {values}")
+    return "\n".join(lines)

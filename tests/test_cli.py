@@ -1,0 +1,172 @@
+"""CLI: every command's --help, a user's mistake as one `error:` line with exit code 2 and no
+traceback, the skipped count at the end of a run, --strict, store info and store verify.
+
+Most commands run in this process through typer's CliRunner (stderr apart from stdout; an
+exception that escapes the command shows up as `result.exception`, which is how a traceback would
+reach the user). The real executable runs for --help and for --strict, whose dask worker writes
+to the process's own stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dpal.cli import app
+from dpal.store import GLOBAL
+
+
+def _dpal() -> list[str]:
+    exe = Path(sys.executable).parent / "dpal"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "dpal.cli"]
+
+
+@pytest.fixture
+def cli() -> Iterator[Callable[..., object]]:
+    """Run `dpal ARGS` in this process; the CLI's logging setup is undone afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+
+    def invoke(*args: str):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    yield invoke
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _error_line(stderr: str, stdout: str) -> str:
+    """The one `error:` line, which ends stderr; no traceback anywhere (log lines may precede it)."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], stderr
+    assert "Traceback" not in stdout + stderr and " ERROR " not in stdout + stderr
+    return errors[0]
+
+
+def _assert_one_error_line(result, *needles: str) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)  # not an exception escaping with its traceback
+    line = _error_line(result.stderr, result.stdout)
+    for n in needles:
+        assert n in line, (n, line)
+    return line
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    ([], ["dpal: distill", "cache-teacher", "store", "distill"]),
+    (["cache-teacher"], ["--corpus", "--out", "--teacher", "--teacher-checkpoint", "--views", "--dtype",
+                         "--shard-size", "--seed", "--workers", "--shards", "--strict", "--slurm", "--set",
+                         "--config", "--dry-run", "resumes"]),
+    (["store"], ["info", "verify"]),
+    (["store", "info"], ["STORE", "--json", "skipped"]),
+    (["store", "verify"], ["STORE", "checksums", "exit 1"]),
+])
+def test_help(args: list[str], needles: list[str]) -> None:
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    r = subprocess.run([*_dpal(), *args, "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    for n in needles:
+        assert n.lower() in r.stdout.lower(), (n, r.stdout)
+
+
+@pytest.mark.parametrize("mistake", ["missing corpus", "unknown teacher", "unwritable out", "bad set key",
+                                     "bad set value"])
+def test_user_mistakes_are_one_error_line(cli, tmp_path: Path, corpus_dir: Path,
+                                          cli_args: Callable[..., list[str]], mistake: str) -> None:
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "store"
+    args, needles = {
+        "missing corpus": (cli_args(tmp_path / "no_such_corpus", out), ["no_such_corpus", "not found"]),
+        "unknown teacher": (cli_args(corpus_dir, out, "--teacher", "vit_tiny_patch16_2244"),
+                            ["unknown teacher 'vit_tiny_patch16_2244'", "did you mean vit_tiny_patch16_224"]),
+        "unwritable out": (cli_args(corpus_dir, tmp_path / "a_file" / "store"), ["--out", "a_file/store"]),
+        "bad set key": (cli_args(corpus_dir, out, "--set", "viewz=3"),
+                        ["unknown config key 'viewz'", "known keys:", "views"]),
+        "bad set value": (cli_args(corpus_dir, out, "--set", "views=many"), ["views must be an integer, got 'many'"]),
+    }[mistake]
+    result = cli(*args, "--shards", "0:")
+    _assert_one_error_line(result, *needles)
+    assert not out.exists()
+
+
+def test_mismatched_resume_names_the_difference(cli, store_copy: Path, corpus_dir: Path,
+                                                cli_args: Callable[..., list[str]]) -> None:
+    result = cli(*cli_args(corpus_dir, store_copy, "--seed", "1", "--views", "3", "--shards", "0:"))
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.output
+    assert "seed: store has 0, this run has 1" in result.stderr
+    assert "num_views: store has 2, this run has 3" in result.stderr
+
+
+def test_bad_corpus_run_prints_skipped_and_info_lists_them(cli, tmp_path: Path, bad_corpus_dir: Path,
+                                                           cli_args: Callable[..., list[str]]) -> None:
+    out = tmp_path / "store"
+    result = cli(*cli_args(bad_corpus_dir, out, "--shards", "0:"))
+    assert result.exit_code == 0, (result.output, result.exception)
+    last = result.stdout.strip().splitlines()[-1]
+    assert "cached 6 images in 4 shards" in last and "skipped 5 bad images" in last and "store complete" in last
+    assert "Traceback" not in result.output and "Warning" not in result.output
+
+    info = cli("store", "info", out)
+    assert info.exit_code == 0
+    assert "11 indexed, 6 cached, 5 skipped; K = 2 views" in info.stdout
+    assert "skipped      bad_empty.jpg: empty file" in info.stdout
+    assert "skipped      bad_bomb.png: decompression bomb" in info.stdout
+    as_json = json.loads(cli("store", "info", out, "--json").stdout)
+    assert as_json["num_skipped_images"] == 5 and as_json["complete"] is True
+    assert sorted(s["key"] for s in as_json["skipped"]) == ["bad_bomb.png", "bad_empty.jpg", "bad_text.jpg",
+                                                            "bad_truncated_header.jpg", "bad_truncated_scan.jpg"]
+
+
+@pytest.mark.xfail(strict=True, reason="cli.py _setup_logging: RichHandler() logs to stdout, so the INFO line "
+                   "'teacher ... ready' precedes the JSON; fix: RichHandler(console=Console(stderr=True), ...)")
+def test_json_summary_is_all_of_stdout(cli, tmp_path: Path, corpus_dir: Path,
+                                       cli_args: Callable[..., list[str]]) -> None:
+    result = cli(*cli_args(corpus_dir, tmp_path / "store", "--shards", "0:", "--json"))
+    assert result.exit_code == 0
+    summary = json.loads(result.stdout)
+    assert summary["cached"] == 13 and summary["complete"] is True
+
+
+def test_strict_fails_on_the_first_bad_file(tmp_path: Path, bad_corpus_dir: Path,
+                                            cli_args: Callable[..., list[str]], child_env: dict[str, str]) -> None:
+    # The default engine: a dask LocalCluster with one worker process (--workers 1).
+    r = subprocess.run([*_dpal(), *cli_args(bad_corpus_dir, tmp_path / "store", "--strict", "--quiet")],
+                       capture_output=True, text=True, timeout=300, env=child_env)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    # before the fix the dask worker also logged "distributed.worker - ERROR - Compute Failed" and a traceback
+    line = _error_line(r.stderr, r.stdout)
+    assert line.startswith("error: bad image 'bad_bomb.png' (decompression bomb"), line
+    assert not list((tmp_path / "store" / "shards").glob("*.json"))  # the bad file's shard is not marked done
+
+
+def test_store_verify(cli, store_copy: Path) -> None:
+    ok = cli("store", "verify", store_copy)
+    assert ok.exit_code == 0 and ok.stdout.strip() == "ok: 5 shards verified"
+
+    (store_copy / GLOBAL / "c" / "2" / "0" / "0").unlink()
+    missing = cli("store", "verify", store_copy)
+    assert missing.exit_code == 1 and "BAD shard 000002: global/c/2/0/0 missing" in missing.stdout
+    assert "000000" not in missing.stdout.split("rerun")[0]  # only the damaged shard is named
+
+    target = store_copy / "params" / "c" / "4" / "0" / "0"
+    data = bytearray(target.read_bytes())
+    data[8:16] = bytes(b ^ 0xFF for b in data[8:16])
+    target.write_bytes(bytes(data))
+    corrupt = cli("store", "verify", store_copy)
+    assert corrupt.exit_code == 1
+    assert "BAD shard 000004: params/c/4/0/0 checksum mismatch" in corrupt.stdout
+    assert "BAD shard 000002" in corrupt.stdout
+
+    result = cli("store", "verify", store_copy.parent / "nothing")
+    _assert_one_error_line(result, "not a dpal store")

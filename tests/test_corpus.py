@@ -1,0 +1,157 @@
+"""Corpus: folders (recursive, by extension), .txt lists and WebDataset tar shards (keys from
+__key__, random access by offset, brace patterns); decoding of every kind of bad or odd file."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from dpal.corpus import BadImage, decode_image, index_corpus, read_bytes
+
+
+def _write_wds(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
+    with wds.TarWriter(str(path)) as sink:
+        for key, fields in samples.items():
+            sink.write({"__key__": key, **fields})
+
+
+def test_folder_is_recursive_sorted_and_filtered(tmp_path: Path, corpus_files: dict[str, bytes]) -> None:
+    for rel, data in corpus_files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "sub" / "meta.json").write_text("{}")
+    (tmp_path / "sub" / "deep").mkdir()
+    (tmp_path / "sub" / "deep" / "UPPER.JPG").write_bytes(corpus_files["p00.jpg"])
+    refs = index_corpus(str(tmp_path))
+    keys = [r.key for r in refs]
+    assert keys == sorted([*corpus_files, "sub/deep/UPPER.JPG"])
+    assert len(keys) == 14 and sum(k.startswith("sub/") for k in keys) == 4
+    for r in refs:
+        assert Path(r.source).is_absolute() and r.offset == -1 and r.size == -1
+        assert read_bytes(r.source) == (tmp_path / r.key).read_bytes()
+
+
+def test_txt_list_resolves_relative_paths(tmp_path: Path, corpus_files: dict[str, bytes]) -> None:
+    (tmp_path / "imgs").mkdir()
+    names = sorted(n for n in corpus_files if "/" not in n)[:3]
+    for n in names:
+        (tmp_path / "imgs" / n).write_bytes(corpus_files[n])
+    absolute = tmp_path / "imgs" / names[2]
+    lst = tmp_path / "lists" / "train.txt"
+    lst.parent.mkdir()
+    lst.write_text(f"# comment\n../imgs/{names[0]}\n\n  ../imgs/{names[1]}  \n{absolute}\n")
+    refs = index_corpus(str(lst))
+    assert [r.key for r in refs] == [f"../imgs/{names[0]}", f"../imgs/{names[1]}", str(absolute)]
+    assert [read_bytes(r.source) for r in refs] == [corpus_files[n] for n in names]
+
+
+def test_tar_keys_offsets_and_brace_pattern(tmp_path: Path, corpus_files: dict[str, bytes]) -> None:
+    items = sorted((k, v) for k, v in corpus_files.items())
+    shards = [dict(items[:5]), dict(items[5:9])]
+    expected: dict[str, bytes] = {}
+    for s, part in enumerate(shards):
+        samples = {}
+        for rel, data in part.items():
+            key = f"shard{s}/{Path(rel).stem}"
+            samples[key] = {Path(rel).suffix[1:]: data, "cls": b"3"}
+            expected[key] = data
+        _write_wds(tmp_path / f"train-{s:03d}.tar", samples)
+    refs = index_corpus(str(tmp_path / "train-{000..001}.tar"))
+    assert [r.key for r in refs] == list(expected)  # tar order, shard by shard; the .cls members are not images
+    assert {r.source for r in refs} == {str(tmp_path / "train-000.tar"), str(tmp_path / "train-001.tar")}
+    for r in refs:
+        assert r.offset > 0 and r.size == len(expected[r.key])
+        assert read_bytes(r.source, r.offset, r.size) == expected[r.key]
+    # keys are WebDataset's own __key__
+    ds = wds.WebDataset(str(tmp_path / "train-{000..001}.tar"), shardshuffle=False, empty_check=False)
+    assert [s["__key__"] for s in ds] == [r.key for r in refs]
+    # a glob finds the same shards in the same order
+    assert [r.key for r in index_corpus(str(tmp_path / "train-*.tar"))] == list(expected)
+
+
+def test_plain_tarfile_and_refusals(tmp_path: Path, corpus_files: dict[str, bytes]) -> None:
+    data = corpus_files["p00.jpg"]
+    with tarfile.open(tmp_path / "a.tar", "w") as tf:
+        for name, payload in (("x/one.jpg", data), ("x/one.txt", b"caption"), ("two.seg.png", data)):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    refs = index_corpus(str(tmp_path / "a.tar"))
+    assert [r.key for r in refs] == ["x/one"]  # "two.seg.png" has extension "seg.png": not an image field
+    assert read_bytes(refs[0].source, refs[0].offset, refs[0].size) == data
+
+    with tarfile.open(tmp_path / "b.tar.gz", "w:gz"):
+        pass
+    with pytest.raises(ValueError, match="compressed tars"):
+        index_corpus(str(tmp_path / "b.tar.gz"))
+    with pytest.raises(ValueError, match="duplicate keys"):
+        index_corpus(str(tmp_path / "{a,a}.tar"))
+    with pytest.raises(ValueError, match="not found"):
+        index_corpus(str(tmp_path / "missing-{0..1}.tar"))
+    with pytest.raises(ValueError, match="not found"):
+        index_corpus(str(tmp_path / "no_such_folder"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        index_corpus(str(tmp_path / "empty"))
+
+
+def test_decode_bad_files(bad_cases: dict[str, tuple[bytes, str]]) -> None:
+    for name, (data, expected) in bad_cases.items():
+        if expected == "rgb":
+            continue
+        with pytest.raises(BadImage) as e:
+            decode_image(data)
+        assert expected in e.value.reason, (name, e.value.reason)
+
+
+def test_decode_converts_to_rgb_with_checked_pixels(bad_cases: dict[str, tuple[bytes, str]]) -> None:
+    cmyk = decode_image(bad_cases["conv_cmyk.jpg"][0])
+    assert cmyk.mode == "RGB" and cmyk.size == (24, 48)
+    assert np.array_equal(np.asarray(cmyk), np.asarray(Image.open(io.BytesIO(bad_cases["conv_cmyk.jpg"][0])).convert("RGB")))
+
+    raw16 = Image.open(io.BytesIO(bad_cases["conv_gray16.png"][0]))
+    assert raw16.mode.startswith("I")  # PIL keeps 16 bits
+    g = np.asarray(decode_image(bad_cases["conv_gray16.png"][0]))
+    v = np.asarray(raw16, dtype=np.float64)
+    assert g.shape == (48, 24, 3) and g.dtype == np.uint8
+    assert np.array_equal(g[..., 0], np.round(v / 257).astype(np.uint8))  # top 8 bits of 0..65535
+    assert np.array_equal(g[..., 0], g[..., 2]) and v.max() > 255  # really 16-bit input
+
+    rgba = np.asarray(Image.open(io.BytesIO(bad_cases["conv_rgba.png"][0])), dtype=np.float64)
+    out = np.asarray(decode_image(bad_cases["conv_rgba.png"][0]), dtype=np.float64)
+    # composited on black: rgb * alpha / 255 (PIL rounds in integers)
+    assert out.shape == (48, 24, 3)
+    assert np.abs(out - rgba[..., :3] * rgba[..., 3:] / 255).max() <= 1.0
+
+
+def test_decode_applies_exif_orientation() -> None:
+    arr = np.zeros((10, 30, 3), dtype=np.uint8)
+    arr[:, :5] = 255  # white band on the left
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif, quality=100)
+    out = np.asarray(decode_image(buf.getvalue()))
+    assert out.shape == (30, 10, 3)
+    assert out[:5].mean() > 200 and out[-5:].mean() < 50  # the band is now on top
+
+
+def test_bomb_headers_are_refused_quietly(bomb_header: Callable[[int, int], bytes]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning must not escape
+        for w, h, needle in ((20000, 20000, "decompression bomb"), (10000, 10000, "100000000 pixels > max_pixels"),
+                             (9000, 9000, "81000000 pixels > max_pixels 64000000")):
+            with pytest.raises(BadImage, match=needle):
+                decode_image(bomb_header(w, h))
+        with pytest.raises(BadImage, match="60 pixels > max_pixels 50"):
+            decode_image(bomb_header(6, 10), max_pixels=50)

@@ -1,0 +1,155 @@
+"""DDP on CPU: two gloo ranks under `torchrun --standalone` take equal steps on disjoint samples, stop
+together when only one of them gets SIGTERM, and a second torchrun resumes the data stream exactly.
+
+The ranks run `dpal distill` through a small probe script (written by the test) that records, per
+rank, its pid and every batch it loads: (epoch, step, store indices). With num_workers 0 the
+dataset runs in the rank's own process, so one recorded batch is one step taken.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from dpal.store import StoreReader
+from dpal.trainer.data import EpochSampler, valid_rows
+from dpal.trainer.train import lr_at
+
+
+def _load_util() -> Any:
+    path = Path(__file__).with_name("stage2_util.py")
+    spec = importlib.util.spec_from_file_location("dpal_tests_stage2_util", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+u = _load_util()
+WORLD = 2
+BATCH = 2  # per rank: global batch 4, 10 images -> 2 steps per epoch, 2 images left out each epoch
+EPOCHS = 4
+TOTAL = EPOCHS * 2
+
+PROBE = '''
+import json, os, sys
+from pathlib import Path
+
+from dpal.trainer import data
+
+probe_dir = Path(os.environ["DPAL_TEST_PROBE_DIR"])
+rank = os.environ["RANK"]
+(probe_dir / f"pid-rank{rank}").write_text(str(os.getpid()))
+_getitem = data.BatchDataset.__getitem__
+
+
+def getitem(self, req):
+    out = _getitem(self, req)
+    with open(probe_dir / f"samples-rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": req.epoch, "step": req.step, "index": out["index"].tolist()}) + "\\n")
+    return out
+
+
+data.BatchDataset.__getitem__ = getitem
+from dpal.cli import main
+
+sys.argv[0] = "dpal"
+main()
+'''
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ddp")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return u.make_store(u.make_corpus(root / "corpus"), root / "store")
+    finally:
+        torch.set_num_threads(before)
+
+
+def _torchrun(probe: Path, store: Path, out: Path, probe_dir: Path) -> subprocess.Popen:
+    args = u.distill_args(store, out, "--batch-size", str(BATCH), "--epochs", str(EPOCHS))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--standalone",
+           str(probe), *args]
+    env = {**u.env(), "DPAL_TEST_PROBE_DIR": str(probe_dir)}
+    return subprocess.Popen(cmd, env=env, cwd=u.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _samples(probe_dir: Path, rank: int) -> list[dict[str, Any]]:
+    f = probe_dir / f"samples-rank{rank}.jsonl"
+    return [json.loads(ln) for ln in f.read_text().splitlines()] if f.exists() else []
+
+
+def test_ddp_equal_steps_disjoint_samples_sigterm_and_resume(tmp_path: Path, store: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    out = tmp_path / "run"
+
+    # run 1: SIGTERM to rank 1 only, after its second batch; StopFlag.agreed must stop both ranks at
+    # the same step boundary, rank 0 checkpoints, both exit 0
+    proc = _torchrun(probe, store, out, probe_dir)
+    t0 = time.monotonic()
+    while len(_samples(probe_dir, 1)) < 2:
+        if proc.poll() is not None or time.monotonic() - t0 > 240:
+            proc.kill()
+            pytest.fail("run 1 ended or hung before rank 1's second batch:\n" + "\n".join(proc.communicate()))
+        time.sleep(0.005)
+    os.kill(int((probe_dir / "pid-rank1").read_text()), signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped = u.checkpoint_steps(out)
+    assert len(stopped) == 1 and 2 <= stopped[0] < TOTAL, stopped
+    k = stopped[0]
+    assert f"stopped by signal: step {k}," in stdout
+    for rank in range(WORLD):
+        assert len(_samples(probe_dir, rank)) == k, rank  # rank 0 never got the signal, yet stopped at k
+    ckpt = u.load_last(out)
+    assert ckpt["world_size"] == WORLD and ckpt["step"] == k
+
+    # run 2: the same command resumes from step k and finishes the schedule
+    proc = _torchrun(probe, store, out, probe_dir)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert f"done: step {TOTAL}," in stdout
+    assert u.checkpoint_steps(out)[-1] == TOTAL
+
+    # equal steps, the schedule's (epoch, step) sequence once, each rank's rows those of its sampler
+    valid = valid_rows(StoreReader(store))
+    samplers = [EpochSampler(valid, BATCH, WORLD, r, seed=0) for r in range(WORLD)]
+    expected = [(e, s) for e in range(EPOCHS) for s in range(samplers[0].steps_per_epoch)]
+    runs = [_samples(probe_dir, r) for r in range(WORLD)]
+    for rank, lines in enumerate(runs):
+        assert [(m["epoch"], m["step"]) for m in lines] == expected, rank
+        for m in lines:
+            assert m["index"] == samplers[rank].batch(m["epoch"], m["step"]).tolist()
+    for a, b in zip(*runs, strict=True):
+        assert len(a["index"]) == len(b["index"]) == BATCH
+        assert not set(a["index"]) & set(b["index"])  # disjoint across ranks
+    for e in range(EPOCHS):
+        rows = [i for lines in runs for m in lines if m["epoch"] == e for i in m["index"]]
+        assert len(rows) == len(set(rows)) == BATCH * WORLD * samplers[0].steps_per_epoch
+
+    # one metrics line per step, none repeated, with the schedule of the global batch
+    lines = u.metrics(out)
+    assert [m["step"] for m in lines] == list(range(1, TOTAL + 1))
+    peak = 2.5e-4 * BATCH * WORLD / 256
+    assert [m["lr"] for m in lines] == pytest.approx([lr_at(s, peak, 2, TOTAL) for s in range(TOTAL)], rel=1e-12)
+    assert all(math.isfinite(m["total"]) for m in lines)
+    assert np.isfinite(np.array([m["global"] for m in lines])).all()

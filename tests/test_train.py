@@ -1,0 +1,442 @@
+"""Stage two end to end: schedule, sampler, offline = online targets, exact resume after SIGKILL and
+SIGTERM, refusal of bad stores, and export of the trained student.
+
+The tiny run (tests/stage2_util.py) has 10 images, batch 4, so 2 steps per epoch and 6 steps in
+3 epochs, with a 2-step warmup; each run takes about a second on one CPU thread. The
+uninterrupted 6-step run is the reference that every interrupted run must equal bit for bit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from typer.testing import CliRunner
+
+from dpal.cli import app
+from dpal.store import StoreError, StoreReader
+from dpal.teachers import load_teacher
+from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, collate_requests, valid_rows
+from dpal.trainer.dpade import DPaDe
+from dpal.trainer.student import create_student, student_tokens
+from dpal.trainer.train import (
+    Distiller,
+    _jsonl_truncate,
+    build_student_from_checkpoint,
+    find_resume,
+    lr_at,
+    param_groups,
+    teacher_spec_from_store,
+    train,
+)
+from dpal.views import ViewRecipe
+
+
+def _load_util() -> Any:
+    path = Path(__file__).with_name("stage2_util.py")
+    spec = importlib.util.spec_from_file_location("dpal_tests_stage2_util", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+u = _load_util()
+TERMS = ("global", "local", "relation", "route", "weight_l2", "total")
+# lr of the tiny run's 6 steps: peak = 2.5e-4 * 4 / 256, warmup 2 steps, then cosine over 4 steps
+PEAK = 2.5e-4 * 4 / 256
+TINY_LRS = [PEAK / 2, PEAK, PEAK, PEAK * 0.5 * (1 + math.cos(math.pi / 4)), PEAK / 2,
+            PEAK * 0.5 * (1 + math.cos(3 * math.pi / 4))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Any:
+    # two shared cores: more threads only oversubscribe, and subprocesses run with one thread too
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stage2")
+
+
+@pytest.fixture(scope="module")
+def corpus(root: Path) -> Path:
+    return u.make_corpus(root / "corpus")
+
+
+@pytest.fixture(scope="module")
+def store32(root: Path, corpus: Path) -> Path:
+    return u.make_store(corpus, root / "store32", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def store16(root: Path, corpus: Path) -> Path:
+    return u.make_store(corpus, root / "store16", dtype="float16")
+
+
+@pytest.fixture(scope="module")
+def reference(root: Path, store32: Path) -> Path:
+    """The uninterrupted 6-step run, in-process."""
+    out = root / "reference"
+    result = train(u.distill_config(store32, out), show_progress=False)
+    assert (result.step, result.epoch, result.stopped_by_signal) == (6, 3, False)
+    return out
+
+
+def _cli(args: list[str]) -> Any:
+    return CliRunner().invoke(app, args)
+
+
+def _error_lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.startswith("error:")]
+
+
+# ---------------------------------------------------------------- schedule and optimizer groups
+
+
+def test_lr_at_warmup_peak_cosine() -> None:
+    # peak 1e-3, 4 warmup steps, 12 steps: warmup reaches the peak on its last step, the cosine
+    # starts at the peak, is half-way at step 8 and ends at min_lr
+    kw = dict(peak_lr=1e-3, warmup_steps=4, total_steps=12)
+    got = [lr_at(s, **kw) for s in (0, 1, 2, 3, 4, 8, 10, 12, 20)]
+    want = [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 5e-4, 1.4644660940672627e-4, 0.0, 0.0]
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-18)
+    assert lr_at(8, min_lr=1e-4, **kw) == pytest.approx(1e-4 + 0.9e-3 * 0.5, rel=1e-12)
+    assert lr_at(12, min_lr=1e-4, **kw) == pytest.approx(1e-4, rel=1e-12)
+    assert lr_at(0, 1e-3, 0, 10) == pytest.approx(1e-3)  # no warmup: the cosine from step 0
+
+
+def test_run_logs_the_schedule_and_the_epoch_of_each_step(reference: Path) -> None:
+    lines = u.metrics(reference)
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    assert [m["lr"] for m in lines] == pytest.approx(TINY_LRS, rel=1e-12)
+    assert [m["epoch"] for m in lines] == [0, 0, 1, 1, 2, 2]
+    assert all(m["route_weight"] == 0.1 for m in lines)
+    assert all(math.isfinite(m[k]) for m in lines for k in TERMS)
+
+
+def test_param_groups_no_decay_on_1d_and_biases() -> None:
+    class Toy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 4)  # weight (4, 3) decays, bias does not
+            self.norm = nn.LayerNorm(4)  # weight and bias (4,) do not
+            self.pos = nn.Parameter(torch.zeros(1, 2, 4))  # 3-D: decays
+            self.scale = nn.Parameter(torch.ones(4))  # 1-D: no decay
+            self.gate = nn.Linear(4, 2, bias=False)
+            self.frozen = nn.Parameter(torch.zeros(5, 5), requires_grad=False)
+
+    m = Toy()
+    groups = param_groups(m, 0.05)
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    ids = [{id(p) for p in g["params"]} for g in groups]
+    assert ids[0] == {id(m.fc.weight), id(m.pos), id(m.gate.weight)}
+    assert ids[1] == {id(m.fc.bias), id(m.norm.weight), id(m.norm.bias), id(m.scale)}
+
+    # the real model: every parameter lands in exactly one group, by the same rule
+    student = create_student(u.STUDENT, img_size=(32, 16), **u.STUDENT_KWARGS)
+    model = Distiller(student, DPaDe(48, 192), (2, 1), True)
+    decay, no_decay = ({id(p) for p in g["params"]} for g in param_groups(model, 0.05))
+    for name, p in model.named_parameters():
+        expect_no_decay = p.ndim <= 1 or name.endswith(".bias")
+        assert (id(p) in no_decay) == expect_no_decay and (id(p) in decay) != expect_no_decay, name
+    assert id(model.dpade.expert_fc.weight) in decay and id(model.student.blocks[0].attn.qkv.bias) in no_decay
+
+
+# ---------------------------------------------------------------- sampler
+
+
+def test_epoch_sampler_ranks_disjoint_equal_steps() -> None:
+    valid = np.array([i for i in range(23) if i not in (3, 17)])  # 21 cached rows, 2 skipped
+    samplers = [EpochSampler(valid, 3, 3, r, seed=5) for r in range(3)]
+    assert {s.steps_per_epoch for s in samplers} == {21 // 9}
+    for epoch in range(3):
+        seen: list[int] = []
+        for step in range(samplers[0].steps_per_epoch):
+            batches = [s.batch(epoch, step) for s in samplers]
+            assert all(len(b) == 3 for b in batches)
+            seen += [int(i) for b in batches for i in b]
+        assert len(seen) == len(set(seen)) == 18  # disjoint across ranks and steps; 3 rows left out
+        assert set(seen) <= set(valid.tolist())
+    assert not np.array_equal(samplers[0].epoch_order(0), samplers[0].epoch_order(1))
+    assert sorted(samplers[0].epoch_order(2).tolist()) == valid.tolist()
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        EpochSampler(valid, 8, 3, 0, seed=0)
+
+
+def test_sampler_state_restores_the_stream() -> None:
+    valid = np.arange(10)
+    a, b = EpochSampler(valid, 4, 1, 0, seed=7), EpochSampler(valid, 4, 1, 0, seed=7)
+    full = collate_requests(a, 0, 0, 3, None, grad_accum=2)
+    assert len(full) == 3 * 2 * 2 and full[0] == BatchRequest(0, 0, 0) and full[-1] == BatchRequest(2, 1, 1)
+    # state (seed, epoch=1, position=1) -> the same requests and the same rows as the tail of the full run
+    tail = collate_requests(b, 1, 1, 3, None, grad_accum=2)
+    assert tail == full[6:]
+    assert all(np.array_equal(a.batch(r.epoch, r.step), b.batch(r.epoch, r.step)) for r in tail)
+    assert collate_requests(b, 1, 1, 3, 2, grad_accum=2) == full[6:10]  # max_steps_left counts steps
+    assert not np.array_equal(EpochSampler(valid, 4, 1, 0, seed=8).epoch_order(0), a.epoch_order(0))
+    # micro-batches of one step partition its batch
+    ds = BatchDataset("unused", a, ViewRecipe(), seed=0, grad_accum=2)
+    parts = [ds.indices(BatchRequest(1, 1, m)) for m in range(2)]
+    assert np.array_equal(np.concatenate(parts), a.batch(1, 1)) and all(len(p) == 2 for p in parts)
+
+
+# ---------------------------------------------------------------- offline targets equal online ones
+
+
+def test_store_targets_equal_the_teacher_on_replayed_views(store32: Path) -> None:
+    reader = StoreReader(store32)
+    recipe = ViewRecipe.from_dict(reader.attrs["recipe"])
+    sampler = EpochSampler(valid_rows(reader), 4, 1, 0, seed=0)
+    ds = BatchDataset(store32, sampler, recipe, seed=0)
+    teacher = load_teacher(teacher_spec_from_store(reader.attrs))
+    for req in (BatchRequest(0, 0, 0), BatchRequest(1, 1, 0)):  # views 0 and 1
+        batch = ds[req]
+        with torch.inference_mode():
+            g, patches = teacher.encode_global(batch["v0"])
+            rel = teacher.relation_logits(batch["ic"])
+        torch.testing.assert_close(batch["g_t"], g, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(batch["local_t"], patches, rtol=1e-5, atol=1e-6)
+        # the store keeps each relation row minus its max (softmax-invariant)
+        torch.testing.assert_close(batch["rel_t"], rel - rel.amax(-1, keepdim=True), rtol=1e-5, atol=1e-6)
+
+
+def test_offline_equals_online_teacher(root: Path, store32: Path, store16: Path) -> None:
+    runs = {}
+    for name, store, online in (("off32", store32, False), ("online", store32, True), ("off16", store16, False)):
+        train(u.distill_config(store, root / f"online-{name}", max_steps=1, online_teacher=online),
+              show_progress=False)
+        runs[name] = u.metrics(root / f"online-{name}")[0]
+    on = runs["online"]
+    for k in TERMS:
+        assert runs["off32"][k] == pytest.approx(on[k], rel=1e-5), k
+    # float16 store, measured: relative gaps global 3.5e-5, local 2.1e-5, relation 7.1e-4 (small,
+    # 0.0099, and fp16 rounds the row-shifted logits to 2^-11 relative), total 3.0e-5; route and
+    # weight_l2 do not see the targets at step 1 and are equal
+    gap = {k: abs(runs["off16"][k] - on[k]) / abs(on[k]) for k in TERMS}
+    assert gap["global"] < 2e-4 and gap["local"] < 2e-4 and gap["total"] < 2e-4, gap
+    assert gap["relation"] < 5e-3, gap
+    assert gap["route"] == gap["weight_l2"] == 0.0
+    assert max(gap.values()) > 0.0  # the float16 store really is float16
+
+
+# ---------------------------------------------------------------- exact resume
+
+
+def _wait_for(predicate: Any, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    t0 = time.monotonic()
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended (rc {proc.returncode}) before the condition:\n{out}\n{err}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            pytest.fail("timed out waiting for the run")
+        time.sleep(0.005)
+
+
+def _resume_and_compare(out: Path, store: Path, reference: Path) -> None:
+    result = train(u.distill_config(store, out, resume="auto"), show_progress=False)
+    assert result.step == 6
+    assert u.metrics(out) == u.metrics(reference)
+    u.assert_same_training_state(u.load_last(out), u.load_last(reference))
+
+
+def test_resume_after_sigkill_is_exact(root: Path, store32: Path, reference: Path) -> None:
+    out = root / "killed"
+    proc = subprocess.Popen([*u.DPAL, *u.distill_args(store32, out, "--set", "checkpoint_every=1")],
+                            env=u.env(), cwd=u.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (out / "checkpoints" / "step-00000003.pt").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    last = u.checkpoint_steps(out)[-1]
+    assert 3 <= last < 6, "the kill landed after the run finished"
+    _resume_and_compare(out, store32, reference)
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_resumes_exactly(root: Path, store32: Path,
+                                                                   reference: Path) -> None:
+    # One DataLoader worker (the forkserver path); SIGTERM goes to the whole process group, as a
+    # scheduler sends it, so the forkserver and the worker get it too and must survive it.
+    out = root / "terminated"
+    args = u.distill_args(store32, out, "--num-workers", "1")
+    proc = subprocess.Popen([*u.DPAL, *args], env=u.env(), cwd=u.REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def logged_two() -> bool:
+        f = out / "metrics.jsonl"
+        return f.exists() and f.read_text().count("\n") >= 2
+
+    _wait_for(logged_two, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    steps = u.checkpoint_steps(out)
+    assert len(steps) == 1 and 2 <= steps[0] < 6, steps  # checkpoint_every is 500: this one is the signal's
+    assert f"stopped by signal: step {steps[0]}," in stdout
+    assert [m["step"] for m in u.metrics(out)] == list(range(1, steps[0] + 1))
+    _resume_and_compare(out, store32, reference)
+
+
+def test_find_resume_skips_an_unreadable_checkpoint(root: Path, reference: Path) -> None:
+    run = root / "find-resume"
+    (run / "checkpoints").mkdir(parents=True)
+    for step in (5, 6):
+        shutil.copy(reference / "checkpoints" / "step-00000006.pt", run / "checkpoints" / f"step-{step:08d}.pt")
+    newest = run / "checkpoints" / "step-00000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a torn write
+    assert find_resume(run, "auto") == run / "checkpoints" / "step-00000005.pt"
+    assert find_resume(run, "none") is None
+    assert find_resume(root / "nowhere", "auto") is None
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        find_resume(run, str(run / "missing.pt"))
+    # the half-written last metrics line of a killed run is dropped, later steps too
+    log = run / "metrics.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "glo')
+    _jsonl_truncate(log, 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+# ---------------------------------------------------------------- bad stores
+
+
+def _first_step_touching(store: Path, shard: int) -> int:
+    """1-based step of the tiny run whose batch first holds a row of `shard`."""
+    sampler = EpochSampler(valid_rows(StoreReader(store)), 4, 1, 0, seed=0)
+    for n, req in enumerate(collate_requests(sampler, 0, 0, 3, None, 1), start=1):
+        if any(i // u.SHARD_SIZE == shard for i in sampler.batch(req.epoch, req.step)):
+            return n
+    raise AssertionError(f"no batch holds shard {shard}")
+
+
+def test_missing_shard_file_stops_with_one_error_line(root: Path, store32: Path) -> None:
+    store = root / "store-missing"
+    shutil.copytree(store32, store)
+    (store / "local" / "c" / "1" / "0" / "0" / "0").unlink()  # shard 1's local-token file
+    out = root / "run-missing"
+    proc = subprocess.run([*u.DPAL, *u.distill_args(store, out)], env=u.env(), cwd=u.REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    errors = _error_lines(proc.stderr)
+    assert len(errors) == 1 and "000001" in errors[0] and "missing" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    # it trained exactly up to the first batch that needs shard 1, never on zeros in its place
+    bad_step = _first_step_touching(store, 1)
+    assert [m["step"] for m in u.metrics(out)] == list(range(1, bad_step))
+
+
+def test_corrupted_shard_file_stops_with_one_error_line(root: Path, store32: Path) -> None:
+    # through a DataLoader worker (forkserver): the worker's traceback must not reach the user
+    store = root / "store-corrupt"
+    shutil.copytree(store32, store)
+    f = store / "relation" / "c" / "2" / "0" / "0" / "0"  # shard 2's relation file, truncated
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    out = root / "run-corrupt"
+    result = _cli(u.distill_args(store, out, "--num-workers", "1"))
+    assert result.exit_code == 2, result.output
+    errors = _error_lines(result.stderr)
+    assert len(errors) == 1 and "000002" in errors[0] and "cannot be read" in errors[0], result.stderr
+    assert "000000" not in errors[0] and "000001" not in errors[0]
+    assert "Traceback" not in result.stderr and "Caught" not in result.stderr
+    bad_step = _first_step_touching(store, 2)
+    assert [m["step"] for m in u.metrics(out)] == list(range(1, bad_step))
+
+
+@pytest.mark.xfail(strict=True, reason="store chunks carry no checksum: flipped bytes in a feature file read "
+                   "as valid numbers (store.py issue, see the stage-two report); `dpal store verify` finds it")
+def test_bit_flipped_shard_file_is_detected(root: Path, store32: Path) -> None:
+    store = root / "store-flipped"
+    shutil.copytree(store32, store)
+    f = store / "global" / "c" / "0" / "0" / "0"
+    data = bytearray(f.read_bytes())
+    data[16:64] = bytes(b ^ 0xFF for b in data[16:64])
+    f.write_bytes(bytes(data))
+    result = _cli(u.distill_args(store, root / "run-flipped", "--max-steps", "2"))
+    assert result.exit_code == 2 and "000000" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def partial_store(root: Path, corpus: Path) -> Path:
+    return u.make_store(corpus, root / "store-partial", shards="0:1")  # shard 0 of 3
+
+
+def test_incomplete_store_is_refused(root: Path, partial_store: Path) -> None:
+    result = _cli(u.distill_args(partial_store, root / "run-partial"))
+    assert result.exit_code == 2
+    errors = _error_lines(result.stderr)
+    assert len(errors) == 1 and "incomplete" in errors[0] and "--allow-incomplete" in errors[0], result.stderr
+    assert not (root / "run-partial").exists()
+    assert valid_rows(StoreReader(partial_store, allow_incomplete=True)).tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.xfail(strict=True, raises=StoreError,
+                   reason="StoreReader.meta reads image_offset of every shard, and the unfinished ones have "
+                   "no chunks (store.py issue, see the stage-two report)")
+def test_incomplete_store_trains_with_allow_incomplete(root: Path, partial_store: Path) -> None:
+    cfg = u.distill_config(partial_store, root / "run-partial-allowed", allow_incomplete=True)
+    result = train(cfg, show_progress=False)
+    assert result.step == 3  # 4 images of shard 0 / batch 4 = 1 step per epoch
+
+
+def test_resume_against_another_store_is_refused(root: Path, store16: Path, reference: Path) -> None:
+    run = root / "other-store"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(reference / "checkpoints" / "step-00000006.pt", run / "checkpoints")
+    result = _cli(u.distill_args(store16, run))
+    assert result.exit_code == 2
+    errors = _error_lines(result.stderr)
+    assert len(errors) == 1 and "trained on another store" in errors[0], result.stderr
+    assert "--resume none" in errors[0]
+    assert not (run / "metrics.jsonl").exists()  # refused before touching the run
+
+
+def test_resume_with_another_batch_size_is_refused(root: Path, store32: Path, reference: Path) -> None:
+    run = root / "other-batch"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(reference / "checkpoints" / "step-00000006.pt", run / "checkpoints")
+    with pytest.raises(ValueError, match="ranks x batch 4"):
+        train(u.distill_config(store32, run, batch_size=2, epochs=4), show_progress=False)
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_export_loads_as_plain_timm_vit(root: Path, reference: Path) -> None:
+    path = root / "export" / "student.safetensors"
+    result = _cli(["export", str(reference), "--out", str(path)])
+    assert result.exit_code == 0, result.output
+    state = load_file(str(path))
+    model = timm.create_model(u.STUDENT, pretrained=False, num_classes=0, img_size=(32, 16), **u.STUDENT_KWARGS)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    trained, ckpt = build_student_from_checkpoint(reference)
+    assert ckpt["step"] == 6
+    assert all(torch.equal(state[k], ckpt["model"][k]) for k in state)
+    x = torch.randn(2, 3, 32, 16, generator=torch.Generator().manual_seed(0))
+    crowd = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), trained.forward_features(x))
+        assert torch.equal(student_tokens(model, crowd), student_tokens(trained, crowd))
+    # the student moved away from its initialisation (train seeds 0 before building it)
+    torch.manual_seed(0)
+    init = create_student(u.STUDENT, img_size=(32, 16), **u.STUDENT_KWARGS)
+    assert not torch.equal(init.patch_embed.proj.weight, state["patch_embed.proj.weight"])
