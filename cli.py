@@ -43,9 +43,8 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML or TOML f
 
 
 def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
-
     from rich.console import Console
+    from rich.logging import RichHandler
 
     handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
     # dask's own INFO chatter (nannies starting and closing) is not the user's business.

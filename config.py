@@ -166,7 +166,7 @@ class DistillConfig:
     seed: int = 0
     """Seed of the sampler, the fresh local crops and the init."""
     num_workers: int = 2
-    """DataLoader worker processes (spawned) that decode and replay views."""
+    """DataLoader worker processes (forkserver) that decode and replay views; 0 decodes in the main process."""
     resume: str = "auto"
     """auto (newest complete checkpoint in out/), a checkpoint path, or none."""
     keep_last: int = 3

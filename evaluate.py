@@ -50,8 +50,9 @@ def resolve_model(model: str, image_size: tuple[int, int] | None = None, random_
     """
     path = Path(model)
     if path.suffix in (".safetensors", ".json") and path.exists():
-        from dpal.trainer.export import load_exported
         import json
+
+        from dpal.trainer.export import load_exported
 
         cfg = json.loads(path.with_suffix(".json").read_text())
         size = image_size or tuple(cfg["img_size"])

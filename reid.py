@@ -31,6 +31,7 @@ MARKET_NAME = re.compile(r"^(?P<pid>-1|\d{4})_c(?P<cam>\d+)s\d+_\d+_\d+\.jpg$")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TABLE_RANKS = (1, 5, 10)
+RANK_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,9 @@ def read_market_folder(folder: Path) -> MarketImages:
             (the message names the file).
     """
     if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder; a Market-1501 root holds {QUERY_DIR}/ and {GALLERY_DIR}/")
+        raise ValueError(
+            f"{folder} is not a folder; a Market-1501 root holds {QUERY_DIR}/ and {GALLERY_DIR}/"
+        )
     paths = sorted(p for p in folder.iterdir() if p.suffix == ".jpg" and p.is_file())
     if not paths:
         raise ValueError(f"{folder} holds no .jpg images")
@@ -156,7 +159,7 @@ def extract_features(
     Raises:
         ValueError: no paths, a batch size below 1, or `embed_fn` returns another shape.
     """
-    if not paths:
+    if len(paths) == 0:
         raise ValueError("extract_features: no images given")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -219,19 +222,24 @@ def evaluate_ranking(
     if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
         raise ValueError(f"features must be (Nq, D) and (Ng, D), got {q.shape} and {g.shape}")
     if q_pids.shape != (len(q),) or q_cams.shape != (len(q),):
-        raise ValueError(f"q_pids and q_cams must have shape ({len(q)},), got {q_pids.shape} and {q_cams.shape}")
+        raise ValueError(
+            f"q_pids and q_cams must have shape ({len(q)},), got {q_pids.shape} and {q_cams.shape}"
+        )
     if g_pids.shape != (len(g),) or g_cams.shape != (len(g),):
-        raise ValueError(f"g_pids and g_cams must have shape ({len(g)},), got {g_pids.shape} and {g_cams.shape}")
+        raise ValueError(
+            f"g_pids and g_cams must have shape ({len(g)},), got {g_pids.shape} and {g_cams.shape}"
+        )
     if max_rank < 1:
         raise ValueError(f"max_rank must be at least 1, got {max_rank}")
 
     q = q / np.clip(np.linalg.norm(q, axis=1, keepdims=True), 1e-12, None)
     g = g / np.clip(np.linalg.norm(g, axis=1, keepdims=True), 1e-12, None)
-    order = np.argsort(-(q @ g.T), axis=1, kind="stable")  # (Nq, Ng) gallery indices, best first
-
     aps, cmcs = [], []
     for i in range(len(q)):
-        ranked = order[i]
+        if i % RANK_CHUNK == 0:
+            # a chunk of rows at a time keeps memory at RANK_CHUNK x Ng for Market's 3368 x 19732
+            order = np.argsort(-(q[i : i + RANK_CHUNK] @ g.T), axis=1, kind="stable")
+        ranked = order[i % RANK_CHUNK]  # (Ng,) gallery indices, best first
         same_view = (g_pids[ranked] == q_pids[i]) & (g_cams[ranked] == q_cams[i])
         keep = ~same_view & (g_pids[ranked] != JUNK_PID)
         hits = (g_pids[ranked][keep] == q_pids[i]).astype(np.float64)  # ranking with removals

@@ -94,6 +94,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a shared store must stay readable
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -449,7 +452,7 @@ class StoreReader:
                     arr = zarr.open_array(self.path / name, mode="r", config={"read_missing_chunks": True})
                     self._meta[name] = arr[:]
             except zarr.errors.ChunkNotFoundError as e:
-                raise StoreError(f"{self.path}: array {name!r} is missing shard data ({e}); "
+                raise StoreError(f"{self.path}: array {name!r} is missing shard data ({str(e).splitlines()[0]}); "
                                  "run `dpal store verify` and rerun stage one for the named shards") from None
         return self._meta[name]
 

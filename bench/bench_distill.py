@@ -49,8 +49,9 @@ from dpal.pipeline.engine import run_cache
 from dpal.store import StoreError, StoreReader, Targets
 from dpal.teachers import load_teacher
 from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, valid_rows
-from dpal.trainer.dpade import DPaDe
-from dpal.trainer.student import create_student
+from dpal.trainer.dpade import PATTERN_GLOBAL, PATTERN_LOCAL, PATTERN_RELATION, DPaDe
+from dpal.trainer.losses import global_mse, local_masked_mse, relation_kl, shape_mask
+from dpal.trainer.student import create_student, student_tokens
 from dpal.trainer.train import Distiller, param_groups, teacher_spec_from_store
 from dpal.views import ViewRecipe
 
@@ -218,12 +219,20 @@ def flops(store: Path, batch_size: int) -> dict[str, Any]:
 
 
 def parts(store: Path, batch_size: int, reps: int) -> dict[str, Any]:
-    """Seconds per batch of the pieces of a step, alternated: data (store / memory targets),
-    target read alone, student + D-PaDe step, teacher forward."""
+    """Median seconds per batch of the pieces of a step, timed alternately in one process.
+
+    data_store / data_memory: one `BatchDataset` item (decode, replay, local crops, targets) with
+    targets from the store / from memory; read_targets: the store read alone; train_step: student +
+    D-PaDe forward, backward and AdamW step (what `train` does per micro-batch besides loading);
+    its pieces: student_fwd_bwd (4 views), dpade_fwd_bwd (5 calls on fixed tokens), losses (the
+    three losses with the shape mask, forward only), shape_mask (its SVD), optimizer (AdamW step);
+    teacher_forward: the teacher on v0 and Ic (what online mode adds).
+    """
     reader = StoreReader(store)
     attrs = reader.attrs
     recipe = ViewRecipe.from_dict(attrs["recipe"])
-    model, opt = build_model(attrs["embed_dim"], recipe, tuple(attrs["token_grid"]["global"]))
+    grid = tuple(attrs["token_grid"]["global"])
+    model, opt = build_model(attrs["embed_dim"], recipe, grid)
     teacher = load_teacher(teacher_spec_from_store(attrs), device="cpu")
     sampler = EpochSampler(valid_rows(reader), batch_size, 1, 0, 0)
     ds_store = BatchDataset(store, sampler, recipe, 0)
@@ -232,25 +241,68 @@ def parts(store: Path, batch_size: int, reps: int) -> dict[str, Any]:
     req = BatchRequest(0, 0, 0)
     idx = ds_store.indices(req)
     batch = ds_store[req]
+    student, dpade = model.student, model.dpade
+    npre = student.num_prefix_tokens
+    with torch.no_grad():
+        toks = {k: student_tokens(student, batch[k]) for k in ("v0", "v1", "v2", "ic")}
+    decoded = dpade_calls(dpade, toks, npre)
 
     def teacher_fwd() -> None:
         with torch.inference_mode():
             teacher.encode_global(batch["v0"])
             teacher.relation_logits(batch["ic"])
 
+    def student_fwd_bwd() -> None:
+        loss = sum(student_tokens(student, batch[k]).square().mean() for k in ("v0", "v1", "v2", "ic"))
+        loss.backward()
+        opt.zero_grad(set_to_none=True)
+
+    def dpade_fwd_bwd() -> None:
+        calls = dpade_calls(dpade, toks, npre)
+        loss = sum(c.y.square().mean() + c.route_loss + c.weight_l2 for c in calls)
+        loss.backward()
+        opt.zero_grad(set_to_none=True)
+
+    def losses() -> None:
+        with torch.no_grad():
+            global_mse([c.y[:, 0] for c in decoded[:3]], batch["g_t"])
+            mask = shape_mask(batch["local_t"], grid, True)
+            local_masked_mse(decoded[3].y, batch["local_t"], mask)
+            relation_kl(decoded[4].y, batch["rel_t"])
+
+    def optimizer() -> None:
+        opt.step()
+
+    def with_grads() -> None:
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+
     fns = {"data_store": lambda: ds_store[req], "data_memory": lambda: ds_mem[req],
            "read_targets": lambda: reader.read_targets(idx, 0), "train_step": lambda: step(model, opt, batch),
+           "student_fwd_bwd": student_fwd_bwd, "dpade_fwd_bwd": dpade_fwd_bwd, "losses": losses,
+           "shape_mask": lambda: shape_mask(batch["local_t"], grid, True), "optimizer": optimizer,
            "teacher_forward": teacher_fwd}
-    for fn in fns.values():  # warmup
-        fn()
+    setup = {"optimizer": with_grads}
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for rep in range(reps):
+    for rep in range(reps + 1):  # rep 0 is a warmup
         for name in (list(fns) if rep % 2 == 0 else list(reversed(fns))):
+            setup.get(name, lambda: None)()
             t0 = time.perf_counter()
             fns[name]()
-            times[name].append(time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            opt.zero_grad(set_to_none=True)
+            if rep:
+                times[name].append(dt)
     MemoryTargetsReader.preloaded = {}
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def dpade_calls(dpade: DPaDe, toks: dict[str, torch.Tensor], npre: int) -> list[Any]:
+    """The five D-PaDe calls of `Distiller.forward` on given student tokens."""
+    ic = toks["ic"]
+    return [dpade(toks["v0"][:, :1], PATTERN_GLOBAL), dpade(toks["v1"][:, :1], PATTERN_GLOBAL),
+            dpade(toks["v2"][:, :1], PATTERN_GLOBAL), dpade(toks["v0"][:, npre:], PATTERN_LOCAL),
+            dpade(torch.cat([ic[:, :1], ic[:, npre:]], dim=1), PATTERN_RELATION)]
 
 
 # ---------------------------------------------------------------- memory

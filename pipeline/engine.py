@@ -126,8 +126,8 @@ def prepare_store(cfg: CacheConfig, teacher: Teacher) -> Layout:
     diff = identity_diff(old, attrs)
     if diff:
         raise StoreError(
-            f"{out} was made with different settings, refusing to mix them:\n  " + "\n  ".join(diff)
-            + "\nUse a new --out, or rerun with the store's settings."
+            f"{out} was made with different settings, refusing to mix them: " + "; ".join(diff)
+            + ". Use a new --out, or rerun with the store's settings."
         )
     return layout_of(old)
 

@@ -25,6 +25,7 @@ import json
 import logging
 import multiprocessing
 import shutil
+import textwrap
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -354,7 +355,11 @@ def describe_video(video: Path, boxes_per_frame: list[np.ndarray]) -> list[np.nd
 
 
 def track_people(
-    boxes_per_frame: list[np.ndarray], feats_per_frame: list[np.ndarray], start: int, stop: int, cfg: TrackConfig
+    boxes_per_frame: list[np.ndarray],
+    feats_per_frame: list[np.ndarray],
+    start: int,
+    stop: int,
+    cfg: TrackConfig,
 ) -> list[Track]:
     """Greedy IoU tracking with an appearance gate over frames start <= t < stop.
 
@@ -592,7 +597,9 @@ def plan_reid(
         for k, cam, split, label in picks:
             f = tr.frames[k]
             name = f"{tr.track_id:04d}_c{cam}s1_{f:06d}_00.jpg"
-            jobs.append(CropJob(f, tuple(tr.boxes[k]), out / split / name, f"heldout_t{tr.track_id:04d}", label))
+            jobs.append(
+                CropJob(f, tuple(tr.boxes[k]), out / split / name, f"heldout_t{tr.track_id:04d}", label)
+            )
     return jobs
 
 
@@ -731,24 +738,28 @@ def write_overview(video: Path, parts: dict[str, list[Track]], every: int, out: 
 
 def write_readme(out: Path, summary: dict[str, object], size: tuple[int, int]) -> None:
     """sample_data/README.md: what the folders hold, where they come from, the license."""
-    text = f"""# Sample data (generated; do not edit)
-
-Written by `scripts/make_sample_corpus.py` from OpenCV's `vtest.avi` (one fixed camera, 795 frames,
-768x576, 10 fps); docs/sample_data.md says how and what was checked. Crops are {size[0]}x{size[1]}
-JPEGs of people found by OpenCV's HOG people detector and tracked by box IoU and colour.
-
-- `corpus/`: {summary["corpus_crops"]} crops of {summary["corpus_tracks"]} tracks from frames 0 to
-  {summary["split_frame"] - 1}, named `t{{track:04d}}_f{{frame:06d}}.jpg` (frame: 0-based video frame).
-- `reid/`: a Market-1501-style split of the later frames {summary["split_frame"]} to
-  {summary["frames"] - 1}, {summary["reid_identities"]} people: `query/` {summary["query_crops"]}
-  images, `bounding_box_test/` {summary["gallery_crops"]} images of which {summary["distractors"]}
-  are background distractors (pid 0000). Names are `{{pid:04d}}_c{{cam}}s1_{{frame:06d}}_{{box:02d}}.jpg`.
-  The video has one camera, so each person's frames are split in time into pseudo-cameras: c1
-  (first half, queries) and c2 (second half, gallery).
-
-Source: `vtest.avi` from OpenCV's samples (Debian package `opencv-doc` 4.6.0), under OpenCV's
-license as Debian records it for these files: Apache-2.0 and BSD-3-Clause.
-"""
+    split, last = summary["split_frame"], summary["frames"]
+    paragraphs = [
+        "Written by `scripts/make_sample_corpus.py` from OpenCV's `vtest.avi` (one fixed camera, 795 "
+        "frames, 768x576, 10 fps); docs/sample_data.md says how, and what was checked. Images are "
+        f"{size[0]}x{size[1]} JPEGs of people found by OpenCV's HOG people detector and tracked by box "
+        "IoU and colour. Frame numbers are 0-based video frames.",
+        f"- `corpus/`: frames 0 to {split - 1}; {summary['corpus_crops']} crops of "
+        f"{summary['corpus_tracks']} tracks, named `t{{track:04d}}_f{{frame:06d}}.jpg`.",
+        f"- `reid/`: frames {split} to {last - 1}, Market-1501 layout and names "
+        f"(`{{pid:04d}}_c{{cam}}s1_{{frame:06d}}_{{box:02d}}.jpg`), {summary['reid_identities']} people. "
+        f"`query/` has {summary['query_crops']} images, `bounding_box_test/` {summary['gallery_crops']}, "
+        f"of which {summary['distractors']} are background crops with pid 0000 (distractors). The "
+        "video has one camera, so each person's frames are split in time into two pseudo-cameras: c1 "
+        "(first half; the queries) and c2 (second half; the gallery).",
+        "Source: `vtest.avi` from OpenCV's samples (Debian package `opencv-doc` 4.6.0), under "
+        "OpenCV's license as Debian records it for these files: Apache-2.0 and BSD-3-Clause.",
+    ]
+    wrapped = [
+        textwrap.fill(p, 96, subsequent_indent="  " if p.startswith("- ") else "", break_on_hyphens=False)
+        for p in paragraphs
+    ]
+    text = "# Sample data (generated; do not edit)\n\n" + "\n\n".join(wrapped) + "\n"
     (out / "README.md").write_text(text)
 
 
@@ -760,10 +771,17 @@ def dir_bytes(path: Path) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--video", type=Path, default=DEFAULT_VIDEO, help="input video (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "sample_data", help="output folder; its corpus/, reid/ and README.md are replaced")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=REPO_ROOT / "sample_data",
+        help="output folder; its corpus/, reid/ and README.md are replaced",
+    )
     p.add_argument("--split", type=float, default=0.6, help="fraction of frames that go to the corpus")
     p.add_argument("--corpus-stride", type=int, default=5, help="keep every n-th detection of a corpus track")
-    p.add_argument("--gallery-stride", type=int, default=6, help="keep every n-th c2 detection of a held-out track")
+    p.add_argument(
+        "--gallery-stride", type=int, default=6, help="keep every n-th c2 detection of a held-out track"
+    )
     p.add_argument("--num-query", type=int, default=2, help="queries per held-out identity")
     p.add_argument("--num-distractors", type=int, default=30, help="background gallery crops (pid 0000)")
     p.add_argument("--height", type=int, default=160, help="crop height; width is height / 2")
@@ -790,7 +808,9 @@ def main(argv: list[str] | None = None) -> None:
     det_cfg, trk_cfg = DetectorConfig(), TrackConfig()
     video = args.video.resolve()
     if not video.is_file():
-        raise ValueError(f"--video: {video} does not exist; see /work/shared/data/README.md for where it comes from")
+        raise ValueError(
+            f"--video: {video} does not exist; see /work/shared/data/README.md for where it comes from"
+        )
     out = args.out.resolve()
     if out.exists() and not {p.name for p in out.iterdir()} <= OUTPUT_ENTRIES:
         raise ValueError(f"--out: {out} holds files this script did not write; pick an empty or new folder")
@@ -808,17 +828,35 @@ def main(argv: list[str] | None = None) -> None:
         stitched = stitch_tracks(raw, trk_cfg)
         kept = keep_tracks(stitched, trk_cfg)
         parts[name] = merge_identities(kept, trk_cfg.merge_dist) if name == "heldout" else kept
-        logger.info("%s frames %d-%d: %d raw tracks, %d after stitching, %d kept, %d identities", name,
-                    start, stop - 1, len(raw), len(stitched), len(kept), len(parts[name]))
+        logger.info(
+            "%s frames %d-%d: %d raw tracks, %d after stitching, %d kept, %d identities",
+            name,
+            start,
+            stop - 1,
+            len(raw),
+            len(stitched),
+            len(kept),
+            len(parts[name]),
+        )
 
     for name in OUTPUT_ENTRIES:
         if (out / name).is_dir():
             shutil.rmtree(out / name)
     size = (args.height, args.height // 2)
-    jobs = plan_corpus(parts["corpus"], boxes_per_frame, out / "corpus", args.corpus_stride, trk_cfg.max_overlap)
-    jobs += plan_reid(parts["heldout"], boxes_per_frame, out / "reid", args.num_query, args.gallery_stride,
-                      trk_cfg.max_overlap)
-    jobs += plan_distractors(dets, parts["heldout"], split, num_frames, args.num_distractors, out / "reid", args.seed)
+    jobs = plan_corpus(
+        parts["corpus"], boxes_per_frame, out / "corpus", args.corpus_stride, trk_cfg.max_overlap
+    )
+    jobs += plan_reid(
+        parts["heldout"],
+        boxes_per_frame,
+        out / "reid",
+        args.num_query,
+        args.gallery_stride,
+        trk_cfg.max_overlap,
+    )
+    jobs += plan_distractors(
+        dets, parts["heldout"], split, num_frames, args.num_distractors, out / "reid", args.seed
+    )
     write_crops(video, jobs, args.pad, size, args.quality)
     if args.contact_sheets is not None:
         write_contact_sheets(video, parts, jobs, args.contact_sheets, args.pad)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from dpal import reid
 from dpal.reid import DISTRACTOR_PID, evaluate_ranking, extract_features, format_table, read_market
 
 SAMPLE_REID = Path(__file__).resolve().parents[1] / "sample_data" / "reid"
@@ -67,7 +68,7 @@ def test_read_market_rejects_bad_names_and_missing_folders(tmp_path: Path) -> No
         read_market(tmp_path)
 
 
-def test_evaluate_ranking_by_hand() -> None:
+def test_evaluate_ranking_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     # Gallery: pid, cam, angle, norm. Norms differ so that an unnormalised dot product ranks
     # differently (g3 would come first for q1).
     gallery = [
@@ -102,10 +103,18 @@ def test_evaluate_ranking_by_hand() -> None:
     assert res["rank10"] == pytest.approx(1.0, abs=1e-12)
     assert res["num_valid_queries"] == 2
     assert res["num_skipped_queries"] == 1
+    # queries are ranked a chunk at a time; chunks of 2 split these 3 queries over two chunks
+    monkeypatch.setattr(reid, "RANK_CHUNK", 2)
+    assert evaluate_ranking(q_feats, g_feats, q_pids, q_cams, g_pids, g_cams) == res
 
     # q1 alone, with max_rank 1: only rank1 is reported
     only_q1 = evaluate_ranking(q_feats[:1], g_feats, q_pids[:1], q_cams[:1], g_pids, g_cams, max_rank=1)
-    assert only_q1 == {"mAP": pytest.approx(0.5), "rank1": 0.0, "num_valid_queries": 1, "num_skipped_queries": 0}
+    assert only_q1 == {
+        "mAP": pytest.approx(0.5),
+        "rank1": 0.0,
+        "num_valid_queries": 1,
+        "num_skipped_queries": 0,
+    }
 
 
 def test_average_precision_cumsum_formulation() -> None:
@@ -206,4 +215,3 @@ def test_sample_reid_split_is_consistent() -> None:
     )
     assert res["mAP"] == 1.0 and res["rank1"] == 1.0
     assert res["num_valid_queries"] == len(split.query)
-

@@ -128,17 +128,6 @@ class BatchDataset(torch.utils.data.Dataset):
             raise StoreError(f"{self.store_path}: cannot read the image of row {index} "
                              f"(shard {shard_name(self.reader.shard_of(index))}): {e}") from None
 
-    def _unreadable_shards(self, idx: np.ndarray, view: int) -> list[str]:
-        """The shards of `idx` whose targets fail to read, one shard at a time (error path only)."""
-        shards = idx // self.reader.layout.shard_size
-        bad = []
-        for s in np.unique(shards).tolist():
-            try:
-                self.reader.read_targets(idx[shards == s], view)
-            except Exception:  # noqa: BLE001
-                bad.append(shard_name(s))
-        return bad or sorted({shard_name(int(s)) for s in shards})
-
     def __getitem__(self, req: BatchRequest) -> dict[str, Tensor]:
         idx = self.indices(req)
         reader = self.reader
@@ -148,10 +137,11 @@ class BatchDataset(torch.utils.data.Dataset):
                 t = reader.read_targets(idx, view)
             except StoreError:
                 raise
-            except Exception as e:  # noqa: BLE001 - zarr's checksum or decode error on a damaged shard file
-                raise StoreError(f"{self.store_path}: data of shard(s) {self._unreadable_shards(idx, view)} "
-                                 f"cannot be read ({e}); run `dpal store verify` and rerun stage one to "
-                                 "rewrite them") from None
+            except Exception as e:  # noqa: BLE001 - any other failure to read a damaged shard file
+                shards = ", ".join(sorted({shard_name(reader.shard_of(int(i))) for i in idx}))
+                raise StoreError(f"{self.store_path}: data of shard(s) {shards} cannot be read "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run "
+                                 "`dpal store verify` and rerun stage one to rewrite them") from None
             params = t.params
         else:
             t = None

@@ -47,7 +47,7 @@ def shape_mask(teacher_patches: Tensor, grid_hw: tuple[int, int], fix_sign: bool
     """The shape mask M: first principal component of all teacher patches, min-max scaled.
 
     The B * P patch vectors are centred by their mean and projected on the top right singular
-    vector of the centred matrix (exact SVD); the projections are min-max scaled to [0, 1] over
+    vector of the centred matrix (exact, by eigendecomposition); the projections are min-max scaled to [0, 1] over
     the whole batch. The result is a constant (no gradient).
 
     A principal component's sign is arbitrary, so without a fix the mask may highlight the
@@ -73,8 +73,7 @@ def shape_mask(teacher_patches: Tensor, grid_hw: tuple[int, int], fix_sign: bool
     with torch.no_grad():
         x = teacher_patches.detach().float().reshape(b * p, dim)  # (B*P, D)
         x = x - x.mean(dim=0, keepdim=True)
-        _, _, vh = torch.linalg.svd(x, full_matrices=False)  # vh (min(B*P, D), D)
-        proj = (x @ vh[0]).reshape(b, p)  # (B, P)
+        proj = (x @ _top_principal_axis(x)).reshape(b, p)  # (B, P)
         if fix_sign and h > 2 and w > 2:
             border = torch.ones(h, w, dtype=torch.bool, device=proj.device)
             border[1:-1, 1:-1] = False
@@ -85,6 +84,18 @@ def shape_mask(teacher_patches: Tensor, grid_hw: tuple[int, int], fix_sign: bool
         span = hi - lo
         mask = (proj - lo) / span if span > 0 else torch.zeros_like(proj)
     return mask.unsqueeze(-1)  # (B, P, 1)
+
+
+def _top_principal_axis(x: Tensor) -> Tensor:
+    """Unit top right singular vector (D,) of centred x (N, D), from the eigendecomposition of the
+    smaller of x^T x (D, D) and x x^T (N, N): exact like an SVD, and ~10x cheaper than one here."""
+    n, dim = x.shape
+    # float64 eigh: more accurate, and faster than float32 on CPU LAPACK.
+    if dim <= n:
+        return torch.linalg.eigh((x.T @ x).double()).eigenvectors[:, -1].to(x.dtype)  # (D,)
+    u = torch.linalg.eigh((x @ x.T).double()).eigenvectors[:, -1].to(x.dtype)  # (N,)
+    v = x.T @ u  # (D,)
+    return v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
 
 
 def local_masked_mse(student_patches: Tensor, teacher_patches: Tensor, mask: Tensor) -> Tensor:

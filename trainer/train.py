@@ -21,7 +21,8 @@ import re
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ CHECKPOINT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 _CKPT_RE = re.compile(r"step-(\d+)\.pt$")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# config keys a resume must keep: they fix the model's shapes and the data stream
+RESUME_KEYS = ("student", "student_kwargs", "batch_size", "seed")
 
 
 # ---------------------------------------------------------------- schedule
@@ -322,9 +325,14 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> TrainResult:
                 f"{ckpt['store_fingerprint'][:12]}, this store {fingerprint[:12]}: teacher, views or shard "
                 "data differ); use a new --out or --resume none"
             )
-        if ckpt["world_size"] != info.world_size or ckpt["config"]["batch_size"] != cfg.batch_size:
-            raise ValueError(f"checkpoint {resume_path} used {ckpt['world_size']} ranks x batch "
-                             f"{ckpt['config']['batch_size']}; resume with the same to keep the data stream")
+        now = to_dict(cfg)
+        changed = [f"{k} {ckpt['config'].get(k)!r} (now {now[k]!r})" for k in RESUME_KEYS
+                   if ckpt["config"].get(k) != now[k]]
+        if ckpt["world_size"] != info.world_size:
+            changed.insert(0, f"{ckpt['world_size']} ranks (now {info.world_size})")
+        if changed:
+            raise ValueError(f"checkpoint {resume_path} was trained with {', '.join(changed)}; resume with the "
+                             "same to keep the model and the data stream, or use a new --out or --resume none")
         model.student.load_state_dict(ckpt["model"])
         model.dpade.load_state_dict(ckpt["dpade"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -380,15 +388,10 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> TrainResult:
     stopped = False
     progress = _progress(show_progress and info.is_main, end_steps, step)
     t_log, imgs_log = time.perf_counter(), 0
+    it = None
     try:
-        # The forkserver and the workers start with the stop signals blocked (the mask is inherited),
-        # so a SIGTERM sent to the whole process group reaches only this process; one that arrives
-        # meanwhile is delivered here after the unblock, not lost.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            it = iter(loader)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        with _children_ignore_stop_signals():
+            it = iter(loader)  # starts the forkserver and the workers
         while step < end_steps:
             model.train()
             lr = lr_at(step, peak_lr, warmup_steps, total_steps, cfg.min_lr)
@@ -448,6 +451,10 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> TrainResult:
                                 last_ckpt)
                 break
     finally:
+        # Shut the workers down now, also on an error (whose traceback keeps the iterator alive): they
+        # ignore SIGTERM, and multiprocessing's exit handler would terminate() and join them forever.
+        if hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
         stop.uninstall()
         if progress is not None:
             progress.stop()
@@ -456,6 +463,26 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> TrainResult:
         if tb is not None:
             tb.close()
     return TrainResult(step, epoch, stopped, last_ckpt, time.perf_counter() - t_start)
+
+
+@contextmanager
+def _children_ignore_stop_signals() -> Iterator[None]:
+    """Processes started inside ignore SIGTERM and SIGUSR1; this one keeps its handlers.
+
+    A scheduler signals the whole process group; the DataLoader's forkserver and workers must
+    outlive it so that this process can finish the step and checkpoint. SIG_IGN is inherited
+    through fork and exec (a blocked mask is not enough: multiprocessing unblocks SIGTERM when it
+    starts its resource tracker). The signals are also blocked here meanwhile, so that one that
+    arrives stays pending (Linux never discards a blocked signal) and reaches the handler after.
+    """
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def _worker_message(err: StoreError) -> str:
