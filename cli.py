@@ -144,7 +144,11 @@ def cache_teacher(
     if dry_run:
         rep = do_dry_run(cfg)
         if cfg.use_slurm:
-            rep["slurm_job_script"] = slurm_cluster(cfg).job_script()
+            cluster = slurm_cluster(cfg)
+            try:
+                rep["slurm_job_script"] = cluster.job_script()
+            finally:
+                cluster.close()
         if as_json:
             typer.echo(json.dumps(rep, indent=1))
             return
@@ -177,8 +181,10 @@ def _print_dry_run(rep: dict[str, Any]) -> None:
     typer.echo(f"bytes per view {_human(rep['bytes_per_view'])} ({rep['dtype']})")
     typer.echo(f"store size     {_human(rep['store_bytes'])} (features {_human(rep['feature_bytes'])}, "
                f"images {_human(rep['image_bytes'])})")
-    typer.echo(f"teacher rate   {1 / rep['seconds_per_view']:.1f} views/s per worker; estimated "
-               f"{rep['estimated_seconds'] / 3600:.2f} h on {rep['workers']} worker(s)")
+    secs = rep["estimated_seconds"]
+    when = f"{secs / 3600:.1f} h" if secs >= 3600 else f"{secs / 60:.1f} min" if secs >= 60 else f"{secs:.0f} s"
+    typer.echo(f"teacher rate   {1 / rep['seconds_per_view']:.1f} views/s per worker; estimated {when} on "
+               f"{rep['workers']} worker(s) (teacher time only)")
     if "slurm_job_script" in rep:
         typer.echo("\nSLURM job script (one per worker job):\n" + rep["slurm_job_script"])
 

@@ -1,10 +1,12 @@
 """Stage-two benchmark: speedup of the cached teacher, loader overhead, and memory per image.
 
-All timings come from the real training loop, `trainer.train.train`, run for one epoch of a
-small store (1 warmup step + the rest timed) and read back from its metrics.jsonl (one line per
-step, `log_every=1`; a line's time covers loading the batch and the whole optimizer step). Two
-variants are always run alternately in one process (A B, B A, ...) and the median of the per-pair
-ratios is reported, so that other load on the machine hits both alike.
+Timings measure the real training step: `Variant.step` does what one iteration of
+`trainer.train.train`'s loop does with num_workers 0 and one micro-batch (`BatchDataset` item:
+targets, decode, replay, fresh local crops; the teacher under inference mode when online;
+`Distiller` forward, backward, AdamW step). Two variants, each with its own model and optimizer,
+take single steps alternately (A B, B A, ...) in one process, so that load from other jobs hits
+both alike; the figure is the median over adjacent pairs of the step-time ratio. As a check, whole
+`train` runs (metrics.jsonl, `log_every=1`, first step dropped) are alternated too.
 
 1. Speedup: steps/s from the store over steps/s with `online_teacher=True` (the teacher runs in
    the loop on the same replayed views). Target >= 3.5. Beside it, the FLOP bound
@@ -13,13 +15,15 @@ ratios is reported, so that other load on the machine hits both alike.
 2. Loader overhead: steps/s reading targets from the store over steps/s with the same targets held
    in memory (a `BatchDataset` whose reader serves preloaded, decoded tensors); same images and
    replay. Target >= 0.9.
-3. Memory: peak memory of one student + D-PaDe training step (D = 768) at several batch sizes,
+3. Parts: median seconds per batch of each piece of a step (data, target read, student, D-PaDe,
+   losses, shape mask, optimizer, teacher), to see where the time goes.
+4. Memory: peak memory of one student + D-PaDe training step (D = 768) at several batch sizes,
    each in a fresh process; per image = the slope of a least-squares line. Two measures: the
    peak of live tensor bytes seen by the torch profiler, and the peak resident set size (VmHWM,
    reset before the step).
 
 The store (ViT-B/16 random-init teacher, K = 2, float16) is created once with `run_cache` and
-reused. Run from the repository root (2 CPU cores, about ten minutes):
+reused. Run from the repository root (2 CPU cores, about ten minutes on an idle machine):
 
     .venv/bin/python bench/bench_distill.py --json /tmp/dpal_bench/distill.json
 """
@@ -47,7 +51,7 @@ import dpal.trainer.train as train_mod
 from dpal.config import CacheConfig, DistillConfig
 from dpal.pipeline.engine import run_cache
 from dpal.store import StoreError, StoreReader, Targets
-from dpal.teachers import load_teacher
+from dpal.teachers import autocast_context, load_teacher
 from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, valid_rows
 from dpal.trainer.dpade import PATTERN_GLOBAL, PATTERN_LOCAL, PATTERN_RELATION, DPaDe
 from dpal.trainer.losses import global_mse, local_masked_mse, relation_kl, shape_mask
@@ -164,6 +168,79 @@ def compare(name_a: str, run_a: Any, name_b: str, run_b: Any, reps: int, warmup:
     return {"pairs": pairs, "median_ratio": statistics.median(p["ratio"] for p in pairs),
             f"median_{name_a}_steps_per_s": statistics.median(p[f"{name_a}_steps_per_s"] for p in pairs),
             f"median_{name_b}_steps_per_s": statistics.median(p[f"{name_b}_steps_per_s"] for p in pairs)}
+
+
+class Variant:
+    """One way of running `train`'s loop body (num_workers 0, one micro-batch per step), with its own
+    model and optimizer built as `train` builds them.
+
+    `step()` does what one iteration of `train`'s loop does: take the next batch request, build the
+    batch (`BatchDataset.__getitem__`: targets, decode, replay, local crops), run the teacher under
+    inference mode when online, then `Distiller` forward, backward, AdamW step and zero_grad.
+    Returns the step's seconds.
+    """
+
+    def __init__(self, store: Path, batch_size: int, online: bool = False,
+                 memory_targets: dict[str, Any] | None = None, seed: int = 0) -> None:
+        reader = StoreReader(store)
+        attrs = reader.attrs
+        recipe = ViewRecipe.from_dict(attrs["recipe"])
+        self.model, self.opt = build_model(attrs["embed_dim"], recipe, tuple(attrs["token_grid"]["global"]))
+        sampler = EpochSampler(valid_rows(reader), batch_size, 1, 0, seed)
+        self.sampler = sampler
+        self.teacher = load_teacher(teacher_spec_from_store(attrs), device="cpu") if online else None
+        if memory_targets is not None:
+            MemoryTargetsReader.preloaded = memory_targets
+            self.dataset: BatchDataset = MemoryBatchDataset(store, sampler, recipe, seed)
+        else:
+            self.dataset = BatchDataset(store, sampler, recipe, seed, read_targets=not online)
+        self.position = 0
+
+    def step(self) -> float:
+        epoch, s = divmod(self.position, self.sampler.steps_per_epoch)
+        self.position += 1
+        t0 = time.perf_counter()
+        self.model.train()
+        batch = self.dataset[BatchRequest(epoch, s, 0)]
+        if self.teacher is not None:
+            with torch.inference_mode(), autocast_context("cpu"):
+                g, patches = self.teacher.encode_global(batch["v0"])
+                rel = self.teacher.relation_logits(batch["ic"])
+            batch.update(g_t=g.float().clone(), local_t=patches.float().clone(), rel_t=rel.float().clone())
+        loss, _ = self.model(batch, epoch)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+
+def interleaved(variants: dict[str, Variant], steps: int, warmup: int = 1) -> dict[str, Any]:
+    """Alternate single steps of the variants (A B, B A, ...); median seconds per step of each."""
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(warmup + steps):
+        for n in (names if i % 2 == 0 else names[::-1]):
+            dt = variants[n].step()
+            if i >= warmup:
+                times[n].append(dt)
+    return {"seconds_per_step": times, "median_seconds": {n: statistics.median(v) for n, v in times.items()},
+            "loadavg_1min": os.getloadavg()[0]}
+
+
+def ratio_of(res: dict[str, Any], slow: str, fast: str) -> dict[str, Any]:
+    """Add steps/s and the ratio seconds[slow] / seconds[fast] (= steps/s fast / steps/s slow), per
+    adjacent pair of steps and of the medians."""
+    t = res["seconds_per_step"]
+    pairs = [a / b for a, b in zip(t[slow], t[fast], strict=True)]
+    res["steps_per_s"] = {n: 1 / v for n, v in res["median_seconds"].items()}
+    res["pair_ratios"] = pairs
+    res["median_pair_ratio"] = statistics.median(pairs)
+    res["ratio_of_medians"] = res["median_seconds"][slow] / res["median_seconds"][fast]
+    return res
+
+
+def fmt(values: list[float]) -> str:
+    return " ".join(f"{v:.2f}" for v in values)
 
 
 # ---------------------------------------------------------------- model, batches, FLOPs, parts
@@ -364,8 +441,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=32, help="images in the store")
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=4, help="steps per training run; the first is a warmup")
-    ap.add_argument("--reps", type=int, default=3, help="alternated pairs of training runs per comparison")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per variant (after 1 warmup), interleaved")
+    ap.add_argument("--train-steps", type=int, default=4, help="steps per whole `train` run (first dropped)")
+    ap.add_argument("--train-reps", type=int, default=2, help="alternated pairs of `train` runs (0: skip)")
+    ap.add_argument("--reps", type=int, default=3, help="rounds of the parts timing")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip", default="", help="comma list of sections to skip: speedup,loader,memory,parts")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -382,10 +461,11 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     store, corpus_desc = ensure_store(work, args.images, args.views, args.batch_size)
     print(f"store {store} ({corpus_desc}); teacher {TEACHER} random init; student {STUDENT}; batch "
-          f"{args.batch_size}; {args.steps} steps per run (first dropped); torch threads {torch.get_num_threads()}")
+          f"{args.batch_size}; torch threads {torch.get_num_threads()}")
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "corpus": corpus_desc, "store": str(store),
                               "teacher": TEACHER, "student": STUDENT, "batch_size": args.batch_size,
-                              "steps": args.steps, "threads": torch.get_num_threads()}
+                              "steps": args.steps, "train_steps": args.train_steps, "train_reps": args.train_reps,
+                              "threads": torch.get_num_threads()}
     warmup = 1
     if "speedup" not in skip:
         fl = flops(store, args.batch_size)
@@ -393,25 +473,43 @@ def main() -> None:
         print(f"FLOPs per step of batch {args.batch_size}: offline step {fl['offline_step'] / 1e9:.1f} G "
               f"(forward {fl['offline_forward'] / 1e9:.1f} G), teacher forward {fl['teacher_forward'] / 1e9:.1f} G "
               f"(v0 {fl['teacher_v0'] / 1e9:.1f} G, Ic {fl['teacher_ic'] / 1e9:.1f} G); bound {fl['bound']:.2f}x")
-        print("speedup (store vs online teacher):", flush=True)
-        sp = compare("offline", lambda: train_steps(store, work, args.batch_size, args.steps),
-                     "online", lambda: train_steps(store, work, args.batch_size, args.steps, online=True),
-                     args.reps, warmup)
+        print("speedup (store vs online teacher), steps interleaved in one process:", flush=True)
+        sp = ratio_of(interleaved({"offline": Variant(store, args.batch_size),
+                                   "online": Variant(store, args.batch_size, online=True)}, args.steps, warmup),
+                      "online", "offline")
+        print(f"  offline {sp['steps_per_s']['offline']:.4f} steps/s, online {sp['steps_per_s']['online']:.4f} "
+              f"steps/s; per-pair ratios {fmt(sp['pair_ratios'])}")
         result["speedup"] = sp
-        print(f"speedup: median {sp['median_ratio']:.2f}x ({'meets' if sp['median_ratio'] >= 3.5 else 'MISSES'} "
-              f"target >= 3.5x; FLOP bound {fl['bound']:.2f}x)", flush=True)
+        if args.train_reps:
+            print("  check with whole `train` runs (offline, online alternated):", flush=True)
+            sp["train_runs"] = compare(
+                "offline", lambda: train_steps(store, work, args.batch_size, args.train_steps),
+                "online", lambda: train_steps(store, work, args.batch_size, args.train_steps, online=True),
+                args.train_reps, warmup)
+        r = sp["median_pair_ratio"]
+        print(f"speedup: median {r:.2f}x ({'meets' if r >= 3.5 else 'MISSES'} target >= 3.5x; FLOP bound "
+              f"{fl['bound']:.2f}x)", flush=True)
     if "loader" not in skip:
         pre = preload_targets(store)
-        print("loader overhead (store vs in-memory targets):", flush=True)
-        lo = compare("store", lambda: train_steps(store, work, args.batch_size, args.steps),
-                     "memory", lambda: train_steps(store, work, args.batch_size, args.steps, memory_targets=pre),
-                     args.reps, warmup)
+        print("loader overhead (store vs in-memory targets), steps interleaved in one process:", flush=True)
+        lo = ratio_of(interleaved({"store": Variant(store, args.batch_size),
+                                   "memory": Variant(store, args.batch_size, memory_targets=pre)}, args.steps,
+                                  warmup), "memory", "store")
+        print(f"  store {lo['steps_per_s']['store']:.4f} steps/s, memory {lo['steps_per_s']['memory']:.4f} "
+              f"steps/s; per-pair ratios {fmt(lo['pair_ratios'])}")
         result["loader"] = lo
-        r = lo["median_ratio"]
+        if args.train_reps:
+            print("  check with whole `train` runs (store, memory alternated):", flush=True)
+            lo["train_runs"] = compare(
+                "store", lambda: train_steps(store, work, args.batch_size, args.train_steps),
+                "memory", lambda: train_steps(store, work, args.batch_size, args.train_steps, memory_targets=pre),
+                args.train_reps, warmup)
+        MemoryTargetsReader.preloaded = {}
+        r = lo["median_pair_ratio"]
         print(f"loader: store / memory steps/s median {r:.3f} ({'meets' if r >= 0.9 else 'MISSES'} target >= 0.9)",
               flush=True)
     if "parts" not in skip:
-        pt = parts(store, args.batch_size, max(args.reps, 3))
+        pt = parts(store, args.batch_size, args.reps)
         result["parts_seconds_per_batch"] = pt
         print("parts, median seconds per batch: " + ", ".join(f"{k} {v:.3f}" for k, v in pt.items()), flush=True)
     if "memory" not in skip:

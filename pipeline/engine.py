@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,11 +191,15 @@ def slurm_cluster(cfg: CacheConfig) -> Any:
     s = cfg.slurm
     extra = [f"--gres=gpu:{s.gpus_per_job}"] if s.gpus_per_job else []
     extra += list(s.job_extra)
-    return SLURMCluster(
-        queue=s.partition, account=s.account, cores=s.cores, processes=1, memory=s.memory, walltime=s.walltime,
-        job_extra_directives=extra, job_name="dpal-cache",
-        worker_extra_args=["--nthreads", "1"],
-    )
+    # One task at a time per worker (cores=1 -> --nthreads 1) on one GPU; the job still gets
+    # `slurm.cores` CPUs (job_cpu) for torch, decoding and replay.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Port .* is already in use")
+        return SLURMCluster(
+            queue=s.partition, account=s.account, cores=1, job_cpu=s.cores, processes=1, memory=s.memory,
+            walltime=s.walltime, job_extra_directives=extra, job_name="dpal-cache",
+            scheduler_options={"dashboard_address": None},
+        )
 
 
 def _progress() -> Progress:
@@ -265,8 +270,10 @@ def _run_dask(cfg: CacheConfig, store: str, pending: list[int], total: int, show
     else:
         n = min(cfg.workers, len(pending))
         threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // n)
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                               silence_logs=logging.ERROR)
+        with warnings.catch_warnings():  # "Port 8787 is already in use": no dashboard is wanted
+            warnings.filterwarnings("ignore", message="Port .* is already in use")
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                                   silence_logs=logging.ERROR)
         client = Client(cluster)
     try:
         client.register_plugin(TeacherPlugin(cfg, threads), name=PLUGIN_NAME)

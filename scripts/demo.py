@@ -48,7 +48,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=int(os.environ.get("DPAL_DEMO_EPOCHS", "8")))
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--base-lr", type=float, default=1.5e-3)
+    ap.add_argument("--base-lr", type=float, default=4e-3, help="per 256 images (peak 5e-4 at batch 32)")
+    ap.add_argument("--num-workers", type=int, default=0,
+                    help="loader processes; 0 on 2 cores, where a worker would steal the trainer's second core")
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -65,7 +67,7 @@ def main() -> None:
     print("\n== 2/4 stage two: distill dpal_vit_tiny ==", flush=True)
     run(dpal + ["distill", "--store", str(store), "--out", str(run_dir), "--student", "dpal_vit_tiny",
                 "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--base-lr", str(args.base_lr),
-                "--warmup-epochs", "1", "--num-workers", "1", "--set", "log_every=5",
+                "--warmup-epochs", "1", "--num-workers", str(args.num_workers), "--set", "log_every=5",
                 "--set", "checkpoint_every=100"])
 
     print("\n== 3/4 export the student ==", flush=True)

@@ -169,3 +169,17 @@ def test_store_verify(cli, store_copy: Path) -> None:
 
     result = cli("store", "verify", store_copy.parent / "nothing")
     _assert_one_error_line(result, "not a dpal store")
+
+
+def test_slurm_dry_run_prints_sizes_and_the_job_script(cli, tmp_path: Path, corpus_dir: Path,
+                                                        cli_args: Callable[..., list[str]]) -> None:
+    result = cli(*cli_args(corpus_dir, tmp_path / "store", "--slurm", "--dry-run",
+                           "--set", "slurm.partition=gpu", "--set", "slurm.gpus_per_job=1",
+                           "--set", "slurm.cores=6", "--set", "slurm.walltime=02:00:00"))
+    assert result.exit_code == 0, (result.output, result.exception)
+    out = result.stdout
+    assert "13 images x K=2 views" in out and "bytes per view" in out
+    for line in ("#SBATCH -p gpu", "#SBATCH --cpus-per-task=6", "#SBATCH -t 02:00:00", "#SBATCH --gres=gpu:1"):
+        assert line in out
+    assert "--nthreads 1" in out  # one shard task at a time per GPU worker
+    assert not (tmp_path / "store").exists()  # a dry run writes nothing
