@@ -11,6 +11,7 @@ so that the pixels the student sees are those the teacher saw.
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import logging
 import os
@@ -142,6 +143,15 @@ def read_bytes(source: str, offset: int = -1, size: int = -1) -> bytes:
     with fsspec.open(source, "rb") as f:
         f.seek(offset)
         return f.read(size)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MB chunks (checkpoints and shard files are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -33,7 +33,7 @@ from torch import Tensor
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from dpal import __version__
-from dpal.corpus import ImageRef, read_bytes
+from dpal.corpus import ImageRef, read_bytes, sha256_file
 from dpal.views import NUM_PARAMS, PARAM_FIELDS
 
 SCHEMA_VERSION = 1
@@ -78,14 +78,6 @@ def corpus_fingerprint(refs: list[ImageRef]) -> str:
     h = hashlib.sha256()
     for r in refs:
         h.update(f"{r.key}\x00{r.offset}\x00{r.size}\n".encode())
-    return h.hexdigest()
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
     return h.hexdigest()
 
 

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import logging
 import math
 import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import timm
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from dpal.corpus import sha256_file
 from dpal.vit import PosEmbed, patch_size_of, pos_embed_of, resize_pos_grid, vit_tokens
 
 logger = logging.getLogger(__name__)
@@ -51,15 +50,6 @@ PATH_BACKBONE_PREFIX = "module.backbone_module."
 PATH_STRIP_PREFIXES = ("module.", "backbone_module.", "backbone.")
 PATH_IGNORED_PREFIXES = ("neck_module.", "decoder_module.", "neck.", "decoder.", "head.", "heads.")
 LN_EPS = 1e-6
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (teacher checkpoints are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def autocast_context(device: str | torch.device) -> contextlib.AbstractContextManager:
