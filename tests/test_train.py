@@ -478,3 +478,30 @@ def test_export_loads_as_plain_timm_vit(root: Path, reference: Path) -> None:
     torch.manual_seed(0)
     init = create_student(u.STUDENT, img_size=(32, 16), **u.STUDENT_KWARGS)
     assert not torch.equal(init.patch_embed.proj.weight, state["patch_embed.proj.weight"])
+
+
+def test_batched_global_calls_equal_five_separate_dpade_calls() -> None:
+    """Distiller runs the three global D-PaDe calls (and v1, v2) as one batch: same loss terms."""
+    from dpal.trainer.dpade import DPaDe
+    from dpal.trainer.losses import global_mse, local_masked_mse, relation_kl, shape_mask, total_loss
+    from dpal.trainer.student import create_student, student_tokens
+    from dpal.trainer.train import Distiller
+
+    torch.manual_seed(0)
+    b, dim = 4, 64
+    st = create_student("vit_tiny_patch16_224", img_size=(32, 16), depth=2)
+    dp = DPaDe(192, dim)
+    batch = {"v0": torch.randn(b, 3, 32, 16), "v1": torch.randn(b, 3, 16, 16), "v2": torch.randn(b, 3, 16, 16),
+             "ic": torch.randn(b, 3, 32, 48), "g_t": torch.randn(b, dim), "local_t": torch.randn(b, 2, dim),
+             "rel_t": torch.randn(b, 7, 7)}
+    total, terms = Distiller(st, dp, (2, 1), True)(batch, 0)
+    t0, t1, t2, ti = (student_tokens(st, batch[k]) for k in ("v0", "v1", "v2", "ic"))
+    calls = [dp(t0[:, :1], 0), dp(t1[:, :1], 0), dp(t2[:, :1], 0), dp(t0[:, 1:], 1), dp(ti, 2)]
+    ref_total, ref = total_loss(
+        global_mse([c.y[:, 0] for c in calls[:3]], batch["g_t"]),
+        local_masked_mse(calls[3].y, batch["local_t"], shape_mask(batch["local_t"], (2, 1), True)),
+        relation_kl(calls[4].y, batch["rel_t"]),
+        [c.route_loss for c in calls], [c.weight_l2 for c in calls], 0)
+    for k, v in ref.items():
+        assert terms[k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
+    assert float(total) == pytest.approx(float(ref_total), rel=1e-6)

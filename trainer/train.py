@@ -208,23 +208,23 @@ class Distiller(nn.Module):
 
     def forward(self, batch: dict[str, Tensor], epoch: int) -> tuple[Tensor, dict[str, float]]:
         # B batch, P patches of v0, T tokens of Ic, d student width, D teacher width
+        b = batch["v0"].shape[0]
         tok0 = student_tokens(self.student, batch["v0"])  # (B, 1 + P, d)
-        tok1 = student_tokens(self.student, batch["v1"])  # (B, 1 + P_local, d)
-        tok2 = student_tokens(self.student, batch["v2"])
+        tok12 = student_tokens(self.student, torch.cat([batch["v1"], batch["v2"]]))  # (2B, 1 + P_local, d)
         tok_ic = student_tokens(self.student, batch["ic"])  # (B, T, d)
         npre = self.student.num_prefix_tokens
-        calls = [
-            self.dpade(tok0[:, :1], PATTERN_GLOBAL),
-            self.dpade(tok1[:, :1], PATTERN_GLOBAL),
-            self.dpade(tok2[:, :1], PATTERN_GLOBAL),
-            self.dpade(tok0[:, npre:], PATTERN_LOCAL),
-            self.dpade(torch.cat([tok_ic[:, :1], tok_ic[:, npre:]], dim=1), PATTERN_RELATION),
-        ]
+        # method.md's five D-PaDe calls. Student and D-PaDe treat every image on its own, so the
+        # three global calls (CLS of v0, v1, v2) run as one call on 3B tokens: the same values (up
+        # to float summation order) for fewer, larger kernels and one weight-gradient pass.
+        glob = self.dpade(torch.cat([tok0[:, :1], tok12[:, :1]]), PATTERN_GLOBAL)  # y (3B, 1, D)
+        loc = self.dpade(tok0[:, npre:], PATTERN_LOCAL)  # y (B, P, D)
+        rel = self.dpade(torch.cat([tok_ic[:, :1], tok_ic[:, npre:]], dim=1), PATTERN_RELATION)  # y (B, T, D)
+        calls = [glob, glob, glob, loc, rel]  # the mean over 3B equals the mean of the three means
         g_t, local_t, rel_t = batch["g_t"], batch["local_t"], batch["rel_t"]
-        l_g = global_mse([c.y[:, 0] for c in calls[:3]], g_t)  # (B, D) each
+        l_g = global_mse(list(glob.y[:, 0].reshape(3, b, -1)), g_t)  # three (B, D)
         mask = shape_mask(local_t, self.grid_hw, self.fix_mask_sign)  # (B, P, 1)
-        l_l = local_masked_mse(calls[3].y, local_t, mask)
-        l_r = relation_kl(calls[4].y, rel_t)
+        l_l = local_masked_mse(loc.y, local_t, mask)
+        l_r = relation_kl(rel.y, rel_t)
         total, terms = total_loss(l_g, l_l, l_r, [c.route_loss for c in calls], [c.weight_l2 for c in calls], epoch)
         terms["route_acc"] = float(torch.stack([c.route_correct for c in calls]).mean())
         return total, terms
