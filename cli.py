@@ -327,6 +327,8 @@ def eval_reid(
                                               "(a random baseline, on purpose).")] = False,
     teacher_checkpoint: Annotated[str | None, typer.Option(help="Weights for a teacher preset or timm name.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of --random-init weights.")] = 0,
+    feature: Annotated[str, typer.Option(help="A student's global feature: cls (its CLS token) or mean (mean "
+                                         "patch token). Teachers give their stage-one global target.")] = "cls",
     batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 64,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -345,10 +347,11 @@ def eval_reid(
     if not (data / "query").is_dir() or not (data / "bounding_box_test").is_dir():
         raise ValueError(f"--data {data} must hold query/ and bounding_box_test/ (Market-1501 layout)")
     torch.set_grad_enabled(False)
-    emb = resolve_model(model, tuple(image_size) if image_size else None, random_init, teacher_checkpoint, seed)
+    emb = resolve_model(model, tuple(image_size) if image_size else None, random_init, teacher_checkpoint, seed,
+                        feature)
     res = evaluate_reid(emb, data, batch_size)
     if as_json:
-        typer.echo(json.dumps({"model": emb.name, **res}))
+        typer.echo(json.dumps({"model": emb.name, "feature": feature if emb.kind != "teacher" else "global", **res}))
         return
     typer.echo(format_table([{"model": emb.name, **res}]))
     typer.echo(f"{res['num_query']} queries, {res['num_gallery']} gallery images at {res['image_size']}")

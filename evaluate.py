@@ -32,22 +32,33 @@ class Embedder:
     kind: str  # "student", "teacher" or "random"
 
 
-def _student_embedder(name: str, model: nn.Module, image_size: tuple[int, int], kind: str) -> Embedder:
+FEATURES = ("cls", "mean")
+
+
+def _student_embedder(name: str, model: nn.Module, image_size: tuple[int, int], kind: str,
+                      feature: str = "cls") -> Embedder:
     model.eval()
+    npre = model.num_prefix_tokens
 
     def fn(x: Tensor) -> Tensor:
-        return vit_tokens(model, x)[:, 0]
+        tokens = vit_tokens(model, x)  # (B, prefix + N, d)
+        return tokens[:, 0] if feature == "cls" else tokens[:, npre:].mean(dim=1)
 
     return Embedder(name, fn, image_size, kind)
 
 
 def resolve_model(model: str, image_size: tuple[int, int] | None = None, random_init: bool = False,
-                  checkpoint: str | None = None, seed: int = 0) -> Embedder:
+                  checkpoint: str | None = None, seed: int = 0, feature: str = "cls") -> Embedder:
     """Build the embedder for `model` (see the module docstring for what it may name).
+
+    `feature` picks a student's global feature: its CLS token (`cls`, default) or the mean of its
+    patch tokens (`mean`). Teachers always give their stage-one global target.
 
     Raises:
         ValueError: unknown model, or a bare model name without `random_init`.
     """
+    if feature not in FEATURES:
+        raise ValueError(f"--feature {feature!r}: choose one of {', '.join(FEATURES)}")
     path = Path(model)
     if path.suffix in (".safetensors", ".json") and path.exists():
         import json
@@ -56,12 +67,12 @@ def resolve_model(model: str, image_size: tuple[int, int] | None = None, random_
 
         cfg = json.loads(path.with_suffix(".json").read_text())
         size = image_size or tuple(cfg["img_size"])
-        return _student_embedder(path.stem, load_exported(path), size, "student")
+        return _student_embedder(path.stem, load_exported(path), size, "student", feature)
     if path.is_dir() or path.suffix == ".pt":
         from dpal.trainer.train import build_student_from_checkpoint
 
         student, ckpt = build_student_from_checkpoint(path)
-        return _student_embedder(path.name, student, image_size or tuple(ckpt["img_size"]), "student")
+        return _student_embedder(path.name, student, image_size or tuple(ckpt["img_size"]), "student", feature)
     size = image_size or (256, 128)
     if model in PRESETS or checkpoint is not None:
         teacher = load_teacher(TeacherSpec(name=model, checkpoint=checkpoint, random_init=random_init,
@@ -84,7 +95,7 @@ def resolve_model(model: str, image_size: tuple[int, int] | None = None, random_
         except ValueError:
             teacher = load_teacher(TeacherSpec(name=model, random_init=True, random_init_seed=seed, global_size=size))
             return Embedder(f"{model} (random)", lambda x: teacher.encode_global(x)[0], size, "random")
-    return _student_embedder(f"{model} (random)", student, size, "random")
+    return _student_embedder(f"{model} (random)", student, size, "random", feature)
 
 
 def evaluate_reid(embedder: Embedder, data: str | Path, batch_size: int = 64) -> dict[str, float]:
