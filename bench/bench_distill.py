@@ -15,8 +15,9 @@ both alike; the figure is the median over adjacent pairs of the step-time ratio.
 2. Loader overhead: steps/s reading targets from the store over steps/s with the same targets held
    in memory (a `BatchDataset` whose reader serves preloaded, decoded tensors); same images and
    replay. Target >= 0.9.
-3. Parts: median seconds per batch of each piece of a step (data, target read, student, D-PaDe,
-   losses, shape mask, optimizer, teacher), to see where the time goes.
+3. Parts: median seconds per batch of each piece of a step (data, target read, forward of the
+   student, of D-PaDe and of the rest, backward, optimizer, shape mask, teacher), to see where the
+   time goes.
 4. Memory: peak memory of one student + D-PaDe training step (D = 768) at several batch sizes,
    each in a fresh process; per image = the slope of a least-squares line. Two measures: the
    peak of live tensor bytes seen by the torch profiler, and the peak resident set size (VmHWM,
@@ -45,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dpal.trainer.train as train_mod
@@ -53,9 +55,9 @@ from dpal.pipeline.engine import run_cache
 from dpal.store import StoreError, StoreReader, Targets
 from dpal.teachers import autocast_context, load_teacher
 from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, valid_rows
-from dpal.trainer.dpade import PATTERN_GLOBAL, PATTERN_LOCAL, PATTERN_RELATION, DPaDe
-from dpal.trainer.losses import global_mse, local_masked_mse, relation_kl, shape_mask
-from dpal.trainer.student import create_student, student_tokens
+from dpal.trainer.dpade import DPaDe
+from dpal.trainer.losses import shape_mask
+from dpal.trainer.student import create_student
 from dpal.trainer.train import Distiller, param_groups, teacher_spec_from_store
 from dpal.views import ViewRecipe
 
@@ -295,15 +297,41 @@ def flops(store: Path, batch_size: int) -> dict[str, Any]:
             "bound": (step_flops + t_flops) / step_flops}
 
 
+class ForwardTimer:
+    """Adds up the wall time of forward calls of some submodules (forward pre/post hooks)."""
+
+    def __init__(self, groups: dict[str, list[nn.Module]]) -> None:
+        self.seconds = dict.fromkeys(groups, 0.0)
+        self._t0: dict[int, float] = {}
+        self._handles = []
+        for name, modules in groups.items():
+            for m in modules:
+                self._handles.append(m.register_forward_pre_hook(self._pre))
+                self._handles.append(m.register_forward_hook(lambda mod, a, out, _n=name: self._post(mod, _n)))
+
+    def _pre(self, mod: nn.Module, args: Any) -> None:
+        self._t0[id(mod)] = time.perf_counter()
+
+    def _post(self, mod: nn.Module, name: str) -> None:
+        self.seconds[name] += time.perf_counter() - self._t0.pop(id(mod))
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
 def parts(store: Path, batch_size: int, reps: int) -> dict[str, Any]:
     """Median seconds per batch of the pieces of a step, timed alternately in one process.
 
     data_store / data_memory: one `BatchDataset` item (decode, replay, local crops, targets) with
-    targets from the store / from memory; read_targets: the store read alone; train_step: student +
-    D-PaDe forward, backward and AdamW step (what `train` does per micro-batch besides loading);
-    its pieces: student_fwd_bwd (4 views), dpade_fwd_bwd (5 calls on fixed tokens), losses (the
-    three losses with the shape mask, forward only), shape_mask (its SVD), optimizer (AdamW step);
-    teacher_forward: the teacher on v0 and Ic (what online mode adds).
+    targets from the store / from memory; read_targets: the store read alone; train_step: the real
+    `Distiller` forward, backward and AdamW step, split into forward (student: patch embedding,
+    blocks and final norm; D-PaDe: its calls; rest: losses, shape mask, concatenations), backward
+    and optimizer; shape_mask: the mask alone; teacher_forward: the teacher on v0 and Ic (what
+    online mode adds).
     """
     reader = StoreReader(store)
     attrs = reader.attrs
@@ -318,68 +346,50 @@ def parts(store: Path, batch_size: int, reps: int) -> dict[str, Any]:
     req = BatchRequest(0, 0, 0)
     idx = ds_store.indices(req)
     batch = ds_store[req]
-    student, dpade = model.student, model.dpade
-    npre = student.num_prefix_tokens
-    with torch.no_grad():
-        toks = {k: student_tokens(student, batch[k]) for k in ("v0", "v1", "v2", "ic")}
-    decoded = dpade_calls(dpade, toks, npre)
+    st = model.student
+    timer = ForwardTimer({"student": [st.patch_embed, st.blocks, st.norm], "dpade": [model.dpade]})
+    split: dict[str, list[float]] = {k: [] for k in ("forward", "forward_student", "forward_dpade",
+                                                     "forward_rest", "backward", "optimizer")}
+
+    def train_step() -> None:
+        timer.reset()
+        model.train()
+        t0 = time.perf_counter()
+        loss, _ = model(batch, 0)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        for k, v in (("forward", t1 - t0), ("forward_student", timer.seconds["student"]),
+                     ("forward_dpade", timer.seconds["dpade"]),
+                     ("forward_rest", t1 - t0 - timer.seconds["student"] - timer.seconds["dpade"]),
+                     ("backward", t2 - t1), ("optimizer", t3 - t2)):
+            split[k].append(v)
 
     def teacher_fwd() -> None:
         with torch.inference_mode():
             teacher.encode_global(batch["v0"])
             teacher.relation_logits(batch["ic"])
 
-    def student_fwd_bwd() -> None:
-        loss = sum(student_tokens(student, batch[k]).square().mean() for k in ("v0", "v1", "v2", "ic"))
-        loss.backward()
-        opt.zero_grad(set_to_none=True)
-
-    def dpade_fwd_bwd() -> None:
-        calls = dpade_calls(dpade, toks, npre)
-        loss = sum(c.y.square().mean() + c.route_loss + c.weight_l2 for c in calls)
-        loss.backward()
-        opt.zero_grad(set_to_none=True)
-
-    def losses() -> None:
-        with torch.no_grad():
-            global_mse([c.y[:, 0] for c in decoded[:3]], batch["g_t"])
-            mask = shape_mask(batch["local_t"], grid, True)
-            local_masked_mse(decoded[3].y, batch["local_t"], mask)
-            relation_kl(decoded[4].y, batch["rel_t"])
-
-    def optimizer() -> None:
-        opt.step()
-
-    def with_grads() -> None:
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p)
-
     fns = {"data_store": lambda: ds_store[req], "data_memory": lambda: ds_mem[req],
-           "read_targets": lambda: reader.read_targets(idx, 0), "train_step": lambda: step(model, opt, batch),
-           "student_fwd_bwd": student_fwd_bwd, "dpade_fwd_bwd": dpade_fwd_bwd, "losses": losses,
-           "shape_mask": lambda: shape_mask(batch["local_t"], grid, True), "optimizer": optimizer,
-           "teacher_forward": teacher_fwd}
-    setup = {"optimizer": with_grads}
+           "read_targets": lambda: reader.read_targets(idx, 0), "train_step": train_step,
+           "shape_mask": lambda: shape_mask(batch["local_t"], grid, True), "teacher_forward": teacher_fwd}
     times: dict[str, list[float]] = {k: [] for k in fns}
     for rep in range(reps + 1):  # rep 0 is a warmup
         for name in (list(fns) if rep % 2 == 0 else list(reversed(fns))):
-            setup.get(name, lambda: None)()
             t0 = time.perf_counter()
             fns[name]()
-            dt = time.perf_counter() - t0
-            opt.zero_grad(set_to_none=True)
             if rep:
-                times[name].append(dt)
+                times[name].append(time.perf_counter() - t0)
+        if rep == 0:
+            split = {k: [] for k in split}
+    timer.remove()
     MemoryTargetsReader.preloaded = {}
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def dpade_calls(dpade: DPaDe, toks: dict[str, torch.Tensor], npre: int) -> list[Any]:
-    """The five D-PaDe calls of `Distiller.forward` on given student tokens."""
-    ic = toks["ic"]
-    return [dpade(toks["v0"][:, :1], PATTERN_GLOBAL), dpade(toks["v1"][:, :1], PATTERN_GLOBAL),
-            dpade(toks["v2"][:, :1], PATTERN_GLOBAL), dpade(toks["v0"][:, npre:], PATTERN_LOCAL),
-            dpade(torch.cat([ic[:, :1], ic[:, npre:]], dim=1), PATTERN_RELATION)]
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out.update({f"train_step_{k}": statistics.median(v) for k, v in split.items()})
+    return out
 
 
 # ---------------------------------------------------------------- memory

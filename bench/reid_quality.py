@@ -66,18 +66,18 @@ def main() -> None:
                 "--set", f"checkpoint_every={every}", "--set", "keep_last=1000", "--set", "log_every=10"])
     train_s = time.perf_counter() - t_train
 
-    rows = [{"model": "teacher efficientnet-lite2", **reid(["--model", "efficientnet-lite2"], args.reid)}]
+    rows = [{**reid(["--model", "efficientnet-lite2"], args.reid), "model": "teacher efficientnet-lite2"}]
     random = {}
     for feat in ("cls", "mean"):
         r = reid(["--model", "dpal_vit_tiny", "--random-init", "--seed", str(args.seed), "--feature", feat], args.reid)
         random[feat] = r["mAP"]
-        rows.append({"model": f"random init ({feat})", **r})
+        rows.append({**r, "model": f"random init ({feat})"})
     for ckpt in sorted((run_dir / "checkpoints").glob("step-*.pt")):
         step = int(ckpt.stem.split("-")[1])
         for feat in ("cls", "mean"):
             r = reid(["--model", str(ckpt), "--feature", feat], args.reid)
             r["gap_closed"] = (r["mAP"] - random[feat]) / (rows[0]["mAP"] - random[feat])
-            rows.append({"model": f"epoch {step / steps_per_epoch:.0f} ({feat})", **r})
+            rows.append({**r, "model": f"epoch {step / steps_per_epoch:.0f} ({feat})"})
     from dpal.reid import format_table
 
     print("\n" + format_table(rows))

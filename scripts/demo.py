@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--out", default="demo_out", help="Output folder (store, run, exported student).")
     ap.add_argument("--corpus", default=str(ROOT / "sample_data" / "corpus"))
     ap.add_argument("--reid", default=str(ROOT / "sample_data" / "reid"))
-    ap.add_argument("--epochs", type=int, default=int(os.environ.get("DPAL_DEMO_EPOCHS", "8")))
+    ap.add_argument("--epochs", type=int, default=int(os.environ.get("DPAL_DEMO_EPOCHS", "6")))
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--base-lr", type=float, default=1.2e-2, help="per 256 images (peak 7.5e-4 at batch 16)")
@@ -84,7 +84,7 @@ def main() -> None:
         ("student distilled, mean patch", ["--model", str(student), "--feature", "mean"]),
     ):
         res = json.loads(run(dpal + ["eval", "reid", *model_args, "--data", args.reid, *size, "--json"], capture=True))
-        rows.append({"model": label, **res})
+        rows.append({**res, "model": label})
     from dpal.reid import format_table
 
     print("\n" + format_table(rows))
