@@ -346,10 +346,10 @@ def eval_reid(
         raise ValueError("--image-size takes two values: --image-size H --image-size W")
     if not (data / "query").is_dir() or not (data / "bounding_box_test").is_dir():
         raise ValueError(f"--data {data} must hold query/ and bounding_box_test/ (Market-1501 layout)")
-    torch.set_grad_enabled(False)
-    emb = resolve_model(model, tuple(image_size) if image_size else None, random_init, teacher_checkpoint, seed,
-                        feature)
-    res = evaluate_reid(emb, data, batch_size)
+    with torch.no_grad():
+        emb = resolve_model(model, tuple(image_size) if image_size else None, random_init, teacher_checkpoint,
+                            seed, feature)
+        res = evaluate_reid(emb, data, batch_size)
     if as_json:
         typer.echo(json.dumps({"model": emb.name, "feature": feature if emb.kind != "teacher" else "global", **res}))
         return
