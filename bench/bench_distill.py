@@ -58,7 +58,7 @@ from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, valid_ro
 from dpal.trainer.dpade import DPaDe
 from dpal.trainer.losses import shape_mask
 from dpal.trainer.student import create_student
-from dpal.trainer.train import Distiller, param_groups, teacher_spec_from_store
+from dpal.trainer.train import Distiller, keep_freed_memory, make_optimizer, teacher_spec_from_store
 from dpal.views import ViewRecipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -255,7 +255,9 @@ def build_model(embed_dim: int, recipe: ViewRecipe, grid: tuple[int, int]) -> tu
     student = create_student(STUDENT, img_size=tuple(recipe.global_size))
     dpade = DPaDe(student.embed_dim, embed_dim, scale=cfg.dpade_scale, l2_weight=cfg.l2_weight)
     model = Distiller(student, dpade, grid, cfg.fix_mask_sign)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=1e-4, betas=cfg.betas)
+    opt = make_optimizer(model, cfg)
+    for group in opt.param_groups:
+        group["lr"] = 1e-4
     return model, opt
 
 
@@ -462,6 +464,7 @@ def main() -> None:
     ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as `train` does on CPU
     if args.memory_child is not None:
         print(json.dumps(memory_child(Path(args.store), args.memory_child)))
         return

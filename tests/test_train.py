@@ -32,6 +32,7 @@ from dpal.store import StoreReader
 from dpal.teachers import load_teacher
 from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, collate_requests, valid_rows
 from dpal.trainer.dpade import DPaDe
+from dpal.trainer.losses import shape_mask
 from dpal.trainer.student import create_student, student_tokens
 from dpal.trainer.train import (
     Distiller,
@@ -206,7 +207,7 @@ def test_store_targets_equal_the_teacher_on_replayed_views(store32: Path) -> Non
     reader = StoreReader(store32)
     recipe = ViewRecipe.from_dict(reader.attrs["recipe"])
     sampler = EpochSampler(valid_rows(reader), 4, 1, 0, seed=0)
-    ds = BatchDataset(store32, sampler, recipe, seed=0)
+    ds = BatchDataset(store32, sampler, recipe, seed=0, mask_fix_sign=True)
     teacher = load_teacher(teacher_spec_from_store(reader.attrs))
     for req in (BatchRequest(0, 0, 0), BatchRequest(1, 1, 0)):  # views 0 and 1
         batch = ds[req]
@@ -217,6 +218,9 @@ def test_store_targets_equal_the_teacher_on_replayed_views(store32: Path) -> Non
         torch.testing.assert_close(batch["local_t"], patches, rtol=1e-5, atol=1e-6)
         # the store keeps each relation row minus its max (softmax-invariant)
         torch.testing.assert_close(batch["rel_t"], rel - rel.amax(-1, keepdim=True), rtol=1e-5, atol=1e-6)
+        # the loader's shape mask is the loss's, computed from the same targets
+        grid = tuple(reader.attrs["token_grid"]["global"])
+        assert torch.equal(batch["mask"], shape_mask(batch["local_t"], grid, fix_sign=True))
 
 
 def test_offline_equals_online_teacher(root: Path, store32: Path, store16: Path) -> None:
@@ -505,3 +509,9 @@ def test_batched_global_calls_equal_five_separate_dpade_calls() -> None:
     for k, v in ref.items():
         assert terms[k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
     assert float(total) == pytest.approx(float(ref_total), rel=1e-6)
+    # and the same gradients: the expert generator runs once for all branches (forward_many)
+    params = list(dp.parameters()) + list(st.parameters())
+    grads = torch.autograd.grad(total, params)
+    ref_grads = torch.autograd.grad(ref_total, params)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * float(r.abs().max()))

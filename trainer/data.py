@@ -27,6 +27,7 @@ from torch import Tensor
 
 from dpal.corpus import decode_image
 from dpal.store import PARAMS, VALID, StoreError, StoreReader, shard_name
+from dpal.trainer.losses import shape_mask
 from dpal.views import ViewRecipe, background_index, random_local, replay, view_rng
 
 # B batch, D teacher width, P patches of v0, T tokens of Ic
@@ -93,10 +94,15 @@ class BatchDataset(torch.utils.data.Dataset):
         grad_accum: micro-batches per step.
         read_targets: False in online-teacher mode (only the view parameters are read).
         allow_incomplete: passed to StoreReader.
+        mask_fix_sign: when not None (and targets are read), also return the shape mask of the
+            batch's teacher patches as `mask`, with this `fix_sign`. The mask depends on the
+            targets alone, so the DataLoader workers compute it (an eigendecomposition, about 4%
+            of a CPU step) while the main process trains.
     """
 
     def __init__(self, store_path: str | Path, sampler: EpochSampler, recipe: ViewRecipe, seed: int,
-                 grad_accum: int = 1, read_targets: bool = True, allow_incomplete: bool = False) -> None:
+                 grad_accum: int = 1, read_targets: bool = True, allow_incomplete: bool = False,
+                 mask_fix_sign: bool | None = None) -> None:
         self.store_path = str(store_path)
         self.sampler = sampler
         self.recipe = recipe
@@ -104,6 +110,7 @@ class BatchDataset(torch.utils.data.Dataset):
         self.grad_accum = grad_accum
         self.read_targets = read_targets
         self.allow_incomplete = allow_incomplete
+        self.mask_fix_sign = mask_fix_sign
         self.num_views = 0
         self._reader: StoreReader | None = None
 
@@ -173,6 +180,9 @@ class BatchDataset(torch.utils.data.Dataset):
         }
         if t is not None:
             out.update(g_t=t.global_, local_t=t.local, rel_t=t.relation)
+            if self.mask_fix_sign is not None:
+                grid = tuple(reader.attrs["token_grid"]["global"])
+                out["mask"] = shape_mask(t.local, grid, self.mask_fix_sign)  # (B, P, 1)
         return out
 
 
