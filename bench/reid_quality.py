@@ -6,7 +6,7 @@ scores every kept checkpoint, the teacher and a randomly initialised student on 
 ReID split. Prints the learning curve and the fraction of the random-to-teacher mAP gap that the
 student closes; writes everything as JSON. Views are the demo's (v0 128x64, crops 64x48, Ic 128x128).
 
-    python bench/reid_quality.py --out /tmp/dpal_quality --epochs 24 --batch-size 16 --base-lr 1.6e-2
+    python bench/reid_quality.py --out /tmp/dpal_q48 --epochs 48 --batch-size 16 --base-lr 1.2e-2 --eval-every 8
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ def main() -> None:
     ap.add_argument("--corpus", default=str(ROOT / "sample_data" / "corpus"))
     ap.add_argument("--reid", default=str(ROOT / "sample_data" / "reid"))
     ap.add_argument("--views", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=24)
+    ap.add_argument("--epochs", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--base-lr", type=float, default=1.6e-2)
+    ap.add_argument("--base-lr", type=float, default=1.2e-2)
     ap.add_argument("--warmup-epochs", type=float, default=1.0)
-    ap.add_argument("--eval-every", type=int, default=4, help="epochs between evaluated checkpoints")
+    ap.add_argument("--eval-every", type=int, default=8, help="epochs between evaluated checkpoints")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -62,7 +62,7 @@ def main() -> None:
     t_train = time.perf_counter()
     run(DPAL + ["distill", "--store", str(store), "--out", str(run_dir), "--student", "dpal_vit_tiny",
                 "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--base-lr", str(args.base_lr),
-                "--warmup-epochs", str(args.warmup_epochs), "--num-workers", "0", "--seed", str(args.seed), "-q",
+                "--warmup-epochs", str(args.warmup_epochs), "--seed", str(args.seed), "-q",
                 "--set", f"checkpoint_every={every}", "--set", "keep_last=1000", "--set", "log_every=10"])
     train_s = time.perf_counter() - t_train
 
