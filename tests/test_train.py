@@ -515,3 +515,22 @@ def test_batched_global_calls_equal_five_separate_dpade_calls() -> None:
     ref_grads = torch.autograd.grad(ref_total, params)
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * float(r.abs().max()))
+
+
+def test_keep_freed_memory_still_serves_large_blocks_to_other_threads() -> None:
+    """With glibc's mmap disabled, a block larger than a thread arena's 64 MB heap must still come
+    from the main arena: a 240 MB tensor made in another thread holds its values."""
+    import threading
+
+    from dpal.trainer.train import keep_freed_memory
+
+    keep_freed_memory()  # True on glibc; a no-op elsewhere
+    got: dict[str, float] = {}
+
+    def work() -> None:
+        got["sum"] = float(torch.ones(60_000_000, dtype=torch.float32).sum())
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert got["sum"] == 60_000_000.0
