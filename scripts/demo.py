@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--out", default="demo_out", help="Output folder (store, run, exported student).")
     ap.add_argument("--corpus", default=str(ROOT / "sample_data" / "corpus"))
     ap.add_argument("--reid", default=str(ROOT / "sample_data" / "reid"))
-    ap.add_argument("--epochs", type=int, default=int(os.environ.get("DPAL_DEMO_EPOCHS", "6")))
+    ap.add_argument("--epochs", type=int, default=int(os.environ.get("DPAL_DEMO_EPOCHS", "12")))
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--base-lr", type=float, default=1.2e-2, help="per 256 images (peak 7.5e-4 at batch 16)")
