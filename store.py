@@ -461,13 +461,17 @@ class StoreReader:
         sorted_idx = np.asarray(indices)[order]
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
+        # The view as a one-wide slice, not an integer: with an integer (a dropped axis) Zarr turns
+        # the orthogonal selection into per-element coordinates inside every shard, which made the
+        # read 9x slower at 32 images (docs/benchmarks.md, loader).
+        sel = (sorted_idx, slice(view, view + 1))
         out: dict[str, Tensor] = {}
         try:
             for name in FEATURES:
-                data = self.array(name).oindex[sorted_idx, view]
-                scale = self.array(name + SCALE_SUFFIX).oindex[sorted_idx, view] if self.dtype == "int8" else None
+                data = self.array(name).oindex[sel][:, 0]
+                scale = self.array(name + SCALE_SUFFIX).oindex[sel][:, 0] if self.dtype == "int8" else None
                 out[name] = decode(data, scale, self.dtype)[inverse]
-            params = self.array(PARAMS).oindex[sorted_idx, view][inverse]
+            params = self.array(PARAMS).oindex[sel][:, 0][inverse]
         except (zarr.errors.ChunkNotFoundError, ValueError) as e:
             # A missing shard file, or a chunk whose crc32c does not match: name the shard(s).
             shards = sorted({self.shard_of(int(i)) for i in sorted_idx})
@@ -481,12 +485,13 @@ class StoreReader:
 
     def _shard_readable(self, shard: int, indices: np.ndarray, view: int) -> bool:
         rows = [int(i) for i in indices if self.shard_of(int(i)) == shard]
+        sel = (rows, slice(view, view + 1))
         try:
             for name in FEATURES:
-                self.array(name).oindex[rows, view]
+                self.array(name).oindex[sel]
                 if self.dtype == "int8":
-                    self.array(name + SCALE_SUFFIX).oindex[rows, view]
-            self.array(PARAMS).oindex[rows, view]
+                    self.array(name + SCALE_SUFFIX).oindex[sel]
+            self.array(PARAMS).oindex[sel]
         except (zarr.errors.ChunkNotFoundError, ValueError):
             return False
         return True
