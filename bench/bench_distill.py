@@ -55,10 +55,14 @@ from dpal.pipeline.engine import run_cache
 from dpal.store import StoreError, StoreReader, Targets
 from dpal.teachers import autocast_context, load_teacher
 from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, valid_rows
-from dpal.trainer.dpade import DPaDe
 from dpal.trainer.losses import shape_mask
-from dpal.trainer.student import create_student
-from dpal.trainer.train import Distiller, keep_freed_memory, make_optimizer, teacher_spec_from_store
+from dpal.trainer.train import (
+    Distiller,
+    build_distiller,
+    keep_freed_memory,
+    make_optimizer,
+    teacher_spec_from_store,
+)
 from dpal.views import ViewRecipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -191,7 +195,7 @@ class Variant:
         reader = StoreReader(store)
         attrs = reader.attrs
         recipe = ViewRecipe.from_dict(attrs["recipe"])
-        self.model, self.opt = build_model(attrs["embed_dim"], recipe, tuple(attrs["token_grid"]["global"]))
+        self.model, self.opt = build_model(attrs)
         sampler = EpochSampler(valid_rows(reader), batch_size, 1, 0, seed)
         self.sampler = sampler
         self.teacher = load_teacher(teacher_spec_from_store(attrs), device="cpu") if online else None
@@ -252,17 +256,22 @@ def fmt(values: list[float]) -> str:
 # ---------------------------------------------------------------- model, batches, FLOPs, parts
 
 
-def build_model(embed_dim: int, recipe: ViewRecipe, grid: tuple[int, int]) -> tuple[Distiller, torch.optim.Optimizer]:
+def build_model(attrs: dict[str, Any]) -> tuple[Distiller, torch.optim.Optimizer]:
     """The student + D-PaDe and optimizer exactly as `train` builds them (CPU, float32)."""
-    cfg = DistillConfig()
-    torch.manual_seed(0)
-    student = create_student(STUDENT, img_size=tuple(recipe.global_size))
-    dpade = DPaDe(student.embed_dim, embed_dim, scale=cfg.dpade_scale, l2_weight=cfg.l2_weight)
-    model = Distiller(student, dpade, grid, cfg.fix_mask_sign)
+    cfg = DistillConfig(student=STUDENT)
+    model = build_distiller(cfg, ViewRecipe.from_dict(attrs["recipe"]), attrs)
     opt = make_optimizer(model, cfg)
     for group in opt.param_groups:
         group["lr"] = 1e-4
     return model, opt
+
+
+def model_and_batch(store: Path, batch_size: int) -> tuple[dict[str, Any], Distiller, torch.optim.Optimizer,
+                                                            dict[str, torch.Tensor]]:
+    """The store's attrs, `build_model`'s model and optimizer, and the store's first real batch."""
+    attrs = StoreReader(store).attrs
+    model, opt = build_model(attrs)
+    return attrs, model, opt, real_batch(store, batch_size)
 
 
 def real_batch(store: Path, batch_size: int) -> dict[str, torch.Tensor]:
@@ -282,11 +291,7 @@ def step(model: Distiller, opt: torch.optim.Optimizer, batch: dict[str, torch.Te
 
 def flops(store: Path, batch_size: int) -> dict[str, Any]:
     """Matmul/conv/attention FLOPs of one offline step and of the teacher on v0 + Ic (same batch)."""
-    reader = StoreReader(store)
-    attrs = reader.attrs
-    recipe = ViewRecipe.from_dict(attrs["recipe"])
-    model, _ = build_model(attrs["embed_dim"], recipe, tuple(attrs["token_grid"]["global"]))
-    batch = real_batch(store, batch_size)
+    attrs, model, _, batch = model_and_batch(store, batch_size)
     with FlopCounterMode(display=False) as fc:
         loss, _ = model(batch, 0)
         fwd = fc.get_total_flops()
@@ -362,7 +367,7 @@ def parts(store: Path, batch_size: int, reps: int) -> dict[str, Any]:
     attrs = reader.attrs
     recipe = ViewRecipe.from_dict(attrs["recipe"])
     grid = tuple(attrs["token_grid"]["global"])
-    model, opt = build_model(attrs["embed_dim"], recipe, grid)
+    model, opt = build_model(attrs)
     teacher = load_teacher(teacher_spec_from_store(attrs), device="cpu")
     sampler = EpochSampler(valid_rows(reader), batch_size, 1, 0, 0)
     ds_store = BatchDataset(store, sampler, recipe, 0)
@@ -423,11 +428,7 @@ def parts(store: Path, batch_size: int, reps: int) -> dict[str, Any]:
 
 def memory_child(store: Path, batch_size: int) -> dict[str, Any]:
     """Peak memory of one training step at `batch_size`, after a warmup step (in this process)."""
-    reader = StoreReader(store)
-    attrs = reader.attrs
-    recipe = ViewRecipe.from_dict(attrs["recipe"])
-    model, opt = build_model(attrs["embed_dim"], recipe, tuple(attrs["token_grid"]["global"]))
-    batch = real_batch(store, batch_size)
+    _, model, opt, batch = model_and_batch(store, batch_size)
     step(model, opt, batch)  # allocates the AdamW state
     from torch.profiler import ProfilerActivity, profile
 

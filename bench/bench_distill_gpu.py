@@ -39,9 +39,7 @@ from dpal.config import DistillConfig
 from dpal.store import StoreReader
 from dpal.teachers import autocast_context, load_teacher
 from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, valid_rows
-from dpal.trainer.dpade import DPaDe
-from dpal.trainer.student import create_student
-from dpal.trainer.train import Distiller, make_optimizer, teacher_spec_from_store
+from dpal.trainer.train import build_distiller, make_optimizer, teacher_spec_from_store
 from dpal.views import ViewRecipe
 
 STUDENT = "dpal_vit_tiny"
@@ -76,12 +74,8 @@ class Runner:
     """One variant: its own student + D-PaDe + optimizer, as `train` builds them."""
 
     def __init__(self, attrs: dict[str, Any], device: torch.device, teacher: Any = None) -> None:
-        cfg = DistillConfig()
-        recipe = ViewRecipe.from_dict(attrs["recipe"])
-        torch.manual_seed(0)
-        student = create_student(STUDENT, img_size=tuple(recipe.global_size))
-        dpade = DPaDe(student.embed_dim, attrs["embed_dim"], scale=cfg.dpade_scale, l2_weight=cfg.l2_weight)
-        self.model = Distiller(student, dpade, tuple(attrs["token_grid"]["global"]), cfg.fix_mask_sign).to(device)
+        cfg = DistillConfig(student=STUDENT)
+        self.model = build_distiller(cfg, ViewRecipe.from_dict(attrs["recipe"]), attrs).to(device)
         self.opt = make_optimizer(self.model, cfg)
         for group in self.opt.param_groups:
             group["lr"] = 1e-4

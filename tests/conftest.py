@@ -7,11 +7,13 @@ Sizes are chosen so that the whole stage-one suite runs in about a minute on two
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
 import shutil
 import struct
+import sys
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +30,23 @@ from dpal.pipeline.engine import run_cache
 from dpal.store import IMAGES_DIR, MARKERS_DIR
 from dpal.teachers import Teacher, load_teacher
 from dpal.views import ViewRecipe
+
+STAGE2_UTIL = "dpal_tests_stage2_util"
+
+
+def _register_stage2_util() -> None:
+    """Make tests/stage2_util.py importable as `dpal_tests_stage2_util`. pytest's importlib mode
+    gives test files no package to import siblings from, and pytest imports this conftest before
+    the test modules of its folder."""
+    if STAGE2_UTIL in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(STAGE2_UTIL, Path(__file__).with_name("stage2_util.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[STAGE2_UTIL] = mod
+    spec.loader.exec_module(mod)
+
+
+_register_stage2_util()
 
 TEACHER = "vit_tiny_patch16_224"
 GLOBAL_SIZE, LOCAL_SIZE, CROWD_SIZE = (32, 16), (16, 16), (32, 48)

@@ -1,7 +1,7 @@
 """Shared helpers of the stage-two tests (test_train.py, test_distributed.py): a tiny corpus, a tiny
 store, a tiny run config and the comparisons an exact resume needs.
 
-Not a test module and not a conftest: the test files load it by path (pytest's importlib mode
+Not a test module and not a conftest: conftest.py registers it as `dpal_tests_stage2_util` (pytest's importlib mode
 gives test files no package to import siblings from). Sizes are chosen so that a whole run takes
 about a second on one CPU thread: 10 noise JPEGs of 48 x 32, a random-init ViT-Ti teacher
 (D = 192) at 32 x 16 (v0) and 32 x 48 (Ic), 16 x 16 local crops, a two-block student of width 48.

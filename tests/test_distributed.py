@@ -8,7 +8,6 @@ dataset runs in the rank's own process, so one recorded batch is one step taken.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dpal_tests_stage2_util as u  # registered by conftest.py
 import numpy as np
 import pytest
 import torch
@@ -27,17 +27,6 @@ from dpal.store import StoreReader
 from dpal.trainer.data import EpochSampler, valid_rows
 from dpal.trainer.train import lr_at
 
-
-def _load_util() -> Any:
-    path = Path(__file__).with_name("stage2_util.py")
-    spec = importlib.util.spec_from_file_location("dpal_tests_stage2_util", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-u = _load_util()
 WORLD = 2
 BATCH = 2  # per rank: global batch 4, 10 images -> 2 steps per epoch, 2 images left out each epoch
 EPOCHS = 4

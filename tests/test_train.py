@@ -8,17 +8,16 @@ uninterrupted 6-step run is the reference that every interrupted run must equal 
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import dpal_tests_stage2_util as u  # registered by conftest.py
 import numpy as np
 import pytest
 import timm
@@ -46,17 +45,6 @@ from dpal.trainer.train import (
 )
 from dpal.views import ViewRecipe
 
-
-def _load_util() -> Any:
-    path = Path(__file__).with_name("stage2_util.py")
-    spec = importlib.util.spec_from_file_location("dpal_tests_stage2_util", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-u = _load_util()
 TERMS = ("global", "local", "relation", "route", "weight_l2", "total")
 # lr of the tiny run's 6 steps: peak = 2.5e-4 * 4 / 256, warmup 2 steps, then cosine over 4 steps
 PEAK = 2.5e-4 * 4 / 256

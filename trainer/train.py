@@ -261,6 +261,15 @@ class Distiller(nn.Module):
         return total, terms
 
 
+def build_distiller(cfg: DistillConfig, recipe: ViewRecipe, attrs: dict[str, Any]) -> Distiller:
+    """The configured student and D-PaDe for a store (its attrs: teacher width, token grid), on CPU,
+    initialised from `cfg.seed`."""
+    torch.manual_seed(cfg.seed)
+    student = create_student(cfg.student, img_size=tuple(recipe.global_size), **cfg.student_kwargs)
+    dpade = DPaDe(student.embed_dim, attrs["embed_dim"], scale=cfg.dpade_scale, l2_weight=cfg.l2_weight)
+    return Distiller(student, dpade, tuple(attrs["token_grid"]["global"]), cfg.fix_mask_sign)
+
+
 def build_student_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The student of a run directory's newest checkpoint (or of a checkpoint file), on CPU."""
     path = Path(path)
@@ -330,12 +339,8 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> TrainResult:
     if cfg.recipe_local_size is not None:
         recipe = ViewRecipe.from_dict({**recipe.to_dict(), "local_size": list(cfg.recipe_local_size)})
     fingerprint = reader.fingerprint()
-    grid = tuple(attrs["token_grid"]["global"])
 
-    torch.manual_seed(cfg.seed)
-    student = create_student(cfg.student, img_size=tuple(recipe.global_size), **cfg.student_kwargs)
-    dpade = DPaDe(student.embed_dim, attrs["embed_dim"], scale=cfg.dpade_scale, l2_weight=cfg.l2_weight)
-    model = Distiller(student, dpade, grid, cfg.fix_mask_sign).to(device)
+    model = build_distiller(cfg, recipe, attrs).to(device)
     ddp_model: nn.Module = model
     if info.world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
