@@ -6,13 +6,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint clean constraints
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package to the versions the suite last passed with, so that a new
+# release on the registry cannot change what CI installs; `make constraints` refreshes it.
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -25,6 +27,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+constraints: $(STAMP)
+	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^#'; } > constraints.new
+	mv constraints.new constraints.txt
 
 clean:
 	rm -rf demo_out .pytest_cache
