@@ -18,7 +18,12 @@ both alike; the figure is the median over adjacent pairs of the step-time ratio.
 3. Parts: median seconds per batch of each piece of a step (data, target read, forward of the
    student, of D-PaDe and of the rest, backward, optimizer, shape mask, teacher), to see where the
    time goes.
-4. Memory: peak memory of one student + D-PaDe training step (D = 768) at several batch sizes,
+4. Ceiling: one offline step under the torch profiler, split into matrix products (mm, addmm, bmm,
+   with their FLOPs), the attention kernels and everything else, beside this machine's float32
+   GEMM peak (a 2048^3 product). If every matrix product ran at that peak, the step would lose
+   their excess time; the speedup that step would give against the measured teacher forward is
+   the most that faster matrix products alone can buy.
+5. Memory: peak memory of one student + D-PaDe training step (D = 768) at several batch sizes,
    each in a fresh process; per image = the slope of a least-squares line. Two measures: the
    peak of live tensor bytes seen by the torch profiler, and the peak resident set size (VmHWM,
    reset before the step).
@@ -423,6 +428,74 @@ def parts(store: Path, batch_size: int, reps: int) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------- ceiling
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
+ATTENTION_PREFIX = "aten::_scaled_dot_product"
+
+
+def gemm_peak(threads: int, n: int = 2048, reps: int = 3) -> float:
+    """FLOP/s of a float32 n x n x n matrix product on this machine (median of `reps`)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def ceiling(store: Path, batch_size: int, threads: int, reps: int) -> dict[str, Any]:
+    """Where one offline step's time goes by kind of kernel, and what perfect matrix products would buy.
+
+    The step is `train`'s CPU step (the shape mask comes with the batch, as the loader workers
+    compute it). Self times come from one profiled step; the step and teacher times are medians of
+    `reps` unprofiled runs.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    attrs, model, opt, batch = model_and_batch(store, batch_size)
+    batch["mask"] = shape_mask(batch["local_t"], tuple(attrs["token_grid"]["global"]), True)
+    teacher = load_teacher(teacher_spec_from_store(attrs), device="cpu")
+
+    def teacher_fwd() -> None:
+        with torch.inference_mode():
+            teacher.encode_global(batch["v0"])
+            teacher.relation_logits(batch["ic"])
+
+    step(model, opt, batch)  # warmup: AdamW state, allocator
+    step_s, teacher_s = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step(model, opt, batch)
+        t1 = time.perf_counter()
+        teacher_fwd()
+        step_s.append(t1 - t0)
+        teacher_s.append(time.perf_counter() - t1)
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        step(model, opt, batch)
+    gemm_s = gemm_flops = attention_s = total_s = 0.0
+    for ev in prof.key_averages():
+        t = ev.self_cpu_time_total / 1e6
+        total_s += t
+        if ev.key in GEMM_OPS:
+            gemm_s += t
+            gemm_flops += ev.flops or 0
+        elif ev.key.startswith(ATTENTION_PREFIX):
+            attention_s += t
+    peak = gemm_peak(threads)
+    step_med, teacher_med = statistics.median(step_s), statistics.median(teacher_s)
+    excess = max(gemm_s - gemm_flops / peak, 0.0)
+    ideal = step_med - excess
+    return {"batch_size": batch_size, "step_s": step_med, "teacher_forward_s": teacher_med,
+            "speedup_now": (step_med + teacher_med) / step_med, "profiled_total_s": total_s,
+            "gemm_s": gemm_s, "gemm_flops": gemm_flops, "gemm_flops_per_s": gemm_flops / gemm_s,
+            "attention_s": attention_s, "other_s": total_s - gemm_s - attention_s,
+            "machine_gemm_peak_flops_per_s": peak, "gemm_excess_s": excess, "step_at_gemm_peak_s": ideal,
+            "speedup_at_gemm_peak": (ideal + teacher_med) / ideal}
+
+
 # ---------------------------------------------------------------- memory
 
 
@@ -483,7 +556,7 @@ def main() -> None:
     ap.add_argument("--train-reps", type=int, default=2, help="alternated pairs of `train` runs (0: skip)")
     ap.add_argument("--reps", type=int, default=3, help="rounds of the parts timing")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: speedup,loader,memory,parts")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: speedup,loader,parts,ceiling,memory")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
@@ -563,6 +636,16 @@ def main() -> None:
         pt = parts(store, args.batch_size, args.reps)
         result["parts_seconds_per_batch"] = pt
         print("parts, median seconds per batch: " + ", ".join(f"{k} {v:.3f}" for k, v in pt.items()), flush=True)
+    if "ceiling" not in skip:
+        ce = ceiling(store, args.batch_size, args.threads, args.reps)
+        result["ceiling"] = ce
+        print(f"ceiling: offline step {ce['step_s']:.3f} s, teacher forward {ce['teacher_forward_s']:.3f} s "
+              f"(step speedup {ce['speedup_now']:.2f}x); profiled step {ce['profiled_total_s']:.3f} s = matrix "
+              f"products {ce['gemm_s']:.3f} s ({ce['gemm_flops'] / 1e9:.1f} GFLOP at "
+              f"{ce['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s) + attention {ce['attention_s']:.3f} s + other "
+              f"{ce['other_s']:.3f} s; GEMM peak {ce['machine_gemm_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; with "
+              f"every product at peak the step takes {ce['step_at_gemm_peak_s']:.3f} s and the speedup is "
+              f"{ce['speedup_at_gemm_peak']:.2f}x", flush=True)
     if "memory" not in skip:
         print("memory of one student + D-PaDe training step (D = 768):", flush=True)
         mem = memory(store, args.threads)
