@@ -257,6 +257,22 @@ def normalize(x: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray((x - mean) / std))
 
 
+# `normalize(to_unit(image))` for every uint8 value of each channel, computed by those very
+# functions, so that a table lookup gives the same float32 bits (the arithmetic is element-wise).
+_NORMALIZED_U8 = normalize(to_unit(Image.fromarray(np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(1, 256, 3))))
+_NORMALIZED_U8 = _NORMALIZED_U8.reshape(3, 256).numpy().copy()  # (3, 256): channel, uint8 value
+
+
+def to_normalized(image: Image.Image) -> Tensor:
+    """uint8 RGB image -> ImageNet-normalised (3, H, W) float32; equals `normalize(to_unit(image))`
+    bit for bit, by table lookup (about 3x faster)."""
+    a = np.asarray(image)  # (H, W, 3) uint8
+    out = np.empty((3, *a.shape[:2]), dtype=np.float32)
+    for c in range(3):
+        np.take(_NORMALIZED_U8[c], a[..., c], out=out[c])
+    return torch.from_numpy(out)
+
+
 def replay(
     recipe: ViewRecipe, params: np.ndarray, image: Image.Image, background: Image.Image
 ) -> tuple[Tensor, Tensor]:
@@ -281,11 +297,11 @@ def replay(
     for person, r, c in ((person_a, a_row, a_col), (person_b, b_row, b_col)):
         box = crowd[:, r : r + lh, c : c + lw]
         crowd[:, r : r + lh, c : c + lw] = alpha * to_unit(person) + (np.float32(1.0) - alpha) * box
-    return normalize(to_unit(v0)), normalize(crowd)
+    return to_normalized(v0), normalize(crowd)
 
 
 def random_local(recipe: ViewRecipe, rng: np.random.Generator, image: Image.Image) -> Tensor:
     """A fresh local crop (v1 or v2) for the student, ImageNet-normalised (3, Hl, Wl)."""
     hw = (image.height, image.width)
     aug = sample_aug(rng, recipe, hw, recipe.local_scale, recipe.person_ratio, recipe.local_blur_p)
-    return normalize(to_unit(apply_aug(image, aug, recipe.local_size)))
+    return to_normalized(apply_aug(image, aug, recipe.local_size))

@@ -19,7 +19,9 @@ from dpal.views import (
     normalize,
     random_local,
     replay,
+    sample_aug,
     sample_view,
+    to_normalized,
     to_unit,
     view_rng,
 )
@@ -170,6 +172,21 @@ def test_random_local_is_seeded(recipe: ViewRecipe) -> None:
     b = random_local(recipe, np.random.default_rng(5), img)
     c = random_local(recipe, np.random.default_rng(6), img)
     assert a.shape == (3, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
+    # the same pixels as the reference path, to_unit then normalize
+    rng = np.random.default_rng(5)
+    aug = sample_aug(rng, recipe, (64, 32), recipe.local_scale, recipe.person_ratio, recipe.local_blur_p)
+    assert torch.equal(a, normalize(to_unit(apply_aug(img, aug, recipe.local_size))))
+
+
+def test_to_normalized_is_normalize_of_to_unit_bit_for_bit() -> None:
+    # every uint8 value in every channel, each channel in a different order, plus a random image
+    v = np.arange(256, dtype=np.uint8)
+    ramp = np.stack([v, v[::-1], np.roll(v, 77)], axis=-1).reshape(16, 16, 3)
+    for arr in (ramp, np.asarray(_image(7, 33, 17))):
+        img = Image.fromarray(arr)
+        out = to_normalized(img)
+        assert out.shape == (3, *arr.shape[:2]) and out.dtype == torch.float32 and out.is_contiguous()
+        assert torch.equal(out, normalize(to_unit(img)))
 
 
 def test_recipe_validation_and_round_trip(recipe: ViewRecipe) -> None:
