@@ -156,3 +156,19 @@ def test_total_loss_by_hand() -> None:
     )
     assert total20.item() == pytest.approx(6.13)
     assert terms20["route_weight"] == 0.01
+
+
+def test_mask_and_relation_logits_ignore_bf16_autocast() -> None:
+    # `dpal distill` trains under bf16 autocast on GPUs; the shape mask (a constant of the targets)
+    # and the relation affinities must still be float32 products. CPU autocast casts matmuls to
+    # bf16 the same way, so this checks it here.
+    g = torch.Generator().manual_seed(0)
+    patches = torch.randn(4, 12, 32, generator=g)
+    y = torch.randn(2, 9, 32, generator=g)
+    t_logits = torch.randn(2, 9, 9, generator=g) * 4
+    ref_mask = shape_mask(patches, (4, 3), True)
+    ref_kl = relation_kl(y, t_logits)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(shape_mask(patches, (4, 3), True), ref_mask)
+        kl = relation_kl(y, t_logits)
+    assert kl.dtype == torch.float32 and torch.equal(kl, ref_kl)

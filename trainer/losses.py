@@ -70,7 +70,8 @@ def shape_mask(teacher_patches: Tensor, grid_hw: tuple[int, int], fix_sign: bool
     h, w = grid_hw
     if h * w != p:
         raise ValueError(f"grid_hw {grid_hw} does not match {p} patch tokens")
-    with torch.no_grad():
+    # float32 products even under bf16 autocast (GPU training): the mask is a constant of the targets
+    with torch.no_grad(), torch.autocast(teacher_patches.device.type, enabled=False):
         x = teacher_patches.detach().float().reshape(b * p, dim)  # (B*P, D)
         x = x - x.mean(dim=0, keepdim=True)
         proj = (x @ _top_principal_axis(x)).reshape(b, p)  # (B, P)
@@ -127,12 +128,15 @@ def relation_kl(student: Tensor, teacher_logits: Tensor) -> Tensor:
     Returns:
         () the loss.
     """
-    y = student.float()
-    logits_s = y @ y.transpose(1, 2) / y.shape[-1] ** 0.5  # (B, L, L)
-    log_a_s = logits_s.log_softmax(dim=-1)
-    log_a_t = teacher_logits.float().log_softmax(dim=-1)  # (B, L, L)
-    kl = (log_a_t.exp() * (log_a_t - log_a_s)).sum(dim=-1)  # (B, L)
-    return kl.mean()
+    # the affinities in float32 even under bf16 autocast (GPU training): bf16 keeps 8 significant
+    # bits, so logits spanning ~40 would be rounded by up to ~0.1, and the softmax with them
+    with torch.autocast(student.device.type, enabled=False):
+        y = student.float()
+        logits_s = y @ y.transpose(1, 2) / y.shape[-1] ** 0.5  # (B, L, L)
+        log_a_s = logits_s.log_softmax(dim=-1)
+        log_a_t = teacher_logits.float().log_softmax(dim=-1)  # (B, L, L)
+        kl = (log_a_t.exp() * (log_a_t - log_a_s)).sum(dim=-1)  # (B, L)
+        return kl.mean()
 
 
 def route_weight(epoch: int) -> float:
