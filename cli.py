@@ -257,7 +257,9 @@ def distill(
                                                   "[default: 2.5e-4]")] = None,
     warmup_epochs: Annotated[float | None, typer.Option(help="Linear warmup, in epochs. [default: 10]")] = None,
     grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per step. [default: 1]")] = None,
-    num_workers: Annotated[int | None, typer.Option(help="DataLoader worker processes. [default: 2]")] = None,
+    num_workers: Annotated[int | None, typer.Option(
+        help="DataLoader worker processes that decode and replay the views. [default: 2 on CPU; on a GPU, "
+             "the CPUs per local rank minus one, at most 16]")] = None,
     resume: Annotated[str | None, typer.Option(help="auto (newest checkpoint in --out), PATH, or none. "
                                                "[default: auto]")] = None,
     online_teacher: Annotated[bool | None, typer.Option("--online-teacher", help="Run the teacher in the loop "

@@ -165,8 +165,9 @@ class DistillConfig:
     """AdamW betas."""
     seed: int = 0
     """Seed of the sampler, the fresh local crops and the init."""
-    num_workers: int = 2
-    """DataLoader worker processes (forkserver) that decode and replay views; 0 decodes in the main process."""
+    num_workers: int | None = None
+    """DataLoader worker processes (forkserver) that decode and replay views; 0 decodes in the main
+    process. None: 2 on CPU; on a GPU, the CPUs each local rank may use minus one, at most 16."""
     resume: str = "auto"
     """auto (newest complete checkpoint in out/), a checkpoint path, or none."""
     keep_last: int = 3
@@ -199,6 +200,8 @@ class DistillConfig:
             raise ValueError("max_steps must be >= 1")
         if self.keep_last < 1 or self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("keep_last, checkpoint_every and log_every must be >= 1")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError("num_workers must be >= 0 (or none for the default)")
 
 
 # ---------------------------------------------------------------- loading and overrides

@@ -64,6 +64,7 @@ from dpal.trainer.losses import shape_mask
 from dpal.trainer.train import (
     Distiller,
     build_distiller,
+    default_num_workers,
     keep_freed_memory,
     make_optimizer,
     teacher_spec_from_store,
@@ -598,7 +599,7 @@ def main() -> None:
                 "offline", lambda: train_steps(store, work, args.batch_size, args.train_steps),
                 "online", lambda: train_steps(store, work, args.batch_size, args.train_steps, online=True),
                 args.train_reps, warmup)
-            nw = DistillConfig().num_workers
+            nw = default_num_workers(torch.device("cpu"), 1)
             print(f"  whole `train` runs with dpal distill's default loader ({nw} worker processes):", flush=True)
             sp["train_runs_workers"] = compare(
                 "offline", lambda: train_steps(store, work, args.batch_size, args.train_steps, num_workers=nw),

@@ -522,3 +522,14 @@ def test_keep_freed_memory_still_serves_large_blocks_to_other_threads() -> None:
     t.start()
     t.join()
     assert got["sum"] == 60_000_000.0
+
+
+def test_default_num_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dpal.trainer.train import default_num_workers
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert default_num_workers(cpu, 1) == 2
+    for cpus, ranks, expected in ((16, 1, 15), (128, 8, 15), (4, 1, 3), (2, 1, 2), (64, 1, 16), (16, 8, 2)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        assert default_num_workers(gpu, ranks) == expected, (cpus, ranks)
+        assert default_num_workers(cpu, ranks) == 2
