@@ -85,22 +85,22 @@ def cache_teacher(
                                                ".tar shards (path, glob, {a..b}, fsspec URL).")] = None,
     out: Annotated[str | None, typer.Option(help="Store to create, or to resume if it exists.")] = None,
     teacher: Annotated[str | None, typer.Option(help="Preset (path-b, efficientnet-lite2) or a timm model "
-                                                "name. [default: efficientnet-lite2]")] = None,
+                                                "name. \\[default: efficientnet-lite2]")] = None,
     teacher_checkpoint: Annotated[str | None, typer.Option(help="Teacher weights file (PATH-B .pth, "
                                                            "timm state dict).")] = None,
     teacher_layer: Annotated[int | None, typer.Option(help="Use the output of ViT block i instead of the "
                                                       "final normalised tokens.")] = None,
     random_init: Annotated[bool | None, typer.Option("--random-init", help="Allow a randomly initialised "
                                                      "teacher (tests and benchmarks only).")] = None,
-    views: Annotated[int | None, typer.Option(help="K: replayable views cached per image. [default: 4]")] = None,
+    views: Annotated[int | None, typer.Option(help="K: replayable views cached per image. \\[default: 4]")] = None,
     dtype: Annotated[str | None, typer.Option(help="float16 (default), bfloat16, int8 (per-token scale) "
                                               "or float32.")] = None,
     shard_size: Annotated[int | None, typer.Option(help="Images per shard (unit of work and resume). "
-                                                   "[default: 256]")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the view parameters. [default: 0]")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Views per teacher forward. [default: 32]")] = None,
+                                                   "\\[default: 256]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the view parameters. \\[default: 0]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Views per teacher forward. \\[default: 32]")] = None,
     workers: Annotated[int | None, typer.Option(help="Local dask worker processes, one per GPU. "
-                                                "[default: 1]")] = None,
+                                                "\\[default: 1]")] = None,
     scheduler: Annotated[str | None, typer.Option(help="Address of a running dask scheduler "
                                                   "(tcp://host:8786).")] = None,
     slurm: Annotated[bool | None, typer.Option("--slurm", help="Start dask workers on SLURM through "
@@ -112,7 +112,7 @@ def cache_teacher(
                                                 "skipping and recording it.")] = None,
     no_embed_images: Annotated[bool, typer.Option("--no-embed-images", help="Reference the corpus instead of "
                                                   "copying images into the store.")] = False,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. [default: auto]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: auto]")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Time the teacher on a few images and print the "
                                           "store size and run time; with --slurm also the job script.")] = False,
     config: ConfigOpt = None,
@@ -249,26 +249,26 @@ def distill(
     store: Annotated[str | None, typer.Option(help="Store written by `dpal cache-teacher`.")] = None,
     out: Annotated[str | None, typer.Option(help="Run directory: checkpoints/, metrics.jsonl, config.yaml.")] = None,
     student: Annotated[str | None, typer.Option(help="dpal_vit_tiny (the paper's) or any timm ViT name.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Schedule length in epochs. [default: 200]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Schedule length in epochs. \\[default: 200]")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop at this step without changing the schedule; "
                                                   "a later run resumes.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per rank per step. [default: 256]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per rank per step. \\[default: 256]")] = None,
     base_lr: Annotated[float | None, typer.Option(help="LR per 256 images; scaled by the global batch. "
-                                                  "[default: 2.5e-4]")] = None,
-    warmup_epochs: Annotated[float | None, typer.Option(help="Linear warmup, in epochs. [default: 10]")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per step. [default: 1]")] = None,
+                                                  "\\[default: 2.5e-4]")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option(help="Linear warmup, in epochs. \\[default: 10]")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per step. \\[default: 1]")] = None,
     num_workers: Annotated[int | None, typer.Option(
-        help="DataLoader worker processes that decode and replay the views. [default: 2 on CPU; on a GPU, "
+        help="DataLoader worker processes that decode and replay the views. \\[default: 2 on CPU; on a GPU, "
              "the CPUs per local rank minus one, at most 16]")] = None,
     resume: Annotated[str | None, typer.Option(help="auto (newest checkpoint in --out), PATH, or none. "
-                                               "[default: auto]")] = None,
+                                               "\\[default: auto]")] = None,
     online_teacher: Annotated[bool | None, typer.Option("--online-teacher", help="Run the teacher in the loop "
                                                         "on the same replayed views instead of reading "
                                                         "its targets.")] = None,
     allow_incomplete: Annotated[bool | None, typer.Option("--allow-incomplete", help="Train on the finished "
                                                           "shards of an incomplete store.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of init, sampler and local crops. [default: 0]")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. [default: auto]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of init, sampler and local crops. \\[default: 0]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: auto]")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -324,7 +324,7 @@ def eval_reid(
                                        "a teacher preset (efficientnet-lite2, path-b), or a timm/dpal model name.")],
     data: Annotated[Path, typer.Option(help="Market-1501 layout: DIR/query and DIR/bounding_box_test.")],
     image_size: Annotated[list[int] | None, typer.Option(help="Input H and W: --image-size 256 --image-size 128. "
-                                                         "[default: the model's own, else 256x128]")] = None,
+                                                         "\\[default: the model's own, else 256x128]")] = None,
     random_init: Annotated[bool, typer.Option("--random-init", help="Allow a bare model name without weights "
                                               "(a random baseline, on purpose).")] = False,
     teacher_checkpoint: Annotated[str | None, typer.Option(help="Weights for a teacher preset or timm name.")] = None,
