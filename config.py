@@ -85,6 +85,9 @@ class CacheConfig:
     """Local dask worker processes (one per GPU on a GPU machine)."""
     threads_per_worker: int = 0
     """Torch threads per worker; 0 = cores / workers."""
+    replay_threads: int = 0
+    """Threads per worker that replay views ahead of the teacher; 0 = the worker's threads when the
+    teacher runs on a GPU, 1 when it runs on the CPU (its forward already uses every core)."""
     scheduler: str | None = None
     """Address of a running dask scheduler to use instead of a local cluster."""
     use_slurm: bool = False

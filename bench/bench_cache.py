@@ -16,6 +16,10 @@ relative to max |x|, the smallest per-token cosine similarity (target for int8: 
 for the relation logits, the worst error of the row softmax and the KL(float32 || dtype) per row
 (what the loss consumes).
 
+Replay threads. The views/s of the replay stage alone (as `cache_shard` runs it, through
+`pipeline.cache._ahead`) with 1 thread and with `--threads` threads, alternated: what one worker
+can feed a GPU teacher, where `cache_shard` replays on the worker's threads (`replay_threads`).
+
 Run from the repository root (2 CPU cores, a few minutes):
 
     .venv/bin/python bench/bench_cache.py --json /tmp/dpal_bench/cache.json
@@ -41,7 +45,7 @@ import torch
 import dpal.pipeline.cache as cache_mod
 from dpal.config import DTYPES, CacheConfig
 from dpal.corpus import decode_image, index_corpus, read_bytes
-from dpal.pipeline.cache import cache_shard, teacher_spec
+from dpal.pipeline.cache import _ahead, cache_shard, teacher_spec
 from dpal.pipeline.engine import prepare_store
 from dpal.store import (
     FEATURES,
@@ -59,7 +63,7 @@ from dpal.store import (
     write_shard,
 )
 from dpal.teachers import Teacher, load_teacher
-from dpal.views import background_index, replay
+from dpal.views import background_index, replay, sample_view
 
 # N images, K views per image, B batch, P patches of v0, T crowd tokens, D teacher width
 
@@ -274,6 +278,41 @@ def bench_throughput(cfg: CacheConfig, teacher: Teacher, work: Path, reps: int) 
     return {"views_per_rep": views, "reps": pairs, "median": med, "fractions_of_cache_shard_time": fractions}
 
 
+# ---------------------------------------------------------------- replay threads
+
+
+def bench_replay(cfg: CacheConfig, threads: int, reps: int) -> dict[str, Any]:
+    """Views/s that `cache_shard`'s replay stage delivers with 1 thread and with `threads` threads.
+
+    This is what one worker can feed a GPU teacher (on CPU the teacher's forward, not replay, sets
+    the pace and one thread replays). The views are the corpus images' first `cfg.views` views,
+    replayed through `pipeline.cache._ahead` in batches of `cfg.batch_size`; the two thread counts
+    alternate and every run's tensors are checked equal to the first's.
+    """
+    records = index_corpus(cfg.corpus)
+    images = [decode_image(read_bytes(r.source)) for r in records]
+    pool = [(i, (im.height, im.width)) for i, im in enumerate(images)]
+    jobs = [(i, sample_view(cfg.recipe, cfg.seed, r.key, k, pool[i][1], [p for p in pool if p[0] != i]))
+            for i, r in enumerate(records) for k in range(cfg.views)]
+
+    def one(job: tuple[int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        i, p = job
+        return replay(cfg.recipe, p, images[i], images[background_index(p)])
+
+    ref = [v for _, vs in _ahead(jobs, cfg.batch_size, one, 1) for v in vs]
+    rates: dict[int, list[float]] = {1: [], threads: []}
+    for rep in range(reps):
+        for n in ((1, threads) if rep % 2 == 0 else (threads, 1)):
+            t0 = time.perf_counter()
+            got = [v for _, vs in _ahead(jobs, cfg.batch_size, one, n) for v in vs]
+            rates[n].append(len(jobs) / (time.perf_counter() - t0))
+            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ref, got, strict=True))
+    ratios = [b / a for a, b in zip(rates[1], rates[threads], strict=True)]
+    return {"views": len(jobs), "threads": threads, "views_per_s_1_thread": rates[1],
+            f"views_per_s_{threads}_threads": rates[threads], "median_ratio": statistics.median(ratios),
+            "loadavg_1min": os.getloadavg()[0]}
+
+
 # ---------------------------------------------------------------- size and error
 
 
@@ -363,8 +402,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3, help="timed (cache_shard, teacher) pairs after one warmup pair")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: throughput,size,replay")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -379,32 +420,40 @@ def main() -> None:
           f"Ic {cfg.recipe.crowd_size}, K={args.views}, batch {args.batch_size}, "
           f"torch threads {torch.get_num_threads()}")
 
+    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "corpus": corpus_desc, "teacher": TEACHER,
+                              "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+                              "views": args.views, "images": args.images}
     with tempfile.TemporaryDirectory(dir=work, prefix="cache-") as tmp:
-        thr = bench_throughput(cfg, teacher, Path(tmp), args.reps)
-        m, f = thr["median"], thr["fractions_of_cache_shard_time"]
-        print(f"stage one / teacher forward: median ratio {m['ratio']:.3f}, CPU-time ratio "
-              f"{m['cpu_time_ratio']:.3f} "
-              f"({'meets' if m['ratio'] >= 0.85 else 'MISSES'} target >= 0.85)")
-        print("  share of cache_shard time: " + ", ".join(f"{k} {v:.1%}" for k, v in f.items()))
-        size = bench_size_error(cfg, teacher, Path(tmp))
-    print(f"size and error over {size['num_views']} views (float32 reference):")
-    for dtype in DTYPES:
-        r = size[dtype]
-        print(f"  {dtype:8s} bytes/view layout {r['bytes_per_view_layout']:,} on disk "
-              f"{r['bytes_per_view_on_disk']:,.0f} (+ images {r['image_bytes_per_view_on_disk']:,.0f}); "
-              f"store read == decode: {r['store_read_equals_decode']}")
-        for name in FEATURES:
-            e = r[name]
-            extra = (f", softmax max abs err {e['softmax_max_abs_err']:.2e}, row KL(fp32 || {dtype}) max "
-                     f"{e['row_kl_max']:.2e} mean {e['row_kl_mean']:.2e}" if name == RELATION else "")
-            print(f"    {name:8s} max abs err {e['max_abs_err']:.3e} (max|x| {e['max_abs_x']:.3g}, "
-                  f"rel {e['max_abs_err_rel']:.2e}), min token cos {e['min_token_cos']:.6f}{extra}")
-    worst_int8 = min(size["int8"][n]["min_token_cos"] for n in FEATURES)
-    print(f"int8 min per-token cosine {worst_int8:.6f}: "
-          f"{'meets' if worst_int8 >= 0.999 else 'MISSES'} target >= 0.999")
-    result = {"date": time.strftime("%Y-%m-%d"), "corpus": corpus_desc, "teacher": TEACHER,
-              "threads": torch.get_num_threads(), "batch_size": args.batch_size, "views": args.views,
-              "images": args.images, "throughput": thr, "size_error": size}
+        if "throughput" not in skip:
+            thr = result["throughput"] = bench_throughput(cfg, teacher, Path(tmp), args.reps)
+            m, f = thr["median"], thr["fractions_of_cache_shard_time"]
+            print(f"stage one / teacher forward: median ratio {m['ratio']:.3f}, CPU-time ratio "
+                  f"{m['cpu_time_ratio']:.3f} "
+                  f"({'meets' if m['ratio'] >= 0.85 else 'MISSES'} target >= 0.85)")
+            print("  share of cache_shard time: " + ", ".join(f"{k} {v:.1%}" for k, v in f.items()))
+        if "size" not in skip:
+            size = result["size_error"] = bench_size_error(cfg, teacher, Path(tmp))
+            print(f"size and error over {size['num_views']} views (float32 reference):")
+            for dtype in DTYPES:
+                r = size[dtype]
+                print(f"  {dtype:8s} bytes/view layout {r['bytes_per_view_layout']:,} on disk "
+                      f"{r['bytes_per_view_on_disk']:,.0f} (+ images {r['image_bytes_per_view_on_disk']:,.0f}); "
+                      f"store read == decode: {r['store_read_equals_decode']}")
+                for name in FEATURES:
+                    e = r[name]
+                    extra = (f", softmax max abs err {e['softmax_max_abs_err']:.2e}, row KL(fp32 || {dtype}) max "
+                             f"{e['row_kl_max']:.2e} mean {e['row_kl_mean']:.2e}" if name == RELATION else "")
+                    print(f"    {name:8s} max abs err {e['max_abs_err']:.3e} (max|x| {e['max_abs_x']:.3g}, "
+                          f"rel {e['max_abs_err_rel']:.2e}), min token cos {e['min_token_cos']:.6f}{extra}")
+            worst_int8 = min(size["int8"][n]["min_token_cos"] for n in FEATURES)
+            print(f"int8 min per-token cosine {worst_int8:.6f}: "
+                  f"{'meets' if worst_int8 >= 0.999 else 'MISSES'} target >= 0.999")
+    if "replay" not in skip:
+        rp = result["replay"] = bench_replay(cfg, args.threads, args.reps)
+        print(f"replay (what one worker feeds a GPU teacher): {rp['views']} views, 1 thread "
+              f"{statistics.median(rp['views_per_s_1_thread']):.1f} views/s, {args.threads} threads "
+              f"{statistics.median(rp[f'views_per_s_{args.threads}_threads']):.1f} views/s, median ratio "
+              f"{rp['median_ratio']:.2f} (load {rp['loadavg_1min']:.2f})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -36,6 +36,7 @@ from dpal.pipeline.cache import (
     ShardReport,
     StrictModeError,
     cache_shard,
+    replay_threads_for,
     resolve_device,
     teacher_spec,
     teacher_targets,
@@ -146,6 +147,7 @@ class TeacherPlugin(WorkerPlugin):
         self.threads = threads
         self.teacher: Teacher | None = None
         self.device: torch.device | None = None
+        self.replay_threads = 1
 
     def setup(self, worker: Any) -> None:
         if self.threads > 0:
@@ -158,6 +160,7 @@ class TeacherPlugin(WorkerPlugin):
             except (TypeError, ValueError):
                 device = torch.device("cuda", 0)
         self.device = device
+        self.replay_threads = replay_threads_for(self.cfg, device, self.threads or torch.get_num_threads())
         self.teacher = load_teacher(teacher_spec(self.cfg), device=device)
 
     def teardown(self, worker: Any) -> None:
@@ -169,7 +172,7 @@ def _dask_task(store_path: str, shard: int, cfg: CacheConfig) -> ShardReport | S
 
     plugin = get_worker().plugins[PLUGIN_NAME]
     try:
-        return cache_shard(store_path, shard, plugin.teacher, cfg, plugin.device)
+        return cache_shard(store_path, shard, plugin.teacher, cfg, plugin.device, plugin.replay_threads)
     except StrictModeError as e:
         # A bad image under --strict is the user's input, not a worker failure: returned as a value
         # so that the worker does not log "Compute Failed" and a traceback; the driver raises it.
@@ -241,7 +244,9 @@ def run_cache(cfg: CacheConfig, show_progress: bool = True) -> RunSummary:
     total = sum(layout.shard_range(s)[1] - layout.shard_range(s)[0] for s in pending)
 
     if local:
-        reports = _drive((cache_shard(store, s, teacher, cfg, device) for s in pending), total, show_progress)
+        threads = replay_threads_for(cfg, device, torch.get_num_threads())
+        reports = _drive((cache_shard(store, s, teacher, cfg, device, threads) for s in pending), total,
+                         show_progress)
     else:
         del teacher
         reports = _run_dask(cfg, store, pending, total, show_progress)

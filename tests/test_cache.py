@@ -23,7 +23,7 @@ import webdataset as wds
 
 from dpal.config import CacheConfig
 from dpal.corpus import decode_image
-from dpal.pipeline.cache import StrictModeError, cache_shard
+from dpal.pipeline.cache import StrictModeError, _ahead, cache_shard, replay_threads_for
 from dpal.pipeline.engine import dry_run, prepare_store, run_cache
 from dpal.store import (
     IMAGE_OFFSET,
@@ -205,6 +205,41 @@ def test_dask_two_workers_equal_one_process(tmp_path: Path, corpus_dir: Path, re
     summary = run_cache(cfg, show_progress=False)
     assert summary.shards_run == NUM_SHARDS and summary.cached == 13 and summary.complete
     same_store(out, ref_store)
+
+
+def test_replay_threads_do_not_change_the_store(tmp_path: Path, corpus_dir: Path, ref_store: Path,
+                                                make_config: Callable[..., CacheConfig],
+                                                same_store: Callable[[Path, Path], None]) -> None:
+    # three threads replay the next batches while the teacher runs; batch_size 2 makes several batches
+    ref = tmp_path / "ref"
+    run_cache(make_config(corpus_dir, ref, batch_size=2), show_progress=False)
+    out = tmp_path / "threads"
+    summary = run_cache(make_config(corpus_dir, out, batch_size=2, replay_threads=3), show_progress=False)
+    assert summary.complete and summary.cached == 13
+    same_store(out, ref)
+
+
+def test_ahead_keeps_order_and_batches() -> None:
+    import random
+    import time
+
+    def slow_square(x: int) -> int:
+        time.sleep(random.random() * 0.002)
+        return x * x
+
+    jobs = list(range(23))
+    for threads in (1, 4):
+        got = list(_ahead(jobs, 5, slow_square, threads))
+        assert [b for b, _ in got] == [jobs[i : i + 5] for i in range(0, 23, 5)]
+        assert [r for _, rs in got for r in rs] == [x * x for x in jobs]
+
+
+def test_replay_threads_for() -> None:
+    cfg = CacheConfig()
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert replay_threads_for(cfg, cpu, 8) == 1  # a CPU teacher keeps the cores busy
+    assert replay_threads_for(cfg, gpu, 8) == 8 and replay_threads_for(cfg, gpu, 0) == 1
+    assert replay_threads_for(CacheConfig(replay_threads=3), cpu, 8) == 3
 
 
 def test_bad_files_are_skipped_with_reasons(tmp_path: Path, bad_corpus_dir: Path,
