@@ -59,9 +59,11 @@ def user_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from dpal.store import StoreError
+        from dpal.trainer.data import LoaderError
 
-        known: tuple[type[BaseException], ...] = (ValueError, StoreError, FileNotFoundError, PermissionError,
-                                                  NotADirectoryError, IsADirectoryError, FileExistsError)
+        known: tuple[type[BaseException], ...] = (ValueError, StoreError, LoaderError, FileNotFoundError,
+                                                  PermissionError, NotADirectoryError, IsADirectoryError,
+                                                  FileExistsError)
         try:
             from dpal.pipeline.cache import StrictModeError
 

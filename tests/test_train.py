@@ -287,12 +287,8 @@ def _ignored_signals(pid: int) -> set[int]:
     return {n for n in range(1, 65) if mask >> (n - 1) & 1}
 
 
-def test_sigterm_checkpoints_at_a_step_boundary_and_resumes_exactly(root: Path, store32: Path,
-                                                                   reference: Path) -> None:
-    # One DataLoader worker (the forkserver path); SIGTERM goes to the whole process group, as a
-    # scheduler sends it, so the forkserver and the worker get it too and must survive it.
-    out = root / "terminated"
-    args = u.distill_args(store32, out, "--num-workers", "1")
+def _start_until_two_steps(args: list[str], out: Path) -> subprocess.Popen:
+    """`dpal ARGS` in its own session (process group), returned once it has logged two steps."""
     proc = subprocess.Popen([*u.DPAL, *args], env=u.env(), cwd=u.REPO_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -301,6 +297,16 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resumes_exactly(root: Path, 
         return f.exists() and f.read_text().count("\n") >= 2
 
     _wait_for(logged_two, proc)
+    return proc
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_resumes_exactly(root: Path, store32: Path,
+                                                                   reference: Path) -> None:
+    # One DataLoader worker (the forkserver path); SIGTERM goes to the whole process group, as a
+    # scheduler sends it, so the forkserver and the worker get it too and must survive it.
+    out = root / "terminated"
+    args = u.distill_args(store32, out, "--num-workers", "1")
+    proc = _start_until_two_steps(args, out)
     children = _descendants(proc.pid)  # resource tracker, forkserver, worker
     assert len(children) >= 2
     for pid in children:
@@ -313,6 +319,28 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resumes_exactly(root: Path, 
     assert f"stopped by signal: step {steps[0]}," in stdout
     assert [m["step"] for m in u.metrics(out)] == list(range(1, steps[0] + 1))
     _resume_and_compare(out, store32, reference)
+
+
+def test_a_killed_loader_worker_stops_with_one_line_and_a_checkpoint(root: Path, store32: Path) -> None:
+    # The system's OOM killer (or a full /dev/shm) takes a DataLoader worker: the run must say so in
+    # one line that names the fix, and keep the steps it has done.
+    out = root / "worker-killed"
+    args = u.distill_args(store32, out, "--num-workers", "1", "--epochs", "100")
+    proc = _start_until_two_steps(args, out)
+    children = _descendants(proc.pid)
+    parents = {pid: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for pid in children}
+    workers = [pid for pid, parent in parents.items() if parent != proc.pid]  # forked by the forkserver
+    assert len(workers) == 1, parents
+    os.kill(workers[0], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (stdout, stderr)
+    assert "Traceback" not in stderr, stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("error: the DataLoader's worker processes failed ("), line
+    assert "--num-workers" in line and "/dev/shm" in line, line
+    steps = u.checkpoint_steps(out)
+    assert len(steps) == 1 and f"resumes from {out / 'checkpoints'}" in line, (steps, line)
+    assert [m["step"] for m in u.metrics(out)] == list(range(1, steps[0] + 1))
 
 
 def test_find_resume_skips_an_unreadable_checkpoint(root: Path, reference: Path) -> None:

@@ -186,6 +186,10 @@ class BatchDataset(torch.utils.data.Dataset):
         return out
 
 
+class LoaderError(RuntimeError):
+    """The DataLoader's worker processes died (out of memory or of shared memory, or killed)."""
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: a SIGTERM or SIGUSR1 sent to the whole process group must not kill
     the workers; the main process stops at a step boundary, checkpoints and shuts them down."""

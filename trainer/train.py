@@ -36,7 +36,14 @@ from dpal import __version__
 from dpal.config import DistillConfig, dump_yaml, to_dict
 from dpal.store import StoreError, StoreReader, atomic_write_bytes
 from dpal.teachers import EFFICIENTNET_LITE2, PRESETS, TeacherSpec, autocast_context, load_teacher
-from dpal.trainer.data import BatchDataset, EpochSampler, collate_requests, ignore_stop_signals, valid_rows
+from dpal.trainer.data import (
+    BatchDataset,
+    EpochSampler,
+    LoaderError,
+    collate_requests,
+    ignore_stop_signals,
+    valid_rows,
+)
 from dpal.trainer.dpade import PATTERN_GLOBAL, PATTERN_LOCAL, PATTERN_RELATION, DPaDe
 from dpal.trainer.losses import global_mse, local_masked_mse, relation_kl, shape_mask, total_loss
 from dpal.trainer.student import create_student, student_tokens
@@ -417,7 +424,7 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> TrainResult:
     if workers is None:
         workers = default_num_workers(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if info.is_main:
-        logger.info("%d DataLoader worker processes", workers)
+        logger.info("DataLoader worker processes: %d", workers)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=requests, num_workers=workers,
         multiprocessing_context="forkserver" if workers > 0 else None,
@@ -472,6 +479,15 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> TrainResult:
                     batch = next(it)
                 except StoreError as e:
                     raise StoreError(_worker_message(e)) from None
+                except (RuntimeError, ConnectionError, EOFError) as e:
+                    if workers == 0 or not _is_worker_failure(e):
+                        raise
+                    # Keep the steps done so far when this is a step boundary of a single process
+                    # (other ranks would wait in their next collective, so DDP runs rely on the
+                    # periodic checkpoints).
+                    if micro == 0 and info.world_size == 1 and step > 0:
+                        last_ckpt = save_checkpoint(run_dir, state(), cfg.keep_last)
+                    raise LoaderError(_loader_message(e, workers, last_ckpt)) from None
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 if teacher is not None:
                     # stage one's autocast (bf16 on CUDA), so online targets equal cached float32 ones
@@ -559,6 +575,27 @@ def _worker_message(err: StoreError) -> str:
     text = str(err)
     tag = f"{StoreError.__module__}.{StoreError.__name__}: "
     return text.rsplit(tag, 1)[1].strip() if text.startswith("Caught StoreError") and tag in text else text
+
+
+def _is_worker_failure(err: BaseException) -> bool:
+    """Whether an error from the DataLoader says that a worker process died or ran out of shared
+    memory: the loader's own report, or the pipe to a worker broken mid-batch. An exception that the
+    dataset raised inside a worker ("Caught ... in DataLoader worker process") is not one."""
+    text = str(err)
+    if text.startswith("Caught "):
+        return False
+    if isinstance(err, (ConnectionError, EOFError)):
+        return True
+    return "DataLoader worker" in text or "shared memory" in text or "No space left on device" in text
+
+
+def _loader_message(err: BaseException, workers: int, checkpoint: Path | None) -> str:
+    first = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}" if str(err).strip() else type(err).__name__
+    kept = f"; the run resumes from {checkpoint} (--resume auto)" if checkpoint else ""
+    return (f"the DataLoader's worker processes failed ({first}). A worker killed by the system has usually run "
+            f"out of memory or of shared memory (/dev/shm; containers often allow 64 MB: raise it, e.g. docker "
+            f"--shm-size 16g); retry with fewer workers than {workers} (--num-workers N, 0 builds the batches in "
+            f"the main process){kept}")
 
 
 def _tensorboard(run_dir: Path) -> Any:
