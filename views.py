@@ -257,10 +257,14 @@ def normalize(x: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray((x - mean) / std))
 
 
-# `normalize(to_unit(image))` for every uint8 value of each channel, computed by those very
-# functions, so that a table lookup gives the same float32 bits (the arithmetic is element-wise).
-_NORMALIZED_U8 = normalize(to_unit(Image.fromarray(np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(1, 256, 3))))
-_NORMALIZED_U8 = _NORMALIZED_U8.reshape(3, 256).numpy().copy()  # (3, 256): channel, uint8 value
+def _normalized_u8_table() -> np.ndarray:
+    """(3, 256): `normalize(to_unit(image))` of every uint8 value in each channel, computed by those
+    very functions, so that a lookup gives the same float32 bits (the arithmetic is element-wise)."""
+    every_value = Image.fromarray(np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(1, 256, 3))
+    return normalize(to_unit(every_value)).reshape(3, 256).numpy()
+
+
+_NORMALIZED_U8 = _normalized_u8_table()
 
 
 def to_normalized(image: Image.Image) -> Tensor:

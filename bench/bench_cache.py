@@ -17,7 +17,7 @@ for the relation logits, the worst error of the row softmax and the KL(float32 |
 (what the loss consumes).
 
 Replay threads. The views/s of the replay stage alone (as `cache_shard` runs it, through
-`pipeline.cache._ahead`) with 1 thread and with `--threads` threads, alternated: what one worker
+`pipeline.cache.batches_ahead`) with 1 thread and with `--threads` threads, alternated: what one worker
 can feed a GPU teacher, where `cache_shard` replays on the worker's threads (`replay_threads`).
 
 Run from the repository root (2 CPU cores, a few minutes):
@@ -45,7 +45,7 @@ import torch
 import dpal.pipeline.cache as cache_mod
 from dpal.config import DTYPES, CacheConfig
 from dpal.corpus import decode_image, index_corpus, read_bytes
-from dpal.pipeline.cache import _ahead, cache_shard, teacher_spec
+from dpal.pipeline.cache import batches_ahead, cache_shard, teacher_spec
 from dpal.pipeline.engine import prepare_store
 from dpal.store import (
     FEATURES,
@@ -286,7 +286,7 @@ def bench_replay(cfg: CacheConfig, threads: int, reps: int) -> dict[str, Any]:
 
     This is what one worker can feed a GPU teacher (on CPU the teacher's forward, not replay, sets
     the pace and one thread replays). The views are the corpus images' first `cfg.views` views,
-    replayed through `pipeline.cache._ahead` in batches of `cfg.batch_size`; the two thread counts
+    replayed through `pipeline.cache.batches_ahead` in batches of `cfg.batch_size`; the two thread counts
     alternate and every run's tensors are checked equal to the first's.
     """
     records = index_corpus(cfg.corpus)
@@ -299,12 +299,12 @@ def bench_replay(cfg: CacheConfig, threads: int, reps: int) -> dict[str, Any]:
         i, p = job
         return replay(cfg.recipe, p, images[i], images[background_index(p)])
 
-    ref = [v for _, vs in _ahead(jobs, cfg.batch_size, one, 1) for v in vs]
+    ref = [v for _, vs in batches_ahead(jobs, cfg.batch_size, one, 1) for v in vs]
     rates: dict[int, list[float]] = {1: [], threads: []}
     for rep in range(reps):
         for n in ((1, threads) if rep % 2 == 0 else (threads, 1)):
             t0 = time.perf_counter()
-            got = [v for _, vs in _ahead(jobs, cfg.batch_size, one, n) for v in vs]
+            got = [v for _, vs in batches_ahead(jobs, cfg.batch_size, one, n) for v in vs]
             rates[n].append(len(jobs) / (time.perf_counter() - t0))
             assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ref, got, strict=True))
     ratios = [b / a for a, b in zip(rates[1], rates[threads], strict=True)]

@@ -99,7 +99,7 @@ def replay_threads_for(cfg: CacheConfig, device: torch.device, cpu_threads: int)
     return max(1, cpu_threads) if device.type == "cuda" else 1
 
 
-def _ahead(jobs: list[Any], batch_size: int, fn: Callable[[Any], Any], threads: int
+def batches_ahead(jobs: list[Any], batch_size: int, fn: Callable[[Any], Any], threads: int
            ) -> Iterator[tuple[list[Any], list[Any]]]:
     """(batch of jobs, [fn(job) ...]) per batch, in order. With threads > 1 a pool computes the
     current and the next batch's results while the caller works on the one before."""
@@ -199,7 +199,7 @@ def cache_shard(store_path: str | Path, shard: int, teacher: Teacher, cfg: Cache
         r, k = job
         return replay(recipe, params[r, k], images[r], images[background_index(params[r, k]) - start])
 
-    for batch, views in _ahead(jobs, cfg.batch_size, replay_job, replay_threads):
+    for batch, views in batches_ahead(jobs, cfg.batch_size, replay_job, replay_threads):
         v0s, ics = zip(*views, strict=True)
         g, loc, rel = teacher_targets(teacher, torch.stack(v0s), torch.stack(ics), device)
         for j, (r, k) in enumerate(batch):

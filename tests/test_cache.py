@@ -23,7 +23,7 @@ import webdataset as wds
 
 from dpal.config import CacheConfig
 from dpal.corpus import decode_image
-from dpal.pipeline.cache import StrictModeError, _ahead, cache_shard, replay_threads_for
+from dpal.pipeline.cache import StrictModeError, batches_ahead, cache_shard, replay_threads_for
 from dpal.pipeline.engine import dry_run, prepare_store, run_cache
 from dpal.store import (
     IMAGE_OFFSET,
@@ -229,7 +229,7 @@ def test_ahead_keeps_order_and_batches() -> None:
 
     jobs = list(range(23))
     for threads in (1, 4):
-        got = list(_ahead(jobs, 5, slow_square, threads))
+        got = list(batches_ahead(jobs, 5, slow_square, threads))
         assert [b for b, _ in got] == [jobs[i : i + 5] for i in range(0, 23, 5)]
         assert [r for _, rs in got for r in rs] == [x * x for x in jobs]
 
