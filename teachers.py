@@ -16,8 +16,10 @@ import contextlib
 import difflib
 import logging
 import math
+import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -455,15 +457,66 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(f"{n}." for n in names)
 
 
+def _not_a_checkpoint(path: str, error: BaseException) -> str:
+    """One line saying what a file that `torch.load` refused is, judged from its bytes.
+
+    torch's own errors (an empty file raises a bare EOFError; text and random bytes both read as
+    "weights only load failed") describe the loader, not the file, and never say to fetch it again.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(512)
+    fix = "download or save it again"
+    if size == 0:
+        return f"{path} is empty (0 bytes), not a torch checkpoint: {fix}"
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            return (f"{path} is a zip archive cut short ({size} bytes, no central directory; an "
+                    f"interrupted download?), not a whole torch checkpoint: {fix}")
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if not any(n.endswith("data.pkl") for n in names):
+            return (f"{path} is a zip archive but not a torch checkpoint (no data.pkl inside; it holds "
+                    f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):
+        return (f"{path} holds more than tensors (weights_only load failed): save just its state dict, "
+                "e.g. torch.save({'model': ckpt['model']}, 'teacher.pth') in a session that trusts the file")
+    if isinstance(error, EOFError) or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+                                       and isinstance(error, (EOFError, pickle.UnpicklingError))):
+        return f"{path} is a torch checkpoint cut short ({size} bytes; an interrupted download?): {fix}"
+    text = _as_text(head)
+    if text is not None:
+        first = text.strip().splitlines()[0][:60] if text.strip() else ""
+        return (f"{path} is a text file, not a torch checkpoint (it starts with {first!r}; a failed "
+                f"download often saves an error page): {fix}")
+    return (f"{path} is not a torch checkpoint (neither a torch zip archive nor a pickle; it starts with "
+            f"bytes {head[:8].hex(' ')}): {fix}")
+
+
+def _as_text(head: bytes) -> str | None:
+    """`head` as text if it is printable UTF-8 (a multi-byte character cut at the end is allowed)."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:
+            return None
+        text = head[: e.start].decode("utf-8")
+    return text if all(c.isprintable() or c.isspace() for c in text) else None
+
+
+def _torch_load(path: str) -> Any:
+    """`torch.load(path, weights_only=True)`; a file that is not a checkpoint is one ValueError line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # torch raises EOFError, RuntimeError, UnpicklingError, ... by file kind
+        raise ValueError(_not_a_checkpoint(path, e)) from None
+
+
 def _read_state_dict(path: str) -> dict[str, Tensor]:
     """A state dict from `{"model": sd}`, `{"state_dict": sd}` or a bare sd (weights_only)."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path} holds more than tensors (weights_only load failed): save just its state dict, "
-            "e.g. torch.save({'model': ckpt['model']}, 'teacher.pth') in a session that trusts the file"
-        ) from e
+    obj = _torch_load(path)
     for wrapper in ("model", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]

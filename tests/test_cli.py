@@ -185,3 +185,13 @@ def test_slurm_dry_run_prints_sizes_and_the_job_script(cli, tmp_path: Path, corp
         assert line in out
     assert "--nthreads 1" in out  # one shard task at a time per GPU worker
     assert not (tmp_path / "store").exists()  # a dry run writes nothing
+
+
+def test_empty_teacher_checkpoint_is_one_error_line(cli, tmp_path: Path, corpus_dir: Path,
+                                                     cli_args: Callable[..., list[str]]) -> None:
+    """An empty checkpoint used to print only `Aborted.` (torch.load's EOFError is click's abort)."""
+    empty = tmp_path / "teacher.pth"
+    empty.write_bytes(b"")
+    args = [a for a in cli_args(corpus_dir, tmp_path / "store") if a != "--random-init"]
+    result = cli(*args, "--teacher-checkpoint", empty, "--shards", "0:")
+    _assert_one_error_line(result, f"{empty} is empty (0 bytes), not a torch checkpoint")

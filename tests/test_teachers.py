@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,39 @@ def test_qkv_std_ratio_flags_an_untrained_last_block(teacher, path_ckpt: Path) -
 def test_autocast_context_is_float32_on_cpu() -> None:
     with autocast_context("cpu"):
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
+
+
+def _not_checkpoints(tmp_path: Path, source_vit: torch.nn.Module) -> dict[str, tuple[Path, str]]:
+    """Real files that are not checkpoints, each with the words its one error line must hold."""
+    import argparse
+    import zipfile
+
+    good = tmp_path / "good.pth"
+    torch.save(source_vit.state_dict(), good)
+    files = {
+        "empty": (b"", "is empty (0 bytes), not a torch checkpoint"),
+        "text": (b"<html><body>404 Not Found</body></html>\n", "is a text file, not a torch checkpoint"),
+        "truncated": (good.read_bytes()[: good.stat().st_size // 2], "zip archive cut short"),
+        "random": (random.Random(0).randbytes(4096), "is not a torch checkpoint (neither"),
+    }
+    out = {}
+    for name, (data, words) in files.items():
+        (tmp_path / f"{name}.pth").write_bytes(data)
+        out[name] = (tmp_path / f"{name}.pth", words)
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
+        z.writestr("readme.txt", "not weights")
+    out["non-torch zip"] = (tmp_path / "other.zip", "zip archive but not a torch checkpoint (no data.pkl")
+    torch.save({"model": source_vit.state_dict(), "args": argparse.Namespace(lr=1.0)}, tmp_path / "obj.pth")
+    out["objects"] = (tmp_path / "obj.pth", "holds more than tensors")
+    return out
+
+
+def test_files_that_are_not_checkpoints_say_what_they_are_not(tmp_path: Path, source_vit: torch.nn.Module) -> None:
+    cases = _not_checkpoints(tmp_path, source_vit)
+    for name, (path, words) in cases.items():
+        with pytest.raises(ValueError) as info:
+            load_teacher(TeacherSpec(ARCH, checkpoint=str(path)))
+        msg = str(info.value)
+        assert "\n" not in msg and msg.startswith(str(path)), (name, msg)
+        assert words in msg, (name, msg)
+        assert name == "objects" or "holds more than tensors" not in msg, (name, msg)
