@@ -60,10 +60,11 @@ def user_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from dpal.store import StoreError
         from dpal.trainer.data import LoaderError
+        from dpal.trainer.rundir import RunDirError
 
-        known: tuple[type[BaseException], ...] = (ValueError, StoreError, LoaderError, FileNotFoundError,
-                                                  PermissionError, NotADirectoryError, IsADirectoryError,
-                                                  FileExistsError)
+        known: tuple[type[BaseException], ...] = (ValueError, StoreError, LoaderError, RunDirError,
+                                                  FileNotFoundError, PermissionError, NotADirectoryError,
+                                                  IsADirectoryError, FileExistsError)
         try:
             from dpal.pipeline.cache import StrictModeError
 
@@ -262,8 +263,11 @@ def distill(
     num_workers: Annotated[int | None, typer.Option(
         help="DataLoader worker processes that decode and replay the views. \\[default: 2 on CPU; on a GPU, "
              "the CPUs per local rank minus one, at most 16]")] = None,
-    resume: Annotated[str | None, typer.Option(help="auto (newest checkpoint in --out), PATH, or none. "
+    resume: Annotated[str | None, typer.Option(help="auto (newest checkpoint in --out), PATH, or none "
+                                               "(refused where --out holds a run; see --fresh). "
                                                "\\[default: auto]")] = None,
+    fresh: Annotated[bool | None, typer.Option("--fresh", help="Start over where --out holds a run: move that "
+                                               "run aside whole to OUT.old-<UTC time> first.")] = None,
     online_teacher: Annotated[bool | None, typer.Option("--online-teacher", help="Run the teacher in the loop "
                                                         "on the same replayed views instead of reading "
                                                         "its targets.")] = None,
@@ -287,7 +291,7 @@ def distill(
     _setup_logging(False)
     flags = dict(store=store, out=out, student=student, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                  base_lr=base_lr, warmup_epochs=warmup_epochs, grad_accum=grad_accum, num_workers=num_workers,
-                 resume=resume, online_teacher=online_teacher, allow_incomplete=allow_incomplete, seed=seed,
+                 resume=resume, fresh=fresh, online_teacher=online_teacher, allow_incomplete=allow_incomplete, seed=seed,
                  device=device)
     cfg = resolve(DistillConfig, str(config) if config else None, flags, set_ or [])
     if not cfg.store or not cfg.out:

@@ -172,7 +172,10 @@ class DistillConfig:
     """DataLoader worker processes (forkserver) that decode and replay views; 0 decodes in the main
     process. None: 2 on CPU; on a GPU, the CPUs each local rank may use minus one, at most 16."""
     resume: str = "auto"
-    """auto (newest complete checkpoint in out/), a checkpoint path, or none."""
+    """auto (newest complete checkpoint in out/), a checkpoint path, or none (refused where out/ holds a
+    run: see fresh)."""
+    fresh: bool = False
+    """Start over where out/ holds a run: move that run aside whole (to OUT.old-<UTC time>) first."""
     keep_last: int = 3
     """Checkpoints kept in out/checkpoints."""
     checkpoint_every: int = 500
@@ -205,6 +208,8 @@ class DistillConfig:
             raise ValueError("keep_last, checkpoint_every and log_every must be >= 1")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError("num_workers must be >= 0 (or none for the default)")
+        if self.fresh and self.resume not in ("auto", "none"):
+            raise ValueError(f"--fresh starts over; it cannot resume from {self.resume} (drop one of them)")
 
 
 # ---------------------------------------------------------------- loading and overrides

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +119,39 @@ def assert_same_training_state(a: dict[str, Any], b: dict[str, Any]) -> None:
         unequal = [k for k in ta if not torch.equal(ta[k], tb[k])]
         assert not unequal, f"{part}: {unequal[:5]}"
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+
+
+def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Poll `predicate` until true; fail with the process's output if it ends first or time runs out."""
+    import pytest
+
+    t0 = time.monotonic()
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended (rc {proc.returncode}) before the condition:\n{out}\n{err}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            pytest.fail("timed out waiting for the run")
+        time.sleep(0.005)
+
+
+def start_until_steps(args: list[str], out: Path, steps: int = 2, **popen: Any) -> subprocess.Popen:
+    """`dpal ARGS` in its own session (process group), returned once it has logged `steps` steps."""
+    proc = subprocess.Popen([*DPAL, *args], env=popen.pop("env", env()), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
+
+    def logged() -> bool:
+        f = out / "metrics.jsonl"
+        return f.exists() and f.read_text().count("\n") >= steps
+
+    wait_for(logged, proc)
+    return proc
+
+
+def one_torch_thread() -> Iterator[None]:
+    """Body of a module fixture: one torch thread meanwhile (two shared cores; more only oversubscribe)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -233,18 +232,6 @@ def test_offline_equals_online_teacher(root: Path, store32: Path, store16: Path)
 # ---------------------------------------------------------------- exact resume
 
 
-def _wait_for(predicate: Any, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    t0 = time.monotonic()
-    while not predicate():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"the run ended (rc {proc.returncode}) before the condition:\n{out}\n{err}")
-        if time.monotonic() - t0 > timeout:
-            proc.kill()
-            pytest.fail("timed out waiting for the run")
-        time.sleep(0.005)
-
-
 def _resume_and_compare(out: Path, store: Path, reference: Path) -> None:
     result = train(u.distill_config(store, out, resume="auto"), show_progress=False)
     assert result.step == 6
@@ -256,7 +243,7 @@ def test_resume_after_sigkill_is_exact(root: Path, store32: Path, reference: Pat
     out = root / "killed"
     proc = subprocess.Popen([*u.DPAL, *u.distill_args(store32, out, "--set", "checkpoint_every=1")],
                             env=u.env(), cwd=u.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: (out / "checkpoints" / "step-00000003.pt").exists(), proc)
+    u.wait_for(lambda: (out / "checkpoints" / "step-00000003.pt").exists(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
@@ -287,26 +274,13 @@ def _ignored_signals(pid: int) -> set[int]:
     return {n for n in range(1, 65) if mask >> (n - 1) & 1}
 
 
-def _start_until_two_steps(args: list[str], out: Path) -> subprocess.Popen:
-    """`dpal ARGS` in its own session (process group), returned once it has logged two steps."""
-    proc = subprocess.Popen([*u.DPAL, *args], env=u.env(), cwd=u.REPO_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-    def logged_two() -> bool:
-        f = out / "metrics.jsonl"
-        return f.exists() and f.read_text().count("\n") >= 2
-
-    _wait_for(logged_two, proc)
-    return proc
-
-
 def test_sigterm_checkpoints_at_a_step_boundary_and_resumes_exactly(root: Path, store32: Path,
                                                                    reference: Path) -> None:
     # One DataLoader worker (the forkserver path); SIGTERM goes to the whole process group, as a
     # scheduler sends it, so the forkserver and the worker get it too and must survive it.
     out = root / "terminated"
     args = u.distill_args(store32, out, "--num-workers", "1")
-    proc = _start_until_two_steps(args, out)
+    proc = u.start_until_steps(args, out)
     children = _descendants(proc.pid)  # resource tracker, forkserver, worker
     assert len(children) >= 2
     for pid in children:
@@ -326,7 +300,7 @@ def test_a_killed_loader_worker_stops_with_one_line_and_a_checkpoint(root: Path,
     # one line that names the fix, and keep the steps it has done.
     out = root / "worker-killed"
     args = u.distill_args(store32, out, "--num-workers", "1", "--epochs", "100")
-    proc = _start_until_two_steps(args, out)
+    proc = u.start_until_steps(args, out)
     children = _descendants(proc.pid)
     parents = {pid: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for pid in children}
     workers = [pid for pid, parent in parents.items() if parent != proc.pid]  # forked by the forkserver

@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,13 +46,21 @@ from dpal.trainer.data import (
 )
 from dpal.trainer.dpade import PATTERN_GLOBAL, PATTERN_LOCAL, PATTERN_RELATION, DPaDe
 from dpal.trainer.losses import global_mse, local_masked_mse, relation_kl, shape_mask, total_loss
+from dpal.trainer.rundir import (
+    CHECKPOINT_DIR,
+    RunDirError,
+    RunLock,
+    clean_temporary_files,
+    existing_run,
+    move_aside,
+    refuse_mixing,
+)
 from dpal.trainer.student import create_student, student_tokens
 from dpal.views import ViewRecipe
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
-CHECKPOINT_DIR = "checkpoints"
 _CKPT_RE = re.compile(r"step-(\d+)\.pt$")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # config keys a resume must keep: they fix the model's shapes and the data stream
@@ -354,7 +362,39 @@ def _jsonl_truncate(path: Path, max_step: int) -> None:
 
 
 def train(cfg: DistillConfig, show_progress: bool = True) -> TrainResult:
-    """Run (or resume) stage two as configured."""
+    """Run (or resume) stage two as configured, owning the run directory meanwhile (rundir.py)."""
+    with ExitStack() as stack:  # releases the run directory's lock however the run ends
+        return _train(cfg, show_progress, stack)
+
+
+def _own_run_dir(cfg: DistillConfig, info: DistInfo, stack: ExitStack) -> None:
+    """Rank 0 locks the run directory and, with --fresh, moves an old run aside; --resume none where
+    a run exists is refused. Every rank learns rank 0's verdict, so that all stop together."""
+    run_dir = Path(cfg.out)
+    error = ""
+    if info.is_main:
+        try:
+            lock = RunLock(run_dir).acquire()
+            stack.callback(lambda: lock.release())  # the lock held at the end: move_aside replaces it
+            what = existing_run(run_dir)
+            if what is not None and cfg.fresh:
+                lock, aside = move_aside(lock)
+                logger.info("--fresh: moved the earlier run (%s) aside to %s", what, aside)
+            elif what is not None and cfg.resume == "none":
+                refuse_mixing(run_dir, what)
+            for p in clean_temporary_files(run_dir):
+                logger.info("removed %s, left by an interrupted checkpoint write", p)
+        except RunDirError as e:
+            error = str(e)
+    if info.world_size > 1:
+        verdict = [error]
+        dist.broadcast_object_list(verdict, src=0)
+        error = verdict[0]
+    if error:
+        raise RunDirError(error)
+
+
+def _train(cfg: DistillConfig, show_progress: bool, stack: ExitStack) -> TrainResult:
     t_start = time.perf_counter()
     info, device = init_distributed(cfg.device)
     if device.type == "cpu":
@@ -366,6 +406,7 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> TrainResult:
     if cfg.recipe_local_size is not None:
         recipe = ViewRecipe.from_dict({**recipe.to_dict(), "local_size": list(cfg.recipe_local_size)})
     fingerprint = reader.fingerprint()
+    _own_run_dir(cfg, info, stack)
 
     model = build_distiller(cfg, recipe, attrs).to(device)
     ddp_model: nn.Module = model
@@ -381,7 +422,7 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> TrainResult:
     peak_lr = cfg.base_lr * global_batch / 256
 
     step, epoch, position = 0, 0, 0
-    resume_path = find_resume(run_dir, cfg.resume)
+    resume_path = find_resume(run_dir, "none" if cfg.fresh else cfg.resume)
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
         if ckpt["store_fingerprint"] != fingerprint:
@@ -488,7 +529,7 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> TrainResult:
                     if micro == 0 and info.world_size == 1 and step > 0:
                         last_ckpt = save_checkpoint(run_dir, state(), cfg.keep_last)
                     raise LoaderError(_loader_message(e, workers, last_ckpt)) from None
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                batch = dataset.model_inputs(batch, device)  # uint8 views and stored targets -> float32 inputs
                 if teacher is not None:
                     # stage one's autocast (bf16 on CUDA), so online targets equal cached float32 ones
                     with torch.inference_mode(), autocast_context(device):
