@@ -236,13 +236,13 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         return build(tp, value, prefix=name + ".")
     if origin is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_value(value, name)
         if not isinstance(value, dict):
             raise ValueError(f"{name} must be a mapping, e.g. {{depth: 2}}")
         return dict(value)
     if origin is tuple:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_value(value, name)
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{name} must be a list, e.g. [256, 128]")
         args = typing.get_args(tp)
@@ -263,8 +263,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{name} must be a number, got {value!r}")
         try:
-            v = tp(value) if not isinstance(value, str) else tp(yaml.safe_load(value))
-        except (TypeError, ValueError):
+            v = tp(value) if not isinstance(value, str) else tp(_yaml_value(value, name))
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(1e400), int(inf)
             raise ValueError(f"{name} must be {'an integer' if tp is int else 'a number'}, got {value!r}") from None
         if tp is int and isinstance(value, float) and value != int(value):
             raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -295,12 +295,32 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return cfg
 
 
+def _yaml_value(text: str, where: str) -> Any:
+    """`text` parsed as YAML; a syntax error is a one-line ValueError naming `where` and the spot."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{where} is not valid YAML{at}: {problem}") from None
+
+
 def load_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"config file {p} not found")
-    text = p.read_text()
-    data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {p} is not UTF-8 text (YAML or TOML expected)") from None
+    if p.suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {p} is not valid TOML: {e}") from None
+    else:
+        data = _yaml_value(text, f"config file {p}")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -324,7 +344,7 @@ def parse_sets(sets: list[str]) -> dict[str, Any]:
         if "=" not in s:
             raise ValueError(f"--set {s!r} must look like key=value")
         k, v = s.split("=", 1)
-        _set_dotted(out, k.strip(), yaml.safe_load(v) if v.strip() else "")
+        _set_dotted(out, k.strip(), _yaml_value(v, f"--set {s}") if v.strip() else "")
     return out
 
 

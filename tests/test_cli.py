@@ -195,3 +195,27 @@ def test_empty_teacher_checkpoint_is_one_error_line(cli, tmp_path: Path, corpus_
     args = [a for a in cli_args(corpus_dir, tmp_path / "store") if a != "--random-init"]
     result = cli(*args, "--teacher-checkpoint", empty, "--shards", "0:")
     _assert_one_error_line(result, f"{empty} is empty (0 bytes), not a torch checkpoint")
+
+
+@pytest.mark.parametrize(("command", "bad", "needles"), [
+    ("distill", "yaml file", ["config file", "bad.yaml is not valid YAML at line 2, column 1"]),
+    ("distill", "toml file", ["config file", "bad.toml is not valid TOML", "line 1"]),
+    ("distill", "set yaml", ["--set student_kwargs={depth: 2 is not valid YAML at line 1, column 10"]),
+    ("distill", "set overflow", ["max_steps must be an integer, got inf"]),
+    ("cache-teacher", "yaml file", ["bad.yaml is not valid YAML at line 2, column 1"]),
+    ("cache-teacher", "set yaml", ["--set recipe.global_size=[32, is not valid YAML"]),
+])
+def test_malformed_config_or_set_value_is_one_error_line(cli, tmp_path: Path, command: str, bad: str,
+                                                         needles: list[str]) -> None:
+    (tmp_path / "bad.yaml").write_text("epochs: 3\n  student: x\n")  # an indented key inside a scalar
+    (tmp_path / "bad.toml").write_text("epochs = \n")
+    extra = {
+        "yaml file": ["--config", str(tmp_path / "bad.yaml")],
+        "toml file": ["--config", str(tmp_path / "bad.toml")],
+        "set yaml": ["--set", "student_kwargs={depth: 2" if command == "distill" else "recipe.global_size=[32,"],
+        "set overflow": ["--set", "max_steps=1.0e+400"],
+    }[bad]
+    where = ["--store", str(tmp_path / "s")] if command == "distill" else ["--corpus", str(tmp_path)]
+    result = cli(command, *where, "--out", str(tmp_path / "out"), *extra)
+    _assert_one_error_line(result, *needles)
+    assert not (tmp_path / "out").exists()
