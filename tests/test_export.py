@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,18 @@ def test_export_refuses_mismatched_config(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="safetensors"):
         export_student(model, "vit_tiny_patch16_224", (64, 32), tmp_path / "a.pt")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
+def test_exported_files_are_readable_like_any_new_file(tmp_path: Path, umask: int, mode: int) -> None:
+    model = create_student("vit_tiny_patch16_224", img_size=(32, 16), depth=1)
+    old = os.umask(umask)
+    try:
+        path = export_student(model, "vit_tiny_patch16_224", (32, 16), tmp_path / "student.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert stat.S_IMODE(path.with_suffix(".json").stat().st_mode) == mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.json", "student.safetensors"]  # no temporaries
+    state = load_file(str(path))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

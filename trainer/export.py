@@ -17,10 +17,11 @@ from typing import Any
 
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 import dpal
+from dpal.store import atomic_write_bytes
 from dpal.trainer.student import BACKBONE_PREFIXES  # importing it registers dpal_vit_tiny with timm
 
 logger = logging.getLogger(__name__)
@@ -112,9 +113,10 @@ def export_student(
         config_text = json.dumps(config, indent=2) + "\n"
     except TypeError as err:
         raise ValueError(f"timm_kwargs {timm_kwargs} must be JSON-serialisable to be exported") from err
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out_path), metadata={"model_name": model_name, "format": "pt"})
-    out_path.with_suffix(".json").write_text(config_text)
+    # Both files atomically, with the mode the umask gives a new file (0644 under the usual 022), so
+    # that whoever may read the JSON may read the weights (safetensors' save_file made them 0600).
+    atomic_write_bytes(out_path, save(state, metadata={"model_name": model_name, "format": "pt"}))
+    atomic_write_bytes(out_path.with_suffix(".json"), config_text.encode())
     logger.info("exported %s backbone (%d tensors) to %s", model_name, len(state), out_path)
     return out_path
 
