@@ -10,15 +10,18 @@ so that the pixels the student sees are those the teacher saw.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import io
 import logging
 import os
+import stat
 import tarfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -28,6 +31,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+UNSUPPORTED_IMAGE_EXTS = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".apng")
+"""Image formats that are recorded as corpus problems, not silently ignored like other files."""
 DEFAULT_MAX_PIXELS = 64_000_000
 """Images whose header declares more pixels than this are skipped as decompression bombs."""
 
@@ -73,43 +78,195 @@ def _tar_sources(spec: str) -> list[str]:
     return out
 
 
-def _index_tar(source: str) -> list[ImageRef]:
+def _problem(entry: str, reason: str) -> dict[str, str]:
+    """A corpus entry that could not be indexed; recorded in the store's `corpus_problems`."""
+    return {"entry": entry, "reason": reason}
+
+
+def _printable(name: str) -> str:
+    """A file name as text even when its bytes are not UTF-8 (bad bytes as \\xNN escapes)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _utf8_problem(name: str, where: str) -> dict[str, str] | None:
+    """A problem if `name` (decoded with surrogateescape) is not UTF-8: keys are stored as UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return _problem(where, "file name is not valid UTF-8 (store keys are UTF-8); rename it")
+    return None
+
+
+def _ext_problem(name: str, where: str) -> dict[str, str] | None:
+    ext = os.path.splitext(name)[1].lower()
+    if ext in UNSUPPORTED_IMAGE_EXTS:
+        return _problem(where, f"{ext} images are not read (animated or multi-page formats); convert to "
+                               f"{', '.join(IMAGE_EXTS)}")
+    return None
+
+
+def _blocks(size: int) -> int:
+    """Bytes that `size` data bytes take in a tar (whole 512-byte blocks)."""
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _has_data(f: Any, start: int, stop: int) -> bool:
+    """Whether bytes [start, stop) of `f` hold anything but zeros (tar padding and end blocks)."""
+    f.seek(start)
+    while start < stop:
+        block = f.read(min(stop - start, 1 << 20))
+        if not block:
+            return False
+        if block.strip(b"\0"):
+            return True
+        start += len(block)
+    return False
+
+
+def _index_tar(source: str, problems: list[dict[str, str]]) -> list[ImageRef]:
+    """Index one tar. Damage is appended to `problems`, never dropped: a corrupt header (tarfile
+    would end the archive there and lose every member after it; `ignore_zeros` reads on to the next
+    valid header, and the skipped bytes are recorded), a tar cut short (the cut member is named), and
+    image members that are not files or whose names are not UTF-8.
+
+    Raises:
+        ValueError: a compressed tar, or a file that is not a tar at all.
+    """
     if source.endswith((".tar.gz", ".tgz")):
         raise ValueError(f"{source}: compressed tars cannot be read at random; repack as plain .tar")
     refs: list[ImageRef] = []
-    with fsspec.open(source, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            base = os.path.basename(m.name)
-            if base.startswith(".") or "." not in base:
-                continue
-            stem, ext = base.split(".", 1)
-            if "." + ext.lower() not in IMAGE_EXTS:
-                continue
-            key = os.path.join(os.path.dirname(m.name), stem)
-            refs.append(ImageRef(key, source, m.offset_data, m.size))
+    members: list[tarfile.TarInfo] = []
+    error = None
+    with fsspec.open(source, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        try:
+            tf = tarfile.open(fileobj=f, mode="r:", ignore_zeros=True)
+        except tarfile.ReadError as e:
+            raise ValueError(f"corpus tar {source} is not a tar archive ({e})") from None
+        with tf:
+            try:
+                members.extend(tf)
+            except tarfile.ReadError as e:  # e.g. "unexpected end of data": the tar is cut short
+                error = str(e)
+        expected = 0  # where the next header starts if nothing is damaged
+        for m in members:
+            if m.offset > expected and _has_data(f, expected, m.offset):
+                problems.append(_problem(f"{source} at byte {expected}", (
+                    f"corrupt tar header: {m.offset - expected} bytes up to the next valid header "
+                    f"({_printable(m.name)}) were skipped; the member(s) there are lost")))
+            expected = m.offset_data + _blocks(m.size)
+            if m.offset_data + m.size > size:
+                problems.append(_problem(f"{source}:{_printable(m.name)}", (
+                    f"the tar is cut short at byte {size} inside this member (an interrupted copy or "
+                    "download?); the member is lost")))
+                error = None  # the cut is named by its member
+                break
+            refs.extend(_tar_ref(source, m, problems))
+        if not members and _has_data(f, 0, size):
+            raise ValueError(f"corpus tar {source} is not a tar archive (no valid header in {size} bytes)")
+        if error is not None:
+            problems.append(_problem(f"{source} at byte {expected}", f"unreadable tar from here: {error}"))
+        elif members and expected < size and _has_data(f, expected, size):
+            what = (f"the tar is cut short at byte {size}, inside a header (an interrupted copy or download?)"
+                    if size % tarfile.BLOCKSIZE else "corrupt tar header")
+            problems.append(_problem(f"{source} at byte {expected}", (
+                f"{what}: the {size - expected} bytes from here to the end hold no valid header; the "
+                "member(s) there are lost")))
     return refs
 
 
-def index_corpus(corpus: str) -> list[ImageRef]:
-    """List every image of a corpus in a stable order.
+def _tar_ref(source: str, m: tarfile.TarInfo, problems: list[dict[str, str]]) -> list[ImageRef]:
+    """The member's ref if it is an image file, else nothing (a problem if it looked like an image)."""
+    base = os.path.basename(m.name)
+    if base.startswith(".") or "." not in base:
+        return []
+    where = f"{source}:{_printable(m.name)}"
+    stem, ext = base.split(".", 1)
+    if "." + ext.lower() not in IMAGE_EXTS:
+        bad = _ext_problem(base, where)
+        return [] if bad is None else problems.append(bad) or []
+    if not m.isfile():
+        problems.append(_problem(where, "not a regular file inside the tar (a link or a device)"))
+        return []
+    bad = _utf8_problem(m.name, where)
+    if bad is not None:
+        problems.append(bad)
+        return []
+    return [ImageRef(os.path.join(os.path.dirname(m.name), stem), source, m.offset_data, m.size)]
+
+
+def _folder_entry(root: Path, p: Path, problems: list[dict[str, str]]) -> ImageRef | None:
+    """The ref of one folder entry, or None; an image-named entry that cannot be read is recorded."""
+    where = _printable(str(p))
+    ext = p.suffix.lower()
+    if ext not in IMAGE_EXTS:
+        bad = _ext_problem(p.name, where) if not p.is_dir() else None
+        if bad is not None:
+            problems.append(bad)
+        return None
+    try:
+        st = p.stat()
+    except OSError as e:  # broken link (ENOENT) or a link loop (ELOOP)
+        kind = "symlink loop" if e.errno == errno.ELOOP else "broken symlink" if p.is_symlink() else "unreadable"
+        target = f" to {_printable(os.readlink(p))}" if p.is_symlink() else ""
+        problems.append(_problem(where, f"{kind}{target}: {e.strerror}"))
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket or device"
+        problems.append(_problem(where, f"{kind}, not a regular file"))
+        return None
+    key = p.relative_to(root).as_posix()
+    bad = _utf8_problem(key, where)
+    if bad is not None:
+        problems.append(bad)
+        return None
+    return ImageRef(key, str(p.resolve()))
+
+
+def _read_list(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ValueError(f"corpus list {path} is not UTF-8 text (line {line}); save it as UTF-8") from None
+
+
+@dataclass
+class Corpus:
+    """An indexed corpus: its images, and the entries that could not be indexed, with reasons."""
+
+    refs: list[ImageRef]
+    problems: list[dict[str, str]]
+
+
+def scan_corpus(corpus: str) -> Corpus:
+    """Index every image of a corpus in a stable order, and record what could not be indexed.
 
     Args:
         corpus: a folder, a `.txt` list of image paths (relative to the list's folder), or tar
             shards (path, glob, brace pattern or fsspec URL ending in `.tar`).
 
+    Returns:
+        The refs, and `problems`: one {"entry", "reason"} per image-named entry that is not a
+        readable file (FIFO, broken or looping symlink, name not UTF-8, unsupported format such as
+        an animated GIF) and per damaged place in a tar (corrupt header, cut short).
+
     Raises:
-        ValueError: the corpus does not exist, is empty, or has duplicate keys.
+        ValueError: the corpus does not exist, is empty, is not a tar, or has duplicate keys.
     """
     path = Path(corpus)
-    refs: list[ImageRef]
+    refs: list[ImageRef] = []
+    problems: list[dict[str, str]] = []
     if not _is_url(corpus) and path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-        refs = [ImageRef(p.relative_to(path).as_posix(), str(p.resolve())) for p in files]
+        for p in sorted(path.rglob("*")):
+            ref = _folder_entry(path, p, problems)
+            if ref is not None:
+                refs.append(ref)
     elif not _is_url(corpus) and path.suffix == ".txt" and path.is_file():
-        refs = []
-        for line in path.read_text().splitlines():
+        for line in _read_list(path):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
@@ -120,19 +277,26 @@ def index_corpus(corpus: str) -> list[ImageRef]:
         missing = [s for s in sources if not _is_url(s) and not os.path.exists(s)]
         if not sources or missing:
             raise ValueError(f"corpus tar shards not found: {missing[:3] or corpus}")
-        refs = [r for s in sources for r in _index_tar(s)]
+        refs = [r for s in sources for r in _index_tar(s, problems)]
     else:
         raise ValueError(
             f"corpus {corpus!r} not found: give a folder of images, a .txt list of image paths, "
             "or WebDataset .tar shards (path, glob, {a..b} pattern or URL)"
         )
     if not refs:
-        raise ValueError(f"corpus {corpus!r} holds no images ({', '.join(IMAGE_EXTS)})")
+        lost = f"; {len(problems)} entries unreadable, e.g. {problems[0]['entry']}: {problems[0]['reason']}" \
+            if problems else ""
+        raise ValueError(f"corpus {corpus!r} holds no images ({', '.join(IMAGE_EXTS)}){lost}")
     seen: set[str] = set()
     dups = [r.key for r in refs if r.key in seen or seen.add(r.key)]
     if dups:
         raise ValueError(f"corpus {corpus!r} has duplicate keys, e.g. {dups[:3]}; keys must be unique")
-    return refs
+    return Corpus(refs, problems)
+
+
+def index_corpus(corpus: str) -> list[ImageRef]:
+    """The images of a corpus, in a stable order (`scan_corpus` without the problems)."""
+    return scan_corpus(corpus).refs
 
 
 def read_bytes(source: str, offset: int = -1, size: int = -1) -> bytes:

@@ -31,7 +31,7 @@ from rich.progress import (
 
 from dpal import __version__
 from dpal.config import CacheConfig, shard_slice, to_dict
-from dpal.corpus import index_corpus
+from dpal.corpus import Corpus, index_corpus, scan_corpus
 from dpal.pipeline.cache import (
     ShardReport,
     StrictModeError,
@@ -57,6 +57,7 @@ from dpal.views import IMAGENET_MEAN, IMAGENET_STD, background_index, replay, sa
 
 logger = logging.getLogger(__name__)
 PLUGIN_NAME = "dpal-teacher"
+MAX_LOGGED_PROBLEMS = 20  # corpus problems logged one line each; the store records all
 
 
 @dataclass
@@ -69,12 +70,17 @@ class RunSummary:
     skipped: int
     seconds: float
     complete: bool
+    corpus_problems: int = 0
+    """Corpus entries that could not be indexed (damaged tars, FIFOs, broken links, ...): the
+    store's `corpus_problems` attribute lists them with reasons."""
 
     def line(self) -> str:
         rate = self.images / self.seconds if self.seconds > 0 else 0.0
+        lost = (f"{self.corpus_problems} corpus entries unreadable and lost (listed in the store's "
+                "corpus_problems); " if self.corpus_problems else "")
         return (
             f"cached {self.cached} images in {self.shards_run} shards ({rate:.1f} img/s, {self.seconds:.1f} s); "
-            f"skipped {self.skipped} bad images; {self.shards_already_done} shards were already done; "
+            f"skipped {self.skipped} bad images; {lost}{self.shards_already_done} shards were already done; "
             f"store {'complete' if self.complete else 'INCOMPLETE: rerun the same command to finish'}"
         )
 
@@ -104,24 +110,66 @@ def store_attrs(cfg: CacheConfig, teacher: Teacher, fingerprint: str, num_images
     }
 
 
-def prepare_store(cfg: CacheConfig, teacher: Teacher) -> Layout:
+def _check_out(out: Path) -> bool:
+    """Whether `out` is an existing store; raises StoreError if the store cannot be made there."""
+    is_store = (out / "zarr.json").exists()
+    if out.exists() and not is_store and (not out.is_dir() or any(out.iterdir())):
+        raise StoreError(f"--out {out} exists and is not a dpal store; choose a new path")
+    if not out.exists():
+        above = next(p for p in out.absolute().parents if p.exists())
+        if not above.is_dir():
+            raise StoreError(f"--out {out}: cannot create the store there ({above} is not a folder)")
+        if not os.access(above, os.W_OK | os.X_OK):
+            raise StoreError(f"--out {out}: cannot create the store there (no write permission in {above})")
+    return is_store
+
+
+def check_inputs(cfg: CacheConfig) -> Corpus:
+    """Index the corpus and check --out, before the teacher loads (which takes many seconds).
+
+    Corpus entries that cannot be indexed are logged, one line each, and recorded in the store;
+    under --strict the first one stops the run.
+
+    Raises:
+        ValueError: no corpus there, or no image in it.
+        StoreError: --out cannot hold a store.
+        StrictModeError: a corpus problem under --strict.
+    """
+    _check_out(Path(cfg.out))
+    corpus = scan_corpus(cfg.corpus)
+    for p in corpus.problems[:MAX_LOGGED_PROBLEMS]:
+        logger.warning("corpus: %s: %s", p["entry"], p["reason"])
+    if len(corpus.problems) > MAX_LOGGED_PROBLEMS:
+        logger.warning("corpus: %d more unreadable entries (the store's corpus_problems lists all)",
+                       len(corpus.problems) - MAX_LOGGED_PROBLEMS)
+    if corpus.problems and cfg.strict:
+        p = corpus.problems[0]
+        raise StrictModeError(f"corpus entry {p['entry']}: {p['reason']}; rerun without --strict to skip "
+                              "and record it")
+    return corpus
+
+
+def prepare_store(cfg: CacheConfig, teacher: Teacher, corpus: Corpus | None = None) -> Layout:
     """Create the store, or check that an existing one was made by the same command.
+
+    Args:
+        corpus: the indexed corpus (`check_inputs`); indexed here when None.
 
     Raises:
         StoreError: the existing store differs in teacher, recipe, seed, K, dtype, ...; the
             message names each difference.
     """
     out = Path(cfg.out)
-    is_store = (out / "zarr.json").exists()
-    if out.exists() and not is_store and (not out.is_dir() or any(out.iterdir())):
-        raise StoreError(f"--out {out} exists and is not a dpal store; choose a new path")
-    refs = index_corpus(cfg.corpus)
+    is_store = _check_out(out)
+    corpus = corpus if corpus is not None else scan_corpus(cfg.corpus)
+    refs = corpus.refs
     attrs = store_attrs(cfg, teacher, corpus_fingerprint(refs), len(refs))
     if not is_store:  # a new path, or an empty folder made for it
         layout = Layout(len(refs), cfg.views, cfg.shard_size, teacher.embed_dim,
                         attrs["token_grid"]["num_patches"], attrs["token_grid"]["num_crowd_tokens"], cfg.dtype)
         try:
-            create_store(out, layout, attrs, refs)
+            # Not identity: what the corpus lost before indexing, for `store info` and the user.
+            create_store(out, layout, {**attrs, "corpus_problems": corpus.problems}, refs)
         except OSError as e:
             raise StoreError(f"--out {out}: cannot create the store there ({e.strerror or e}: {e.filename})") from None
     old = read_attrs(out)
@@ -234,9 +282,10 @@ def run_cache(cfg: CacheConfig, show_progress: bool = True) -> RunSummary:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     local = cfg.shards is not None
+    corpus = check_inputs(cfg)  # a mistake in the corpus or --out is reported before the teacher loads
     # The driver needs the teacher's identity and width; in --shards mode it also computes.
     teacher = load_teacher(teacher_spec(cfg), device=device if local else torch.device("cpu"))
-    layout = prepare_store(cfg, teacher)
+    layout = prepare_store(cfg, teacher, corpus)
     store = str(Path(cfg.out))
     wanted = shard_slice(cfg.shards, layout.num_shards) if local else range(layout.num_shards)
     already = done_shards(Path(store))
@@ -255,6 +304,7 @@ def run_cache(cfg: CacheConfig, show_progress: bool = True) -> RunSummary:
         num_shards=layout.num_shards, shards_run=len(reports), shards_already_done=len(wanted) - len(pending),
         images=sum(r.num_images for r in reports), cached=sum(r.num_cached for r in reports),
         skipped=sum(r.num_skipped for r in reports), seconds=time.perf_counter() - t0, complete=complete,
+        corpus_problems=len(corpus.problems),
     )
 
 
@@ -299,8 +349,8 @@ def dry_run(cfg: CacheConfig, num_images: int = 8) -> dict[str, Any]:
     from dpal.corpus import BadImage, decode_image, read_bytes
 
     device = resolve_device(cfg.device)
+    refs = index_corpus(cfg.corpus)  # before the teacher: a corpus mistake is reported at once
     teacher = load_teacher(teacher_spec(cfg), device=device)
-    refs = index_corpus(cfg.corpus)
     imgs = []
     for ref in refs:
         try:

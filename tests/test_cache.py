@@ -385,3 +385,30 @@ def test_dry_run_sizes_the_store(corpus_dir: Path, corpus_files: dict[str, bytes
     assert abs(rep["image_bytes"] - sum(len(b) for b in corpus_files.values())) <= 1
     assert rep["store_bytes"] == rep["feature_bytes"] + rep["image_bytes"]
     assert rep["seconds_per_view"] > 0 and rep["teacher"]["embed_dim"] == 192
+
+
+def test_corpus_problems_are_recorded_counted_and_strict(tmp_path: Path, corpus_files: dict[str, bytes],
+                                                         make_config: Callable[..., CacheConfig]) -> None:
+    """A FIFO and a non-UTF-8 file name (which aborted the whole run) are recorded in the store,
+    counted in the summary, and stop a --strict run before any store is made."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    names = sorted(n for n in corpus_files if "/" not in n)[:4]
+    for n in names:
+        (corpus / n).write_bytes(corpus_files[n])
+    os.mkfifo(corpus / "pipe.jpg")
+    with open(os.path.join(os.fsencode(corpus), b"\xff\xfe.jpg"), "wb") as f:
+        f.write(corpus_files[names[0]])
+    out = tmp_path / "store"
+    summary = run_cache(make_config(corpus, out), show_progress=False)
+    assert (summary.cached, summary.skipped, summary.corpus_problems, summary.complete) == (4, 0, 2, True)
+    assert "2 corpus entries unreadable and lost" in summary.line()
+    assert read_attrs(out)["corpus_problems"] == [
+        {"entry": f"{corpus}/pipe.jpg", "reason": "a FIFO (named pipe), not a regular file"},
+        {"entry": f"{corpus}/\\xff\\xfe.jpg", "reason": "file name is not valid UTF-8 (store keys are UTF-8); "
+                                                        "rename it"},
+    ]
+    assert [str(k) for k in StoreReader(out).meta(KEYS)] == names
+    with pytest.raises(StrictModeError, match=r"corpus entry .*pipe.jpg: a FIFO .*rerun without --strict"):
+        run_cache(make_config(corpus, tmp_path / "strict", strict=True), show_progress=False)
+    assert not (tmp_path / "strict").exists()

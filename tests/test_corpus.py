@@ -155,3 +155,96 @@ def test_bomb_headers_are_refused_quietly(bomb_header: Callable[[int, int], byte
                 decode_image(bomb_header(w, h))
         with pytest.raises(BadImage, match="60 pixels > max_pixels 50"):
             decode_image(bomb_header(6, 10), max_pixels=50)
+
+
+def _png(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((20, 10, 3), value, np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _plain_tar(path: Path, n: int) -> list[int]:
+    """A ustar of n PNGs s0.png ... (one 512-byte data block each); returns each header's offset."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for i in range(n):
+            data = _png(20 * i)
+            info = tarfile.TarInfo(f"s{i}.png")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tf:
+        return [m.offset for m in tf]
+
+
+def test_corrupt_tar_header_loses_only_its_member_and_is_recorded(tmp_path: Path) -> None:
+    from dpal.corpus import scan_corpus
+
+    heads = _plain_tar(tmp_path / "good.tar", 5)
+    assert heads == [0, 1024, 2048, 3072, 4096]  # header block + one data block per member
+    data = bytearray((tmp_path / "good.tar").read_bytes())
+    data[heads[2]] ^= 0xFF  # the first byte of s2's name: the header checksum no longer matches
+    (tmp_path / "mid.tar").write_bytes(data)
+    # tarfile alone ends the archive at the bad header: s3 and s4 would be lost silently
+    with tarfile.open(tmp_path / "mid.tar") as tf:
+        assert tf.getnames() == ["s0.png", "s1.png"]
+    assert [r.key for r in index_corpus(str(tmp_path / "mid.tar"))] == ["s0", "s1", "s3", "s4"]
+    assert scan_corpus(str(tmp_path / "mid.tar")).problems == [{
+        "entry": f"{tmp_path / 'mid.tar'} at byte 2048",
+        "reason": "corrupt tar header: 1024 bytes up to the next valid header (s3.png) were skipped; "
+                  "the member(s) there are lost"}]
+    data = bytearray((tmp_path / "good.tar").read_bytes())
+    data[heads[4]] ^= 0xFF  # the last member's header
+    (tmp_path / "last.tar").write_bytes(data)
+    c = scan_corpus(str(tmp_path / "last.tar"))
+    assert [r.key for r in c.refs] == ["s0", "s1", "s2", "s3"]
+    assert len(c.problems) == 1 and c.problems[0]["entry"].endswith("last.tar at byte 4096")
+    assert c.problems[0]["reason"].startswith("corrupt tar header: the 6144 bytes from here to the end")
+
+
+def test_truncated_tar_names_the_cut_member(tmp_path: Path) -> None:
+    from dpal.corpus import scan_corpus
+
+    heads = _plain_tar(tmp_path / "good.tar", 5)
+    data = (tmp_path / "good.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: heads[3] + 512 + 10])  # 10 bytes into s3's data
+    c = scan_corpus(str(tmp_path / "cut.tar"))  # tarfile raised ReadError: unexpected end of data
+    assert [r.key for r in c.refs] == ["s0", "s1", "s2"]
+    assert c.problems == [{"entry": f"{tmp_path / 'cut.tar'}:s3.png", "reason": (
+        f"the tar is cut short at byte {heads[3] + 522} inside this member (an interrupted copy or download?); "
+        "the member is lost")}]
+    (tmp_path / "cut_header.tar").write_bytes(data[: heads[3] + 200])  # inside s3's header
+    c = scan_corpus(str(tmp_path / "cut_header.tar"))
+    assert [r.key for r in c.refs] == ["s0", "s1", "s2"] and len(c.problems) == 1
+    assert c.problems[0]["reason"].startswith(f"the tar is cut short at byte {heads[3] + 200}, inside a header")
+    (tmp_path / "noise.tar").write_bytes(np.random.default_rng(0).integers(0, 256, 3000, np.uint8).tobytes())
+    with pytest.raises(ValueError, match=r"noise.tar is not a tar archive \(no valid header in 3000 bytes\)"):
+        index_corpus(str(tmp_path / "noise.tar"))
+
+
+def test_folder_entries_that_are_not_image_files_are_recorded(tmp_path: Path) -> None:
+    import os
+
+    from dpal.corpus import scan_corpus
+
+    (tmp_path / "a.png").write_bytes(_png(10))
+    (tmp_path / "z.png").write_bytes(_png(20))
+    os.mkfifo(tmp_path / "fifo.jpg")
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "broken.jpg")
+    os.symlink(tmp_path / "loop.jpg", tmp_path / "loop.jpg")
+    os.symlink(tmp_path / "a.png", tmp_path / "link.png")  # a good link is an image like any other
+    frames = [Image.fromarray(np.full((20, 10, 3), v, np.uint8)) for v in (0, 255)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.jpg"), "wb") as f:  # Latin-1 name
+        f.write(_png(30))
+    (tmp_path / "notes.txt").write_text("other files are still ignored")
+    c = scan_corpus(str(tmp_path))
+    assert [r.key for r in c.refs] == ["a.png", "link.png", "z.png"]
+    assert c.refs[1].source == str(tmp_path / "a.png")
+    reasons = {Path(p["entry"]).name: p["reason"] for p in c.problems}
+    assert reasons == {
+        "anim.gif": ".gif images are not read (animated or multi-page formats); convert to "
+                    ".jpg, .jpeg, .png, .webp, .bmp",
+        "broken.jpg": f"broken symlink to {tmp_path / 'gone.jpg'}: No such file or directory",
+        "caf\\xe9.jpg": "file name is not valid UTF-8 (store keys are UTF-8); rename it",
+        "fifo.jpg": "a FIFO (named pipe), not a regular file",
+        "loop.jpg": f"symlink loop to {tmp_path / 'loop.jpg'}: Too many levels of symbolic links",
+    }
