@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import torch
 import zarr
@@ -36,7 +37,8 @@ from dpal import __version__
 from dpal.corpus import ImageRef, read_bytes, sha256_file
 from dpal.views import NUM_PARAMS, PARAM_FIELDS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # schema 1 lacks the checksums of schema 2; its stores read unchecked
 FORMAT = "dpal-teacher-store"
 
 # N images, K views per image, P patch tokens of v0, T tokens of Ic (1 + grid), D teacher width
@@ -57,6 +59,9 @@ INDEX_ARRAYS = (KEYS, SOURCE, SOURCE_OFFSET, SOURCE_SIZE)  # written once, when 
 SHARD_ARRAYS = (PARAMS, VALID, IMAGE_OFFSET, IMAGE_SIZE)  # written by each shard's writer
 IMAGES_DIR = "images"
 MARKERS_DIR = "shards"
+# Per-shard arrays whose rows' crc32c each marker records (schema 2): the readers check them
+# before trusting which rows are valid, where their images are, and their view parameters.
+CHECKED_SHARD_ARRAYS = (VALID, IMAGE_OFFSET, IMAGE_SIZE, PARAMS)
 
 DTYPES = ("float16", "bfloat16", "int8", "float32")
 _STORAGE_DTYPE = {"float16": "float16", "bfloat16": "uint16", "int8": "int8", "float32": "float32"}
@@ -79,6 +84,13 @@ def corpus_fingerprint(refs: list[ImageRef]) -> str:
     for r in refs:
         h.update(f"{r.key}\x00{r.offset}\x00{r.size}\n".encode())
     return h.hexdigest()
+
+
+def crc32c_of(values: np.ndarray) -> int:
+    """crc32c of an array's values (little-endian bytes, C order): what a marker records and a
+    reader recomputes from what Zarr returns, independent of how the chunk is encoded."""
+    a = np.ascontiguousarray(values)
+    return int(google_crc32c.value(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -328,7 +340,9 @@ def write_shard(path: Path, data: ShardData) -> dict[str, Any]:
         if scale is not None:
             _open_rw(path, name + SCALE_SUFFIX)[start:stop] = scale
             files += _chunk_files(path, name + SCALE_SUFFIX, scale.ndim, data.shard)
-    for name, arr in ((PARAMS, data.params), (VALID, data.valid), (IMAGE_OFFSET, offsets), (IMAGE_SIZE, sizes)):
+    shard_arrays = {PARAMS: np.asarray(data.params, dtype=np.float64), VALID: np.asarray(data.valid, dtype=np.uint8),
+                    IMAGE_OFFSET: offsets, IMAGE_SIZE: sizes}
+    for name, arr in shard_arrays.items():
         _open_rw(path, name)[start:stop] = arr
         files += _chunk_files(path, name, arr.ndim, data.shard)
     marker = {
@@ -339,6 +353,10 @@ def write_shard(path: Path, data: ShardData) -> dict[str, Any]:
         "skipped": data.skipped,
         "seconds": round(data.seconds, 3),
         "files": {f.relative_to(path).as_posix(): sha256_file(f) for f in files},
+        # What readers check cheaply on every open and image read (schema 2): the rows' values
+        # of each per-shard array, and each cached image's bytes (null for a skipped row).
+        "crc32c": {name: crc32c_of(arr) for name, arr in shard_arrays.items()},
+        "image_crc32c": [None if item is None else int(google_crc32c.value(item[1])) for item in data.images],
     }
     atomic_write_bytes(marker_path(path, data.shard), json.dumps(marker, indent=1).encode())
     return marker
@@ -355,6 +373,13 @@ def done_shards(path: Path) -> set[int]:
 
 def read_marker(path: Path, shard: int) -> dict[str, Any]:
     return json.loads(marker_path(path, shard).read_text())
+
+
+def rewrite_hint(path: Path, shards: list[int]) -> str:
+    """What to run to rewrite damaged shards: their markers go, then stage one reruns them."""
+    names = ", ".join(marker_path(path, s).as_posix() for s in shards)
+    return (f"delete {names} and rerun the same `dpal cache-teacher` command to rewrite shard(s) "
+            f"{', '.join(shard_name(s) for s in shards)}")
 
 
 def mark_complete_if_done(path: Path) -> bool:
@@ -387,10 +412,11 @@ def read_attrs(path: Path) -> dict[str, Any]:
     attrs = zarr.open_group(path, mode="r").attrs.asdict()
     if attrs.get("format") != FORMAT:
         raise StoreError(f"{path} is a Zarr group but not a dpal teacher store")
-    if attrs.get("schema_version") != SCHEMA_VERSION:
+    if attrs.get("schema_version") not in READABLE_SCHEMAS:
         raise StoreError(
             f"{path} has store schema {attrs.get('schema_version')}, this dpal ({__version__}) reads "
-            f"schema {SCHEMA_VERSION}; rebuild it with `dpal cache-teacher` or use a matching dpal"
+            f"schema {', '.join(map(str, READABLE_SCHEMAS))}; rebuild it with `dpal cache-teacher` or use a "
+            "matching dpal"
         )
     return attrs
 
@@ -409,6 +435,9 @@ class StoreReader:
     """Read-only access to a store for stage two, `dpal store info` and `verify`.
 
     Missing chunks raise (`read_missing_chunks=False`): a lost shard file is never read as zeros.
+    Nothing damaged is returned: the per-shard arrays (`valid`, image offsets and sizes, view
+    parameters) are checked against the crc32c in each shard's marker, every image's bytes against
+    its own crc32c, and a mismatch raises a StoreError that names the shard and what to run.
     """
 
     def __init__(self, path: str | Path, allow_incomplete: bool = False) -> None:
@@ -421,41 +450,113 @@ class StoreReader:
                 "rerunning the same `dpal cache-teacher` command, or pass --allow-incomplete"
             )
         self.layout = layout_of(self.attrs)
+        if self.attrs.get("complete"):
+            missing = sorted(set(range(self.layout.num_shards)) - done_shards(self.path))
+            if missing:  # a marker deleted to rewrite its shard: the rows must not be read meanwhile
+                raise StoreError(f"{self.path} is marked complete but shard(s) {', '.join(map(shard_name, missing))} "
+                                 "have no marker; rerun the same `dpal cache-teacher` command to rewrite them")
         self.dtype = self.attrs["dtype"]
         self._arrays: dict[str, zarr.Array] = {}
         self._meta: dict[str, np.ndarray] = {}
+        self._markers: dict[int, dict[str, Any]] | None = None
+        self._image_crc: np.ndarray | None = None
+        self._params_checked: set[int] = set()
 
     def array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
             self._arrays[name] = zarr.open_array(self.path / name, mode="r", config={"read_missing_chunks": False})
         return self._arrays[name]
 
+    def markers(self) -> dict[int, dict[str, Any]]:
+        """Every finished shard's marker, read once (the set of finished shards is fixed at the
+        first call: shards finished later are not used by this reader)."""
+        if self._markers is None:
+            done = sorted(done_shards(self.path) & set(range(self.layout.num_shards)))
+            self._markers = {s: read_marker(self.path, s) for s in done}
+        return self._markers
+
+    def _recorded_crc(self, shard: int, name: str) -> int | None:
+        """The crc32c that shard's marker records for array `name`; None in a schema-1 marker."""
+        m = self.markers()[shard]
+        if "crc32c" not in m:
+            if self.attrs["schema_version"] >= 2:
+                raise StoreError(f"{marker_path(self.path, shard)}: the marker of shard {shard_name(shard)} has "
+                                 f"no checksums (damaged or edited); {rewrite_hint(self.path, [shard])}")
+            return None
+        return m["crc32c"][name]
+
+    def _check_rows(self, name: str, shard: int, rows: np.ndarray) -> None:
+        want = self._recorded_crc(shard, name)
+        if want is not None and crc32c_of(rows) != want:
+            raise StoreError(f"{self.path}: the {name!r} rows of shard {shard_name(shard)} do not match the checksum "
+                             f"its marker recorded (damaged or edited after stage one); "
+                             f"{rewrite_hint(self.path, [shard])}")
+
     def meta(self, name: str) -> np.ndarray:
         """A whole small per-image array (valid, keys, sources, offsets), cached.
 
-        In an incomplete store the unfinished shards read as the fill value (valid = 0, offsets
-        -1); only rows of finished shards are ever used.
+        Rows of unfinished shards read as the fill value (valid = 0, offsets -1), even where a
+        killed writer left data; rows of finished shards are checked against their markers.
         """
         if name not in self._meta:
+            if self.attrs.get("complete"):
+                arr = self.array(name)
+            else:
+                arr = zarr.open_array(self.path / name, mode="r", config={"read_missing_chunks": True})
             try:
-                if self.attrs.get("complete"):
-                    self._meta[name] = self.array(name)[:]
-                else:
-                    arr = zarr.open_array(self.path / name, mode="r", config={"read_missing_chunks": True})
-                    self._meta[name] = arr[:]
-            except zarr.errors.ChunkNotFoundError as e:
-                raise StoreError(f"{self.path}: array {name!r} is missing shard data ({str(e).splitlines()[0]}); "
-                                 "run `dpal store verify` and rerun stage one for the named shards") from None
+                values = arr[:]
+            except Exception as e:  # noqa: BLE001 - a missing chunk, or a codec failing on damaged bytes
+                raise self._unreadable(name, arr, e) from None
+            if name in CHECKED_SHARD_ARRAYS:
+                markers = self.markers()
+                for s in range(self.layout.num_shards):
+                    a, b = self.layout.shard_range(s)
+                    if s in markers:
+                        self._check_rows(name, s, values[a:b])
+                    else:
+                        values[a:b] = self.array(name).fill_value
+            self._meta[name] = values
         return self._meta[name]
+
+    def _unreadable(self, name: str, arr: zarr.Array, error: Exception) -> StoreError:
+        """The error for a whole-array read that failed: names the shard(s) whose chunk fails."""
+        bad = []
+        for s in range(self.layout.num_shards):
+            a, b = self.layout.shard_range(s)
+            try:
+                arr[a:b]
+            except Exception:  # noqa: BLE001
+                bad.append(s)
+        fix = (rewrite_hint(self.path, bad) if bad and name in CHECKED_SHARD_ARRAYS else
+               "the index written when the store was created is damaged: restore the store from a copy or "
+               "rebuild it with `dpal cache-teacher`")
+        where = f"shard(s) {', '.join(map(shard_name, bad))}" if bad else "the store"
+        return StoreError(f"{self.path}: array {name!r} of {where} cannot be read "
+                          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); {fix}")
+
+    def valid_rows(self) -> np.ndarray:
+        """Store indices of the cached images of finished shards, checked against their markers."""
+        return np.flatnonzero(self.meta(VALID)).astype(np.int64)
 
     def shard_of(self, index: int) -> int:
         return index // self.layout.shard_size
+
+    def _check_params(self, shards: list[int]) -> None:
+        """Check each shard's whole `params` chunk against its marker, once per shard and reader
+        (one 0.5 MB read at S = 256, K = 4): per-row checks would cost a whole-shard read per batch."""
+        for s in shards:
+            if s in self._params_checked:
+                continue
+            if s in self.markers():
+                a, b = self.layout.shard_range(s)
+                self._check_rows(PARAMS, s, self.array(PARAMS)[a:b])
+            self._params_checked.add(s)
 
     def read_targets(self, indices: np.ndarray, view: int) -> Targets:
         """Targets of view `view` of the images `indices` (one orthogonal selection per array).
 
         Raises:
-            StoreError: a shard's data is missing; the message names the shard.
+            StoreError: a shard's data is missing or damaged; the message names the shard.
         """
         order = np.argsort(indices, kind="stable")
         sorted_idx = np.asarray(indices)[order]
@@ -471,7 +572,6 @@ class StoreReader:
                 data = self.array(name).oindex[sel][:, 0]
                 scale = self.array(name + SCALE_SUFFIX).oindex[sel][:, 0] if self.dtype == "int8" else None
                 out[name] = decode(data, scale, self.dtype)[inverse]
-            params = self.array(PARAMS).oindex[sel][:, 0][inverse]
         except (zarr.errors.ChunkNotFoundError, ValueError) as e:
             # A missing shard file, or a chunk whose crc32c does not match: name the shard(s).
             shards = sorted({self.shard_of(int(i)) for i in sorted_idx})
@@ -481,7 +581,36 @@ class StoreReader:
                 f"({type(e).__name__}: {str(e).splitlines()[0]}); run `dpal store verify` and rerun stage one "
                 "to rewrite them"
             ) from None
-        return Targets(out[GLOBAL], out[LOCAL], out[RELATION], params)
+        return Targets(out[GLOBAL], out[LOCAL], out[RELATION], self.read_params(indices, view))
+
+    def read_params(self, indices: np.ndarray, view: int) -> np.ndarray:
+        """View parameters (B, NUM_PARAMS) of view `view` of the images `indices`, each shard's
+        rows checked against its marker.
+
+        Raises:
+            StoreError: a shard's parameters are missing or damaged; the message names that shard.
+        """
+        indices = np.asarray(indices)
+        order = np.argsort(indices, kind="stable")
+        shards = sorted({self.shard_of(int(i)) for i in indices})
+        try:
+            self._check_params(shards)
+            p = self.array(PARAMS).oindex[indices[order], slice(view, view + 1)][:, 0]
+        except (zarr.errors.ChunkNotFoundError, ValueError) as e:
+            bad = []
+            for s in shards:  # the whole chunk of each shard: find the one that fails
+                a, b = self.layout.shard_range(s)
+                try:
+                    self.array(PARAMS)[a:b]
+                except (zarr.errors.ChunkNotFoundError, ValueError):
+                    bad.append(s)
+            raise StoreError(
+                f"{self.path}: view parameters of shard(s) {', '.join(shard_name(s) for s in bad or shards)} cannot "
+                f"be read ({type(e).__name__}: {str(e).splitlines()[0]}); {rewrite_hint(self.path, bad or shards)}"
+            ) from None
+        out = np.empty_like(p)
+        out[order] = p
+        return out
 
     def _shard_readable(self, shard: int, indices: np.ndarray, view: int) -> bool:
         rows = [int(i) for i in indices if self.shard_of(int(i)) == shard]
@@ -496,16 +625,46 @@ class StoreReader:
             return False
         return True
 
+    def image_crc32c(self, index: int) -> int | None:
+        """The crc32c stage one recorded for row `index`'s image bytes; None for a schema-1 marker."""
+        if self._image_crc is None:
+            crc = np.full(self.layout.num_images, -1, dtype=np.int64)
+            for s, m in self.markers().items():
+                if "image_crc32c" in m:
+                    a, _ = self.layout.shard_range(s)
+                    crc[a : a + len(m["image_crc32c"])] = [-1 if c is None else c for c in m["image_crc32c"]]
+            self._image_crc = crc
+        c = int(self._image_crc[index])
+        if c < 0 and self.attrs["schema_version"] >= 2 and self.meta(VALID)[index]:
+            shard = self.shard_of(index)
+            raise StoreError(f"{marker_path(self.path, shard)}: no image checksum for row {index} of shard "
+                             f"{shard_name(shard)} (damaged marker); {rewrite_hint(self.path, [shard])}")
+        return None if c < 0 else c
+
     def image_bytes(self, index: int) -> bytes:
-        """The source image bytes of store row `index`: from the embedded tar, else the corpus."""
+        """The source image bytes of store row `index`: from the embedded tar, else the corpus.
+
+        Raises:
+            StoreError: the bytes differ from those stage one cached (a damaged image tar, or a
+                corpus file changed since); the message names the shard and the fix.
+        """
+        shard = self.shard_of(index)
         if self.attrs["embed_images"]:
             off, size = int(self.meta(IMAGE_OFFSET)[index]), int(self.meta(IMAGE_SIZE)[index])
             if off < 0:
                 raise StoreError(f"{self.path}: row {index} has no embedded image (skipped image?)")
-            tar = self.path / IMAGES_DIR / f"{shard_name(self.shard_of(index))}.tar"
-            return read_bytes(str(tar), off, size)
-        return read_bytes(str(self.meta(SOURCE)[index]), int(self.meta(SOURCE_OFFSET)[index]),
-                          int(self.meta(SOURCE_SIZE)[index]))
+            where = self.path / IMAGES_DIR / f"{shard_name(shard)}.tar"
+            blob = read_bytes(str(where), off, size)
+            fix = rewrite_hint(self.path, [shard])
+        else:
+            where = Path(str(self.meta(SOURCE)[index]))
+            blob = read_bytes(str(where), int(self.meta(SOURCE_OFFSET)[index]), int(self.meta(SOURCE_SIZE)[index]))
+            fix = "restore the corpus as it was when the store was written, or rebuild the store"
+        want = self.image_crc32c(index)
+        if want is not None and google_crc32c.value(blob) != want:
+            raise StoreError(f"{where}: the image of row {index} (shard {shard_name(shard)}) does not match the "
+                             f"checksum stage one recorded (damaged or changed); {fix}")
+        return blob
 
     def fingerprint(self) -> str:
         """Identity of the store's contents: identity attributes plus every marker's checksums."""

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from dpal.corpus import decode_image
-from dpal.store import PARAMS, VALID, StoreError, StoreReader, shard_name
+from dpal.store import StoreError, StoreReader, shard_name
 from dpal.trainer.losses import shape_mask
 from dpal.views import ViewRecipe, background_index, random_local, replay, view_rng
 
@@ -152,14 +152,7 @@ class BatchDataset(torch.utils.data.Dataset):
             params = t.params
         else:
             t = None
-            order = np.argsort(idx, kind="stable")
-            try:
-                p = reader.array(PARAMS).oindex[idx[order], view]
-            except Exception:  # noqa: BLE001
-                raise StoreError(f"{self.store_path}: view parameters of shard(s) "
-                                 f"{sorted({reader.shard_of(int(i)) for i in idx})} are missing") from None
-            params = np.empty_like(p)
-            params[order] = p
+            params = reader.read_params(idx, view)  # checked against the markers; names a bad shard
         v0s, ics, v1s, v2s = [], [], [], []
         cache: dict[int, object] = {}
         for i, index in enumerate(idx.tolist()):
@@ -198,20 +191,9 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def valid_rows(reader: StoreReader) -> np.ndarray:
-    """Store indices of the cached images (of finished shards, for an incomplete store)."""
-    from dpal.store import done_shards
-
-    valid = reader.meta(VALID) if reader.attrs.get("complete") else _valid_of_done(reader, done_shards(reader.path))
-    return np.flatnonzero(valid).astype(np.int64)
-
-
-def _valid_of_done(reader: StoreReader, done: set[int]) -> np.ndarray:
-    out = np.zeros(reader.layout.num_images, dtype=np.uint8)
-    arr = reader.array(VALID)
-    for s in sorted(done):
-        a, b = reader.layout.shard_range(s)
-        out[a:b] = arr[a:b]
-    return out
+    """Store indices of the cached images (of finished shards, for an incomplete store), checked
+    against the shards' markers (StoreReader.valid_rows)."""
+    return reader.valid_rows()
 
 
 def collate_requests(sampler: EpochSampler, start_epoch: int, start_step: int, end_epoch: int,

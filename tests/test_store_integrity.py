@@ -1,0 +1,173 @@
+"""Store integrity: stage two never reads damaged or edited data. Real stores written by stage one
+(conftest's `ref_store`), real bytes changed on disk: a flipped byte in `valid`, swapped
+`image_offset` rows, a flipped byte inside an embedded JPEG, an edited zarr.json; each is refused
+with one line that names the file or shard and says what to run."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+import pytest
+import zarr
+
+from dpal.store import (
+    IMAGE_OFFSET,
+    IMAGES_DIR,
+    PARAMS,
+    VALID,
+    StoreError,
+    StoreReader,
+    crc32c_of,
+    marker_path,
+    read_marker,
+    shard_name,
+)
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_markers_record_the_crc32c_of_rows_and_images(ref_store: Path, corpus_files: dict[str, bytes]) -> None:
+    reader = StoreReader(ref_store)
+    keys = [str(k) for k in reader.meta("keys")]
+    for s in range(reader.layout.num_shards):
+        m = read_marker(ref_store, s)
+        a, b = reader.layout.shard_range(s)
+        assert m["crc32c"] == {name: crc32c_of(zarr.open_array(ref_store / name, mode="r")[a:b])
+                               for name in (PARAMS, VALID, IMAGE_OFFSET, "image_size")}
+        assert m["image_crc32c"] == [google_crc32c.value(corpus_files[k]) for k in keys[a:b]]
+
+
+def test_flipped_byte_in_valid_stops_naming_the_shard(store_copy: Path) -> None:
+    chunk = store_copy / VALID / "c" / "2"  # rows 6..8
+    clean = chunk.read_bytes()
+    caught = 0
+    for offset in range(len(clean)):  # every byte of the (zstd-framed) chunk file
+        chunk.write_bytes(clean)
+        _flip(chunk, offset)
+        with pytest.raises(StoreError) as e:
+            StoreReader(store_copy).valid_rows()
+        msg = _one_line(e)
+        assert "shard(s) 000002" in msg and "shards/000002.json" in msg and "dpal cache-teacher" in msg, msg
+        caught += 1
+    assert caught == len(clean)
+    chunk.write_bytes(clean)
+    assert StoreReader(store_copy).valid_rows().tolist() == list(range(13))
+
+
+def test_swapped_image_offset_rows_stop_naming_the_shard(store_copy: Path) -> None:
+    arr = zarr.open_array(store_copy / IMAGE_OFFSET, mode="r+")
+    rows = arr[3:5]
+    arr[3:5] = rows[::-1]  # a valid chunk (Zarr rewrites it), but other rows' images
+    reader = StoreReader(store_copy)
+    assert reader.valid_rows().size == 13  # other arrays still read
+    with pytest.raises(StoreError) as e:
+        reader.image_bytes(0)  # the offsets are checked whole, when first read: any row stops
+    msg = _one_line(e)
+    assert "'image_offset' rows of shard 000001" in msg and f"{marker_path(store_copy, 1).as_posix()}" in msg
+
+
+def test_flipped_byte_inside_an_embedded_jpeg_stops_naming_the_shard(store_copy: Path,
+                                                                      corpus_files: dict[str, bytes]) -> None:
+    reader = StoreReader(store_copy)
+    keys = [str(k) for k in reader.meta("keys")]
+    row = next(i for i in range(3, 6) if keys[i].endswith(".jpg"))  # a JPEG of shard 1
+    assert reader.image_bytes(row) == corpus_files[keys[row]]
+    tar = store_copy / IMAGES_DIR / "000001.tar"
+    with tarfile.open(tar) as tf:
+        member = tf.getmember(f"{row:09d}.jpg")
+    _flip(tar, member.offset_data + member.size // 2)  # inside the entropy-coded data: still decodes
+    reader = StoreReader(store_copy)
+    assert all(reader.image_bytes(i) == corpus_files[keys[i]] for i in range(3, 6) if i != row)  # the others
+    with pytest.raises(StoreError) as e:
+        reader.image_bytes(row)
+    msg = _one_line(e)
+    assert msg.startswith(f"{tar}: the image of row {row} (shard 000001) does not match") and "000001.json" in msg
+
+
+def test_changed_corpus_image_of_a_referencing_store_is_refused(tmp_path: Path, corpus_dir: Path,
+                                                                make_config) -> None:
+    import shutil
+
+    from dpal.pipeline.engine import run_cache
+
+    corpus = Path(shutil.copytree(corpus_dir, tmp_path / "corpus"))
+    out = tmp_path / "store"
+    run_cache(make_config(corpus, out, embed_images=False, views=1), show_progress=False)
+    assert StoreReader(out).image_bytes(0) == (corpus / "p00.jpg").read_bytes()
+    _flip(corpus / "p00.jpg", 300)  # same size, same key: the corpus fingerprint cannot see it
+    with pytest.raises(StoreError) as e:
+        StoreReader(out).image_bytes(0)
+    assert "p00.jpg: the image of row 0 (shard 000000) does not match" in _one_line(e)
+
+
+def test_rewritten_params_rows_stop_naming_the_shard(store_copy: Path) -> None:
+    arr = zarr.open_array(store_copy / PARAMS, mode="r+")
+    p = arr[9:12]
+    arr[9:12] = p[[1, 0, 2]]  # rows 9 and 10 swapped: a valid zstd chunk with its own checksum
+    reader = StoreReader(store_copy)
+    assert reader.read_targets(np.array([0, 12]), 0).params.shape == (2, 56)
+    with pytest.raises(StoreError) as e:
+        reader.read_targets(np.array([0, 10]), 1)
+    assert "'params' rows of shard 000003" in _one_line(e)
+    with pytest.raises(StoreError, match="shard 000003"):
+        reader.read_params(np.array([11]), 0)
+
+
+def test_damaged_marker_without_checksums_is_refused(store_copy: Path) -> None:
+    m = read_marker(store_copy, 2)
+    del m["crc32c"]
+    marker_path(store_copy, 2).write_text(json.dumps(m))
+    with pytest.raises(StoreError) as e:
+        StoreReader(store_copy).valid_rows()
+    assert f"marker of shard {shard_name(2)} has no checksums" in _one_line(e)
+
+
+def test_schema_1_store_still_reads_unchecked(store_copy: Path, ref_store: Path) -> None:
+    # a schema-1 store: the group says 1 and the markers carry no crc32c
+    zarr.open_group(store_copy, mode="r+").attrs["schema_version"] = 1
+    for s in range(5):
+        m = read_marker(store_copy, s)
+        del m["crc32c"], m["image_crc32c"]
+        marker_path(store_copy, s).write_text(json.dumps(m))
+    old, ref = StoreReader(store_copy), StoreReader(ref_store)
+    assert old.valid_rows().tolist() == list(range(13))
+    assert all(old.image_bytes(i) == ref.image_bytes(i) for i in range(13))
+    idx = np.array([12, 0, 4])
+    assert np.array_equal(old.read_targets(idx, 1).params, ref.read_targets(idx, 1).params)
+
+
+def test_distill_stops_on_a_flipped_jpeg_byte_with_one_line(tmp_path: Path) -> None:
+    import sys
+
+    from typer.testing import CliRunner
+
+    from dpal.cli import app
+    from dpal.corpus import decode_image
+
+    u = sys.modules["dpal_tests_stage2_util"]
+    store = u.make_store(u.make_corpus(tmp_path / "corpus"), tmp_path / "store")
+    tar = store / IMAGES_DIR / "000001.tar"  # rows 4..7
+    with tarfile.open(tar) as tf:
+        member = tf.getmember("000000005.jpg")
+    _flip(tar, member.offset_data + member.size // 2)
+    with open(tar, "rb") as f:  # the damaged JPEG still decodes: only the checksum can tell
+        f.seek(member.offset_data)
+        assert decode_image(f.read(member.size)).size == (32, 48)
+    result = CliRunner().invoke(app, u.distill_args(store, tmp_path / "run"))
+    assert result.exit_code == 2, result.output
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "row 5 (shard 000001)" in errors[0] and "000001.json" in errors[0], result.stderr
