@@ -343,7 +343,8 @@ def eval_reid(
     """ReID on a Market-1501-style folder: rank the gallery by cosine similarity of global features.
 
     Market's protocol: junk images (pid -1) and same-pid same-camera gallery images are excluded
-    per query; distractors (pid 0000) stay as negatives. Prints mAP and CMC Rank-1/5/10.
+    per query; distractors (pid 0000) stay as negatives. Prints mAP and CMC Rank-1/5/10, in percent
+    (--json too).
     """
     import torch
 
@@ -358,11 +359,14 @@ def eval_reid(
         emb = resolve_model(model, tuple(image_size) if image_size else None, random_init, teacher_checkpoint,
                             seed, feature)
         res = evaluate_reid(emb, data, batch_size)
-    if as_json:
-        typer.echo(json.dumps({"model": emb.name, "feature": feature if emb.kind != "teacher" else "global", **res}))
+    if as_json:  # one unit wherever the command prints: percent, as the table shows and papers report
+        pct = {k: 100 * v if k in ("mAP", "rank1", "rank5", "rank10") else v for k, v in res.items()}
+        typer.echo(json.dumps({"model": emb.name, "feature": feature if emb.kind != "teacher" else "global", **pct,
+                               "unit": "percent"}))
         return
     typer.echo(format_table([{"model": emb.name, **res}]))
-    typer.echo(f"{res['num_query']} queries, {res['num_gallery']} gallery images at {res['image_size']}")
+    typer.echo(f"mAP and CMC in percent; {res['num_query']} queries, {res['num_gallery']} gallery images at "
+               f"{res['image_size']}")
 
 
 def main() -> None:

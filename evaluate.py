@@ -67,12 +67,15 @@ def resolve_model(model: str, image_size: tuple[int, int] | None = None, random_
 
         cfg = json.loads(path.with_suffix(".json").read_text())
         size = image_size or tuple(cfg["img_size"])
-        return _student_embedder(path.stem, load_exported(path), size, "student", feature)
+        # the model's own name, then the file it came from (its stem is often just "student")
+        name = f"{cfg['model_name']} ({path.with_suffix('.safetensors').name})"
+        return _student_embedder(name, load_exported(path), size, "student", feature)
     if path.is_dir() or path.suffix == ".pt":
         from dpal.trainer.train import build_student_from_checkpoint
 
         student, ckpt = build_student_from_checkpoint(path)
-        return _student_embedder(path.name, student, image_size or tuple(ckpt["img_size"]), "student", feature)
+        name = f"{ckpt['student_name']} step {ckpt['step']} ({path.name})"
+        return _student_embedder(name, student, image_size or tuple(ckpt["img_size"]), "student", feature)
     size = image_size or (256, 128)
     if model in PRESETS or checkpoint is not None:
         teacher = load_teacher(TeacherSpec(name=model, checkpoint=checkpoint, random_init=random_init,

@@ -268,7 +268,8 @@ def format_table(rows: list[dict]) -> str:
 
     Args:
         rows: dicts with "model" (a name) and "mAP", "rank1", "rank5", "rank10" in [0, 1], as
-            returned by `evaluate_ranking` (extra keys are ignored).
+            returned by `evaluate_ranking`, or already in percent where the row says
+            "unit": "percent" (as `dpal eval reid --json` prints them); extra keys are ignored.
 
     Returns:
         The table, lines joined by newlines, no trailing newline.
@@ -284,6 +285,7 @@ def format_table(rows: list[dict]) -> str:
     width = max([len("model"), *(len(str(row["model"])) for row in rows)])
     lines = [f"{'model':<{width}}  {'mAP':>6}  {'R1':>6}  {'R5':>6}  {'R10':>6}"]
     for row in rows:
-        values = "  ".join(f"{100 * row[k]:6.1f}" for k in keys)
+        scale = 1 if row.get("unit") == "percent" else 100
+        values = "  ".join(f"{scale * row[k]:6.1f}" for k in keys)
         lines.append(f"{str(row['model']):<{width}}  {values}")
     return "\n".join(lines)

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from dpal.cli import app
+from dpal.trainer.export import export_student
+from dpal.trainer.student import create_student
 
 
 @pytest.fixture()
@@ -44,7 +47,8 @@ def test_random_model_prints_market_metrics_as_json(market: Path) -> None:
     res = json.loads(result.stdout.strip().splitlines()[-1])
     assert res["num_query"] == 2 and res["num_gallery"] == 4 and res["feature"] == "mean"
     assert res["num_valid_queries"] == 2  # the same-camera copy of query 1 is excluded, c2 matches remain
-    assert 0.0 < res["mAP"] <= 1.0 and res["rank10"] == 1.0  # 3 valid gallery images: all within rank 10
+    assert 0.0 < res["mAP"] <= 100.0 and res["rank10"] == 100.0  # 3 valid gallery images: all within rank 10
+    assert res["unit"] == "percent"
 
 
 def test_bad_feature_and_bad_folder_are_one_line_errors(market: Path, tmp_path: Path) -> None:
@@ -52,3 +56,32 @@ def test_bad_feature_and_bad_folder_are_one_line_errors(market: Path, tmp_path: 
     assert result.exit_code == 2 and "choose one of cls, mean" in result.stderr
     result = _run("--model", "vit_tiny_patch16_224", "--random-init", "--data", str(tmp_path / "nope"))
     assert result.exit_code == 2 and "Market-1501 layout" in result.stderr
+
+
+def _tiny_student() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_student("vit_tiny_patch16_224", img_size=(32, 16), depth=1)
+
+
+def test_an_exported_student_is_named_by_its_model_and_scored_in_percent_in_table_and_json(
+        market: Path, tmp_path: Path) -> None:
+    path = export_student(_tiny_student(), "vit_tiny_patch16_224", (32, 16), tmp_path / "student.safetensors")
+    res = json.loads(_run("--model", str(path), "--data", str(market), "--json").stdout.strip().splitlines()[-1])
+    assert res["model"] == "vit_tiny_patch16_224 (student.safetensors)" and res["unit"] == "percent"
+    table = _run("--model", str(path), "--data", str(market)).stdout.splitlines()
+    row = next(ln for ln in table if ln.startswith("vit_tiny_patch16_224 (student.safetensors)"))
+    # the table's numbers are the JSON's, to its one decimal: one unit
+    assert [float(v) for v in row.split()[-4:]] == [round(res[k], 1) for k in ("mAP", "rank1", "rank5", "rank10")]
+    assert 1.0 < res["mAP"] <= 100.0 and "in percent" in table[-1]
+
+
+def test_a_run_directory_is_named_by_its_student_and_step(market: Path, tmp_path: Path) -> None:
+    from dpal.trainer.train import CHECKPOINT_VERSION
+
+    student = _tiny_student()
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save({"format_version": CHECKPOINT_VERSION, "step": 7, "model": student.state_dict(),
+                "student_name": "vit_tiny_patch16_224", "img_size": [32, 16], "student_kwargs": {"depth": 1}},
+               tmp_path / "run" / "checkpoints" / "step-00000007.pt")
+    res = json.loads(_run("--model", str(tmp_path / "run"), "--data", str(market), "--json").stdout.splitlines()[-1])
+    assert res["model"] == "vit_tiny_patch16_224 step 7 (run)"

@@ -195,6 +195,9 @@ def test_format_table() -> None:
     )
     with pytest.raises(ValueError, match="rank10"):
         format_table([{"model": "x", "mAP": 0.1, "rank1": 0.1, "rank5": 0.1}])
+    # rows of `dpal eval reid --json` are in percent already, and say so
+    pct = {"model": "m", "mAP": 50.0, "rank1": 25.0, "rank5": 75.0, "rank10": 100.0, "unit": "percent"}
+    assert format_table([pct]) == format_table([{**rows[0], "model": "m"}])
 
 
 def test_sample_reid_split_is_consistent() -> None:
