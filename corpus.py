@@ -4,8 +4,10 @@ Three kinds of corpus are accepted: a folder of images (searched recursively), W
 shards (local paths, globs, brace patterns or fsspec URLs), and a text file listing image paths.
 Indexing gives each image an `ImageRef`: a stable key (the relative path, or the tar's
 `__key__`), where its bytes live (a file, or an offset and size inside an uncompressed tar) so
-that both stages can read any image at random. `decode_image` is the one decoder both stages use,
-so that the pixels the student sees are those the teacher saw.
+that both stages can read any image at random. `scan_corpus` also returns what could not be
+indexed (a damaged tar, a FIFO, a broken link, a non-UTF-8 name), never dropping it silently.
+`decode_image` is the one decoder both stages use, so that the pixels the student sees are those
+the teacher saw.
 """
 
 from __future__ import annotations

@@ -219,3 +219,46 @@ def test_malformed_config_or_set_value_is_one_error_line(cli, tmp_path: Path, co
     result = cli(command, *where, "--out", str(tmp_path / "out"), *extra)
     _assert_one_error_line(result, *needles)
     assert not (tmp_path / "out").exists()
+
+
+def test_corpus_and_out_mistakes_are_reported_before_the_teacher_loads(cli, tmp_path: Path, corpus_dir: Path,
+                                                                       cli_args: Callable[..., list[str]]) -> None:
+    """The teacher checkpoint here is empty, so a run that loaded the teacher first would report it
+    instead (and, with a real teacher, only after 17-31 s)."""
+    ckpt = tmp_path / "teacher.pth"
+    ckpt.write_bytes(b"")
+    (tmp_path / "a_file").write_text("x")
+
+    def run(corpus: Path, out: Path):
+        args = [a for a in cli_args(corpus, out) if a != "--random-init"]
+        return cli(*args, "--teacher-checkpoint", ckpt, "--shards", "0:")
+
+    _assert_one_error_line(run(tmp_path / "no_such_corpus", tmp_path / "store"), "no_such_corpus", "not found")
+    _assert_one_error_line(run(corpus_dir, tmp_path / "a_file" / "store"), "--out", "a_file is not a folder")
+    _assert_one_error_line(run(corpus_dir, tmp_path / "store"), "teacher.pth is empty")
+
+
+def test_damaged_tar_corpus_is_named_and_counted(cli, tmp_path: Path, corpus_files: dict[str, bytes],
+                                                 cli_args: Callable[..., list[str]]) -> None:
+    """A truncated tar ended stage one with a ReadError traceback; now the cut member is named on
+    one warning line, the members before it are cached, and the summary counts the loss."""
+    import tarfile
+
+    names = sorted(n for n in corpus_files if "/" not in n)[:4]
+    with tarfile.open(tmp_path / "full.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
+        for n in names:
+            (tmp_path / n).write_bytes(corpus_files[n])
+            tf.add(tmp_path / n, arcname=n)
+    with tarfile.open(tmp_path / "full.tar") as tf:
+        offsets = [m.offset_data for m in tf]
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes((tmp_path / "full.tar").read_bytes()[: offsets[3] + 100])
+    result = cli(*cli_args(cut, tmp_path / "store", "--shards", "0:"))
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "Traceback" not in result.output
+    squeezed = "".join(result.stderr.split())  # rich wraps log lines at the runner's 80 columns
+    assert squeezed.count(f"{cut}:{names[3]}:thetariscutshortatbyte{offsets[3] + 100}") == 1, result.stderr
+    assert "cached 3 images" in result.stdout and "1 corpus entries unreadable and lost" in result.stdout
+    (tmp_path / "text.tar").write_text("not a tar\n")
+    _assert_one_error_line(cli(*cli_args(tmp_path / "text.tar", tmp_path / "store2", "--shards", "0:")),
+                           f"corpus tar {tmp_path / 'text.tar'} is not a tar archive")
