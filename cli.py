@@ -230,10 +230,13 @@ def store_info_cmd(
 def store_verify_cmd(
     store: Annotated[Path, typer.Argument(help="Store written by `dpal cache-teacher`.")],
 ) -> None:
-    """Check every shard's files against its marker's checksums; exit 1 naming bad or missing shards."""
+    """Check the store's metadata (attributes, every zarr.json, the index) and every shard's files
+    against the checksums recorded when they were written; exit 1 naming what is bad or missing."""
     from dpal.store import verify_store
 
     rep = verify_store(store)
+    for problem in rep["metadata"]:
+        typer.echo(f"BAD store metadata: {problem}")
     for shard, problems in rep["bad"].items():
         typer.echo(f"BAD shard {shard}: {'; '.join(problems)}")
     if rep["not_done"]:
@@ -241,8 +244,14 @@ def store_verify_cmd(
     if rep["ok"]:
         typer.echo(f"ok: {rep['shards_checked']} shards verified")
         return
-    typer.echo("rerun the same `dpal cache-teacher` command after deleting the bad shards' markers "
-               f"({store}/shards/<shard>.json) to rewrite them")
+    if rep["metadata"]:
+        typer.echo("the store's own metadata cannot be rewritten shard by shard: restore the store from a copy, "
+                   "or rebuild it with `dpal cache-teacher --out NEW`")
+    elif rep["bad"]:
+        typer.echo("rerun the same `dpal cache-teacher` command after deleting the bad shards' markers "
+                   f"({store}/shards/<shard>.json) to rewrite them")
+    else:
+        typer.echo("rerun the same `dpal cache-teacher` command to finish the shards not done")
     raise typer.Exit(1)
 
 

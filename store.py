@@ -66,6 +66,12 @@ CHECKED_SHARD_ARRAYS = (VALID, IMAGE_OFFSET, IMAGE_SIZE, PARAMS)
 DTYPES = ("float16", "bfloat16", "int8", "float32")
 _STORAGE_DTYPE = {"float16": "float16", "bfloat16": "uint16", "int8": "int8", "float32": "float32"}
 
+# Group attribute holding the checksums of the store's own metadata (schema 2), recorded when the
+# store is created: the other attributes (all but `complete`, which flips once at the end), every
+# array's zarr.json (dtype, shape, codecs) and the values of the index arrays.
+INTEGRITY = "integrity"
+_UNCHECKED_ATTRS = ("complete", INTEGRITY)
+
 # Attributes that fix what a store means: a rerun that differs in any of them is refused.
 IDENTITY_ATTRS = ("teacher", "recipe", "seed", "num_views", "dtype", "shard_size", "corpus_fingerprint",
                   "num_images", "embed_images", "token_grid")
@@ -246,6 +252,11 @@ def create_store(path: Path, layout: Layout, attrs: dict[str, Any], refs: list[I
             "param_fields": list(PARAM_FIELDS),
             **attrs,
         })
+        group.attrs[INTEGRITY] = {
+            "attrs_sha256": _attrs_sha256(group.attrs.asdict()),
+            "array_metadata_sha256": {f.parent.name: sha256_file(f) for f in _array_metadata_files(tmp)},
+            "index_crc32c": {name: index_crc32c(_open_rw(tmp, name)[:]) for name in INDEX_ARRAYS},
+        }
         try:
             os.rename(tmp, path)
         except OSError:
@@ -256,6 +267,43 @@ def create_store(path: Path, layout: Layout, attrs: dict[str, Any], refs: list[I
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _attrs_sha256(attrs: dict[str, Any]) -> str:
+    kept = {k: v for k, v in attrs.items() if k not in _UNCHECKED_ATTRS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def _array_metadata_files(path: Path) -> list[Path]:
+    return sorted(Path(path).glob("*/zarr.json"))
+
+
+def index_crc32c(values: np.ndarray) -> int:
+    """crc32c of an index array's values; strings (keys, sources) as their JSON list."""
+    if values.dtype.kind in "OUT":
+        return int(google_crc32c.value(json.dumps([str(v) for v in values]).encode()))
+    return crc32c_of(values)
+
+
+def metadata_problems(path: Path, attrs: dict[str, Any]) -> list[str]:
+    """What differs between the store's own metadata and the checksums recorded when it was made:
+    the attributes and every array's zarr.json (empty for a schema-1 store, which has none)."""
+    sums = attrs.get(INTEGRITY)
+    if sums is None:
+        return [] if attrs.get("schema_version") == 1 else ["zarr.json: the attribute 'integrity' is missing"]
+    out = []
+    if _attrs_sha256(attrs) != sums.get("attrs_sha256"):
+        out.append("zarr.json: the store's attributes changed since it was created")
+    recorded = sums.get("array_metadata_sha256", {})
+    on_disk = {f.parent.name: f for f in _array_metadata_files(path)}
+    for name in sorted(set(recorded) | set(on_disk)):
+        if name not in on_disk:
+            out.append(f"{name}/zarr.json missing")
+        elif name not in recorded:
+            out.append(f"{name}/zarr.json is not an array of this store")
+        elif sha256_file(on_disk[name]) != recorded[name]:
+            out.append(f"{name}/zarr.json changed since the store was created")
+    return out
 
 
 def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -405,7 +453,18 @@ def layout_of(attrs: dict[str, Any]) -> Layout:
 
 
 def read_attrs(path: Path) -> dict[str, Any]:
-    """Group attributes of a store, after checking it is one this version reads."""
+    """Group attributes of a store, after checking it is one this version reads and that its
+    metadata (attributes, every array's zarr.json) is what was recorded when it was made."""
+    attrs = _load_attrs(path)
+    problems = metadata_problems(path, attrs)
+    if problems:
+        raise StoreError(f"{path}: {problems[0]}{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; "
+                         "the store's metadata is damaged or edited and its data cannot be trusted: restore it "
+                         "from a copy, or rebuild it with `dpal cache-teacher --out NEW`")
+    return attrs
+
+
+def _load_attrs(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not (path / "zarr.json").exists():
         raise StoreError(f"{path} is not a dpal store (no zarr.json); create one with `dpal cache-teacher`")
@@ -507,6 +566,11 @@ class StoreReader:
                 values = arr[:]
             except Exception as e:  # noqa: BLE001 - a missing chunk, or a codec failing on damaged bytes
                 raise self._unreadable(name, arr, e) from None
+            recorded = self.attrs.get(INTEGRITY, {}).get("index_crc32c", {})
+            if name in recorded and index_crc32c(values) != recorded[name]:
+                raise StoreError(f"{self.path}: the {name!r} array does not match the checksum recorded when the "
+                                 "store was created (damaged or edited); restore the store from a copy, or rebuild "
+                                 "it with `dpal cache-teacher --out NEW`")
             if name in CHECKED_SHARD_ARRAYS:
                 markers = self.markers()
                 for s in range(self.layout.num_shards):
@@ -712,11 +776,21 @@ def store_info(path: Path) -> dict[str, Any]:
 
 
 def verify_store(path: Path) -> dict[str, Any]:
-    """Check every shard's files against its marker's checksums.
+    """Check the store's metadata against the checksums recorded when it was made (attributes,
+    every array's zarr.json, the index arrays) and every shard's files against its marker.
 
-    Returns a dict with `ok` (bool), `bad` ({shard: [problems]}) and `not_done` (shard list).
+    Returns a dict with `ok` (bool), `metadata` ([problems]), `bad` ({shard: [problems]}) and
+    `not_done` (shard list).
     """
-    attrs = read_attrs(path)
+    attrs = _load_attrs(path)
+    metadata = metadata_problems(path, attrs)
+    for name, want in attrs.get(INTEGRITY, {}).get("index_crc32c", {}).items():
+        try:
+            ok = index_crc32c(zarr.open_array(Path(path) / name, mode="r")[:]) == want
+        except Exception:  # noqa: BLE001 - any failure to read it is damage too
+            ok = False
+        if not ok:
+            metadata.append(f"index array {name!r} does not match its checksum")
     n = attrs["num_shards"]
     done = done_shards(path)
     bad: dict[str, list[str]] = {}
@@ -731,5 +805,5 @@ def verify_store(path: Path) -> dict[str, Any]:
         if problems:
             bad[shard_name(s)] = problems
     not_done = [shard_name(s) for s in range(n) if s not in done]
-    return {"ok": not bad and not not_done, "bad": bad, "not_done": not_done, "num_shards": n,
-            "shards_checked": len(done)}
+    return {"ok": not metadata and not bad and not not_done, "metadata": metadata, "bad": bad, "not_done": not_done,
+            "num_shards": n, "shards_checked": len(done)}

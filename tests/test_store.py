@@ -157,7 +157,8 @@ def test_image_bytes_are_the_corpus_files(ref_store: Path, corpus_files: dict[st
 
 
 def test_verify_names_missing_and_corrupted_shards(store_copy: Path) -> None:
-    assert verify_store(store_copy) == {"ok": True, "bad": {}, "not_done": [], "num_shards": 5, "shards_checked": 5}
+    assert verify_store(store_copy) == {"ok": True, "metadata": [], "bad": {}, "not_done": [], "num_shards": 5,
+                                        "shards_checked": 5}
     os.remove(store_copy / LOCAL / "c" / "1" / "0" / "0" / "0")
     target = store_copy / RELATION / "c" / "4" / "0" / "0" / "0"
     data = bytearray(target.read_bytes())

@@ -138,7 +138,9 @@ def test_damaged_marker_without_checksums_is_refused(store_copy: Path) -> None:
 
 def test_schema_1_store_still_reads_unchecked(store_copy: Path, ref_store: Path) -> None:
     # a schema-1 store: the group says 1 and the markers carry no crc32c
-    zarr.open_group(store_copy, mode="r+").attrs["schema_version"] = 1
+    group = zarr.open_group(store_copy, mode="r+")
+    group.attrs["schema_version"] = 1
+    del group.attrs["integrity"]
     for s in range(5):
         m = read_marker(store_copy, s)
         del m["crc32c"], m["image_crc32c"]
@@ -171,3 +173,67 @@ def test_distill_stops_on_a_flipped_jpeg_byte_with_one_line(tmp_path: Path) -> N
     assert result.exit_code == 2, result.output
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "row 5 (shard 000001)" in errors[0] and "000001.json" in errors[0], result.stderr
+
+
+# ---------------------------------------------------------------- the store's own metadata (item 4)
+
+
+def _edit_json(path: Path, old: str, new: str) -> None:
+    """Replace the first `old` in a JSON file, as an editor would (the group's own attributes come
+    before the saved config)."""
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_edited_dtype_attribute_is_refused_on_open_and_by_verify(store_copy: Path) -> None:
+    from dpal.store import verify_store
+
+    # the issue's case: the group's dtype edited by hand (float32 -> bfloat16 reinterprets every target)
+    _edit_json(store_copy / "zarr.json", '"dtype": "float32"', '"dtype": "bfloat16"')
+    with pytest.raises(StoreError) as e:
+        StoreReader(store_copy)
+    msg = _one_line(e)
+    assert msg.startswith(f"{store_copy}: zarr.json: the store's attributes changed") and "--out NEW" in msg
+    rep = verify_store(store_copy)
+    assert not rep["ok"] and rep["metadata"] == ["zarr.json: the store's attributes changed since it was created"]
+    assert rep["bad"] == {} and rep["not_done"] == []
+
+
+def test_edited_array_zarr_json_is_refused(store_copy: Path) -> None:
+    from dpal.store import verify_store
+
+    # float32 bits read as int32: same size, so Zarr alone reads it without complaint
+    _edit_json(store_copy / "global" / "zarr.json", '"data_type": "float32"', '"data_type": "int32"')
+    assert zarr.open_array(store_copy / "global", mode="r")[0, 0].dtype == np.int32
+    with pytest.raises(StoreError) as e:
+        StoreReader(store_copy)
+    assert "global/zarr.json changed since the store was created" in _one_line(e)
+    assert verify_store(store_copy)["metadata"] == ["global/zarr.json changed since the store was created"]
+
+
+def test_edited_index_array_is_refused(store_copy: Path) -> None:
+    from dpal.store import verify_store
+
+    keys = zarr.open_array(store_copy / "keys", mode="r+")
+    first = keys[0:2]
+    keys[0:2] = first[::-1]
+    reader = StoreReader(store_copy)  # opens: the index is checked when read
+    with pytest.raises(StoreError) as e:
+        reader.meta("keys")
+    assert "the 'keys' array does not match the checksum recorded when the store was created" in _one_line(e)
+    assert verify_store(store_copy)["metadata"] == ["index array 'keys' does not match its checksum"]
+
+
+def test_cli_verify_names_edited_metadata(store_copy: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dpal.cli import app
+
+    _edit_json(store_copy / "zarr.json", '"num_views": 2', '"num_views": 1')
+    result = CliRunner().invoke(app, ["store", "verify", str(store_copy)])
+    assert result.exit_code == 1
+    assert result.stdout.splitlines() == [
+        "BAD store metadata: zarr.json: the store's attributes changed since it was created",
+        "the store's own metadata cannot be rewritten shard by shard: restore the store from a copy, or rebuild it "
+        "with `dpal cache-teacher --out NEW`"]
