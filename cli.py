@@ -126,7 +126,7 @@ def cache_teacher(
     """Stage one: run the teacher once over a corpus and write K replayable views' targets to a store.
 
     Rerunning the same command resumes: finished shards are skipped. A rerun with another teacher,
-    recipe, seed, K or dtype is refused.
+    recipe, seed, K, dtype, batch size, max_pixels or device is refused.
     """
     from dpal.config import CacheConfig, resolve
 

@@ -106,8 +106,40 @@ def store_attrs(cfg: CacheConfig, teacher: Teacher, fingerprint: str, num_images
         "corpus": cfg.corpus,
         "corpus_fingerprint": fingerprint,
         "embed_images": cfg.embed_images,
+        "value_settings": value_settings(cfg),
         "config": to_dict(cfg),
     }
+
+
+def value_settings(cfg: CacheConfig) -> dict[str, Any]:
+    """Run settings outside the teacher and recipe that change stored values, so a resume must match.
+
+    `max_pixels` decides which images are skipped. `batch_size` changes the teacher's outputs in the
+    last bits (matrix kernels split a batch of B rows differently; measured: 8 to 406 elements of a
+    shard differ between batch sizes). The device type changes them more: a GPU teacher runs under
+    bf16 autocast, a CPU one in float32. `replay_threads` is proven not to change them (a test).
+    With remote workers (`--scheduler`, `--slurm`) and `device: auto` the driver cannot see the
+    workers' device, and records `auto`.
+    """
+    device = cfg.device
+    if device == "auto" and not (cfg.scheduler or cfg.use_slurm):
+        device = resolve_device(device).type
+    device = device.split(":")[0]
+    precision = {"cuda": "bfloat16 autocast", "cpu": "float32"}.get(device, "bfloat16 autocast on cuda, float32 on cpu")
+    return {"max_pixels": cfg.max_pixels, "batch_size": cfg.batch_size, "teacher_device": device,
+            "teacher_precision": precision}
+
+
+def _value_settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Differences in `value_settings`; a store made before the attribute existed is compared on
+    the settings its `config` attribute recorded (max_pixels, batch_size)."""
+    before = old.get("value_settings")
+    if before is None:
+        config = old.get("config") or {}
+        before = {k: config[k] for k in ("max_pixels", "batch_size") if k in config}
+    now = new["value_settings"]
+    return [f"value_settings.{k}: store has {before[k]!r}, this run has {now.get(k)!r}"
+            for k in sorted(before) if before[k] != now.get(k)]
 
 
 def _check_out(out: Path) -> bool:
@@ -173,7 +205,7 @@ def prepare_store(cfg: CacheConfig, teacher: Teacher, corpus: Corpus | None = No
         except OSError as e:
             raise StoreError(f"--out {out}: cannot create the store there ({e.strerror or e}: {e.filename})") from None
     old = read_attrs(out)
-    diff = identity_diff(old, attrs)
+    diff = identity_diff(old, attrs) + _value_settings_diff(old, attrs)
     if diff:
         raise StoreError(
             f"{out} was made with different settings, refusing to mix them: " + "; ".join(diff)

@@ -297,6 +297,9 @@ def test_strict_raises_on_the_first_bad_file(tmp_path: Path, bad_corpus_dir: Pat
     ({"random_init_seed": 1}, "teacher.random_init_seed: store has 0, this run has 1"),
     ({"recipe": ViewRecipe(global_size=(32, 16), local_size=(16, 16), crowd_size=(32, 48), flip_p=0.0)},
      "recipe.flip_p: store has 0.5, this run has 0.0"),
+    # these change stored values too: which images are skipped, and the teacher's last bits
+    ({"max_pixels": 100}, "value_settings.max_pixels: store has 64000000, this run has 100"),
+    ({"batch_size": 8}, "value_settings.batch_size: store has 32, this run has 8"),
 ])
 def test_mismatched_resume_is_refused(store_copy: Path, corpus_dir: Path, make_config: Callable[..., CacheConfig],
                                       override: dict, needle: str) -> None:
@@ -412,3 +415,19 @@ def test_corpus_problems_are_recorded_counted_and_strict(tmp_path: Path, corpus_
     with pytest.raises(StrictModeError, match=r"corpus entry .*pipe.jpg: a FIFO .*rerun without --strict"):
         run_cache(make_config(corpus, tmp_path / "strict", strict=True), show_progress=False)
     assert not (tmp_path / "strict").exists()
+
+
+def test_value_settings_of_a_store_from_before_they_were_recorded() -> None:
+    """A store written before `value_settings` existed is compared on what its config recorded."""
+    from dpal.pipeline.engine import _value_settings_diff
+
+    now = {"value_settings": {"max_pixels": 100, "batch_size": 32, "teacher_device": "cpu",
+                              "teacher_precision": "float32"}}
+    old = {"config": {"max_pixels": 64_000_000, "batch_size": 32, "device": "auto"}}
+    assert _value_settings_diff(old, now) == ["value_settings.max_pixels: store has 64000000, this run has 100"]
+    assert _value_settings_diff({"config": {"max_pixels": 100, "batch_size": 32}}, now) == []
+    cuda = {"value_settings": {**now["value_settings"], "teacher_device": "cuda",
+                               "teacher_precision": "bfloat16 autocast"}}
+    assert _value_settings_diff(cuda, now) == [
+        "value_settings.teacher_device: store has 'cuda', this run has 'cpu'",
+        "value_settings.teacher_precision: store has 'bfloat16 autocast', this run has 'float32'"]
