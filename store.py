@@ -416,11 +416,31 @@ def marker_path(path: Path, shard: int) -> Path:
 
 def done_shards(path: Path) -> set[int]:
     d = Path(path) / MARKERS_DIR
-    return {int(p.stem) for p in d.glob("*.json")} if d.exists() else set()
+    # only NNNNNN.json: a stray file there is not a marker
+    return {int(p.stem) for p in d.glob("*.json") if p.stem.isdigit()} if d.exists() else set()
+
+
+MARKER_KEYS = ("shard", "start", "stop", "num_cached", "skipped", "files")
 
 
 def read_marker(path: Path, shard: int) -> dict[str, Any]:
-    return json.loads(marker_path(path, shard).read_text())
+    """Shard `shard`'s marker.
+
+    Raises:
+        StoreError: the marker is not valid JSON or not a marker of this shard; the message names
+            the file and the shard and says how to rewrite it.
+    """
+    f = marker_path(path, shard)
+    try:
+        m = json.loads(f.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        why = f"is not valid JSON ({str(e).splitlines()[0]})"
+    else:
+        missing = [k for k in MARKER_KEYS if not isinstance(m, dict) or k not in m]
+        if not missing and m["shard"] == shard:
+            return m
+        why = f"lacks {', '.join(missing)}" if missing else f"is the marker of shard {m['shard']}"
+    raise StoreError(f"{f}: the marker of shard {shard_name(shard)} {why}; {rewrite_hint(path, [shard])}")
 
 
 def rewrite_hint(path: Path, shards: list[int]) -> str:
@@ -468,7 +488,12 @@ def _load_attrs(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not (path / "zarr.json").exists():
         raise StoreError(f"{path} is not a dpal store (no zarr.json); create one with `dpal cache-teacher`")
-    attrs = zarr.open_group(path, mode="r").attrs.asdict()
+    try:
+        attrs = zarr.open_group(path, mode="r").attrs.asdict()
+    except Exception as e:  # noqa: BLE001 - JSON or Zarr metadata errors: the file is damaged
+        raise StoreError(f"{path / 'zarr.json'}: the store's attributes cannot be read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); they describe every shard: restore the "
+                         "store from a copy, or rebuild it with `dpal cache-teacher --out NEW`") from None
     if attrs.get("format") != FORMAT:
         raise StoreError(f"{path} is a Zarr group but not a dpal teacher store")
     if attrs.get("schema_version") not in READABLE_SCHEMAS:
@@ -523,7 +548,14 @@ class StoreReader:
 
     def array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
-            self._arrays[name] = zarr.open_array(self.path / name, mode="r", config={"read_missing_chunks": False})
+            try:
+                self._arrays[name] = zarr.open_array(self.path / name, mode="r",
+                                                     config={"read_missing_chunks": False})
+            except Exception as e:  # noqa: BLE001 - a missing or damaged zarr.json
+                raise StoreError(
+                    f"{self.path / name / 'zarr.json'}: array {name!r} cannot be opened ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}); it holds every shard's rows: restore the store "
+                    "from a copy, or rebuild it with `dpal cache-teacher --out NEW`") from None
         return self._arrays[name]
 
     def markers(self) -> dict[int, dict[str, Any]]:
@@ -796,7 +828,12 @@ def verify_store(path: Path) -> dict[str, Any]:
     bad: dict[str, list[str]] = {}
     for s in sorted(done & set(range(n))):
         problems = []
-        for rel, digest in read_marker(path, s)["files"].items():
+        try:
+            files = read_marker(path, s)["files"]
+        except StoreError:
+            bad[shard_name(s)] = [f"{MARKERS_DIR}/{shard_name(s)}.json is damaged"]
+            continue
+        for rel, digest in files.items():
             f = Path(path) / rel
             if not f.exists():
                 problems.append(f"{rel} missing")

@@ -237,3 +237,55 @@ def test_cli_verify_names_edited_metadata(store_copy: Path) -> None:
         "BAD store metadata: zarr.json: the store's attributes changed since it was created",
         "the store's own metadata cannot be rewritten shard by shard: restore the store from a copy, or rebuild it "
         "with `dpal cache-teacher --out NEW`"]
+
+
+# ---------------------------------------------------------------- corrupt markers and zarr.json (item 12)
+
+
+def _cli_error(*args: str) -> str:
+    from typer.testing import CliRunner
+
+    from dpal.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other shard", "not an object"])
+def test_corrupt_marker_names_the_file_and_the_shard(store_copy: Path, damage: str) -> None:
+    from dpal.store import verify_store
+
+    f = marker_path(store_copy, 3)
+    text = f.read_text()
+    f.write_text({"truncated": text[: len(text) // 2], "other shard": text.replace('"shard": 3', '"shard": 2'),
+                  "not an object": "[1, 2]"}[damage])
+    line = _cli_error("store", "info", str(store_copy))
+    assert line.startswith(f"error: {f}: the marker of shard 000003 ") and "rerun the same `dpal cache-teacher`" in line
+    with pytest.raises(StoreError, match="marker of shard 000003"):
+        StoreReader(store_copy).valid_rows()
+    rep = verify_store(store_copy)
+    assert rep["bad"] == {"000003": ["shards/000003.json is damaged"]} and not rep["ok"]
+
+
+def test_corrupt_group_zarr_json_names_the_file(store_copy: Path) -> None:
+    f = store_copy / "zarr.json"
+    f.write_bytes(f.read_bytes()[:100])
+    line = _cli_error("store", "info", str(store_copy))
+    assert line.startswith(f"error: {f}: the store's attributes cannot be read (JSONDecodeError: ")
+    assert "restore the store from a copy, or rebuild it" in line
+
+
+def test_corrupt_array_zarr_json_names_the_file(store_copy: Path) -> None:
+    # in a schema-1 store (no recorded checksums) the damage shows when the array is opened
+    group = zarr.open_group(store_copy, mode="r+")
+    group.attrs["schema_version"] = 1
+    del group.attrs["integrity"]
+    f = store_copy / "local" / "zarr.json"
+    f.write_text(f.read_text()[:50])
+    reader = StoreReader(store_copy)
+    with pytest.raises(StoreError) as e:
+        reader.read_targets(np.array([0]), 0)
+    assert _one_line(e).startswith(f"{f}: array 'local' cannot be opened (JSONDecodeError: ")
