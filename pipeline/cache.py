@@ -9,6 +9,7 @@ then the marker. A shard whose marker exists is skipped before any image is deco
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import time
@@ -35,6 +36,7 @@ from dpal.store import (
     SOURCE_OFFSET,
     SOURCE_SIZE,
     ShardData,
+    StoreError,
     StoreReader,
     marker_path,
     shift_rows,
@@ -49,6 +51,22 @@ FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
 
 class StrictModeError(Exception):
     """A bad corpus image under --strict."""
+
+
+class DiskFullError(StoreError):
+    """The disk holding the store is full (or over quota); rerunning resumes."""
+
+
+def disk_full_message(path: str | Path, what: str, e: OSError, resumes: bool = True) -> str:
+    """One line: which path is full and that a rerun resumes (finished shards are kept)."""
+    detail = f" ({e.filename})" if e.filename else ""
+    then = ": finished shards are kept and the run resumes" if resumes else ""
+    return (f"disk full: {e.strerror or e} while writing {what} under {Path(path).absolute()}{detail}; free "
+            f"space there and rerun the same command{then}")
+
+
+def is_disk_full(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -208,5 +226,10 @@ def cache_shard(store_path: str | Path, shard: int, teacher: Teacher, cfg: Cache
     valid[good] = 1
     data = ShardData(shard=shard, features=feats, params=params, valid=valid, images=blobs, skipped=skipped,
                      seconds=time.perf_counter() - t0)
-    write_shard(store_path, data)
+    try:
+        write_shard(store_path, data)
+    except OSError as e:
+        if is_disk_full(e):  # the shard has no marker, so a rerun writes it again whole
+            raise DiskFullError(disk_full_message(store_path, f"shard {shard}", e)) from None
+        raise
     return ShardReport(shard, rows, len(good), len(skipped), time.perf_counter() - t0)

@@ -33,9 +33,12 @@ from dpal import __version__
 from dpal.config import CacheConfig, shard_slice, to_dict
 from dpal.corpus import Corpus, index_corpus, scan_corpus
 from dpal.pipeline.cache import (
+    DiskFullError,
     ShardReport,
     StrictModeError,
     cache_shard,
+    disk_full_message,
+    is_disk_full,
     replay_threads_for,
     resolve_device,
     teacher_spec,
@@ -203,6 +206,8 @@ def prepare_store(cfg: CacheConfig, teacher: Teacher, corpus: Corpus | None = No
             # Not identity: what the corpus lost before indexing, for `store info` and the user.
             create_store(out, layout, {**attrs, "corpus_problems": corpus.problems}, refs)
         except OSError as e:
+            if is_disk_full(e):
+                raise DiskFullError(disk_full_message(out, "the new store", e, resumes=False)) from None
             raise StoreError(f"--out {out}: cannot create the store there ({e.strerror or e}: {e.filename})") from None
     old = read_attrs(out)
     diff = identity_diff(old, attrs) + _value_settings_diff(old, attrs)
@@ -247,20 +252,21 @@ class TeacherPlugin(WorkerPlugin):
         self.teacher = None
 
 
-def _dask_task(store_path: str, shard: int, cfg: CacheConfig) -> ShardReport | StrictModeError:
+def _dask_task(store_path: str, shard: int, cfg: CacheConfig) -> ShardReport | StrictModeError | DiskFullError:
     from distributed import get_worker
 
     plugin = get_worker().plugins[PLUGIN_NAME]
     try:
         return cache_shard(store_path, shard, plugin.teacher, cfg, plugin.device, plugin.replay_threads)
-    except StrictModeError as e:
-        # A bad image under --strict is the user's input, not a worker failure: returned as a value
-        # so that the worker does not log "Compute Failed" and a traceback; the driver raises it.
+    except (StrictModeError, DiskFullError) as e:
+        # A bad image under --strict, or a full disk, is the user's to fix, not a worker failure:
+        # returned as a value so that the worker does not log "Compute Failed" and a traceback;
+        # the driver raises it.
         return e
 
 
-def _shard_result(rep: ShardReport | StrictModeError) -> ShardReport:
-    if isinstance(rep, StrictModeError):
+def _shard_result(rep: ShardReport | StrictModeError | DiskFullError) -> ShardReport:
+    if isinstance(rep, (StrictModeError, DiskFullError)):
         raise rep
     return rep
 

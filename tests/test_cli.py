@@ -262,3 +262,36 @@ def test_damaged_tar_corpus_is_named_and_counted(cli, tmp_path: Path, corpus_fil
     (tmp_path / "text.tar").write_text("not a tar\n")
     _assert_one_error_line(cli(*cli_args(tmp_path / "text.tar", tmp_path / "store2", "--shards", "0:")),
                            f"corpus tar {tmp_path / 'text.tar'} is not a tar archive")
+
+
+def test_disk_full_is_one_line_and_a_rerun_resumes(tmp_path: Path, corpus_dir: Path, ref_store: Path,
+                                                   cli_args: Callable[..., list[str]], child_env: dict[str, str],
+                                                   same_store: Callable[[Path, Path], None]) -> None:
+    """A real full disk: a 200 KB tmpfs (mounted in a private mount namespace) holds the new store
+    and its first shard, not the second. The run stops with one line naming the full path; after the
+    disk grows, the same command finishes the store, equal to one written without interruption."""
+    import re
+    import shlex
+    import shutil
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("needs unshare -rm (a private mount namespace) to mount a small tmpfs")
+    mnt, store, copy = tmp_path / "mnt", tmp_path / "mnt" / "store", tmp_path / "copy"
+    mnt.mkdir()
+    cmd = shlex.join([*_dpal(), *cli_args(corpus_dir, store, "--shards", "0:")])
+    script = f"""
+        mount -t tmpfs -o size=200k tmpfs {mnt}
+        {cmd} > {tmp_path}/out1 2> {tmp_path}/err1; echo $? > {tmp_path}/rc1
+        mount -o remount,size=4m {mnt}
+        {cmd} > {tmp_path}/out2 2> {tmp_path}/err2; echo $? > {tmp_path}/rc2
+        cp -a {store} {copy}
+    """
+    subprocess.run(["unshare", "-rm", "bash", "-c", script], env=child_env, check=True, timeout=300)
+    read = lambda name: (tmp_path / name).read_text()  # noqa: E731
+    assert read("rc1").strip() == "2", read("err1")
+    line = _error_line(read("err1"), read("out1"))
+    assert re.match(rf"error: disk full: No space left on device while writing shard \d+ under {store};", line), line
+    assert line.endswith("rerun the same command: finished shards are kept and the run resumes"), line
+    assert read("rc2").strip() == "0", read("err2")
+    assert "1 shards were already done; store complete" in read("out2")
+    same_store(ref_store, copy)
