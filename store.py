@@ -20,8 +20,11 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import socket
 import tarfile
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,7 +235,8 @@ def create_store(path: Path, layout: Layout, attrs: dict[str, Any], refs: list[I
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.init-"))
+    remove_stale_init_dirs(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_init_prefix(path)))
     try:
         group = zarr.open_group(tmp, mode="w", zarr_format=3)
         _create_arrays(group, layout)
@@ -264,9 +268,76 @@ def create_store(path: Path, layout: Layout, attrs: dict[str, Any], refs: list[I
                 raise
     finally:
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- temporary files of killed writers
+# A writer killed between creating a temporary file and renaming it leaves the file behind: the
+# store-init folder (create_store), an image tar or marker (atomic_write_bytes: .NAME.*.tmp) and
+# Zarr's chunk and zarr.json writes (NAME.<uuid>.partial). Each is removed where no live writer can
+# own it: a shard's by that shard's single writer before it writes, all of them once every shard
+# is done, and an init folder once the process that made it is dead.
+
+
+def _init_prefix(path: Path) -> str:
+    # host and pid in the name: a later run can tell a dead creator's folder from a live one's
+    return f".{path.name}.init-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_init_dirs(path: Path) -> list[Path]:
+    """Remove the store-init folders of `path` left by dead processes on this host; returns them."""
+    path = Path(path)
+    prefix = f".{path.name}.init-{socket.gethostname()}-"
+    removed = []
+    for d in path.parent.glob(f".{path.name}.init-*"):
+        pid = d.name[len(prefix):].split("-", 1)[0] if d.name.startswith(prefix) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _remove(files: list[Path]) -> list[Path]:
+    for f in files:
+        f.unlink(missing_ok=True)
+    return files
+
+
+def remove_shard_temporaries(path: Path, shard: int) -> list[Path]:
+    """Temporary files of shard `shard` (its image tar, marker and chunk files); only its single
+    writer may call this. Returns what was removed."""
+    path = Path(path)
+    name = shard_name(shard)
+    found = [*(path / IMAGES_DIR).glob(f".{name}.tar.*.tmp"), *(path / MARKERS_DIR).glob(f".{name}.json.*.tmp")]
+    for array in path.glob("*/zarr.json"):
+        chunk_dir = array.parent / "c"
+        found += chunk_dir.glob(f"{shard}.*.partial")  # 1-D arrays: c/<s>
+        if (chunk_dir / str(shard)).is_dir():
+            found += (chunk_dir / str(shard)).rglob("*.partial")  # sharded arrays: c/<s>/0/...
+    return _remove(found)
+
+
+def remove_all_temporaries(path: Path, min_age_s: float = 60.0) -> list[Path]:
+    """Every temporary file in a store whose shards are all done. zarr.json writes (the
+    `complete` flag) may belong to a live process finishing at the same time: only those older
+    than `min_age_s` go."""
+    path = Path(path)
+    found = [*(path / IMAGES_DIR).glob(".*.tmp"), *(path / MARKERS_DIR).glob(".*.tmp"), *path.glob("*/c/**/*.partial")]
+    now = time.time()
+    found += [f for f in (*path.glob("zarr.*.partial"), *path.glob("*/zarr.*.partial"))
+              if now - f.stat().st_mtime > min_age_s]
+    remove_stale_init_dirs(path)
+    return _remove(found)
 
 
 def _attrs_sha256(attrs: dict[str, Any]) -> str:
@@ -355,6 +426,7 @@ def write_shard(path: Path, data: ShardData) -> dict[str, Any]:
     attrs = group.attrs.asdict()
     layout = layout_of(attrs)
     start, stop = layout.shard_range(data.shard)
+    remove_shard_temporaries(path, data.shard)  # a killed earlier writer's
     dtype = layout.dtype
     files: list[Path] = []
     offsets = np.full(stop - start, -1, dtype=np.int64)
@@ -457,6 +529,8 @@ def mark_complete_if_done(path: Path) -> bool:
     done = len(done_shards(path) & set(range(n))) == n
     if done and not group.attrs.get("complete"):
         group.attrs["complete"] = True
+    if done:
+        remove_all_temporaries(path)
     return done
 
 
@@ -534,11 +608,12 @@ class StoreReader:
                 "rerunning the same `dpal cache-teacher` command, or pass --allow-incomplete"
             )
         self.layout = layout_of(self.attrs)
-        if self.attrs.get("complete"):
+        if self.attrs.get("complete") and not allow_incomplete:
             missing = sorted(set(range(self.layout.num_shards)) - done_shards(self.path))
             if missing:  # a marker deleted to rewrite its shard: the rows must not be read meanwhile
                 raise StoreError(f"{self.path} is marked complete but shard(s) {', '.join(map(shard_name, missing))} "
-                                 "have no marker; rerun the same `dpal cache-teacher` command to rewrite them")
+                                 "have no marker; rerun the same `dpal cache-teacher` command to rewrite them, or "
+                                 "pass --allow-incomplete")
         self.dtype = self.attrs["dtype"]
         self._arrays: dict[str, zarr.Array] = {}
         self._meta: dict[str, np.ndarray] = {}

@@ -289,3 +289,65 @@ def test_corrupt_array_zarr_json_names_the_file(store_copy: Path) -> None:
     with pytest.raises(StoreError) as e:
         reader.read_targets(np.array([0]), 0)
     assert _one_line(e).startswith(f"{f}: array 'local' cannot be opened (JSONDecodeError: ")
+
+
+# ---------------------------------------------------------------- temporary files of killed writers (item 14)
+
+_KILLED_WRITERS = """
+import os, signal, sys, tempfile
+from pathlib import Path
+import numpy as np
+from dpal import store as st
+
+root = Path(sys.argv[1])
+
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def killed(write):  # a forked writer killed at its rename, as by a SIGKILL at the worst moment
+    pid = os.fork()
+    if pid == 0:
+        os.replace = die
+        Path.replace = die
+        write()
+        os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+
+
+killed(lambda: (tempfile.mkdtemp(dir=root.parent, prefix=st._init_prefix(root)), die()))
+killed(lambda: st.atomic_write_bytes(root / "images" / "000002.tar", b"x" * 1000))
+killed(lambda: st.atomic_write_bytes(st.marker_path(root, 2), b"{}"))
+killed(lambda: st._open_rw(root, "valid").__setitem__(slice(6, 9), np.ones(3, dtype=np.uint8)))
+killed(lambda: st._open_rw(root, "global").__setitem__(slice(6, 9), np.ones((3, 2, 192), dtype=np.float32)))
+"""
+
+
+def _temporaries(store: Path) -> list[str]:
+    found = [p for p in store.rglob("*") if p.name.endswith((".tmp", ".partial"))]
+    found += list(store.parent.glob(f".{store.name}.init-*"))
+    return sorted(p.relative_to(store.parent).as_posix() for p in found)
+
+
+def test_temporaries_of_killed_writers_are_removed_on_resume(store_copy: Path, ref_store: Path, corpus_dir: Path,
+                                                             make_config, child_env: dict[str, str],
+                                                             same_store) -> None:
+    import subprocess
+    import sys
+
+    from dpal.pipeline.engine import run_cache
+    from dpal.store import remove_shard_temporaries
+
+    marker_path(store_copy, 2).unlink()  # shard 2's writer was killed: no marker
+    subprocess.run([sys.executable, "-c", _KILLED_WRITERS, str(store_copy)], check=True, timeout=120, env=child_env)
+    left = _temporaries(store_copy)
+    assert [p.split("/")[0] for p in left if "init-" in p] and len(left) == 5, left
+    assert {p.rsplit(".", 1)[-1] for p in left if "init-" not in p} == {"tmp", "partial"}
+    assert remove_shard_temporaries(store_copy, 1) == []  # another shard's writer leaves them alone
+
+    summary = run_cache(make_config(corpus_dir, store_copy), show_progress=False)
+    assert summary.shards_run == 1 and summary.complete
+    assert _temporaries(store_copy) == []
+    same_store(store_copy, ref_store)
