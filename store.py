@@ -151,6 +151,13 @@ def decode(data: np.ndarray, scale: np.ndarray | None, dtype: str) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
 
 
+def _raw_tensor(data: np.ndarray, dtype: str) -> Tensor:
+    """A stored array as a tensor of the stored dtype (bfloat16's uint16 bits as torch.bfloat16)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(data).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(data))
+
+
 def shift_rows(logits: np.ndarray) -> np.ndarray:
     """Subtract each row's max. softmax_row is unchanged; values become <= 0, which keeps the
     largest (most probable) logits precise in float16 and int8."""
@@ -581,12 +588,13 @@ def _load_attrs(path: Path) -> dict[str, Any]:
 
 @dataclass
 class Targets:
-    """Teacher targets of one batch, decoded to float32."""
+    """Teacher targets of one batch, decoded to float32 (in the stored dtype when read raw)."""
 
     global_: Tensor  # (B, D)
     local: Tensor  # (B, P, D)
     relation: Tensor  # (B, T, T) row-shifted logits
     params: np.ndarray  # (B, NUM_PARAMS)
+    scales: tuple[Tensor, Tensor, Tensor] | None = None  # int8 read raw: float32 (B,), (B, P), (B, T)
 
 
 class StoreReader:
@@ -723,8 +731,10 @@ class StoreReader:
                 self._check_rows(PARAMS, s, self.array(PARAMS)[a:b])
             self._params_checked.add(s)
 
-    def read_targets(self, indices: np.ndarray, view: int) -> Targets:
+    def read_targets(self, indices: np.ndarray, view: int, raw: bool = False) -> Targets:
         """Targets of view `view` of the images `indices` (one orthogonal selection per array).
+        `raw`: in the stored dtype (float16, bfloat16, or int8 with `scales`), for a caller that
+        decodes them elsewhere (stage two, on the training device).
 
         Raises:
             StoreError: a shard's data is missing or damaged; the message names the shard.
@@ -742,7 +752,12 @@ class StoreReader:
             for name in FEATURES:
                 data = self.array(name).oindex[sel][:, 0]
                 scale = self.array(name + SCALE_SUFFIX).oindex[sel][:, 0] if self.dtype == "int8" else None
-                out[name] = decode(data, scale, self.dtype)[inverse]
+                if raw:
+                    out[name] = _raw_tensor(data, self.dtype)[inverse]
+                    if scale is not None:
+                        out[name + SCALE_SUFFIX] = torch.from_numpy(scale)[inverse]
+                else:
+                    out[name] = decode(data, scale, self.dtype)[inverse]
         except (zarr.errors.ChunkNotFoundError, ValueError) as e:
             # A missing shard file, or a chunk whose crc32c does not match: name the shard(s).
             shards = sorted({self.shard_of(int(i)) for i in sorted_idx})
@@ -752,7 +767,8 @@ class StoreReader:
                 f"({type(e).__name__}: {str(e).splitlines()[0]}); run `dpal store verify` and rerun stage one "
                 "to rewrite them"
             ) from None
-        return Targets(out[GLOBAL], out[LOCAL], out[RELATION], self.read_params(indices, view))
+        scales = tuple(out[n + SCALE_SUFFIX] for n in FEATURES) if raw and self.dtype == "int8" else None
+        return Targets(out[GLOBAL], out[LOCAL], out[RELATION], self.read_params(indices, view), scales)
 
     def read_params(self, indices: np.ndarray, view: int) -> np.ndarray:
         """View parameters (B, NUM_PARAMS) of view `view` of the images `indices`, each shard's

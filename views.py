@@ -6,8 +6,9 @@ replays them into pixels, runs the teacher and stores the parameters beside the 
 replays the stored parameters and so sees bit-for-bit the same pixels. Every pixel operation is a
 PIL operation on uint8 images (integer arithmetic, no thread-dependent reductions) followed by
 element-wise float32 arithmetic, so replay is identical in any process on any machine that has the
-same Pillow version. The local crops v1, v2 are only seen by the student and are drawn fresh with
-`sample_aug`/`apply_aug` from a generator the caller seeds.
+same Pillow version. The local crops v1, v2 are only seen by the student: their parameters are drawn
+fresh with `sample_local` from a generator the caller seeds; stage two applies them on the training
+device (trainer.augment), `random_local` is the PIL reference.
 
 A view's parameters are one float64 vector laid out as `PARAM_FIELDS` (integers are exact in
 float64): the v0 augmentation, the augmentation of the v2 crop pasted into Ic (person A), the
@@ -277,6 +278,30 @@ def to_normalized(image: Image.Image) -> Tensor:
     return torch.from_numpy(out)
 
 
+def replay_pixels(
+    recipe: ViewRecipe, params: np.ndarray, image: Image.Image, background: Image.Image
+) -> tuple[Image.Image, Image.Image, Image.Image, Image.Image]:
+    """The PIL part of `replay`: the uint8 images that v0 and Ic are made of.
+
+    Returns:
+        v0 (Hg, Wg), person A (the v2 crop, Hl x Wl), person B (v0 resized nearest, Hl x Wl) and the
+        augmented background of Ic (Hc, Wc), all RGB. `replay` blends them; stage two ships them as
+        uint8 and blends on the training device (trainer.augment.compose_views, the same float32 bits).
+    """
+    lh, lw = recipe.local_size
+    v0 = apply_aug(image, params[_V0], recipe.global_size)
+    person_a = apply_aug(image, params[_A], recipe.local_size)  # the v2 crop
+    person_b = v0.resize((lw, lh), Image.Resampling.NEAREST)
+    crowd = apply_aug(background, params[_BG], recipe.crowd_size)
+    return v0, person_a, person_b, crowd
+
+
+def paste_positions(params: np.ndarray) -> tuple[int, int, int, int]:
+    """(a_row, a_col, b_row, b_col): where persons A and B go in Ic (top-left corners)."""
+    a_row, a_col, b_row, b_col = (int(v) for v in params[_PASTE])
+    return a_row, a_col, b_row, b_col
+
+
 def replay(
     recipe: ViewRecipe, params: np.ndarray, image: Image.Image, background: Image.Image
 ) -> tuple[Tensor, Tensor]:
@@ -292,20 +317,25 @@ def replay(
         v0 (3, Hg, Wg) and Ic (3, Hc, Wc), ImageNet-normalised float32.
     """
     lh, lw = recipe.local_size
-    v0 = apply_aug(image, params[_V0], recipe.global_size)
-    person_a = apply_aug(image, params[_A], recipe.local_size)  # the v2 crop
-    person_b = v0.resize((lw, lh), Image.Resampling.NEAREST)
-    crowd = to_unit(apply_aug(background, params[_BG], recipe.crowd_size))  # (3, Hc, Wc)
+    v0, person_a, person_b, background_aug = replay_pixels(recipe, params, image, background)
+    crowd = to_unit(background_aug)  # (3, Hc, Wc)
     alpha = np.float32(recipe.person_alpha)
-    a_row, a_col, b_row, b_col = (int(v) for v in params[_PASTE])
+    a_row, a_col, b_row, b_col = paste_positions(params)
     for person, r, c in ((person_a, a_row, a_col), (person_b, b_row, b_col)):
         box = crowd[:, r : r + lh, c : c + lw]
         crowd[:, r : r + lh, c : c + lw] = alpha * to_unit(person) + (np.float32(1.0) - alpha) * box
     return to_normalized(v0), normalize(crowd)
 
 
+def sample_local(recipe: ViewRecipe, rng: np.random.Generator, image_hw: tuple[int, int]) -> np.ndarray:
+    """The parameters (AUG_FIELDS) of one fresh local crop (v1 or v2) of an image of `image_hw`."""
+    return sample_aug(rng, recipe, image_hw, recipe.local_scale, recipe.person_ratio, recipe.local_blur_p)
+
+
 def random_local(recipe: ViewRecipe, rng: np.random.Generator, image: Image.Image) -> Tensor:
-    """A fresh local crop (v1 or v2) for the student, ImageNet-normalised (3, Hl, Wl)."""
-    hw = (image.height, image.width)
-    aug = sample_aug(rng, recipe, hw, recipe.local_scale, recipe.person_ratio, recipe.local_blur_p)
+    """A fresh local crop (v1 or v2) for the student, ImageNet-normalised (3, Hl, Wl), by PIL.
+
+    Stage two draws the same parameters (`sample_local`) but applies them on the training device
+    (trainer.augment.local_crops); this PIL version is the reference that one is compared with."""
+    aug = sample_local(recipe, rng, (image.height, image.width))
     return to_normalized(apply_aug(image, aug, recipe.local_size))

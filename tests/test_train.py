@@ -197,7 +197,7 @@ def test_store_targets_equal_the_teacher_on_replayed_views(store32: Path) -> Non
     ds = BatchDataset(store32, sampler, recipe, seed=0, mask_fix_sign=True)
     teacher = load_teacher(teacher_spec_from_store(reader.attrs))
     for req in (BatchRequest(0, 0, 0), BatchRequest(1, 1, 0)):  # views 0 and 1
-        batch = ds[req]
+        batch = ds.model_inputs(ds[req], torch.device("cpu"))  # v0 and Ic composed as on a training device
         with torch.inference_mode():
             g, patches = teacher.encode_global(batch["v0"])
             rel = teacher.relation_logits(batch["ic"])

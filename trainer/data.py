@@ -10,25 +10,40 @@ View rule: epoch e uses cached view k = e mod K for every image, so each of the 
 once every K epochs and a batch's targets are one orthogonal selection per array.
 
 The dataset is indexed by a batch request (epoch, step, micro-batch). A DataLoader worker builds
-the whole micro-batch: it reads the targets of all its images in one selection, decodes the
-images, replays v0 and Ic from the stored parameters (the pixels the teacher saw) and draws fresh
-v1, v2 from a generator seeded by (seed, epoch, image index).
+the whole micro-batch: it reads the targets of all its images in one selection (in the store's
+dtype), decodes the images, replays the PIL part of v0 and Ic from the stored parameters (the
+pixels the teacher saw, as uint8) and draws the parameters of fresh v1, v2 from a generator seeded
+by (seed, epoch, image index). `BatchDataset.model_inputs` then makes the float32 inputs on the
+training device, batched (trainer.augment): v0 and Ic bit for bit as stage one made them, the
+local crops from their parameters, the targets decoded. A batch is a pure function of
+(seed, epoch, step, micro-batch), whichever process builds it.
 """
 
 from __future__ import annotations
 
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from dpal.corpus import decode_image
 from dpal.store import StoreError, StoreReader, shard_name
+from dpal.trainer.augment import decode_targets, model_inputs
 from dpal.trainer.losses import shape_mask
-from dpal.views import ViewRecipe, background_index, random_local, replay, view_rng
+from dpal.views import (
+    NUM_AUG,
+    ViewRecipe,
+    background_index,
+    paste_positions,
+    replay_pixels,
+    sample_local,
+    view_rng,
+)
 
 # B batch, D teacher width, P patches of v0, T tokens of Ic
 
@@ -98,11 +113,14 @@ class BatchDataset(torch.utils.data.Dataset):
             batch's teacher patches as `mask`, with this `fix_sign`. The mask depends on the
             targets alone, so the DataLoader workers compute it (an eigendecomposition, about 4%
             of a CPU step) while the main process trains.
+        finish_on_cpu: build the model's inputs in the worker (`model_inputs` on the CPU, one
+            thread) instead of shipping uint8 views for the training device to finish. For CPU
+            training: the workers then do that work while the main process trains.
     """
 
     def __init__(self, store_path: str | Path, sampler: EpochSampler, recipe: ViewRecipe, seed: int,
                  grad_accum: int = 1, read_targets: bool = True, allow_incomplete: bool = False,
-                 mask_fix_sign: bool | None = None) -> None:
+                 mask_fix_sign: bool | None = None, finish_on_cpu: bool = False) -> None:
         self.store_path = str(store_path)
         self.sampler = sampler
         self.recipe = recipe
@@ -111,6 +129,7 @@ class BatchDataset(torch.utils.data.Dataset):
         self.read_targets = read_targets
         self.allow_incomplete = allow_incomplete
         self.mask_fix_sign = mask_fix_sign
+        self.finish_on_cpu = finish_on_cpu
         self.num_views = 0
         self._reader: StoreReader | None = None
 
@@ -136,12 +155,40 @@ class BatchDataset(torch.utils.data.Dataset):
                              f"(shard {shard_name(self.reader.shard_of(index))}): {e}") from None
 
     def __getitem__(self, req: BatchRequest) -> dict[str, Tensor]:
+        batch = self.build(req)
+        if self.finish_on_cpu:
+            # one thread, as in a worker: the same bits with --num-workers 0 (reductions may split
+            # differently over more threads)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                batch = model_inputs(batch, self.recipe, torch.device("cpu"))
+            finally:
+                torch.set_num_threads(threads)
+        return batch
+
+    def build(self, req: BatchRequest, seconds: dict[str, float] | None = None) -> dict[str, Tensor]:
+        """One micro-batch as the worker ships it (`model_inputs` turns it into the model's inputs):
+
+        index (B,) int64; v0_u8 (B, Hg, Wg, 3), bg_u8 (B, Hc, Wc, 3), pa_u8 and pb_u8 (B, Hl, Wl, 3)
+        uint8, the replayed parts of v0 and Ic (views.replay_pixels); paste (B, 4) int64; src_u8
+        (B, Hs, Ws, 3) uint8, the decoded images padded to the largest by repeating their last row
+        and column, src_hw (B, 2) int64 their sizes, local_aug (B, 2, NUM_AUG) float64 the
+        parameters of v1 and v2; with targets, g_t (B, D), local_t (B, P, D), rel_t (B, T, T) in the
+        store's dtype (int8 adds g_t_scale, local_t_scale, rel_t_scale) and, when asked, mask.
+
+        Args:
+            req: the request.
+            seconds: when given, the time of each part is added to it by name (bench_loader.py).
+        """
+        lap = _Laps(seconds)
         idx = self.indices(req)
         reader = self.reader
         view = req.epoch % reader.layout.num_views
+        out: dict[str, Tensor] = {"index": torch.from_numpy(idx.copy())}
         if self.read_targets:
             try:
-                t = reader.read_targets(idx, view)
+                t = reader.read_targets(idx, view, raw=True)
             except StoreError:
                 raise
             except Exception as e:  # noqa: BLE001 - any other failure to read a damaged shard file
@@ -150,33 +197,81 @@ class BatchDataset(torch.utils.data.Dataset):
                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run "
                                  "`dpal store verify` and rerun stage one to rewrite them") from None
             params = t.params
-        else:
-            t = None
-            params = reader.read_params(idx, view)  # checked against the markers; names a bad shard
-        v0s, ics, v1s, v2s = [], [], [], []
-        cache: dict[int, object] = {}
-        for i, index in enumerate(idx.tolist()):
-            if index not in cache:
-                cache[index] = self._image(index)
-            bg_i = background_index(params[i])
-            if bg_i not in cache:
-                cache[bg_i] = self._image(bg_i)
-            v0, ic = replay(self.recipe, params[i], cache[index], cache[bg_i])
-            rng = view_rng(self.seed, str(index), req.epoch, stream="local")
-            v0s.append(v0)
-            ics.append(ic)
-            v1s.append(random_local(self.recipe, rng, cache[index]))
-            v2s.append(random_local(self.recipe, rng, cache[index]))
-        out = {
-            "index": torch.from_numpy(idx.copy()),
-            "v0": torch.stack(v0s), "v1": torch.stack(v1s), "v2": torch.stack(v2s), "ic": torch.stack(ics),
-        }
-        if t is not None:
             out.update(g_t=t.global_, local_t=t.local, rel_t=t.relation)
+            if t.scales is not None:
+                out.update(g_t_scale=t.scales[0], local_t_scale=t.scales[1], rel_t_scale=t.scales[2])
             if self.mask_fix_sign is not None:
                 grid = tuple(reader.attrs["token_grid"]["global"])
-                out["mask"] = shape_mask(t.local, grid, self.mask_fix_sign)  # (B, P, 1)
+                local = decode_targets(t.local, None if t.scales is None else t.scales[1])
+                out["mask"] = shape_mask(local, grid, self.mask_fix_sign)  # (B, P, 1)
+        else:
+            params = reader.read_params(idx, view)  # checked against the markers; names a bad shard
+        lap("read targets")
+        r = self.recipe
+        b = len(idx)
+        parts = {name: np.empty((b, *hw, 3), dtype=np.uint8) for name, hw in
+                 (("v0_u8", r.global_size), ("pa_u8", r.local_size), ("pb_u8", r.local_size), ("bg_u8", r.crowd_size))}
+        paste = np.empty((b, 4), dtype=np.int64)
+        local_aug = np.empty((b, 2, NUM_AUG), dtype=np.float64)
+        cache: dict[int, Image.Image] = {}
+        sources = []
+        for i, index in enumerate(idx.tolist()):
+            bg_i = background_index(params[i])
+            for j in (index, bg_i):
+                if j not in cache:
+                    cache[j] = self._image(j)
+            lap("decode")
+            pixels = replay_pixels(r, params[i], cache[index], cache[bg_i])
+            for name, image in zip(("v0_u8", "pa_u8", "pb_u8", "bg_u8"), pixels, strict=True):
+                parts[name][i] = np.asarray(image)
+            paste[i] = paste_positions(params[i])
+            lap("replay v0, A, B, background (PIL)")
+            rng = view_rng(self.seed, str(index), req.epoch, stream="local")
+            source = np.asarray(cache[index])
+            local_aug[i, 0] = sample_local(r, rng, source.shape[:2])
+            local_aug[i, 1] = sample_local(r, rng, source.shape[:2])
+            sources.append(source)
+            lap("local crop parameters")
+        out.update({k: torch.from_numpy(v) for k, v in parts.items()})
+        out.update(paste=torch.from_numpy(paste), local_aug=torch.from_numpy(local_aug), **_pad_sources(sources))
+        lap("collate")
         return out
+
+    def model_inputs(self, batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+        """A batch of this dataset -> the model's inputs on `device` (trainer.augment.model_inputs);
+        a batch finished on the CPU (`finish_on_cpu`) is only moved."""
+        if self.finish_on_cpu:
+            return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        return model_inputs(batch, self.recipe, device)
+
+
+class _Laps:
+    """Adds the seconds since the previous lap to a named entry of `seconds` (a no-op when None)."""
+
+    def __init__(self, seconds: dict[str, float] | None) -> None:
+        self.seconds = seconds
+        self.t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        if self.seconds is not None:
+            now = time.perf_counter()
+            self.seconds[name] = self.seconds.get(name, 0.0) + now - self.t
+            self.t = now
+
+
+def _pad_sources(sources: list[np.ndarray]) -> dict[str, Tensor]:
+    """src_u8 (B, Hs, Ws, 3): each (H, W, 3) image at the top left, its last column and row repeated
+    to the largest size; src_hw (B, 2) the true sizes."""
+    hs = max(s.shape[0] for s in sources)
+    ws = max(s.shape[1] for s in sources)
+    out = np.empty((len(sources), hs, ws, 3), dtype=np.uint8)
+    for i, s in enumerate(sources):
+        h, w = s.shape[:2]
+        out[i, :h, :w] = s
+        out[i, :h, w:] = s[:, w - 1 : w]
+        out[i, h:] = out[i, h - 1 : h]
+    hw = np.array([s.shape[:2] for s in sources], dtype=np.int64).reshape(-1, 2)
+    return {"src_u8": torch.from_numpy(out), "src_hw": torch.from_numpy(hw)}
 
 
 class LoaderError(RuntimeError):

@@ -460,7 +460,8 @@ def _train(cfg: DistillConfig, show_progress: bool, stack: ExitStack) -> TrainRe
     loader_mask = device.type == "cpu" and not cfg.online_teacher
     dataset = BatchDataset(cfg.store, sampler, recipe, cfg.seed, cfg.grad_accum,
                            read_targets=not cfg.online_teacher, allow_incomplete=cfg.allow_incomplete,
-                           mask_fix_sign=cfg.fix_mask_sign if loader_mask else None)
+                           mask_fix_sign=cfg.fix_mask_sign if loader_mask else None,
+                           finish_on_cpu=device.type == "cpu")
     workers = cfg.num_workers
     if workers is None:
         workers = default_num_workers(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
