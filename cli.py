@@ -46,7 +46,12 @@ def _setup_logging(verbose: bool) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
 
-    handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
+    else:  # a log file: one plain line per message, never wrapped at 80 columns
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     # dask's own INFO chatter (nannies starting and closing) is not the user's business.
     handler.addFilter(lambda r: r.name.startswith("dpal") or r.levelno >= logging.WARNING)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
@@ -286,13 +291,13 @@ def distill(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: auto]")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress lines.")] = False,
 ) -> None:
     """Stage two: train the student and D-PaDe on the store's targets (global, local, relation).
 
     Resumable: rerunning the same command continues from the newest checkpoint, bit for bit.
-    SIGTERM or SIGUSR1 checkpoints at the next step and exits 0. Under `torchrun --nproc-per-node N`
-    each rank trains on its own slice of every batch.
+    SIGTERM or SIGUSR1 checkpoints at the next step and exits 0; Ctrl-C (SIGINT) does the same and
+    exits 130. Under `torchrun --nproc-per-node N` each rank trains on its own slice of every batch.
     """
     from dpal.config import DistillConfig, resolve
     from dpal.trainer.train import train
@@ -307,9 +312,15 @@ def distill(
         raise ValueError("--store and --out are required")
     result = train(cfg, show_progress=not quiet)
     if int(os.environ.get("RANK", "0")) == 0:
-        how = "stopped by signal" if result.stopped_by_signal else "done"
-        typer.echo(f"{how}: step {result.step}, epoch {result.epoch}, {result.seconds:.1f} s; "
-                   f"checkpoint {result.last_checkpoint}")
+        if result.stopped_by_signal:
+            again = "the same command" if not cfg.fresh else "the same command without --fresh"
+            typer.echo(f"stopped at step {result.step} by {result.signal_name} (epoch {result.epoch}, "
+                       f"{result.seconds:.1f} s; checkpoint {result.last_checkpoint}); rerun {again} to resume")
+        else:
+            last = result.last_checkpoint or "none (no step was trained)"
+            typer.echo(f"done: step {result.step}, epoch {result.epoch}, {result.seconds:.1f} s; last checkpoint {last}")
+    if result.signal_name == "SIGINT":
+        raise typer.Exit(130)  # interrupted, as a shell expects of Ctrl-C (SIGTERM/SIGUSR1: 0, for requeue)
 
 
 @app.command("export")

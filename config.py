@@ -177,11 +177,17 @@ class DistillConfig:
     fresh: bool = False
     """Start over where out/ holds a run: move that run aside whole (to OUT.old-<UTC time>) first."""
     keep_last: int = 3
-    """Checkpoints kept in out/checkpoints."""
+    """Whole checkpoints kept in out/checkpoints (the newest; each can resume the run)."""
+    keep_weights_only_older: int = 0
+    """Of the checkpoints older than those, how many to keep reduced to the student's weights
+    (step-N.student.pt: for export and evaluation, not for resuming); 0 deletes them."""
     checkpoint_every: int = 500
     """Steps between checkpoints (plus one at the end and on SIGTERM/SIGUSR1)."""
     log_every: int = 10
     """Steps between metric lines."""
+    progress_seconds: float = 60.0
+    """Seconds between plain progress lines on stderr when it is not a terminal (a batch job's log);
+    0 prints one per step. On a terminal a progress bar is drawn instead."""
     online_teacher: bool = False
     """Compute the targets with the teacher in the loop (same replayed views) instead of the store."""
     fix_mask_sign: bool = True
@@ -206,6 +212,8 @@ class DistillConfig:
             raise ValueError("max_steps must be >= 1")
         if self.keep_last < 1 or self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("keep_last, checkpoint_every and log_every must be >= 1")
+        if self.keep_weights_only_older < 0 or self.progress_seconds < 0:
+            raise ValueError("keep_weights_only_older and progress_seconds must be >= 0")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError("num_workers must be >= 0 (or none for the default)")
         if self.fresh and self.resume not in ("auto", "none"):

@@ -106,7 +106,7 @@ def test_ddp_equal_steps_disjoint_samples_sigterm_and_resume(tmp_path: Path, sto
     stopped = u.checkpoint_steps(out)
     assert len(stopped) == 1 and 2 <= stopped[0] < TOTAL, stopped
     k = stopped[0]
-    assert f"stopped by signal: step {k}," in stdout
+    assert f"stopped at step {k} by SIGTERM (" in stdout
     for rank in range(WORLD):
         assert len(_samples(probe_dir, rank)) == k, rank  # rank 0 never got the signal, yet stopped at k
     ckpt = u.load_last(out)

@@ -290,7 +290,8 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resumes_exactly(root: Path, 
     assert proc.returncode == 0, stderr
     steps = u.checkpoint_steps(out)
     assert len(steps) == 1 and 2 <= steps[0] < 6, steps  # checkpoint_every is 500: this one is the signal's
-    assert f"stopped by signal: step {steps[0]}," in stdout
+    assert f"stopped at step {steps[0]} by SIGTERM (" in stdout
+    assert "rerun the same command to resume" in stdout
     assert [m["step"] for m in u.metrics(out)] == list(range(1, steps[0] + 1))
     _resume_and_compare(out, store32, reference)
 

@@ -6,8 +6,9 @@ three alignment losses, the router CE and the expert regulariser. The learning r
 function of the step (linear warmup per step, then half-cycle cosine). Checkpoints are plain dicts
 that load with `torch.load(weights_only=True)`, written atomically, and hold everything needed to
 continue bit for bit: model, D-PaDe, optimizer, schedule, scaler, sampler position, RNG states,
-config and the store fingerprint. SIGTERM and SIGUSR1 make every rank stop at the same step
-boundary, checkpoint and exit 0.
+config and the store fingerprint. SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) make every rank stop at the
+same step boundary and checkpoint; a second Ctrl-C aborts at once. The run directory's ownership,
+its leftovers and a full disk are rundir.py's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import math
 import os
 import re
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from dpal import __version__
 from dpal.config import DistillConfig, dump_yaml, to_dict
+from dpal.progress import Progress
 from dpal.store import StoreError, StoreReader, atomic_write_bytes
 from dpal.teachers import EFFICIENTNET_LITE2, PRESETS, TeacherSpec, autocast_context, load_teacher
 from dpal.trainer.data import (
@@ -51,6 +52,7 @@ from dpal.trainer.rundir import (
     RunDirError,
     RunLock,
     clean_temporary_files,
+    disk_full_error,
     existing_run,
     move_aside,
     refuse_mixing,
@@ -62,9 +64,13 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 _CKPT_RE = re.compile(r"step-(\d+)\.pt$")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # config keys a resume must keep: they fix the model's shapes and the data stream
 RESUME_KEYS = ("student", "student_kwargs", "batch_size", "seed")
+# config keys that say how to run, not what is trained: a resume may change them without a word
+RUNTIME_KEYS = ("store", "out", "resume", "fresh", "max_steps", "num_workers", "device", "log_every",
+                "checkpoint_every", "keep_last", "keep_weights_only_older", "progress_seconds", "allow_incomplete")
+WEIGHTS_ONLY_SUFFIX = ".student.pt"
 
 
 # ---------------------------------------------------------------- schedule
@@ -165,7 +171,8 @@ def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1; ranks agree on it at each step boundary."""
+    """Set by SIGTERM / SIGUSR1 / SIGINT; ranks agree on it at each step boundary. A second SIGINT
+    raises KeyboardInterrupt at once (the user asked twice), without a checkpoint."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -181,8 +188,13 @@ class StopFlag:
             signal.signal(sig, old)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.requested and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            # os.write: a handler may run while the main thread is inside a write to sys.stderr
+            os.write(2, b"\nCtrl-C: stopping at the end of this step to checkpoint (Ctrl-C again aborts without)\n")
 
     def agreed(self, info: DistInfo, device: torch.device) -> bool:
         if info.world_size == 1:
@@ -231,12 +243,50 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
     return None
 
 
+def weights_only_paths(run_dir: Path) -> list[Path]:
+    """The reduced older checkpoints (`step-N.student.pt`: student weights only), oldest first."""
+    found = [(int(p.name[5:-len(WEIGHTS_ONLY_SUFFIX)]), p)
+             for p in (Path(run_dir) / CHECKPOINT_DIR).glob(f"step-*{WEIGHTS_ONLY_SUFFIX}")
+             if p.name[5:-len(WEIGHTS_ONLY_SUFFIX)].isdigit()]
+    return [p for _, p in sorted(found)]
+
+
+def weights_only(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint reduced to what export and evaluation need: the student, its build and the config
+    (not resumable: no D-PaDe, optimizer, RNG)."""
+    keep = ("format_version", "dpal_version", "step", "model", "config", "store_fingerprint", "student_name",
+            "img_size", "student_kwargs")
+    return {**{k: ckpt[k] for k in keep if k in ckpt}, "weights_only": True}
+
+
+def _write(path: Path, data: bytes, run_dir: Path) -> None:
+    """`atomic_write_bytes`, with a full disk as one line (the previous checkpoints stay intact)."""
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        previous = checkpoint_paths(run_dir)
+        err = disk_full_error(e, path, f"{previous[-1]}" if previous else "step 0 (no checkpoint yet)")
+        if err is None:
+            raise
+        raise err from None
+
+
 def save_checkpoint(run_dir: Path, state: dict[str, Any], keep_last: int) -> Path:
+    """Write `state` as checkpoints/step-N.pt; keep the last `keep_last` whole and, of the older ones,
+    the newest `keep_weights_only_older` (a config key) as student weights only."""
     buf = io.BytesIO()
     torch.save(state, buf)
     path = Path(run_dir) / CHECKPOINT_DIR / f"step-{state['step']:08d}.pt"
-    atomic_write_bytes(path, buf.getvalue())
+    _write(path, buf.getvalue(), run_dir)
+    keep_weights = int(state.get("config", {}).get("keep_weights_only_older", 0))
     for old in checkpoint_paths(run_dir)[:-keep_last]:
+        if keep_weights > 0:
+            reduced = weights_only(torch.load(old, map_location="cpu", weights_only=True, mmap=True))
+            buf = io.BytesIO()
+            torch.save(reduced, buf)
+            _write(old.with_name(old.name[:-len(".pt")] + WEIGHTS_ONLY_SUFFIX), buf.getvalue(), run_dir)
+        old.unlink(missing_ok=True)
+    for old in weights_only_paths(run_dir)[:-keep_weights or None]:
         old.unlink(missing_ok=True)
     return path
 
@@ -345,6 +395,8 @@ class TrainResult:
     stopped_by_signal: bool
     last_checkpoint: Path | None
     seconds: float
+    signal_name: str = ""
+    """The signal that stopped the run (SIGTERM, SIGUSR1, SIGINT), else empty."""
 
 
 def _jsonl_truncate(path: Path, max_step: int) -> None:
@@ -420,8 +472,13 @@ def _train(cfg: DistillConfig, show_progress: bool, stack: ExitStack) -> TrainRe
     warmup_steps = int(round(cfg.warmup_epochs * sampler.steps_per_epoch))
     global_batch = cfg.batch_size * info.world_size
     peak_lr = cfg.base_lr * global_batch / 256
+    if info.is_main:  # a small batch scales the peak far down (batch 8: 7.8e-6); say so before training
+        logger.info("peak lr %.3g = base_lr %g x global batch %d / 256 (linear scaling rule); warmup %d steps, "
+                    "then cosine to %g at step %d", peak_lr, cfg.base_lr, global_batch, warmup_steps, cfg.min_lr,
+                    total_steps)
 
     step, epoch, position = 0, 0, 0
+    config_changes: list[dict[str, Any]] = []  # settings changed on resumes: [{step, changes}]
     resume_path = find_resume(run_dir, "none" if cfg.fresh else cfg.resume)
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
@@ -444,8 +501,19 @@ def _train(cfg: DistillConfig, show_progress: bool, stack: ExitStack) -> TrainRe
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         step, epoch, position = ckpt["step"], ckpt["sampler"]["epoch"], ckpt["sampler"]["position"]
+        config_changes = list(ckpt.get("config_changes", []))
+        notes = changed_settings(ckpt["config"], now)
+        if notes:
+            config_changes.append({"step": step, "changes": notes})
         if info.is_main:
             logger.info("resumed from %s at step %d (epoch %d)", resume_path, step, epoch)
+            if notes:
+                logger.warning("resuming at step %d with changed settings: %s; training follows them from here "
+                               "(recorded in config.yaml and the checkpoints)", step, ", ".join(notes))
+    elif info.is_main:
+        why = "--fresh" if cfg.fresh else "--resume none" if cfg.resume == "none" else \
+            f"no checkpoint in {run_dir / CHECKPOINT_DIR}"
+        logger.info("starting fresh at step 0 (%s)", why)
 
     teacher = None
     if cfg.online_teacher:
@@ -481,7 +549,7 @@ def _train(cfg: DistillConfig, show_progress: bool, stack: ExitStack) -> TrainRe
 
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        _write(run_dir / "config.yaml", config_text(cfg, config_changes).encode(), run_dir)
         _jsonl_truncate(run_dir / "metrics.jsonl", step)
     metrics_file = open(run_dir / "metrics.jsonl", "a") if info.is_main else None  # noqa: SIM115
     tb = _tensorboard(run_dir) if info.is_main else None
@@ -497,14 +565,16 @@ def _train(cfg: DistillConfig, show_progress: bool, stack: ExitStack) -> TrainRe
             "rng": rng_state(), "config": to_dict(cfg), "store_fingerprint": fingerprint,
             "student_name": cfg.student, "img_size": list(recipe.global_size), "world_size": info.world_size,
             "student_kwargs": dict(getattr(model.student, "dpal_timm_kwargs", {})),
+            "config_changes": config_changes,
         }
 
     stop = StopFlag()
     stop.install()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
-    last_ckpt: Path | None = None
+    last_ckpt: Path | None = resume_path  # a finished run rerun trains nothing: its checkpoint is the last
     stopped = False
-    progress = _progress(show_progress and info.is_main, end_steps, step)
+    progress = (Progress("distill", end_steps, step, interval_s=cfg.progress_seconds)
+                if show_progress and info.is_main else None)
     t_log, imgs_log = time.perf_counter(), 0
     it = None
     try:
@@ -556,15 +626,15 @@ def _train(cfg: DistillConfig, show_progress: bool, stack: ExitStack) -> TrainRe
                 dt = time.perf_counter() - t_log
                 line = {"step": step, "epoch": step_epoch, "lr": lr, **terms_acc,
                         "images_per_s": imgs_log / max(dt, 1e-9)}
-                metrics_file.write(json.dumps(line) + "\n")
-                metrics_file.flush()
+                _append_line(metrics_file, json.dumps(line), run_dir, last_ckpt)
                 if tb is not None:
                     for k, v in line.items():
                         if k != "step":
                             tb.add_scalar(k, v, step)
                 t_log, imgs_log = time.perf_counter(), 0
             if progress is not None:
-                progress.update(0, completed=step, loss=terms_acc.get("total", 0.0))
+                progress.update(step, cfg.batch_size * info.world_size,
+                                {k: terms_acc[k] for k in ("total", "global", "local", "relation") if k in terms_acc})
             stop_now = stop.agreed(info, device)
             if stop_now or step % cfg.checkpoint_every == 0 or step == end_steps:
                 if info.is_main:
@@ -573,9 +643,6 @@ def _train(cfg: DistillConfig, show_progress: bool, stack: ExitStack) -> TrainRe
                     dist.barrier()
             if stop_now:
                 stopped = True
-                if info.is_main:
-                    logger.info("stopped by %s at step %d; checkpoint %s", stop.signal_name or "signal", step,
-                                last_ckpt)
                 break
     finally:
         # Shut the workers down now, also on an error (whose traceback keeps the iterator alive): they
@@ -586,10 +653,14 @@ def _train(cfg: DistillConfig, show_progress: bool, stack: ExitStack) -> TrainRe
         if progress is not None:
             progress.stop()
         if metrics_file is not None:
-            metrics_file.close()
+            try:
+                metrics_file.close()
+            except OSError:  # the full disk already reported: a line it could not write stays unwritten
+                pass
         if tb is not None:
             tb.close()
-    return TrainResult(step, epoch, stopped, last_ckpt, time.perf_counter() - t_start)
+    return TrainResult(step, epoch, stopped, last_ckpt, time.perf_counter() - t_start,
+                       stop.signal_name if stopped else "")
 
 
 @contextmanager
@@ -648,13 +719,28 @@ def _tensorboard(run_dir: Path) -> Any:
     return SummaryWriter(str(run_dir / "tb"))
 
 
-def _progress(show: bool, total: int, done: int) -> Any:
-    if not show or not sys.stderr.isatty():
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def changed_settings(old: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`key old -> new` for every training setting (neither a resume key nor a runtime key) that a
+    resume changes: the schedule (epochs, base_lr, warmup_epochs, min_lr), the optimizer, the losses."""
+    skip = set(RESUME_KEYS) | set(RUNTIME_KEYS)
+    return [f"{k} {old[k]!r} -> {now[k]!r}" for k in now if k not in skip and k in old and old[k] != now[k]]
 
-    p = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-                 TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
-    p.start()
-    p.add_task("distill", total=total, completed=done, loss=0.0)
-    return p
+
+def config_text(cfg: DistillConfig, changes: list[dict[str, Any]]) -> str:
+    """config.yaml: the config of this run, after comment lines listing the settings changed on resumes
+    (comments, so that the file still loads with --config)."""
+    head = "".join(f"# resumed at step {c['step']} with changed settings: {', '.join(c['changes'])}\n"
+                   for c in changes)
+    return head + dump_yaml(cfg)
+
+
+def _append_line(f: Any, line: str, run_dir: Path, last_ckpt: Path | None) -> None:
+    """One metrics line, flushed; a full disk is one error line (the run resumes from `last_ckpt`)."""
+    try:
+        f.write(line + "\n")
+        f.flush()
+    except OSError as e:
+        err = disk_full_error(e, run_dir / "metrics.jsonl", str(last_ckpt) if last_ckpt else "step 0")
+        if err is None:
+            raise
+        raise err from None
