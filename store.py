@@ -720,6 +720,16 @@ class StoreReader:
     def shard_of(self, index: int) -> int:
         return index // self.layout.shard_size
 
+    def _check_range(self, indices: np.ndarray) -> None:
+        """Rows outside the store are the caller's mistake, not damage: say so, and no `verify`."""
+        indices = np.asarray(indices)
+        n = self.layout.num_images
+        outside = sorted({int(i) for i in indices[(indices < 0) | (indices >= n)]})
+        if outside:
+            raise StoreError(f"{self.path}: row(s) {', '.join(map(str, outside[:5]))}"
+                             f"{' ...' if len(outside) > 5 else ''} are outside this store's {n} images (rows 0 to "
+                             f"{n - 1}); the rows were chosen for another store")
+
     def _check_params(self, shards: list[int]) -> None:
         """Check each shard's whole `params` chunk against its marker, once per shard and reader
         (one 0.5 MB read at S = 256, K = 4): per-row checks would cost a whole-shard read per batch."""
@@ -739,6 +749,7 @@ class StoreReader:
         Raises:
             StoreError: a shard's data is missing or damaged; the message names the shard.
         """
+        self._check_range(indices)
         order = np.argsort(indices, kind="stable")
         sorted_idx = np.asarray(indices)[order]
         inverse = np.empty_like(order)
@@ -761,11 +772,18 @@ class StoreReader:
         except (zarr.errors.ChunkNotFoundError, ValueError) as e:
             # A missing shard file, or a chunk whose crc32c does not match: name the shard(s).
             shards = sorted({self.shard_of(int(i)) for i in sorted_idx})
-            bad = [s for s in shards if not self._shard_readable(s, sorted_idx, view)]
+            bad = [s for s in shards if not self._shard_readable(s, sorted_idx, view)] or shards
+            found = {s: shard_problems(self.path, s) for s in bad}
+            if any(found.values()):  # what `dpal store verify` reports: say so, and how to rewrite
+                fix = ("`dpal store verify` finds " + "; ".join(f"{shard_name(s)}: {', '.join(p)}"
+                                                               for s, p in found.items() if p)
+                       + "; " + rewrite_hint(self.path, [s for s, p in found.items() if p]))
+            else:
+                fix = ("the shard's files match the checksums stage one recorded (`dpal store verify` finds "
+                       "nothing), so this is not damage on disk: please report it with this message")
             raise StoreError(
-                f"{self.path}: data of shard(s) {', '.join(shard_name(s) for s in bad or shards)} cannot be read "
-                f"({type(e).__name__}: {str(e).splitlines()[0]}); run `dpal store verify` and rerun stage one "
-                "to rewrite them"
+                f"{self.path}: data of shard(s) {', '.join(shard_name(s) for s in bad)} cannot be read "
+                f"({type(e).__name__}: {str(e).splitlines()[0]}); {fix}"
             ) from None
         scales = tuple(out[n + SCALE_SUFFIX] for n in FEATURES) if raw and self.dtype == "int8" else None
         return Targets(out[GLOBAL], out[LOCAL], out[RELATION], self.read_params(indices, view), scales)
@@ -778,18 +796,19 @@ class StoreReader:
             StoreError: a shard's parameters are missing or damaged; the message names that shard.
         """
         indices = np.asarray(indices)
+        self._check_range(indices)
         order = np.argsort(indices, kind="stable")
         shards = sorted({self.shard_of(int(i)) for i in indices})
         try:
             self._check_params(shards)
             p = self.array(PARAMS).oindex[indices[order], slice(view, view + 1)][:, 0]
-        except (zarr.errors.ChunkNotFoundError, ValueError) as e:
+        except (zarr.errors.ChunkNotFoundError, ValueError, RuntimeError) as e:  # zstd raises RuntimeError
             bad = []
             for s in shards:  # the whole chunk of each shard: find the one that fails
                 a, b = self.layout.shard_range(s)
                 try:
                     self.array(PARAMS)[a:b]
-                except (zarr.errors.ChunkNotFoundError, ValueError):
+                except (zarr.errors.ChunkNotFoundError, ValueError, RuntimeError):
                     bad.append(s)
             raise StoreError(
                 f"{self.path}: view parameters of shard(s) {', '.join(shard_name(s) for s in bad or shards)} cannot "
@@ -835,6 +854,7 @@ class StoreReader:
             StoreError: the bytes differ from those stage one cached (a damaged image tar, or a
                 corpus file changed since); the message names the shard and the fix.
         """
+        self._check_range(np.array([index]))
         shard = self.shard_of(index)
         if self.attrs["embed_images"]:
             off, size = int(self.meta(IMAGE_OFFSET)[index]), int(self.meta(IMAGE_SIZE)[index])
@@ -898,6 +918,25 @@ def store_info(path: Path) -> dict[str, Any]:
     }
 
 
+def shard_problems(path: Path, shard: int) -> list[str]:
+    """What `dpal store verify` finds wrong with a finished shard: a damaged marker, or files
+    missing or differing from the sha256 its marker recorded."""
+    if not marker_path(path, shard).exists():
+        return [f"not done ({MARKERS_DIR}/{shard_name(shard)}.json missing)"]
+    try:
+        files = read_marker(path, shard)["files"]
+    except StoreError:
+        return [f"{MARKERS_DIR}/{shard_name(shard)}.json is damaged"]
+    problems = []
+    for rel, digest in files.items():
+        f = Path(path) / rel
+        if not f.exists():
+            problems.append(f"{rel} missing")
+        elif sha256_file(f) != digest:
+            problems.append(f"{rel} checksum mismatch")
+    return problems
+
+
 def verify_store(path: Path) -> dict[str, Any]:
     """Check the store's metadata against the checksums recorded when it was made (attributes,
     every array's zarr.json, the index arrays) and every shard's files against its marker.
@@ -918,18 +957,7 @@ def verify_store(path: Path) -> dict[str, Any]:
     done = done_shards(path)
     bad: dict[str, list[str]] = {}
     for s in sorted(done & set(range(n))):
-        problems = []
-        try:
-            files = read_marker(path, s)["files"]
-        except StoreError:
-            bad[shard_name(s)] = [f"{MARKERS_DIR}/{shard_name(s)}.json is damaged"]
-            continue
-        for rel, digest in files.items():
-            f = Path(path) / rel
-            if not f.exists():
-                problems.append(f"{rel} missing")
-            elif sha256_file(f) != digest:
-                problems.append(f"{rel} checksum mismatch")
+        problems = shard_problems(path, s)
         if problems:
             bad[shard_name(s)] = problems
     not_done = [shard_name(s) for s in range(n) if s not in done]

@@ -13,7 +13,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from dpal.store import (
     layout_of,
     mark_complete_if_done,
     read_attrs,
+    read_marker,
 )
 from dpal.teachers import Teacher, load_teacher, qkv_std_ratio
 from dpal.views import IMAGENET_MEAN, IMAGENET_STD, background_index, replay, sample_view
@@ -76,15 +77,29 @@ class RunSummary:
     corpus_problems: int = 0
     """Corpus entries that could not be indexed (damaged tars, FIFOs, broken links, ...): the
     store's `corpus_problems` attribute lists them with reasons."""
+    shards_done: int = 0
+    """Shards of the store done at the end, by this run or any other."""
+    skipped_images: list[dict[str, Any]] = field(default_factory=list)
+    """The images this run skipped: {"index", "key", "reason"} each, from the shards' markers."""
 
-    def line(self) -> str:
+    def line(self, max_listed: int = 20) -> str:
+        """The end-of-run summary: the skipped images with their reasons (at most `max_listed`),
+        then one line of counts (the last line, for scripts)."""
+        listed = [f"skipped {s['key']}: {s['reason']}" for s in self.skipped_images[:max_listed]]
+        if len(self.skipped_images) > max_listed:
+            listed.append(f"... and {len(self.skipped_images) - max_listed} more (`dpal store info --json` "
+                          "lists all)")
+        return "\n".join([*listed, self._counts()])
+
+    def _counts(self) -> str:
         rate = self.images / self.seconds if self.seconds > 0 else 0.0
         lost = (f"{self.corpus_problems} corpus entries unreadable and lost (listed in the store's "
                 "corpus_problems); " if self.corpus_problems else "")
         return (
             f"cached {self.cached} images in {self.shards_run} shards ({rate:.1f} img/s, {self.seconds:.1f} s); "
             f"skipped {self.skipped} bad images; {lost}{self.shards_already_done} shards were already done; "
-            f"store {'complete' if self.complete else 'INCOMPLETE: rerun the same command to finish'}"
+            f"store {'complete' if self.complete else f'INCOMPLETE ({self.shards_done}/{self.num_shards} shards done): '
+                     'rerun the same command to finish'}"
         )
 
 
@@ -338,11 +353,25 @@ def run_cache(cfg: CacheConfig, show_progress: bool = True) -> RunSummary:
         del teacher
         reports = _run_dask(cfg, store, pending, total, show_progress)
     complete = mark_complete_if_done(Path(store))
+    return summarize(Path(store), layout, len(wanted), reports, time.perf_counter() - t0, complete,
+                     len(corpus.problems))
+
+
+def summarize(store: Path, layout: Layout, num_wanted: int, reports: list[ShardReport], seconds: float,
+              complete: bool, corpus_problems: int = 0) -> RunSummary:
+    """The run's summary from its shard reports. A shard that another run sharing the store
+    finished first (its report says already_done) counts as already done, not as run by this one."""
+    ran = sorted((r for r in reports if not r.already_done), key=lambda r: r.shard)
+    skipped = []
+    for r in ran:
+        if r.num_skipped:
+            skipped += read_marker(store, r.shard)["skipped"]
     return RunSummary(
-        num_shards=layout.num_shards, shards_run=len(reports), shards_already_done=len(wanted) - len(pending),
-        images=sum(r.num_images for r in reports), cached=sum(r.num_cached for r in reports),
-        skipped=sum(r.num_skipped for r in reports), seconds=time.perf_counter() - t0, complete=complete,
-        corpus_problems=len(corpus.problems),
+        num_shards=layout.num_shards, shards_run=len(ran), shards_already_done=num_wanted - len(ran),
+        images=sum(r.num_images for r in ran), cached=sum(r.num_cached for r in ran),
+        skipped=sum(r.num_skipped for r in ran), seconds=seconds, complete=complete,
+        corpus_problems=corpus_problems, shards_done=len(done_shards(store) & set(range(layout.num_shards))),
+        skipped_images=skipped,
     )
 
 

@@ -351,3 +351,71 @@ def test_temporaries_of_killed_writers_are_removed_on_resume(store_copy: Path, r
     assert summary.shards_run == 1 and summary.complete
     assert _temporaries(store_copy) == []
     same_store(store_copy, ref_store)
+
+
+# ---------------------------------------------------------------- messages that named too much (item 15)
+
+
+def test_params_read_error_names_the_one_damaged_shard(store_copy: Path) -> None:
+    f = store_copy / PARAMS / "c" / "2" / "0" / "0"  # shard 2's zstd chunk, with its content checksum
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(StoreError) as e:
+        StoreReader(store_copy).read_params(np.array([0, 7, 12]), 0)  # rows of shards 0, 2 and 4
+    msg = _one_line(e)
+    assert "view parameters of shard(s) 000002 cannot be read" in msg and "shards/000002.json" in msg
+    assert "000000" not in msg and "000004" not in msg
+
+
+def test_store_verify_is_suggested_only_when_it_finds_something(store_copy: Path) -> None:
+    from dpal.store import verify_store
+
+    reader = StoreReader(store_copy)
+    with pytest.raises(StoreError) as e:
+        reader.read_targets(np.array([3, 13]), 0)  # 13 images: row 13 is not in this store
+    msg = _one_line(e)
+    assert "row(s) 13 are outside this store's 13 images (rows 0 to 12)" in msg and "store verify" not in msg
+    assert verify_store(store_copy)["ok"]
+    with pytest.raises(StoreError, match="row"):
+        reader.image_bytes(-1)
+
+    (store_copy / "relation" / "c" / "1" / "0" / "0" / "0").unlink()
+    with pytest.raises(StoreError) as e:
+        StoreReader(store_copy).read_targets(np.array([0, 4]), 0)
+    msg = _one_line(e)
+    assert "`dpal store verify` finds 000001: relation/c/1/0/0/0 missing" in msg and "000000" not in msg
+    assert verify_store(store_copy)["bad"] == {"000001": ["relation/c/1/0/0/0 missing"]}
+
+
+def test_summary_lists_skipped_images_with_reasons(tmp_path: Path, bad_corpus_dir: Path,
+                                                   bad_cases: dict[str, tuple[bytes, str]], make_config) -> None:
+    from dpal.pipeline.engine import run_cache
+
+    summary = run_cache(make_config(bad_corpus_dir, tmp_path / "store"), show_progress=False)
+    lines = summary.line().splitlines()
+    bad = sorted(k for k, (_, reason) in bad_cases.items() if reason != "rgb")
+    assert len(lines) == 6 and lines[-1].startswith("cached 6 images in 4 shards")
+    assert [ln.split(":", 1)[0] for ln in lines[:5]] == [f"skipped {k}" for k in bad]
+    for ln, key in zip(lines[:5], bad, strict=True):
+        assert bad_cases[key][1] in ln.split(": ", 1)[1], ln
+    assert [s["key"] for s in summary.skipped_images] == bad
+    assert summary.line(max_listed=2).splitlines()[2] == "... and 3 more (`dpal store info --json` lists all)"
+
+
+def test_shard_finished_by_another_run_is_not_counted_as_run(tmp_path: Path, corpus_dir: Path, teacher,
+                                                              make_config) -> None:
+    from dpal.pipeline.cache import cache_shard
+    from dpal.pipeline.engine import prepare_store, summarize
+
+    cfg = make_config(corpus_dir, tmp_path / "store")
+    layout = prepare_store(cfg, teacher)
+    pending = list(range(layout.num_shards))  # this run's plan, made before the other run wrote shard 1
+    cache_shard(cfg.out, 1, teacher, cfg)  # the other run sharing the store
+    reports = [cache_shard(cfg.out, s, teacher, cfg) for s in pending]
+    assert [r.already_done for r in reports] == [False, True, False, False, False]
+    summary = summarize(Path(cfg.out), layout, len(pending), reports, 1.0, True)
+    assert (summary.shards_run, summary.shards_already_done, summary.images, summary.cached) == (4, 1, 10, 10)
+    assert summary.shards_done == 5
+    assert summary.line() == ("cached 10 images in 4 shards (10.0 img/s, 1.0 s); skipped 0 bad images; "
+                              "1 shards were already done; store complete")
