@@ -200,6 +200,23 @@ def test_edited_dtype_attribute_is_refused_on_open_and_by_verify(store_copy: Pat
     assert rep["bad"] == {} and rep["not_done"] == []
 
 
+def test_distill_refuses_an_edited_dtype_attribute_with_one_line(tmp_path: Path) -> None:
+    import sys
+
+    from typer.testing import CliRunner
+
+    from dpal.cli import app
+
+    u = sys.modules["dpal_tests_stage2_util"]
+    store = u.make_store(u.make_corpus(tmp_path / "corpus"), tmp_path / "store", dtype="float16")
+    _edit_json(store / "zarr.json", '"dtype": "float16"', '"dtype": "bfloat16"')  # the edit
+    result = CliRunner().invoke(app, u.distill_args(store, tmp_path / "run"))
+    assert result.exit_code == 2, result.output
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and f"{store}: zarr.json: the store's attributes changed" in errors[0], result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not one step trained
+
+
 def test_edited_array_zarr_json_is_refused(store_copy: Path) -> None:
     from dpal.store import verify_store
 
