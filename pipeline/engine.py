@@ -342,6 +342,8 @@ def run_cache(cfg: CacheConfig, show_progress: bool = True) -> RunSummary:
     store = str(Path(cfg.out))
     wanted = shard_slice(cfg.shards, layout.num_shards) if local else range(layout.num_shards)
     already = done_shards(Path(store))
+    for s in sorted(already & set(wanted)):
+        read_marker(Path(store), s)  # a damaged marker is named now, not when stage two reads the shard
     pending = [s for s in wanted if s not in already]
     total = sum(layout.shard_range(s)[1] - layout.shard_range(s)[0] for s in pending)
 

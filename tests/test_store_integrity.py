@@ -436,3 +436,17 @@ def test_shard_finished_by_another_run_is_not_counted_as_run(tmp_path: Path, cor
     assert summary.shards_done == 5
     assert summary.line() == ("cached 10 images in 4 shards (10.0 img/s, 1.0 s); skipped 0 bad images; "
                               "1 shards were already done; store complete")
+
+
+def test_resume_names_a_corrupt_marker(store_copy: Path, corpus_dir: Path, make_config) -> None:
+    from dpal.pipeline.engine import run_cache
+
+    f = marker_path(store_copy, 4)
+    f.write_text(f.read_text()[:-40])
+    with pytest.raises(StoreError) as e:
+        run_cache(make_config(corpus_dir, store_copy), show_progress=False)
+    assert _one_line(e).startswith(f"{f}: the marker of shard 000004 is not valid JSON")
+    f.unlink()  # as the message says: delete it and rerun
+    summary = run_cache(make_config(corpus_dir, store_copy), show_progress=False)
+    assert (summary.shards_run, summary.shards_already_done, summary.complete) == (1, 4, True)
+    assert StoreReader(store_copy).valid_rows().tolist() == list(range(13))
