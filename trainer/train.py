@@ -177,6 +177,7 @@ class StopFlag:
     def __init__(self) -> None:
         self.requested = False
         self.signal_name = ""
+        self.signum = 0
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -191,6 +192,7 @@ class StopFlag:
         if signum == signal.SIGINT and self.requested and self.signal_name == "SIGINT":
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
         self.signal_name = signal.Signals(signum).name
         if signum == signal.SIGINT:
             # os.write: a handler may run while the main thread is inside a write to sys.stderr
@@ -199,9 +201,13 @@ class StopFlag:
     def agreed(self, info: DistInfo, device: torch.device) -> bool:
         if info.world_size == 1:
             return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        # the largest signal number any rank got, so that rank 0 can say which stopped the run
+        flag = torch.tensor([float(self.signum)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        got = int(flag.item())
+        if got and not self.requested:
+            self.signal_name = signal.Signals(got).name
+        return got > 0
 
 
 # ---------------------------------------------------------------- checkpoints
