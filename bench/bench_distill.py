@@ -1,8 +1,9 @@
 """Stage-two benchmark: speedup of the cached teacher, loader overhead, and memory per image.
 
 Timings measure the real training step: `Variant.step` does what one iteration of
-`trainer.train.train`'s loop does with num_workers 0 and one micro-batch (`BatchDataset` item:
-targets, decode, replay, fresh local crops; the teacher under inference mode when online;
+`trainer.train.train`'s loop does with num_workers 0 and one micro-batch (`BatchDataset` item as a
+CPU run builds it, `finish_on_cpu`: targets, decode, replay, fresh local crops, the float
+composition; the teacher under inference mode when online;
 `Distiller` forward, backward, AdamW step). Two variants, each with its own model and optimizer,
 take single steps alternately (A B, B A, ...) in one process, so that load from other jobs hits
 both alike; the figure is the median over adjacent pairs of the step-time ratio. As a check, whole
@@ -77,6 +78,7 @@ from bench_cache import TEACHER, make_corpus  # noqa: E402
 # B batch, K views, P patches of v0, T crowd tokens, D teacher width
 
 STUDENT = "dpal_vit_tiny"
+CPU = torch.device("cpu")
 MEMORY_BATCHES = (2, 4, 8, 16)
 
 
@@ -110,8 +112,8 @@ class MemoryTargetsReader(StoreReader):
 
     preloaded: dict[str, Any] = {}
 
-    def read_targets(self, indices: np.ndarray, view: int) -> Targets:
-        p = self.preloaded
+    def read_targets(self, indices: np.ndarray, view: int, raw: bool = False) -> Targets:
+        p = self.preloaded  # decoded float32 also when asked raw: decoding float32 is the identity
         idx = torch.as_tensor(np.asarray(indices))
         return Targets(p["global"][idx, view], p["local"][idx, view], p["relation"][idx, view],
                        p["params"][np.asarray(indices), view])
@@ -207,9 +209,9 @@ class Variant:
         self.teacher = load_teacher(teacher_spec_from_store(attrs), device="cpu") if online else None
         if memory_targets is not None:
             MemoryTargetsReader.preloaded = memory_targets
-            self.dataset: BatchDataset = MemoryBatchDataset(store, sampler, recipe, seed)
+            self.dataset: BatchDataset = MemoryBatchDataset(store, sampler, recipe, seed, finish_on_cpu=True)
         else:
-            self.dataset = BatchDataset(store, sampler, recipe, seed, read_targets=not online)
+            self.dataset = BatchDataset(store, sampler, recipe, seed, read_targets=not online, finish_on_cpu=True)
         self.position = 0
 
     def step(self) -> float:
@@ -217,7 +219,7 @@ class Variant:
         self.position += 1
         t0 = time.perf_counter()
         self.model.train()
-        batch = self.dataset[BatchRequest(epoch, s, 0)]
+        batch = self.dataset.model_inputs(self.dataset[BatchRequest(epoch, s, 0)], CPU)
         if self.teacher is not None:
             with torch.inference_mode(), autocast_context("cpu"):
                 g, patches = self.teacher.encode_global(batch["v0"])
@@ -284,7 +286,8 @@ def real_batch(store: Path, batch_size: int) -> dict[str, torch.Tensor]:
     reader = StoreReader(store)
     recipe = ViewRecipe.from_dict(reader.attrs["recipe"])
     sampler = EpochSampler(valid_rows(reader), batch_size, 1, 0, 0)
-    return BatchDataset(store, sampler, recipe, 0)[BatchRequest(0, 0, 0)]
+    ds = BatchDataset(store, sampler, recipe, 0, finish_on_cpu=True)
+    return ds.model_inputs(ds[BatchRequest(0, 0, 0)], CPU)
 
 
 def step(model: Distiller, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> None:
@@ -376,9 +379,9 @@ def parts(store: Path, batch_size: int, reps: int) -> dict[str, Any]:
     model, opt = build_model(attrs)
     teacher = load_teacher(teacher_spec_from_store(attrs), device="cpu")
     sampler = EpochSampler(valid_rows(reader), batch_size, 1, 0, 0)
-    ds_store = BatchDataset(store, sampler, recipe, 0)
+    ds_store = BatchDataset(store, sampler, recipe, 0, finish_on_cpu=True)
     MemoryTargetsReader.preloaded = preload_targets(store)
-    ds_mem = MemoryBatchDataset(store, sampler, recipe, 0)
+    ds_mem = MemoryBatchDataset(store, sampler, recipe, 0, finish_on_cpu=True)
     req = BatchRequest(0, 0, 0)
     idx = ds_store.indices(req)
     batch = ds_store[req]

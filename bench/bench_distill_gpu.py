@@ -4,15 +4,17 @@ The GPU rows of docs/benchmarks.md. One process, one GPU, bf16 autocast as `dpal
 CUDA. For each batch size it builds the student + D-PaDe and its fused AdamW as `train` does, and
 times single steps of two variants alternately (A B, B A, ...), after warm-up steps:
 
-- offline: the cached targets (already on the GPU) -> Distiller forward, backward, AdamW step;
-- online: the teacher's forward on v0 and Ic under inference mode (as `--online-teacher` runs it),
-  then the same step.
+- offline: the loader's batch (uint8 views, local-crop parameters, stored targets; already on the
+  GPU) -> `trainer.augment.model_inputs` (v0 and Ic composed, v1 and v2 drawn, targets decoded, on
+  the GPU, as `train` does) -> Distiller forward, backward, AdamW step;
+- online: the same device-side batch work, the teacher's forward on v0 and Ic under inference mode
+  (as `--online-teacher` runs it), then the same step.
 
 Each step ends with `torch.cuda.synchronize()`. The ratio of the medians is the speedup; the FLOP
 bound is (step + teacher) / step FLOPs, counted by torch's FlopCounterMode. Also: peak GPU memory
 per image of the offline step, and how many images/s one loader process builds (store read,
-decode, v0/Ic replay, fresh crops) on this machine's CPU, which says how many DataLoader workers
-keep the GPU fed.
+decode, the PIL part of the v0/Ic replay, the local crops' parameters) on this machine's CPU, which
+says how many DataLoader workers keep the GPU fed, with the device-side batch work per image.
 
 The batch is real (a store's first batch of 8: replayed views, cached targets), repeated to the
 batch size; repetition changes no FLOP and no kernel. Run from the repository root, with a store
@@ -38,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dpal.config import DistillConfig
 from dpal.store import StoreReader
 from dpal.teachers import autocast_context, load_teacher
+from dpal.trainer.augment import model_inputs
 from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, valid_rows
 from dpal.trainer.train import build_distiller, make_optimizer, teacher_spec_from_store
 from dpal.views import ViewRecipe
@@ -55,18 +58,21 @@ def student_autocast(device: torch.device) -> Any:
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def base_batch(store: Path, n: int) -> dict[str, torch.Tensor]:
+def base_batch(store: Path, n: int, read_targets: bool = True) -> dict[str, torch.Tensor]:
+    """The store's first batch as a DataLoader worker ships it (uint8 views, parameters, raw targets)."""
     reader = StoreReader(store)
     recipe = ViewRecipe.from_dict(reader.attrs["recipe"])
     sampler = EpochSampler(valid_rows(reader), n, 1, 0, 0)
-    return BatchDataset(store, sampler, recipe, 0)[BatchRequest(0, 0, 0)]
+    return BatchDataset(store, sampler, recipe, 0, read_targets=read_targets)[BatchRequest(0, 0, 0)]
 
 
 def tile(batch: dict[str, torch.Tensor], size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """`batch` repeated to `size` images, on `device` (the local crops' parameters stay on the CPU,
+    where `model_inputs` reads them)."""
     out = {}
     for k, v in batch.items():
         reps = -(-size // v.shape[0])
-        out[k] = v.repeat(reps, *([1] * (v.dim() - 1)))[:size].to(device).contiguous()
+        out[k] = v.repeat(reps, *([1] * (v.dim() - 1)))[:size].to("cpu" if k == "local_aug" else device).contiguous()
     return out
 
 
@@ -81,11 +87,13 @@ class Runner:
             group["lr"] = 1e-4
         self.teacher = teacher
         self.device = device
+        self.recipe = ViewRecipe.from_dict(attrs["recipe"])
 
-    def step(self, batch: dict[str, torch.Tensor]) -> float:
+    def step(self, loaded: dict[str, torch.Tensor]) -> float:
+        """One step from a loader batch (`tile`d, on the device), timed with its device-side work."""
         sync(self.device)
         t0 = time.perf_counter()
-        batch = dict(batch)
+        batch = model_inputs(loaded, self.recipe, self.device)
         if self.teacher is not None:
             with torch.inference_mode(), autocast_context(self.device):
                 g, patches = self.teacher.encode_global(batch["v0"])
@@ -101,7 +109,8 @@ class Runner:
         return time.perf_counter() - t0
 
 
-def flops(runner: Runner, teacher: Any, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+def flops(runner: Runner, teacher: Any, loaded: dict[str, torch.Tensor]) -> dict[str, float]:
+    batch = model_inputs(loaded, runner.recipe, runner.device)
     with FlopCounterMode(display=False) as fc, student_autocast(runner.device):
         loss, _ = runner.model(batch, 0)
         loss.backward()
@@ -125,8 +134,9 @@ def profile_step(runner: Runner, batch: dict[str, torch.Tensor]) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
 
 
-def loader_rate(store: Path, batch_size: int, reps: int) -> dict[str, float]:
-    """Images/s one process builds, single-threaded like a DataLoader worker."""
+def loader_rate(store: Path, batch_size: int, reps: int, device: torch.device) -> dict[str, float]:
+    """Images/s one process builds, single-threaded like a DataLoader worker, and the milliseconds
+    per image of the batch's device-side work (`model_inputs`) on `device`."""
     reader = StoreReader(store)
     recipe = ViewRecipe.from_dict(reader.attrs["recipe"])
     sampler = EpochSampler(valid_rows(reader), batch_size, 1, 0, 0)
@@ -145,6 +155,16 @@ def loader_rate(store: Path, batch_size: int, reps: int) -> dict[str, float]:
             out[f"{name}_images_per_s_per_worker"] = batch_size / statistics.median(secs)
     finally:
         torch.set_num_threads(threads)
+    loaded = tile(ds[BatchRequest(0, 0, 0)], batch_size, device)
+    model_inputs(loaded, recipe, device)
+    secs = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        model_inputs(loaded, recipe, device)
+        sync(device)
+        secs.append(time.perf_counter() - t0)
+    out["device_side_ms_per_image"] = 1000 * statistics.median(secs) / batch_size
     return out
 
 
@@ -173,16 +193,16 @@ def main() -> None:
                               "rows": []}
     print(f"{result['device']}, torch {torch.__version__}; store {store}", flush=True)
     teacher = load_teacher(teacher_spec_from_store(attrs), device=device)
-    small = base_batch(store, 8)
+    small, small_online = base_batch(store, 8), base_batch(store, 8, read_targets=False)
     for bs in (int(b) for b in args.batch_sizes.split(",")):
-        batch = tile(small, bs, device)
+        batch, batch_online = tile(small, bs, device), tile(small_online, bs, device)
         off, on = Runner(attrs, device), Runner(attrs, device, teacher)
         fl = flops(off, teacher, batch)
         times: dict[str, list[float]] = {"offline": [], "online": []}
         for i in range(args.warmup + args.steps):
             order = (("offline", off), ("online", on)) if i % 2 == 0 else (("online", on), ("offline", off))
             for name, r in order:
-                dt = r.step(batch)
+                dt = r.step(batch if r is off else batch_online)
                 if i >= args.warmup:
                     times[name].append(dt)
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -208,7 +228,7 @@ def main() -> None:
         del off, batch
         if cuda:
             torch.cuda.empty_cache()
-    lr = loader_rate(store, 32, 4)
+    lr = loader_rate(store, 32, 4, device)
     result["loader"] = lr
     print("loader, one process (1 thread): " + ", ".join(f"{k} {v:.1f}" for k, v in lr.items()), flush=True)
     if args.json:
