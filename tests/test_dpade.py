@@ -51,7 +51,8 @@ def test_shapes_and_router_loss(pattern: int, length: int) -> None:
 
 
 def test_mixing_and_weight_l2_recomputed_from_hooks() -> None:
-    m = _model(1, scale=0.5)
+    # the textbook formulation, spelled out; the lean path is compared with it below
+    m = _model(1, scale=0.5, lean=False)
     seen = {}
     m.attn_norm.register_forward_hook(lambda mod, inp, out: seen.__setitem__("x", out))
     m.expert_norm.register_forward_hook(lambda mod, inp, out: seen.__setitem__("e", out))
@@ -65,12 +66,13 @@ def test_mixing_and_weight_l2_recomputed_from_hooks() -> None:
     torch.testing.assert_close(out.y, y)
 
 
-def test_weight_l2_by_hand_with_constant_experts() -> None:
+@pytest.mark.parametrize("lean", [True, False])
+def test_weight_l2_by_hand_with_constant_experts(lean: bool) -> None:
     # Zero expert fc weight and bias: GELU(0) = 0, LN over d*D of a constant -> its bias. With
     # that bias all ones every expert is the all-ones (d, D) matrix, and as s sums to 1,
     # W = ones / 256: ||W||_F^2 = d * D / 256^2 = 48 * 32 / 65,536 = 0.0234375,
     # L_W = 0.025 * 0.0234375 = 5.859375e-4.
-    m = _model()
+    m = _model(lean=lean)
     with torch.no_grad():
         m.expert_fc.weight.zero_()
         m.expert_fc.bias.zero_()
@@ -116,3 +118,108 @@ def test_bad_arguments() -> None:
         m(torch.randn(1, 2, D_S), 3)
     with pytest.raises(ValueError):
         DPaDe(40, 8)  # 40 is not divisible by 16 heads
+
+
+# ---------------------------------------------------------------- the lean expert path
+
+
+def _perturbed(seed: int, dtype: torch.dtype = torch.float32) -> DPaDe:
+    """A model with every parameter moved off its init (LayerNorm affines off (1, 0), nonzero
+    biases and pattern queries), so that no term of the lean algebra vanishes."""
+    m = _model(seed).to(dtype)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=dtype))
+    return m
+
+
+def _run(m: DPaDe, xs: list[torch.Tensor]) -> tuple[list, list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Outputs of three branches, and the gradients of the inputs and every parameter of a loss
+    touching each output (a random readout of y, the router CE, a large weight on L_W)."""
+    xs = [x.clone().requires_grad_() for x in xs]
+    outs = m.forward_many([(xs[0], 0), (xs[1], 1), (xs[2], 2)])
+    g = torch.Generator().manual_seed(7)
+    loss = sum((o.y * torch.randn(o.y.shape, generator=g, dtype=o.y.dtype)).sum() + o.route_loss + 50 * o.weight_l2
+               for o in outs)
+    loss.backward()
+    return outs, [x.grad for x in xs], {n: p.grad for n, p in m.named_parameters()}
+
+
+def _inputs(dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(6, 1, D_S, generator=g, dtype=dtype), torch.randn(2, 5, D_S, generator=g, dtype=dtype),
+            torch.randn(3, 9, D_S, generator=g, dtype=dtype)]
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: the error relative to the tensor's scale."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def _compare(lean: DPaDe, ref: DPaDe, xs: list[torch.Tensor]) -> float:
+    o_l, gx_l, gp_l = _run(lean, xs)
+    o_r, gx_r, gp_r = _run(ref, xs)
+    errs = []
+    for a, b in zip(o_l, o_r, strict=True):
+        errs += [_max_rel(a.y, b.y), _max_rel(a.weight_l2, b.weight_l2), _max_rel(a.route_loss, b.route_loss)]
+        assert torch.equal(a.route_logits, b.route_logits)  # the router does not depend on the path
+    errs += [_max_rel(a, b) for a, b in zip(gx_l, gx_r, strict=True)]
+    assert gp_l.keys() == gp_r.keys()
+    for name in gp_r:
+        assert gp_l[name] is not None and gp_r[name] is not None, name
+        errs.append(_max_rel(gp_l[name], gp_r[name]))
+    return max(errs)
+
+
+# one chunk; several chunks of 2, 2, 2 and 1 images (11 images of 3 branches: 6 + 2 + 3)
+@pytest.mark.parametrize("chunk_images", [None, 3])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_lean_equals_reference_float64_exactly(recompute: bool, chunk_images: int | None) -> None:
+    # In float64 the rearranged algebra must agree with LayerNorm + einsum to rounding: values and
+    # the gradient of every parameter and input.
+    ref = _perturbed(0, torch.float64)
+    ref.lean = False
+    lean = _perturbed(0, torch.float64)
+    lean.recompute = recompute
+    if chunk_images is not None:
+        lean.expert_chunk_bytes = chunk_images * 3 * D_S * D_T * 8
+    assert _compare(lean, ref, _inputs(torch.float64)) < 1e-12
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_lean_equals_reference_float32_within_1e5(recompute: bool) -> None:
+    ref = _perturbed(1)
+    ref.lean = False
+    lean = _perturbed(1)
+    lean.recompute = recompute
+    lean.expert_chunk_bytes = 2 * 3 * D_S * D_T * 4  # chunks of 2 images
+    assert _compare(lean, ref, _inputs()) < 1e-5
+
+
+def test_lean_under_bf16_autocast_stays_in_bf16_and_close() -> None:
+    # Under autocast the mixed projection is built in bfloat16 (the compute dtype) with float32
+    # statistics; it tracks the reference (which runs its LayerNorm in float32) to bf16 precision.
+    ref = _perturbed(2)
+    ref.lean = False
+    lean = _perturbed(2)
+    xs = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w, sq = lean._mixed_lean(torch.randn(4, 3, D_S), torch.full((4, 3), 1 / 3))
+        o_l = lean.forward_many([(xs[0], 0), (xs[1], 1), (xs[2], 2)])
+        o_r = ref.forward_many([(xs[0], 0), (xs[1], 1), (xs[2], 2)])
+    assert w.dtype == torch.bfloat16 and sq.dtype == torch.float32
+    for a, b in zip(o_l, o_r, strict=True):
+        assert _max_rel(a.y.float(), b.y.float()) < 3e-2
+        assert _max_rel(a.weight_l2, b.weight_l2) < 2e-2
+    sum(o.y.float().mean() + o.weight_l2 for o in o_l).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lean.parameters())
+
+
+def test_chunks_are_near_equal() -> None:
+    from dpal.trainer.dpade import _chunks
+
+    assert _chunks(40, 37) == [(0, 20), (20, 40)]  # not 37 + 3
+    assert _chunks(11, 3) == [(0, 3), (3, 6), (6, 9), (9, 11)]
+    assert _chunks(5, 100) == [(0, 5)]
+    assert _chunks(3, 0) == [(0, 1), (1, 2), (2, 3)]

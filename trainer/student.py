@@ -7,17 +7,22 @@ changes no parameter shape, so its state dict has the same keys and shapes as ti
 `vit_tiny_patch16_224` at 256 x 128. It is registered with timm on import (as timm's own model
 files do), so `timm.create_model("dpal_vit_tiny")` works anywhere `dpal.trainer.student` has been
 imported. This module also owns the student token forward and the list of state-dict prefixes
-that make up the backbone kept after pretraining.
+that make up the backbone kept after pretraining, and `recompute_mlp_activations`, which trades
+one GELU per block in the backward pass for a quarter of the student's activation memory.
 """
 
 from __future__ import annotations
 
 import logging
+import types
 from typing import Any
 
 import timm
+import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, to_2tuple
+from timm.layers import Mlp
 from timm.models import VisionTransformer, register_model
 from torch import Tensor, nn
 
@@ -145,3 +150,73 @@ def student_tokens(model: nn.Module, x: Tensor) -> Tensor:
         Gradients flow into every parameter, `pos_embed` included.
     """
     return vit_tokens(model, x)
+
+
+# ---------------------------------------------------------------- activation memory
+
+
+class _GeluLinear(torch.autograd.Function):
+    """fc2(GELU(a)) that keeps only a for the backward pass and recomputes GELU(a) there.
+
+    In a ViT block the MLP's hidden activations are the largest saved tensors: autograd keeps both
+    a = fc1(x) (for GELU's backward) and GELU(a) (for fc2's weight gradient), 2 x 4d values per
+    token. Recomputing GELU(a) drops one of them: about a quarter of the student's activation
+    memory, for one element-wise GELU per block in the backward pass. Same values: the forward is
+    the same two operations, and the backward applies the same formulas as autograd's.
+    Under autocast, works in the autocast dtype as `F.linear` would.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        device = a.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
+        with torch.autocast(device, enabled=False):
+            a_c = a.to(dtype)
+            out = F.linear(F.gelu(a_c), weight.to(dtype), None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(a, weight)
+        ctx.dtype = dtype
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        a, weight = ctx.saved_tensors
+        dtype = ctx.dtype
+        with torch.autocast(a.device.type, enabled=False):
+            a_c = a.to(dtype)
+            g = grad.to(dtype).reshape(-1, grad.shape[-1])  # (tokens, out)
+            h = F.gelu(a_c).reshape(-1, a.shape[-1])  # (tokens, hidden), recomputed
+            grad_h = (g @ weight.to(dtype)).view(a.shape)
+            grad_w = (g.t() @ h).to(weight.dtype)  # (out, hidden)
+            grad_b = g.sum(dim=0).to(weight.dtype) if ctx.has_bias else None
+            grad_a = torch.ops.aten.gelu_backward(grad_h, a_c).to(a.dtype)
+        return grad_a, grad_w, grad_b
+
+
+def _mlp_forward_recompute(self: Mlp, x: Tensor) -> Tensor:
+    when = self.dpal_recompute
+    if when or (when is None and x.device.type == "cuda"):
+        return _GeluLinear.apply(self.fc1(x), self.fc2.weight, self.fc2.bias)
+    return self.fc2(self.act(self.fc1(x)))
+
+
+def recompute_mlp_activations(model: nn.Module, when: bool | None = True) -> int:
+    """Make every plain timm MLP of `model` (fc1, exact GELU, fc2, no dropout or norm) recompute its
+    GELU in the backward pass (`_GeluLinear`). Parameters and state-dict keys are unchanged.
+
+    Args:
+        model: the student.
+        when: True always; None only for inputs on a CUDA device; False never.
+
+    Returns:
+        How many MLPs were changed (MLPs of another shape are left as they are).
+    """
+    changed = 0
+    for m in model.modules():
+        if (type(m) is Mlp and isinstance(m.act, nn.GELU) and m.act.approximate == "none"
+                and isinstance(m.norm, nn.Identity) and m.drop1.p == 0 and m.drop2.p == 0
+                and isinstance(m.fc1, nn.Linear) and isinstance(m.fc2, nn.Linear)):
+            m.dpal_recompute = when
+            m.forward = types.MethodType(_mlp_forward_recompute, m)
+            changed += 1
+    return changed
