@@ -73,9 +73,10 @@ def test_sigterm_stops_with_a_checkpoint_and_the_rerun_resumes_to_the_end(tiny_r
     assert d["planned_steps"] == TRAIN_STEPS and d["log_every"] == LOG_EVERY
     assert d["sigterm_sent"] and d["logged_step_at_sigterm"] >= d["sigterm_after_step"] == 4
     stopped = d["stopped_at_step"]
-    assert d["first"]["rc"] == 0 and d["checkpoints_after_sigterm"] == [stopped]
+    assert d["first"]["rc"] == 0 and d["checkpoints_after_sigterm"] == [stopped] and d["stop_message_step"] == stopped
     assert d["logged_step_at_sigterm"] <= stopped < TRAIN_STEPS  # the signal landed mid-run
-    assert d["resume"]["rc"] == 0 and d["resumed_at_step"] == stopped and d["final_step"] == TRAIN_STEPS
+    assert d["resume"]["rc"] == 0 and d["resumed_at_step"] == stopped
+    assert d["final_step"] == d["done_message_step"] == TRAIN_STEPS
     assert d["logged_steps"] == list(range(LOG_EVERY, TRAIN_STEPS + 1, LOG_EVERY))  # no gap, no repeat
     assert d["metrics_continue"] and d["resumed_to_end"] and d["exit_0_with_checkpoint"]
     assert d["workers"] == 2  # the default loader on CPU
