@@ -125,7 +125,8 @@ def cache_teacher(
                                           "store size and run time; with --slurm also the job script.")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (nor, in a log, progress "
+                                        "lines).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary (or dry-run) as JSON.")] = False,
 ) -> None:
     """Stage one: run the teacher once over a corpus and write K replayable views' targets to a store.
@@ -162,7 +163,7 @@ def cache_teacher(
             return
         _print_dry_run(rep)
         return
-    summary = run_cache(cfg, show_progress=not quiet and sys.stderr.isatty())
+    summary = run_cache(cfg, show_progress=not quiet)  # a bar on a terminal, else plain lines
     if as_json:
         typer.echo(json.dumps(summary.__dict__))
     else:

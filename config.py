@@ -103,6 +103,8 @@ class CacheConfig:
     """Images declaring more pixels are skipped as decompression bombs."""
     device: str = "auto"
     """auto (cuda if available), cpu or cuda[:i]."""
+    progress_seconds: float = 60.0
+    """Seconds between plain progress lines when stderr is not a terminal (a batch job's log)."""
     recipe: ViewRecipe = field(default_factory=ViewRecipe)
 
     def __post_init__(self) -> None:

@@ -1,8 +1,9 @@
 """Stage-two loader benchmark: where one DataLoader worker's time goes, per operation, and what the
 training device then does with the batch.
 
-Three sections, each in milliseconds per image (median over `--reps` batches of `--batch-size`,
-one torch thread, as in a DataLoader worker):
+Three sections, in CPU milliseconds of this process per image (`--reps` batches of `--batch-size`,
+one torch thread, as in a DataLoader worker). CPU time, not wall time, so that other jobs on a
+shared machine barely change the figures; on an idle machine the two agree:
 
 1. `legacy`: the worker of dpal <= 0.x as it was before the device-side batch work (issue 9):
    float32 targets, JPEG decode, every PIL operation of v0, person A and the Ic background
@@ -64,9 +65,9 @@ class Clock:
         self.s: dict[str, float] = defaultdict(float)
 
     def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         out = fn()
-        self.s[name] += time.perf_counter() - t0
+        self.s[name] += time.process_time() - t0
         return out
 
 
@@ -181,10 +182,10 @@ def main() -> None:
             print(f"  {k:28s} {v:7.3f}", flush=True)
     secs = []
     for req in reqs:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         ds[req]
-        secs.append(time.perf_counter() - t0)
-    rate = args.batch_size / statistics.median(secs)
+        secs.append(time.process_time() - t0)
+    rate = args.batch_size / statistics.median(secs)  # per CPU second of one thread
     result["images_per_s_per_worker"] = rate
     print(f"worker __getitem__: {rate:.1f} images/s per worker (median of {args.reps} batches of "
           f"{args.batch_size})", flush=True)
@@ -193,14 +194,15 @@ def main() -> None:
         batches = [ds[req] for req in reqs]
         ds.model_inputs(batches[0], device)
         secs = []
+        clock = time.perf_counter if device.type == "cuda" else time.process_time
         for b in batches:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             ds.model_inputs(b, device)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            secs.append(time.perf_counter() - t0)
+            secs.append(clock() - t0)
         ms = 1000 * statistics.median(secs)
         result["device"] = {"device": str(device), "ms_per_batch": ms, "ms_per_image": ms / args.batch_size,
                             "threads": torch.get_num_threads()}

@@ -179,7 +179,7 @@ class BatchDataset(torch.utils.data.Dataset):
 
         Args:
             req: the request.
-            seconds: when given, the time of each part is added to it by name (bench_loader.py).
+            seconds: when given, the CPU seconds of each part are added to it by name (bench_loader.py).
         """
         lap = _Laps(seconds)
         idx = self.indices(req)
@@ -246,15 +246,16 @@ class BatchDataset(torch.utils.data.Dataset):
 
 
 class _Laps:
-    """Adds the seconds since the previous lap to a named entry of `seconds` (a no-op when None)."""
+    """Adds the CPU seconds of this process since the previous lap to a named entry of `seconds` (a
+    no-op when None). CPU time, not wall time: other jobs on the machine barely change it."""
 
     def __init__(self, seconds: dict[str, float] | None) -> None:
         self.seconds = seconds
-        self.t = time.perf_counter()
+        self.t = time.process_time()
 
     def __call__(self, name: str) -> None:
         if self.seconds is not None:
-            now = time.perf_counter()
+            now = time.process_time()
             self.seconds[name] = self.seconds.get(name, 0.0) + now - self.t
             self.t = now
 
