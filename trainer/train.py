@@ -57,7 +57,7 @@ from dpal.trainer.rundir import (
     move_aside,
     refuse_mixing,
 )
-from dpal.trainer.student import create_student, student_tokens
+from dpal.trainer.student import create_student, recompute_mlp_activations, student_tokens
 from dpal.views import ViewRecipe
 
 logger = logging.getLogger(__name__)
@@ -357,7 +357,9 @@ def build_distiller(cfg: DistillConfig, recipe: ViewRecipe, attrs: dict[str, Any
     initialised from `cfg.seed`."""
     torch.manual_seed(cfg.seed)
     student = create_student(cfg.student, img_size=tuple(recipe.global_size), **cfg.student_kwargs)
-    dpade = DPaDe(student.embed_dim, attrs["embed_dim"], scale=cfg.dpade_scale, l2_weight=cfg.l2_weight)
+    recompute_mlp_activations(student, cfg.recompute)
+    dpade = DPaDe(student.embed_dim, attrs["embed_dim"], scale=cfg.dpade_scale, l2_weight=cfg.l2_weight,
+                  recompute=cfg.recompute)
     return Distiller(student, dpade, tuple(attrs["token_grid"]["global"]), cfg.fix_mask_sign)
 
 
