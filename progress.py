@@ -49,8 +49,10 @@ class Progress:
     """
 
     def __init__(self, label: str, total: int, completed: int = 0, unit: str = "steps", items: str = "images",
-                 interval_s: float = 60.0, stream: TextIO | None = None, bar: bool | None = None) -> None:
+                 interval_s: float = 60.0, stream: TextIO | None = None, bar: bool | None = None,
+                 main: str | None = "loss") -> None:
         self.label, self.total, self.unit, self.items = label, total, unit, items
+        self.main = main  # name of the fields' first value; None: a run without fields (stage one)
         self.interval_s = interval_s
         self.stream = stream if stream is not None else sys.stderr
         self.completed = self._start_completed = completed
@@ -70,7 +72,7 @@ class Progress:
                                      TextColumn(unit), TextColumn("{task.fields[text]}"), TimeRemainingColumn(),
                                      console=Console(file=self.stream))
             self._bar.start()
-            self._task = self._bar.add_task(label, total=total, completed=completed, text=format_fields(None))
+            self._task = self._bar.add_task(label, total=total, completed=completed, text=self._fields_text())
 
     def update(self, completed: int, items: int = 0, fields: dict[str, float] | None = None) -> None:
         """`completed` units done in all (not an increment), `items` more processed since the last
@@ -80,7 +82,7 @@ class Progress:
         if fields:
             self._fields = dict(fields)
         if self._bar is not None:
-            self._bar.update(self._task, completed=completed, text=format_fields(self._fields))
+            self._bar.update(self._task, completed=completed, text=self._fields_text())
             return
         due = time.perf_counter() - self._t_line >= self.interval_s or completed >= self.total
         if due and completed != self._printed_at:
@@ -94,9 +96,12 @@ class Progress:
         done_here = self.completed - self._start_completed
         eta = (now - self._t0) / done_here * (self.total - self.completed) if done_here > 0 else None
         parts = [f"{self.label} {self.completed}/{self.total} {self.unit} ({pct:.1f}%)",
-                 f"{rate:.1f} {self.items}/s", format_fields(self._fields), f"elapsed {_clock(now - self._t0)}",
+                 f"{rate:.1f} {self.items}/s", self._fields_text(), f"elapsed {_clock(now - self._t0)}",
                  f"ETA {_clock(eta) if eta is not None else '-'}"]
-        return " | ".join(parts)
+        return " | ".join(p for p in parts if p)
+
+    def _fields_text(self) -> str:
+        return format_fields(self._fields, self.main) if self.main else ""
 
     def _print_line(self) -> None:
         self.stream.write(self.line() + "\n")

@@ -295,3 +295,26 @@ def test_disk_full_is_one_line_and_a_rerun_resumes(tmp_path: Path, corpus_dir: P
     assert read("rc2").strip() == "0", read("err2")
     assert "1 shards were already done; store complete" in read("out2")
     same_store(ref_store, copy)
+
+
+def test_dask_run_in_a_log_prints_progress_lines_and_closes_cleanly(tmp_path: Path, corpus_dir: Path,
+                                                                    cli_args: Callable[..., list[str]],
+                                                                    child_env: dict[str, str]) -> None:
+    """stderr is a file (a batch job): progress used to draw nothing for the whole run, and every
+    dask run ended with "Worker process still alive after 4.0 seconds, killing"."""
+    import re
+
+    with open(tmp_path / "err", "w") as err:
+        r = subprocess.run([*_dpal(), *cli_args(corpus_dir, tmp_path / "store", "--workers", "1", "--set",
+                                                "progress_seconds=0")],
+                           stdout=subprocess.PIPE, stderr=err, text=True, env=child_env, timeout=300)
+    log = (tmp_path / "err").read_text()
+    assert r.returncode == 0, log
+    assert "still alive" not in log and "killing" not in log and "Traceback" not in log, log
+    lines = [ln for ln in log.splitlines() if ln.startswith("cache-teacher ")]
+    pattern = r"cache-teacher (\d+)/13 images \((\d+\.\d)%\) \| \d+\.\d images/s \| elapsed \d:\d\d:\d\d \| ETA \S+"
+    done = [int(re.fullmatch(pattern, ln).group(1)) for ln in lines]  # one line per shard: interval 0
+    assert len(done) == 5 and done == sorted(done) and done[-1] == 13, lines
+    assert lines[-1].startswith("cache-teacher 13/13 images (100.0%)") and lines[-1].endswith("ETA 0:00:00")
+    assert "loss" not in log
+    assert "store complete" in r.stdout
