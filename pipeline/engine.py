@@ -138,9 +138,11 @@ def value_settings(cfg: CacheConfig) -> dict[str, Any]:
     `max_pixels` decides which images are skipped. `batch_size` changes the teacher's outputs in the
     last bits (matrix kernels split a batch of B rows differently; measured: 8 to 406 elements of a
     shard differ between batch sizes). The device type changes them more: a GPU teacher runs under
-    bf16 autocast, a CPU one in float32. `replay_threads` is proven not to change them (a test).
-    With remote workers (`--scheduler`, `--slurm`) and `device: auto` the driver cannot see the
-    workers' device, and records `auto`.
+    bf16 autocast, a CPU one in float32. A CPU teacher's torch thread count changes the last bit too
+    (MKL splits a small matrix product differently for 1 and 2 threads); on a GPU the threads only
+    replay views, and `replay_threads` is proven not to change a value (a test). With remote workers
+    (`--scheduler`, `--slurm`) and `device: auto` the driver cannot see the workers' device, and
+    records `auto`.
     """
     device = cfg.device
     if device == "auto" and not (cfg.scheduler or cfg.use_slurm):
@@ -148,7 +150,24 @@ def value_settings(cfg: CacheConfig) -> dict[str, Any]:
     device = device.split(":")[0]
     precision = {"cuda": "bfloat16 autocast", "cpu": "float32"}.get(device, "bfloat16 autocast on cuda, float32 on cpu")
     return {"max_pixels": cfg.max_pixels, "batch_size": cfg.batch_size, "teacher_device": device,
-            "teacher_precision": precision}
+            "teacher_precision": precision, "teacher_threads": teacher_threads(cfg) if device == "cpu" else None}
+
+
+def teacher_threads(cfg: CacheConfig) -> int | str:
+    """Torch threads that run a CPU teacher: this process's (`--shards`), or each worker's."""
+    if cfg.shards is not None:
+        return torch.get_num_threads()
+    if cfg.scheduler:
+        return "the scheduler's workers' own"
+    if cfg.use_slurm:
+        return cfg.threads_per_worker or cfg.slurm.cores
+    return local_worker_threads(cfg)
+
+
+def local_worker_threads(cfg: CacheConfig) -> int:
+    """Torch threads of each local dask worker: from --workers, never from the shards left, so that
+    a resume with fewer pending shards than workers runs a CPU teacher as the first run did."""
+    return cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers)
 
 
 def _value_settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -404,7 +423,7 @@ def _run_dask(cfg: CacheConfig, store: str, pending: list[int], total: int, show
         threads = cfg.threads_per_worker or cfg.slurm.cores
     else:
         n = min(cfg.workers, len(pending))
-        threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // n)
+        threads = local_worker_threads(cfg)
         with warnings.catch_warnings():  # "Port 8787 is already in use": no dashboard is wanted
             warnings.filterwarnings("ignore", message="Port .* is already in use")
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,

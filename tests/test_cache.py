@@ -300,6 +300,7 @@ def test_strict_raises_on_the_first_bad_file(tmp_path: Path, bad_corpus_dir: Pat
     # these change stored values too: which images are skipped, and the teacher's last bits
     ({"max_pixels": 100}, "value_settings.max_pixels: store has 64000000, this run has 100"),
     ({"batch_size": 8}, "value_settings.batch_size: store has 32, this run has 8"),
+    ({"shards": None, "threads_per_worker": 2}, "value_settings.teacher_threads: store has 1, this run has 2"),
 ])
 def test_mismatched_resume_is_refused(store_copy: Path, corpus_dir: Path, make_config: Callable[..., CacheConfig],
                                       override: dict, needle: str) -> None:
