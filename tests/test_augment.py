@@ -306,3 +306,26 @@ def test_batches_are_identical_whatever_the_worker_count(store: Path) -> None:
     assert torch.equal(ref[0]["local_t"], t.local) and torch.equal(ref[0]["rel_t"], t.relation)
     online = _batches(store, 0, False, read_targets=False)
     assert all(torch.equal(a[k], o[k]) for a, o in zip(ref, online, strict=True) for k in ("v0", "v1", "v2", "ic"))
+
+
+def test_a_worker_ships_only_the_region_the_crops_read() -> None:
+    from dpal.trainer.data import _crop_to_boxes
+
+    recipe = ViewRecipe()
+    images = _images()
+    augs = _local_params(recipe, images)  # (2B, NUM_AUG): v1 of every image, then v2
+    b = len(images)
+    whole = augment.local_crops(_pad(images), augs, recipe.local_size)
+    shifted = augs.numpy().copy()
+    regions = []
+    for i, im in enumerate(images):
+        pair = shifted[[i, b + i]]
+        regions.append(_crop_to_boxes(np.asarray(im), pair))
+        shifted[[i, b + i]] = pair
+        assert regions[-1].shape[0] * regions[-1].shape[1] <= im.height * im.width
+    src = torch.from_numpy(np.stack([np.pad(r, ((0, max(x.shape[0] for x in regions) - r.shape[0]),
+                                                (0, max(x.shape[1] for x in regions) - r.shape[1]), (0, 0)),
+                                            mode="edge") for r in regions]))
+    cropped = augment.local_crops(src, torch.from_numpy(shifted), recipe.local_size)
+    # the same samples of the same pixels; only float rounding of the shifted box coordinates differs
+    torch.testing.assert_close(cropped, whole, rtol=0, atol=1e-4)

@@ -172,9 +172,10 @@ class BatchDataset(torch.utils.data.Dataset):
 
         index (B,) int64; v0_u8 (B, Hg, Wg, 3), bg_u8 (B, Hc, Wc, 3), pa_u8 and pb_u8 (B, Hl, Wl, 3)
         uint8, the replayed parts of v0 and Ic (views.replay_pixels); paste (B, 4) int64; src_u8
-        (B, Hs, Ws, 3) uint8, the decoded images padded to the largest by repeating their last row
-        and column, src_hw (B, 2) int64 their sizes, local_aug (B, 2, NUM_AUG) float64 the
-        parameters of v1 and v2; with targets, g_t (B, D), local_t (B, P, D), rel_t (B, T, T) in the
+        (B, Hs, Ws, 3) uint8, the part of each decoded image that v1 and v2 read (`_crop_to_boxes`),
+        padded to the largest by repeating its last row and column, src_hw (B, 2) int64 their
+        sizes, local_aug (B, 2, NUM_AUG) float64 the parameters of v1 and v2 (boxes relative to
+        that part); with targets, g_t (B, D), local_t (B, P, D), rel_t (B, T, T) in the
         store's dtype (int8 adds g_t_scale, local_t_scale, rel_t_scale) and, when asked, mask.
 
         Args:
@@ -227,10 +228,10 @@ class BatchDataset(torch.utils.data.Dataset):
             paste[i] = paste_positions(params[i])
             lap("replay v0, A, B, background (PIL)")
             rng = view_rng(self.seed, str(index), req.epoch, stream="local")
-            source = np.asarray(cache[index])
-            local_aug[i, 0] = sample_local(r, rng, source.shape[:2])
-            local_aug[i, 1] = sample_local(r, rng, source.shape[:2])
-            sources.append(source)
+            image = np.asarray(cache[index])
+            local_aug[i, 0] = sample_local(r, rng, image.shape[:2])
+            local_aug[i, 1] = sample_local(r, rng, image.shape[:2])
+            sources.append(_crop_to_boxes(image, local_aug[i]))
             lap("local crop parameters")
         out.update({k: torch.from_numpy(v) for k, v in parts.items()})
         out.update(paste=torch.from_numpy(paste), local_aug=torch.from_numpy(local_aug), **_pad_sources(sources))
@@ -258,6 +259,20 @@ class _Laps:
             now = time.process_time()
             self.seconds[name] = self.seconds.get(name, 0.0) + now - self.t
             self.t = now
+
+
+def _crop_to_boxes(image: np.ndarray, augs: np.ndarray) -> np.ndarray:
+    """The part of `image` (H, W, 3) that the crop boxes of `augs` (n, NUM_AUG) read, plus one pixel
+    around (bilinear sampling near a box edge reads the pixel beyond it), clipped to the image;
+    shifts the boxes in place to its origin. A large photo then ships its crops' region, not all."""
+    h, w = image.shape[:2]
+    top = max(int(augs[:, 0].min()) - 1, 0)
+    left = max(int(augs[:, 1].min()) - 1, 0)
+    bottom = min(int((augs[:, 0] + augs[:, 2]).max()) + 1, h)
+    right = min(int((augs[:, 1] + augs[:, 3]).max()) + 1, w)
+    augs[:, 0] -= top
+    augs[:, 1] -= left
+    return image[top:bottom, left:right]
 
 
 def _pad_sources(sources: list[np.ndarray]) -> dict[str, Tensor]:
