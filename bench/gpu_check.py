@@ -174,6 +174,7 @@ def run_cli(cli_args: list[str], log: Path, timeout: float, on_poll: Callable[[s
             if proc.poll() is None:
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait()
+            _signal_group(proc, signal.SIGKILL)  # anything of its group left behind (the command has ended)
     secs = time.perf_counter() - t0
     out = re.sub(r"\n\s{20,}", " ", log.read_text())  # a wrapped log line joined again
     print(f"    exit {proc.returncode}, {secs:.1f} s", flush=True)
@@ -661,7 +662,7 @@ class Check:
                      or "ok")
             print(f"  {name:<8} {r.get('seconds', 0):6.1f} s  {state}")
         d = sec.get("distill", {})
-        if "final_step" in d:
+        if "images_per_s" in d:
             print(f"  distill: SIGTERM -> stopped at step {d.get('stopped_at_step')} with a checkpoint: "
                   f"{d.get('exit_0_with_checkpoint')}; resumed at {d.get('resumed_at_step')} to "
                   f"{d.get('final_step')} of {d.get('planned_steps')}: {d.get('resumed_to_end')}; export loads: "
@@ -704,7 +705,10 @@ class Check:
             self.section(name, getattr(self, name))
         self.result["targets"] = self.targets()
         self.write()
-        self.summary()
+        try:
+            self.summary()
+        except Exception:  # noqa: BLE001 - the JSON holds every figure; the printout is a convenience
+            traceback.print_exc()
 
 
 def _rows_result(rows: list[dict[str, Any]]) -> dict[str, Any]:
