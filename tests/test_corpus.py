@@ -248,3 +248,22 @@ def test_folder_entries_that_are_not_image_files_are_recorded(tmp_path: Path) ->
         "fifo.jpg": "a FIFO (named pipe), not a regular file",
         "loop.jpg": f"symlink loop to {tmp_path / 'loop.jpg'}: Too many levels of symbolic links",
     }
+
+
+def test_non_utf8_names_in_tars_and_lists_are_named(tmp_path: Path) -> None:
+    from dpal.corpus import scan_corpus
+
+    with tarfile.open(tmp_path / "names.tar", "w", format=tarfile.USTAR_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as tf:
+        for name in ("ok.png", "caf\udce9.png"):  # the second name's bytes are Latin-1 b"caf\xe9.png"
+            data = _png(50)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    c = scan_corpus(str(tmp_path / "names.tar"))
+    assert [r.key for r in c.refs] == ["ok"]
+    assert c.problems == [{"entry": f"{tmp_path / 'names.tar'}:caf\\xe9.png",
+                           "reason": "file name is not valid UTF-8 (store keys are UTF-8); rename it"}]
+    (tmp_path / "list.txt").write_bytes(b"ok.png\ncaf\xe9.png\n")
+    with pytest.raises(ValueError, match=r"corpus list .*list.txt is not UTF-8 text \(line 2\); save it as UTF-8"):
+        index_corpus(str(tmp_path / "list.txt"))
