@@ -178,11 +178,13 @@ _JITTER = (_brightness, _contrast, _saturation, _hue)
 _IDENTITY = (1.0, 1.0, 1.0, 0.0)
 
 
-def _blur(x: Tensor, sigma: Tensor) -> Tensor:
+def _blur(x: Tensor, sigma: Tensor, radius: int | None = None) -> Tensor:
     """Gaussian blur of (N, 3, H, W) with per-image `sigma` (N,) pixels: a separable, depthwise
-    convolution, kernel radius ceil(3 * max sigma), edges replicated (PIL extends edge pixels)."""
+    convolution, kernel radius ceil(3 * max sigma) (pass it when sigma is on a GPU: no sync),
+    edges replicated (PIL extends edge pixels)."""
     n, c, h, w = x.shape
-    radius = max(1, math.ceil(3.0 * float(sigma.max())))
+    if radius is None:
+        radius = max(1, math.ceil(3.0 * float(sigma.max())))
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (t[None] / sigma[:, None]) ** 2)
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N * 3, 2r + 1)
@@ -240,7 +242,8 @@ def local_crops(source: Tensor, augs: Tensor, size: tuple[int, int]) -> Tensor:
     apply(augs[:, 14] > 0, lambda t: _gray(t).expand(-1, 3, -1, -1).clone())
     blur = augs[:, 15] > 0
     if blur.any():
-        apply(blur, _blur, augs[:, 15])
+        radius = max(1, math.ceil(3.0 * float(augs[blur, 15].max())))
+        apply(blur, lambda t, sigma: _blur(t, sigma, radius), augs[:, 15])
     apply(augs[:, 16] > 0, lambda t: torch.where(t >= 128 / 255, 1.0 - t, t))
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
