@@ -41,7 +41,6 @@ from PIL import Image, ImageFilter, ImageOps
 
 from dpal.corpus import decode_image
 from dpal.store import StoreReader
-from dpal.trainer import augment
 from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, valid_rows
 from dpal.views import (
     _A,
@@ -130,8 +129,8 @@ def legacy_batch(clock: Clock, ds: BatchDataset, req: BatchRequest) -> None:
 
         clock("compose + normalise", compose)
         rng = view_rng(ds.seed, str(index), req.epoch, stream="local")
-        v1s.append(clock("local crops (PIL)", lambda: random_local(recipe, rng, img)))
-        v2s.append(clock("local crops (PIL)", lambda: random_local(recipe, rng, img)))
+        v1s.append(clock("local crops (PIL)", lambda rng=rng, img=img: random_local(recipe, rng, img)))
+        v2s.append(clock("local crops (PIL)", lambda rng=rng, img=img: random_local(recipe, rng, img)))
     batch = clock("collate", lambda: {"v0": torch.stack(v0s), "v1": torch.stack(v1s), "v2": torch.stack(v2s),
                                       "ic": torch.stack(ics), "g_t": t.global_, "local_t": t.local,
                                       "rel_t": t.relation})

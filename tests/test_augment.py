@@ -5,7 +5,6 @@ operations computes what it says, and a batch is the same whatever the number of
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dpal.corpus import decode_image
-from dpal.store import decode, encode
+from dpal.store import StoreReader, decode, encode
 from dpal.trainer import augment
-from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, collate_requests, valid_rows
-from dpal.store import StoreReader
+from dpal.trainer.data import BatchDataset, EpochSampler, collate_requests, valid_rows
 from dpal.views import (
     AUG_FIELDS,
     NUM_AUG,
