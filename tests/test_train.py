@@ -201,10 +201,13 @@ def test_store_targets_equal_the_teacher_on_replayed_views(store32: Path) -> Non
         with torch.inference_mode():
             g, patches = teacher.encode_global(batch["v0"])
             rel = teacher.relation_logits(batch["ic"])
-        torch.testing.assert_close(batch["g_t"], g, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(batch["local_t"], patches, rtol=1e-5, atol=1e-6)
+        # Stage one ran the teacher on batches of 8, this on batches of 4: matrix kernels split the
+        # rows differently, so values of order 1 may differ in their last bits (measured up to 2.2e-6
+        # absolute on an element of 0.087, after 12 float32 layers); a wrong pixel moves them far more.
+        torch.testing.assert_close(batch["g_t"], g, rtol=1e-5, atol=5e-6)
+        torch.testing.assert_close(batch["local_t"], patches, rtol=1e-5, atol=5e-6)
         # the store keeps each relation row minus its max (softmax-invariant)
-        torch.testing.assert_close(batch["rel_t"], rel - rel.amax(-1, keepdim=True), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(batch["rel_t"], rel - rel.amax(-1, keepdim=True), rtol=1e-5, atol=5e-6)
         # the loader's shape mask is the loss's, computed from the same targets
         grid = tuple(reader.attrs["token_grid"]["global"])
         assert torch.equal(batch["mask"], shape_mask(batch["local_t"], grid, fix_sign=True))
@@ -431,7 +434,7 @@ def test_resume_against_another_store_is_refused(root: Path, store16: Path, refe
     assert result.exit_code == 2
     errors = _error_lines(result.stderr)
     assert len(errors) == 1 and "trained on another store" in errors[0], result.stderr
-    assert "--resume none" in errors[0]
+    assert "--fresh" in errors[0] and "--resume none" not in errors[0]  # --resume none is refused over a run
     assert not (run / "metrics.jsonl").exists()  # refused before touching the run
 
 

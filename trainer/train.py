@@ -494,7 +494,7 @@ def _train(cfg: DistillConfig, show_progress: bool, stack: ExitStack) -> TrainRe
             raise StoreError(
                 f"checkpoint {resume_path} was trained on another store (fingerprint "
                 f"{ckpt['store_fingerprint'][:12]}, this store {fingerprint[:12]}: teacher, views or shard "
-                "data differ); use a new --out or --resume none"
+                "data differ); use a new --out, or --fresh to move this run aside and start over"
             )
         now = to_dict(cfg)
         changed = [f"{k} {ckpt['config'].get(k)!r} (now {now[k]!r})" for k in RESUME_KEYS
@@ -503,7 +503,7 @@ def _train(cfg: DistillConfig, show_progress: bool, stack: ExitStack) -> TrainRe
             changed.insert(0, f"{ckpt['world_size']} ranks (now {info.world_size})")
         if changed:
             raise ValueError(f"checkpoint {resume_path} was trained with {', '.join(changed)}; resume with the "
-                             "same to keep the model and the data stream, or use a new --out or --resume none")
+                             "same to keep the model and the data stream, or use a new --out (or --fresh to move this run aside)")
         model.student.load_state_dict(ckpt["model"])
         model.dpade.load_state_dict(ckpt["dpade"])
         optimizer.load_state_dict(ckpt["optimizer"])
