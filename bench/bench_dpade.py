@@ -1,6 +1,6 @@
 """D-PaDe benchmark: the lean expert path against the textbook formulation, time and memory.
 
-Two sections, both at the paper's widths (student d = 192, teacher D = 768) and token counts
+Three sections, all at the paper's widths (student d = 192, teacher D = 768) and token counts
 (v0 1 + 128 tokens, Ic 257 tokens), float32 on this CPU:
 
 - time: forward plus backward of the five D-PaDe calls of one step, as `Distiller` makes them
@@ -10,6 +10,11 @@ Two sections, both at the paper's widths (student d = 192, teacher D = 768) and 
   (recomputing the generator in the backward pass; the CUDA default). Same weights and inputs;
   the variants run alternately, `--reps` rounds after one warm-up round, and the per-round ratios
   reference / variant are reported with their median, so that other jobs slow all alike.
+- step: one whole training step (`Distiller` forward and backward, fused AdamW) on a batch of
+  random tensors of the shapes `train` feeds the model on CPU, for the same three variants, where
+  `lean_recompute` is `recompute=true` as a whole (D-PaDe's generator and the student's MLP GELUs
+  recomputed); alternated like the time section. What the lean path and recomputing cost or save
+  in a CPU step.
 - memory: the peak of live tensor bytes (torch profiler allocation events) of one whole training
   step (`Distiller` forward and backward and fused AdamW, after a warm-up step) at batch 2, 4, 8,
   16, in a fresh process per (variant, batch); the least-squares slope is the memory per image.
@@ -20,7 +25,7 @@ Two sections, both at the paper's widths (student d = 192, teacher D = 768) and 
   the shape mask); memory does not depend on the values.
 
     .venv/bin/python bench/bench_dpade.py --json /tmp/dpal_bench/dpade.json
-    .venv/bin/python bench/bench_dpade.py --skip memory --batch-size 8 --reps 6
+    .venv/bin/python bench/bench_dpade.py --skip memory --batch-size 8 --reps 6   # time and step only
 """
 
 from __future__ import annotations
@@ -104,6 +109,52 @@ def time_section(batch_size: int, reps: int) -> dict[str, Any]:
     return res
 
 
+# ---------------------------------------------------------------- whole step
+
+
+def build_variant(variant: str, recipe: ViewRecipe) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The student + D-PaDe as `train` builds them, set to `variant`, with its fused AdamW."""
+    cfg = DistillConfig(student="dpal_vit_tiny", recompute=VARIANTS[variant].get("recompute", False))
+    model = build_distiller(cfg, recipe, fake_attrs())
+    model.dpade.lean = VARIANTS[variant]["lean"]
+    opt = make_optimizer(model, cfg)
+    for group in opt.param_groups:
+        group["lr"] = 1e-4
+    return model, opt
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> float:
+    t0 = time.perf_counter()
+    loss, _ = model(batch, 0)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def step_section(batch_size: int, reps: int) -> dict[str, Any]:
+    recipe = ViewRecipe()
+    batch = random_batch(batch_size, recipe)
+    runs = {name: build_variant(name, recipe) for name in VARIANTS}
+    for model, opt in runs.values():  # warm-up: allocates the AdamW state
+        train_step(model, opt, batch)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    loads = []
+    for r in range(reps):
+        for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+            times[name].append(train_step(*runs[name], batch))
+        loads.append(os.getloadavg()[0])
+    res: dict[str, Any] = {"batch_size": batch_size, "reps": reps, "load": loads, "seconds": times}
+    for name in runs:
+        ratios = [a / b for a, b in zip(times["reference"], times[name], strict=True)]
+        res[name] = {"median_s": statistics.median(times[name]), "speedup_median": statistics.median(ratios),
+                     "speedup_min": min(ratios), "speedup_max": max(ratios)}
+        print(f"  {name:15s} {res[name]['median_s']:6.3f} s  reference / this: {res[name]['speedup_median']:.3f}x "
+              f"(rounds {min(ratios):.3f} to {max(ratios):.3f})", flush=True)
+    print(f"  load {min(loads):.1f} to {max(loads):.1f}")
+    return res
+
+
 # ---------------------------------------------------------------- memory
 
 def fake_attrs() -> dict[str, Any]:
@@ -127,21 +178,11 @@ def memory_child(variant: str, batch_size: int) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     recipe = ViewRecipe()
-    cfg = DistillConfig(student="dpal_vit_tiny", recompute=VARIANTS[variant].get("recompute", False))
-    model = build_distiller(cfg, recipe, fake_attrs())
-    model.dpade.lean = VARIANTS[variant]["lean"]
-    opt = make_optimizer(model, cfg)
+    model, opt = build_variant(variant, recipe)
     batch = random_batch(batch_size, recipe)
-
-    def step() -> None:
-        loss, _ = model(batch, 0)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()
+    train_step(model, opt, batch)  # allocates the AdamW state
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+        train_step(model, opt, batch)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
     live = np.cumsum([b for _, b in events]) if events else np.zeros(1)
@@ -175,7 +216,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: time,memory")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: time,step,memory")
     ap.add_argument("--memory-variants", default="reference,lean,lean_recompute")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--memory-child", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -191,6 +232,9 @@ def main() -> None:
     if "time" not in skip:
         print(f"D-PaDe forward + backward of one step's five calls, batch {args.batch_size}:", flush=True)
         out["time"] = time_section(args.batch_size, args.reps)
+    if "step" not in skip:
+        print(f"whole training step, batch {args.batch_size}:", flush=True)
+        out["step"] = step_section(args.batch_size, args.reps)
     if "memory" not in skip:
         print("whole training step, peak live tensor memory:", flush=True)
         out["memory"] = memory_section(args.memory_variants.split(","))

@@ -21,8 +21,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import Attention, to_2tuple
-from timm.layers import Mlp
+from timm.layers import Attention, Mlp, to_2tuple
 from timm.models import VisionTransformer, register_model
 from torch import Tensor, nn
 
