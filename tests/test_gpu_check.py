@@ -4,8 +4,9 @@
 export must load with the student's exact tensor names. Also: --budget-s and --skip leave sections
 out and say why, in the JSON.
 
-The tiny run starts about ten Python processes (CLI commands and loader workers), so it takes
-about a minute on two cores: marked slow, kept in the default suite.
+The tiny run starts about twenty Python processes (seven CLI commands; the forkserver and two
+loader workers of each of four distill runs), whose start-ups take most of its time: about 95 s on two idle cores. Marked slow, kept in
+the default suite.
 """
 
 from __future__ import annotations
