@@ -131,7 +131,7 @@ def default_num_workers(device: torch.device, local_world_size: int) -> int:
 
     On CPU, 2: a worker builds a batch in a tenth of a step, and more workers only compete with the
     training threads (1 and 2 workers measured the same). On a GPU the loader bounds training (one
-    worker decodes and replays 40-80 images/s, by the CPU; an H200 trains about 1800 images/s), so every
+    worker decodes and replays 80-95 images/s on the development CPU; an H200 trains about 1800 images/s), so every
     CPU this rank may use but one (which drives the GPU) decodes, at most 16.
     """
     if device.type != "cuda":
