@@ -89,22 +89,27 @@ def dpade_step(m: DPaDe, xs: list[torch.Tensor]) -> float:
 def time_section(batch_size: int, reps: int) -> dict[str, Any]:
     models = dpade_variants()
     xs = branch_inputs(batch_size)
-    for m in models.values():  # warm-up round
-        dpade_step(m, xs)
-    times: dict[str, list[float]] = {k: [] for k in models}
+    return alternate({name: (lambda m=m: dpade_step(m, xs)) for name, m in models.items()}, batch_size, reps)
+
+
+def alternate(runs: dict[str, Any], batch_size: int, reps: int) -> dict[str, Any]:
+    """Time each zero-argument callable (returning seconds) once as a warm-up, then `reps` rounds in
+    alternating order; per-round ratios against `reference`, printed and returned."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in runs}
     loads = []
     for r in range(reps):
-        order = list(models) if r % 2 == 0 else list(reversed(models))
-        for name in order:
-            times[name].append(dpade_step(models[name], xs))
+        for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+            times[name].append(runs[name]())
         loads.append(os.getloadavg()[0])
     res: dict[str, Any] = {"batch_size": batch_size, "reps": reps, "load": loads, "seconds": times}
-    for name in models:
+    for name in runs:
         ratios = [a / b for a, b in zip(times["reference"], times[name], strict=True)]
         res[name] = {"median_s": statistics.median(times[name]), "speedup_median": statistics.median(ratios),
                      "speedup_min": min(ratios), "speedup_max": max(ratios)}
-        print(f"  {name:15s} {res[name]['median_s'] * 1000:7.1f} ms  reference / this: "
-              f"{res[name]['speedup_median']:.2f}x (rounds {min(ratios):.2f} to {max(ratios):.2f})", flush=True)
+        print(f"  {name:15s} {res[name]['median_s'] * 1000:8.1f} ms  reference / this: "
+              f"{res[name]['speedup_median']:.3f}x (rounds {min(ratios):.3f} to {max(ratios):.3f})", flush=True)
     print(f"  load {min(loads):.1f} to {max(loads):.1f}")
     return res
 
@@ -135,24 +140,8 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[s
 def step_section(batch_size: int, reps: int) -> dict[str, Any]:
     recipe = ViewRecipe()
     batch = random_batch(batch_size, recipe)
-    runs = {name: build_variant(name, recipe) for name in VARIANTS}
-    for model, opt in runs.values():  # warm-up: allocates the AdamW state
-        train_step(model, opt, batch)
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    loads = []
-    for r in range(reps):
-        for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
-            times[name].append(train_step(*runs[name], batch))
-        loads.append(os.getloadavg()[0])
-    res: dict[str, Any] = {"batch_size": batch_size, "reps": reps, "load": loads, "seconds": times}
-    for name in runs:
-        ratios = [a / b for a, b in zip(times["reference"], times[name], strict=True)]
-        res[name] = {"median_s": statistics.median(times[name]), "speedup_median": statistics.median(ratios),
-                     "speedup_min": min(ratios), "speedup_max": max(ratios)}
-        print(f"  {name:15s} {res[name]['median_s']:6.3f} s  reference / this: {res[name]['speedup_median']:.3f}x "
-              f"(rounds {min(ratios):.3f} to {max(ratios):.3f})", flush=True)
-    print(f"  load {min(loads):.1f} to {max(loads):.1f}")
-    return res
+    runs = {name: build_variant(name, recipe) for name in VARIANTS}  # the warm-up allocates AdamW's state
+    return alternate({name: (lambda r=r: train_step(*r, batch)) for name, r in runs.items()}, batch_size, reps)
 
 
 # ---------------------------------------------------------------- memory
