@@ -35,6 +35,7 @@ from dpal.trainer.student import create_student, student_tokens
 from dpal.trainer.train import (
     Distiller,
     _jsonl_truncate,
+    build_distiller,
     build_student_from_checkpoint,
     find_resume,
     lr_at,
@@ -539,3 +540,17 @@ def test_default_num_workers(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
         assert default_num_workers(gpu, ranks) == expected, (cpus, ranks)
         assert default_num_workers(cpu, ranks) == 2
+
+
+@pytest.mark.parametrize("recompute", [True, False, None])
+def test_build_distiller_applies_recompute(recompute: bool | None) -> None:
+    # `recompute` reaches D-PaDe's generator and every student MLP (None: decided by the device)
+    from timm.layers import Mlp
+
+    from dpal.config import DistillConfig
+
+    cfg = DistillConfig(store="s", out="o", student="dpal_vit_tiny", student_kwargs={"depth": 2}, recompute=recompute)
+    model = build_distiller(cfg, ViewRecipe(), {"embed_dim": 32, "token_grid": {"global": [16, 8]}})
+    assert model.dpade.lean and model.dpade.recompute is recompute
+    mlps = [m for m in model.student.modules() if isinstance(m, Mlp)]
+    assert len(mlps) == 2 and all(m.dpal_recompute is recompute for m in mlps)
