@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import struct
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,34 @@ class _DDPLike(nn.Module):
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module
+
+
+def _packed_layout(path: Path) -> dict[str, tuple[int, ...]]:
+    """Read the safetensors header itself and check that every tensor owns its own dense bytes.
+
+    The file is an 8-byte little-endian header length, a JSON header naming each tensor's dtype,
+    shape and [begin, end) byte range, then the data. `load_file` always hands back fresh contiguous
+    tensors, so only the header can show how the tensors were written: the ranges must tile the data
+    section exactly (no overlap, so no tensor aliases another; no gap) and each range must hold
+    numel * itemsize bytes (dense, nothing strided). Returns {name: shape}.
+    """
+    raw = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])
+    header.pop("__metadata__", None)
+    itemsize = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8}
+    spans = sorted((entry["data_offsets"], name) for name, entry in header.items())
+    cursor = 0
+    for (begin, end), name in spans:
+        entry = header[name]
+        numel = 1
+        for n in entry["shape"]:
+            numel *= n
+        assert begin == cursor, f"{name} starts at {begin}, not at {cursor}: overlap or gap"
+        assert end - begin == numel * itemsize[entry["dtype"]], f"{name} is not densely packed"
+        cursor = end
+    assert cursor == len(raw) - 8 - header_len
+    return {name: tuple(entry["shape"]) for name, entry in header.items()}
 
 
 def _perturb(model: nn.Module) -> None:
@@ -52,7 +81,7 @@ def test_export_round_trip(tmp_path: Path, name: str, kwargs: dict) -> None:
     }
     state = load_file(str(path))
     assert not any(k.startswith("module.") for k in state)
-    assert all(t.is_contiguous() for t in state.values())
+    assert _packed_layout(path) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     plain = timm.create_model(name, pretrained=False, num_classes=0, img_size=(256, 128), **kwargs).eval()
     plain.load_state_dict(state, strict=True)
@@ -65,6 +94,35 @@ def test_export_round_trip(tmp_path: Path, name: str, kwargs: dict) -> None:
         assert torch.equal(student_tokens(loaded, x), student_tokens(model, x))
     if name == "dpal_vit_tiny":
         assert loaded.blocks[-1].attn.num_heads == 12
+
+
+def test_export_packs_strided_views(tmp_path: Path) -> None:
+    # Parameters that are views (a transposed weight, column slices of one wider buffer) are
+    # non-contiguous in memory; safetensors refuses them, so the exporter must pack each one into
+    # its own dense bytes, and the values must survive bit for bit.
+    torch.manual_seed(0)
+    model = create_student("vit_tiny_patch16_224", img_size=(32, 16), depth=1).eval()
+    _perturb(model)
+    qkv = model.blocks[0].attn.qkv
+    wide = torch.randn(192, 2)  # two norms' weights as the columns of one (192, 2) buffer
+    with torch.no_grad():
+        wide[:, 0] = model.blocks[0].norm1.weight
+        wide[:, 1] = model.blocks[0].norm2.weight
+    model.blocks[0].attn.qkv.weight = nn.Parameter(qkv.weight.detach().t().contiguous().t())
+    model.blocks[0].norm1.weight = nn.Parameter(wide[:, 0])
+    model.blocks[0].norm2.weight = nn.Parameter(wide[:, 1])
+    views = ["blocks.0.attn.qkv.weight", "blocks.0.norm1.weight", "blocks.0.norm2.weight"]
+    assert not any(model.state_dict()[k].is_contiguous() for k in views)  # the case is real
+
+    path = export_student(model, "vit_tiny_patch16_224", (32, 16), tmp_path / "student.safetensors")
+    expected = model.state_dict()
+    assert _packed_layout(path) == {k: tuple(v.shape) for k, v in expected.items()}
+    state = load_file(str(path))
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], v) for k, v in expected.items())
+    # (outputs are not compared: a matmul on a transposed weight may round differently)
+    rebuilt = load_exported(path).state_dict()
+    assert all(torch.equal(rebuilt[k], v) and rebuilt[k].is_contiguous() for k, v in expected.items())
 
 
 def test_export_refuses_mismatched_config(tmp_path: Path) -> None:
