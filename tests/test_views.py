@@ -3,6 +3,10 @@ the image, exact replay, and Ic built as alpha * person + (1 - alpha) * backgrou
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import dpal_tests_stage2_util as u  # registered by conftest.py
 import numpy as np
 import pytest
 import torch
@@ -61,8 +65,7 @@ def test_sample_view_is_deterministic_and_depends_on_seed_key_view(recipe: ViewR
     # K views of one image: all distinct
     views = np.stack([sample_view(recipe, 0, "a.jpg", k, (60, 30), bgs) for k in range(8)])
     assert len({v.tobytes() for v in views}) == 8
-    # the stream never depends on process state: the first draw is a fixed number
-    assert view_rng(0, "a.jpg", 0).random() == view_rng(0, "a.jpg", 0).random()
+    # (that the stream never depends on process state is test_views_replay_alike_in_a_fresh_process)
     assert view_rng(0, "a.jpg", 0).random() != view_rng(0, "a.jpg", 0, stream="local").random()
 
 
@@ -155,6 +158,47 @@ def test_replay_is_deterministic_and_builds_ic_by_alpha_blend(recipe: ViewRecipe
     mask[a_row : a_row + lh, a_col : a_col + lw] = False
     mask[b_row : b_row + lh, b_col : b_col + lw] = False
     assert mask.sum() > 0 and torch.equal(ic[:, torch.from_numpy(mask)], normalize(back)[:, torch.from_numpy(mask)])
+
+
+# Draws and replays views of three seeded images and prints one SHA-256 per image over the stream's
+# first draw, the view parameters, v0's pixels and Ic's pixels. Run by this process and by a fresh
+# interpreter with another hash seed, it must print the same lines everywhere.
+VIEW_DIGESTS = """
+import hashlib
+import numpy as np
+from PIL import Image
+from dpal.views import ViewRecipe, replay, sample_view, view_rng
+
+recipe = {recipe!r}
+for i in range(3):
+    rng = np.random.default_rng(i)
+    img = Image.fromarray(rng.integers(0, 256, (70 + i, 35, 3), dtype=np.uint8))
+    bg = Image.fromarray(rng.integers(0, 256, (60, 60 + i, 3), dtype=np.uint8))
+    key = f"photos/{{i}}.jpg"
+    p = sample_view(recipe, 7, key, i, img.size[::-1], [(9, bg.size[::-1])])
+    v0, ic = replay(recipe, p, img, bg)
+    h = hashlib.sha256(view_rng(7, key, i).random(4).tobytes())
+    for part in (p.tobytes(), v0.numpy().tobytes(), ic.numpy().tobytes()):
+        h.update(part)
+    print(h.hexdigest())
+"""
+
+
+def test_views_replay_alike_in_a_fresh_process(recipe: ViewRecipe) -> None:
+    # Another interpreter (other PYTHONHASHSEED, nothing imported or drawn before) must draw the same
+    # view parameters and replay the same pixels, byte for byte: stage one replays in its worker
+    # processes and stage two in its loader workers what the cache was computed on.
+    script = VIEW_DIGESTS.format(recipe=recipe)
+    namespace: dict[str, object] = {}
+    printed: list[str] = []
+    namespace["print"] = printed.append
+    exec(compile(script, "<view digests>", "exec"), namespace)
+    assert len(printed) == 3 and len(set(printed)) == 3
+    # this process hashes str with a random seed (unless PYTHONHASHSEED is set); the child with seed 1
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                           env={**u.env(), "PYTHONHASHSEED": "1"}, cwd=u.REPO_ROOT)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split() == printed
 
 
 def test_normalize_uses_imagenet_stats() -> None:
