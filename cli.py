@@ -101,8 +101,8 @@ def cache_teacher(
     random_init: Annotated[bool | None, typer.Option("--random-init", help="Allow a randomly initialised "
                                                      "teacher (tests and benchmarks only).")] = None,
     views: Annotated[int | None, typer.Option(help="K: replayable views cached per image. \\[default: 4]")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float16 (default), bfloat16, int8 (per-token scale) "
-                                              "or float32.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float16, bfloat16, int8 (per-token scale) or float32. "
+                                              "\\[default: float16]")] = None,
     shard_size: Annotated[int | None, typer.Option(help="Images per shard (unit of work and resume). "
                                                    "\\[default: 256]")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the view parameters. \\[default: 0]")] = None,
@@ -266,7 +266,8 @@ def store_verify_cmd(
 def distill(
     store: Annotated[str | None, typer.Option(help="Store written by `dpal cache-teacher`.")] = None,
     out: Annotated[str | None, typer.Option(help="Run directory: checkpoints/, metrics.jsonl, config.yaml.")] = None,
-    student: Annotated[str | None, typer.Option(help="dpal_vit_tiny (the paper's) or any timm ViT name.")] = None,
+    student: Annotated[str | None, typer.Option(help="dpal_vit_tiny (the paper's) or any timm ViT name. "
+                                                "\\[default: dpal_vit_tiny]")] = None,
     epochs: Annotated[int | None, typer.Option(help="Schedule length in epochs. \\[default: 200]")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop at this step without changing the schedule; "
                                                   "a later run resumes.")] = None,

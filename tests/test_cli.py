@@ -9,9 +9,11 @@ to the process's own stderr.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -21,6 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dpal.cli import app
+from dpal.config import CacheConfig, DistillConfig
 from dpal.store import GLOBAL
 
 
@@ -65,9 +68,8 @@ def _assert_one_error_line(result, *needles: str) -> str:
     ([], ["dpal: distill", "cache-teacher", "store", "distill"]),
     (["cache-teacher"], ["--corpus", "--out", "--teacher", "--teacher-checkpoint", "--views", "--dtype",
                          "--shard-size", "--seed", "--workers", "--shards", "--strict", "--slurm", "--set",
-                         "--config", "--dry-run", "resumes", "[default: 4]", "[default: efficientnet-lite2]"]),
-    (["distill"], ["--store", "--out", "--epochs", "[default: 200]", "[default: 256]", "--num-workers",
-                   "[default: 2 on CPU", "--online-teacher", "--resume"]),
+                         "--config", "--dry-run", "resumes"]),
+    (["distill"], ["--store", "--out", "--epochs", "--num-workers", "--online-teacher", "--resume"]),
     (["store"], ["info", "verify"]),
     (["store", "info"], ["STORE", "--json", "skipped"]),
     (["store", "verify"], ["STORE", "checksums", "exit 1"]),
@@ -79,6 +81,55 @@ def test_help(args: list[str], needles: list[str]) -> None:
     assert r.stderr == ""
     for n in needles:
         assert n.lower() in r.stdout.lower(), (n, r.stdout)
+
+
+def _help_rows(command: str) -> dict[str, str]:
+    """{option as a field name: its row's help text} from the real `dpal COMMAND --help` table."""
+    env = {**os.environ, "COLUMNS": "400", "NO_COLOR": "1"}
+    r = subprocess.run([*_dpal(), command, "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rows: dict[str, str] = {}
+    name = None
+    for line in r.stdout.splitlines():
+        row = line.strip("│ ")
+        if row.startswith("--"):  # a new option's row; a wrapped help text continues on rows without one
+            name = row.split()[0][2:].replace("-", "_")
+            rows[name] = row
+        elif name is not None and row and not row.startswith("╰"):
+            rows[name] += " " + row
+    assert {"seed", "device"} <= rows.keys(), r.stdout
+    return rows
+
+
+# Defaults that depend on the machine: the config holds None, --help states the rule.
+_RULE_DEFAULTS = {("distill", "num_workers"): "2 on CPU; on a GPU, the CPUs per local rank minus one"}
+
+
+@pytest.mark.parametrize(("command", "config"), [("cache-teacher", CacheConfig), ("distill", DistillConfig)])
+def test_help_defaults_are_the_config_defaults(command: str, config: type) -> None:
+    # Every option named after a config field shows that field's default, read from config.py here,
+    # so a default changed in the dataclass and not in the help text fails. Flags (bools), empty
+    # strings and None (no default) show none; sections (default_factory) have no plain option.
+    rows = _help_rows(command)
+    fields = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    checked = []
+    for name in sorted(rows.keys() & fields.keys()):
+        default, rule = fields[name], _RULE_DEFAULTS.get((command, name))
+        match = re.search(r"\[default: ([^\]]*)\]", rows[name])
+        if rule is not None:
+            assert default is None and match and match.group(1).startswith(rule), (name, default, rows[name])
+        elif default is None or isinstance(default, bool) or default == "":
+            assert match is None, (name, default, rows[name])
+        else:  # parsed as the field's type: 2.5e-4 == 0.00025, 10 == 10.0
+            assert match, f"--help of {command} shows no default for {name} (config: {default!r})"
+            assert type(default)(match.group(1)) == default, (name, match.group(1), default)
+            checked.append(name)
+    # the options that must show a literal default, so that none is silently skipped above
+    assert checked == {
+        "cache-teacher": ["batch_size", "device", "dtype", "seed", "shard_size", "teacher", "views", "workers"],
+        "distill": ["base_lr", "batch_size", "device", "epochs", "grad_accum", "resume", "seed", "student",
+                    "warmup_epochs"],
+    }[command]
 
 
 @pytest.mark.parametrize("mistake", ["missing corpus", "unknown teacher", "unwritable out", "bad set key",
