@@ -42,6 +42,7 @@ On a CPU, tiny sizes that exercise every section (about 70 s of CPU time; tests/
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -64,10 +65,11 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 REPO_ROOT = BENCH.parent
 SAMPLE_CORPUS = REPO_ROOT / "sample_data" / "corpus"
-SECTIONS = ("cache", "distill", "step", "memory", "loader", "runs", "lite2")
+SECTIONS = ("cache", "distill", "step", "memory", "dpade", "loader", "runs", "lite2")
 # Seconds each section is expected to take on a 16-core H200 machine at the default sizes; a
 # section starts only when this much of the budget is left (tiny sizes take a tenth).
-ESTIMATE_S = {"cache": 60, "distill": 150, "step": 45, "memory": 15, "loader": 20, "runs": 140, "lite2": 40}
+ESTIMATE_S = {"cache": 60, "distill": 150, "step": 45, "memory": 15, "dpade": 20, "loader": 20, "runs": 140,
+              "lite2": 40}
 TINY_RECIPE = {"global_size": [32, 16], "local_size": [16, 16], "crowd_size": [32, 48]}
 TARGET_SPEEDUP = 2.5
 MARKER = ".dpal_gpu_check"  # a work folder holding it is ours to empty
@@ -97,6 +99,7 @@ ensure_importable()
 sys.path.insert(0, str(BENCH))
 
 import bench_distill_gpu as bdg  # noqa: E402
+import bench_dpade  # noqa: E402
 import torch  # noqa: E402
 
 from dpal.store import StoreReader  # noqa: E402
@@ -598,6 +601,84 @@ class Check:
             peak = max(peak, live)
         return int(peak)
 
+    def dpade(self) -> dict[str, Any]:
+        """The device paths that never ran on a GPU before: the loader's device-side batch work against
+        the same work on the CPU (v0 and Ic must be equal bit for bit), the lean and the textbook D-PaDe
+        in float32 against the textbook one in float64 (outputs and every gradient; at initialisation
+        some gradients are cancellations of order 1e-5, where both float32 paths are about 1e-4 off),
+        and the five D-PaDe calls' time and peak memory under the training autocast, textbook / lean /
+        lean with recompute, alternated."""
+        self.need_store()
+        res = self.current
+        reader = StoreReader(self.store)
+        from dpal.trainer.data import BatchDataset, BatchRequest
+        from dpal.views import ViewRecipe
+
+        recipe = ViewRecipe.from_dict(reader.attrs["recipe"])
+        n = min(8, self.s["loader_batch"])
+        ds = BatchDataset(self.store, EpochSampler(valid_rows(reader), n, 1, 0, 0), recipe, 0)
+        raw = ds[BatchRequest(0, 0, 0)]
+        on_dev = ds.model_inputs(raw, self.device)
+        on_cpu = ds.model_inputs(raw, torch.device("cpu"))
+        res["views_equal_to_cpu"] = {k: bool(torch.equal(on_dev[k].cpu(), on_cpu[k])) for k in ("v0", "ic")}
+        res["local_crops_max_abs_diff_to_cpu"] = {k: float((on_dev[k].cpu() - on_cpu[k]).abs().max())
+                                                  for k in ("v1", "v2")}
+        print(f"  device-side v0/Ic equal to the CPU's: {res['views_equal_to_cpu']}; local crops max |diff| "
+              f"{res['local_crops_max_abs_diff_to_cpu']}", flush=True)
+        # lean and textbook in float32 on the device, each against the textbook path in float64
+        models = {k: m.to(self.device) for k, m in bench_dpade.dpade_variants().items()}
+        truth = copy.deepcopy(models["reference"]).double()
+        xs = [x.to(self.device) for x in bench_dpade.branch_inputs(2)]
+        grads = {}
+        for name, m in [*models.items(), ("float64", truth)]:
+            x = [t.clone().to(next(m.parameters()).dtype).requires_grad_() for t in xs]
+            outs = m.forward_many([(x[0], 0), (x[1], 1), (x[2], 2)])
+            sum(o.y.square().mean() + o.route_loss + o.weight_l2 for o in outs).backward()
+            grads[name] = {"outputs": [o.y.detach() for o in outs],
+                           "gradients": [*(t.grad for t in x), *(p.grad for p in m.parameters())]}
+            m.zero_grad(set_to_none=True)
+        del truth
+        res["max_rel_error_vs_float64"] = {
+            name: {part: max(float((a.double() - b).abs().max() / b.abs().max()) for a, b in
+                             zip(grads[name][part], grads["float64"][part], strict=True) if b.abs().max() > 0)
+                   for part in ("outputs", "gradients")}
+            for name in models}
+        print(f"  D-PaDe in float32 against float64 (max relative error per tensor): "
+              f"{res['max_rel_error_vs_float64']}", flush=True)
+        # time and memory under the training autocast at the largest batch size
+        bs = self.s["target_batch"]
+        xs = [x.to(self.device) for x in bench_dpade.branch_inputs(bs)]
+        rows = res["rows"] = {}
+        for name, m in models.items():
+            with bdg.student_autocast(self.device):
+                bench_dpade.dpade_step(m, xs)  # warm-up
+            if self.cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated() if self.cuda else 0
+            with bdg.student_autocast(self.device):
+                bench_dpade.dpade_step(m, xs)
+            sync_peak = (torch.cuda.max_memory_allocated() - base) if self.cuda else None
+            rows[name] = {"peak_bytes": sync_peak, "seconds": []}
+        for i in range(self.s["steps"]):
+            for name in (list(models) if i % 2 == 0 else list(reversed(models))):
+                bdg.sync(self.device)
+                t0 = time.perf_counter()
+                with bdg.student_autocast(self.device):
+                    bench_dpade.dpade_step(models[name], xs)
+                bdg.sync(self.device)
+                rows[name]["seconds"].append(time.perf_counter() - t0)
+        ref = statistics.median(rows["reference"]["seconds"])
+        for name, row in rows.items():
+            row["median_s"] = statistics.median(row["seconds"])
+            row["speedup_over_reference"] = ref / row["median_s"]
+            peak = row["peak_bytes"]
+            print(f"  batch {bs}, {name}: {row['median_s'] * 1000:.1f} ms forward + backward "
+                  f"({row['speedup_over_reference']:.2f}x the textbook path); peak "
+                  f"{_f(peak / 2**20 if peak else None)} MiB", flush=True)
+        res["batch_size"] = bs
+        return res
+
     def loader(self) -> dict[str, Any]:
         self.need_store()
         rate = bdg.loader_rate(self.store, self.s["loader_batch"], self.s["loader_reps"], self.device)
@@ -697,6 +778,13 @@ class Check:
                   f"{_f((run.get('offline') or {}).get('images_per_s'))} | "
                   f"{_f((run.get('online') or {}).get('images_per_s'))} | {_f(run.get('speedup'), 2)}x | "
                   f"{_f(peak / 2**20 if peak else None, 2)} |")
+        dp = sec.get("dpade", {})
+        if "rows" in dp:
+            print(f"  device-side v0/Ic equal to the CPU's: {dp.get('views_equal_to_cpu')}; D-PaDe float32 against "
+                  f"float64: {dp.get('max_rel_error_vs_float64')}")
+            print("  D-PaDe at batch " + str(dp.get("batch_size")) + ": " + ", ".join(
+                f"{k} {v['median_s'] * 1000:.1f} ms ({v['speedup_over_reference']:.2f}x), peak "
+                f"{_f(v['peak_bytes'] / 2**20 if v.get('peak_bytes') else None)} MiB" for k, v in dp["rows"].items()))
         lo = sec.get("loader", {})
         if "per_worker" in lo:
             print(f"  loader per worker: {lo['per_worker']['offline_images_per_s_per_worker']:.1f} images/s offline, "

@@ -29,7 +29,7 @@ import dpal.trainer.student  # noqa: F401 - registers dpal_vit_tiny with timm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "bench" / "gpu_check.py"
-SECTIONS = ("cache", "distill", "step", "memory", "loader", "runs", "lite2")
+SECTIONS = ("cache", "distill", "step", "memory", "dpade", "loader", "runs", "lite2")
 TINY_IMAGES, TRAIN_STEPS, LOG_EVERY, RUN_STEPS = 16, 8, 2, 6  # the script's --tiny sizes
 
 
@@ -108,6 +108,16 @@ def test_step_memory_loader_and_runs_have_figures(tiny_run: dict[str, Any]) -> N
     mem = sec["memory"]["rows"]
     assert [r["batch_size"] for r in mem] == [2, 4]
     assert 0 < mem[0]["peak_bytes"] < mem[1]["peak_bytes"]  # activations grow with the batch
+    dp = sec["dpade"]  # on CPU the "device" is the CPU: the same work twice must agree exactly
+    assert dp["views_equal_to_cpu"] == {"v0": True, "ic": True}
+    assert dp["local_crops_max_abs_diff_to_cpu"] == {"v1": 0.0, "v2": 0.0}
+    err = dp["max_rel_error_vs_float64"]
+    assert set(err) == {"reference", "lean", "lean_recompute"}
+    for name in ("lean", "lean_recompute"):  # as close to float64 as the textbook path, within a factor 4
+        assert err[name]["outputs"] < 1e-5
+        assert err[name]["gradients"] < max(4 * err["reference"]["gradients"], 1e-5) < 1e-3
+    assert dp["batch_size"] == 4 and set(dp["rows"]) == {"reference", "lean", "lean_recompute"}
+    assert all(len(r["seconds"]) == 2 and r["median_s"] > 0 for r in dp["rows"].values())
     lo = sec["loader"]
     assert lo["default_workers"] == 2 and lo["per_worker"]["offline_images_per_s_per_worker"] > 0
     assert lo["offline_images_per_s_all_workers"] == pytest.approx(2 * lo["per_worker"]
