@@ -181,6 +181,30 @@ def _as_array(x: Tensor | np.ndarray, dtype: type) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
+def _check_ranking_inputs(
+    q: np.ndarray,
+    g: np.ndarray,
+    q_pids: np.ndarray,
+    q_cams: np.ndarray,
+    g_pids: np.ndarray,
+    g_cams: np.ndarray,
+    max_rank: int,
+) -> None:
+    """Raise ValueError naming the first input of `evaluate_ranking` whose shape is wrong."""
+    if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
+        raise ValueError(f"features must be (Nq, D) and (Ng, D), got {q.shape} and {g.shape}")
+    if q_pids.shape != (len(q),) or q_cams.shape != (len(q),):
+        raise ValueError(
+            f"q_pids and q_cams must have shape ({len(q)},), got {q_pids.shape} and {q_cams.shape}"
+        )
+    if g_pids.shape != (len(g),) or g_cams.shape != (len(g),):
+        raise ValueError(
+            f"g_pids and g_cams must have shape ({len(g)},), got {g_pids.shape} and {g_cams.shape}"
+        )
+    if max_rank < 1:
+        raise ValueError(f"max_rank must be at least 1, got {max_rank}")
+
+
 def evaluate_ranking(
     query_feats: Tensor | np.ndarray,
     gallery_feats: Tensor | np.ndarray,
@@ -215,22 +239,10 @@ def evaluate_ranking(
     Raises:
         ValueError: shapes disagree, max_rank < 1, or no query has a true match.
     """
-    q = _as_array(query_feats, np.float64)
-    g = _as_array(gallery_feats, np.float64)
+    q, g = _as_array(query_feats, np.float64), _as_array(gallery_feats, np.float64)
     q_pids, q_cams = _as_array(q_pids, np.int64), _as_array(q_cams, np.int64)
     g_pids, g_cams = _as_array(g_pids, np.int64), _as_array(g_cams, np.int64)
-    if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
-        raise ValueError(f"features must be (Nq, D) and (Ng, D), got {q.shape} and {g.shape}")
-    if q_pids.shape != (len(q),) or q_cams.shape != (len(q),):
-        raise ValueError(
-            f"q_pids and q_cams must have shape ({len(q)},), got {q_pids.shape} and {q_cams.shape}"
-        )
-    if g_pids.shape != (len(g),) or g_cams.shape != (len(g),):
-        raise ValueError(
-            f"g_pids and g_cams must have shape ({len(g)},), got {g_pids.shape} and {g_cams.shape}"
-        )
-    if max_rank < 1:
-        raise ValueError(f"max_rank must be at least 1, got {max_rank}")
+    _check_ranking_inputs(q, g, q_pids, q_cams, g_pids, g_cams, max_rank)
 
     q = q / np.clip(np.linalg.norm(q, axis=1, keepdims=True), 1e-12, None)
     g = g / np.clip(np.linalg.norm(g, axis=1, keepdims=True), 1e-12, None)
