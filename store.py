@@ -1,7 +1,9 @@
 """The teacher store: the on-disk contract between stage one (writer) and stage two (reader).
 
-Only this module spells array names, dtypes, chunking and `SCHEMA_VERSION`. A store is a Zarr v3
-group plus two folders:
+The store's modules alone spell its layout: `store_schema.py` the schema (`SCHEMA_VERSION`, array
+names, dtypes, shapes, and the group attributes as a typed `StoreMeta`), this module the chunking,
+the checksums, and the writing and reading. Every name of `store_schema` is importable from here.
+A store is a Zarr v3 group plus two folders:
 
     STORE/zarr.json            group attributes (identity, recipe, dtype, grid, complete flag)
     STORE/<array>/...          Zarr v3 arrays, one Zarr shard file per store shard
@@ -36,52 +38,44 @@ import zarr
 from torch import Tensor
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from dpal import __version__
 from dpal.corpus import ImageRef, read_bytes, sha256_file
-from dpal.views import NUM_PARAMS, PARAM_FIELDS
+from dpal.store_schema import (
+    CHECKED_SHARD_ARRAYS,
+    FEATURES,
+    GLOBAL,
+    IDENTITY_ATTRS,
+    IMAGE_OFFSET,
+    IMAGE_SIZE,
+    IMAGES_DIR,
+    INDEX_ARRAYS,
+    INTEGRITY,
+    KEYS,
+    LOCAL,
+    MARKERS_DIR,
+    PARAMS,
+    RELATION,
+    SCALE_SUFFIX,
+    SOURCE,
+    SOURCE_OFFSET,
+    SOURCE_SIZE,
+    STORAGE_DTYPE,
+    VALID,
+    Layout,
+    StoreError,
+    StoreMeta,
+    check_header,
+)
+from dpal.store_schema import DTYPES as DTYPES  # noqa: F401 - the names below are re-exported: `dpal.store`
+from dpal.store_schema import FORMAT as FORMAT  # is where callers find the whole contract
+from dpal.store_schema import READABLE_SCHEMAS as READABLE_SCHEMAS
+from dpal.store_schema import SCHEMA_VERSION as SCHEMA_VERSION
+from dpal.store_schema import SHARD_ARRAYS as SHARD_ARRAYS
+from dpal.store_schema import Preprocessing as Preprocessing
+from dpal.store_schema import TeacherIdentity as TeacherIdentity
+from dpal.store_schema import TokenGrid as TokenGrid
+from dpal.views import NUM_PARAMS
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)  # schema 1 lacks the checksums of schema 2; its stores read unchecked
-FORMAT = "dpal-teacher-store"
-
-# N images, K views per image, P patch tokens of v0, T tokens of Ic (1 + grid), D teacher width
-GLOBAL = "global"  # (N, K, D)     teacher CLS (or mean patch token) on v0
-LOCAL = "local"  # (N, K, P, D)  teacher patch tokens on v0
-RELATION = "relation"  # (N, K, T, T) teacher affinity logits F F^T / sqrt(D) on Ic, each row minus its max
-SCALE_SUFFIX = "_scale"  # int8 only: per-token float32 scale, (N, K), (N, K, P), (N, K, T)
-PARAMS = "params"  # (N, K, NUM_PARAMS) float64 view parameters, laid out as views.PARAM_FIELDS
-VALID = "valid"  # (N,) uint8: 1 cached, 0 skipped (bad image)
-KEYS = "keys"  # (N,) str     image keys
-SOURCE = "source"  # (N,) str    where the corpus image lives (file, or tar)
-SOURCE_OFFSET = "source_offset"  # (N,) int64 byte offset in the source tar, -1 for a file
-SOURCE_SIZE = "source_size"  # (N,) int64
-IMAGE_OFFSET = "image_offset"  # (N,) int64 byte offset of the image in images/<shard>.tar, -1 if none
-IMAGE_SIZE = "image_size"  # (N,) int64
-FEATURES = (GLOBAL, LOCAL, RELATION)
-INDEX_ARRAYS = (KEYS, SOURCE, SOURCE_OFFSET, SOURCE_SIZE)  # written once, when the store is created
-SHARD_ARRAYS = (PARAMS, VALID, IMAGE_OFFSET, IMAGE_SIZE)  # written by each shard's writer
-IMAGES_DIR = "images"
-MARKERS_DIR = "shards"
-# Per-shard arrays whose rows' crc32c each marker records (schema 2): the readers check them
-# before trusting which rows are valid, where their images are, and their view parameters.
-CHECKED_SHARD_ARRAYS = (VALID, IMAGE_OFFSET, IMAGE_SIZE, PARAMS)
-
-DTYPES = ("float16", "bfloat16", "int8", "float32")
-_STORAGE_DTYPE = {"float16": "float16", "bfloat16": "uint16", "int8": "int8", "float32": "float32"}
-
-# Group attribute holding the checksums of the store's own metadata (schema 2), recorded when the
-# store is created: the other attributes (all but `complete`, which flips once at the end), every
-# array's zarr.json (dtype, shape, codecs) and the values of the index arrays.
-INTEGRITY = "integrity"
-_UNCHECKED_ATTRS = ("complete", INTEGRITY)
-
-# Attributes that fix what a store means: a rerun that differs in any of them is refused.
-IDENTITY_ATTRS = ("teacher", "recipe", "seed", "num_views", "dtype", "shard_size", "corpus_fingerprint",
-                  "num_images", "embed_images", "token_grid")
-
-
-class StoreError(Exception):
-    """A store that cannot be used as asked; the message says what to run."""
+_UNCHECKED_ATTRS = ("complete", INTEGRITY)  # attributes the integrity checksum leaves out
 
 
 def shard_name(shard: int) -> str:
@@ -167,40 +161,6 @@ def shift_rows(logits: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- layout
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Shapes of one store. P patches and T crowd tokens follow the student's 16-pixel grid."""
-
-    num_images: int
-    num_views: int
-    shard_size: int
-    embed_dim: int
-    num_patches: int
-    num_crowd_tokens: int
-    dtype: str
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.num_images // self.shard_size)
-
-    def shard_range(self, shard: int) -> tuple[int, int]:
-        start = shard * self.shard_size
-        return start, min(start + self.shard_size, self.num_images)
-
-    def feature_shapes(self) -> dict[str, tuple[int, ...]]:
-        n, k, d, p, t = self.num_images, self.num_views, self.embed_dim, self.num_patches, self.num_crowd_tokens
-        return {GLOBAL: (n, k, d), LOCAL: (n, k, p, d), RELATION: (n, k, t, t)}
-
-    def bytes_per_view(self) -> int:
-        """Bytes of targets per cached view, scales and parameters included."""
-        item = np.dtype(_STORAGE_DTYPE[self.dtype]).itemsize
-        d, p, t = self.embed_dim, self.num_patches, self.num_crowd_tokens
-        n = (d + p * d + t * t) * item + NUM_PARAMS * 8
-        if self.dtype == "int8":
-            n += (1 + p + t) * 4
-        return n
-
-
 def _open_rw(path: Path, name: str) -> zarr.Array:
     # write_empty_chunks is a runtime setting, not metadata: a chunk equal to the fill value (a
     # shard of skipped images, offsets of -1) must still be written, or readers would see it missing.
@@ -210,7 +170,7 @@ def _open_rw(path: Path, name: str) -> zarr.Array:
 def _create_arrays(group: zarr.Group, layout: Layout) -> None:
     s, k = layout.shard_size, layout.num_views
     cfg = {"write_empty_chunks": True}
-    storage = _STORAGE_DTYPE[layout.dtype]
+    storage = STORAGE_DTYPE[layout.dtype]
     for name, shape in layout.feature_shapes().items():
         # One Zarr shard per store shard; one inner chunk per (image, view) so that stage two reads
         # single views without touching the rest of the shard.
@@ -234,8 +194,9 @@ def _create_arrays(group: zarr.Group, layout: Layout) -> None:
         group.create_array(name, shape=(n,), dtype=str, chunks=(s,), config=cfg)
 
 
-def create_store(path: Path, layout: Layout, attrs: dict[str, Any], refs: list[ImageRef]) -> None:
+def create_store(path: Path, meta: StoreMeta, refs: list[ImageRef]) -> None:
     """Create an empty store atomically: build it in a temporary folder, then rename it into place.
+    Its attributes are `meta.to_attrs()` (written as not complete) plus the integrity checksums.
 
     If another process created `path` first (SLURM array jobs starting together), this is a no-op
     and the caller validates the existing store.
@@ -246,23 +207,14 @@ def create_store(path: Path, layout: Layout, attrs: dict[str, Any], refs: list[I
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_init_prefix(path)))
     try:
         group = zarr.open_group(tmp, mode="w", zarr_format=3)
-        _create_arrays(group, layout)
+        _create_arrays(group, meta.layout)
         _open_rw(tmp, KEYS)[:] = np.array([r.key for r in refs], dtype=object)
         _open_rw(tmp, SOURCE)[:] = np.array([r.source for r in refs], dtype=object)
         _open_rw(tmp, SOURCE_OFFSET)[:] = np.array([r.offset for r in refs], dtype=np.int64)
         _open_rw(tmp, SOURCE_SIZE)[:] = np.array([r.size for r in refs], dtype=np.int64)
         (tmp / MARKERS_DIR).mkdir()
         (tmp / IMAGES_DIR).mkdir()
-        group.attrs.update({
-            "format": FORMAT,
-            "schema_version": SCHEMA_VERSION,
-            "dpal_version": __version__,
-            "complete": False,
-            "num_shards": layout.num_shards,
-            "embed_dim": layout.embed_dim,
-            "param_fields": list(PARAM_FIELDS),
-            **attrs,
-        })
+        group.attrs.update(meta.to_attrs() | {"complete": False})
         group.attrs[INTEGRITY] = {
             "attrs_sha256": _attrs_sha256(group.attrs.asdict()),
             "array_metadata_sha256": {f.parent.name: sha256_file(f) for f in _array_metadata_files(tmp)},
@@ -429,16 +381,15 @@ def _chunk_files(root: Path, name: str, ndim: int, shard: int) -> list[Path]:
 def write_shard(path: Path, data: ShardData) -> dict[str, Any]:
     """Write one store shard (each array in one assignment), then its marker. Returns the marker."""
     path = Path(path)
-    group = zarr.open_group(path, mode="r+")
-    attrs = group.attrs.asdict()
-    layout = layout_of(attrs)
+    meta = StoreMeta.from_attrs(zarr.open_group(path, mode="r").attrs.asdict(), path)
+    layout = meta.layout
     start, stop = layout.shard_range(data.shard)
     remove_shard_temporaries(path, data.shard)  # a killed earlier writer's
     dtype = layout.dtype
     files: list[Path] = []
     offsets = np.full(stop - start, -1, dtype=np.int64)
     sizes = np.full(stop - start, -1, dtype=np.int64)
-    if attrs["embed_images"]:
+    if meta.embed_images:
         tar_path = path / IMAGES_DIR / f"{shard_name(data.shard)}.tar"
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
@@ -532,7 +483,7 @@ def rewrite_hint(path: Path, shards: list[int]) -> str:
 def mark_complete_if_done(path: Path) -> bool:
     """Set the `complete` attribute once every shard has its marker; returns the flag."""
     group = zarr.open_group(path, mode="r+")
-    n = group.attrs["num_shards"]
+    n = StoreMeta.from_attrs(group.attrs.asdict(), path).num_shards
     done = len(done_shards(path) & set(range(n))) == n
     if done and not group.attrs.get("complete"):
         group.attrs["complete"] = True
@@ -544,18 +495,20 @@ def mark_complete_if_done(path: Path) -> bool:
 # ---------------------------------------------------------------- reading
 
 
-def layout_of(attrs: dict[str, Any]) -> Layout:
-    grid = attrs["token_grid"]
-    return Layout(
-        num_images=attrs["num_images"], num_views=attrs["num_views"], shard_size=attrs["shard_size"],
-        embed_dim=attrs["embed_dim"], num_patches=grid["num_patches"],
-        num_crowd_tokens=grid["num_crowd_tokens"], dtype=attrs["dtype"],
-    )
+def layout_of(attrs: dict[str, Any], where: str | Path = "store") -> Layout:
+    """The shapes a store's attributes give (checked: `StoreMeta.from_attrs`)."""
+    return StoreMeta.from_attrs(attrs, where).layout
+
+
+def read_meta(path: Path) -> StoreMeta:
+    """A store's attributes as a checked `StoreMeta` (`read_attrs`, then `StoreMeta.from_attrs`)."""
+    return StoreMeta.from_attrs(read_attrs(path), path)
 
 
 def read_attrs(path: Path) -> dict[str, Any]:
-    """Group attributes of a store, after checking it is one this version reads and that its
-    metadata (attributes, every array's zarr.json) is what was recorded when it was made."""
+    """Group attributes of a store as raw JSON, after checking it is one this version reads and
+    that its metadata (attributes, every array's zarr.json) is what was recorded when it was made.
+    Code that uses the attributes reads `read_meta` (typed and checked) instead."""
     attrs = _load_attrs(path)
     problems = metadata_problems(path, attrs)
     if problems:
@@ -575,14 +528,7 @@ def _load_attrs(path: Path) -> dict[str, Any]:
         raise StoreError(f"{path / 'zarr.json'}: the store's attributes cannot be read ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); they describe every shard: restore the "
                          "store from a copy, or rebuild it with `dpal cache-teacher --out NEW`") from None
-    if attrs.get("format") != FORMAT:
-        raise StoreError(f"{path} is a Zarr group but not a dpal teacher store")
-    if attrs.get("schema_version") not in READABLE_SCHEMAS:
-        raise StoreError(
-            f"{path} has store schema {attrs.get('schema_version')}, this dpal ({__version__}) reads "
-            f"schema {', '.join(map(str, READABLE_SCHEMAS))}; rebuild it with `dpal cache-teacher` or use a "
-            "matching dpal"
-        )
+    check_header(attrs, path)
     return attrs
 
 
@@ -608,21 +554,22 @@ class StoreReader:
 
     def __init__(self, path: str | Path, allow_incomplete: bool = False) -> None:
         self.path = Path(path)
-        self.attrs = read_attrs(self.path)
-        if not self.attrs.get("complete") and not allow_incomplete:
+        self.attrs = read_attrs(self.path)  # raw JSON; code reads `store_meta`, typed and checked
+        self.store_meta = StoreMeta.from_attrs(self.attrs, self.path)
+        self.layout = self.store_meta.layout
+        if not self.store_meta.complete and not allow_incomplete:
             done = len(done_shards(self.path))
             raise StoreError(
-                f"{self.path} is incomplete ({done}/{self.attrs['num_shards']} shards done); finish it by "
+                f"{self.path} is incomplete ({done}/{self.layout.num_shards} shards done); finish it by "
                 "rerunning the same `dpal cache-teacher` command, or pass --allow-incomplete"
             )
-        self.layout = layout_of(self.attrs)
-        if self.attrs.get("complete") and not allow_incomplete:
+        if self.store_meta.complete and not allow_incomplete:
             missing = sorted(set(range(self.layout.num_shards)) - done_shards(self.path))
             if missing:  # a marker deleted to rewrite its shard: the rows must not be read meanwhile
                 raise StoreError(f"{self.path} is marked complete but shard(s) {', '.join(map(shard_name, missing))} "
                                  "have no marker; rerun the same `dpal cache-teacher` command to rewrite them, or "
                                  "pass --allow-incomplete")
-        self.dtype = self.attrs["dtype"]
+        self.dtype = self.store_meta.dtype
         self._arrays: dict[str, zarr.Array] = {}
         self._meta: dict[str, np.ndarray] = {}
         self._markers: dict[int, dict[str, Any]] | None = None
@@ -653,7 +600,7 @@ class StoreReader:
         """The crc32c that shard's marker records for array `name`; None in a schema-1 marker."""
         m = self.markers()[shard]
         if "crc32c" not in m:
-            if self.attrs["schema_version"] >= 2:
+            if self.store_meta.schema_version >= 2:
                 raise StoreError(f"{marker_path(self.path, shard)}: the marker of shard {shard_name(shard)} has "
                                  f"no checksums (damaged or edited); {rewrite_hint(self.path, [shard])}")
             return None
@@ -673,7 +620,7 @@ class StoreReader:
         killed writer left data; rows of finished shards are checked against their markers.
         """
         if name not in self._meta:
-            if self.attrs.get("complete"):
+            if self.store_meta.complete:
                 arr = self.array(name)
             else:
                 arr = zarr.open_array(self.path / name, mode="r", config={"read_missing_chunks": True})
@@ -841,7 +788,7 @@ class StoreReader:
                     crc[a : a + len(m["image_crc32c"])] = [-1 if c is None else c for c in m["image_crc32c"]]
             self._image_crc = crc
         c = int(self._image_crc[index])
-        if c < 0 and self.attrs["schema_version"] >= 2 and self.meta(VALID)[index]:
+        if c < 0 and self.store_meta.schema_version >= 2 and self.meta(VALID)[index]:
             shard = self.shard_of(index)
             raise StoreError(f"{marker_path(self.path, shard)}: no image checksum for row {index} of shard "
                              f"{shard_name(shard)} (damaged marker); {rewrite_hint(self.path, [shard])}")
@@ -856,7 +803,7 @@ class StoreReader:
         """
         self._check_range(np.array([index]))
         shard = self.shard_of(index)
-        if self.attrs["embed_images"]:
+        if self.store_meta.embed_images:
             off, size = int(self.meta(IMAGE_OFFSET)[index]), int(self.meta(IMAGE_SIZE)[index])
             if off < 0:
                 raise StoreError(f"{self.path}: row {index} has no embedded image (skipped image?)")
@@ -885,8 +832,9 @@ class StoreReader:
 
 
 def store_info(path: Path) -> dict[str, Any]:
-    attrs = read_attrs(path)
-    layout = layout_of(attrs)
+    """What `dpal store info` prints (`--json` prints this dict)."""
+    meta = read_meta(path)
+    layout = meta.layout
     done = sorted(done_shards(path))
     skipped: list[dict[str, Any]] = []
     cached = 0
@@ -897,9 +845,9 @@ def store_info(path: Path) -> dict[str, Any]:
     shapes = {k: list(v) for k, v in layout.feature_shapes().items()}
     return {
         "path": str(path),
-        "schema_version": attrs["schema_version"],
-        "dpal_version": attrs["dpal_version"],
-        "complete": attrs["complete"],
+        "schema_version": meta.schema_version,
+        "dpal_version": meta.dpal_version,
+        "complete": meta.complete,
         "num_images": layout.num_images,
         "num_views": layout.num_views,
         "num_cached_images": cached,
@@ -910,11 +858,11 @@ def store_info(path: Path) -> dict[str, Any]:
         "shard_size": layout.shard_size,
         "dtype": layout.dtype,
         "shapes": shapes,
-        "token_grid": attrs["token_grid"],
+        "token_grid": meta.token_grid.to_attrs(),
         "bytes_per_view": layout.bytes_per_view(),
-        "embed_images": attrs["embed_images"],
-        "teacher": attrs["teacher"],
-        "seed": attrs["seed"],
+        "embed_images": meta.embed_images,
+        "teacher": meta.teacher.to_attrs(),
+        "seed": meta.seed,
     }
 
 

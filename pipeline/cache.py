@@ -99,12 +99,6 @@ def teacher_spec(cfg: CacheConfig) -> TeacherSpec:
     )
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def replay_threads_for(cfg: CacheConfig, device: torch.device, cpu_threads: int) -> int:
     """Threads that replay views while the teacher runs (`cfg.replay_threads`, 0 = automatic).
 

@@ -31,6 +31,7 @@ from rich.progress import (
 )
 
 from dpal import __version__
+from dpal.common import resolve_device
 from dpal.config import CacheConfig, shard_slice, to_dict
 from dpal.corpus import Corpus, index_corpus, scan_corpus
 from dpal.pipeline.cache import (
@@ -41,7 +42,6 @@ from dpal.pipeline.cache import (
     disk_full_message,
     is_disk_full,
     replay_threads_for,
-    resolve_device,
     teacher_spec,
     teacher_targets,
 )
@@ -49,17 +49,19 @@ from dpal.progress import Progress as PlainProgress
 from dpal.store import (
     Layout,
     StoreError,
+    StoreMeta,
+    TeacherIdentity,
+    TokenGrid,
     corpus_fingerprint,
     create_store,
     done_shards,
     identity_diff,
-    layout_of,
     mark_complete_if_done,
     read_attrs,
     read_marker,
 )
 from dpal.teachers import Teacher, load_teacher, qkv_std_ratio
-from dpal.views import IMAGENET_MEAN, IMAGENET_STD, background_index, replay, sample_view
+from dpal.views import background_index, replay, sample_view
 
 logger = logging.getLogger(__name__)
 PLUGIN_NAME = "dpal-teacher"
@@ -106,30 +108,20 @@ class RunSummary:
         )
 
 
-def store_attrs(cfg: CacheConfig, teacher: Teacher, fingerprint: str, num_images: int) -> dict[str, Any]:
-    """Attributes that describe what the store holds (the identity a resume must match)."""
-    r = cfg.recipe
-    p = (r.global_size[0] // 16) * (r.global_size[1] // 16)
-    t = 1 + (r.crowd_size[0] // 16) * (r.crowd_size[1] // 16)
-    return {
-        "teacher": teacher.identity(),
-        "preprocessing": {"input": "RGB in [0, 1]", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                          "decode": "PIL, EXIF transpose, to RGB (dpal.corpus.decode_image)"},
-        "recipe": r.to_dict(),
-        "seed": cfg.seed,
-        "num_views": cfg.views,
-        "num_images": num_images,
-        "dtype": cfg.dtype,
-        "shard_size": cfg.shard_size,
-        "token_grid": {"patch_size": 16, "global": [r.global_size[0] // 16, r.global_size[1] // 16],
-                       "crowd": [r.crowd_size[0] // 16, r.crowd_size[1] // 16], "num_patches": p,
-                       "num_crowd_tokens": t, "relation": "row-shifted logits F F^T / sqrt(D)"},
-        "corpus": cfg.corpus,
-        "corpus_fingerprint": fingerprint,
-        "embed_images": cfg.embed_images,
-        "value_settings": value_settings(cfg),
-        "config": to_dict(cfg),
-    }
+def store_meta(cfg: CacheConfig, teacher: Teacher, fingerprint: str, num_images: int,
+               corpus_problems: list[dict[str, Any]] | None = None) -> StoreMeta:
+    """What the store holds: the identity a resume must match, and the records beside it.
+
+    Args:
+        corpus_problems: corpus entries that could not be indexed (not identity: for `store info`).
+    """
+    return StoreMeta(
+        teacher=TeacherIdentity.from_attrs(teacher.identity(), "teacher identity"), recipe=cfg.recipe,
+        token_grid=TokenGrid.of(cfg.recipe, teacher.patch_size), seed=cfg.seed, num_views=cfg.views,
+        num_images=num_images, shard_size=cfg.shard_size, dtype=cfg.dtype, embed_dim=teacher.embed_dim,
+        corpus=cfg.corpus, corpus_fingerprint=fingerprint, embed_images=cfg.embed_images,
+        value_settings=value_settings(cfg), config=to_dict(cfg), corpus_problems=corpus_problems,
+    )
 
 
 def value_settings(cfg: CacheConfig) -> dict[str, Any]:
@@ -235,25 +227,23 @@ def prepare_store(cfg: CacheConfig, teacher: Teacher, corpus: Corpus | None = No
     is_store = _check_out(out)
     corpus = corpus if corpus is not None else scan_corpus(cfg.corpus)
     refs = corpus.refs
-    attrs = store_attrs(cfg, teacher, corpus_fingerprint(refs), len(refs))
+    meta = store_meta(cfg, teacher, corpus_fingerprint(refs), len(refs), corpus.problems)
     if not is_store:  # a new path, or an empty folder made for it
-        layout = Layout(len(refs), cfg.views, cfg.shard_size, teacher.embed_dim,
-                        attrs["token_grid"]["num_patches"], attrs["token_grid"]["num_crowd_tokens"], cfg.dtype)
         try:
-            # Not identity: what the corpus lost before indexing, for `store info` and the user.
-            create_store(out, layout, {**attrs, "corpus_problems": corpus.problems}, refs)
+            create_store(out, meta, refs)
         except OSError as e:
             if is_disk_full(e):
                 raise DiskFullError(disk_full_message(out, "the new store", e, resumes=False)) from None
             raise StoreError(f"--out {out}: cannot create the store there ({e.strerror or e}: {e.filename})") from None
     old = read_attrs(out)
-    diff = identity_diff(old, attrs) + _value_settings_diff(old, attrs)
+    new = meta.to_attrs()
+    diff = identity_diff(old, new) + _value_settings_diff(old, new)
     if diff:
         raise StoreError(
             f"{out} was made with different settings, refusing to mix them: " + "; ".join(diff)
             + ". Use a new --out, or rerun with the store's settings."
         )
-    return layout_of(old)
+    return StoreMeta.from_attrs(old, out).layout
 
 
 # ---------------------------------------------------------------- dask
@@ -493,10 +483,9 @@ def dry_run(cfg: CacheConfig, num_images: int = 8) -> dict[str, Any]:
     t0 = time.perf_counter()
     teacher_targets(teacher, v0, ic, device)
     per_view = (time.perf_counter() - t0) / len(imgs)
-    r = cfg.recipe
-    layout = Layout(len(refs), cfg.views, cfg.shard_size, teacher.embed_dim,
-                    (r.global_size[0] // 16) * (r.global_size[1] // 16),
-                    1 + (r.crowd_size[0] // 16) * (r.crowd_size[1] // 16), cfg.dtype)
+    grid = TokenGrid.of(cfg.recipe, teacher.patch_size)
+    layout = Layout(len(refs), cfg.views, cfg.shard_size, teacher.embed_dim, grid.num_patches,
+                    grid.num_crowd_tokens, cfg.dtype)
     image_bytes = 0
     if cfg.embed_images:
         sample = refs[: min(len(refs), 256)]

@@ -202,7 +202,7 @@ class BatchDataset(torch.utils.data.Dataset):
             if t.scales is not None:
                 out.update(g_t_scale=t.scales[0], local_t_scale=t.scales[1], rel_t_scale=t.scales[2])
             if self.mask_fix_sign is not None:
-                grid = tuple(reader.attrs["token_grid"]["global"])
+                grid = reader.store_meta.token_grid.global_grid
                 local = decode_targets(t.local, None if t.scales is None else t.scales[1])
                 out["mask"] = shape_mask(local, grid, self.mask_fix_sign)  # (B, P, 1)
         else:

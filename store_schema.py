@@ -1,0 +1,440 @@
+"""The teacher store's schema: its version, array names, feature dtypes, shapes (`Layout`) and its
+group attributes as one typed, validated object (`StoreMeta`).
+
+This is the one place that spells them; `store.py` writes and reads stores with them (and
+re-exports every name here, so `from dpal.store import StoreMeta` works), stage one builds a
+`StoreMeta` (`pipeline.engine.store_meta`) and stage two reads one (`StoreReader.store_meta`).
+`StoreMeta.to_attrs()` is exactly what a store's zarr.json holds (same keys, same order, so the
+bytes and the integrity checksum are those of the dict this replaced); `StoreMeta.from_attrs`
+reads schemas 1 and 2 and names the first missing or malformed attribute in one StoreError line.
+docs/store.md documents every attribute and keeps the changelog.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dpal import __version__
+from dpal.common import IMAGENET_MEAN, IMAGENET_STD, STORE_DTYPES
+from dpal.views import NUM_PARAMS, PARAM_FIELDS, ViewRecipe
+
+if TYPE_CHECKING:
+    from dpal.teachers import TeacherSpec
+
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # schema 1 lacks the checksums of schema 2; its stores read unchecked
+FORMAT = "dpal-teacher-store"
+
+# N images, K views per image, P patch tokens of v0, T tokens of Ic (1 + grid), D teacher width
+GLOBAL = "global"  # (N, K, D)     teacher CLS (or mean patch token) on v0
+LOCAL = "local"  # (N, K, P, D)  teacher patch tokens on v0
+RELATION = "relation"  # (N, K, T, T) teacher affinity logits F F^T / sqrt(D) on Ic, each row minus its max
+SCALE_SUFFIX = "_scale"  # int8 only: per-token float32 scale, (N, K), (N, K, P), (N, K, T)
+PARAMS = "params"  # (N, K, NUM_PARAMS) float64 view parameters, laid out as views.PARAM_FIELDS
+VALID = "valid"  # (N,) uint8: 1 cached, 0 skipped (bad image)
+KEYS = "keys"  # (N,) str     image keys
+SOURCE = "source"  # (N,) str    where the corpus image lives (file, or tar)
+SOURCE_OFFSET = "source_offset"  # (N,) int64 byte offset in the source tar, -1 for a file
+SOURCE_SIZE = "source_size"  # (N,) int64
+IMAGE_OFFSET = "image_offset"  # (N,) int64 byte offset of the image in images/<shard>.tar, -1 if none
+IMAGE_SIZE = "image_size"  # (N,) int64
+FEATURES = (GLOBAL, LOCAL, RELATION)
+INDEX_ARRAYS = (KEYS, SOURCE, SOURCE_OFFSET, SOURCE_SIZE)  # written once, when the store is created
+SHARD_ARRAYS = (PARAMS, VALID, IMAGE_OFFSET, IMAGE_SIZE)  # written by each shard's writer
+IMAGES_DIR = "images"
+MARKERS_DIR = "shards"
+# Per-shard arrays whose rows' crc32c each marker records (schema 2): the readers check them
+# before trusting which rows are valid, where their images are, and their view parameters.
+CHECKED_SHARD_ARRAYS = (VALID, IMAGE_OFFSET, IMAGE_SIZE, PARAMS)
+
+DTYPES = STORE_DTYPES  # feature dtypes (`--dtype`); Zarr has no bfloat16, so its bits go as uint16
+STORAGE_DTYPE = {"float16": "float16", "bfloat16": "uint16", "int8": "int8", "float32": "float32"}
+
+# Group attribute holding the checksums of the store's own metadata (schema 2), recorded when the
+# store is created: the other attributes (all but `complete`, which flips once at the end), every
+# array's zarr.json (dtype, shape, codecs) and the values of the index arrays. Not part of
+# StoreMeta: store.py computes and checks it.
+INTEGRITY = "integrity"
+
+# Attributes that fix what a store means: a rerun that differs in any of them is refused.
+IDENTITY_ATTRS = ("teacher", "recipe", "seed", "num_views", "dtype", "shard_size", "corpus_fingerprint",
+                  "num_images", "embed_images", "token_grid")
+
+RELATION_TARGET = "row-shifted logits F F^T / sqrt(D)"
+DECODE_RULE = "PIL, EXIF transpose, to RGB (dpal.corpus.decode_image)"
+TEACHER_KINDS = ("vit", "cnn")
+GLOBAL_TARGETS = ("cls", "mean", "pool")  # the CLS token, the mean patch token, a CNN's pooled map
+REBUILD = "rebuild it with `dpal cache-teacher --out NEW`"
+
+
+class StoreError(Exception):
+    """A store that cannot be used as asked; the message says what to run (the CLI prints it as one
+    line)."""
+
+
+# ---------------------------------------------------------------- reading attributes, checked
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What one attribute must be: `what` names it in the error, `ok` tests it, `convert` turns the
+    JSON value into the field's value (lists into tuples)."""
+
+    what: str
+    ok: Callable[[Any], bool]
+    convert: Callable[[Any], Any] = lambda v: v
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _one_of(choices: tuple[str, ...]) -> _Kind:
+    return _Kind(f"one of {', '.join(choices)}", lambda v: v in choices)
+
+
+INT = _Kind("an integer", _is_int)
+COUNT = _Kind("an integer >= 0", lambda v: _is_int(v) and v >= 0)
+POSITIVE = _Kind("a positive integer", lambda v: _is_int(v) and v > 0)
+OPTIONAL_INT = _Kind("an integer or null", lambda v: v is None or _is_int(v))
+BOOL = _Kind("true or false", lambda v: isinstance(v, bool))
+STR = _Kind("a string", lambda v: isinstance(v, str))
+OPTIONAL_STR = _Kind("a string or null", lambda v: v is None or isinstance(v, str))
+DICT = _Kind("an object", lambda v: isinstance(v, dict))
+OPTIONAL_DICT = _Kind("an object or null", lambda v: v is None or isinstance(v, dict))
+OPTIONAL_LIST = _Kind("a list or null", lambda v: v is None or isinstance(v, list))
+GRID = _Kind("two positive integers", lambda v: isinstance(v, list | tuple) and len(v) == 2
+             and all(_is_int(x) and x > 0 for x in v), tuple)
+RGB = _Kind("three numbers", lambda v: isinstance(v, list | tuple) and len(v) == 3 and all(map(_is_number, v)),
+            lambda v: tuple(float(x) for x in v))
+NAMES = _Kind("a list of strings", lambda v: isinstance(v, list | tuple) and all(isinstance(x, str) for x in v),
+              tuple)
+
+_REQUIRED = object()
+
+
+def _short(value: Any) -> str:
+    r = repr(value)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def attribute_error(where: str | Path, name: str, problem: str) -> StoreError:
+    """The one line for an attribute that is missing, malformed or inconsistent."""
+    return StoreError(f"{where}: store attribute {name} {problem}; the store was written by another dpal or "
+                      f"edited: use the dpal that wrote it, or {REBUILD}")
+
+
+class _Fields:
+    """One attribute object of a store, read field by field; errors name the field's full path
+    (`teacher.embed_dim`) and the store."""
+
+    def __init__(self, attrs: dict[str, Any], where: str | Path, prefix: str = "") -> None:
+        self.attrs, self.where, self.prefix = attrs, where, prefix
+
+    def __call__(self, key: str, kind: _Kind, default: Any = _REQUIRED) -> Any:
+        name = self.prefix + key
+        if key not in self.attrs:
+            if default is not _REQUIRED:
+                return default
+            raise attribute_error(self.where, name, "is missing")
+        value = self.attrs[key]
+        if not kind.ok(value):
+            raise attribute_error(self.where, name, f"should be {kind.what}, got {_short(value)}")
+        return kind.convert(value)
+
+    def sub(self, key: str) -> _Fields:
+        return _Fields(self(key, DICT), self.where, f"{self.prefix}{key}.")
+
+
+def check_header(attrs: dict[str, Any], where: str | Path) -> None:
+    """Refuse what is not a dpal store, or a schema this dpal does not read."""
+    if attrs.get("format") != FORMAT:
+        raise StoreError(f"{where} is a Zarr group but not a dpal teacher store")
+    if attrs.get("schema_version") not in READABLE_SCHEMAS:
+        raise StoreError(
+            f"{where} has store schema {attrs.get('schema_version')}, this dpal ({__version__}) reads "
+            f"schema {', '.join(map(str, READABLE_SCHEMAS))}; rebuild it with `dpal cache-teacher` or use a "
+            "matching dpal"
+        )
+
+
+# ---------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Shapes of one store. P patches and T crowd tokens follow the student's patch grid."""
+
+    num_images: int
+    num_views: int
+    shard_size: int
+    embed_dim: int
+    num_patches: int
+    num_crowd_tokens: int
+    dtype: str
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.shard_size)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.num_images)
+
+    def feature_shapes(self) -> dict[str, tuple[int, ...]]:
+        n, k, d, p, t = self.num_images, self.num_views, self.embed_dim, self.num_patches, self.num_crowd_tokens
+        return {GLOBAL: (n, k, d), LOCAL: (n, k, p, d), RELATION: (n, k, t, t)}
+
+    def bytes_per_view(self) -> int:
+        """Bytes of targets per cached view, scales and parameters included."""
+        item = np.dtype(STORAGE_DTYPE[self.dtype]).itemsize
+        d, p, t = self.embed_dim, self.num_patches, self.num_crowd_tokens
+        n = (d + p * d + t * t) * item + NUM_PARAMS * 8
+        if self.dtype == "int8":
+            n += (1 + p + t) * 4
+        return n
+
+
+# ---------------------------------------------------------------- the group attributes
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """The patch grids of v0 and Ic at the student's patch size (attribute `token_grid`)."""
+
+    patch_size: int
+    global_grid: tuple[int, int]
+    """(Hg / patch, Wg / patch): v0's P patch tokens, row-major."""
+    crowd_grid: tuple[int, int]
+    """(Hc / patch, Wc / patch): Ic's tokens after its first (global) token."""
+    relation: str = RELATION_TARGET
+
+    @classmethod
+    def of(cls, recipe: ViewRecipe, patch_size: int) -> TokenGrid:
+        g, c = recipe.global_size, recipe.crowd_size
+        return cls(patch_size, (g[0] // patch_size, g[1] // patch_size), (c[0] // patch_size, c[1] // patch_size))
+
+    @property
+    def num_patches(self) -> int:
+        return self.global_grid[0] * self.global_grid[1]
+
+    @property
+    def num_crowd_tokens(self) -> int:
+        return 1 + self.crowd_grid[0] * self.crowd_grid[1]
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {"patch_size": self.patch_size, "global": list(self.global_grid), "crowd": list(self.crowd_grid),
+                "num_patches": self.num_patches, "num_crowd_tokens": self.num_crowd_tokens,
+                "relation": self.relation}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], where: str | Path = "store") -> TokenGrid:
+        """Read and check the attribute's object; a StoreError names the first bad field."""
+        return cls._read(_Fields(attrs, where))
+
+    @classmethod
+    def _read(cls, f: _Fields) -> TokenGrid:
+        grid = cls(f("patch_size", POSITIVE), f("global", GRID), f("crowd", GRID), f("relation", STR))
+        for key, derived in (("num_patches", grid.num_patches), ("num_crowd_tokens", grid.num_crowd_tokens)):
+            if f(key, INT) != derived:  # the shapes of every feature array follow from them
+                raise attribute_error(f.where, f.prefix + key, f"is {f(key, INT)}, but the grids give {derived}")
+        return grid
+
+
+@dataclass(frozen=True)
+class TeacherIdentity:
+    """What produced the targets (`teachers.Teacher.identity()`, attribute `teacher`). The sha256
+    identifies the weights; the checkpoint's path may move between machines."""
+
+    name: str
+    arch: str
+    checkpoint: str | None
+    checkpoint_sha256: str | None
+    random_init: bool
+    random_init_seed: int
+    layer: int | None
+    kind: str
+    embed_dim: int
+    global_token: str
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], where: str | Path = "store") -> TeacherIdentity:
+        """Read and check the attribute's object; a StoreError names the first bad field."""
+        return cls._read(_Fields(attrs, where))
+
+    @classmethod
+    def _read(cls, f: _Fields) -> TeacherIdentity:
+        return cls(name=f("name", STR), arch=f("arch", STR), checkpoint=f("checkpoint", OPTIONAL_STR),
+                   checkpoint_sha256=f("checkpoint_sha256", OPTIONAL_STR), random_init=f("random_init", BOOL),
+                   random_init_seed=f("random_init_seed", INT), layer=f("layer", OPTIONAL_INT),
+                   kind=f("kind", _one_of(TEACHER_KINDS)), embed_dim=f("embed_dim", POSITIVE),
+                   global_token=f("global_token", _one_of(GLOBAL_TARGETS)))
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pixels reached the teacher (attribute `preprocessing`): stage two must normalise alike."""
+
+    input_range: str = "RGB in [0, 1]"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    decode: str = DECODE_RULE
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {"input": self.input_range, "mean": list(self.mean), "std": list(self.std), "decode": self.decode}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], where: str | Path = "store") -> Preprocessing:
+        """Read and check the attribute's object; a StoreError names the first bad field."""
+        return cls._read(_Fields(attrs, where))
+
+    @classmethod
+    def _read(cls, f: _Fields) -> Preprocessing:
+        return cls(f("input", STR), f("mean", RGB), f("std", RGB), f("decode", STR))
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """Everything a store's group attributes say, typed (docs/store.md, "Group attributes").
+
+    Stage one builds it (`pipeline.engine.store_meta`), `store.create_store` writes
+    `to_attrs()`, and every reader gets it from `from_attrs` (`StoreReader.store_meta`). The
+    attribute `complete` flips once, when the last shard is done; `integrity` is store.py's.
+    """
+
+    teacher: TeacherIdentity
+    recipe: ViewRecipe
+    token_grid: TokenGrid
+    seed: int
+    num_views: int
+    num_images: int
+    shard_size: int
+    dtype: str
+    embed_dim: int
+    corpus: str
+    corpus_fingerprint: str
+    embed_images: bool
+    preprocessing: Preprocessing = Preprocessing()
+    value_settings: dict[str, Any] | None = None
+    """Run settings that change stored values (`pipeline.engine.value_settings`), compared on
+    resume; None in stores made before the attribute existed."""
+    config: dict[str, Any] | None = None
+    """The resolved `dpal cache-teacher` config, as a record."""
+    corpus_problems: list[dict[str, Any]] | None = None
+    """Corpus entries that could not be indexed, [{"entry", "reason"}]; None in older stores."""
+    schema_version: int = SCHEMA_VERSION
+    dpal_version: str = __version__
+    complete: bool = False
+    param_fields: tuple[str, ...] = PARAM_FIELDS
+
+    @property
+    def num_shards(self) -> int:
+        return self.layout.num_shards
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.num_images, self.num_views, self.shard_size, self.embed_dim,
+                      self.token_grid.num_patches, self.token_grid.num_crowd_tokens, self.dtype)
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The group attributes, in the order stores have always been written (zarr.json's bytes
+        follow it; the integrity checksum sorts the keys)."""
+        attrs = {
+            "format": FORMAT, "schema_version": self.schema_version, "dpal_version": self.dpal_version,
+            "complete": self.complete, "num_shards": self.num_shards, "embed_dim": self.embed_dim,
+            "param_fields": list(self.param_fields), "teacher": self.teacher.to_attrs(),
+            "preprocessing": self.preprocessing.to_attrs(), "recipe": self.recipe.to_dict(), "seed": self.seed,
+            "num_views": self.num_views, "num_images": self.num_images, "dtype": self.dtype,
+            "shard_size": self.shard_size, "token_grid": self.token_grid.to_attrs(), "corpus": self.corpus,
+            "corpus_fingerprint": self.corpus_fingerprint, "embed_images": self.embed_images,
+        }
+        optional = {"value_settings": self.value_settings, "config": self.config,
+                    "corpus_problems": self.corpus_problems}
+        return attrs | {k: v for k, v in optional.items() if v is not None}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], where: str | Path = "store") -> StoreMeta:
+        """Read and check a store's group attributes (schema 1 or 2); unknown attributes are
+        ignored, as additive ones always were.
+
+        Raises:
+            StoreError: not a dpal store, an unread schema, or the first attribute that is missing,
+                of the wrong type or inconsistent with the others; one line naming it.
+        """
+        if not isinstance(attrs, dict):
+            raise StoreError(f"{where}: the store's attributes are not a JSON object; {REBUILD}")
+        check_header(attrs, where)
+        f = _Fields(attrs, where)
+        meta = cls(
+            teacher=TeacherIdentity._read(f.sub("teacher")), recipe=_recipe(f),
+            token_grid=TokenGrid._read(f.sub("token_grid")), seed=f("seed", INT),
+            num_views=f("num_views", POSITIVE), num_images=f("num_images", COUNT),
+            shard_size=f("shard_size", POSITIVE), dtype=f("dtype", _one_of(DTYPES)),
+            embed_dim=f("embed_dim", POSITIVE), corpus=f("corpus", STR),
+            corpus_fingerprint=f("corpus_fingerprint", STR), embed_images=f("embed_images", BOOL),
+            preprocessing=Preprocessing._read(f.sub("preprocessing")),
+            value_settings=f("value_settings", OPTIONAL_DICT, None), config=f("config", OPTIONAL_DICT, None),
+            corpus_problems=f("corpus_problems", OPTIONAL_LIST, None), schema_version=attrs["schema_version"],
+            dpal_version=f("dpal_version", STR), complete=f("complete", BOOL),
+            param_fields=f("param_fields", NAMES),
+        )
+        meta._check_consistent(f)
+        return meta
+
+    def _check_consistent(self, f: _Fields) -> None:
+        """Attributes that restate each other must agree: each restates a shape readers rely on."""
+        if f("num_shards", INT) != self.num_shards:
+            raise attribute_error(f.where, "num_shards", f"is {f('num_shards', INT)}, but {self.num_images} "
+                                  f"images in shards of {self.shard_size} make {self.num_shards}")
+        if self.teacher.embed_dim != self.embed_dim:
+            raise attribute_error(f.where, "teacher.embed_dim", f"is {self.teacher.embed_dim}, but embed_dim is "
+                                  f"{self.embed_dim}")
+        if self.param_fields != PARAM_FIELDS:
+            raise attribute_error(f.where, "param_fields", f"differs from this dpal's {NUM_PARAMS} view parameters "
+                                  "(views.PARAM_FIELDS), so the stored views would replay wrongly")
+        want = TokenGrid.of(self.recipe, self.token_grid.patch_size)
+        if (want.global_grid, want.crowd_grid) != (self.token_grid.global_grid, self.token_grid.crowd_grid):
+            raise attribute_error(f.where, "token_grid", f"has grids {self.token_grid.global_grid} and "
+                                  f"{self.token_grid.crowd_grid}, but the recipe's sizes give {want.global_grid} "
+                                  f"and {want.crowd_grid}")
+
+    def teacher_spec(self) -> TeacherSpec:
+        """The spec that rebuilds the teacher that wrote the store (`--online-teacher`). Load it,
+        then `check_teacher(teacher.identity())`: only the sha256 proves the same weights."""
+        from dpal.teachers import EFFICIENTNET_LITE2, PRESETS, TeacherSpec  # timm: only when asked
+
+        t = self.teacher
+        packaged = t.name == EFFICIENTNET_LITE2  # weights come from its package, not a file
+        return TeacherSpec(
+            name=t.name, checkpoint=None if packaged or t.random_init else t.checkpoint,
+            random_init=t.random_init, random_init_seed=t.random_init_seed, layer=t.layer,
+            arch=t.arch if t.name in PRESETS else None, global_size=self.recipe.global_size,
+            crowd_size=self.recipe.crowd_size, patch_size=self.token_grid.patch_size,
+            global_token="mean" if t.global_token == "mean" else "auto",
+        )
+
+    def check_teacher(self, identity: dict[str, Any]) -> None:
+        """Refuse a loaded teacher (`Teacher.identity()`) whose weights are not the store's."""
+        if identity.get("checkpoint_sha256") != self.teacher.checkpoint_sha256:
+            raise StoreError("the teacher checkpoint differs from the one that wrote the store (sha256)")
+
+
+def _recipe(f: _Fields) -> ViewRecipe:
+    d = f("recipe", DICT)
+    try:
+        return ViewRecipe.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise attribute_error(f.where, "recipe", f"is not a view recipe of this dpal ({str(e).splitlines()[0]})") \
+            from None
