@@ -30,13 +30,13 @@ import numpy as np
 from braceexpand import braceexpand
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dpal.common import MAX_PIXELS
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 UNSUPPORTED_IMAGE_EXTS = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".apng")
 """Image formats that are recorded as corpus problems, not silently ignored like other files."""
-DEFAULT_MAX_PIXELS = 64_000_000
-"""Images whose header declares more pixels than this are skipped as decompression bombs."""
 
 
 class BadImage(Exception):
@@ -335,7 +335,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode image bytes to an RGB PIL image with EXIF orientation applied.
 
     Raises:

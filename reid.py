@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from dpal.common import IMAGENET_MEAN, IMAGENET_STD
+
 # Nq queries, Ng gallery images, D feature width, B batch, H x W image size
 
 QUERY_DIR = "query"
@@ -28,8 +30,6 @@ GALLERY_DIR = "bounding_box_test"
 JUNK_PID = -1
 DISTRACTOR_PID = 0
 MARKET_NAME = re.compile(r"^(?P<pid>-1|\d{4})_c(?P<cam>\d+)s\d+_\d+_\d+\.jpg$")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 TABLE_RANKS = (1, 5, 10)
 RANK_CHUNK = 256
 

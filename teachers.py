@@ -37,9 +37,6 @@ logger = logging.getLogger(__name__)
 
 # B batch, D teacher width, P = (Hg/16)(Wg/16) patch tokens of v0, T = 1 + (Hc/16)(Wc/16) crowd tokens
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 PATH_B = "path-b"
 EFFICIENTNET_LITE2 = "efficientnet-lite2"
 PRESETS = (PATH_B, EFFICIENTNET_LITE2)

@@ -27,8 +27,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 from torch import Tensor
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dpal.common import IMAGENET_MEAN, IMAGENET_STD
 
 # One augmentation: a RandomResizedCrop box in source pixels, then flip, colour jitter (four factors
 # applied in the order o0..o3 when `jitter` is 1), grayscale, gaussian blur (sigma 0 = none),

@@ -34,7 +34,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from dpal.views import IMAGENET_MEAN, IMAGENET_STD, ViewRecipe, normalize, to_unit
+from dpal.common import IMAGENET_MEAN, IMAGENET_STD
+from dpal.views import ViewRecipe, normalize, to_unit
 
 # ITU-R 601-2 luma, PIL's convert("L") and torchvision's rgb_to_grayscale
 _LUMA = (0.299, 0.587, 0.114)
