@@ -378,6 +378,32 @@ def _chunk_files(root: Path, name: str, ndim: int, shard: int) -> list[Path]:
     return [root / name / "c" / "/".join([str(shard)] + ["0"] * (ndim - 1))]
 
 
+def _image_tar(images: list[tuple[str, bytes, str] | None], start: int) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """A shard's images as a WebDataset tar, and each row's byte offset and size in it (-1 for a
+    skipped row). `start` is the shard's first store row."""
+    offsets = np.full(len(images), -1, dtype=np.int64)
+    sizes = np.full(len(images), -1, dtype=np.int64)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for row, item in enumerate(images):
+            if item is None:
+                continue
+            key, blob, ext = item
+            # WebDataset sample: __key__ is the store index (keys must not contain dots).
+            wkey = f"{start + row:09d}"
+            for member, payload in ((f"{wkey}.{ext}", blob), (f"{wkey}.key.txt", key.encode())):
+                info = tarfile.TarInfo(member)
+                info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                tf.addfile(info, io.BytesIO(payload))
+    raw = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tf:
+        for m in tf:
+            if not m.name.endswith(".key.txt"):
+                row = int(m.name.split(".", 1)[0]) - start
+                offsets[row], sizes[row] = m.offset_data, m.size
+    return raw, offsets, sizes
+
+
 def write_shard(path: Path, data: ShardData) -> dict[str, Any]:
     """Write one store shard (each array in one assignment), then its marker. Returns the marker."""
     path = Path(path)
@@ -391,24 +417,7 @@ def write_shard(path: Path, data: ShardData) -> dict[str, Any]:
     sizes = np.full(stop - start, -1, dtype=np.int64)
     if meta.embed_images:
         tar_path = path / IMAGES_DIR / f"{shard_name(data.shard)}.tar"
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-            for row, item in enumerate(data.images):
-                if item is None:
-                    continue
-                key, blob, ext = item
-                # WebDataset sample: __key__ is the store index (keys must not contain dots).
-                wkey = f"{start + row:09d}"
-                for member, payload in ((f"{wkey}.{ext}", blob), (f"{wkey}.key.txt", key.encode())):
-                    info = tarfile.TarInfo(member)
-                    info.size, info.mtime, info.mode = len(payload), 0, 0o644
-                    tf.addfile(info, io.BytesIO(payload))
-        raw = buf.getvalue()
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tf:
-            for m in tf:
-                if not m.name.endswith(".key.txt"):
-                    row = int(m.name.split(".", 1)[0]) - start
-                    offsets[row], sizes[row] = m.offset_data, m.size
+        raw, offsets, sizes = _image_tar(data.images, start)
         atomic_write_bytes(tar_path, raw)
         files.append(tar_path)
     for name in FEATURES:
