@@ -205,13 +205,13 @@ def store_info_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Counts, shapes, dtype, bytes per view, skipped images, shards done and teacher identity."""
-    from dpal.store import store_info
+    from dpal.store import TeacherIdentity, store_info
 
     info = store_info(store)
     if as_json:
         typer.echo(json.dumps(info, indent=1))
         return
-    t = info["teacher"]
+    t = TeacherIdentity.from_attrs(info["teacher"])  # checked by the store when read: typed here
     lines = [
         f"store          {info['path']} (schema {info['schema_version']}, dpal {info['dpal_version']})",
         f"complete       {info['complete']} ({info['shards_done']}/{info['num_shards']} shards of "
@@ -220,8 +220,8 @@ def store_info_cmd(
         f"{info['num_skipped_images']} skipped; K = {info['num_views']} views",
         f"dtype          {info['dtype']}, {_human(info['bytes_per_view'])} per view",
         "shapes         " + ", ".join(f"{k} {tuple(v)}" for k, v in info["shapes"].items()),
-        f"teacher        {t['name']} ({t.get('arch')}, D={t['embed_dim']}, layer {t.get('layer')}, "
-        f"sha256 {t.get('checkpoint_sha256') or 'random-init seed ' + str(t.get('random_init_seed'))})",
+        f"teacher        {t.name} ({t.arch}, D={t.embed_dim}, layer {t.layer}, "
+        f"sha256 {t.checkpoint_sha256 or f'random-init seed {t.random_init_seed}'})",
         f"images         {'embedded (WebDataset tars)' if info['embed_images'] else 'referenced from the corpus'}",
     ]
     for s in info["skipped"][:20]:
