@@ -67,6 +67,12 @@ logger = logging.getLogger(__name__)
 PLUGIN_NAME = "dpal-teacher"
 MAX_LOGGED_PROBLEMS = 20  # corpus problems logged one line each; the store records all
 WORKER_EXIT_S = 60.0  # grace for a dask worker process to exit after its worker closed
+# A SLURM worker's memory is torch's (the teacher, its buffers), none of it dask's: dask's memory
+# manager would pause the worker at 80% of the job's --mem, forever, since nothing it holds can be
+# spilled (a 1 GB job pauses at startup and the run hangs), or restart it at 95%. SLURM enforces
+# --mem itself.
+WORKER_MEMORY_ENV = [f"export DASK_DISTRIBUTED__WORKER__MEMORY__{k}=False" for k in ("TARGET", "SPILL", "PAUSE",
+                                                                                    "TERMINATE")]
 
 
 @dataclass
@@ -314,7 +320,7 @@ def slurm_cluster(cfg: CacheConfig) -> Any:
         return SLURMCluster(
             queue=s.partition, account=s.account, cores=1, job_cpu=s.cores, processes=1, memory=s.memory,
             walltime=s.walltime, job_extra_directives=extra, job_name="dpal-cache",
-            scheduler_options={"dashboard_address": None},
+            scheduler_options={"dashboard_address": None}, job_script_prologue=WORKER_MEMORY_ENV,
         )
 
 

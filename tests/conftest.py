@@ -48,6 +48,17 @@ def _register_stage2_util() -> None:
 
 _register_stage2_util()
 
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """The cluster tier (tests/cluster/, real SLURM jobs) is collected only when named on the
+    command line (`make test-cluster`, `pytest tests/cluster`); a plain `pytest` is the unit tier."""
+    cluster = Path(__file__).parent / "cluster"
+    if collection_path != cluster:
+        return None
+    base = config.invocation_params.dir
+    asked = [(base / a.split("::")[0]).resolve() for a in config.args]
+    return not any(p == cluster or cluster in p.parents for p in asked)
+
 TEACHER = "vit_tiny_patch16_224"
 GLOBAL_SIZE, LOCAL_SIZE, CROWD_SIZE = (32, 16), (16, 16), (32, 48)
 RECIPE_SETS = [f"recipe.global_size=[{GLOBAL_SIZE[0]},{GLOBAL_SIZE[1]}]",
