@@ -62,8 +62,18 @@ STORAGE_DTYPE = {"float16": "float16", "bfloat16": "uint16", "int8": "int8", "fl
 INTEGRITY = "integrity"
 
 # Attributes that fix what a store means: a rerun that differs in any of them is refused.
-IDENTITY_ATTRS = ("teacher", "recipe", "seed", "num_views", "dtype", "shard_size", "corpus_fingerprint",
-                  "num_images", "embed_images", "token_grid")
+IDENTITY_ATTRS = (
+    "teacher",
+    "recipe",
+    "seed",
+    "num_views",
+    "dtype",
+    "shard_size",
+    "corpus_fingerprint",
+    "num_images",
+    "embed_images",
+    "token_grid",
+)
 
 RELATION_TARGET = "row-shifted logits F F^T / sqrt(D)"
 DECODE_RULE = "PIL, EXIF transpose, to RGB (dpal.corpus.decode_image)"
@@ -112,12 +122,19 @@ OPTIONAL_STR = _Kind("a string or null", lambda v: v is None or isinstance(v, st
 DICT = _Kind("an object", lambda v: isinstance(v, dict))
 OPTIONAL_DICT = _Kind("an object or null", lambda v: v is None or isinstance(v, dict))
 OPTIONAL_LIST = _Kind("a list or null", lambda v: v is None or isinstance(v, list))
-GRID = _Kind("two positive integers", lambda v: isinstance(v, list | tuple) and len(v) == 2
-             and all(_is_int(x) and x > 0 for x in v), tuple)
-RGB = _Kind("three numbers", lambda v: isinstance(v, list | tuple) and len(v) == 3 and all(map(_is_number, v)),
-            lambda v: tuple(float(x) for x in v))
-NAMES = _Kind("a list of strings", lambda v: isinstance(v, list | tuple) and all(isinstance(x, str) for x in v),
-              tuple)
+GRID = _Kind(
+    "two positive integers",
+    lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v),
+    tuple,
+)
+RGB = _Kind(
+    "three numbers",
+    lambda v: isinstance(v, list | tuple) and len(v) == 3 and all(map(_is_number, v)),
+    lambda v: tuple(float(x) for x in v),
+)
+NAMES = _Kind(
+    "a list of strings", lambda v: isinstance(v, list | tuple) and all(isinstance(x, str) for x in v), tuple
+)
 
 _REQUIRED = object()
 
@@ -129,8 +146,10 @@ def _short(value: Any) -> str:
 
 def attribute_error(where: str | Path, name: str, problem: str) -> StoreError:
     """The one line for an attribute that is missing, malformed or inconsistent."""
-    return StoreError(f"{where}: store attribute {name} {problem}; the store was written by another dpal or "
-                      f"edited: use the dpal that wrote it, or {REBUILD}")
+    return StoreError(
+        f"{where}: store attribute {name} {problem}; the store was written by another dpal or "
+        f"edited: use the dpal that wrote it, or {REBUILD}"
+    )
 
 
 class _Fields:
@@ -191,7 +210,13 @@ class Layout:
         return start, min(start + self.shard_size, self.num_images)
 
     def feature_shapes(self) -> dict[str, tuple[int, ...]]:
-        n, k, d, p, t = self.num_images, self.num_views, self.embed_dim, self.num_patches, self.num_crowd_tokens
+        n, k, d, p, t = (
+            self.num_images,
+            self.num_views,
+            self.embed_dim,
+            self.num_patches,
+            self.num_crowd_tokens,
+        )
         return {GLOBAL: (n, k, d), LOCAL: (n, k, p, d), RELATION: (n, k, t, t)}
 
     def bytes_per_view(self) -> int:
@@ -221,7 +246,9 @@ class TokenGrid:
     @classmethod
     def of(cls, recipe: ViewRecipe, patch_size: int) -> TokenGrid:
         g, c = recipe.global_size, recipe.crowd_size
-        return cls(patch_size, (g[0] // patch_size, g[1] // patch_size), (c[0] // patch_size, c[1] // patch_size))
+        return cls(
+            patch_size, (g[0] // patch_size, g[1] // patch_size), (c[0] // patch_size, c[1] // patch_size)
+        )
 
     @property
     def num_patches(self) -> int:
@@ -232,9 +259,14 @@ class TokenGrid:
         return 1 + self.crowd_grid[0] * self.crowd_grid[1]
 
     def to_attrs(self) -> dict[str, Any]:
-        return {"patch_size": self.patch_size, "global": list(self.global_grid), "crowd": list(self.crowd_grid),
-                "num_patches": self.num_patches, "num_crowd_tokens": self.num_crowd_tokens,
-                "relation": self.relation}
+        return {
+            "patch_size": self.patch_size,
+            "global": list(self.global_grid),
+            "crowd": list(self.crowd_grid),
+            "num_patches": self.num_patches,
+            "num_crowd_tokens": self.num_crowd_tokens,
+            "relation": self.relation,
+        }
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], where: str | Path = "store") -> TokenGrid:
@@ -246,7 +278,9 @@ class TokenGrid:
         grid = cls(f("patch_size", POSITIVE), f("global", GRID), f("crowd", GRID), f("relation", STR))
         for key, derived in (("num_patches", grid.num_patches), ("num_crowd_tokens", grid.num_crowd_tokens)):
             if f(key, INT) != derived:  # the shapes of every feature array follow from them
-                raise attribute_error(f.where, f.prefix + key, f"is {f(key, INT)}, but the grids give {derived}")
+                raise attribute_error(
+                    f.where, f.prefix + key, f"is {f(key, INT)}, but the grids give {derived}"
+                )
         return grid
 
 
@@ -276,11 +310,18 @@ class TeacherIdentity:
 
     @classmethod
     def _read(cls, f: _Fields) -> TeacherIdentity:
-        return cls(name=f("name", STR), arch=f("arch", STR), checkpoint=f("checkpoint", OPTIONAL_STR),
-                   checkpoint_sha256=f("checkpoint_sha256", OPTIONAL_STR), random_init=f("random_init", BOOL),
-                   random_init_seed=f("random_init_seed", INT), layer=f("layer", OPTIONAL_INT),
-                   kind=f("kind", _one_of(TEACHER_KINDS)), embed_dim=f("embed_dim", POSITIVE),
-                   global_token=f("global_token", _one_of(GLOBAL_TARGETS)))
+        return cls(
+            name=f("name", STR),
+            arch=f("arch", STR),
+            checkpoint=f("checkpoint", OPTIONAL_STR),
+            checkpoint_sha256=f("checkpoint_sha256", OPTIONAL_STR),
+            random_init=f("random_init", BOOL),
+            random_init_seed=f("random_init_seed", INT),
+            layer=f("layer", OPTIONAL_INT),
+            kind=f("kind", _one_of(TEACHER_KINDS)),
+            embed_dim=f("embed_dim", POSITIVE),
+            global_token=f("global_token", _one_of(GLOBAL_TARGETS)),
+        )
 
 
 @dataclass(frozen=True)
@@ -293,7 +334,12 @@ class Preprocessing:
     decode: str = DECODE_RULE
 
     def to_attrs(self) -> dict[str, Any]:
-        return {"input": self.input_range, "mean": list(self.mean), "std": list(self.std), "decode": self.decode}
+        return {
+            "input": self.input_range,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "decode": self.decode,
+        }
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], where: str | Path = "store") -> Preprocessing:
@@ -345,23 +391,45 @@ class StoreMeta:
 
     @property
     def layout(self) -> Layout:
-        return Layout(self.num_images, self.num_views, self.shard_size, self.embed_dim,
-                      self.token_grid.num_patches, self.token_grid.num_crowd_tokens, self.dtype)
+        return Layout(
+            self.num_images,
+            self.num_views,
+            self.shard_size,
+            self.embed_dim,
+            self.token_grid.num_patches,
+            self.token_grid.num_crowd_tokens,
+            self.dtype,
+        )
 
     def to_attrs(self) -> dict[str, Any]:
         """The group attributes, in the order stores have always been written (zarr.json's bytes
         follow it; the integrity checksum sorts the keys)."""
         attrs = {
-            "format": FORMAT, "schema_version": self.schema_version, "dpal_version": self.dpal_version,
-            "complete": self.complete, "num_shards": self.num_shards, "embed_dim": self.embed_dim,
-            "param_fields": list(self.param_fields), "teacher": self.teacher.to_attrs(),
-            "preprocessing": self.preprocessing.to_attrs(), "recipe": self.recipe.to_dict(), "seed": self.seed,
-            "num_views": self.num_views, "num_images": self.num_images, "dtype": self.dtype,
-            "shard_size": self.shard_size, "token_grid": self.token_grid.to_attrs(), "corpus": self.corpus,
-            "corpus_fingerprint": self.corpus_fingerprint, "embed_images": self.embed_images,
+            "format": FORMAT,
+            "schema_version": self.schema_version,
+            "dpal_version": self.dpal_version,
+            "complete": self.complete,
+            "num_shards": self.num_shards,
+            "embed_dim": self.embed_dim,
+            "param_fields": list(self.param_fields),
+            "teacher": self.teacher.to_attrs(),
+            "preprocessing": self.preprocessing.to_attrs(),
+            "recipe": self.recipe.to_dict(),
+            "seed": self.seed,
+            "num_views": self.num_views,
+            "num_images": self.num_images,
+            "dtype": self.dtype,
+            "shard_size": self.shard_size,
+            "token_grid": self.token_grid.to_attrs(),
+            "corpus": self.corpus,
+            "corpus_fingerprint": self.corpus_fingerprint,
+            "embed_images": self.embed_images,
         }
-        optional = {"value_settings": self.value_settings, "config": self.config,
-                    "corpus_problems": self.corpus_problems}
+        optional = {
+            "value_settings": self.value_settings,
+            "config": self.config,
+            "corpus_problems": self.corpus_problems,
+        }
         return attrs | {k: v for k, v in optional.items() if v is not None}
 
     @classmethod
@@ -378,16 +446,25 @@ class StoreMeta:
         check_header(attrs, where)
         f = _Fields(attrs, where)
         meta = cls(
-            teacher=TeacherIdentity._read(f.sub("teacher")), recipe=_recipe(f),
-            token_grid=TokenGrid._read(f.sub("token_grid")), seed=f("seed", INT),
-            num_views=f("num_views", POSITIVE), num_images=f("num_images", COUNT),
-            shard_size=f("shard_size", POSITIVE), dtype=f("dtype", _one_of(DTYPES)),
-            embed_dim=f("embed_dim", POSITIVE), corpus=f("corpus", STR),
-            corpus_fingerprint=f("corpus_fingerprint", STR), embed_images=f("embed_images", BOOL),
+            teacher=TeacherIdentity._read(f.sub("teacher")),
+            recipe=_recipe(f),
+            token_grid=TokenGrid._read(f.sub("token_grid")),
+            seed=f("seed", INT),
+            num_views=f("num_views", POSITIVE),
+            num_images=f("num_images", COUNT),
+            shard_size=f("shard_size", POSITIVE),
+            dtype=f("dtype", _one_of(DTYPES)),
+            embed_dim=f("embed_dim", POSITIVE),
+            corpus=f("corpus", STR),
+            corpus_fingerprint=f("corpus_fingerprint", STR),
+            embed_images=f("embed_images", BOOL),
             preprocessing=Preprocessing._read(f.sub("preprocessing")),
-            value_settings=f("value_settings", OPTIONAL_DICT, None), config=f("config", OPTIONAL_DICT, None),
-            corpus_problems=f("corpus_problems", OPTIONAL_LIST, None), schema_version=attrs["schema_version"],
-            dpal_version=f("dpal_version", STR), complete=f("complete", BOOL),
+            value_settings=f("value_settings", OPTIONAL_DICT, None),
+            config=f("config", OPTIONAL_DICT, None),
+            corpus_problems=f("corpus_problems", OPTIONAL_LIST, None),
+            schema_version=attrs["schema_version"],
+            dpal_version=f("dpal_version", STR),
+            complete=f("complete", BOOL),
             param_fields=f("param_fields", NAMES),
         )
         meta._check_consistent(f)
@@ -396,19 +473,34 @@ class StoreMeta:
     def _check_consistent(self, f: _Fields) -> None:
         """Attributes that restate each other must agree: each restates a shape readers rely on."""
         if f("num_shards", INT) != self.num_shards:
-            raise attribute_error(f.where, "num_shards", f"is {f('num_shards', INT)}, but {self.num_images} "
-                                  f"images in shards of {self.shard_size} make {self.num_shards}")
+            raise attribute_error(
+                f.where,
+                "num_shards",
+                f"is {f('num_shards', INT)}, but {self.num_images} "
+                f"images in shards of {self.shard_size} make {self.num_shards}",
+            )
         if self.teacher.embed_dim != self.embed_dim:
-            raise attribute_error(f.where, "teacher.embed_dim", f"is {self.teacher.embed_dim}, but embed_dim is "
-                                  f"{self.embed_dim}")
+            raise attribute_error(
+                f.where,
+                "teacher.embed_dim",
+                f"is {self.teacher.embed_dim}, but embed_dim is {self.embed_dim}",
+            )
         if self.param_fields != PARAM_FIELDS:
-            raise attribute_error(f.where, "param_fields", f"differs from this dpal's {NUM_PARAMS} view parameters "
-                                  "(views.PARAM_FIELDS), so the stored views would replay wrongly")
+            raise attribute_error(
+                f.where,
+                "param_fields",
+                f"differs from this dpal's {NUM_PARAMS} view parameters "
+                "(views.PARAM_FIELDS), so the stored views would replay wrongly",
+            )
         want = TokenGrid.of(self.recipe, self.token_grid.patch_size)
         if (want.global_grid, want.crowd_grid) != (self.token_grid.global_grid, self.token_grid.crowd_grid):
-            raise attribute_error(f.where, "token_grid", f"has grids {self.token_grid.global_grid} and "
-                                  f"{self.token_grid.crowd_grid}, but the recipe's sizes give {want.global_grid} "
-                                  f"and {want.crowd_grid}")
+            raise attribute_error(
+                f.where,
+                "token_grid",
+                f"has grids {self.token_grid.global_grid} and "
+                f"{self.token_grid.crowd_grid}, but the recipe's sizes give {want.global_grid} "
+                f"and {want.crowd_grid}",
+            )
 
     def teacher_spec(self) -> TeacherSpec:
         """The spec that rebuilds the teacher that wrote the store (`--online-teacher`). Load it,
@@ -418,10 +510,15 @@ class StoreMeta:
         t = self.teacher
         packaged = t.name == EFFICIENTNET_LITE2  # weights come from its package, not a file
         return TeacherSpec(
-            name=t.name, checkpoint=None if packaged or t.random_init else t.checkpoint,
-            random_init=t.random_init, random_init_seed=t.random_init_seed, layer=t.layer,
-            arch=t.arch if t.name in PRESETS else None, global_size=self.recipe.global_size,
-            crowd_size=self.recipe.crowd_size, patch_size=self.token_grid.patch_size,
+            name=t.name,
+            checkpoint=None if packaged or t.random_init else t.checkpoint,
+            random_init=t.random_init,
+            random_init_seed=t.random_init_seed,
+            layer=t.layer,
+            arch=t.arch if t.name in PRESETS else None,
+            global_size=self.recipe.global_size,
+            crowd_size=self.recipe.crowd_size,
+            patch_size=self.token_grid.patch_size,
             global_token="mean" if t.global_token == "mean" else "auto",
         )
 
@@ -436,5 +533,6 @@ def _recipe(f: _Fields) -> ViewRecipe:
     try:
         return ViewRecipe.from_dict(d)
     except (ValueError, TypeError) as e:
-        raise attribute_error(f.where, "recipe", f"is not a view recipe of this dpal ({str(e).splitlines()[0]})") \
-            from None
+        raise attribute_error(
+            f.where, "recipe", f"is not a view recipe of this dpal ({str(e).splitlines()[0]})"
+        ) from None

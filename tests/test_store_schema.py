@@ -35,8 +35,10 @@ from dpal.store import (
 from dpal.teachers import Teacher, load_teacher
 from dpal.views import ViewRecipe
 
-REBUILD = "the store was written by another dpal or edited: use the dpal that wrote it, or rebuild it with " \
-          "`dpal cache-teacher --out NEW`"
+REBUILD = (
+    "the store was written by another dpal or edited: use the dpal that wrote it, or rebuild it with "
+    "`dpal cache-teacher --out NEW`"
+)
 
 
 def _attrs(store: Path) -> dict[str, Any]:
@@ -54,9 +56,16 @@ def _error(attrs: dict[str, Any]) -> str:
 
 def test_token_grid_and_layout_at_the_papers_sizes() -> None:
     grid = TokenGrid.of(ViewRecipe(global_size=(256, 128), crowd_size=(256, 256)), 16)
-    assert (grid.global_grid, grid.crowd_grid, grid.num_patches, grid.num_crowd_tokens) == ((16, 8), (16, 16), 128, 257)
+    assert (grid.global_grid, grid.crowd_grid, grid.num_patches, grid.num_crowd_tokens) == (
+        (16, 8),
+        (16, 16),
+        128,
+        257,
+    )
     # docs/store.md's size calculator: PATH-B (D = 768), float16 and int8
-    assert Layout(1, 1, 1, 768, grid.num_patches, grid.num_crowd_tokens, "float16").bytes_per_view() == 330_690
+    assert (
+        Layout(1, 1, 1, 768, grid.num_patches, grid.num_crowd_tokens, "float16").bytes_per_view() == 330_690
+    )
     assert Layout(1, 1, 1, 768, grid.num_patches, grid.num_crowd_tokens, "int8").bytes_per_view() == 167_113
 
 
@@ -80,8 +89,9 @@ def test_conftest_store_meta_has_the_tiny_recipes_numbers(ref_store: Path) -> No
     assert meta.preprocessing.mean == IMAGENET_MEAN and meta.corpus_problems == []
 
 
-def test_stage_one_builds_what_the_store_holds(ref_store: Path, make_config: Callable[..., CacheConfig],
-                                              corpus_dir: Path, teacher: Teacher) -> None:
+def test_stage_one_builds_what_the_store_holds(
+    ref_store: Path, make_config: Callable[..., CacheConfig], corpus_dir: Path, teacher: Teacher
+) -> None:
     """`pipeline.engine.store_meta`, rebuilt for the same command, is the store's attributes."""
     cfg = make_config(corpus_dir, _attrs(ref_store)["config"]["out"])
     refs = index_corpus(str(corpus_dir))
@@ -91,21 +101,38 @@ def test_stage_one_builds_what_the_store_holds(ref_store: Path, make_config: Cal
     assert built.to_attrs() | {"complete": True} == on_disk
 
 
-@pytest.mark.parametrize(("edit", "problem"), [
-    (lambda a: a["teacher"].pop("embed_dim"), "teacher.embed_dim is missing"),
-    (lambda a: a.pop("recipe"), "recipe is missing"),
-    (lambda a: a.update(num_views="2"), "num_views should be a positive integer, got '2'"),
-    (lambda a: a.update(seed=True), "seed should be an integer, got True"),
-    (lambda a: a.update(dtype="float64"), "dtype should be one of float16, bfloat16, int8, float32, got 'float64'"),
-    (lambda a: a["token_grid"].update({"global": [2]}), "token_grid.global should be two positive integers, got [2]"),
-    (lambda a: a["token_grid"].update(num_patches=3), "token_grid.num_patches is 3, but the grids give 2"),
-    (lambda a: a.update(num_shards=4), "num_shards is 4, but 13 images in shards of 3 make 5"),
-    (lambda a: a["teacher"].update(embed_dim=768), "teacher.embed_dim is 768, but embed_dim is 192"),
-    (lambda a: a["preprocessing"].update(mean=[0.5, 0.5]), "preprocessing.mean should be three numbers, got [0.5, 0.5]"),
-    (lambda a: a.update(teacher="vit"), "teacher should be an object, got 'vit'"),
-    (lambda a: a["recipe"].update(global_size=[48, 16]),
-     "token_grid has grids (2, 1) and (2, 3), but the recipe's sizes give (3, 1) and (2, 3)"),
-])
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda a: a["teacher"].pop("embed_dim"), "teacher.embed_dim is missing"),
+        (lambda a: a.pop("recipe"), "recipe is missing"),
+        (lambda a: a.update(num_views="2"), "num_views should be a positive integer, got '2'"),
+        (lambda a: a.update(seed=True), "seed should be an integer, got True"),
+        (
+            lambda a: a.update(dtype="float64"),
+            "dtype should be one of float16, bfloat16, int8, float32, got 'float64'",
+        ),
+        (
+            lambda a: a["token_grid"].update({"global": [2]}),
+            "token_grid.global should be two positive integers, got [2]",
+        ),
+        (
+            lambda a: a["token_grid"].update(num_patches=3),
+            "token_grid.num_patches is 3, but the grids give 2",
+        ),
+        (lambda a: a.update(num_shards=4), "num_shards is 4, but 13 images in shards of 3 make 5"),
+        (lambda a: a["teacher"].update(embed_dim=768), "teacher.embed_dim is 768, but embed_dim is 192"),
+        (
+            lambda a: a["preprocessing"].update(mean=[0.5, 0.5]),
+            "preprocessing.mean should be three numbers, got [0.5, 0.5]",
+        ),
+        (lambda a: a.update(teacher="vit"), "teacher should be an object, got 'vit'"),
+        (
+            lambda a: a["recipe"].update(global_size=[48, 16]),
+            "token_grid has grids (2, 1) and (2, 3), but the recipe's sizes give (3, 1) and (2, 3)",
+        ),
+    ],
+)
 def test_a_missing_or_malformed_attribute_is_one_line(ref_store: Path, edit: Callable, problem: str) -> None:
     attrs = _attrs(ref_store)
     edit(attrs)
@@ -115,7 +142,9 @@ def test_a_missing_or_malformed_attribute_is_one_line(ref_store: Path, edit: Cal
 def test_unknown_recipe_key_and_other_stores_are_one_line(ref_store: Path) -> None:
     attrs = _attrs(ref_store)
     attrs["recipe"]["zoom"] = 2
-    assert _error(attrs).startswith("S: store attribute recipe is not a view recipe of this dpal (unknown recipe ")
+    assert _error(attrs).startswith(
+        "S: store attribute recipe is not a view recipe of this dpal (unknown recipe "
+    )
     assert _error({**_attrs(ref_store), "format": "x"}) == "S is a Zarr group but not a dpal teacher store"
     assert _error({**_attrs(ref_store), "schema_version": 3}).startswith("S has store schema 3, this dpal")
 
@@ -152,8 +181,9 @@ def test_schema_1_store_on_disk_reads_its_meta(store_copy: Path, ref_store: Path
         StoreReader(store_copy)
 
 
-def test_teacher_spec_rebuilds_the_teacher_that_wrote_the_store(ref_store: Path, make_config: Callable[..., CacheConfig],
-                                                                teacher: Teacher) -> None:
+def test_teacher_spec_rebuilds_the_teacher_that_wrote_the_store(
+    ref_store: Path, make_config: Callable[..., CacheConfig], teacher: Teacher
+) -> None:
     meta = read_meta(ref_store)
     assert meta.teacher_spec() == teacher_spec(make_config("unused", "unused"))
     rebuilt = load_teacher(meta.teacher_spec())
@@ -161,7 +191,9 @@ def test_teacher_spec_rebuilds_the_teacher_that_wrote_the_store(ref_store: Path,
     meta.check_teacher(rebuilt.identity())
     x = torch.rand(2, 3, 32, 16)
     assert torch.equal(rebuilt.encode_global(x)[1], teacher.encode_global(x)[1])
-    with pytest.raises(StoreError, match=r"^the teacher checkpoint differs from the one that wrote the store \(sha256\)$"):
+    with pytest.raises(
+        StoreError, match=r"^the teacher checkpoint differs from the one that wrote the store \(sha256\)$"
+    ):
         meta.check_teacher({**rebuilt.identity(), "checkpoint_sha256": "0" * 64})
 
 
@@ -173,3 +205,18 @@ def test_resolve_device() -> None:
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match=r"^device 'gpu' is not one of auto, cpu or cuda\[:i\]$"):
         resolve_device("gpu")
+
+
+def test_cli_prints_one_line_for_a_malformed_attribute(store_copy: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dpal.cli import app
+
+    group = zarr.open_group(store_copy, mode="r+")
+    group.attrs["schema_version"] = 1  # schema 1: no integrity checksum stops the edit first
+    del group.attrs[INTEGRITY]
+    group.attrs["token_grid"] = {**group.attrs["token_grid"], "num_crowd_tokens": 8}
+    result = CliRunner().invoke(app, ["store", "info", str(store_copy)])
+    assert result.exit_code == 2 and result.stderr.splitlines() == [
+        f"error: {store_copy}: store attribute token_grid.num_crowd_tokens is 8, but the grids give 7; {REBUILD}"
+    ]
