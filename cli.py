@@ -7,16 +7,24 @@ traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import json
 import logging
 import os
 import sys
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from dpal import __version__
+from dpal.config import CacheConfig, DistillConfig, choices, field_types, resolve
+from dpal.errors import ConfigError, InputError, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -34,12 +42,19 @@ app.add_typer(eval_app, name="eval")
 
 logger = logging.getLogger("dpal")
 
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override any config key: --set key=value (dotted for sections, "
-                 "e.g. --set recipe.global_size=[128,64]). Repeatable; applied last."),
-]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML or TOML file of config keys.")]
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"dpal {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print dpal's version and exit.")] = False,
+) -> None:
+    pass
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -58,8 +73,17 @@ def _setup_logging(verbose: bool) -> None:
                         handlers=[handler], force=True)
 
 
+# A user's mistake: a UserError, or a missing or forbidden file they named (other OSErrors are not).
+# ValueError is here for the modules that still report a user's mistake with a plain ValueError
+# (teachers.py, corpus.py, evaluate.py, trainer/train.py's and trainer/checkpoint.py's resume checks);
+# once each raises an InputError or ConfigError instead, a ValueError is a bug and leaves this list.
+_USER_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError,
+                IsADirectoryError, FileExistsError)
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn the user's mistakes into one `error:` line and exit code 2."""
+    """Turn the user's mistakes (`_USER_ERRORS`) into one `error:` line and exit code 2. Any other
+    exception is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -67,9 +91,7 @@ def user_errors(fn: Callable) -> Callable:
         from dpal.trainer.data import LoaderError
         from dpal.trainer.rundir import RunDirError
 
-        known: tuple[type[BaseException], ...] = (ValueError, StoreError, LoaderError, RunDirError,
-                                                  FileNotFoundError, PermissionError, NotADirectoryError,
-                                                  IsADirectoryError, FileExistsError)
+        known: tuple[type[BaseException], ...] = (*_USER_ERRORS, StoreError, LoaderError, RunDirError)
         try:
             from dpal.pipeline.cache import StrictModeError
 
@@ -86,45 +108,115 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+# ---------------------------------------------------------------- options from the config dataclasses
+
+
+def _is_bool(tp: Any) -> bool:
+    return tp is bool or (typing.get_origin(tp) in (typing.Union, types.UnionType)
+                          and set(typing.get_args(tp)) == {bool, type(None)})
+
+
+def _metavar(tp: Any) -> str:
+    """The value's shape in --help: a Literal's choices, a number's kind, a list or mapping (YAML)."""
+    if (allowed := choices(tp)) is not None:
+        return "[" + "|".join(map(str, allowed)) + "]"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    origin = typing.get_origin(tp)
+    return ("LIST" if origin is tuple else "MAPPING" if origin is dict
+            else {int: "INTEGER", float: "FLOAT"}.get(tp, "TEXT"))
+
+
+def _default_text(f: dataclasses.Field) -> str | None:
+    """What --help shows as the field's default: the dataclass default as YAML would write it, a rule
+    (`default_help`) for a default decided at run time, nothing for flags, empty strings and None."""
+    if f.metadata.get("default_help"):
+        return f.metadata["default_help"]
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    if default is None or default == "" or isinstance(default, bool):
+        return None
+    if isinstance(default, (tuple, dict)):
+        return json.dumps(list(default) if isinstance(default, tuple) else default)
+    return str(default)
+
+
+def config_parameters(cls: type) -> list[inspect.Parameter]:
+    """One typer option per field of `cls` that is not a section: `--field-name VALUE`, or
+    `--x/--no-x` for a bool. Each defaults to None (not given), so that the config file's value, or
+    else the dataclass default, stands; the value's text is converted by the config (`resolve`), which
+    names the field in its one-line error."""
+    types_ = field_types(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("section"):
+            continue
+        name = f.metadata.get("flag") or f.name.replace("_", "-")
+        help_ = f.metadata["help"]
+        if (default := _default_text(f)) is not None:
+            help_ += f" [default: {default}]"
+        help_ = help_.replace("[", "\\[")  # rich markup: a literal [
+        if _is_bool(types_[f.name]):
+            info = typer.Option(f"--{name}/--no-{name}", help=help_, show_default=False)
+            annotation: Any = Annotated[bool | None, info]
+        else:
+            info = typer.Option(f"--{name}", help=help_, metavar=_metavar(types_[f.name]), show_default=False)
+            annotation = Annotated[str | None, info]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+    return params
+
+
+def _set_help(cls: type) -> str:
+    sections = [f for f in dataclasses.fields(cls) if f.metadata.get("section")]
+    text = ("Override any config key: --set key=value, the value read as YAML (dotted keys for sections, e.g. "
+            "--set recipe.global_size=[128,64]). Repeatable; applied last.")
+    for f in sections:
+        keys = ", ".join(g.name for g in dataclasses.fields(field_types(cls)[f.name]))
+        text += f" Section {f.name} ({f.metadata['help'].rstrip('.').lower()}): {keys}."
+    return text
+
+
+def config_from_options(cls: type, options: dict[str, Any]) -> Any:
+    """The config of class `cls` that a command's parsed options give; takes the config's own options
+    (one per field, `config`, `set_`) out of `options`, leaving the command's."""
+    flags = {f.name: options.pop(f.name) for f in dataclasses.fields(cls) if not f.metadata.get("section")}
+    config, sets = options.pop("config"), options.pop("set_")
+    return resolve(cls, str(config) if config else None, flags, sets or [])
+
+
+def config_command(cls: type) -> Callable[[Callable], Callable]:
+    """Give a command `fn(cfg, **own_options)` the options of config dataclass `cls`, `--config FILE`
+    and `--set key=value`; it is called with the config they resolve to (defaults < file < flags <
+    --set)."""
+
+    def decorate(fn: Callable) -> Callable:
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in list(sig.parameters.values())[1:]]
+        config_opt = inspect.Parameter(
+            "config", inspect.Parameter.KEYWORD_ONLY, default=None,
+            annotation=Annotated[Path | None, typer.Option("--config", help="YAML or TOML file of config keys; "
+                                                           "flags and --set override it.")])
+        set_opt = inspect.Parameter(
+            "set_", inspect.Parameter.KEYWORD_ONLY, default=None,
+            annotation=Annotated[list[str] | None, typer.Option("--set", help=_set_help(cls))])
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            return fn(config_from_options(cls, kwargs), **kwargs)
+
+        wrapper.__signature__ = sig.replace(  # type: ignore[attr-defined]
+            parameters=[*config_parameters(cls), config_opt, set_opt, *own], return_annotation=None)
+        return wrapper
+
+    return decorate
+
+
 @app.command("cache-teacher")
 @user_errors
+@config_command(CacheConfig)
 def cache_teacher(
-    corpus: Annotated[str | None, typer.Option(help="Folder of images, a .txt list of paths, or WebDataset "
-                                               ".tar shards (path, glob, {a..b}, fsspec URL).")] = None,
-    out: Annotated[str | None, typer.Option(help="Store to create, or to resume if it exists.")] = None,
-    teacher: Annotated[str | None, typer.Option(help="Preset (path-b, efficientnet-lite2) or a timm model "
-                                                "name. \\[default: efficientnet-lite2]")] = None,
-    teacher_checkpoint: Annotated[str | None, typer.Option(help="Teacher weights file (PATH-B .pth, "
-                                                           "timm state dict).")] = None,
-    teacher_layer: Annotated[int | None, typer.Option(help="Use the output of ViT block i instead of the "
-                                                      "final normalised tokens.")] = None,
-    random_init: Annotated[bool | None, typer.Option("--random-init", help="Allow a randomly initialised "
-                                                     "teacher (tests and benchmarks only).")] = None,
-    views: Annotated[int | None, typer.Option(help="K: replayable views cached per image. \\[default: 4]")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float16, bfloat16, int8 (per-token scale) or float32. "
-                                              "\\[default: float16]")] = None,
-    shard_size: Annotated[int | None, typer.Option(help="Images per shard (unit of work and resume). "
-                                                   "\\[default: 256]")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the view parameters. \\[default: 0]")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Views per teacher forward. \\[default: 32]")] = None,
-    workers: Annotated[int | None, typer.Option(help="Local dask worker processes, one per GPU. "
-                                                "\\[default: 1]")] = None,
-    scheduler: Annotated[str | None, typer.Option(help="Address of a running dask scheduler "
-                                                  "(tcp://host:8786).")] = None,
-    slurm: Annotated[bool | None, typer.Option("--slurm", help="Start dask workers on SLURM through "
-                                               "dask-jobqueue; see --set slurm.partition=..., slurm.jobs, "
-                                               "slurm.gpus_per_job, slurm.walltime.")] = None,
-    shards: Annotated[str | None, typer.Option(help="Run only shards A:B in this process, without dask "
-                                               "(SLURM array jobs).")] = None,
-    strict: Annotated[bool | None, typer.Option("--strict", help="Fail on the first bad image instead of "
-                                                "skipping and recording it.")] = None,
-    no_embed_images: Annotated[bool, typer.Option("--no-embed-images", help="Reference the corpus instead of "
-                                                  "copying images into the store.")] = False,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: auto]")] = None,
+    cfg: CacheConfig,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Time the teacher on a few images and print the "
                                           "store size and run time; with --slurm also the job script.")] = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (nor, in a log, progress "
                                         "lines).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary (or dry-run) as JSON.")] = False,
@@ -134,19 +226,11 @@ def cache_teacher(
     Rerunning the same command resumes: finished shards are skipped. A rerun with another teacher,
     recipe, seed, K, dtype, batch size, max_pixels or device is refused.
     """
-    from dpal.config import CacheConfig, resolve
-
     _setup_logging(False)
-    flags = dict(corpus=corpus, out=out, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
-                 teacher_layer=teacher_layer, random_init=random_init, views=views, dtype=dtype,
-                 shard_size=shard_size, seed=seed, batch_size=batch_size, workers=workers, scheduler=scheduler,
-                 use_slurm=slurm, shards=shards, strict=strict, device=device,
-                 embed_images=False if no_embed_images else None)
-    cfg = resolve(CacheConfig, str(config) if config else None, flags, set_ or [])
     if not cfg.corpus:
-        raise ValueError("--corpus is required (a folder of images, a .txt list, or .tar shards)")
+        raise ConfigError("--corpus is required (a folder of images, a .txt list, or .tar shards)")
     if not dry_run and not cfg.out:
-        raise ValueError("--out is required (the store to create or resume)")
+        raise ConfigError("--out is required (the store to create or resume)")
     from dpal.pipeline.engine import dry_run as do_dry_run
     from dpal.pipeline.engine import run_cache, slurm_cluster
 
@@ -263,36 +347,9 @@ def store_verify_cmd(
 
 @app.command("distill")
 @user_errors
+@config_command(DistillConfig)
 def distill(
-    store: Annotated[str | None, typer.Option(help="Store written by `dpal cache-teacher`.")] = None,
-    out: Annotated[str | None, typer.Option(help="Run directory: checkpoints/, metrics.jsonl, config.yaml.")] = None,
-    student: Annotated[str | None, typer.Option(help="dpal_vit_tiny (the paper's) or any timm ViT name. "
-                                                "\\[default: dpal_vit_tiny]")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Schedule length in epochs. \\[default: 200]")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Stop at this step without changing the schedule; "
-                                                  "a later run resumes.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per rank per step. \\[default: 256]")] = None,
-    base_lr: Annotated[float | None, typer.Option(help="LR per 256 images; scaled by the global batch. "
-                                                  "\\[default: 2.5e-4]")] = None,
-    warmup_epochs: Annotated[float | None, typer.Option(help="Linear warmup, in epochs. \\[default: 10]")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per step. \\[default: 1]")] = None,
-    num_workers: Annotated[int | None, typer.Option(
-        help="DataLoader worker processes that decode and replay the views. \\[default: 2 on CPU; on a GPU, "
-             "the CPUs per local rank minus one, at most 16]")] = None,
-    resume: Annotated[str | None, typer.Option(help="auto (newest checkpoint in --out), PATH, or none "
-                                               "(refused where --out holds a run; see --fresh). "
-                                               "\\[default: auto]")] = None,
-    fresh: Annotated[bool | None, typer.Option("--fresh", help="Start over where --out holds a run: move that "
-                                               "run aside whole to OUT.old-<UTC time> first.")] = None,
-    online_teacher: Annotated[bool | None, typer.Option("--online-teacher", help="Run the teacher in the loop "
-                                                        "on the same replayed views instead of reading "
-                                                        "its targets.")] = None,
-    allow_incomplete: Annotated[bool | None, typer.Option("--allow-incomplete", help="Train on the finished "
-                                                          "shards of an incomplete store.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of init, sampler and local crops. \\[default: 0]")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. \\[default: auto]")] = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
+    cfg: DistillConfig,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress lines.")] = False,
 ) -> None:
     """Stage two: train the student and D-PaDe on the store's targets (global, local, relation).
@@ -301,17 +358,11 @@ def distill(
     SIGTERM or SIGUSR1 checkpoints at the next step and exits 0; Ctrl-C (SIGINT) does the same and
     exits 130. Under `torchrun --nproc-per-node N` each rank trains on its own slice of every batch.
     """
-    from dpal.config import DistillConfig, resolve
     from dpal.trainer.train import train
 
     _setup_logging(False)
-    flags = dict(store=store, out=out, student=student, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                 base_lr=base_lr, warmup_epochs=warmup_epochs, grad_accum=grad_accum, num_workers=num_workers,
-                 resume=resume, fresh=fresh, online_teacher=online_teacher, allow_incomplete=allow_incomplete, seed=seed,
-                 device=device)
-    cfg = resolve(DistillConfig, str(config) if config else None, flags, set_ or [])
     if not cfg.store or not cfg.out:
-        raise ValueError("--store and --out are required")
+        raise ConfigError("--store and --out are required")
     result = train(cfg, show_progress=not quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         if result.stopped_by_signal:
@@ -374,9 +425,9 @@ def eval_reid(
     from dpal.reid import format_table
 
     if image_size is not None and len(image_size) != 2:
-        raise ValueError("--image-size takes two values: --image-size H --image-size W")
+        raise ConfigError("--image-size takes two values: --image-size H --image-size W")
     if not (data / "query").is_dir() or not (data / "bounding_box_test").is_dir():
-        raise ValueError(f"--data {data} must hold query/ and bounding_box_test/ (Market-1501 layout)")
+        raise InputError(f"--data {data} must hold query/ and bounding_box_test/ (Market-1501 layout)")
     with torch.no_grad():
         emb = resolve_model(model, tuple(image_size) if image_size else None, random_init, teacher_checkpoint,
                             seed, feature)
@@ -392,7 +443,7 @@ def eval_reid(
 
 
 def main() -> None:
-    app()
+    app(prog_name="dpal")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""Typed, frozen run configuration for both stages: load YAML/TOML, apply overrides, validate, save.
+"""Typed, frozen run configuration for both stages: the one place each setting is stated.
 
-Precedence: dataclass defaults < `--config FILE` < command-line flags < `--set key=value`.
+Every field states its name, type, default, choices (a `Literal`) and help text once, here; the CLI
+(cli.py) builds its options from these fields, and `--config FILE` / `--set key=value` fill the same
+fields. Precedence: dataclass defaults < `--config FILE` < command-line flags < `--set key=value`.
 Nested sections use dotted keys (`--set recipe.global_size=[128,64]`, `--set slurm.partition=gpu`).
 Unknown keys are errors that list the known ones; a bad value names the field and the fix.
 """
@@ -8,121 +10,111 @@ Unknown keys are errors that list the known ones; a bad value names the field an
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from dpal.common import MAX_PIXELS, STORE_DTYPES, StoreDtype
+from dpal.errors import ConfigError
 from dpal.views import ViewRecipe
 
-DTYPES = ("float16", "bfloat16", "int8", "float32")
+DTYPES = STORE_DTYPES  # bench/bench_cache.py's name for them
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
+        flag: str | None = None, default_help: str | None = None) -> Any:
+    """A config field with its help text. `flag`: the CLI option's name when it is not the field's
+    (`--slurm` for `use_slurm`); `default_help`: what --help says for a default computed at run time."""
+    meta = {"help": help, "flag": flag, "default_help": default_help}
+    return field(default=default, default_factory=factory, metadata=meta)
+
+
+def section(cls: type, help: str) -> Any:
+    """A nested config section: no option of its own, its keys are set with `--set name.key=value`."""
+    return field(default_factory=cls, metadata={"help": help, "section": True})
 
 
 @dataclass(frozen=True)
 class SlurmConfig:
     """Stage-one workers on SLURM through dask-jobqueue (one worker per GPU)."""
 
-    partition: str | None = None
-    """SLURM partition (queue)."""
-    account: str | None = None
-    """SLURM account to charge."""
-    jobs: int = 1
-    """Number of SLURM jobs, each running one dask worker with one GPU."""
-    gpus_per_job: int = 1
-    """GPUs requested per job (one worker uses one)."""
-    cores: int = 8
-    """CPU cores per job (decoding and views)."""
-    memory: str = "32GB"
-    """Memory per job."""
-    walltime: str = "04:00:00"
-    """Walltime per job; shards left over are picked up by a rerun."""
-    job_extra: tuple[str, ...] = ()
-    """Extra #SBATCH directives, e.g. ["--constraint=a100"]."""
+    partition: str | None = opt(None, "SLURM partition (queue).")
+    account: str | None = opt(None, "SLURM account to charge.")
+    jobs: int = opt(1, "Number of SLURM jobs, each running one dask worker with one GPU.")
+    gpus_per_job: int = opt(1, "GPUs requested per job (one worker uses one).")
+    cores: int = opt(8, "CPU cores per job (decoding and views).")
+    memory: str = opt("32GB", "Memory per job.")
+    walltime: str = opt("04:00:00", "Walltime per job; shards left over are picked up by a rerun.")
+    job_extra: tuple[str, ...] = opt((), 'Extra #SBATCH directives, e.g. ["--constraint=a100"].')
 
     def __post_init__(self) -> None:
         if self.jobs < 1 or self.gpus_per_job < 0 or self.cores < 1:
-            raise ValueError("slurm.jobs and slurm.cores must be >= 1 and slurm.gpus_per_job >= 0")
+            raise ConfigError("slurm.jobs and slurm.cores must be >= 1 and slurm.gpus_per_job >= 0")
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     """`dpal cache-teacher`: run the teacher once over a corpus and write the store."""
 
-    corpus: str = ""
-    """Folder of images, .txt list of image paths, or WebDataset .tar shards (glob, {a..b}, URL)."""
-    out: str = ""
-    """Store path (created; rerunning the same command resumes it)."""
-    teacher: str = "efficientnet-lite2"
-    """Teacher preset (path-b, efficientnet-lite2) or any timm model name."""
-    teacher_checkpoint: str | None = None
-    """Teacher weights file (required for path-b and plain timm names)."""
-    teacher_arch: str | None = None
-    """Override the timm architecture of a preset (e.g. a smaller ViT in PATH layout)."""
-    teacher_layer: int | None = None
-    """None: final normalised tokens; i: output of ViT block i (see docs/store.md)."""
-    teacher_global_token: str = "auto"
-    """auto: the teacher's CLS token where it has one, else the mean patch token; mean: always the mean."""
-    random_init: bool = False
-    """Allow a teacher without weights, randomly initialised (tests and benchmarks only)."""
-    random_init_seed: int = 0
-    """Seed of the random teacher init, so that stage two can rebuild it for --online-teacher."""
-    views: int = 4
-    """K: replayable augmented views cached per image."""
-    dtype: str = "float16"
-    """Stored feature dtype: float16, bfloat16 (as uint16), int8 (per-token scale) or float32."""
-    shard_size: int = 256
-    """Images per store shard: the unit of work, of writing and of resume."""
-    seed: int = 0
-    """Seed of the view parameters (with each image's key and view index)."""
-    batch_size: int = 32
-    """Views per teacher forward."""
-    workers: int = 1
-    """Local dask worker processes (one per GPU on a GPU machine)."""
-    threads_per_worker: int = 0
-    """Torch threads per worker; 0 = cores / workers."""
-    replay_threads: int = 0
-    """Threads per worker that replay views ahead of the teacher; 0 = the worker's threads when the
-    teacher runs on a GPU, 1 when it runs on the CPU (its forward already uses every core)."""
-    scheduler: str | None = None
-    """Address of a running dask scheduler to use instead of a local cluster."""
-    use_slurm: bool = False
-    """Start workers on SLURM through dask-jobqueue (see the slurm section)."""
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
-    shards: str | None = None
-    """Run only shards A:B in this process, without dask (for SLURM array jobs)."""
-    strict: bool = False
-    """Fail on the first bad corpus image instead of skipping and recording it."""
-    embed_images: bool = True
-    """Copy source images into WebDataset tars beside the features (stage two then needs only the store)."""
-    max_pixels: int = 64_000_000
-    """Images declaring more pixels are skipped as decompression bombs."""
-    device: str = "auto"
-    """auto (cuda if available), cpu or cuda[:i]."""
-    progress_seconds: float = 60.0
-    """Seconds between plain progress lines when stderr is not a terminal (a batch job's log)."""
-    recipe: ViewRecipe = field(default_factory=ViewRecipe)
+    corpus: str = opt("", "Folder of images, a .txt list of image paths, or WebDataset .tar shards (path, "
+                      "glob, {a..b}, fsspec URL).")
+    out: str = opt("", "Store to create, or to resume if it exists (rerunning the same command resumes).")
+    teacher: str = opt("efficientnet-lite2", "Teacher preset (path-b, efficientnet-lite2) or any timm model "
+                       "name.")
+    teacher_checkpoint: str | None = opt(None, "Teacher weights file (PATH-B .pth, timm state dict); "
+                                         "required for path-b and plain timm names.")
+    teacher_arch: str | None = opt(None, "Override the timm architecture of a preset (e.g. a smaller ViT in "
+                                   "PATH layout).")
+    teacher_layer: int | None = opt(None, "Use the output of ViT block i (negative counts from the end) "
+                                    "instead of the final normalised tokens (see docs/store.md).")
+    teacher_global_token: Literal["auto", "mean"] = opt("auto", "auto: the teacher's CLS token where it has "
+                                                        "one, else the mean patch token; mean: always the mean.")
+    random_init: bool = opt(False, "Allow a teacher without weights, randomly initialised (tests and "
+                            "benchmarks only).")
+    random_init_seed: int = opt(0, "Seed of the random teacher init, so that stage two can rebuild it for "
+                                "--online-teacher.")
+    views: int = opt(4, "K: replayable augmented views cached per image.")
+    dtype: StoreDtype = opt("float16", "Stored feature dtype: bfloat16 is stored as uint16, int8 with a "
+                       "per-token scale.")
+    shard_size: int = opt(256, "Images per store shard: the unit of work, of writing and of resume.")
+    seed: int = opt(0, "Seed of the view parameters (with each image's key and view index).")
+    batch_size: int = opt(32, "Views per teacher forward.")
+    workers: int = opt(1, "Local dask worker processes (one per GPU on a GPU machine).")
+    threads_per_worker: int = opt(0, "Torch threads per worker; 0 = cores / workers.")
+    replay_threads: int = opt(0, "Threads per worker that replay views ahead of the teacher; 0 = the "
+                              "worker's threads when the teacher runs on a GPU, 1 when it runs on the CPU "
+                              "(its forward already uses every core).")
+    scheduler: str | None = opt(None, "Address of a running dask scheduler (tcp://host:8786) to use "
+                                "instead of a local cluster.")
+    use_slurm: bool = opt(False, "Start dask workers on SLURM through dask-jobqueue; see --set "
+                          "slurm.partition=..., slurm.jobs, slurm.gpus_per_job, slurm.walltime.", flag="slurm")
+    slurm: SlurmConfig = section(SlurmConfig, "SLURM jobs for --slurm.")
+    shards: str | None = opt(None, "Run only shards A:B in this process, without dask (SLURM array jobs).")
+    strict: bool = opt(False, "Fail on the first bad corpus image instead of skipping and recording it.")
+    embed_images: bool = opt(True, "Copy source images into WebDataset tars beside the features (stage two "
+                             "then needs only the store); --no-embed-images references the corpus instead.")
+    max_pixels: int = opt(MAX_PIXELS, "Images declaring more pixels are skipped as decompression bombs.")
+    device: str = opt("auto", "auto (cuda if available), cpu or cuda[:i].")
+    progress_seconds: float = opt(60.0, "Seconds between plain progress lines when stderr is not a terminal "
+                                  "(a batch job's log).")
+    recipe: ViewRecipe = section(ViewRecipe, "Sizes and augmentation ranges of the views.")
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.views < 1:
-            raise ValueError(f"views must be >= 1, got {self.views}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+            raise ConfigError(f"views must be >= 1, got {self.views}")
         if self.shard_size < 1 or self.batch_size < 1 or self.workers < 1:
-            raise ValueError("shard_size, batch_size and workers must be >= 1")
+            raise ConfigError("shard_size, batch_size and workers must be >= 1")
         if self.shards is not None:
             shard_slice(self.shards, 10**12)
         for hw in (self.recipe.global_size, self.recipe.crowd_size):
             if hw[0] % 16 or hw[1] % 16:
-                raise ValueError(f"recipe sizes must be multiples of 16 (the patch), got {hw}")
-
-    @property
-    def is_distributed(self) -> bool:
-        return self.shards is None
+                raise ConfigError(f"recipe sizes must be multiples of 16 (the patch), got {hw}")
 
 
 def shard_slice(spec: str, num_shards: int) -> range:
@@ -132,9 +124,9 @@ def shard_slice(spec: str, num_shards: int) -> range:
         start = int(a) if a else 0
         stop = int(b) if b else num_shards
     except ValueError:
-        raise ValueError(f"--shards {spec!r} must look like A:B (e.g. 0:10, 5:, :3)") from None
+        raise ConfigError(f"--shards {spec!r} must look like A:B (e.g. 0:10, 5:, :3)") from None
     if start < 0 or stop < start:
-        raise ValueError(f"--shards {spec!r}: need 0 <= A <= B")
+        raise ConfigError(f"--shards {spec!r}: need 0 <= A <= B")
     return range(start, min(stop, num_shards))
 
 
@@ -142,159 +134,180 @@ def shard_slice(spec: str, num_shards: int) -> range:
 class DistillConfig:
     """`dpal distill`: train the student and D-PaDe against a store."""
 
-    store: str = ""
-    """Store written by `dpal cache-teacher`."""
-    out: str = ""
-    """Run directory: checkpoints, metrics.jsonl, config.yaml."""
-    student: str = "dpal_vit_tiny"
-    """dpal_vit_tiny (the paper's student) or any timm ViT name."""
-    student_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra timm.create_model arguments for the student, e.g. {depth: 2} (recorded for export)."""
-    epochs: int = 200
-    """Length of the schedule (warmup + cosine)."""
-    max_steps: int | None = None
-    """Stop at this optimizer step without changing the schedule (resume continues it)."""
-    batch_size: int = 256
-    """Images per rank per optimizer step (before accumulation)."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step; each rank's step sees batch_size images in total."""
-    base_lr: float = 2.5e-4
-    """Learning rate per 256 images; lr = base_lr * global_batch / 256."""
-    min_lr: float = 0.0
-    """Floor of the cosine decay."""
-    warmup_epochs: float = 10.0
-    """Linear warmup length (per step)."""
-    weight_decay: float = 0.05
-    """AdamW weight decay (none on 1-D parameters and biases)."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
-    seed: int = 0
-    """Seed of the sampler, the fresh local crops and the init."""
-    num_workers: int | None = None
-    """DataLoader worker processes (forkserver) that decode and replay views; 0 decodes in the main
-    process. None: 2 on CPU; on a GPU, the CPUs each local rank may use minus one, at most 16."""
-    resume: str = "auto"
-    """auto (newest complete checkpoint in out/), a checkpoint path, or none (refused where out/ holds a
-    run: see fresh)."""
-    fresh: bool = False
-    """Start over where out/ holds a run: move that run aside whole (to OUT.old-<UTC time>) first."""
-    keep_last: int = 3
-    """Whole checkpoints kept in out/checkpoints (the newest; each can resume the run)."""
-    keep_weights_only_older: int = 0
-    """Of the checkpoints older than those, how many to keep reduced to the student's weights
-    (step-N.student.pt: for export and evaluation, not for resuming); 0 deletes them."""
-    checkpoint_every: int = 500
-    """Steps between checkpoints (plus one at the end and on SIGTERM/SIGUSR1)."""
-    log_every: int = 10
-    """Steps between metric lines."""
-    progress_seconds: float = 60.0
-    """Seconds between plain progress lines on stderr when it is not a terminal (a batch job's log);
-    0 prints one per step. On a terminal a progress bar is drawn instead."""
-    online_teacher: bool = False
-    """Compute the targets with the teacher in the loop (same replayed views) instead of the store."""
-    fix_mask_sign: bool = True
-    """Orient the PCA shape mask so the image centre scores higher than its border (documented deviation)."""
-    dpade_scale: float = 1.0 / 256.0
-    """D-PaDe expert mixing scale (the paper's 1/256, its per-GPU batch)."""
-    l2_weight: float = 0.025
-    """Weight of the expert Frobenius regulariser."""
-    recompute: bool | None = None
-    """Recompute the step's largest activations in the backward pass instead of keeping them (D-PaDe's
-    expert generator, the student's MLP GELUs): measured on CPU, 74.7 instead of 98.4 MiB per image
-    for about 7% more time per step. None: yes on CUDA (memory traffic bounds the step there), no on
-    CPU (matrix products bound it). Same values either way."""
-    allow_incomplete: bool = False
-    """Train on the finished shards of an incomplete store."""
-    device: str = "auto"
-    """auto, cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK."""
-    recipe_local_size: tuple[int, int] | None = None
-    """Override the local crop size (default: the store's recipe)."""
+    store: str = opt("", "Store written by `dpal cache-teacher`.")
+    out: str = opt("", "Run directory: checkpoints/, metrics.jsonl, config.yaml.")
+    student: str = opt("dpal_vit_tiny", "dpal_vit_tiny (the paper's student) or any timm ViT name.")
+    student_kwargs: dict[str, Any] = opt(help="Extra timm.create_model arguments for the student, e.g. "
+                                         "{depth: 2} (recorded for export).", factory=dict)
+    epochs: int = opt(200, "Length of the schedule in epochs (warmup + cosine).")
+    max_steps: int | None = opt(None, "Stop at this optimizer step without changing the schedule; a later "
+                                "run resumes.")
+    batch_size: int = opt(256, "Images per rank per optimizer step (before accumulation).")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step; each rank's step sees batch_size images in "
+                          "total.")
+    base_lr: float = opt(2.5e-4, "Learning rate per 256 images; lr = base_lr * global_batch / 256.")
+    min_lr: float = opt(0.0, "Floor of the cosine decay.")
+    warmup_epochs: float = opt(10.0, "Linear warmup length in epochs (applied per step).")
+    weight_decay: float = opt(0.05, "AdamW weight decay (none on 1-D parameters and biases).")
+    betas: tuple[float, float] = opt((0.9, 0.95), "AdamW betas.")
+    seed: int = opt(0, "Seed of the sampler, the fresh local crops and the init.")
+    num_workers: int | None = opt(None, "DataLoader worker processes (forkserver) that decode and replay "
+                                  "the views; 0 decodes in the main process.",
+                                  default_help="2 on CPU; on a GPU, the CPUs per local rank minus one, at "
+                                  "most 16")
+    resume: str = opt("auto", "auto (newest complete checkpoint in --out), a checkpoint PATH, or none "
+                      "(refused where --out holds a run: see --fresh).")
+    fresh: bool = opt(False, "Start over where --out holds a run: move that run aside whole (to "
+                      "OUT.old-<UTC time>) first.")
+    keep_last: int = opt(3, "Whole checkpoints kept in out/checkpoints (the newest; each can resume the run).")
+    keep_weights_only_older: int = opt(0, "Of the checkpoints older than those, how many to keep reduced to "
+                                       "the student's weights (step-N.student.pt: for export and evaluation, "
+                                       "not for resuming); 0 deletes them.")
+    checkpoint_every: int = opt(500, "Steps between checkpoints (plus one at the end and on "
+                                "SIGTERM/SIGUSR1).")
+    log_every: int = opt(10, "Steps between metric lines.")
+    progress_seconds: float = opt(60.0, "Seconds between plain progress lines on stderr when it is not a "
+                                  "terminal (a batch job's log); 0 prints one per step. On a terminal a "
+                                  "progress bar is drawn instead.")
+    online_teacher: bool = opt(False, "Run the teacher in the loop on the same replayed views instead of "
+                               "reading its targets from the store.")
+    fix_mask_sign: bool = opt(True, "Orient the PCA shape mask so the image centre scores higher than its "
+                              "border (documented deviation).")
+    dpade_scale: float = opt(1.0 / 256.0, "D-PaDe expert mixing scale (the paper's 1/256, its per-GPU "
+                             "batch).")
+    l2_weight: float = opt(0.025, "Weight of the expert Frobenius regulariser.")
+    recompute: bool | None = opt(None, "Recompute the step's largest activations in the backward pass "
+                                 "instead of keeping them (D-PaDe's expert generator, the student's MLP "
+                                 "GELUs): measured on CPU, 74.7 instead of 98.4 MiB per image for about 7% "
+                                 "more time per step. Same values either way.",
+                                 default_help="yes on CUDA (memory traffic bounds the step there), no on CPU "
+                                 "(matrix products bound it)")
+    allow_incomplete: bool = opt(False, "Train on the finished shards of an incomplete store.")
+    device: str = opt("auto", "auto, cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK.")
+    recipe_local_size: tuple[int, int] | None = opt(None, "Override the local crop size (H, W), e.g. "
+                                                    "[64, 48].", default_help="the store's recipe")
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("epochs, batch_size and grad_accum must be >= 1")
+            raise ConfigError("epochs, batch_size and grad_accum must be >= 1")
         if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
+            raise ConfigError(f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError("max_steps must be >= 1")
+            raise ConfigError("max_steps must be >= 1")
         if self.keep_last < 1 or self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError("keep_last, checkpoint_every and log_every must be >= 1")
+            raise ConfigError("keep_last, checkpoint_every and log_every must be >= 1")
         if self.keep_weights_only_older < 0 or self.progress_seconds < 0:
-            raise ValueError("keep_weights_only_older and progress_seconds must be >= 0")
+            raise ConfigError("keep_weights_only_older and progress_seconds must be >= 0")
         if self.num_workers is not None and self.num_workers < 0:
-            raise ValueError("num_workers must be >= 0 (or none for the default)")
+            raise ConfigError("num_workers must be >= 0 (or none for the default)")
         if self.fresh and self.resume not in ("auto", "none"):
-            raise ValueError(f"--fresh starts over; it cannot resume from {self.resume} (drop one of them)")
+            raise ConfigError(f"--fresh starts over; it cannot resume from {self.resume} (drop one of them)")
+
+
+# ---------------------------------------------------------------- field types and choices
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """{field name: its resolved type} of dataclass `cls`."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def choices(tp: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a `Literal[...]` type (or of `Literal[...] | None`); None for any other type."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            if (found := choices(a)) is not None:
+                return found
+    return None
+
+
+def check_choices(cfg: Any, prefix: str = "") -> None:
+    """Every `Literal` field of `cfg` holds one of its choices, however the config was built."""
+    for name, tp in field_types(type(cfg)).items():
+        allowed, value = choices(tp), getattr(cfg, name)
+        if allowed is not None and value not in allowed and value is not None:
+            raise ConfigError(f"{prefix}{name} {value!r} is not one of {', '.join(map(str, allowed))}")
 
 
 # ---------------------------------------------------------------- loading and overrides
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
 def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Convert a parsed value (YAML scalar/list/dict) to the field type `tp`."""
-    origin = typing.get_origin(tp)
+    """Convert a parsed value (a YAML scalar, list or mapping, or a flag's text) to the field type `tp`.
+    A text given for a number, list or mapping is read as YAML first."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _coerce(value, args[0], name)
+        return _coerce(value, next(a for a in args if a is not type(None)), name)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ValueError(f"{name} must be a mapping")
+            raise ConfigError(f"{name} must be a mapping")
         return build(tp, value, prefix=name + ".")
+    if origin is Literal or tp is str:
+        return str(value)  # a Literal's choices are checked where the config is built (check_choices)
+    if isinstance(value, str) and (origin in (dict, tuple) or tp in (int, float)):
+        value = _yaml_value(value, name) if origin in (dict, tuple) else _number_text(value, name)
     if origin is dict:
-        if isinstance(value, str):
-            value = _yaml_value(value, name)
         if not isinstance(value, dict):
-            raise ValueError(f"{name} must be a mapping, e.g. {{depth: 2}}")
+            raise ConfigError(f"{name} must be a mapping, e.g. {{depth: 2}}")
         return dict(value)
     if origin is tuple:
-        if isinstance(value, str):
-            value = _yaml_value(value, name)
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name} must be a list, e.g. [256, 128]")
-        args = typing.get_args(tp)
+            raise ConfigError(f"{name} must be a list, e.g. [256, 128]")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], name) for v in value)
         if len(args) != len(value):
-            raise ValueError(f"{name} needs {len(args)} values, got {len(value)}")
+            raise ConfigError(f"{name} needs {len(args)} values, got {len(value)}")
         return tuple(_coerce(v, a, name) for v, a in zip(value, args, strict=True))
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):  # --set strict=1 arrives as YAML's int 1
-            return bool(value)
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        raise ValueError(f"{name} must be true or false, got {value!r}")
+        return _bool(value, name)
     if tp in (int, float):
-        if isinstance(value, bool):
-            raise ValueError(f"{name} must be a number, got {value!r}")
-        try:
-            v = tp(value) if not isinstance(value, str) else tp(_yaml_value(value, name))
-        except (TypeError, ValueError, OverflowError):  # OverflowError: int(1e400), int(inf)
-            raise ValueError(f"{name} must be {'an integer' if tp is int else 'a number'}, got {value!r}") from None
-        if tp is int and isinstance(value, float) and value != int(value):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-        return v
-    if tp is str:
-        return str(value)
+        return _number(value, tp, name)
     return value
 
 
+def _bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):  # --set strict=1 arrives as YAML's int 1
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return value.lower() in ("true", "1", "yes", "on")
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def _number_text(text: str, name: str) -> Any:
+    """A number's text as YAML reads it (1e3 stays text, which int() and float() then judge)."""
+    value = _yaml_value(text, name)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else text
+
+
+def _number(value: Any, tp: type, name: str) -> int | float:
+    what = "an integer" if tp is int else "a number"
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    try:
+        v = tp(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(1e400), int(inf)
+        raise ConfigError(f"{name} must be {what}, got {value!r}") from None
+    if tp is int and isinstance(value, float) and value != v:
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    return v
+
+
 def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from a (nested) mapping; unknown keys raise ValueError."""
-    types_ = _field_types(cls)
+    """Build dataclass `cls` from a (nested) mapping; unknown keys raise ConfigError."""
+    types_ = field_types(cls)
     unknown = sorted(set(values) - set(types_))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown config key {prefix + unknown[0]!r}; known keys: {', '.join(prefix + k for k in types_)}"
         )
     kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in values.items()}
@@ -311,35 +324,35 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def _yaml_value(text: str, where: str) -> Any:
-    """`text` parsed as YAML; a syntax error is a one-line ValueError naming `where` and the spot."""
+    """`text` parsed as YAML; a syntax error is a one-line ConfigError naming `where` and the spot."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ValueError(f"{where} is not valid YAML{at}: {problem}") from None
+        raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from None
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"config file {p} not found")
+        raise ConfigError(f"config file {p} not found")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ValueError(f"config file {p} is not UTF-8 text (YAML or TOML expected)") from None
+        raise ConfigError(f"config file {p} is not UTF-8 text (YAML or TOML expected)") from None
     if p.suffix == ".toml":
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"config file {p} is not valid TOML: {e}") from None
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
     else:
         data = _yaml_value(text, f"config file {p}")
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"config file {p} must hold a mapping of keys to values")
+        raise ConfigError(f"config file {p} must hold a mapping of keys to values")
     return data
 
 
@@ -348,7 +361,7 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     for p in parts[:-1]:
         d = d.setdefault(p, {})
         if not isinstance(d, dict):
-            raise ValueError(f"--set {dotted}: {p} is not a section")
+            raise ConfigError(f"--set {dotted}: {p} is not a section")
     d[parts[-1]] = value
 
 
@@ -357,7 +370,7 @@ def parse_sets(sets: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for s in sets:
         if "=" not in s:
-            raise ValueError(f"--set {s!r} must look like key=value")
+            raise ConfigError(f"--set {s!r} must look like key=value")
         k, v = s.split("=", 1)
         _set_dotted(out, k.strip(), _yaml_value(v, f"--set {s}") if v.strip() else "")
     return out
@@ -380,7 +393,3 @@ def resolve(cls: type, config_file: str | None, flags: dict[str, Any], sets: lis
 
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def dump_json(cfg: Any) -> str:
-    return json.dumps(to_dict(cfg), sort_keys=False)

@@ -28,6 +28,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torch import Tensor
 
 from dpal.common import IMAGENET_MEAN, IMAGENET_STD
+from dpal.errors import ConfigError
 
 # One augmentation: a RandomResizedCrop box in source pixels, then flip, colour jitter (four factors
 # applied in the order o0..o3 when `jitter` is 1), grayscale, gaussian blur (sigma 0 = none),
@@ -90,19 +91,19 @@ class ViewRecipe:
         for name in ("global_size", "local_size", "crowd_size"):
             h, w = getattr(self, name)
             if h <= 0 or w <= 0:
-                raise ValueError(f"recipe.{name} must be positive, got {(h, w)}")
+                raise ConfigError(f"recipe.{name} must be positive, got {(h, w)}")
         ch, cw = self.crowd_size
         lh, lw = self.local_size
         # Two persons side by side, no horizontal overlap (method.md: A col in [0, Wc - 2w - 1)).
         if cw < 2 * lw + 2 or ch < lh + 2:
-            raise ValueError(
+            raise ConfigError(
                 f"recipe.crowd_size {self.crowd_size} cannot hold two {self.local_size} persons side by "
                 f"side; it needs width >= {2 * lw + 2} and height >= {lh + 2}"
             )
         for name in ("flip_p", "jitter_p", "gray_p", "global_blur_p", "local_blur_p", "crowd_blur_p",
                      "crowd_solarize_p", "person_alpha"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"recipe.{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"recipe.{name} must be in [0, 1], got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

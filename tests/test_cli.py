@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from dpal.cli import app
@@ -101,34 +102,47 @@ def _help_rows(command: str) -> dict[str, str]:
     return rows
 
 
-# Defaults that depend on the machine: the config holds None, --help states the rule.
-_RULE_DEFAULTS = {("distill", "num_workers"): "2 on CPU; on a GPU, the CPUs per local rank minus one"}
+# Defaults decided at run time: the config holds None, --help states the rule.
+_RULE_DEFAULTS = {("distill", "num_workers"): "2 on CPU; on a GPU, the CPUs per local rank minus one",
+                  ("distill", "recompute"): "yes on CUDA", ("distill", "recipe_local_size"): "the store's recipe"}
 
 
 @pytest.mark.parametrize(("command", "config"), [("cache-teacher", CacheConfig), ("distill", DistillConfig)])
 def test_help_defaults_are_the_config_defaults(command: str, config: type) -> None:
     # Every option named after a config field shows that field's default, read from config.py here,
     # so a default changed in the dataclass and not in the help text fails. Flags (bools), empty
-    # strings and None (no default) show none; sections (default_factory) have no plain option.
+    # strings and None (no default) show none; sections (recipe, slurm) have no option of their own.
     rows = _help_rows(command)
-    fields = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    fields = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+              for f in dataclasses.fields(config) if not f.metadata.get("section")}
+    flags = {f.metadata["flag"]: f.name for f in dataclasses.fields(config) if f.metadata.get("flag")}
+    rows = {flags.get(k, k): v for k, v in rows.items()}
+    assert fields.keys() <= rows.keys(), sorted(fields.keys() - rows.keys())  # every field has its option
     checked = []
-    for name in sorted(rows.keys() & fields.keys()):
+    for name in sorted(fields):
         default, rule = fields[name], _RULE_DEFAULTS.get((command, name))
-        match = re.search(r"\[default: ([^\]]*)\]", rows[name])
+        match = re.search(r"\[default: (\[[^\]]*\]|[^\]]*)\]", rows[name])  # a list's own brackets too
         if rule is not None:
             assert default is None and match and match.group(1).startswith(rule), (name, default, rows[name])
         elif default is None or isinstance(default, bool) or default == "":
             assert match is None, (name, default, rows[name])
-        else:  # parsed as the field's type: 2.5e-4 == 0.00025, 10 == 10.0
+        else:  # parsed as the field's type: 2.5e-4 == 0.00025, 10 == 10.0, [0.9, 0.95] == (0.9, 0.95)
             assert match, f"--help of {command} shows no default for {name} (config: {default!r})"
-            assert type(default)(match.group(1)) == default, (name, match.group(1), default)
+            shown = match.group(1)
+            if isinstance(default, (tuple, dict)):
+                assert yaml.safe_load(shown) == (list(default) if isinstance(default, tuple) else default), name
+            else:
+                assert type(default)(shown) == default, (name, shown, default)
             checked.append(name)
     # the options that must show a literal default, so that none is silently skipped above
     assert checked == {
-        "cache-teacher": ["batch_size", "device", "dtype", "seed", "shard_size", "teacher", "views", "workers"],
-        "distill": ["base_lr", "batch_size", "device", "epochs", "grad_accum", "resume", "seed", "student",
-                    "warmup_epochs"],
+        "cache-teacher": ["batch_size", "device", "dtype", "max_pixels", "progress_seconds", "random_init_seed",
+                          "replay_threads", "seed", "shard_size", "teacher", "teacher_global_token",
+                          "threads_per_worker", "views", "workers"],
+        "distill": ["base_lr", "batch_size", "betas", "checkpoint_every", "device", "dpade_scale", "epochs",
+                    "grad_accum", "keep_last", "keep_weights_only_older", "l2_weight", "log_every", "min_lr",
+                    "progress_seconds", "resume", "seed", "student", "student_kwargs", "warmup_epochs",
+                    "weight_decay"],
     }[command]
 
 
@@ -369,3 +383,166 @@ def test_dask_run_in_a_log_prints_progress_lines_and_closes_cleanly(tmp_path: Pa
     assert lines[-1].startswith("cache-teacher 13/13 images (100.0%)") and lines[-1].endswith("ETA 0:00:00")
     assert "loss" not in log
     assert "store complete" in r.stdout
+
+
+# ---------------------------------------------------------------- options generated from the config
+
+# Non-default values the generic rule in _other_value cannot find (validated fields, choices, mappings).
+_OTHER = {"shards": "1:2", "device": "cpu", "resume": "none", "dtype": "int8", "teacher_global_token": "mean",
+          "recipe.crowd_size": (240, 256), "slurm.job_extra": ("--constraint=a100",),
+          "recipe_local_size": (64, 48), "student_kwargs": {"depth": 2}}
+
+
+def _leaves(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, object]]:
+    """(dotted name, field, default) of every field of `cls`, sections' fields included."""
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.metadata.get("section") or (prefix and dataclasses.is_dataclass(default)):
+            yield from _leaves(type(default), prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f, default
+
+
+def _other_value(dotted: str, default: object) -> object:
+    if dotted in _OTHER:
+        return _OTHER[dotted]
+    if isinstance(default, bool) or default is None and dotted in ("recompute",):
+        return not default
+    if isinstance(default, int) or default is None and dotted in ("teacher_layer", "max_steps", "num_workers"):
+        return (default or 2) + 1
+    if isinstance(default, float):
+        return default / 2 if default else 0.5
+    if isinstance(default, tuple):
+        return tuple(v // 2 if isinstance(v, int) else v / 2 for v in default)
+    return f"{default}-x" if default else "x"  # a text, or a text that defaults to None
+
+
+def _as_text(value: object) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value) if isinstance(value, (tuple, dict)) \
+        else str(value)
+
+
+def _parse(command: str, args: list[str]) -> dict[str, object]:
+    """The options that `dpal COMMAND ARGS` parses to, through the real click command typer builds."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    return dict(group.commands[command].make_context(command, args).params)
+
+
+@pytest.mark.parametrize(("command", "config"), [("cache-teacher", CacheConfig), ("distill", DistillConfig)])
+def test_every_config_field_is_reachable_from_the_cli(command: str, config: type) -> None:
+    """Each field, a section's too, set alone to a value other than its default: a field's own option
+    (`--x VALUE`, `--x`/`--no-x`) for a top-level one, `--set section.key=VALUE` inside a section.
+    The config the CLI resolves differs from the default config in that one field, by that value."""
+    from dpal.cli import config_from_options
+
+    base = config()
+    leaves = list(_leaves(config))
+    assert len(leaves) == {"cache-teacher": 25 + 8 + 18, "distill": 30}[command]  # with slurm, recipe
+    for dotted, f, default in leaves:
+        value = _other_value(dotted, default)
+        assert value != default, dotted
+        if "." in dotted:
+            args = ["--set", f"{dotted}={_as_text(value)}"]
+            section, key = dotted.split(".")
+            expected = dataclasses.replace(base, **{section: dataclasses.replace(getattr(base, section), **{key: value})})
+        else:
+            flag = f.metadata.get("flag") or f.name.replace("_", "-")
+            args = [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}",
+                                                                                               _as_text(value)]
+            expected = dataclasses.replace(base, **{f.name: value})
+        options = _parse(command, args)
+        assert config_from_options(config, options) == expected, (dotted, args)
+        assert set(options) == {"cache-teacher": {"dry_run", "quiet", "as_json"}, "distill": {"quiet"}}[command]
+
+
+def test_flags_beat_the_config_file_and_set_beats_flags(tmp_path: Path) -> None:
+    from dpal.cli import config_from_options
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text("strict: true\nembed_images: false\nviews: 2\nseed: 5\nrecipe:\n  flip_p: 0.25\n")
+    cfg = config_from_options(CacheConfig, _parse("cache-teacher", ["--config", str(path)]))
+    assert (cfg.strict, cfg.embed_images, cfg.views, cfg.seed, cfg.recipe.flip_p) == (True, False, 2, 5, 0.25)
+    args = ["--config", str(path), "--no-strict", "--embed-images", "--views", "3", "--set", "views=4",
+            "--set", "recipe.flip_p=0.75"]
+    cfg = config_from_options(CacheConfig, _parse("cache-teacher", args))
+    assert (cfg.strict, cfg.embed_images, cfg.views, cfg.seed, cfg.recipe.flip_p) == (False, True, 4, 5, 0.75)
+    assert cfg.batch_size == 32 and cfg.recipe.jitter_p == 0.8  # neither given: the dataclass defaults
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--dtype", "fp8"], "error: dtype 'fp8' is not one of float16, bfloat16, int8, float32"),
+    (["--teacher-global-token", "cls"], "error: teacher_global_token 'cls' is not one of auto, mean"),
+    (["--set", "dtype=int4"], "error: dtype 'int4' is not one of float16, bfloat16, int8, float32"),
+    (["--views", "many"], "error: views must be an integer, got 'many'"),
+    (["--views", "2.5"], "error: views must be an integer, got 2.5"),
+    (["--views", "true"], "error: views must be an integer, got 'true'"),
+    (["--recipe", "x"], "No such option: --recipe"),  # a section has no option of its own
+])
+def test_bad_option_values_are_one_error_line(cli, tmp_path: Path, corpus_dir: Path, args: list[str],
+                                              needle: str) -> None:
+    result = cli("cache-teacher", "--corpus", corpus_dir, "--out", tmp_path / "store", *args)
+    if needle.startswith("No such option"):  # click's usage error: exit 2, no traceback
+        assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output
+        return
+    assert _assert_one_error_line(result) == needle
+    assert not (tmp_path / "store").exists()
+
+
+def test_version(cli) -> None:
+    from importlib.metadata import version
+
+    import dpal
+
+    result = cli("--version")
+    assert result.exit_code == 0 and result.stdout == f"dpal {version('dpal')}\n"
+    assert version("dpal") == dpal.__version__
+
+
+def test_python_dash_m_dpal(tmp_path: Path) -> None:
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    r = subprocess.run([sys.executable, "-m", "dpal", "--help"], capture_output=True, text=True, env=env,
+                       timeout=60, cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "Usage: dpal [OPTIONS] COMMAND" in r.stdout
+    for command in ("cache-teacher", "distill", "export", "store", "eval"):
+        assert command in r.stdout
+    r = subprocess.run([sys.executable, "-m", "dpal", "distill", "--store", str(tmp_path / "s")],
+                       capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", "error: --store and --out are required\n")
+
+
+_ERRORS_SCRIPT = """
+import sys
+import typer
+from dpal.cli import user_errors
+from dpal.errors import ConfigError
+
+app = typer.Typer(pretty_exceptions_enable=False)
+
+@app.command()
+@user_errors
+def run(kind: str) -> None:
+    if kind == "user":
+        raise ConfigError("views must be >= 1, got 0")
+    if kind == "file":
+        open(sys.argv[0] + ".missing")
+    {}["teacher"]  # a bug
+
+app()
+"""
+
+
+def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path: Path) -> None:
+    script = tmp_path / "errors_cli.py"
+    script.write_text(_ERRORS_SCRIPT)
+
+    def run(kind: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), kind], capture_output=True, text=True, timeout=60)
+
+    user, missing, bug = run("user"), run("file"), run("bug")
+    assert (user.returncode, user.stdout, user.stderr) == (2, "", "error: views must be >= 1, got 0\n")
+    assert (missing.returncode, missing.stderr) == (2, f"error: No such file or directory: {script}.missing\n")
+    assert bug.returncode == 1 and bug.stderr.startswith("Traceback (most recent call last):"), bug.stderr
+    assert bug.stderr.rstrip().endswith("KeyError: 'teacher'") and "errors_cli.py" in bug.stderr

@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpal.config import CacheConfig, build, dump_yaml, parse_sets, resolve, shard_slice, to_dict
+from dpal.config import (
+    CacheConfig,
+    DistillConfig,
+    build,
+    dump_yaml,
+    parse_sets,
+    resolve,
+    shard_slice,
+    to_dict,
+)
 from dpal.views import ViewRecipe
 
 
@@ -101,3 +110,51 @@ def test_shard_slice() -> None:
     assert shard_slice("3:100", 5) == range(3, 5)
     with pytest.raises(ValueError, match="0 <= A <= B"):
         shard_slice("4:2", 5)
+
+
+def test_choices_are_checked_however_the_config_is_built(tmp_path: Path) -> None:
+    """A Literal field refuses any other value, from a file, from --set or in Python, on one line
+    that names the choices; the error is a UserError (the CLI prints it) and still a ValueError."""
+    from dpal.errors import ConfigError, UserError
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text("teacher_global_token: cls\n")
+    for make in (lambda: resolve(CacheConfig, str(path), {}, []),
+                 lambda: resolve(CacheConfig, None, {}, ["teacher_global_token=cls"]),
+                 lambda: CacheConfig(teacher_global_token="cls")):
+        with pytest.raises(ConfigError) as e:
+            make()
+        assert str(e.value) == "teacher_global_token 'cls' is not one of auto, mean"
+        assert isinstance(e.value, UserError) and isinstance(e.value, ValueError)
+    assert resolve(CacheConfig, None, {"teacher_global_token": "mean"}, []).teacher_global_token == "mean"
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ({"views": "3", "teacher_layer": "-2", "seed": None}, {"views": 3, "teacher_layer": -2, "seed": 0}),
+    ({"progress_seconds": "1e-1", "teacher_layer": "none"}, {"progress_seconds": 0.1, "teacher_layer": None}),
+    ({"recipe": {"global_size": "[64, 32]"}, "strict": True}, {"strict": True}),
+])
+def test_flag_texts_are_read_as_the_field_type(flags: dict, expected: dict) -> None:
+    """A command-line flag's text (what typer hands over for every config option) becomes the field's
+    type; a None flag is one not given."""
+    cfg = resolve(CacheConfig, None, flags, [])
+    for k, v in expected.items():
+        assert getattr(cfg, k) == v and type(getattr(cfg, k)) is type(v), k
+    if "recipe" in flags:
+        assert cfg.recipe.global_size == (64, 32)
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    ({"views": "2.5"}, "views must be an integer, got 2.5"),  # was truncated to 2
+    ({"views": "true"}, "views must be an integer, got 'true'"),  # was int(True) == 1
+    ({"views": "[3]"}, "views must be an integer, got '[3]'"),
+    ({"base_lr": "fast"}, None),
+])
+def test_bad_flag_texts_name_the_field(flags: dict, needle: str | None) -> None:
+    if needle is None:  # base_lr is DistillConfig's
+        with pytest.raises(ValueError, match="base_lr must be a number, got 'fast'"):
+            resolve(DistillConfig, None, flags, [])
+        return
+    with pytest.raises(ValueError) as e:
+        resolve(CacheConfig, None, flags, [])
+    assert str(e.value) == needle
