@@ -8,9 +8,10 @@ module imports nothing of dpal, so any of them may).
 from __future__ import annotations
 
 import typing
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a device is resolved: `dpal --help` reads this module
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 """Per-channel mean of RGB in [0, 1]: every view is normalised with it, teacher's and student's."""
@@ -37,6 +38,8 @@ def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
     Raises:
         ValueError: `device` is not a device torch knows.
     """
+    import torch
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:

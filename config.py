@@ -21,7 +21,6 @@ import yaml
 
 from dpal.common import MAX_PIXELS, STORE_DTYPES, StoreDtype
 from dpal.errors import ConfigError
-from dpal.views import ViewRecipe
 
 DTYPES = STORE_DTYPES  # bench/bench_cache.py's name for them
 
@@ -37,6 +36,63 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = da
 def section(cls: type, help: str) -> Any:
     """A nested config section: no option of its own, its keys are set with `--set name.key=value`."""
     return field(default_factory=cls, metadata={"help": help, "section": True})
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """Sizes and augmentation ranges of DPAL's views (method.md, "Views per image and step"); views.py
+    samples and replays them. Stated here, with the other settings, so that reading a config needs
+    no torch."""
+
+    global_size: tuple[int, int] = opt((256, 128), "(H, W) of v0, seen by teacher and student.")
+    local_size: tuple[int, int] = opt((128, 96), "(H, W) of the local crops v1, v2; also the size of each "
+                                      "person pasted into Ic.")
+    crowd_size: tuple[int, int] = opt((256, 256), "(H, W) of the crowd image Ic.")
+    global_scale: tuple[float, float] = opt((0.8, 1.0), "RandomResizedCrop area fraction for v0.")
+    local_scale: tuple[float, float] = opt((0.05, 0.8), "RandomResizedCrop area fraction for v1, v2.")
+    person_ratio: tuple[float, float] = opt((0.4, 0.6), "Aspect range w/h of v0, v1, v2 crops (log-uniform).")
+    crowd_scale: tuple[float, float] = opt((0.2, 1.0), "RandomResizedCrop area fraction for the Ic background.")
+    crowd_ratio: tuple[float, float] = opt((3 / 4, 4 / 3), "Aspect range w/h of the Ic background crop.")
+    flip_p: float = opt(0.5, "Probability of a horizontal flip, drawn for each view.")
+    jitter: tuple[float, float, float, float] = opt((0.4, 0.4, 0.2, 0.1), "ColorJitter strengths: brightness, "
+                                                    "contrast, saturation, hue.")
+    jitter_p: float = opt(0.8, "Probability of colour jitter.")
+    gray_p: float = opt(0.2, "Probability of grayscale.")
+    blur_sigma: tuple[float, float] = opt((0.1, 2.0), "Gaussian blur radius range (PIL GaussianBlur radius).")
+    global_blur_p: float = opt(1.0, "Probability of blur on v0.")
+    local_blur_p: float = opt(0.5, "Probability of blur on v1, v2 and the person pasted into Ic.")
+    crowd_blur_p: float = opt(0.1, "Probability of blur on the Ic background.")
+    crowd_solarize_p: float = opt(0.2, "Probability of solarizing the Ic background.")
+    person_alpha: float = opt(0.7, "Ic pixel = alpha * person + (1 - alpha) * background inside each pasted box.")
+
+    def __post_init__(self) -> None:
+        for name in ("global_size", "local_size", "crowd_size"):
+            h, w = getattr(self, name)
+            if h <= 0 or w <= 0:
+                raise ConfigError(f"recipe.{name} must be positive, got {(h, w)}")
+        ch, cw = self.crowd_size
+        lh, lw = self.local_size
+        # Two persons side by side, no horizontal overlap (method.md: A col in [0, Wc - 2w - 1)).
+        if cw < 2 * lw + 2 or ch < lh + 2:
+            raise ConfigError(
+                f"recipe.crowd_size {self.crowd_size} cannot hold two {self.local_size} persons side by "
+                f"side; it needs width >= {2 * lw + 2} and height >= {lh + 2}"
+            )
+        for name in ("flip_p", "jitter_p", "gray_p", "global_blur_p", "local_blur_p", "crowd_blur_p",
+                     "crowd_solarize_p", "person_alpha"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"recipe.{name} must be in [0, 1], got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ViewRecipe:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown recipe keys {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 @dataclass(frozen=True)

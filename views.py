@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torch import Tensor
 
 from dpal.common import IMAGENET_MEAN, IMAGENET_STD
-from dpal.errors import ConfigError
+from dpal.config import ViewRecipe
 
 # One augmentation: a RandomResizedCrop box in source pixels, then flip, colour jitter (four factors
 # applied in the order o0..o3 when `jitter` is 1), grayscale, gaussian blur (sigma 0 = none),
@@ -51,70 +50,6 @@ _A = slice(NUM_AUG, 2 * NUM_AUG)
 _BG_INDEX = 2 * NUM_AUG
 _BG = slice(2 * NUM_AUG + 1, 3 * NUM_AUG + 1)
 _PASTE = slice(3 * NUM_AUG + 1, 3 * NUM_AUG + 5)
-
-
-@dataclass(frozen=True)
-class ViewRecipe:
-    """Sizes and augmentation ranges of DPAL's views (method.md, "Views per image and step")."""
-
-    global_size: tuple[int, int] = (256, 128)
-    """(H, W) of v0, seen by teacher and student."""
-    local_size: tuple[int, int] = (128, 96)
-    """(H, W) of the local crops v1, v2; also the size of each person pasted into Ic."""
-    crowd_size: tuple[int, int] = (256, 256)
-    """(H, W) of the crowd image Ic."""
-    global_scale: tuple[float, float] = (0.8, 1.0)
-    """RandomResizedCrop area fraction for v0."""
-    local_scale: tuple[float, float] = (0.05, 0.8)
-    """RandomResizedCrop area fraction for v1, v2."""
-    person_ratio: tuple[float, float] = (0.4, 0.6)
-    """Aspect range w/h of v0, v1, v2 crops (log-uniform)."""
-    crowd_scale: tuple[float, float] = (0.2, 1.0)
-    """RandomResizedCrop area fraction for the Ic background."""
-    crowd_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    """Aspect range w/h of the Ic background crop."""
-    flip_p: float = 0.5
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
-    """ColorJitter strengths: brightness, contrast, saturation, hue."""
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    """Gaussian blur radius range (PIL GaussianBlur radius)."""
-    global_blur_p: float = 1.0
-    local_blur_p: float = 0.5
-    crowd_blur_p: float = 0.1
-    crowd_solarize_p: float = 0.2
-    person_alpha: float = 0.7
-    """Ic pixel = alpha * person + (1 - alpha) * background inside each pasted box."""
-
-    def __post_init__(self) -> None:
-        for name in ("global_size", "local_size", "crowd_size"):
-            h, w = getattr(self, name)
-            if h <= 0 or w <= 0:
-                raise ConfigError(f"recipe.{name} must be positive, got {(h, w)}")
-        ch, cw = self.crowd_size
-        lh, lw = self.local_size
-        # Two persons side by side, no horizontal overlap (method.md: A col in [0, Wc - 2w - 1)).
-        if cw < 2 * lw + 2 or ch < lh + 2:
-            raise ConfigError(
-                f"recipe.crowd_size {self.crowd_size} cannot hold two {self.local_size} persons side by "
-                f"side; it needs width >= {2 * lw + 2} and height >= {lh + 2}"
-            )
-        for name in ("flip_p", "jitter_p", "gray_p", "global_blur_p", "local_blur_p", "crowd_blur_p",
-                     "crowd_solarize_p", "person_alpha"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"recipe.{name} must be in [0, 1], got {getattr(self, name)}")
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ViewRecipe:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown recipe keys {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def view_rng(seed: int, key: str, view: int, stream: str = "view") -> np.random.Generator:

@@ -546,3 +546,11 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path: Path) 
     assert (missing.returncode, missing.stderr) == (2, f"error: No such file or directory: {script}.missing\n")
     assert bug.returncode == 1 and bug.stderr.startswith("Traceback (most recent call last):"), bug.stderr
     assert bug.stderr.rstrip().endswith("KeyError: 'teacher'") and "errors_cli.py" in bug.stderr
+
+
+def test_the_cli_module_imports_no_torch() -> None:
+    """`dpal --help` and `dpal --version` build every option from the config without torch (2-5 s to
+    import); a command imports what it runs."""
+    code = "import sys, dpal.cli; print(sorted(m for m in ('torch', 'torchvision', 'zarr', 'dask') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "[]\n", "")
