@@ -21,6 +21,7 @@ import numpy as np
 
 from dpal import __version__
 from dpal.common import IMAGENET_MEAN, IMAGENET_STD, STORE_DTYPES
+from dpal.errors import UserError
 from dpal.views import NUM_PARAMS, PARAM_FIELDS, ViewRecipe
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ GLOBAL_TARGETS = ("cls", "mean", "pool")  # the CLS token, the mean patch token,
 REBUILD = "rebuild it with `dpal cache-teacher --out NEW`"
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A store that cannot be used as asked; the message says what to run (the CLI prints it as one
     line)."""
 
