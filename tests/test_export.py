@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import load_file
+from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 import dpal
 from dpal.trainer.export import export_student, load_exported
 from dpal.trainer.student import create_student, student_tokens
+from dpal.views import NUM_AUG, apply_aug, to_normalized
 
 # B batch
 
@@ -77,6 +82,8 @@ def test_export_round_trip(tmp_path: Path, name: str, kwargs: dict) -> None:
         "img_size": [256, 128],
         "num_classes": 0,
         "timm_kwargs": kwargs,
+        "pretrained_cfg": {"input_size": [3, 256, 128], "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
+                           "std": [0.229, 0.224, 0.225], "crop_pct": 1.0, "crop_mode": "squash"},
         "dpal_version": dpal.__version__,
     }
     state = load_file(str(path))
@@ -147,3 +154,55 @@ def test_exported_files_are_readable_like_any_new_file(tmp_path: Path, umask: in
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student.json", "student.safetensors"]  # no temporaries
     state = load_file(str(path))
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["dpal_vit_tiny", "vit_tiny_patch16_224"])
+def test_exported_data_config_is_the_training_preprocessing(tmp_path: Path, name: str) -> None:
+    # A timm user rebuilds the model and asks timm how to feed it: the answer must be the input the
+    # student was trained on (64 x 32 here, ImageNet mean/std, bilinear), not timm's ViT default
+    # (224 x 224, mean 0.5, bicubic, crop 0.9), and timm's eval transform must then give, pixel for
+    # pixel, what the training views give for the whole image (views.apply_aug with a full box).
+    model = create_student(name, img_size=(64, 32), depth=1)
+    path = export_student(model, name, (64, 32), tmp_path / "student.safetensors")
+    expected = {"input_size": (3, 64, 32), "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
+                "std": (0.229, 0.224, 0.225), "crop_pct": 1.0, "crop_mode": "squash"}
+    loaded = load_exported(path)
+    assert resolve_data_config({}, model=loaded) == expected
+    assert resolve_data_config({}, model=model) == expected  # the student in training says the same
+    # the same through timm alone, from the JSON (dpal_vit_tiny needs dpal imported to be known)
+    config = json.loads(path.with_suffix(".json").read_text())
+    plain = timm.create_model(config["model_name"], pretrained=False, num_classes=0, img_size=config["img_size"],
+                              pretrained_cfg_overlay=config["pretrained_cfg"], **config["timm_kwargs"])
+    resolved = resolve_data_config({}, model=plain)
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in resolved.items()} == expected
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, size=(150, 70, 3), dtype=np.uint8))
+    aug = np.zeros(NUM_AUG)
+    aug[0:4] = (0, 0, image.height, image.width)  # the whole image; no flip, jitter, blur
+    trained = to_normalized(apply_aug(image, aug, (64, 32)))
+    timm_eval = create_transform(**resolve_data_config({}, model=loaded))(image)
+    assert timm_eval.shape == trained.shape == (3, 64, 32)
+    assert torch.equal(timm_eval, trained)
+
+
+def test_export_of_tied_weights_writes_each_copy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Two entries on one storage make safetensors refuse the whole file; the export writes each as
+    # its own bytes (the rebuilt timm model holds them apart anyway) and names the tie in one line.
+    torch.manual_seed(0)
+    model = create_student("vit_tiny_patch16_224", img_size=(32, 16), depth=2).eval()
+    _perturb(model)
+    model.blocks[1].norm1.weight = model.blocks[0].norm1.weight
+    with caplog.at_level(logging.WARNING, logger="dpal.trainer.export"):
+        path = export_student(model, "vit_tiny_patch16_224", (32, 16), tmp_path / "student.safetensors")
+    assert [r.getMessage() for r in caplog.records] == [
+        "tied weights are exported as separate copies: blocks.1.norm1.weight (shares memory with "
+        "blocks.0.norm1.weight)"
+    ]
+    expected = model.state_dict()
+    assert _packed_layout(path) == {k: tuple(v.shape) for k, v in expected.items()}
+    loaded = load_exported(path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
+    x = torch.randn(2, 3, 32, 16)
+    with torch.no_grad():
+        assert torch.equal(student_tokens(loaded, x), student_tokens(model, x))

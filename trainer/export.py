@@ -1,11 +1,13 @@
 """Export of the pretrained student backbone as a plain timm ViT (safetensors + JSON config).
 
-After pretraining only the backbone is kept (method.md, What is kept): the state-dict entries
-under `BACKBONE_PREFIXES`, with timm's own key names, written as contiguous tensors to
-`<stem>.safetensors`, and `<stem>.json` beside it saying how to rebuild the model
-(`timm.create_model(model_name, pretrained=False, num_classes=0, img_size=..., **timm_kwargs)`).
-Before writing, the kept keys and shapes are checked against a freshly built model, so every
-export loads with `strict=True`.
+After pretraining only the backbone is kept (docs/method.md, "What is kept"): the state-dict
+entries under `BACKBONE_PREFIXES`, with timm's own key names, each written as its own dense tensor
+to `<stem>.safetensors`, and `<stem>.json` beside it saying how to rebuild the model
+(`timm.create_model(model_name, pretrained=False, num_classes=0, img_size=...,
+pretrained_cfg_overlay=pretrained_cfg, **timm_kwargs)`). `pretrained_cfg` records the input as
+trained (size, ImageNet mean and std, bilinear resizing), so that `timm.data.resolve_data_config`
+on the rebuilt model gives the preprocessing the student learned with. Before writing, the kept keys
+and shapes are checked against a freshly built model, so every export loads with `strict=True`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import Tensor, nn
 
 import dpal
 from dpal.store import atomic_write_bytes
-from dpal.trainer.student import BACKBONE_PREFIXES  # importing it registers dpal_vit_tiny with timm
+from dpal.trainer.student import BACKBONE_PREFIXES, data_config  # registers dpal_vit_tiny with timm
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +44,39 @@ def _plain_key(key: str) -> str:
 
 
 def backbone_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The backbone entries of `model`'s state dict: plain timm keys, detached, contiguous, on CPU."""
-    out = {}
+    """The backbone entries of `model`'s state dict: plain timm keys, detached, contiguous, on CPU.
+
+    Every tensor owns its memory. Tied weights (two entries on one storage, which safetensors
+    refuses to write) become separate copies, as the rebuilt timm model holds them apart; a warning
+    names them.
+    """
+    out: dict[str, Tensor] = {}
+    spans: list[tuple[int, int, str]] = []  # [begin, end) bytes of each kept tensor, and its key
+    tied = []
     for key, value in model.state_dict().items():
         key = _plain_key(key)
-        if key.split(".", 1)[0] in BACKBONE_PREFIXES:
-            out[key] = value.detach().to("cpu").contiguous()
+        if key.split(".", 1)[0] not in BACKBONE_PREFIXES:
+            continue
+        value = value.detach().to("cpu").contiguous()
+        begin = value.data_ptr()
+        end = begin + value.numel() * value.element_size()
+        other = next((k for b, e, k in spans if b < end and begin < e), None)
+        if other is not None:
+            tied.append(f"{key} (shares memory with {other})")
+            value = value.clone()
+        else:
+            spans.append((begin, end, key))
+        out[key] = value
+    if tied:
+        logger.warning("tied weights are exported as separate copies: %s", ", ".join(tied))
     return out
 
 
-def _build(model_name: str, img_size: tuple[int, int], timm_kwargs: dict[str, Any]) -> nn.Module:
-    return timm.create_model(
-        model_name, pretrained=False, num_classes=0, img_size=tuple(img_size), **timm_kwargs
-    )
+def _build(model_name: str, img_size: tuple[int, int], timm_kwargs: dict[str, Any],
+           pretrained_cfg: dict[str, Any] | None = None) -> nn.Module:
+    overlay = data_config(img_size) if pretrained_cfg is None else pretrained_cfg
+    return timm.create_model(model_name, pretrained=False, num_classes=0, img_size=tuple(img_size),
+                             pretrained_cfg_overlay=dict(overlay), **timm_kwargs)
 
 
 def export_student(
@@ -107,6 +129,7 @@ def export_student(
         "img_size": list(img_size),
         "num_classes": 0,
         "timm_kwargs": timm_kwargs,
+        "pretrained_cfg": data_config(img_size),
         "dpal_version": dpal.__version__,
     }
     try:
@@ -121,18 +144,22 @@ def export_student(
     return out_path
 
 
-def load_exported(path: Path) -> nn.Module:
+def load_exported(path: Path | str) -> nn.Module:
     """Rebuild an exported student: timm model from the JSON, weights loaded with strict=True.
 
     Args:
         path: the .safetensors file (or the .json beside it).
 
     Returns:
-        The model on CPU, in eval mode.
+        The model on CPU, in eval mode; its `pretrained_cfg` holds the input as trained, so
+        `timm.data.resolve_data_config({}, model=model)` gives size, mean, std and interpolation.
     """
     path = Path(path)
     weights, config_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
     config = json.loads(config_path.read_text())
-    model = _build(config["model_name"], tuple(config["img_size"]), config.get("timm_kwargs", {}))
+    # JSON turned timm's tuples into lists; an export older than pretrained_cfg gets the recipe's.
+    cfg = config.get("pretrained_cfg")
+    cfg = None if cfg is None else {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    model = _build(config["model_name"], tuple(config["img_size"]), config.get("timm_kwargs", {}), cfg)
     model.load_state_dict(load_file(str(weights)), strict=True)
     return model.eval()

@@ -20,11 +20,11 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, Mlp, to_2tuple
 from timm.models import VisionTransformer, register_model
 from torch import Tensor, nn
 
+from dpal.common import IMAGENET_MEAN, IMAGENET_STD
 from dpal.vit import vit_tokens
 
 # B batch, H x W pixels, N = (H / 16) * (W / 16) patch tokens, d student width
@@ -39,6 +39,28 @@ DEFAULT_IMG_SIZE = (256, 128)
 BACKBONE_PREFIXES = ("patch_embed", "cls_token", "reg_token", "pos_embed", "norm_pre", "blocks", "norm")
 # what `dpal.vit.vit_tokens` and the global (CLS) branch rely on
 _REQUIRED_ATTRS = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm", "norm_pre", "pos_drop")
+# How the views that train a student are resized: `views.apply_aug` resamples every crop with PIL's
+# bilinear filter (tests/test_export.py checks timm's eval transform against it pixel for pixel).
+TRAIN_INTERPOLATION = "bilinear"
+
+
+def data_config(img_size: tuple[int, int]) -> dict[str, Any]:
+    """The student's input as dpal trains it, in timm's `pretrained_cfg` fields.
+
+    `timm.data.resolve_data_config({}, model=model)` reads these from `model.pretrained_cfg`: the
+    native (3, H, W) input, ImageNet mean and std on RGB in [0, 1], bilinear resizing of the whole
+    person crop to exactly H x W (crop_pct 1, crop_mode squash: the aspect ratio is not kept and no
+    border is cut off, as `views.apply_aug` resizes each crop box).
+    """
+    h, w = to_2tuple(img_size)
+    return {
+        "input_size": (3, int(h), int(w)),
+        "interpolation": TRAIN_INTERPOLATION,
+        "mean": tuple(IMAGENET_MEAN),
+        "std": tuple(IMAGENET_STD),
+        "crop_pct": 1.0,
+        "crop_mode": "squash",
+    }
 
 
 def dpal_vit_tiny(pretrained: bool = False, last_num_heads: int = 12, **kwargs: Any) -> VisionTransformer:
@@ -56,7 +78,8 @@ def dpal_vit_tiny(pretrained: bool = False, last_num_heads: int = 12, **kwargs: 
     """
     if pretrained:
         raise ValueError(f"{DPAL_VIT_TINY} has no pretrained weights; create it with pretrained=False")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
+    for key in ("pretrained_cfg", "cache_dir"):
         kwargs.pop(key, None)
     args: dict[str, Any] = dict(
         img_size=DEFAULT_IMG_SIZE,
@@ -86,17 +109,15 @@ def dpal_vit_tiny(pretrained: bool = False, last_num_heads: int = 12, **kwargs: 
     # Same parameter shapes: keep the initialisation timm gave the 6-head attention.
     new.load_state_dict(old.state_dict(), strict=True)
     last.attn = new
-    model.pretrained_cfg = dict(
-        architecture=DPAL_VIT_TINY,
-        input_size=(3, *to_2tuple(args["img_size"])),
-        interpolation="bicubic",
-        crop_pct=1.0,
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
-        num_classes=args["num_classes"],
-        first_conv="patch_embed.proj",
-        classifier="head",
-    )
+    # timm's create_model passes `pretrained_cfg_overlay` on (an export's recorded data config).
+    model.pretrained_cfg = {
+        "architecture": DPAL_VIT_TINY,
+        **data_config(args["img_size"]),
+        "num_classes": args["num_classes"],
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        **overlay,
+    }
     model.default_cfg = model.pretrained_cfg
     return model
 
@@ -124,7 +145,10 @@ def create_student(name: str, img_size: tuple[int, int] = DEFAULT_IMG_SIZE, **kw
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}; use {DPAL_VIT_TINY!r} or a timm ViT name")
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=0, img_size=tuple(img_size), **kw)
+        # The overlay replaces what timm's config says of the input (224 x 224, bicubic, mean 0.5 for
+        # most ViTs) by what dpal trains on, so that timm.data.resolve_data_config tells the truth.
+        model = timm.create_model(name, pretrained=False, num_classes=0, img_size=tuple(img_size),
+                                  pretrained_cfg_overlay=data_config(img_size), **kw)
     except TypeError as err:  # e.g. a CNN that takes no img_size
         raise ValueError(f"{name!r} cannot be built as a DPAL student ViT: {err}") from err
     missing = [a for a in _REQUIRED_ATTRS if getattr(model, a, None) is None]
