@@ -73,7 +73,8 @@ def _setup_logging(verbose: bool) -> None:
                         handlers=[handler], force=True)
 
 
-# A user's mistake: a UserError, or a missing or forbidden file they named (other OSErrors are not).
+# A user's mistake: a UserError (ConfigError, InputError, StoreError, RunDirError, LoaderError,
+# StrictModeError), or a missing or forbidden file they named (other OSErrors are not).
 # ValueError is here for the modules that still report a user's mistake with a plain ValueError
 # (teachers.py, corpus.py, evaluate.py, trainer/train.py's and trainer/checkpoint.py's resume checks);
 # once each raises an InputError or ConfigError instead, a ValueError is a bug and leaves this list.
@@ -87,20 +88,9 @@ def user_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from dpal.store import StoreError
-        from dpal.trainer.data import LoaderError
-        from dpal.trainer.rundir import RunDirError
-
-        known: tuple[type[BaseException], ...] = (*_USER_ERRORS, StoreError, LoaderError, RunDirError)
-        try:
-            from dpal.pipeline.cache import StrictModeError
-
-            known += (StrictModeError,)
-        except ImportError:
-            pass
         try:
             return fn(*args, **kwargs)
-        except known as e:
+        except _USER_ERRORS as e:
             msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
             typer.echo(f"error: {msg}", err=True)
             raise typer.Exit(2) from None

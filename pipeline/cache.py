@@ -27,6 +27,7 @@ from PIL import Image
 
 from dpal.config import CacheConfig
 from dpal.corpus import BadImage, decode_image, read_bytes
+from dpal.errors import UserError
 from dpal.store import (
     GLOBAL,
     KEYS,
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
 
 
-class StrictModeError(Exception):
+class StrictModeError(UserError):
     """A bad corpus image under --strict."""
 
 

@@ -554,3 +554,17 @@ def test_the_cli_module_imports_no_torch() -> None:
     code = "import sys, dpal.cli; print(sorted(m for m in ('torch', 'torchvision', 'zarr', 'dask') if m in sys.modules))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (r.returncode, r.stdout, r.stderr) == (0, "[]\n", "")
+
+
+def test_the_errors_the_cli_prints_are_user_errors() -> None:
+    """The CLI prints a UserError as one line by its kind alone (cli.user_errors names no module's
+    class); each kind below is raised by a test in this suite through the CLI."""
+    from dpal.errors import ConfigError, InputError, UserError
+    from dpal.pipeline.cache import DiskFullError, StrictModeError
+    from dpal.store import StoreError
+    from dpal.trainer.data import LoaderError
+    from dpal.trainer.rundir import RunDirError
+
+    for kind in (ConfigError, InputError, StoreError, DiskFullError, StrictModeError, LoaderError, RunDirError):
+        assert issubclass(kind, UserError), kind
+    assert issubclass(ConfigError, ValueError) and issubclass(RunDirError, RuntimeError)

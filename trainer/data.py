@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from dpal.corpus import decode_image
+from dpal.errors import UserError
 from dpal.store import StoreError, StoreReader, shard_name
 from dpal.trainer.augment import decode_targets, model_inputs
 from dpal.trainer.losses import shape_mask
@@ -46,13 +47,6 @@ from dpal.views import (
 )
 
 # B batch, D teacher width, P patches of v0, T tokens of Ic
-
-
-@dataclass
-class SamplerState:
-    seed: int
-    epoch: int
-    position: int  # optimizer steps already taken in `epoch`
 
 
 class EpochSampler:
@@ -290,7 +284,7 @@ def _pad_sources(sources: list[np.ndarray]) -> dict[str, Tensor]:
     return {"src_u8": torch.from_numpy(out), "src_hw": torch.from_numpy(hw)}
 
 
-class LoaderError(RuntimeError):
+class LoaderError(UserError, RuntimeError):
     """The DataLoader's worker processes died (out of memory or of shared memory, or killed)."""
 
 

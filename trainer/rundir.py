@@ -24,12 +24,14 @@ import socket
 import time
 from pathlib import Path
 
+from dpal.errors import UserError
+
 LOCK_NAME = ".lock"
 CHECKPOINT_DIR = "checkpoints"
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The run directory cannot be used as asked (in use, holds another run, or its disk is full)."""
 
 
