@@ -2,13 +2,15 @@
 dtypes, the decompression-bomb limit and the device resolver.
 
 Each is stated here once; `pipeline/`, `trainer/` and the shared modules import it from here (this
-module imports nothing of dpal, so any of them may).
+module imports only `dpal.errors`, which imports nothing, so any of them may).
 """
 
 from __future__ import annotations
 
 import typing
 from typing import TYPE_CHECKING, Literal
+
+from dpal.errors import ConfigError
 
 if TYPE_CHECKING:  # torch is imported where a device is resolved: `dpal --help` reads this module
     import torch
@@ -36,7 +38,7 @@ def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
             cuda:local_rank (one GPU per rank), whatever index `device` named.
 
     Raises:
-        ValueError: `device` is not a device torch knows.
+        ConfigError: `device` is not a device torch knows.
     """
     import torch
 
@@ -45,7 +47,7 @@ def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
     try:
         out = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not one of {DEVICE_CHOICES}") from None
+        raise ConfigError(f"device {device!r} is not one of {DEVICE_CHOICES}") from None
     if out.type == "cuda" and local_rank is not None:
         return torch.device("cuda", local_rank)
     return out

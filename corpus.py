@@ -31,6 +31,7 @@ from braceexpand import braceexpand
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dpal.common import MAX_PIXELS
+from dpal.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def _index_tar(source: str, problems: list[dict[str, str]]) -> list[ImageRef]:
         ValueError: a compressed tar, or a file that is not a tar at all.
     """
     if source.endswith((".tar.gz", ".tgz")):
-        raise ValueError(f"{source}: compressed tars cannot be read at random; repack as plain .tar")
+        raise InputError(f"{source}: compressed tars cannot be read at random; repack as plain .tar")
     refs: list[ImageRef] = []
     members: list[tarfile.TarInfo] = []
     error = None
@@ -145,7 +146,7 @@ def _index_tar(source: str, problems: list[dict[str, str]]) -> list[ImageRef]:
         try:
             tf = tarfile.open(fileobj=f, mode="r:", ignore_zeros=True)
         except tarfile.ReadError as e:
-            raise ValueError(f"corpus tar {source} is not a tar archive ({e})") from None
+            raise InputError(f"corpus tar {source} is not a tar archive ({e})") from None
         with tf:
             try:
                 members.extend(tf)
@@ -166,7 +167,7 @@ def _index_tar(source: str, problems: list[dict[str, str]]) -> list[ImageRef]:
                 break
             refs.extend(_tar_ref(source, m, problems))
         if not members and _has_data(f, 0, size):
-            raise ValueError(f"corpus tar {source} is not a tar archive (no valid header in {size} bytes)")
+            raise InputError(f"corpus tar {source} is not a tar archive (no valid header in {size} bytes)")
         if error is not None:
             problems.append(_problem(f"{source} at byte {expected}", f"unreadable tar from here: {error}"))
         elif members and expected < size and _has_data(f, expected, size):
@@ -233,7 +234,7 @@ def _read_list(path: Path) -> list[str]:
         return path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise ValueError(f"corpus list {path} is not UTF-8 text (line {line}); save it as UTF-8") from None
+        raise InputError(f"corpus list {path} is not UTF-8 text (line {line}); save it as UTF-8") from None
 
 
 @dataclass
@@ -278,21 +279,21 @@ def scan_corpus(corpus: str) -> Corpus:
         sources = _tar_sources(corpus)
         missing = [s for s in sources if not _is_url(s) and not os.path.exists(s)]
         if not sources or missing:
-            raise ValueError(f"corpus tar shards not found: {missing[:3] or corpus}")
+            raise InputError(f"corpus tar shards not found: {missing[:3] or corpus}")
         refs = [r for s in sources for r in _index_tar(s, problems)]
     else:
-        raise ValueError(
+        raise InputError(
             f"corpus {corpus!r} not found: give a folder of images, a .txt list of image paths, "
             "or WebDataset .tar shards (path, glob, {a..b} pattern or URL)"
         )
     if not refs:
         lost = f"; {len(problems)} entries unreadable, e.g. {problems[0]['entry']}: {problems[0]['reason']}" \
             if problems else ""
-        raise ValueError(f"corpus {corpus!r} holds no images ({', '.join(IMAGE_EXTS)}){lost}")
+        raise InputError(f"corpus {corpus!r} holds no images ({', '.join(IMAGE_EXTS)}){lost}")
     seen: set[str] = set()
     dups = [r.key for r in refs if r.key in seen or seen.add(r.key)]
     if dups:
-        raise ValueError(f"corpus {corpus!r} has duplicate keys, e.g. {dups[:3]}; keys must be unique")
+        raise InputError(f"corpus {corpus!r} has duplicate keys, e.g. {dups[:3]}; keys must be unique")
     return Corpus(refs, problems)
 
 

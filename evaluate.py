@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from dpal.errors import InputError
 from dpal.teachers import PRESETS, TeacherSpec, load_teacher
 from dpal.vit import vit_tokens
 
@@ -58,7 +59,7 @@ def resolve_model(model: str, image_size: tuple[int, int] | None = None, random_
         ValueError: unknown model, or a bare model name without `random_init`.
     """
     if feature not in FEATURES:
-        raise ValueError(f"--feature {feature!r}: choose one of {', '.join(FEATURES)}")
+        raise InputError(f"--feature {feature!r}: choose one of {', '.join(FEATURES)}")
     path = Path(model)
     if path.suffix in (".safetensors", ".json") and path.exists():
         import json
@@ -86,10 +87,10 @@ def resolve_model(model: str, image_size: tuple[int, int] | None = None, random_
     from dpal.trainer.student import create_student
 
     if not timm.is_model(model):
-        raise ValueError(f"--model {model!r} is not an exported .safetensors, a run directory, a teacher preset "
+        raise InputError(f"--model {model!r} is not an exported .safetensors, a run directory, a teacher preset "
                          f"({', '.join(PRESETS)}) or a timm/dpal model name")
     if not random_init:
-        raise ValueError(f"--model {model!r} names an architecture without weights; pass --random-init to score "
+        raise InputError(f"--model {model!r} names an architecture without weights; pass --random-init to score "
                          "a randomly initialised network on purpose")
     with torch.random.fork_rng():
         torch.manual_seed(seed)

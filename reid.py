@@ -22,6 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from dpal.common import IMAGENET_MEAN, IMAGENET_STD
+from dpal.errors import InputError
 
 # Nq queries, Ng gallery images, D feature width, B batch, H x W image size
 
@@ -73,7 +74,7 @@ def parse_market_name(name: str) -> tuple[int, int]:
     """
     match = MARKET_NAME.match(name)
     if match is None:
-        raise ValueError(
+        raise InputError(
             f"{name!r} is not a Market-1501 file name: expected PPPP_cCsS_FFFFFF_BB.jpg "
             "(4-digit pid, or -1 for junk), e.g. 0002_c1s1_000451_03.jpg"
         )
@@ -88,18 +89,18 @@ def read_market_folder(folder: Path) -> MarketImages:
             (the message names the file).
     """
     if not folder.is_dir():
-        raise ValueError(
+        raise InputError(
             f"{folder} is not a folder; a Market-1501 root holds {QUERY_DIR}/ and {GALLERY_DIR}/"
         )
     paths = sorted(p for p in folder.iterdir() if p.suffix == ".jpg" and p.is_file())
     if not paths:
-        raise ValueError(f"{folder} holds no .jpg images")
+        raise InputError(f"{folder} holds no .jpg images")
     pids, cams = [], []
     for path in paths:
         try:
             pid, cam = parse_market_name(path.name)
         except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
+            raise InputError(f"{path}: {err}") from None
         pids.append(pid)
         cams.append(cam)
     return MarketImages(paths, np.asarray(pids, dtype=np.int64), np.asarray(cams, dtype=np.int64))
@@ -263,7 +264,7 @@ def evaluate_ranking(
         first = int(np.argmax(hits))  # 0-based rank of the first true match
         cmcs.append(np.arange(max_rank) >= first)
     if not aps:
-        raise ValueError("no query has a true match in the gallery (other than same-camera images)")
+        raise InputError("no query has a true match in the gallery (other than same-camera images)")
 
     cmc = np.mean(cmcs, axis=0)  # (max_rank,)
     result: dict[str, float | int] = {"mAP": float(np.mean(aps))}

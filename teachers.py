@@ -31,6 +31,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from dpal.corpus import sha256_file
+from dpal.errors import InputError
 from dpal.vit import PosEmbed, patch_size_of, pos_embed_of, resize_pos_grid, vit_tokens
 
 logger = logging.getLogger(__name__)
@@ -92,26 +93,26 @@ class TeacherSpec:
         if self.checkpoint is not None:
             object.__setattr__(self, "checkpoint", str(self.checkpoint))
         if not self.name:
-            raise ValueError(
+            raise InputError(
                 "teacher name is empty: give a preset (path-b, efficientnet-lite2) or a timm name"
             )
         if self.patch_size <= 0:
-            raise ValueError(f"patch_size must be positive, got {self.patch_size}")
+            raise InputError(f"patch_size must be positive, got {self.patch_size}")
         for field, size in (("global_size", self.global_size), ("crowd_size", self.crowd_size)):
             if len(size) != 2 or any(s <= 0 or s % self.patch_size for s in size):
-                raise ValueError(
+                raise InputError(
                     f"{field} {size} must be two positive multiples of patch_size {self.patch_size}"
                 )
         if self.checkpoint is not None and self.random_init:
-            raise ValueError("pass either a teacher checkpoint or random_init, not both")
+            raise InputError("pass either a teacher checkpoint or random_init, not both")
         if self.name == EFFICIENTNET_LITE2 and self.checkpoint is not None:
-            raise ValueError("the efficientnet-lite2 preset loads its packaged weights; drop the checkpoint")
+            raise InputError("the efficientnet-lite2 preset loads its packaged weights; drop the checkpoint")
         if self.arch is not None and self.name not in PRESETS:
-            raise ValueError(
+            raise InputError(
                 f"arch overrides a preset's architecture; for {self.name!r} name the timm model directly"
             )
         if self.global_token not in GLOBAL_TOKENS:
-            raise ValueError(f"global_token must be one of {GLOBAL_TOKENS}, got {self.global_token!r}")
+            raise InputError(f"global_token must be one of {GLOBAL_TOKENS}, got {self.global_token!r}")
 
     def timm_arch(self) -> str:
         """The timm architecture behind the spec."""
@@ -329,7 +330,7 @@ def _efficientnet_lite2_file() -> str:
 
 def _load_efficientnet_lite2(spec: TeacherSpec, arch: str) -> Teacher:
     if arch != EFFICIENTNET_LITE2_ARCH:
-        raise ValueError(f"the efficientnet-lite2 preset is {EFFICIENTNET_LITE2_ARCH}, not {arch}")
+        raise InputError(f"the efficientnet-lite2 preset is {EFFICIENTNET_LITE2_ARCH}, not {arch}")
     if spec.random_init:
         model, path, digest = load_efficientnet_lite2(spec.random_init_seed), None, None
     else:
@@ -342,13 +343,13 @@ def _load_efficientnet_lite2(spec: TeacherSpec, arch: str) -> Teacher:
 def _load_path_b(spec: TeacherSpec, arch: str) -> Teacher:
     model = _create_model(arch, spec.random_init_seed, img_size=spec.global_size, num_classes=0)
     if not isinstance(model, VisionTransformer):
-        raise ValueError(
+        raise InputError(
             f"the path-b preset needs a timm VisionTransformer, {arch} is {type(model).__name__}"
         )
     if spec.random_init:
         return _make_teacher(model, spec, None, None)
     if spec.checkpoint is None:
-        raise ValueError(_no_weights_message(spec.name))
+        raise InputError(_no_weights_message(spec.name))
     state = _map_path_b_keys(_read_state_dict(spec.checkpoint))
     pos = _split_path_pos_embed(state, model)
     expected = model.state_dict()
@@ -361,7 +362,7 @@ def _load_path_b(spec: TeacherSpec, arch: str) -> Teacher:
 
 def _load_timm(spec: TeacherSpec, arch: str) -> Teacher:
     if not spec.random_init and spec.checkpoint is None:
-        raise ValueError(_no_weights_message(spec.name))
+        raise InputError(_no_weights_message(spec.name))
     model = _create_model(arch, spec.random_init_seed)
     if spec.checkpoint is not None:
         state = _read_state_dict(spec.checkpoint)
@@ -391,7 +392,7 @@ def _make_teacher(
         pos = pos if pos is not None else pos_embed_of(model)
         return Teacher(model, spec, "vit", checkpoint, digest, pos)
     if spec.layer is not None:
-        raise ValueError(
+        raise InputError(
             f"layer={spec.layer}: only the final output (layer None) is supported for CNN teachers"
         )
     _check_cnn(model, spec)
@@ -400,17 +401,17 @@ def _make_teacher(
 
 def _check_vit(model: VisionTransformer, spec: TeacherSpec) -> None:
     if patch_size_of(model) != (spec.patch_size, spec.patch_size):
-        raise ValueError(
+        raise InputError(
             f"teacher patch size {patch_size_of(model)} differs from the student's {spec.patch_size}: "
             "its tokens would not line up with the student's patch grid"
         )
     if getattr(model, "dist_token", None) is not None:
-        raise ValueError(f"{type(model).__name__}: ViTs with a distillation token are not supported")
+        raise InputError(f"{type(model).__name__}: ViTs with a distillation token are not supported")
     if model.pos_embed is None:
-        raise ValueError("ViT teachers without an absolute position embedding are not supported")
+        raise InputError("ViT teachers without an absolute position embedding are not supported")
     depth = len(model.blocks)
     if spec.layer is not None and not -depth <= spec.layer < depth:
-        raise ValueError(f"layer {spec.layer} out of range for a teacher with {depth} blocks")
+        raise InputError(f"layer {spec.layer} out of range for a teacher with {depth} blocks")
 
 
 def _check_cnn(model: nn.Module, spec: TeacherSpec) -> None:
@@ -420,9 +421,9 @@ def _check_cnn(model: nn.Module, spec: TeacherSpec) -> None:
         with torch.inference_mode():
             out = model.forward_features(torch.zeros(1, 3, *spec.global_size))
     except Exception as e:  # any failure means the model cannot serve as a CNN teacher here
-        raise ValueError(f"teacher {spec.name}: forward_features fails at {spec.global_size}: {e}") from e
+        raise InputError(f"teacher {spec.name}: forward_features fails at {spec.global_size}: {e}") from e
     if out.ndim != 4 or out.shape[1] != num_features:
-        raise ValueError(
+        raise InputError(
             f"teacher {spec.name}: forward_features gives {tuple(out.shape)}, not (B, {num_features}, h, w); "
             "only timm VisionTransformers and channels-first CNNs are supported"
         )
@@ -441,7 +442,7 @@ def _check_timm_name(arch: str) -> None:
         return
     close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown teacher {arch!r}: not a preset ({', '.join(PRESETS)}) nor a timm model{hint}")
+    raise InputError(f"unknown teacher {arch!r}: not a preset ({', '.join(PRESETS)}) nor a timm model{hint}")
 
 
 def _no_weights_message(name: str) -> str:
@@ -508,7 +509,7 @@ def _torch_load(path: str) -> Any:
     except (OSError, MemoryError):
         raise
     except Exception as e:  # torch raises EOFError, RuntimeError, UnpicklingError, ... by file kind
-        raise ValueError(_not_a_checkpoint(path, e)) from None
+        raise InputError(_not_a_checkpoint(path, e)) from None
 
 
 def _read_state_dict(path: str) -> dict[str, Tensor]:
@@ -519,7 +520,7 @@ def _read_state_dict(path: str) -> dict[str, Tensor]:
             obj = obj[wrapper]
             break
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path} is not a state dict (nor one wrapped in 'model' or 'state_dict')")
+        raise InputError(f"{path} is not a state dict (nor one wrapped in 'model' or 'state_dict')")
     return dict(obj)
 
 
@@ -551,28 +552,28 @@ def _split_path_pos_embed(state: dict[str, Tensor], model: VisionTransformer) ->
     that the generic key and shape check applies to everything else.
     """
     if "pos_embed" not in state:
-        raise ValueError("path-b checkpoint lacks backbone key(s): pos_embed")
+        raise InputError("path-b checkpoint lacks backbone key(s): pos_embed")
     pos = state.pop("pos_embed")
     cls_pos = state.pop("cls_token_pos_embed", None)
     width = model.embed_dim
     if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != width:
-        raise ValueError(f"pos_embed: checkpoint shape {tuple(pos.shape)}, model expects (1, rows, {width})")
+        raise InputError(f"pos_embed: checkpoint shape {tuple(pos.shape)}, model expects (1, rows, {width})")
     rows = pos.shape[1]
     side = math.isqrt(rows)
     if cls_pos is not None:
         if side * side != rows:
-            raise ValueError(
+            raise InputError(
                 f"pos_embed: {rows} rows beside cls_token_pos_embed, expected a square grid (196)"
             )
         if tuple(cls_pos.shape) != (1, 1, width):
-            raise ValueError(
+            raise InputError(
                 f"cls_token_pos_embed: checkpoint shape {tuple(cls_pos.shape)}, model expects (1, 1, {width})"
             )
         prefix, grid = cls_pos, pos
     else:
         side = math.isqrt(rows - 1)
         if side * side != rows - 1:
-            raise ValueError(
+            raise InputError(
                 f"pos_embed: {rows} rows is neither a square grid plus cls_token_pos_embed "
                 "nor a CLS slot plus a square grid (197); missing key cls_token_pos_embed?"
             )
@@ -596,10 +597,10 @@ def _check_keys(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], pat
             parts.append(f"missing backbone key(s): {', '.join(missing)}")
         if unknown:
             parts.append(f"unknown key(s): {', '.join(unknown)}")
-        raise ValueError(f"{path} does not fit the teacher: " + "; ".join(parts))
+        raise InputError(f"{path} does not fit the teacher: " + "; ".join(parts))
     for key, value in state.items():
         if value.shape != expected[key].shape:
-            raise ValueError(
+            raise InputError(
                 f"{path}: {key} has shape {tuple(value.shape)} in the checkpoint, {tuple(expected[key].shape)} in the model"
             )
 

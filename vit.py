@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dpal.errors import InputError
+
 # B batch, C width, gh x gw source grid, H x W target grid, N = H * W patch tokens
 
 
@@ -93,7 +95,7 @@ def vit_tokens(
     pos = pos if pos is not None else pos_embed_of(model)
     ph, pw = patch_size_of(model)
     if x.shape[-2] % ph or x.shape[-1] % pw:
-        raise ValueError(f"input {tuple(x.shape[-2:])} is not divisible by the patch size {(ph, pw)}")
+        raise InputError(f"input {tuple(x.shape[-2:])} is not divisible by the patch size {(ph, pw)}")
     grid_hw = (x.shape[-2] // ph, x.shape[-1] // pw)
     pe = model.patch_embed
     pe.strict_img_size = False  # the grid is handled here, not by timm

@@ -568,3 +568,29 @@ def test_the_errors_the_cli_prints_are_user_errors() -> None:
     for kind in (ConfigError, InputError, StoreError, DiskFullError, StrictModeError, LoaderError, RunDirError):
         assert issubclass(kind, UserError), kind
     assert issubclass(ConfigError, ValueError) and issubclass(RunDirError, RuntimeError)
+
+
+def test_user_mistakes_below_the_cli_are_user_errors(tmp_path: Path) -> None:
+    """The mistakes of test_user_mistakes_are_one_error_line and a few more, raised where they are
+    found: each is a UserError of its kind (and still a ValueError for callers that catch one)."""
+    from dpal.common import resolve_device
+    from dpal.corpus import scan_corpus
+    from dpal.errors import ConfigError, InputError
+    from dpal.evaluate import resolve_model
+    from dpal.teachers import TeacherSpec, load_teacher
+
+    (tmp_path / "empty.pth").write_bytes(b"")
+    cases = [
+        (lambda: scan_corpus(str(tmp_path / "no_such_corpus")), InputError, "no_such_corpus' not found"),
+        (lambda: load_teacher(TeacherSpec("vit_tiny_patch16_2244", random_init=True)), InputError,
+         "unknown teacher 'vit_tiny_patch16_2244'"),
+        (lambda: load_teacher(TeacherSpec("vit_tiny_patch16_224", checkpoint=str(tmp_path / "empty.pth"))),
+         InputError, "empty.pth is empty (0 bytes)"),
+        (lambda: resolve_model("vit_tiny_patch16_224", random_init=True, feature="avg"), InputError,
+         "--feature 'avg': choose one of cls, mean"),
+        (lambda: resolve_device("tpu"), ConfigError, "device 'tpu' is not one of auto, cpu or cuda[:i]"),
+    ]
+    for make, kind, needle in cases:
+        with pytest.raises(kind) as e:
+            make()
+        assert needle in str(e.value) and isinstance(e.value, ValueError), (kind, str(e.value))

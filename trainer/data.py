@@ -32,7 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from dpal.corpus import decode_image
-from dpal.errors import UserError
+from dpal.errors import InputError, UserError
 from dpal.store import StoreError, StoreReader, shard_name
 from dpal.trainer.augment import decode_targets, model_inputs
 from dpal.trainer.losses import shape_mask
@@ -68,7 +68,7 @@ class EpochSampler:
         self.seed = seed
         self.steps_per_epoch = len(self.valid) // (batch_size * world_size)
         if self.steps_per_epoch < 1:
-            raise ValueError(
+            raise InputError(
                 f"the store has {len(self.valid)} cached images, fewer than one global batch "
                 f"({batch_size} x {world_size} ranks); lower --batch-size"
             )

@@ -25,6 +25,7 @@ from timm.models import VisionTransformer, register_model
 from torch import Tensor, nn
 
 from dpal.common import IMAGENET_MEAN, IMAGENET_STD
+from dpal.errors import InputError
 from dpal.vit import vit_tokens
 
 # B batch, H x W pixels, N = (H / 16) * (W / 16) patch tokens, d student width
@@ -143,17 +144,17 @@ def create_student(name: str, img_size: tuple[int, int] = DEFAULT_IMG_SIZE, **kw
         ValueError: unknown model name, or a model without the ViT attributes DPAL needs.
     """
     if not timm.is_model(name):
-        raise ValueError(f"unknown timm model {name!r}; use {DPAL_VIT_TINY!r} or a timm ViT name")
+        raise InputError(f"unknown timm model {name!r}; use {DPAL_VIT_TINY!r} or a timm ViT name")
     try:
         # The overlay replaces what timm's config says of the input (224 x 224, bicubic, mean 0.5 for
         # most ViTs) by what dpal trains on, so that timm.data.resolve_data_config tells the truth.
         model = timm.create_model(name, pretrained=False, num_classes=0, img_size=tuple(img_size),
                                   pretrained_cfg_overlay=data_config(img_size), **kw)
     except TypeError as err:  # e.g. a CNN that takes no img_size
-        raise ValueError(f"{name!r} cannot be built as a DPAL student ViT: {err}") from err
+        raise InputError(f"{name!r} cannot be built as a DPAL student ViT: {err}") from err
     missing = [a for a in _REQUIRED_ATTRS if getattr(model, a, None) is None]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{name!r} is not a timm VisionTransformer with a CLS token and a learned position embedding "
             f"(missing: {missing}); DPAL needs patch_embed, cls_token, pos_embed, blocks and norm"
         )
