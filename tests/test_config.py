@@ -158,3 +158,14 @@ def test_bad_flag_texts_name_the_field(flags: dict, needle: str | None) -> None:
     with pytest.raises(ValueError) as e:
         resolve(CacheConfig, None, flags, [])
     assert str(e.value) == needle
+
+
+def test_every_field_states_its_help() -> None:
+    """`--help` and the --set section lists read each field's help from config.py: none may lack it."""
+    import dataclasses
+
+    from dpal.config import SlurmConfig
+
+    for cls in (CacheConfig, DistillConfig, SlurmConfig, ViewRecipe):
+        for f in dataclasses.fields(cls):
+            assert len(f.metadata.get("help", "")) > 10 and f.metadata["help"].endswith("."), (cls, f.name)
