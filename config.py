@@ -281,12 +281,12 @@ def choices(tp: Any) -> tuple[Any, ...] | None:
     return None
 
 
-def check_choices(cfg: Any, prefix: str = "") -> None:
+def check_choices(cfg: Any) -> None:
     """Every `Literal` field of `cfg` holds one of its choices, however the config was built."""
     for name, tp in field_types(type(cfg)).items():
         allowed, value = choices(tp), getattr(cfg, name)
         if allowed is not None and value not in allowed and value is not None:
-            raise ConfigError(f"{prefix}{name} {value!r} is not one of {', '.join(map(str, allowed))}")
+            raise ConfigError(f"{name} {value!r} is not one of {', '.join(map(str, allowed))}")
 
 
 # ---------------------------------------------------------------- loading and overrides
