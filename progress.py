@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 
@@ -59,6 +60,7 @@ class Progress:
         self._t0 = self._t_line = time.perf_counter()
         self._items_since_line = 0
         self._fields: dict[str, float] | None = None
+        self._pending: Callable[[], dict[str, float]] | None = None
         self._printed_at = completed
         self._bar: Any = None
         if bar is None:
@@ -74,18 +76,24 @@ class Progress:
             self._bar.start()
             self._task = self._bar.add_task(label, total=total, completed=completed, text=self._fields_text())
 
-    def update(self, completed: int, items: int = 0, fields: dict[str, float] | None = None) -> None:
+    def update(self, completed: int, items: int = 0,
+               fields: dict[str, float] | Callable[[], dict[str, float]] | None = None) -> None:
         """`completed` units done in all (not an increment), `items` more processed since the last
-        call, the latest `fields` (losses)."""
+        call, the latest `fields` (losses), or a function giving them, called only when they are
+        drawn (reading a GPU's losses waits for it)."""
         self.completed = completed
         self._items_since_line += items
+        due = time.perf_counter() - self._t_line >= self.interval_s or completed >= self.total
+        draw = self._bar is not None or (due and completed != self._printed_at)
+        self._pending = fields if callable(fields) and not draw else None  # for stop()'s last line
+        if callable(fields):
+            fields = fields() if draw else None
         if fields:
             self._fields = dict(fields)
         if self._bar is not None:
             self._bar.update(self._task, completed=completed, text=self._fields_text())
             return
-        due = time.perf_counter() - self._t_line >= self.interval_s or completed >= self.total
-        if due and completed != self._printed_at:
+        if draw:
             self._print_line()
 
     def line(self) -> str:
@@ -113,4 +121,6 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
         elif self.completed != self._printed_at:
+            if self._pending is not None:
+                self._fields = dict(self._pending()) or self._fields
             self._print_line()

@@ -1,10 +1,9 @@
 """Stage-two benchmark: speedup of the cached teacher, loader overhead, and memory per image.
 
-Timings measure the real training step: `Variant.step` does what one iteration of
-`trainer.train.train`'s loop does with num_workers 0 and one micro-batch (`BatchDataset` item as a
-CPU run builds it, `finish_on_cpu`: targets, decode, replay, fresh local crops, the float
-composition; the teacher under inference mode when online;
-`Distiller` forward, backward, AdamW step). Two variants, each with its own model and optimizer,
+Timings measure the real training step: `Variant.step` builds a `BatchDataset` item as a CPU run
+builds it (`finish_on_cpu`: targets, decode, replay, fresh local crops, the float composition) and
+hands it to `Trainer.train_step`, the step `dpal distill` takes (the teacher under inference mode
+when online; `Distiller` forward, backward, AdamW step). Two variants, each with its own model and optimizer,
 take single steps alternately (A B, B A, ...) in one process, so that load from other jobs hits
 both alike; the figure is the median over adjacent pairs of the step-time ratio. As a check, whole
 `train` runs (metrics.jsonl, `log_every=1`, first step dropped) are alternated too.
@@ -55,21 +54,15 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import dpal.trainer.train as train_mod
 from dpal.config import CacheConfig, DistillConfig
 from dpal.pipeline.engine import run_cache
 from dpal.store import StoreError, StoreReader, Targets
-from dpal.teachers import autocast_context, load_teacher
+from dpal.teachers import load_teacher
 from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, valid_rows
+from dpal.trainer.distiller import Schedule, teacher_spec_from_store
 from dpal.trainer.losses import shape_mask
-from dpal.trainer.train import (
-    Distiller,
-    build_distiller,
-    default_num_workers,
-    keep_freed_memory,
-    make_optimizer,
-    teacher_spec_from_store,
-)
+from dpal.trainer.runtime import default_num_workers, keep_freed_memory
+from dpal.trainer.train import Trainer, train
 from dpal.views import ViewRecipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -152,15 +145,12 @@ def train_steps(store: Path, work: Path, batch_size: int, steps: int, online: bo
     cfg = DistillConfig(store=str(store), out=str(run), student=STUDENT, max_steps=steps, batch_size=batch_size,
                         num_workers=num_workers, resume="none", log_every=1, checkpoint_every=10**6, keep_last=1,
                         online_teacher=online, device="cpu")
-    orig = train_mod.BatchDataset
     try:
         if memory_targets is not None:
             MemoryTargetsReader.preloaded = memory_targets
-            train_mod.BatchDataset = MemoryBatchDataset
-        train_mod.train(cfg, show_progress=False)
+        train(cfg, show_progress=False, dataset_class=BatchDataset if memory_targets is None else MemoryBatchDataset)
         lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln]
     finally:
-        train_mod.BatchDataset = orig
         MemoryTargetsReader.preloaded = {}
         shutil.rmtree(run, ignore_errors=True)
     assert [ln["step"] for ln in lines] == list(range(1, steps + 1)), lines
@@ -189,13 +179,13 @@ def compare(name_a: str, run_a: Any, name_b: str, run_b: Any, reps: int, warmup:
 
 
 class Variant:
-    """One way of running `train`'s loop body (num_workers 0, one micro-batch per step), with its own
-    model and optimizer built as `train` builds them.
+    """One way of running `train`'s step (num_workers 0, one micro-batch per step): its own `Trainer`
+    (model and optimizer built as `train` builds them).
 
-    `step()` does what one iteration of `train`'s loop does: take the next batch request, build the
-    batch (`BatchDataset.__getitem__`: targets, decode, replay, local crops), run the teacher under
-    inference mode when online, then `Distiller` forward, backward, AdamW step and zero_grad.
-    Returns the step's seconds.
+    `step()` takes the next batch request, builds the batch (`BatchDataset.__getitem__`: targets,
+    decode, replay, local crops) and runs `Trainer.train_step` on it (the teacher under inference
+    mode when online, then `Distiller` forward, backward, AdamW step and zero_grad). Returns the
+    step's seconds.
     """
 
     def __init__(self, store: Path, batch_size: int, online: bool = False,
@@ -203,10 +193,13 @@ class Variant:
         reader = StoreReader(store)
         attrs = reader.attrs
         recipe = ViewRecipe.from_dict(attrs["recipe"])
-        self.model, self.opt = build_model(attrs)
         sampler = EpochSampler(valid_rows(reader), batch_size, 1, 0, seed)
         self.sampler = sampler
-        self.teacher = load_teacher(teacher_spec_from_store(attrs), device="cpu") if online else None
+        self.trainer = build_trainer(attrs)
+        self.trainer.steps_per_epoch = sampler.steps_per_epoch
+        self.trainer.finish = lambda loaded: self.dataset.model_inputs(loaded, CPU)
+        if online:
+            self.trainer.load_teacher()
         if memory_targets is not None:
             MemoryTargetsReader.preloaded = memory_targets
             self.dataset: BatchDataset = MemoryBatchDataset(store, sampler, recipe, seed, finish_on_cpu=True)
@@ -218,17 +211,7 @@ class Variant:
         epoch, s = divmod(self.position, self.sampler.steps_per_epoch)
         self.position += 1
         t0 = time.perf_counter()
-        self.model.train()
-        batch = self.dataset.model_inputs(self.dataset[BatchRequest(epoch, s, 0)], CPU)
-        if self.teacher is not None:
-            with torch.inference_mode(), autocast_context("cpu"):
-                g, patches = self.teacher.encode_global(batch["v0"])
-                rel = self.teacher.relation_logits(batch["ic"])
-            batch.update(g_t=g.float().clone(), local_t=patches.float().clone(), rel_t=rel.float().clone())
-        loss, _ = self.model(batch, epoch)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        self.trainer.train_step(iter([self.dataset[BatchRequest(epoch, s, 0)]]))
         return time.perf_counter() - t0
 
 
@@ -264,22 +247,17 @@ def fmt(values: list[float]) -> str:
 # ---------------------------------------------------------------- model, batches, FLOPs, parts
 
 
-def build_model(attrs: dict[str, Any]) -> tuple[Distiller, torch.optim.Optimizer]:
-    """The student + D-PaDe and optimizer exactly as `train` builds them (CPU, float32)."""
-    cfg = DistillConfig(student=STUDENT)
-    model = build_distiller(cfg, ViewRecipe.from_dict(attrs["recipe"]), attrs)
-    opt = make_optimizer(model, cfg)
-    for group in opt.param_groups:
-        group["lr"] = 1e-4
-    return model, opt
+def build_trainer(attrs: dict[str, Any]) -> Trainer:
+    """The student + D-PaDe and optimizer exactly as `train` builds them (CPU, float32), lr 1e-4;
+    its steps take batches of model inputs (`real_batch`) unless `finish` is set."""
+    return Trainer(DistillConfig(student=STUDENT), attrs, ViewRecipe.from_dict(attrs["recipe"]), CPU,
+                   schedule=Schedule.constant(1e-4))
 
 
-def model_and_batch(store: Path, batch_size: int) -> tuple[dict[str, Any], Distiller, torch.optim.Optimizer,
-                                                            dict[str, torch.Tensor]]:
-    """The store's attrs, `build_model`'s model and optimizer, and the store's first real batch."""
+def trainer_and_batch(store: Path, batch_size: int) -> tuple[dict[str, Any], Trainer, dict[str, torch.Tensor]]:
+    """The store's attrs, `build_trainer`'s trainer, and the store's first real batch."""
     attrs = StoreReader(store).attrs
-    model, opt = build_model(attrs)
-    return attrs, model, opt, real_batch(store, batch_size)
+    return attrs, build_trainer(attrs), real_batch(store, batch_size)
 
 
 def real_batch(store: Path, batch_size: int) -> dict[str, torch.Tensor]:
@@ -290,19 +268,11 @@ def real_batch(store: Path, batch_size: int) -> dict[str, torch.Tensor]:
     return ds.model_inputs(ds[BatchRequest(0, 0, 0)], CPU)
 
 
-def step(model: Distiller, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> None:
-    model.train()
-    loss, _ = model(batch, 0)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 def flops(store: Path, batch_size: int) -> dict[str, Any]:
     """Matmul/conv/attention FLOPs of one offline step and of the teacher on v0 + Ic (same batch)."""
-    attrs, model, _, batch = model_and_batch(store, batch_size)
+    attrs, trainer, batch = trainer_and_batch(store, batch_size)
     with FlopCounterMode(display=False) as fc:
-        loss, _ = model(batch, 0)
+        loss, _ = trainer.model(batch, 0)
         fwd = fc.get_total_flops()
         loss.backward()
     step_flops = fc.get_total_flops()
@@ -376,7 +346,8 @@ def parts(store: Path, batch_size: int, reps: int) -> dict[str, Any]:
     attrs = reader.attrs
     recipe = ViewRecipe.from_dict(attrs["recipe"])
     grid = tuple(attrs["token_grid"]["global"])
-    model, opt = build_model(attrs)
+    trainer = build_trainer(attrs)
+    model, opt = trainer.model, trainer.optimizer  # the step's pieces, timed one by one
     teacher = load_teacher(teacher_spec_from_store(attrs), device="cpu")
     sampler = EpochSampler(valid_rows(reader), batch_size, 1, 0, 0)
     ds_store = BatchDataset(store, sampler, recipe, 0, finish_on_cpu=True)
@@ -459,7 +430,7 @@ def ceiling(store: Path, batch_size: int, threads: int, reps: int) -> dict[str, 
     """
     from torch.profiler import ProfilerActivity, profile
 
-    attrs, model, opt, batch = model_and_batch(store, batch_size)
+    attrs, trainer, batch = trainer_and_batch(store, batch_size)
     batch["mask"] = shape_mask(batch["local_t"], tuple(attrs["token_grid"]["global"]), True)
     teacher = load_teacher(teacher_spec_from_store(attrs), device="cpu")
 
@@ -468,17 +439,17 @@ def ceiling(store: Path, batch_size: int, threads: int, reps: int) -> dict[str, 
             teacher.encode_global(batch["v0"])
             teacher.relation_logits(batch["ic"])
 
-    step(model, opt, batch)  # warmup: AdamW state, allocator
+    trainer.train_step(iter([batch]))  # warmup: AdamW state, allocator
     step_s, teacher_s = [], []
     for _ in range(reps):
         t0 = time.perf_counter()
-        step(model, opt, batch)
+        trainer.train_step(iter([batch]))
         t1 = time.perf_counter()
         teacher_fwd()
         step_s.append(t1 - t0)
         teacher_s.append(time.perf_counter() - t1)
     with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
-        step(model, opt, batch)
+        trainer.train_step(iter([batch]))
     gemm_s = gemm_flops = attention_s = total_s = 0.0
     for ev in prof.key_averages():
         t = ev.self_cpu_time_total / 1e6
@@ -505,14 +476,14 @@ def ceiling(store: Path, batch_size: int, threads: int, reps: int) -> dict[str, 
 
 def memory_child(store: Path, batch_size: int) -> dict[str, Any]:
     """Peak memory of one training step at `batch_size`, after a warmup step (in this process)."""
-    _, model, opt, batch = model_and_batch(store, batch_size)
-    step(model, opt, batch)  # allocates the AdamW state
+    _, trainer, batch = trainer_and_batch(store, batch_size)
+    trainer.train_step(iter([batch]))  # allocates the AdamW state
     from torch.profiler import ProfilerActivity, profile
 
     rss_before = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(model, opt, batch)
+        trainer.train_step(iter([batch]))
     rss_peak = _status_kib("VmHWM")
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))

@@ -1,8 +1,9 @@
 """Stage two on a GPU: training steps/s from the cache against steps/s with the teacher in the loop.
 
 The GPU rows of docs/benchmarks.md. One process, one GPU, bf16 autocast as `dpal distill` uses on
-CUDA. For each batch size it builds the student + D-PaDe and its fused AdamW as `train` does, and
-times single steps of two variants alternately (A B, B A, ...), after warm-up steps:
+CUDA. For each batch size it builds a `Trainer` (the student + D-PaDe and its fused AdamW as `train`
+builds them) and times single `Trainer.train_step` calls of two variants alternately (A B, B A,
+...), after warm-up steps:
 
 - offline: the loader's batch (uint8 views, local-crop parameters, stored targets; already on the
   GPU) -> `trainer.augment.model_inputs` (v0 and Ic composed, v1 and v2 drawn, targets decoded, on
@@ -30,7 +31,6 @@ import argparse
 import json
 import statistics
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,8 @@ from dpal.store import StoreReader
 from dpal.teachers import autocast_context, load_teacher
 from dpal.trainer.augment import model_inputs
 from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, valid_rows
-from dpal.trainer.train import build_distiller, make_optimizer, teacher_spec_from_store
+from dpal.trainer.distiller import Schedule, teacher_spec_from_store
+from dpal.trainer.train import Trainer
 from dpal.views import ViewRecipe
 
 STUDENT = "dpal_vit_tiny"
@@ -51,11 +52,6 @@ STUDENT = "dpal_vit_tiny"
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def student_autocast(device: torch.device) -> Any:
-    """What `train` uses: bf16 autocast on CUDA, float32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def base_batch(store: Path, n: int, read_targets: bool = True) -> dict[str, torch.Tensor]:
@@ -77,45 +73,34 @@ def tile(batch: dict[str, torch.Tensor], size: int, device: torch.device) -> dic
 
 
 class Runner:
-    """One variant: its own student + D-PaDe + optimizer, as `train` builds them."""
+    """One variant: its own `Trainer` (student + D-PaDe + optimizer, as `train` builds them, lr 1e-4),
+    whose steps finish loader batches on the device (`model_inputs`) and, given a teacher, compute
+    the targets with it."""
 
     def __init__(self, attrs: dict[str, Any], device: torch.device, teacher: Any = None) -> None:
-        cfg = DistillConfig(student=STUDENT)
-        self.model = build_distiller(cfg, ViewRecipe.from_dict(attrs["recipe"]), attrs).to(device)
-        self.opt = make_optimizer(self.model, cfg)
-        for group in self.opt.param_groups:
-            group["lr"] = 1e-4
-        self.teacher = teacher
         self.device = device
         self.recipe = ViewRecipe.from_dict(attrs["recipe"])
+        self.trainer = Trainer(DistillConfig(student=STUDENT), attrs, self.recipe, device,
+                               schedule=Schedule.constant(1e-4),
+                               finish=lambda loaded: model_inputs(loaded, self.recipe, device))
+        self.trainer.teacher = teacher
 
     def step(self, loaded: dict[str, torch.Tensor]) -> float:
-        """One step from a loader batch (`tile`d, on the device), timed with its device-side work."""
+        """One `Trainer.train_step` from a loader batch (`tile`d, on the device), timed with its
+        device-side work."""
         sync(self.device)
         t0 = time.perf_counter()
-        batch = model_inputs(loaded, self.recipe, self.device)
-        if self.teacher is not None:
-            with torch.inference_mode(), autocast_context(self.device):
-                g, patches = self.teacher.encode_global(batch["v0"])
-                rel = self.teacher.relation_logits(batch["ic"])
-            batch.update(g_t=g.float().clone(), local_t=patches.float().clone(), rel_t=rel.float().clone())
-        self.model.train()
-        with student_autocast(self.device):
-            loss, _ = self.model(batch, 0)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        self.trainer.train_step(iter([loaded]))
         sync(self.device)
         return time.perf_counter() - t0
 
 
 def flops(runner: Runner, teacher: Any, loaded: dict[str, torch.Tensor]) -> dict[str, float]:
     batch = model_inputs(loaded, runner.recipe, runner.device)
-    with FlopCounterMode(display=False) as fc, student_autocast(runner.device):
-        loss, _ = runner.model(batch, 0)
-        loss.backward()
+    with FlopCounterMode(display=False) as fc:
+        runner.trainer.forward_backward_step(batch)  # the student's forward and backward, under its autocast
     step = fc.get_total_flops()
-    runner.opt.zero_grad(set_to_none=True)
+    runner.trainer.optimizer.zero_grad(set_to_none=True)
     with torch.inference_mode(), autocast_context(runner.device), FlopCounterMode(display=False) as fc:
         teacher.encode_global(batch["v0"])
         teacher.relation_logits(batch["ic"])

@@ -45,8 +45,10 @@ import numpy as np
 import torch
 
 from dpal.config import DistillConfig
+from dpal.trainer.distiller import Schedule
 from dpal.trainer.dpade import PATTERN_GLOBAL, PATTERN_LOCAL, PATTERN_RELATION, DPaDe
-from dpal.trainer.train import build_distiller, keep_freed_memory, make_optimizer
+from dpal.trainer.runtime import keep_freed_memory
+from dpal.trainer.train import Trainer
 from dpal.views import ViewRecipe
 
 STUDENT_DIM, TEACHER_DIM = 192, 768
@@ -117,23 +119,18 @@ def alternate(runs: dict[str, Any], batch_size: int, reps: int) -> dict[str, Any
 # ---------------------------------------------------------------- whole step
 
 
-def build_variant(variant: str, recipe: ViewRecipe) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The student + D-PaDe as `train` builds them, set to `variant`, with its fused AdamW."""
+def build_variant(variant: str, recipe: ViewRecipe) -> Trainer:
+    """The student + D-PaDe and fused AdamW as `train` builds them (a `Trainer`), set to `variant`."""
     cfg = DistillConfig(student="dpal_vit_tiny", recompute=VARIANTS[variant].get("recompute", False))
-    model = build_distiller(cfg, recipe, fake_attrs())
-    model.dpade.lean = VARIANTS[variant]["lean"]
-    opt = make_optimizer(model, cfg)
-    for group in opt.param_groups:
-        group["lr"] = 1e-4
-    return model, opt
+    trainer = Trainer(cfg, fake_attrs(), recipe, torch.device("cpu"), schedule=Schedule.constant(1e-4))
+    trainer.model.dpade.lean = VARIANTS[variant]["lean"]
+    return trainer
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> float:
+def train_step(trainer: Trainer, batch: dict[str, torch.Tensor]) -> float:
+    """Seconds of `Trainer.train_step` on `batch` (model inputs)."""
     t0 = time.perf_counter()
-    loss, _ = model(batch, 0)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    trainer.train_step(iter([batch]))
     return time.perf_counter() - t0
 
 
@@ -141,7 +138,7 @@ def step_section(batch_size: int, reps: int) -> dict[str, Any]:
     recipe = ViewRecipe()
     batch = random_batch(batch_size, recipe)
     runs = {name: build_variant(name, recipe) for name in VARIANTS}  # the warm-up allocates AdamW's state
-    return alternate({name: (lambda r=r: train_step(*r, batch)) for name, r in runs.items()}, batch_size, reps)
+    return alternate({name: (lambda r=r: train_step(r, batch)) for name, r in runs.items()}, batch_size, reps)
 
 
 # ---------------------------------------------------------------- memory
@@ -167,11 +164,11 @@ def memory_child(variant: str, batch_size: int) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     recipe = ViewRecipe()
-    model, opt = build_variant(variant, recipe)
+    trainer = build_variant(variant, recipe)
     batch = random_batch(batch_size, recipe)
-    train_step(model, opt, batch)  # allocates the AdamW state
+    train_step(trainer, batch)  # allocates the AdamW state
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_step(model, opt, batch)
+        train_step(trainer, batch)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
     live = np.cumsum([b for _, b in events]) if events else np.zeros(1)

@@ -18,8 +18,9 @@ in the order they run (`--skip` leaves any out):
   that loads into timm with strict=True and equals the final checkpoint's backbone. Images/s come
   from metrics.jsonl, without each process's first logged interval (start-up).
 - step: the training step alone, offline (cached targets) against online (the teacher's forward
-  first), alternated single steps per batch size, with bench_distill_gpu.py's Runner (the student,
-  D-PaDe and fused AdamW as `train` builds them); the FLOP bound beside it.
+  first), alternated single steps per batch size, with bench_distill_gpu.py's Runner (a `Trainer`:
+  the student, D-PaDe and fused AdamW as `train` builds them, and its `train_step`); the FLOP
+  bound beside it.
 - memory: peak memory of one offline step per image, per batch size (CUDA: max_memory_allocated
   above what was allocated before the step; CPU: the peak of live tensor bytes the profiler saw).
 - loader: images/s one loader process builds (bench_distill_gpu.loader_rate), times the workers
@@ -103,9 +104,10 @@ import bench_dpade  # noqa: E402
 import torch  # noqa: E402
 
 from dpal.store import StoreReader  # noqa: E402
-from dpal.teachers import load_teacher  # noqa: E402
+from dpal.teachers import autocast_context, load_teacher  # noqa: E402
 from dpal.trainer.data import EpochSampler, valid_rows  # noqa: E402
-from dpal.trainer.train import default_num_workers, teacher_spec_from_store  # noqa: E402
+from dpal.trainer.distiller import teacher_spec_from_store  # noqa: E402
+from dpal.trainer.runtime import default_num_workers  # noqa: E402
 
 DPAL = [sys.executable, "-m", "dpal.cli"]
 
@@ -650,13 +652,13 @@ class Check:
         xs = [x.to(self.device) for x in bench_dpade.branch_inputs(bs)]
         rows = res["rows"] = {}
         for name, m in models.items():
-            with bdg.student_autocast(self.device):
+            with autocast_context(self.device):  # the training step's autocast
                 bench_dpade.dpade_step(m, xs)  # warm-up
             if self.cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated() if self.cuda else 0
-            with bdg.student_autocast(self.device):
+            with autocast_context(self.device):  # the training step's autocast
                 bench_dpade.dpade_step(m, xs)
             sync_peak = (torch.cuda.max_memory_allocated() - base) if self.cuda else None
             rows[name] = {"peak_bytes": sync_peak, "seconds": []}
@@ -664,7 +666,7 @@ class Check:
             for name in (list(models) if i % 2 == 0 else list(reversed(models))):
                 bdg.sync(self.device)
                 t0 = time.perf_counter()
-                with bdg.student_autocast(self.device):
+                with autocast_context(self.device):  # the training step's autocast
                     bench_dpade.dpade_step(models[name], xs)
                 bdg.sync(self.device)
                 rows[name]["seconds"].append(time.perf_counter() - t0)

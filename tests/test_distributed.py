@@ -25,7 +25,7 @@ import torch
 
 from dpal.store import StoreReader
 from dpal.trainer.data import EpochSampler, valid_rows
-from dpal.trainer.train import lr_at
+from dpal.trainer.distiller import lr_at
 
 WORLD = 2
 BATCH = 2  # per rank: global batch 4, 10 images -> 2 steps per epoch, 2 images left out each epoch

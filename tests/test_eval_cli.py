@@ -76,7 +76,7 @@ def test_an_exported_student_is_named_by_its_model_and_scored_in_percent_in_tabl
 
 
 def test_a_run_directory_is_named_by_its_student_and_step(market: Path, tmp_path: Path) -> None:
-    from dpal.trainer.train import CHECKPOINT_VERSION
+    from dpal.trainer.checkpoint import CHECKPOINT_VERSION
 
     student = _tiny_student()
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)

@@ -266,7 +266,7 @@ def test_the_peak_lr_and_its_derivation_are_said_at_the_start(root: Path, store:
 
 def test_a_resume_with_another_schedule_says_so_and_records_it(root: Path, store: Path) -> None:
     from dpal.config import DistillConfig, resolve
-    from dpal.trainer.train import lr_at
+    from dpal.trainer.distiller import lr_at
 
     out = root / "reschedule"
     assert _cli(u.distill_args(store, out, "--max-steps", "3")).exit_code == 0
@@ -337,7 +337,7 @@ def test_a_full_disk_is_one_line_keeps_the_checkpoints_and_a_rerun_resumes(root:
 
 
 def test_older_checkpoints_can_be_kept_as_student_weights_only(root: Path, store: Path) -> None:
-    from dpal.trainer.train import build_student_from_checkpoint, find_resume
+    from dpal.trainer.checkpoint import build_student_from_checkpoint, find_resume
 
     out = root / "kept"
     train(u.distill_config(store, out, checkpoint_every=1, keep_last=2, keep_weights_only_older=2),

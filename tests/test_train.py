@@ -28,21 +28,14 @@ from typer.testing import CliRunner
 from dpal.cli import app
 from dpal.store import StoreReader
 from dpal.teachers import load_teacher
+from dpal.trainer.checkpoint import build_student_from_checkpoint, find_resume
 from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, collate_requests, valid_rows
+from dpal.trainer.distiller import Distiller, build_distiller, lr_at, param_groups, teacher_spec_from_store
 from dpal.trainer.dpade import DPaDe
 from dpal.trainer.losses import shape_mask
+from dpal.trainer.metrics import truncate_jsonl
 from dpal.trainer.student import create_student, student_tokens
-from dpal.trainer.train import (
-    Distiller,
-    _jsonl_truncate,
-    build_distiller,
-    build_student_from_checkpoint,
-    find_resume,
-    lr_at,
-    param_groups,
-    teacher_spec_from_store,
-    train,
-)
+from dpal.trainer.train import train
 from dpal.views import ViewRecipe
 
 TERMS = ("global", "local", "relation", "route", "weight_l2", "total")
@@ -337,7 +330,7 @@ def test_find_resume_skips_an_unreadable_checkpoint(root: Path, reference: Path)
     # the half-written last metrics line of a killed run is dropped, later steps too
     log = run / "metrics.jsonl"
     log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "glo')
-    _jsonl_truncate(log, 2)
+    truncate_jsonl(log, 2)
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
@@ -481,10 +474,10 @@ def test_export_loads_as_plain_timm_vit(root: Path, reference: Path) -> None:
 
 def test_batched_global_calls_equal_five_separate_dpade_calls() -> None:
     """Distiller runs the three global D-PaDe calls (and v1, v2) as one batch: same loss terms."""
+    from dpal.trainer.distiller import Distiller
     from dpal.trainer.dpade import DPaDe
     from dpal.trainer.losses import global_mse, local_masked_mse, relation_kl, shape_mask, total_loss
     from dpal.trainer.student import create_student, student_tokens
-    from dpal.trainer.train import Distiller
 
     torch.manual_seed(0)
     b, dim = 4, 64
@@ -502,7 +495,7 @@ def test_batched_global_calls_equal_five_separate_dpade_calls() -> None:
         relation_kl(calls[4].y, batch["rel_t"]),
         [c.route_loss for c in calls], [c.weight_l2 for c in calls], 0)
     for k, v in ref.items():
-        assert terms[k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
+        assert float(terms[k]) == pytest.approx(v, rel=1e-6, abs=1e-7), k
     assert float(total) == pytest.approx(float(ref_total), rel=1e-6)
     # and the same gradients: the expert generator runs once for all branches (forward_many)
     params = list(dp.parameters()) + list(st.parameters())
@@ -520,7 +513,7 @@ def test_batched_global_calls_equal_five_separate_dpade_calls() -> None:
 KEEP_FREED_SCRIPT = """
 import ctypes, json, threading
 import torch
-from dpal.trainer.train import keep_freed_memory
+from dpal.trainer.runtime import keep_freed_memory
 
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -564,7 +557,7 @@ def test_keep_freed_memory_keeps_large_blocks_and_still_serves_other_threads() -
 
 
 def test_default_num_workers(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dpal.trainer.train import default_num_workers
+    from dpal.trainer.runtime import default_num_workers
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert default_num_workers(cpu, 1) == 2

@@ -10,7 +10,6 @@ router and expert terms. Every mean-squared error averages over channels, then t
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
@@ -19,11 +18,11 @@ from torch import Tensor
 
 # B batch, D teacher width, P patch tokens (h * w grid), L tokens (T = 257 on the crowd image)
 
-logger = logging.getLogger(__name__)
-
 ROUTE_WEIGHT_EARLY = 0.1
 ROUTE_WEIGHT_LATE = 0.01
 ROUTE_WEIGHT_SWITCH_EPOCH = 20
+# the terms of `total_loss`, in the order `total_loss_terms` stacks them
+TERM_NAMES = ("global", "local", "relation", "route", "weight_l2", "total")
 
 
 def global_mse(student_globals: Sequence[Tensor], teacher_global: Tensor) -> Tensor:
@@ -166,6 +165,25 @@ def total_loss(
         The total (), and its terms as floats: global, local, relation, route, weight_l2,
         route_weight, total.
     """
+    total, parts, lam = total_loss_terms(loss_global, loss_local, loss_relation, route_losses, weight_l2s, epoch)
+    terms = dict(zip(TERM_NAMES, parts.tolist(), strict=True))  # one device sync for all terms
+    terms["route_weight"] = lam
+    return total, terms
+
+
+def total_loss_terms(
+    loss_global: Tensor,
+    loss_local: Tensor,
+    loss_relation: Tensor,
+    route_losses: Sequence[Tensor],
+    weight_l2s: Sequence[Tensor],
+    epoch: int,
+) -> tuple[Tensor, Tensor, float]:
+    """`total_loss` without the device sync (the training step reads its terms only on log steps).
+
+    Returns:
+        The total (), the terms (6,) detached, in TERM_NAMES order, and lambda_route(epoch).
+    """
     if not route_losses or not weight_l2s:
         raise ValueError("route_losses and weight_l2s must not be empty")
     lam = route_weight(epoch)
@@ -173,8 +191,4 @@ def total_loss(
     l2 = torch.stack([w.float() for w in weight_l2s]).mean()
     total = loss_global.float() + loss_local.float() + loss_relation.float() + lam * route + l2
     parts = torch.stack([loss_global.float(), loss_local.float(), loss_relation.float(), route, l2, total])
-    values = parts.detach().tolist()  # one device sync for all terms
-    names = ("global", "local", "relation", "route", "weight_l2", "total")
-    terms = dict(zip(names, values, strict=True))
-    terms["route_weight"] = lam
-    return total, terms
+    return total, parts.detach(), lam

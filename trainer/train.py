@@ -1,29 +1,26 @@
-"""Stage two's loop: student + D-PaDe against the store's targets, with exact resume and DDP.
+"""Stage two's loop: the `Trainer`, which trains the student + D-PaDe against a store's targets,
+with exact resume and DDP.
 
-One optimizer step per rank: `grad_accum` micro-batches, each with the five D-PaDe calls of
-method.md (CLS of v0, v1, v2 -> pattern 0; patches of v0 -> 1; all tokens of Ic -> 2), the
-three alignment losses, the router CE and the expert regulariser. The learning rate is a pure
-function of the step (linear warmup per step, then half-cycle cosine). Checkpoints are plain dicts
-that load with `torch.load(weights_only=True)`, written atomically, and hold everything needed to
-continue bit for bit: model, D-PaDe, optimizer, schedule, scaler, sampler position, RNG states,
-config and the store fingerprint. SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) make every rank stop at the
-same step boundary and checkpoint; a second Ctrl-C aborts at once. The run directory's ownership,
+The training step is `Trainer.train_step`: `grad_accum` micro-batches, each finished into the
+model's inputs (`model_inputs`: the loader's batch on the device, the teacher's targets when
+online) and run forward and backward (`forward_backward_step`: `Distiller` in distiller.py, the
+loss of docs/method.md), then one AdamW step at the schedule's learning rate. `Trainer.train` is the
+loop around it: metrics (metrics.py, read from the device only on log steps), progress,
+checkpoints (checkpoint.py) and the stop signals (runtime.py). `Trainer.from_config` builds a whole
+run (store, run directory, resume, DataLoader); `Trainer(cfg, attrs, recipe, device)` builds only
+the model and optimizer, for benchmarks and tests that feed batches themselves. `state_dict` /
+`load_state_dict` hold everything needed to continue bit for bit: model, D-PaDe, optimizer,
+sampler position, RNG states, config and the store fingerprint. The run directory's ownership,
 its leftovers and a full disk are rundir.py's.
 """
 
 from __future__ import annotations
 
-import ctypes
-import io
-import json
 import logging
-import math
 import os
-import re
-import signal
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +32,18 @@ from torch import Tensor, nn
 from dpal import __version__
 from dpal.config import DistillConfig, dump_yaml, to_dict
 from dpal.progress import Progress
-from dpal.store import StoreError, StoreReader, atomic_write_bytes
-from dpal.teachers import EFFICIENTNET_LITE2, PRESETS, TeacherSpec, autocast_context, load_teacher
+from dpal.store import StoreError, StoreReader
+from dpal.teachers import autocast_context, load_teacher
+from dpal.trainer.checkpoint import (
+    CHECKPOINT_VERSION,
+    build_student_from_checkpoint,  # noqa: F401 - cli.py and evaluate.py import it from here
+    find_resume,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_run_file,
+)
 from dpal.trainer.data import (
     BatchDataset,
     EpochSampler,
@@ -45,355 +52,34 @@ from dpal.trainer.data import (
     ignore_stop_signals,
     valid_rows,
 )
-from dpal.trainer.dpade import PATTERN_GLOBAL, PATTERN_LOCAL, PATTERN_RELATION, DPaDe
-from dpal.trainer.losses import global_mse, local_masked_mse, relation_kl, shape_mask, total_loss
+from dpal.trainer.distiller import Schedule, build_distiller, make_optimizer, teacher_spec_from_store
+from dpal.trainer.metrics import MetricsLog, StepTerms
 from dpal.trainer.rundir import (
     CHECKPOINT_DIR,
     RunDirError,
     RunLock,
     clean_temporary_files,
-    disk_full_error,
     existing_run,
     move_aside,
     refuse_mixing,
 )
-from dpal.trainer.student import create_student, recompute_mlp_activations, student_tokens
+from dpal.trainer.runtime import (
+    DistInfo,
+    StopFlag,
+    children_ignore_stop_signals,
+    default_num_workers,
+    init_distributed,
+    keep_freed_memory,
+)
 from dpal.views import ViewRecipe
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1
-_CKPT_RE = re.compile(r"step-(\d+)\.pt$")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # config keys a resume must keep: they fix the model's shapes and the data stream
 RESUME_KEYS = ("student", "student_kwargs", "batch_size", "seed")
 # config keys that say how to run, not what is trained: a resume may change them without a word
 RUNTIME_KEYS = ("store", "out", "resume", "fresh", "max_steps", "num_workers", "device", "log_every",
                 "checkpoint_every", "keep_last", "keep_weights_only_older", "progress_seconds", "allow_incomplete")
-WEIGHTS_ONLY_SUFFIX = ".student.pt"
-
-
-# ---------------------------------------------------------------- schedule
-
-
-def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then half-cycle cosine."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    decay = max(total_steps - warmup_steps, 1)
-    t = min(max(step - warmup_steps, 0) / decay, 1.0)
-    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def param_groups(modules: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices only, none on 1-D parameters and biases."""
-    decay, no_decay = [], []
-    for name, p in modules.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(model: nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`, with the fused kernel (one pass per parameter group instead of
-    a dozen element-wise ops per tensor: 0.15 -> 0.01 s of a CPU step). Learning rate 0 until the
-    schedule sets it."""
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=0.0, betas=cfg.betas, fused=True)
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep large freed blocks for reuse instead of returning them to the kernel.
-
-    A CPU step allocates and frees the same few large tensors every time (the expert generator's
-    28M-float weight gradient, 113 MB, among them). glibc serves blocks above 32 MB with fresh
-    mmaps, and every fresh page costs a page fault: about 30 ms per such tensor, 13% of a CPU step
-    (docs/benchmarks.md). With mmap disabled for the heap and trimming raised, those blocks come
-    back from the heap. Peak memory is unchanged; freed memory stays with the process. Returns
-    False where the C library has no `mallopt` (not glibc), which changes nothing else.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):
-        return False
-
-
-# ---------------------------------------------------------------- data loading
-
-CPU_NUM_WORKERS = 2
-MAX_GPU_NUM_WORKERS = 16
-
-
-def default_num_workers(device: torch.device, local_world_size: int) -> int:
-    """DataLoader workers when the config leaves them unset.
-
-    On CPU, 2: a worker builds a batch in a tenth of a step, and more workers only compete with the
-    training threads (1 and 2 workers measured the same). On a GPU the loader bounds training (one
-    worker decodes and replays 80-95 images/s on the development CPU; an H200 trains about 1800 images/s), so every
-    CPU this rank may use but one (which drives the GPU) decodes, at most 16.
-    """
-    if device.type != "cuda":
-        return CPU_NUM_WORKERS
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(CPU_NUM_WORKERS, min(MAX_GPU_NUM_WORKERS, cpus // max(local_world_size, 1) - 1))
-
-
-# ---------------------------------------------------------------- distributed and signals
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
-    """Join the torchrun process group if there is one (gloo on CPU, nccl on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if device_pref == "auto":
-        use_cuda = torch.cuda.is_available()
-    else:
-        use_cuda = device_pref.startswith("cuda")
-    device = torch.device("cuda", info.local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return info, device
-
-
-class StopFlag:
-    """Set by SIGTERM / SIGUSR1 / SIGINT; ranks agree on it at each step boundary. A second SIGINT
-    raises KeyboardInterrupt at once (the user asked twice), without a checkpoint."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_name = ""
-        self.signum = 0
-        self._old: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in STOP_SIGNALS:
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self.requested and self.signal_name == "SIGINT":
-            raise KeyboardInterrupt
-        self.requested = True
-        self.signum = signum
-        self.signal_name = signal.Signals(signum).name
-        if signum == signal.SIGINT:
-            # os.write: a handler may run while the main thread is inside a write to sys.stderr
-            os.write(2, b"\nCtrl-C: stopping at the end of this step to checkpoint (Ctrl-C again aborts without)\n")
-
-    def agreed(self, info: DistInfo, device: torch.device) -> bool:
-        if info.world_size == 1:
-            return self.requested
-        # the largest signal number any rank got, so that rank 0 can say which stopped the run
-        flag = torch.tensor([float(self.signum)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        got = int(flag.item())
-        if got and not self.requested:
-            self.signal_name = signal.Signals(got).name
-        return got > 0
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def checkpoint_paths(run_dir: Path) -> list[Path]:
-    d = Path(run_dir) / CHECKPOINT_DIR
-    if not d.exists():
-        return []
-    found = [(int(m.group(1)), p) for p in d.glob("step-*.pt") if (m := _CKPT_RE.search(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} is not a dpal checkpoint of format {CHECKPOINT_VERSION}")
-    return ckpt
-
-
-def find_resume(run_dir: Path, resume: str) -> Path | None:
-    """`auto`: the newest checkpoint that loads; `none`: start fresh; else a path."""
-    if resume == "none":
-        return None
-    if resume != "auto":
-        p = Path(resume)
-        if not p.is_file():
-            raise ValueError(f"--resume {resume}: no such checkpoint")
-        return p
-    for p in reversed(checkpoint_paths(run_dir)):
-        try:
-            load_checkpoint(p)
-            return p
-        except ValueError:
-            logger.warning("skipping unreadable checkpoint %s", p)
-    return None
-
-
-def weights_only_paths(run_dir: Path) -> list[Path]:
-    """The reduced older checkpoints (`step-N.student.pt`: student weights only), oldest first."""
-    found = [(int(p.name[5:-len(WEIGHTS_ONLY_SUFFIX)]), p)
-             for p in (Path(run_dir) / CHECKPOINT_DIR).glob(f"step-*{WEIGHTS_ONLY_SUFFIX}")
-             if p.name[5:-len(WEIGHTS_ONLY_SUFFIX)].isdigit()]
-    return [p for _, p in sorted(found)]
-
-
-def weights_only(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint reduced to what export and evaluation need: the student, its build and the config
-    (not resumable: no D-PaDe, optimizer, RNG)."""
-    keep = ("format_version", "dpal_version", "step", "model", "config", "store_fingerprint", "student_name",
-            "img_size", "student_kwargs")
-    return {**{k: ckpt[k] for k in keep if k in ckpt}, "weights_only": True}
-
-
-def _write(path: Path, data: bytes, run_dir: Path) -> None:
-    """`atomic_write_bytes`, with a full disk as one line (the previous checkpoints stay intact)."""
-    try:
-        atomic_write_bytes(path, data)
-    except OSError as e:
-        previous = checkpoint_paths(run_dir)
-        err = disk_full_error(e, path, f"{previous[-1]}" if previous else "step 0 (no checkpoint yet)")
-        if err is None:
-            raise
-        raise err from None
-
-
-def save_checkpoint(run_dir: Path, state: dict[str, Any], keep_last: int) -> Path:
-    """Write `state` as checkpoints/step-N.pt; keep the last `keep_last` whole and, of the older ones,
-    the newest `keep_weights_only_older` (a config key) as student weights only."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    path = Path(run_dir) / CHECKPOINT_DIR / f"step-{state['step']:08d}.pt"
-    _write(path, buf.getvalue(), run_dir)
-    keep_weights = int(state.get("config", {}).get("keep_weights_only_older", 0))
-    for old in checkpoint_paths(run_dir)[:-keep_last]:
-        if keep_weights > 0:
-            reduced = weights_only(torch.load(old, map_location="cpu", weights_only=True, mmap=True))
-            buf = io.BytesIO()
-            torch.save(reduced, buf)
-            _write(old.with_name(old.name[:-len(".pt")] + WEIGHTS_ONLY_SUFFIX), buf.getvalue(), run_dir)
-        old.unlink(missing_ok=True)
-    for old in weights_only_paths(run_dir)[:-keep_weights or None]:
-        old.unlink(missing_ok=True)
-    return path
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---------------------------------------------------------------- model
-
-
-class Distiller(nn.Module):
-    """Student plus D-PaDe; `forward` returns the total loss and its terms for one micro-batch."""
-
-    def __init__(self, student: nn.Module, dpade: DPaDe, grid_hw: tuple[int, int], fix_mask_sign: bool) -> None:
-        super().__init__()
-        self.student = student
-        self.dpade = dpade
-        self.grid_hw = grid_hw
-        self.fix_mask_sign = fix_mask_sign
-
-    def forward(self, batch: dict[str, Tensor], epoch: int) -> tuple[Tensor, dict[str, float]]:
-        # B batch, P patches of v0, T tokens of Ic, d student width, D teacher width
-        b = batch["v0"].shape[0]
-        tok0 = student_tokens(self.student, batch["v0"])  # (B, 1 + P, d)
-        tok12 = student_tokens(self.student, torch.cat([batch["v1"], batch["v2"]]))  # (2B, 1 + P_local, d)
-        tok_ic = student_tokens(self.student, batch["ic"])  # (B, T, d)
-        npre = self.student.num_prefix_tokens
-        # method.md's five D-PaDe calls. Student and D-PaDe treat every image on its own, so the
-        # three global calls (CLS of v0, v1, v2) run as one call on 3B tokens, and the expert
-        # generator runs once for all branches: the same values (up to float summation order)
-        # for fewer, larger kernels and one weight-gradient pass.
-        glob, loc, rel = self.dpade.forward_many([
-            (torch.cat([tok0[:, :1], tok12[:, :1]]), PATTERN_GLOBAL),  # y (3B, 1, D)
-            (tok0[:, npre:], PATTERN_LOCAL),  # y (B, P, D)
-            (torch.cat([tok_ic[:, :1], tok_ic[:, npre:]], dim=1), PATTERN_RELATION),  # y (B, T, D)
-        ])
-        calls = [glob, glob, glob, loc, rel]  # the mean over 3B equals the mean of the three means
-        g_t, local_t, rel_t = batch["g_t"], batch["local_t"], batch["rel_t"]
-        l_g = global_mse(list(glob.y[:, 0].reshape(3, b, -1)), g_t)  # three (B, D)
-        mask = batch.get("mask")  # (B, P, 1) from the loader (BatchDataset's mask_fix_sign) or:
-        if mask is None:
-            mask = shape_mask(local_t, self.grid_hw, self.fix_mask_sign)
-        l_l = local_masked_mse(loc.y, local_t, mask)
-        l_r = relation_kl(rel.y, rel_t)
-        total, terms = total_loss(l_g, l_l, l_r, [c.route_loss for c in calls], [c.weight_l2 for c in calls], epoch)
-        terms["route_acc"] = float(torch.stack([c.route_correct for c in calls]).mean())
-        return total, terms
-
-
-def build_distiller(cfg: DistillConfig, recipe: ViewRecipe, attrs: dict[str, Any]) -> Distiller:
-    """The configured student and D-PaDe for a store (its attrs: teacher width, token grid), on CPU,
-    initialised from `cfg.seed`."""
-    torch.manual_seed(cfg.seed)
-    student = create_student(cfg.student, img_size=tuple(recipe.global_size), **cfg.student_kwargs)
-    recompute_mlp_activations(student, cfg.recompute)
-    dpade = DPaDe(student.embed_dim, attrs["embed_dim"], scale=cfg.dpade_scale, l2_weight=cfg.l2_weight,
-                  recompute=cfg.recompute)
-    return Distiller(student, dpade, tuple(attrs["token_grid"]["global"]), cfg.fix_mask_sign)
-
-
-def build_student_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The student of a run directory's newest checkpoint (or of a checkpoint file), on CPU."""
-    path = Path(path)
-    if path.is_dir():
-        found = find_resume(path, "auto")
-        if found is None:
-            raise ValueError(f"{path} holds no dpal checkpoint (expected {path}/{CHECKPOINT_DIR}/step-*.pt)")
-        path = found
-    elif not path.is_file():
-        raise ValueError(f"{path}: no such run directory or checkpoint")
-    ckpt = load_checkpoint(path)
-    student = create_student(ckpt["student_name"], img_size=tuple(ckpt["img_size"]), **ckpt.get("student_kwargs", {}))
-    student.load_state_dict(ckpt["model"])
-    return student.eval(), ckpt
-
-
-def teacher_spec_from_store(attrs: dict[str, Any]) -> TeacherSpec:
-    """Rebuild the teacher that wrote a store, for --online-teacher; checks the checkpoint hash."""
-    t = attrs["teacher"]
-    r = attrs["recipe"]
-    packaged = t["name"] == EFFICIENTNET_LITE2  # weights come from its package, not a file
-    return TeacherSpec(
-        name=t["name"], checkpoint=None if packaged or t.get("random_init") else t.get("checkpoint"),
-        random_init=t.get("random_init", False), random_init_seed=t.get("random_init_seed", 0),
-        layer=t.get("layer"), arch=t.get("arch") if t["name"] in PRESETS else None,
-        global_size=tuple(r["global_size"]), crowd_size=tuple(r["crowd_size"]),
-        global_token="mean" if t.get("global_token") == "mean" else "auto",
-    )
-
-
-# ---------------------------------------------------------------- training
 
 
 @dataclass
@@ -407,24 +93,323 @@ class TrainResult:
     """The signal that stopped the run (SIGTERM, SIGUSR1, SIGINT), else empty."""
 
 
-def _jsonl_truncate(path: Path, max_step: int) -> None:
-    """Drop metric lines past a resumed checkpoint, so the log equals an uninterrupted run's."""
-    if not path.exists():
-        return
-    keep = []
-    for ln in path.read_text().splitlines():
-        try:
-            if json.loads(ln).get("step", 0) <= max_step:
-                keep.append(ln)
-        except json.JSONDecodeError:  # the half-written last line of a killed run
-            continue
-    path.write_text("".join(ln + "\n" for ln in keep))
+@dataclass
+class StepResult:
+    """What one optimizer step leaves for the log: its lr, the epoch it trained in (its route
+    weight), its loss terms (still on the device) and the images of all ranks."""
+
+    lr: float
+    epoch: int
+    terms: StepTerms
+    images: int
 
 
-def train(cfg: DistillConfig, show_progress: bool = True) -> TrainResult:
-    """Run (or resume) stage two as configured, owning the run directory meanwhile (rundir.py)."""
+def train(cfg: DistillConfig, show_progress: bool = True,
+          dataset_class: type[BatchDataset] = BatchDataset) -> TrainResult:
+    """Run (or resume) stage two as configured, owning the run directory meanwhile (rundir.py).
+    `dataset_class` builds the batches (a benchmark passes one that serves targets from memory)."""
     with ExitStack() as stack:  # releases the run directory's lock however the run ends
-        return _train(cfg, show_progress, stack)
+        return Trainer.from_config(cfg, stack, show_progress, dataset_class).train()
+
+
+class Trainer:
+    """Stage two's model, optimizer and step; with `from_config`, also the run around them.
+
+    Args:
+        cfg: the run's config (student, optimizer, losses, grad_accum).
+        attrs: the store's attributes (teacher width `embed_dim`, `token_grid`; `teacher` when online).
+        recipe: the view recipe (the student's input size).
+        device: where the model trains (bf16 autocast on CUDA).
+        info: this rank's place under torchrun (DDP when world_size > 1).
+        schedule: the learning rate per step; a whole run sets its own.
+        finish: a loader batch -> the model's inputs on `device`; None: batches come as model inputs.
+    """
+
+    def __init__(self, cfg: DistillConfig, attrs: dict[str, Any], recipe: ViewRecipe, device: torch.device,
+                 info: DistInfo | None = None, schedule: Schedule | None = None,
+                 finish: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> None:
+        self.cfg, self.attrs, self.recipe, self.device = cfg, attrs, recipe, torch.device(device)
+        self.info = info or DistInfo()
+        self.model = build_distiller(cfg, recipe, attrs).to(self.device)
+        self.ddp_model: nn.Module = self.model
+        if self.info.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.schedule = schedule or Schedule.constant(0.0)
+        self.finish = finish
+        self.autocast = autocast_context(self.device)  # bf16 on CUDA, as stage one's teacher ran
+        self.teacher: Any = None  # with --online-teacher: computes the targets in the step
+        self.step, self.epoch, self.position = 0, 0, 0  # position: the step within the epoch
+        self.steps_per_epoch: int | None = None  # None: the epoch never advances (no sampler)
+        self.config_changes: list[dict[str, Any]] = []  # settings changed on resumes: [{step, changes}]
+        self.fingerprint: str | None = None
+        self.last_ckpt: Path | None = None
+        self.metrics: MetricsLog | None = None  # rank 0's sinks, in a whole run
+
+    # ------------------------------------------------------------ the step
+
+    def model_inputs(self, loaded: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A loader batch -> the model's inputs: views and targets on the device (uint8 views and
+        stored targets -> float32), with the teacher's targets in online mode."""
+        batch = self.finish(loaded) if self.finish is not None else loaded
+        if self.teacher is not None:
+            # stage one's autocast (bf16 on CUDA), so online targets equal cached float32 ones
+            with torch.inference_mode(), autocast_context(self.device):
+                g, patches = self.teacher.encode_global(batch["v0"])
+                rel = self.teacher.relation_logits(batch["ic"])
+            batch.update(g_t=g.float().clone(), local_t=patches.float().clone(), rel_t=rel.float().clone())
+        return batch
+
+    def forward_backward_step(self, batch: dict[str, Tensor], sync: bool = True) -> dict[str, Tensor | float]:
+        """Forward and backward of one micro-batch of model inputs (gradients added to the parameters',
+        the loss divided by `grad_accum`); its loss terms, on the device. `sync` False: DDP keeps the
+        gradients local (a micro-batch before the step's last)."""
+        ctx = nullcontext() if sync or self.info.world_size == 1 else self.ddp_model.no_sync()
+        with ctx, self.autocast:
+            loss, terms = self.ddp_model(batch, self.epoch)
+            (loss / self.cfg.grad_accum).backward()
+        return terms
+
+    def train_step(self, batches: Iterator[dict[str, Tensor]]) -> StepResult:
+        """One optimizer step on the next `grad_accum` loader batches of `batches`."""
+        self.model.train()
+        lr = self.schedule.lr(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        micro: list[dict[str, Tensor | float]] = []
+        images = 0
+        for i in range(self.cfg.grad_accum):
+            batch = self.model_inputs(next(batches))
+            micro.append(self.forward_backward_step(batch, sync=i == self.cfg.grad_accum - 1))
+            images += batch["v0"].shape[0] * self.info.world_size
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        result = StepResult(lr, self.epoch, StepTerms(micro, self.cfg.grad_accum), images)
+        self.step += 1
+        self.position += 1
+        if self.steps_per_epoch is not None and self.position >= self.steps_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        return result
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint: everything a resume reads (checkpoint.py writes and checks it)."""
+        return {
+            "format_version": CHECKPOINT_VERSION, "dpal_version": __version__, "step": self.step,
+            "model": self.model.student.state_dict(), "dpade": self.model.dpade.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": {"epoch": self.epoch, "position": self.position},
+            "rng": rng_state(), "config": to_dict(self.cfg), "store_fingerprint": self.fingerprint,
+            "student_name": self.cfg.student, "img_size": list(self.recipe.global_size),
+            "world_size": self.info.world_size,
+            "student_kwargs": dict(getattr(self.model.student, "dpal_timm_kwargs", {})),
+            "config_changes": self.config_changes,
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        """Continue from `state_dict`'s dict (checked by `check_resumable` first): weights, optimizer,
+        the global RNG, the step and the sampler's position, the settings changed so far."""
+        self.model.student.load_state_dict(ckpt["model"])
+        self.model.dpade.load_state_dict(ckpt["dpade"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        self.step, self.epoch, self.position = ckpt["step"], ckpt["sampler"]["epoch"], ckpt["sampler"]["position"]
+        self.config_changes = list(ckpt.get("config_changes", []))
+
+    def check_resumable(self, ckpt: dict[str, Any], path: Path) -> None:
+        """Refuse, in one line, a checkpoint of another store, model, data stream or world size."""
+        if ckpt.get("weights_only"):
+            raise ValueError(f"{path} holds the student's weights only (for export and eval); resume from a whole "
+                             "checkpoint (step-N.pt)")
+        if ckpt["store_fingerprint"] != self.fingerprint:
+            raise StoreError(
+                f"checkpoint {path} was trained on another store (fingerprint "
+                f"{ckpt['store_fingerprint'][:12]}, this store {self.fingerprint[:12]}: teacher, views or shard "
+                "data differ); use a new --out, or --fresh to move this run aside and start over"
+            )
+        now = to_dict(self.cfg)
+        changed = [f"{k} {ckpt['config'].get(k)!r} (now {now[k]!r})" for k in RESUME_KEYS
+                   if ckpt["config"].get(k) != now[k]]
+        if ckpt["world_size"] != self.info.world_size:
+            changed.insert(0, f"{ckpt['world_size']} ranks (now {self.info.world_size})")
+        if changed:
+            raise ValueError(f"checkpoint {path} was trained with {', '.join(changed)}; resume with the "
+                             "same to keep the model and the data stream, or use a new --out (or --fresh to move this run aside)")
+
+    # ------------------------------------------------------------ a whole run
+
+    @classmethod
+    def from_config(cls, cfg: DistillConfig, stack: ExitStack, show_progress: bool = True,
+                    dataset_class: type[BatchDataset] = BatchDataset) -> Trainer:
+        """A run as configured: the store opened and checked, the run directory owned (released by
+        `stack`), the model built and resumed, the DataLoader ready."""
+        t_start = time.perf_counter()
+        info, device = init_distributed(cfg.device)
+        if device.type == "cpu":
+            keep_freed_memory()
+        reader = StoreReader(cfg.store, allow_incomplete=cfg.allow_incomplete)
+        attrs = reader.attrs
+        recipe = ViewRecipe.from_dict(attrs["recipe"])
+        if cfg.recipe_local_size is not None:
+            recipe = ViewRecipe.from_dict({**recipe.to_dict(), "local_size": list(cfg.recipe_local_size)})
+        fingerprint = reader.fingerprint()
+        _own_run_dir(cfg, info, stack)
+        trainer = cls(cfg, attrs, recipe, device, info)
+        trainer.t_start, trainer.show_progress = t_start, show_progress
+        trainer.run_dir, trainer.fingerprint = Path(cfg.out), fingerprint
+        trainer.sampler = EpochSampler(valid_rows(reader), cfg.batch_size, info.world_size, info.rank, cfg.seed)
+        trainer.steps_per_epoch = trainer.sampler.steps_per_epoch
+        trainer.schedule = Schedule.for_run(cfg, trainer.steps_per_epoch, info.world_size)
+        if info.is_main:  # a small batch scales the peak far down (batch 8: 7.8e-6); say so before training
+            s = trainer.schedule
+            logger.info("peak lr %.3g = base_lr %g x global batch %d / 256 (linear scaling rule); warmup %d steps, "
+                        "then cosine to %g at step %d", s.peak_lr, cfg.base_lr, cfg.batch_size * info.world_size,
+                        s.warmup_steps, cfg.min_lr, s.total_steps)
+        trainer.resume()
+        if cfg.online_teacher:
+            trainer.load_teacher()
+        trainer._build_loader(dataset_class)
+        if info.is_main:
+            trainer.run_dir.mkdir(parents=True, exist_ok=True)
+            write_run_file(trainer.run_dir / "config.yaml", config_text(cfg, trainer.config_changes).encode(), trainer.run_dir)
+            trainer.metrics = MetricsLog(trainer.run_dir, trainer.step)
+        return trainer
+
+    def resume(self) -> None:
+        """Continue from the checkpoint `--resume` names (the newest that loads, by default), if any."""
+        cfg, run_dir = self.cfg, self.run_dir
+        resume_path = find_resume(run_dir, "none" if cfg.fresh else cfg.resume)
+        self.last_ckpt = resume_path  # a finished run rerun trains nothing: its checkpoint is the last
+        if resume_path is None:
+            if self.info.is_main:
+                why = "--fresh" if cfg.fresh else "--resume none" if cfg.resume == "none" else \
+                    f"no checkpoint in {run_dir / CHECKPOINT_DIR}"
+                logger.info("starting fresh at step 0 (%s)", why)
+            return
+        ckpt = load_checkpoint(resume_path)
+        self.check_resumable(ckpt, resume_path)
+        self.load_state_dict(ckpt)
+        notes = changed_settings(ckpt["config"], to_dict(cfg))
+        if notes:
+            self.config_changes.append({"step": self.step, "changes": notes})
+        if self.info.is_main:
+            logger.info("resumed from %s at step %d (epoch %d)", resume_path, self.step, self.epoch)
+            if notes:
+                logger.warning("resuming at step %d with changed settings: %s; training follows them from here "
+                               "(recorded in config.yaml and the checkpoints)", self.step, ", ".join(notes))
+
+    def load_teacher(self) -> None:
+        """The teacher that wrote the store, for --online-teacher; refused if its checkpoint differs."""
+        self.teacher = load_teacher(teacher_spec_from_store(self.attrs), device=self.device)
+        if self.teacher.identity().get("checkpoint_sha256") != self.attrs["teacher"].get("checkpoint_sha256"):
+            raise StoreError("the teacher checkpoint differs from the one that wrote the store (sha256)")
+
+    def _build_loader(self, dataset_class: type[BatchDataset]) -> None:
+        cfg, device = self.cfg, self.device
+        total_steps = cfg.epochs * self.sampler.steps_per_epoch
+        self.end_steps = total_steps if cfg.max_steps is None else min(cfg.max_steps, total_steps)
+        requests = collate_requests(self.sampler, self.epoch, self.position, cfg.epochs, self.end_steps - self.step,
+                                    cfg.grad_accum)
+        # On CPU the loader's workers compute the shape mask while the main process trains; on a GPU
+        # it is cheaper on the device, inside the step (a batch of 256 would cost a worker ~1 s).
+        loader_mask = device.type == "cpu" and not cfg.online_teacher
+        dataset = dataset_class(cfg.store, self.sampler, self.recipe, cfg.seed, cfg.grad_accum,
+                                read_targets=not cfg.online_teacher, allow_incomplete=cfg.allow_incomplete,
+                                mask_fix_sign=cfg.fix_mask_sign if loader_mask else None,
+                                finish_on_cpu=device.type == "cpu")
+        self.finish = lambda loaded: dataset.model_inputs(loaded, device)
+        workers = cfg.num_workers
+        if workers is None:
+            workers = default_num_workers(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if self.info.is_main:
+            logger.info("DataLoader worker processes: %d", workers)
+        self.workers = workers
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, sampler=requests, num_workers=workers,
+            multiprocessing_context="forkserver" if workers > 0 else None,
+            # batches waiting per worker; each holds its images and float32 targets (about 0.55 GB at
+            # batch 256 and the paper's sizes), so many workers each keep fewer
+            pin_memory=device.type == "cuda", prefetch_factor=(4 if workers <= 2 else 2) if workers > 0 else None,
+            worker_init_fn=ignore_stop_signals if workers > 0 else None,
+            # its own generator: `iter(loader)` draws a base seed, which must not advance the global
+            # RNG (drop path) differently in a resumed run than in an uninterrupted one
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+
+    def train(self) -> TrainResult:
+        """Train to the end (or `max_steps`), or until a stop signal: then checkpoint and return."""
+        stop = StopFlag()
+        stop.install()
+        stopped = False
+        progress = (Progress("distill", self.end_steps, self.step, interval_s=self.cfg.progress_seconds)
+                    if self.show_progress and self.info.is_main else None)
+        if self.metrics is not None:
+            self.metrics.restart_clock()
+        it = None
+        try:
+            with children_ignore_stop_signals():
+                it = iter(self.loader)  # starts the forkserver and the workers
+            batches = self._loader_batches(it)
+            while self.step < self.end_steps:
+                self._report(self.train_step(batches), progress)
+                stop_now = stop.agreed(self.info, self.device)
+                if stop_now or self.step % self.cfg.checkpoint_every == 0 or self.step == self.end_steps:
+                    self.checkpoint()
+                if stop_now:
+                    stopped = True
+                    break
+        finally:
+            # Shut the workers down now, also on an error (whose traceback keeps the iterator alive): they
+            # ignore SIGTERM, and multiprocessing's exit handler would terminate() and join them forever.
+            if hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()
+            stop.uninstall()
+            if progress is not None:
+                progress.stop()
+            if self.metrics is not None:
+                self.metrics.close()
+        return TrainResult(self.step, self.epoch, stopped, self.last_ckpt, time.perf_counter() - self.t_start,
+                           stop.signal_name if stopped else "")
+
+    def checkpoint(self) -> None:
+        """Rank 0 writes `state_dict` (keeping the last `keep_last`); every rank waits for it."""
+        if self.info.is_main:
+            self.last_ckpt = save_checkpoint(self.run_dir, self.state_dict(), self.cfg.keep_last)
+        if self.info.world_size > 1:
+            dist.barrier()
+
+    def _report(self, result: StepResult, progress: Progress | None) -> None:
+        """The step's metrics line on log steps, and the progress display (terms read only if drawn)."""
+        if self.metrics is not None:
+            self.metrics.images += result.images
+            if self.step % self.cfg.log_every == 0 or self.step == self.end_steps:
+                self.metrics.log(self.step, result.epoch, result.lr, result.terms, self.last_ckpt)
+        if progress is not None:
+            progress.update(self.step, self.cfg.batch_size * self.info.world_size, result.terms.progress_fields)
+
+    def _loader_batches(self, it: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
+        """The loader's batches, its failures as one line (a dead worker: LoaderError naming the fix)."""
+        taken = 0
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except StoreError as e:
+                raise StoreError(_worker_message(e)) from None
+            except (RuntimeError, ConnectionError, EOFError) as e:
+                if self.workers == 0 or not _is_worker_failure(e):
+                    raise
+                # Keep the steps done so far when this is a step boundary of a single process
+                # (other ranks would wait in their next collective, so DDP runs rely on the
+                # periodic checkpoints).
+                if taken % self.cfg.grad_accum == 0 and self.info.world_size == 1 and self.step > 0:
+                    self.last_ckpt = save_checkpoint(self.run_dir, self.state_dict(), self.cfg.keep_last)
+                raise LoaderError(_loader_message(e, self.workers, self.last_ckpt)) from None
+            taken += 1
+            yield batch
 
 
 def _own_run_dir(cfg: DistillConfig, info: DistInfo, stack: ExitStack) -> None:
@@ -452,243 +437,6 @@ def _own_run_dir(cfg: DistillConfig, info: DistInfo, stack: ExitStack) -> None:
         error = verdict[0]
     if error:
         raise RunDirError(error)
-
-
-def _train(cfg: DistillConfig, show_progress: bool, stack: ExitStack) -> TrainResult:
-    t_start = time.perf_counter()
-    info, device = init_distributed(cfg.device)
-    if device.type == "cpu":
-        keep_freed_memory()
-    run_dir = Path(cfg.out)
-    reader = StoreReader(cfg.store, allow_incomplete=cfg.allow_incomplete)
-    attrs = reader.attrs
-    recipe = ViewRecipe.from_dict(attrs["recipe"])
-    if cfg.recipe_local_size is not None:
-        recipe = ViewRecipe.from_dict({**recipe.to_dict(), "local_size": list(cfg.recipe_local_size)})
-    fingerprint = reader.fingerprint()
-    _own_run_dir(cfg, info, stack)
-
-    model = build_distiller(cfg, recipe, attrs).to(device)
-    ddp_model: nn.Module = model
-    if info.world_size > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
-    optimizer = make_optimizer(model, cfg)
-
-    sampler = EpochSampler(valid_rows(reader), cfg.batch_size, info.world_size, info.rank, cfg.seed)
-    total_steps = cfg.epochs * sampler.steps_per_epoch
-    warmup_steps = int(round(cfg.warmup_epochs * sampler.steps_per_epoch))
-    global_batch = cfg.batch_size * info.world_size
-    peak_lr = cfg.base_lr * global_batch / 256
-    if info.is_main:  # a small batch scales the peak far down (batch 8: 7.8e-6); say so before training
-        logger.info("peak lr %.3g = base_lr %g x global batch %d / 256 (linear scaling rule); warmup %d steps, "
-                    "then cosine to %g at step %d", peak_lr, cfg.base_lr, global_batch, warmup_steps, cfg.min_lr,
-                    total_steps)
-
-    step, epoch, position = 0, 0, 0
-    config_changes: list[dict[str, Any]] = []  # settings changed on resumes: [{step, changes}]
-    resume_path = find_resume(run_dir, "none" if cfg.fresh else cfg.resume)
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path)
-        if ckpt["store_fingerprint"] != fingerprint:
-            raise StoreError(
-                f"checkpoint {resume_path} was trained on another store (fingerprint "
-                f"{ckpt['store_fingerprint'][:12]}, this store {fingerprint[:12]}: teacher, views or shard "
-                "data differ); use a new --out, or --fresh to move this run aside and start over"
-            )
-        now = to_dict(cfg)
-        changed = [f"{k} {ckpt['config'].get(k)!r} (now {now[k]!r})" for k in RESUME_KEYS
-                   if ckpt["config"].get(k) != now[k]]
-        if ckpt["world_size"] != info.world_size:
-            changed.insert(0, f"{ckpt['world_size']} ranks (now {info.world_size})")
-        if changed:
-            raise ValueError(f"checkpoint {resume_path} was trained with {', '.join(changed)}; resume with the "
-                             "same to keep the model and the data stream, or use a new --out (or --fresh to move this run aside)")
-        model.student.load_state_dict(ckpt["model"])
-        model.dpade.load_state_dict(ckpt["dpade"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        step, epoch, position = ckpt["step"], ckpt["sampler"]["epoch"], ckpt["sampler"]["position"]
-        config_changes = list(ckpt.get("config_changes", []))
-        notes = changed_settings(ckpt["config"], now)
-        if notes:
-            config_changes.append({"step": step, "changes": notes})
-        if info.is_main:
-            logger.info("resumed from %s at step %d (epoch %d)", resume_path, step, epoch)
-            if notes:
-                logger.warning("resuming at step %d with changed settings: %s; training follows them from here "
-                               "(recorded in config.yaml and the checkpoints)", step, ", ".join(notes))
-    elif info.is_main:
-        why = "--fresh" if cfg.fresh else "--resume none" if cfg.resume == "none" else \
-            f"no checkpoint in {run_dir / CHECKPOINT_DIR}"
-        logger.info("starting fresh at step 0 (%s)", why)
-
-    teacher = None
-    if cfg.online_teacher:
-        teacher = load_teacher(teacher_spec_from_store(attrs), device=device)
-        if teacher.identity().get("checkpoint_sha256") != attrs["teacher"].get("checkpoint_sha256"):
-            raise StoreError("the teacher checkpoint differs from the one that wrote the store (sha256)")
-
-    end_steps = total_steps if cfg.max_steps is None else min(cfg.max_steps, total_steps)
-    requests = collate_requests(sampler, epoch, position, cfg.epochs, end_steps - step, cfg.grad_accum)
-    # On CPU the loader's workers compute the shape mask while the main process trains; on a GPU
-    # it is cheaper on the device, inside the step (a batch of 256 would cost a worker ~1 s).
-    loader_mask = device.type == "cpu" and not cfg.online_teacher
-    dataset = BatchDataset(cfg.store, sampler, recipe, cfg.seed, cfg.grad_accum,
-                           read_targets=not cfg.online_teacher, allow_incomplete=cfg.allow_incomplete,
-                           mask_fix_sign=cfg.fix_mask_sign if loader_mask else None,
-                           finish_on_cpu=device.type == "cpu")
-    workers = cfg.num_workers
-    if workers is None:
-        workers = default_num_workers(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if info.is_main:
-        logger.info("DataLoader worker processes: %d", workers)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, sampler=requests, num_workers=workers,
-        multiprocessing_context="forkserver" if workers > 0 else None,
-        # batches waiting per worker; each holds its images and float32 targets (about 0.55 GB at
-        # batch 256 and the paper's sizes), so many workers each keep fewer
-        pin_memory=device.type == "cuda", prefetch_factor=(4 if workers <= 2 else 2) if workers > 0 else None,
-        worker_init_fn=ignore_stop_signals if workers > 0 else None,
-        # its own generator: `iter(loader)` draws a base seed, which must not advance the global
-        # RNG (drop path) differently in a resumed run than in an uninterrupted one
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write(run_dir / "config.yaml", config_text(cfg, config_changes).encode(), run_dir)
-        _jsonl_truncate(run_dir / "metrics.jsonl", step)
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if info.is_main else None  # noqa: SIM115
-    tb = _tensorboard(run_dir) if info.is_main else None
-
-    def state() -> dict[str, Any]:
-        return {
-            "format_version": CHECKPOINT_VERSION, "dpal_version": __version__, "step": step,
-            "model": model.student.state_dict(), "dpade": model.dpade.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": {"step": step, "peak_lr": peak_lr, "warmup_steps": warmup_steps,
-                          "total_steps": total_steps, "min_lr": cfg.min_lr},
-            "scaler": {}, "sampler": {"seed": cfg.seed, "epoch": epoch, "position": position},
-            "rng": rng_state(), "config": to_dict(cfg), "store_fingerprint": fingerprint,
-            "student_name": cfg.student, "img_size": list(recipe.global_size), "world_size": info.world_size,
-            "student_kwargs": dict(getattr(model.student, "dpal_timm_kwargs", {})),
-            "config_changes": config_changes,
-        }
-
-    stop = StopFlag()
-    stop.install()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
-    last_ckpt: Path | None = resume_path  # a finished run rerun trains nothing: its checkpoint is the last
-    stopped = False
-    progress = (Progress("distill", end_steps, step, interval_s=cfg.progress_seconds)
-                if show_progress and info.is_main else None)
-    t_log, imgs_log = time.perf_counter(), 0
-    it = None
-    try:
-        with _children_ignore_stop_signals():
-            it = iter(loader)  # starts the forkserver and the workers
-        while step < end_steps:
-            model.train()
-            lr = lr_at(step, peak_lr, warmup_steps, total_steps, cfg.min_lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            terms_acc: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
-                try:
-                    batch = next(it)
-                except StoreError as e:
-                    raise StoreError(_worker_message(e)) from None
-                except (RuntimeError, ConnectionError, EOFError) as e:
-                    if workers == 0 or not _is_worker_failure(e):
-                        raise
-                    # Keep the steps done so far when this is a step boundary of a single process
-                    # (other ranks would wait in their next collective, so DDP runs rely on the
-                    # periodic checkpoints).
-                    if micro == 0 and info.world_size == 1 and step > 0:
-                        last_ckpt = save_checkpoint(run_dir, state(), cfg.keep_last)
-                    raise LoaderError(_loader_message(e, workers, last_ckpt)) from None
-                batch = dataset.model_inputs(batch, device)  # uint8 views and stored targets -> float32 inputs
-                if teacher is not None:
-                    # stage one's autocast (bf16 on CUDA), so online targets equal cached float32 ones
-                    with torch.inference_mode(), autocast_context(device):
-                        g, patches = teacher.encode_global(batch["v0"])
-                        rel = teacher.relation_logits(batch["ic"])
-                    batch.update(g_t=g.float().clone(), local_t=patches.float().clone(), rel_t=rel.float().clone())
-                sync = micro == cfg.grad_accum - 1 or info.world_size == 1
-                ctx = nullcontext() if sync else ddp_model.no_sync()
-                with ctx, autocast:
-                    loss, terms = ddp_model(batch, epoch)
-                    (loss / cfg.grad_accum).backward()
-                for k, v in terms.items():
-                    terms_acc[k] = terms_acc.get(k, 0.0) + v / cfg.grad_accum
-                imgs_log += batch["v0"].shape[0] * info.world_size
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_epoch = epoch  # the epoch this step trained in (its route weight), for the log
-            step += 1
-            position += 1
-            if position >= sampler.steps_per_epoch:
-                epoch, position = epoch + 1, 0
-            if info.is_main and (step % cfg.log_every == 0 or step == end_steps):
-                dt = time.perf_counter() - t_log
-                line = {"step": step, "epoch": step_epoch, "lr": lr, **terms_acc,
-                        "images_per_s": imgs_log / max(dt, 1e-9)}
-                _append_line(metrics_file, json.dumps(line), run_dir, last_ckpt)
-                if tb is not None:
-                    for k, v in line.items():
-                        if k != "step":
-                            tb.add_scalar(k, v, step)
-                t_log, imgs_log = time.perf_counter(), 0
-            if progress is not None:
-                progress.update(step, cfg.batch_size * info.world_size,
-                                {k: terms_acc[k] for k in ("total", "global", "local", "relation") if k in terms_acc})
-            stop_now = stop.agreed(info, device)
-            if stop_now or step % cfg.checkpoint_every == 0 or step == end_steps:
-                if info.is_main:
-                    last_ckpt = save_checkpoint(run_dir, state(), cfg.keep_last)
-                if info.world_size > 1:
-                    dist.barrier()
-            if stop_now:
-                stopped = True
-                break
-    finally:
-        # Shut the workers down now, also on an error (whose traceback keeps the iterator alive): they
-        # ignore SIGTERM, and multiprocessing's exit handler would terminate() and join them forever.
-        if hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        stop.uninstall()
-        if progress is not None:
-            progress.stop()
-        if metrics_file is not None:
-            try:
-                metrics_file.close()
-            except OSError:  # the full disk already reported: a line it could not write stays unwritten
-                pass
-        if tb is not None:
-            tb.close()
-    return TrainResult(step, epoch, stopped, last_ckpt, time.perf_counter() - t_start,
-                       stop.signal_name if stopped else "")
-
-
-@contextmanager
-def _children_ignore_stop_signals() -> Iterator[None]:
-    """Processes started inside ignore SIGTERM and SIGUSR1; this one keeps its handlers.
-
-    A scheduler signals the whole process group; the DataLoader's forkserver and workers must
-    outlive it so that this process can finish the step and checkpoint. SIG_IGN is inherited
-    through fork and exec (a blocked mask is not enough: multiprocessing unblocks SIGTERM when it
-    starts its resource tracker). The signals are also blocked here meanwhile, so that one that
-    arrives stays pending (Linux never discards a blocked signal) and reaches the handler after.
-    """
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def _worker_message(err: StoreError) -> str:
@@ -719,14 +467,6 @@ def _loader_message(err: BaseException, workers: int, checkpoint: Path | None) -
             f"the main process){kept}")
 
 
-def _tensorboard(run_dir: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(run_dir / "tb"))
-
-
 def changed_settings(old: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """`key old -> new` for every training setting (neither a resume key nor a runtime key) that a
     resume changes: the schedule (epochs, base_lr, warmup_epochs, min_lr), the optimizer, the losses."""
@@ -740,15 +480,3 @@ def config_text(cfg: DistillConfig, changes: list[dict[str, Any]]) -> str:
     head = "".join(f"# resumed at step {c['step']} with changed settings: {', '.join(c['changes'])}\n"
                    for c in changes)
     return head + dump_yaml(cfg)
-
-
-def _append_line(f: Any, line: str, run_dir: Path, last_ckpt: Path | None) -> None:
-    """One metrics line, flushed; a full disk is one error line (the run resumes from `last_ckpt`)."""
-    try:
-        f.write(line + "\n")
-        f.flush()
-    except OSError as e:
-        err = disk_full_error(e, run_dir / "metrics.jsonl", str(last_ckpt) if last_ckpt else "step 0")
-        if err is None:
-            raise
-        raise err from None

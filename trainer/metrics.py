@@ -1,0 +1,118 @@
+"""Stage two's metrics: the loss terms of a step, read from the device only when they are logged or
+shown, and where they go (rank 0's `metrics.jsonl`, and TensorBoard's `tb/` when it is installed).
+
+A step leaves its terms on the device (`StepTerms`); reading them waits for the device, so the
+trainer reads them on log steps and when the progress display draws, never otherwise. One line of
+`metrics.jsonl` per log step: `step`, `epoch` (the one the step trained in), `lr`, the mean of each
+term over the step's micro-batches (global, local, relation, route, weight_l2, total, route_weight,
+route_acc) and `images_per_s` (all ranks' images since the previous line over its wall time).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dpal.trainer.rundir import disk_full_error
+
+METRICS_FILE = "metrics.jsonl"
+PROGRESS_TERMS = ("total", "global", "local", "relation")
+
+
+class StepTerms:
+    """The loss terms of one optimizer step, per micro-batch, as `Distiller.forward` returns them."""
+
+    def __init__(self, micro: list[dict[str, Tensor | float]], grad_accum: int) -> None:
+        self.micro = micro
+        self.grad_accum = grad_accum
+
+    @cached_property
+    def mean(self) -> dict[str, float]:
+        """Each term's mean over the micro-batches, as floats: one device sync for all of them.
+        Summed in float64 in micro-batch order (v / grad_accum each), as the log always has been."""
+        tensors = [v for terms in self.micro for v in terms.values() if isinstance(v, Tensor)]
+        values = iter(torch.stack(tensors).tolist() if tensors else [])
+        out: dict[str, float] = {}
+        for terms in self.micro:
+            for k, v in terms.items():
+                x = next(values) if isinstance(v, Tensor) else v
+                out[k] = out.get(k, 0.0) + x / self.grad_accum
+        return out
+
+    def progress_fields(self) -> dict[str, float]:
+        """What the progress line shows: loss (the total) and the three alignment terms."""
+        return {k: self.mean[k] for k in PROGRESS_TERMS if k in self.mean}
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop metric lines past a resumed checkpoint, so the log equals an uninterrupted run's."""
+    if not path.exists():
+        return
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln).get("step", 0) <= max_step:
+                keep.append(ln)
+        except json.JSONDecodeError:  # the half-written last line of a killed run
+            continue
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+class MetricsLog:
+    """Rank 0's sinks: `metrics.jsonl` (cut back to `resumed_step` first) and TensorBoard."""
+
+    def __init__(self, run_dir: Path, resumed_step: int) -> None:
+        self.run_dir = Path(run_dir)
+        path = self.run_dir / METRICS_FILE
+        truncate_jsonl(path, resumed_step)
+        self.file = open(path, "a")  # noqa: SIM115 - open for the whole run, closed by close()
+        self.tb = _tensorboard(self.run_dir)
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.t_last, self.images = time.perf_counter(), 0
+
+    def log(self, step: int, epoch: int, lr: float, terms: StepTerms, last_ckpt: Path | None) -> None:
+        """One line for `step`; the images counted since the previous line give `images_per_s`."""
+        values = terms.mean  # waits for the device, so the interval's time includes its steps
+        dt = time.perf_counter() - self.t_last
+        line = {"step": step, "epoch": epoch, "lr": lr, **values, "images_per_s": self.images / max(dt, 1e-9)}
+        self._append(json.dumps(line), last_ckpt)
+        if self.tb is not None:
+            for k, v in line.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, step)
+        self.restart_clock()
+
+    def _append(self, line: str, last_ckpt: Path | None) -> None:
+        """One metrics line, flushed; a full disk is one error line (the run resumes from `last_ckpt`)."""
+        try:
+            self.file.write(line + "\n")
+            self.file.flush()
+        except OSError as e:
+            err = disk_full_error(e, self.run_dir / METRICS_FILE, str(last_ckpt) if last_ckpt else "step 0")
+            if err is None:
+                raise
+            raise err from None
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        except OSError:  # the full disk already reported: a line it could not write stays unwritten
+            pass
+        if self.tb is not None:
+            self.tb.close()
