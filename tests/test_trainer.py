@@ -15,8 +15,11 @@ from typing import Any
 import dpal_tests_stage2_util as u  # registered by conftest.py
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from dpal import __version__
+from dpal.cli import app
+from dpal.errors import InputError
 from dpal.store import StoreReader
 from dpal.trainer import metrics
 from dpal.trainer.checkpoint import (
@@ -169,6 +172,9 @@ def test_a_checkpoint_of_another_format_version_is_refused_in_one_line(tmp_path:
         with pytest.raises(CheckpointFormatError) as err:
             call()
         assert str(err.value) == want
+    result = CliRunner().invoke(app, u.distill_args(store, run))
+    assert result.exit_code == 2 and result.stderr.strip().splitlines()[-1] == f"error: {want}", result.output
+    assert "Traceback" not in result.output
     # the resume never started over beside it: both checkpoints and the metrics are as they were
     assert u.checkpoint_steps(run) == [2, 3] and [m["step"] for m in u.metrics(run)] == [1, 2]
     assert load_checkpoint(run / "checkpoints" / "step-00000002.pt")["step"] == 2
@@ -179,7 +185,7 @@ def test_a_weights_only_checkpoint_is_refused_for_resume(tmp_path: Path, store: 
     train(u.distill_config(store, run, max_steps=3, checkpoint_every=1, keep_last=1, keep_weights_only_older=1),
           show_progress=False)
     reduced = run / "checkpoints" / "step-00000002.student.pt"
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(InputError) as err:
         train(u.distill_config(store, tmp_path / "other", resume=str(reduced)), show_progress=False)
     assert str(err.value) == (f"{reduced} holds the student's weights only (for export and eval); resume from a "
                               "whole checkpoint (step-N.pt)")

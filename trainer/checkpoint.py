@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dpal import __version__
+from dpal.errors import InputError
 from dpal.store import atomic_write_bytes
 from dpal.trainer.rundir import CHECKPOINT_DIR, disk_full_error
 from dpal.trainer.student import create_student
@@ -35,7 +36,7 @@ WEIGHTS_ONLY_KEYS = ("format_version", "dpal_version", "step", "model", "config"
                      "student_name", "img_size", "student_kwargs")
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(InputError):
     """A dpal checkpoint of a format this dpal does not read (written by another version)."""
 
 
@@ -49,14 +50,14 @@ def checkpoint_paths(run_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint's dict, on the CPU; ValueError for a file that is not one, CheckpointFormatError
+    """A checkpoint's dict, on the CPU; InputError for a file that is not one, CheckpointFormatError
     (one line) for a dpal checkpoint of another format version."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+        raise InputError(f"cannot read checkpoint {path}: {e}") from None
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
-        raise ValueError(f"{path} is not a dpal checkpoint of format {CHECKPOINT_VERSION}")
+        raise InputError(f"{path} is not a dpal checkpoint of format {CHECKPOINT_VERSION}")
     if ckpt["format_version"] != CHECKPOINT_VERSION:
         raise CheckpointFormatError(
             f"{path} is a dpal checkpoint of format {ckpt['format_version']!r} (written by dpal "
@@ -73,7 +74,7 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
     if resume != "auto":
         p = Path(resume)
         if not p.is_file():
-            raise ValueError(f"--resume {resume}: no such checkpoint")
+            raise InputError(f"--resume {resume}: no such checkpoint")
         return p
     for p in reversed(checkpoint_paths(run_dir)):
         try:
@@ -81,7 +82,7 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
             return p
         except CheckpointFormatError:
             raise
-        except ValueError:
+        except InputError:
             logger.warning("skipping unreadable checkpoint %s", p)
     return None
 
@@ -154,10 +155,10 @@ def build_student_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str
     if path.is_dir():
         found = find_resume(path, "auto")
         if found is None:
-            raise ValueError(f"{path} holds no dpal checkpoint (expected {path}/{CHECKPOINT_DIR}/step-*.pt)")
+            raise InputError(f"{path} holds no dpal checkpoint (expected {path}/{CHECKPOINT_DIR}/step-*.pt)")
         path = found
     elif not path.is_file():
-        raise ValueError(f"{path}: no such run directory or checkpoint")
+        raise InputError(f"{path}: no such run directory or checkpoint")
     ckpt = load_checkpoint(path)
     student = create_student(ckpt["student_name"], img_size=tuple(ckpt["img_size"]), **ckpt.get("student_kwargs", {}))
     student.load_state_dict(ckpt["model"])

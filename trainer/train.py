@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from dpal import __version__
 from dpal.config import DistillConfig, dump_yaml, to_dict
+from dpal.errors import InputError
 from dpal.progress import Progress
 from dpal.store import StoreError, StoreReader
 from dpal.teachers import autocast_context, load_teacher
@@ -221,7 +222,7 @@ class Trainer:
     def check_resumable(self, ckpt: dict[str, Any], path: Path) -> None:
         """Refuse, in one line, a checkpoint of another store, model, data stream or world size."""
         if ckpt.get("weights_only"):
-            raise ValueError(f"{path} holds the student's weights only (for export and eval); resume from a whole "
+            raise InputError(f"{path} holds the student's weights only (for export and eval); resume from a whole "
                              "checkpoint (step-N.pt)")
         if ckpt["store_fingerprint"] != self.fingerprint:
             raise StoreError(
@@ -235,7 +236,7 @@ class Trainer:
         if ckpt["world_size"] != self.info.world_size:
             changed.insert(0, f"{ckpt['world_size']} ranks (now {self.info.world_size})")
         if changed:
-            raise ValueError(f"checkpoint {path} was trained with {', '.join(changed)}; resume with the "
+            raise InputError(f"checkpoint {path} was trained with {', '.join(changed)}; resume with the "
                              "same to keep the model and the data stream, or use a new --out (or --fresh to move this run aside)")
 
     # ------------------------------------------------------------ a whole run
