@@ -377,8 +377,8 @@ def export(
     Load it with `timm.create_model(name, num_classes=0, img_size=...)` and `load_state_dict(strict=True)`,
     or with `dpal.trainer.export.load_exported`.
     """
+    from dpal.trainer.checkpoint import build_student_from_checkpoint
     from dpal.trainer.export import export_student
-    from dpal.trainer.train import build_student_from_checkpoint
 
     model, ckpt = build_student_from_checkpoint(run_dir)
     path = export_student(model, ckpt["student_name"], tuple(ckpt["img_size"]), out,

@@ -72,7 +72,7 @@ def resolve_model(model: str, image_size: tuple[int, int] | None = None, random_
         name = f"{cfg['model_name']} ({path.with_suffix('.safetensors').name})"
         return _student_embedder(name, load_exported(path), size, "student", feature)
     if path.is_dir() or path.suffix == ".pt":
-        from dpal.trainer.train import build_student_from_checkpoint
+        from dpal.trainer.checkpoint import build_student_from_checkpoint
 
         student, ckpt = build_student_from_checkpoint(path)
         name = f"{ckpt['student_name']} step {ckpt['step']} ({path.name})"

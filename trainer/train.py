@@ -37,7 +37,6 @@ from dpal.store import StoreError, StoreReader
 from dpal.teachers import autocast_context, load_teacher
 from dpal.trainer.checkpoint import (
     CHECKPOINT_VERSION,
-    build_student_from_checkpoint,  # noqa: F401 - cli.py and evaluate.py import it from here
     find_resume,
     load_checkpoint,
     rng_state,
