@@ -40,7 +40,7 @@ def section(cls: type, help: str) -> Any:
 
 @dataclass(frozen=True)
 class ViewRecipe:
-    """Sizes and augmentation ranges of DPAL's views (method.md, "Views per image and step"); views.py
+    """Sizes and augmentation ranges of DPAL's views (docs/method.md, "Views"); views.py
     samples and replays them. Stated here, with the other settings, so that reading a config needs
     no torch."""
 
@@ -72,7 +72,7 @@ class ViewRecipe:
                 raise ConfigError(f"recipe.{name} must be positive, got {(h, w)}")
         ch, cw = self.crowd_size
         lh, lw = self.local_size
-        # Two persons side by side, no horizontal overlap (method.md: A col in [0, Wc - 2w - 1)).
+        # Two persons side by side, no horizontal overlap (docs/method.md, "Views": A col in [0, Wc - 2w - 1)).
         if cw < 2 * lw + 2 or ch < lh + 2:
             raise ConfigError(
                 f"recipe.crowd_size {self.crowd_size} cannot hold two {self.local_size} persons side by "

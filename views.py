@@ -143,7 +143,7 @@ def sample_view(
                     recipe.crowd_solarize_p)
     ch, cw = recipe.crowd_size
     lh, lw = recipe.local_size
-    # method.md: A at row [0, 127), col [0, 63); B at row [0, 127), col [end_col_A, 159) for 256/128x96.
+    # docs/method.md: A at row [0, 127), col [0, 63); B at row [0, 127), col [end_col_A, 159) for 256/128x96.
     a_row = int(rng.integers(0, ch - lh - 1))
     a_col = int(rng.integers(0, cw - 2 * lw - 1))
     b_row = int(rng.integers(0, ch - lh - 1))

@@ -1,4 +1,4 @@
-"""Layering invariants: pipeline/ and trainer/ never import each other (style.md section 1).
+"""Layering invariants: pipeline/ and trainer/ never import each other (docs/architecture.md).
 
 Every import is checked, absolute or relative: `from ..pipeline import engine` in
 dpal/trainer/x.py is resolved against the module's package to dpal.pipeline.engine first.

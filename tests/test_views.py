@@ -1,4 +1,4 @@
-"""Views: deterministic sampling from (seed, key, view), method.md's paste ranges, crop boxes inside
+"""Views: deterministic sampling from (seed, key, view), docs/method.md's paste ranges, crop boxes inside
 the image, exact replay, and Ic built as alpha * person + (1 - alpha) * background."""
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def test_paste_positions_follow_method_md_at_paper_sizes() -> None:
     ps = np.stack([sample_view(paper, 0, f"img{i}", k, (300, 150), [(0, (300, 300))])
                    for i in range(1000) for k in range(2)])
     a_row, a_col, b_row, b_col = (ps[:, FIELD[f]].astype(int) for f in ("a_row", "a_col", "b_row", "b_col"))
-    # method.md: A row in [0, 127), col in [0, 63); B row in [0, 127), col in [end_col_A, 159)
+    # docs/method.md: A row in [0, 127), col in [0, 63); B row in [0, 127), col in [end_col_A, 159)
     assert a_row.min() == 0 and a_row.max() == 126
     assert a_col.min() == 0 and a_col.max() == 62
     assert b_row.min() == 0 and b_row.max() == 126

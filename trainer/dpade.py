@@ -1,13 +1,13 @@
 """D-PaDe, the Dynamic Pattern Decoder: student tokens -> teacher-width pattern (training only).
 
-One module serves the three patterns (0 global, 1 local, 2 relation; method.md, D-PaDe). A router
+One module serves the three patterns (0 global, 1 local, 2 relation; docs/method.md, "D-PaDe"). A router
 reads the branch's tokens and softly mixes three per-image experts, each a (d, D) projection
 generated from a learned pattern query by cross-attention to the branch's raw tokens; the mixed
 projection maps every token to the teacher's width. The router is told which pattern the caller
 wants through a cross-entropy (`route_loss`), and the mixed projection is kept small by an L2
 term (`weight_l2`). The module is discarded after pretraining.
 
-Choices, following the authors' public code where method.md leaves room:
+Choices, following the authors' public code where the paper leaves room (docs/method.md):
 - The LayerNorm after the d -> d*D expert generator normalises the whole d*D vector of each
   expert (one mean and variance per expert, an affine weight of size d*D), exactly as
   `nn.LayerNorm(d * D)` on the (B, 3, d*D) tensor, before it is reshaped to (d, D).
@@ -206,7 +206,7 @@ class DPaDeOut(NamedTuple):
 
 
 class DPaDe(nn.Module):
-    """Dynamic Pattern Decoder (method.md, D-PaDe).
+    """Dynamic Pattern Decoder (docs/method.md, "D-PaDe").
 
     Args:
         student_dim: d, width of the student tokens.
@@ -308,7 +308,7 @@ class DPaDe(nn.Module):
         Each branch gives exactly what `forward(x, pattern)` gives (up to float summation order):
         every image is decoded on its own. The per-image experts of all branches are generated
         by one pass of the d -> d*D generator, so its 28M-parameter weight is read once per step
-        and its gradient is one matrix product instead of one per call (method.md's five calls
+        and its gradient is one matrix product instead of one per call (docs/method.md's five calls
         cost three passes otherwise: about 40% of a CPU step's D-PaDe time).
 
         Args:

@@ -1,4 +1,4 @@
-"""DPAL's objectives as pure functions from tensors to scalars (method.md, Objectives).
+"""DPAL's objectives as pure functions from tensors to scalars (docs/method.md, "Objectives").
 
 Global (identity): the decoded student CLS of every view is pulled to the teacher's global
 feature on v0. Local (shape): decoded student patches on v0 match the teacher's patches, both
@@ -54,7 +54,7 @@ def shape_mask(teacher_patches: Tensor, grid_hw: tuple[int, int], fix_sign: bool
     value over the border tokens of the grid (first and last row and column) is not higher than
     over the inner tokens: a person crop is centred on the person. The comparison is made on the
     projections before scaling (min-max scaling of -p equals 1 - scaling of p, so flipping the
-    sign is the same as M -> 1 - M). method.md names this as an improvement over the public code,
+    sign is the same as M -> 1 - M). docs/method.md lists it among dpal's departures from the public code,
     which keeps whatever sign the SVD returns.
 
     Args:

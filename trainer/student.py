@@ -2,7 +2,7 @@
 
 `dpal_vit_tiny` is a timm `VisionTransformer` (patch 16, width 192, depth 12, MLP ratio 4, qkv
 bias, LayerNorm eps 1e-6, no drop path, 256 x 128 input) with 6 heads in blocks 0-10 and 12 in the
-last block, so that its last attention matches PATH-B's 12 heads (method.md, Student). Head count
+last block, so that its last attention matches PATH-B's 12 heads (docs/method.md, "Student"). Head count
 changes no parameter shape, so its state dict has the same keys and shapes as timm's
 `vit_tiny_patch16_224` at 256 x 128. It is registered with timm on import (as timm's own model
 files do), so `timm.create_model("dpal_vit_tiny")` works anywhere `dpal.trainer.student` has been
@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 
 DPAL_VIT_TINY = "dpal_vit_tiny"
 DEFAULT_IMG_SIZE = (256, 128)
-# First component of the state-dict keys of the backbone kept after pretraining (method.md, What
-# is kept). `norm_pre` only has parameters in pre-norm ViTs (CLIP-style); `reg_token` only in
+# First component of the state-dict keys of the backbone kept after pretraining (docs/method.md,
+# "What is kept"). `norm_pre` only has parameters in pre-norm ViTs (CLIP-style); `reg_token` only in
 # register ViTs.
 BACKBONE_PREFIXES = ("patch_embed", "cls_token", "reg_token", "pos_embed", "norm_pre", "blocks", "norm")
 # what `dpal.vit.vit_tokens` and the global (CLS) branch rely on
