@@ -69,7 +69,7 @@ from dpal.views import background_index, replay, sample_view
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CORPUS = REPO / "sample_data" / "corpus"
-VIDEO = Path("/work/shared/data/vtest.avi")
+VIDEO = REPO.parent / "shared" / "data" / "vtest.avi"  # docs/sample_data.md
 TEACHER = "vit_base_patch16_224"
 
 

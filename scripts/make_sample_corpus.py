@@ -809,7 +809,7 @@ def main(argv: list[str] | None = None) -> None:
     video = args.video.resolve()
     if not video.is_file():
         raise ValueError(
-            f"--video: {video} does not exist; see /work/shared/data/README.md for where it comes from"
+            f"--video: {video} does not exist; docs/sample_data.md (Source and license) says where it comes from"
         )
     out = args.out.resolve()
     if out.exists() and not {p.name for p in out.iterdir()} <= OUTPUT_ENTRIES:

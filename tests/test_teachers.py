@@ -23,10 +23,9 @@ from dpal.teachers import (
 
 # B batch, C width; tiny sizes keep the file fast on two CPU cores
 ARCH = "vit_tiny_patch16_224"
-SAMPLE_VIDEOS = (
-    Path(__file__).resolve().parents[1] / "sample_data" / "vtest.avi",
-    Path("/work/shared/data/vtest.avi"),
-)
+# OpenCV's sample video (docs/sample_data.md), found from the repository root, not the working directory
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_VIDEOS = (REPO / "sample_data" / "vtest.avi", REPO.parent / "shared" / "data" / "vtest.avi")
 
 
 @pytest.fixture(scope="module")
@@ -214,10 +213,10 @@ def test_efficientnet_lite2_copies_every_tensor() -> None:
 
 def test_efficientnet_lite2_names_real_objects() -> None:
     """The copied weights classify real pixels: a tripod in vtest.avi's first frame."""
-    cv2 = pytest.importorskip("cv2")
+    cv2 = pytest.importorskip("cv2", reason="reading the sample video needs opencv-python-headless (dpal[dev])")
     video = next((p for p in SAMPLE_VIDEOS if p.exists()), None)
     if video is None:
-        pytest.skip("vtest.avi not available")
+        pytest.skip(f"needs the sample video vtest.avi (docs/sample_data.md) at {' or '.join(map(str, SAMPLE_VIDEOS))}")
     ok, frame = cv2.VideoCapture(str(video)).read()
     assert ok
     crop = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)[320:500, 410:570].copy())
