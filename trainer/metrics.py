@@ -11,6 +11,7 @@ route_acc) and `images_per_s` (all ranks' images since the previous line over it
 from __future__ import annotations
 
 import json
+import logging
 import time
 from functools import cached_property
 from pathlib import Path
@@ -20,6 +21,8 @@ import torch
 from torch import Tensor
 
 from dpal.trainer.rundir import disk_full_error
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 PROGRESS_TERMS = ("total", "global", "local", "relation")
@@ -68,6 +71,7 @@ def _tensorboard(run_dir: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
+        logger.info("metrics go to metrics.jsonl; for TensorBoard's run_dir/tb too: pip install 'dpal[tensorboard]'")
         return None
     return SummaryWriter(str(run_dir / "tb"))
 
