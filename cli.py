@@ -374,8 +374,9 @@ def export(
 ) -> None:
     """Write the student backbone as safetensors with plain timm ViT keys, plus a JSON config.
 
-    Load it with `timm.create_model(name, num_classes=0, img_size=...)` and `load_state_dict(strict=True)`,
-    or with `dpal.trainer.export.load_exported`.
+    Load it with `dpal.trainer.export.load_exported(FILE)`, or with `timm.create_model` from the JSON
+    (model_name, img_size, timm_kwargs, pretrained_cfg_overlay=pretrained_cfg) and
+    `load_state_dict(strict=True)`; `timm.data.resolve_data_config` then gives the input as trained.
     """
     from dpal.trainer.checkpoint import build_student_from_checkpoint
     from dpal.trainer.export import export_student
