@@ -56,14 +56,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dpal.config import CacheConfig, DistillConfig
 from dpal.pipeline.engine import run_cache
-from dpal.store import StoreError, StoreReader, Targets
+from dpal.store import StoreError, StoreMeta, StoreReader, Targets
 from dpal.teachers import load_teacher
 from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, valid_rows
-from dpal.trainer.distiller import Schedule, teacher_spec_from_store
+from dpal.trainer.distiller import Schedule
 from dpal.trainer.losses import shape_mask
 from dpal.trainer.runtime import default_num_workers, keep_freed_memory
 from dpal.trainer.train import Trainer, train
-from dpal.views import ViewRecipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cache import TEACHER, make_corpus  # noqa: E402
@@ -191,11 +190,10 @@ class Variant:
     def __init__(self, store: Path, batch_size: int, online: bool = False,
                  memory_targets: dict[str, Any] | None = None, seed: int = 0) -> None:
         reader = StoreReader(store)
-        attrs = reader.attrs
-        recipe = ViewRecipe.from_dict(attrs["recipe"])
+        recipe = reader.store_meta.recipe
         sampler = EpochSampler(valid_rows(reader), batch_size, 1, 0, seed)
         self.sampler = sampler
-        self.trainer = build_trainer(attrs)
+        self.trainer = build_trainer(reader.store_meta)
         self.trainer.steps_per_epoch = sampler.steps_per_epoch
         self.trainer.finish = lambda loaded: self.dataset.model_inputs(loaded, CPU)
         if online:
@@ -247,22 +245,22 @@ def fmt(values: list[float]) -> str:
 # ---------------------------------------------------------------- model, batches, FLOPs, parts
 
 
-def build_trainer(attrs: dict[str, Any]) -> Trainer:
+def build_trainer(meta: StoreMeta) -> Trainer:
     """The student + D-PaDe and optimizer exactly as `train` builds them (CPU, float32), lr 1e-4;
     its steps take batches of model inputs (`real_batch`) unless `finish` is set."""
-    return Trainer(DistillConfig(student=STUDENT), attrs, ViewRecipe.from_dict(attrs["recipe"]), CPU,
+    return Trainer(DistillConfig(student=STUDENT), meta, meta.recipe, CPU,
                    schedule=Schedule.constant(1e-4))
 
 
-def trainer_and_batch(store: Path, batch_size: int) -> tuple[dict[str, Any], Trainer, dict[str, torch.Tensor]]:
-    """The store's attrs, `build_trainer`'s trainer, and the store's first real batch."""
-    attrs = StoreReader(store).attrs
-    return attrs, build_trainer(attrs), real_batch(store, batch_size)
+def trainer_and_batch(store: Path, batch_size: int) -> tuple[StoreMeta, Trainer, dict[str, torch.Tensor]]:
+    """The store's metadata, `build_trainer`'s trainer, and the store's first real batch."""
+    meta = StoreReader(store).store_meta
+    return meta, build_trainer(meta), real_batch(store, batch_size)
 
 
 def real_batch(store: Path, batch_size: int) -> dict[str, torch.Tensor]:
     reader = StoreReader(store)
-    recipe = ViewRecipe.from_dict(reader.attrs["recipe"])
+    recipe = reader.store_meta.recipe
     sampler = EpochSampler(valid_rows(reader), batch_size, 1, 0, 0)
     ds = BatchDataset(store, sampler, recipe, 0, finish_on_cpu=True)
     return ds.model_inputs(ds[BatchRequest(0, 0, 0)], CPU)
@@ -270,13 +268,13 @@ def real_batch(store: Path, batch_size: int) -> dict[str, torch.Tensor]:
 
 def flops(store: Path, batch_size: int) -> dict[str, Any]:
     """Matmul/conv/attention FLOPs of one offline step and of the teacher on v0 + Ic (same batch)."""
-    attrs, trainer, batch = trainer_and_batch(store, batch_size)
+    meta, trainer, batch = trainer_and_batch(store, batch_size)
     with FlopCounterMode(display=False) as fc:
         loss, _ = trainer.model(batch, 0)
         fwd = fc.get_total_flops()
         loss.backward()
     step_flops = fc.get_total_flops()
-    teacher = load_teacher(teacher_spec_from_store(attrs), device="cpu")
+    teacher = load_teacher(meta.teacher_spec(), device="cpu")
     with torch.inference_mode(), FlopCounterMode(display=False) as fc:
         teacher.encode_global(batch["v0"])
         g_flops = fc.get_total_flops()
@@ -343,12 +341,11 @@ def parts(store: Path, batch_size: int, reps: int) -> dict[str, Any]:
     online mode adds).
     """
     reader = StoreReader(store)
-    attrs = reader.attrs
-    recipe = ViewRecipe.from_dict(attrs["recipe"])
-    grid = tuple(attrs["token_grid"]["global"])
-    trainer = build_trainer(attrs)
+    meta = reader.store_meta
+    recipe, grid = meta.recipe, meta.token_grid.global_grid
+    trainer = build_trainer(meta)
     model, opt = trainer.model, trainer.optimizer  # the step's pieces, timed one by one
-    teacher = load_teacher(teacher_spec_from_store(attrs), device="cpu")
+    teacher = load_teacher(meta.teacher_spec(), device="cpu")
     sampler = EpochSampler(valid_rows(reader), batch_size, 1, 0, 0)
     ds_store = BatchDataset(store, sampler, recipe, 0, finish_on_cpu=True)
     MemoryTargetsReader.preloaded = preload_targets(store)
@@ -430,9 +427,9 @@ def ceiling(store: Path, batch_size: int, threads: int, reps: int) -> dict[str, 
     """
     from torch.profiler import ProfilerActivity, profile
 
-    attrs, trainer, batch = trainer_and_batch(store, batch_size)
-    batch["mask"] = shape_mask(batch["local_t"], tuple(attrs["token_grid"]["global"]), True)
-    teacher = load_teacher(teacher_spec_from_store(attrs), device="cpu")
+    meta, trainer, batch = trainer_and_batch(store, batch_size)
+    batch["mask"] = shape_mask(batch["local_t"], meta.token_grid.global_grid, True)
+    teacher = load_teacher(meta.teacher_spec(), device="cpu")
 
     def teacher_fwd() -> None:
         with torch.inference_mode():

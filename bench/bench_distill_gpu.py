@@ -38,13 +38,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dpal.config import DistillConfig
-from dpal.store import StoreReader
+from dpal.store import StoreMeta, StoreReader
 from dpal.teachers import autocast_context, load_teacher
 from dpal.trainer.augment import model_inputs
 from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, valid_rows
-from dpal.trainer.distiller import Schedule, teacher_spec_from_store
+from dpal.trainer.distiller import Schedule
 from dpal.trainer.train import Trainer
-from dpal.views import ViewRecipe
 
 STUDENT = "dpal_vit_tiny"
 
@@ -57,7 +56,7 @@ def sync(device: torch.device) -> None:
 def base_batch(store: Path, n: int, read_targets: bool = True) -> dict[str, torch.Tensor]:
     """The store's first batch as a DataLoader worker ships it (uint8 views, parameters, raw targets)."""
     reader = StoreReader(store)
-    recipe = ViewRecipe.from_dict(reader.attrs["recipe"])
+    recipe = reader.store_meta.recipe
     sampler = EpochSampler(valid_rows(reader), n, 1, 0, 0)
     return BatchDataset(store, sampler, recipe, 0, read_targets=read_targets)[BatchRequest(0, 0, 0)]
 
@@ -77,10 +76,10 @@ class Runner:
     whose steps finish loader batches on the device (`model_inputs`) and, given a teacher, compute
     the targets with it."""
 
-    def __init__(self, attrs: dict[str, Any], device: torch.device, teacher: Any = None) -> None:
+    def __init__(self, meta: StoreMeta, device: torch.device, teacher: Any = None) -> None:
         self.device = device
-        self.recipe = ViewRecipe.from_dict(attrs["recipe"])
-        self.trainer = Trainer(DistillConfig(student=STUDENT), attrs, self.recipe, device,
+        self.recipe = meta.recipe
+        self.trainer = Trainer(DistillConfig(student=STUDENT), meta, self.recipe, device,
                                schedule=Schedule.constant(1e-4),
                                finish=lambda loaded: model_inputs(loaded, self.recipe, device))
         self.trainer.teacher = teacher
@@ -123,7 +122,7 @@ def loader_rate(store: Path, batch_size: int, reps: int, device: torch.device) -
     """Images/s one process builds, single-threaded like a DataLoader worker, and the milliseconds
     per image of the batch's device-side work (`model_inputs`) on `device`."""
     reader = StoreReader(store)
-    recipe = ViewRecipe.from_dict(reader.attrs["recipe"])
+    recipe = reader.store_meta.recipe
     sampler = EpochSampler(valid_rows(reader), batch_size, 1, 0, 0)
     out = {}
     threads = torch.get_num_threads()
@@ -171,17 +170,17 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     store = Path(args.store)
-    attrs = StoreReader(store).attrs
+    meta = StoreReader(store).store_meta
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"),
                               "device": torch.cuda.get_device_name() if cuda else "cpu",
-                              "torch": torch.__version__, "student": STUDENT, "teacher": attrs["teacher"]["name"],
+                              "torch": torch.__version__, "student": STUDENT, "teacher": meta.teacher.name,
                               "rows": []}
     print(f"{result['device']}, torch {torch.__version__}; store {store}", flush=True)
-    teacher = load_teacher(teacher_spec_from_store(attrs), device=device)
+    teacher = load_teacher(meta.teacher_spec(), device=device)
     small, small_online = base_batch(store, 8), base_batch(store, 8, read_targets=False)
     for bs in (int(b) for b in args.batch_sizes.split(",")):
         batch, batch_online = tile(small, bs, device), tile(small_online, bs, device)
-        off, on = Runner(attrs, device), Runner(attrs, device, teacher)
+        off, on = Runner(meta, device), Runner(meta, device, teacher)
         fl = flops(off, teacher, batch)
         times: dict[str, list[float]] = {"offline": [], "online": []}
         for i in range(args.warmup + args.steps):

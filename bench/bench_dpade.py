@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from dpal.config import DistillConfig
+from dpal.store import StoreMeta, TeacherIdentity, TokenGrid
 from dpal.trainer.distiller import Schedule
 from dpal.trainer.dpade import PATTERN_GLOBAL, PATTERN_LOCAL, PATTERN_RELATION, DPaDe
 from dpal.trainer.runtime import keep_freed_memory
@@ -122,7 +123,7 @@ def alternate(runs: dict[str, Any], batch_size: int, reps: int) -> dict[str, Any
 def build_variant(variant: str, recipe: ViewRecipe) -> Trainer:
     """The student + D-PaDe and fused AdamW as `train` builds them (a `Trainer`), set to `variant`."""
     cfg = DistillConfig(student="dpal_vit_tiny", recompute=VARIANTS[variant].get("recompute", False))
-    trainer = Trainer(cfg, fake_attrs(), recipe, torch.device("cpu"), schedule=Schedule.constant(1e-4))
+    trainer = Trainer(cfg, synthetic_meta(recipe), recipe, torch.device("cpu"), schedule=Schedule.constant(1e-4))
     trainer.model.dpade.lean = VARIANTS[variant]["lean"]
     return trainer
 
@@ -143,8 +144,15 @@ def step_section(batch_size: int, reps: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- memory
 
-def fake_attrs() -> dict[str, Any]:
-    return {"embed_dim": TEACHER_DIM, "token_grid": {"global": [16, 8]}}
+def synthetic_meta(recipe: ViewRecipe) -> StoreMeta:
+    """A store's metadata for random targets of a ViT-B-sized teacher (D = 768, patch 16): the
+    `Trainer` reads the teacher width and v0's token grid from it."""
+    teacher = TeacherIdentity(name="synthetic", arch="vit_base_patch16_224", checkpoint=None, checkpoint_sha256=None,
+                              random_init=True, random_init_seed=0, layer=None, kind="vit", embed_dim=TEACHER_DIM,
+                              global_token="cls")
+    return StoreMeta(teacher=teacher, recipe=recipe, token_grid=TokenGrid.of(recipe, 16), seed=0, num_views=1,
+                     num_images=1, shard_size=1, dtype="float32", embed_dim=TEACHER_DIM, corpus="(synthetic)",
+                     corpus_fingerprint="", embed_images=False)
 
 
 def random_batch(batch_size: int, recipe: ViewRecipe) -> dict[str, torch.Tensor]:

@@ -47,7 +47,6 @@ from dpal.views import (
     _BG,
     _PASTE,
     _V0,
-    ViewRecipe,
     background_index,
     normalize,
     random_local,
@@ -160,7 +159,7 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     torch.set_num_threads(1)
     reader = StoreReader(args.store)
-    recipe = ViewRecipe.from_dict(reader.attrs["recipe"])
+    recipe = reader.store_meta.recipe
     sampler = EpochSampler(valid_rows(reader), args.batch_size, 1, 0, 0)
     ds = BatchDataset(args.store, sampler, recipe, 0)
     reqs = [BatchRequest(1 + i // sampler.steps_per_epoch, i % sampler.steps_per_epoch, 0) for i in range(args.reps)]

@@ -103,10 +103,9 @@ import bench_distill_gpu as bdg  # noqa: E402
 import bench_dpade  # noqa: E402
 import torch  # noqa: E402
 
-from dpal.store import StoreReader  # noqa: E402
+from dpal.store import StoreMeta, StoreReader  # noqa: E402
 from dpal.teachers import autocast_context, load_teacher  # noqa: E402
 from dpal.trainer.data import EpochSampler, valid_rows  # noqa: E402
-from dpal.trainer.distiller import teacher_spec_from_store  # noqa: E402
 from dpal.trainer.runtime import default_num_workers  # noqa: E402
 
 DPAL = [sys.executable, "-m", "dpal.cli"]
@@ -404,9 +403,8 @@ class Check:
 
         return self.run_cache("lite2", ["--teacher", "efficientnet-lite2"], self.work / "store-lite2")
 
-    def need_store(self) -> dict[str, Any]:
-        reader = StoreReader(self.store)  # raises StoreError naming what is wrong
-        return reader.attrs
+    def need_store(self) -> StoreMeta:
+        return StoreReader(self.store).store_meta  # raises StoreError naming what is wrong
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return EpochSampler(valid_rows(StoreReader(self.store)), batch_size, 1, 0, 0).steps_per_epoch
@@ -516,8 +514,8 @@ class Check:
     # ------------------------------------------------------------ in-process measures
 
     def step(self) -> dict[str, Any]:
-        attrs = self.need_store()
-        teacher = load_teacher(teacher_spec_from_store(attrs), device=self.device)
+        meta = self.need_store()
+        teacher = load_teacher(meta.teacher_spec(), device=self.device)
         n = min(8, self.s["train_batch"])
         # as the loader ships them: with the stored targets (offline), without (online)
         small = {"offline": bdg.base_batch(self.store, n), "online": bdg.base_batch(self.store, n, read_targets=False)}
@@ -527,18 +525,18 @@ class Check:
                 rows.append({"batch_size": bs, "skipped": "budget"})
                 continue
             try:
-                rows.append(self.step_row(attrs, teacher, small, bs))
+                rows.append(self.step_row(meta, teacher, small, bs))
             except Exception as err:  # noqa: BLE001 - e.g. out of memory at one batch size
                 rows.append({"batch_size": bs, "error": f"{type(err).__name__}: {err}"})
                 print(f"  batch {bs}: ERROR {rows[-1]['error']}", flush=True)
             self.free()
         return _rows_result(rows)
 
-    def step_row(self, attrs: dict[str, Any], teacher: Any, small: dict[str, dict[str, torch.Tensor]], bs: int
+    def step_row(self, meta: StoreMeta, teacher: Any, small: dict[str, dict[str, torch.Tensor]], bs: int
                  ) -> dict[str, Any]:
         """bench_distill_gpu's alternated single steps (A B, B A, ...) at batch `bs`."""
         batch = {mode: bdg.tile(b, bs, self.device) for mode, b in small.items()}
-        off, on = bdg.Runner(attrs, self.device), bdg.Runner(attrs, self.device, teacher)
+        off, on = bdg.Runner(meta, self.device), bdg.Runner(meta, self.device, teacher)
         try:
             fl = bdg.flops(off, teacher, batch["offline"])
         except Exception as err:  # noqa: BLE001 - the timing is worth keeping without the bound
@@ -562,13 +560,13 @@ class Check:
         return row
 
     def memory(self) -> dict[str, Any]:
-        attrs = self.need_store()
+        meta = self.need_store()
         small = bdg.base_batch(self.store, min(8, self.s["train_batch"]))
         rows = self.current["rows"] = []
         for bs in self.s["batch_sizes"]:
             try:
                 batch = bdg.tile(small, bs, self.device)
-                runner = bdg.Runner(attrs, self.device)
+                runner = bdg.Runner(meta, self.device)
                 runner.step(batch)  # allocates the AdamW state, as every step after the first has it
                 peak = self.step_peak_bytes(runner, batch)
                 rows.append({"batch_size": bs, "peak_bytes": peak, "peak_bytes_per_image": peak / bs,
@@ -614,9 +612,8 @@ class Check:
         res = self.current
         reader = StoreReader(self.store)
         from dpal.trainer.data import BatchDataset, BatchRequest
-        from dpal.views import ViewRecipe
 
-        recipe = ViewRecipe.from_dict(reader.attrs["recipe"])
+        recipe = reader.store_meta.recipe
         n = min(8, self.s["loader_batch"])
         ds = BatchDataset(self.store, EpochSampler(valid_rows(reader), n, 1, 0, 0), recipe, 0)
         raw = ds[BatchRequest(0, 0, 0)]

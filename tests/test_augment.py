@@ -273,7 +273,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _batches(store: Path, workers: int, finish_on_cpu: bool, read_targets: bool = True) -> list[dict[str, torch.Tensor]]:
     """Every batch of two epochs, through a DataLoader built as `train` builds it."""
     reader = StoreReader(store)
-    recipe = ViewRecipe.from_dict(reader.attrs["recipe"])
+    recipe = reader.store_meta.recipe
     sampler = EpochSampler(valid_rows(reader), 4, 1, 0, seed=5)
     ds = BatchDataset(store, sampler, recipe, 5, read_targets=read_targets, finish_on_cpu=finish_on_cpu,
                       mask_fix_sign=True if read_targets else None)

@@ -47,7 +47,7 @@ NUM_SHARDS = 5
 
 def _replayed_views(reader: StoreReader, rows: list[int], view_of: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """v0 (B, 3, Hg, Wg) and Ic (B, 3, Hc, Wc) rebuilt from the store alone: params + image bytes."""
-    recipe = ViewRecipe.from_dict(reader.attrs["recipe"])
+    recipe = reader.store_meta.recipe
     params = reader.array(PARAMS)
     v0s, ics = [], []
     for i, k in zip(rows, view_of, strict=True):
@@ -128,7 +128,7 @@ from dpal.corpus import decode_image
 from dpal.store import StoreReader
 from dpal.views import ViewRecipe, background_index, replay
 reader = StoreReader(sys.argv[1])
-recipe = ViewRecipe.from_dict(reader.attrs["recipe"])
+recipe = reader.store_meta.recipe
 out = {}
 for i in range(reader.layout.num_images):
     for k in range(reader.layout.num_views):
@@ -147,7 +147,7 @@ def test_replay_is_bit_identical_in_another_process(tmp_path: Path, ref_store: P
                    env={**child_env, "OMP_NUM_THREADS": "2"})  # replay is PIL and numpy: no thread dependence
     theirs = torch.load(dump, weights_only=True)
     reader = StoreReader(ref_store)
-    recipe = ViewRecipe.from_dict(reader.attrs["recipe"])
+    recipe = reader.store_meta.recipe
     assert len(theirs) == 13 * 2
     for (i, k), (v0_child, ic_child) in theirs.items():
         p = reader.read_targets(np.array([i]), k).params[0]

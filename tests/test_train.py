@@ -30,7 +30,7 @@ from dpal.store import StoreReader
 from dpal.teachers import load_teacher
 from dpal.trainer.checkpoint import build_student_from_checkpoint, find_resume
 from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, collate_requests, valid_rows
-from dpal.trainer.distiller import Distiller, build_distiller, lr_at, param_groups, teacher_spec_from_store
+from dpal.trainer.distiller import Distiller, build_distiller, lr_at, param_groups
 from dpal.trainer.dpade import DPaDe
 from dpal.trainer.losses import shape_mask
 from dpal.trainer.metrics import truncate_jsonl
@@ -186,10 +186,10 @@ def test_sampler_state_restores_the_stream() -> None:
 
 def test_store_targets_equal_the_teacher_on_replayed_views(store32: Path) -> None:
     reader = StoreReader(store32)
-    recipe = ViewRecipe.from_dict(reader.attrs["recipe"])
+    recipe = reader.store_meta.recipe
     sampler = EpochSampler(valid_rows(reader), 4, 1, 0, seed=0)
     ds = BatchDataset(store32, sampler, recipe, seed=0, mask_fix_sign=True)
-    teacher = load_teacher(teacher_spec_from_store(reader.attrs))
+    teacher = load_teacher(reader.store_meta.teacher_spec())
     for req in (BatchRequest(0, 0, 0), BatchRequest(1, 1, 0)):  # views 0 and 1
         batch = ds.model_inputs(ds[req], torch.device("cpu"))  # v0 and Ic composed as on a training device
         with torch.inference_mode():
@@ -575,7 +575,7 @@ def test_build_distiller_applies_recompute(recompute: bool | None) -> None:
     from dpal.config import DistillConfig
 
     cfg = DistillConfig(store="s", out="o", student="dpal_vit_tiny", student_kwargs={"depth": 2}, recompute=recompute)
-    model = build_distiller(cfg, ViewRecipe(), {"embed_dim": 32, "token_grid": {"global": [16, 8]}})
+    model = build_distiller(cfg, ViewRecipe(), 32, (16, 8))
     assert model.dpade.lean and model.dpade.recompute is recompute
     mlps = [m for m in model.student.modules() if isinstance(m, Mlp)]
     assert len(mlps) == 2 and all(m.dpal_recompute is recompute for m in mlps)

@@ -32,7 +32,6 @@ from dpal.trainer.checkpoint import (
 from dpal.trainer.data import BatchDataset, EpochSampler, collate_requests, valid_rows
 from dpal.trainer.distiller import Schedule, build_distiller
 from dpal.trainer.train import Trainer, train
-from dpal.views import ViewRecipe
 
 CPU = torch.device("cpu")
 
@@ -53,11 +52,11 @@ def _seam(store: Path, **overrides: Any) -> tuple[Trainer, list[dict[str, torch.
     batches of the run's first epoch (two steps), as a DataLoader with num_workers 0 ships them."""
     cfg = u.distill_config(store, store.parent / "unused", **overrides)
     reader = StoreReader(store)
-    recipe = ViewRecipe.from_dict(reader.attrs["recipe"])
+    recipe = reader.store_meta.recipe
     sampler = EpochSampler(valid_rows(reader), cfg.batch_size, 1, 0, cfg.seed)
     dataset = BatchDataset(store, sampler, recipe, cfg.seed, cfg.grad_accum, mask_fix_sign=cfg.fix_mask_sign,
                            finish_on_cpu=True)
-    trainer = Trainer(cfg, reader.attrs, recipe, CPU, schedule=Schedule.for_run(cfg, sampler.steps_per_epoch, 1),
+    trainer = Trainer(cfg, reader.store_meta, recipe, CPU, schedule=Schedule.for_run(cfg, sampler.steps_per_epoch, 1),
                       finish=lambda loaded: dataset.model_inputs(loaded, CPU))
     trainer.steps_per_epoch = sampler.steps_per_epoch
     batches = [dataset[r] for r in collate_requests(sampler, 0, 0, 1, None, cfg.grad_accum)]
@@ -67,7 +66,8 @@ def _seam(store: Path, **overrides: Any) -> tuple[Trainer, list[dict[str, torch.
 def test_forward_backward_step_equals_the_distiller_forward(store: Path) -> None:
     trainer, batches = _seam(store)
     batch = trainer.model_inputs(batches[0])
-    ref = build_distiller(trainer.cfg, trainer.recipe, trainer.attrs).train()  # the same init (seed 0)
+    meta = trainer.meta
+    ref = build_distiller(trainer.cfg, trainer.recipe, meta.embed_dim, meta.token_grid.global_grid).train()  # the same init (seed 0)
     torch.manual_seed(7)  # drop path draws from the global RNG
     loss, ref_terms = ref(batch, 0)
     loss.backward()

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from dpal.config import DistillConfig
-from dpal.teachers import EFFICIENTNET_LITE2, PRESETS, TeacherSpec
 from dpal.trainer.dpade import PATTERN_GLOBAL, PATTERN_LOCAL, PATTERN_RELATION, DPaDe
 from dpal.trainer.losses import (
     TERM_NAMES,
@@ -132,26 +131,12 @@ class Distiller(nn.Module):
         return total, terms
 
 
-def build_distiller(cfg: DistillConfig, recipe: ViewRecipe, attrs: dict[str, Any]) -> Distiller:
-    """The configured student and D-PaDe for a store (its attrs: teacher width, token grid), on CPU,
-    initialised from `cfg.seed`."""
+def build_distiller(cfg: DistillConfig, recipe: ViewRecipe, teacher_dim: int, grid_hw: tuple[int, int]) -> Distiller:
+    """The configured student and D-PaDe for a store's targets (teacher width D, v0's patch grid), on
+    CPU, initialised from `cfg.seed`."""
     torch.manual_seed(cfg.seed)
     student = create_student(cfg.student, img_size=tuple(recipe.global_size), **cfg.student_kwargs)
     recompute_mlp_activations(student, cfg.recompute)
-    dpade = DPaDe(student.embed_dim, attrs["embed_dim"], scale=cfg.dpade_scale, l2_weight=cfg.l2_weight,
+    dpade = DPaDe(student.embed_dim, teacher_dim, scale=cfg.dpade_scale, l2_weight=cfg.l2_weight,
                   recompute=cfg.recompute)
-    return Distiller(student, dpade, tuple(attrs["token_grid"]["global"]), cfg.fix_mask_sign)
-
-
-def teacher_spec_from_store(attrs: dict[str, Any]) -> TeacherSpec:
-    """Rebuild the teacher that wrote a store, for --online-teacher; checks the checkpoint hash."""
-    t = attrs["teacher"]
-    r = attrs["recipe"]
-    packaged = t["name"] == EFFICIENTNET_LITE2  # weights come from its package, not a file
-    return TeacherSpec(
-        name=t["name"], checkpoint=None if packaged or t.get("random_init") else t.get("checkpoint"),
-        random_init=t.get("random_init", False), random_init_seed=t.get("random_init_seed", 0),
-        layer=t.get("layer"), arch=t.get("arch") if t["name"] in PRESETS else None,
-        global_size=tuple(r["global_size"]), crowd_size=tuple(r["crowd_size"]),
-        global_token="mean" if t.get("global_token") == "mean" else "auto",
-    )
+    return Distiller(student, dpade, tuple(grid_hw), cfg.fix_mask_sign)

@@ -7,7 +7,7 @@ online) and run forward and backward (`forward_backward_step`: `Distiller` in di
 loss of docs/method.md), then one AdamW step at the schedule's learning rate. `Trainer.train` is the
 loop around it: metrics (metrics.py, read from the device only on log steps), progress,
 checkpoints (checkpoint.py) and the stop signals (runtime.py). `Trainer.from_config` builds a whole
-run (store, run directory, resume, DataLoader); `Trainer(cfg, attrs, recipe, device)` builds only
+run (store, run directory, resume, DataLoader); `Trainer(cfg, meta, recipe, device)` builds only
 the model and optimizer, for benchmarks and tests that feed batches themselves. `state_dict` /
 `load_state_dict` hold everything needed to continue bit for bit: model, D-PaDe, optimizer,
 sampler position, RNG states, config and the store fingerprint. The run directory's ownership,
@@ -33,7 +33,7 @@ from dpal import __version__
 from dpal.config import DistillConfig, dump_yaml, to_dict
 from dpal.errors import InputError
 from dpal.progress import Progress
-from dpal.store import StoreError, StoreReader
+from dpal.store import StoreError, StoreMeta, StoreReader
 from dpal.teachers import autocast_context, load_teacher
 from dpal.trainer.checkpoint import (
     CHECKPOINT_VERSION,
@@ -52,7 +52,7 @@ from dpal.trainer.data import (
     ignore_stop_signals,
     valid_rows,
 )
-from dpal.trainer.distiller import Schedule, build_distiller, make_optimizer, teacher_spec_from_store
+from dpal.trainer.distiller import Schedule, build_distiller, make_optimizer
 from dpal.trainer.metrics import MetricsLog, StepTerms
 from dpal.trainer.rundir import (
     CHECKPOINT_DIR,
@@ -117,7 +117,8 @@ class Trainer:
 
     Args:
         cfg: the run's config (student, optimizer, losses, grad_accum).
-        attrs: the store's attributes (teacher width `embed_dim`, `token_grid`; `teacher` when online).
+        meta: the store's metadata (`store.StoreMeta`: teacher width, v0's token grid; the teacher
+            itself when online).
         recipe: the view recipe (the student's input size).
         device: where the model trains (bf16 autocast on CUDA).
         info: this rank's place under torchrun (DDP when world_size > 1).
@@ -125,12 +126,12 @@ class Trainer:
         finish: a loader batch -> the model's inputs on `device`; None: batches come as model inputs.
     """
 
-    def __init__(self, cfg: DistillConfig, attrs: dict[str, Any], recipe: ViewRecipe, device: torch.device,
+    def __init__(self, cfg: DistillConfig, meta: StoreMeta, recipe: ViewRecipe, device: torch.device,
                  info: DistInfo | None = None, schedule: Schedule | None = None,
                  finish: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> None:
-        self.cfg, self.attrs, self.recipe, self.device = cfg, attrs, recipe, torch.device(device)
+        self.cfg, self.meta, self.recipe, self.device = cfg, meta, recipe, torch.device(device)
         self.info = info or DistInfo()
-        self.model = build_distiller(cfg, recipe, attrs).to(self.device)
+        self.model = build_distiller(cfg, recipe, meta.embed_dim, meta.token_grid.global_grid).to(self.device)
         self.ddp_model: nn.Module = self.model
         if self.info.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -250,13 +251,13 @@ class Trainer:
         if device.type == "cpu":
             keep_freed_memory()
         reader = StoreReader(cfg.store, allow_incomplete=cfg.allow_incomplete)
-        attrs = reader.attrs
-        recipe = ViewRecipe.from_dict(attrs["recipe"])
+        meta = reader.store_meta
+        recipe = meta.recipe
         if cfg.recipe_local_size is not None:
             recipe = ViewRecipe.from_dict({**recipe.to_dict(), "local_size": list(cfg.recipe_local_size)})
         fingerprint = reader.fingerprint()
         _own_run_dir(cfg, info, stack)
-        trainer = cls(cfg, attrs, recipe, device, info)
+        trainer = cls(cfg, meta, recipe, device, info)
         trainer.t_start, trainer.show_progress = t_start, show_progress
         trainer.run_dir, trainer.fingerprint = Path(cfg.out), fingerprint
         trainer.sampler = EpochSampler(valid_rows(reader), cfg.batch_size, info.world_size, info.rank, cfg.seed)
@@ -302,9 +303,8 @@ class Trainer:
 
     def load_teacher(self) -> None:
         """The teacher that wrote the store, for --online-teacher; refused if its checkpoint differs."""
-        self.teacher = load_teacher(teacher_spec_from_store(self.attrs), device=self.device)
-        if self.teacher.identity().get("checkpoint_sha256") != self.attrs["teacher"].get("checkpoint_sha256"):
-            raise StoreError("the teacher checkpoint differs from the one that wrote the store (sha256)")
+        self.teacher = load_teacher(self.meta.teacher_spec(), device=self.device)
+        self.meta.check_teacher(self.teacher.identity())
 
     def _build_loader(self, dataset_class: type[BatchDataset]) -> None:
         cfg, device = self.cfg, self.device
