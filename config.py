@@ -91,7 +91,7 @@ class ViewRecipe:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown recipe keys {sorted(unknown)}")
+            raise ConfigError(f"unknown recipe keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 

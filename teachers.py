@@ -239,7 +239,8 @@ class Teacher(nn.Module):
             raise ValueError(f"expected (B, 3, H, W) pixels, got {tuple(x.shape)}")
         h, w = x.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"view {h}x{w} is not a multiple of the patch size {self.patch_size}")
+            raise InputError(f"view {h}x{w} is not a multiple of the teacher's patch size {self.patch_size}; "
+                             "set recipe sizes that are (--set recipe.global_size=...)")
         return h // self.patch_size, w // self.patch_size
 
     def _vit_tokens(self, x: Tensor) -> Tensor:
