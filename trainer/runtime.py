@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dpal.common import resolve_device
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 CPU_NUM_WORKERS = 2
 MAX_GPU_NUM_WORKERS = 16
@@ -40,11 +42,8 @@ def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
     """Join the torchrun process group if there is one (gloo on CPU, nccl on GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if device_pref == "auto":
-        use_cuda = torch.cuda.is_available()
-    else:
-        use_cuda = device_pref.startswith("cuda")
-    device = torch.device("cuda", info.local_rank) if use_cuda else torch.device("cpu")
+    device = resolve_device(device_pref, local_rank=info.local_rank)  # one GPU per rank
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
