@@ -36,6 +36,7 @@ from dpal.store import (
     SOURCE,
     SOURCE_OFFSET,
     SOURCE_SIZE,
+    Layout,
     ShardData,
     StoreError,
     StoreReader,
@@ -147,6 +148,64 @@ def teacher_targets(teacher: Teacher, v0: torch.Tensor, ic: torch.Tensor, device
     return (g.float().cpu().numpy(), patches.float().cpu().numpy(), shift_rows(rel.float().cpu().numpy()))
 
 
+def _decode_rows(reader: StoreReader, start: int, stop: int, cfg: CacheConfig
+                 ) -> tuple[list[Any], list[Any], list[dict[str, Any]]]:
+    """Rows [start, stop) of the corpus, decoded: (images, (key, bytes, ext) for the image tar,
+    skipped rows with their reason); a bad row is None in both lists (StrictModeError if strict)."""
+    keys = reader.array(KEYS)[start:stop]
+    sources = reader.array(SOURCE)[start:stop]
+    offsets = reader.array(SOURCE_OFFSET)[start:stop]
+    sizes = reader.array(SOURCE_SIZE)[start:stop]
+    rows = stop - start
+    images: list[Any] = [None] * rows
+    blobs: list[Any] = [None] * rows
+    skipped = []
+    for r in range(rows):
+        key = str(keys[r])
+        try:
+            try:
+                blob = read_bytes(str(sources[r]), int(offsets[r]), int(sizes[r]))
+            except OSError as e:
+                raise BadImage(f"unreadable: {e}") from None
+            images[r] = decode_image(blob, cfg.max_pixels)
+            blobs[r] = (key, blob, _image_ext(blob))
+        except BadImage as e:
+            if cfg.strict:
+                raise StrictModeError(f"bad image {key!r} ({e.reason}); rerun without --strict to skip it") from None
+            skipped.append({"index": start + r, "key": key, "reason": e.reason})
+    return images, blobs, skipped
+
+
+def _targets(teacher: Teacher, cfg: CacheConfig, layout: Layout, start: int, keys: np.ndarray,
+             images: list[Any], good: list[int], device: torch.device, replay_threads: int
+             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The K views' parameters of each good row (rows, K, NUM_PARAMS) and the teacher's targets on
+    them (float32, the layout's feature shapes; zeros for bad rows)."""
+    recipe: ViewRecipe = cfg.recipe
+    rows, k_views = len(images), layout.num_views
+    hw = {r: (images[r].height, images[r].width) for r in good}
+    params = np.zeros((rows, k_views, NUM_PARAMS), dtype=np.float64)
+    feats = {name: np.zeros((rows, *shape[1:]), dtype=np.float32)
+             for name, shape in layout.feature_shapes().items()}
+    jobs = []
+    for r in good:
+        pool = [(start + b, hw[b]) for b in good if b != r] or [(start + r, hw[r])]
+        for k in range(k_views):
+            params[r, k] = sample_view(recipe, cfg.seed, str(keys[r]), k, hw[r], pool)
+            jobs.append((r, k))
+
+    def replay_job(job: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        r, k = job
+        return replay(recipe, params[r, k], images[r], images[background_index(params[r, k]) - start])
+
+    for batch, views in batches_ahead(jobs, cfg.batch_size, replay_job, replay_threads):
+        v0s, ics = zip(*views, strict=True)
+        g, loc, rel = teacher_targets(teacher, torch.stack(v0s), torch.stack(ics), device)
+        for j, (r, k) in enumerate(batch):
+            feats[GLOBAL][r, k], feats[LOCAL][r, k], feats[RELATION][r, k] = g[j], loc[j], rel[j]
+    return params, feats
+
+
 def cache_shard(store_path: str | Path, shard: int, teacher: Teacher, cfg: CacheConfig,
                 device: torch.device | str = "cpu", replay_threads: int = 1) -> ShardReport:
     """Cache one store shard: decode, sample views, run the teacher, write, mark done.
@@ -173,50 +232,9 @@ def cache_shard(store_path: str | Path, shard: int, teacher: Teacher, cfg: Cache
         return ShardReport(shard, stop - start, 0, 0, 0.0, already_done=True)
     rows = stop - start
     keys = reader.array(KEYS)[start:stop]
-    sources = reader.array(SOURCE)[start:stop]
-    offsets = reader.array(SOURCE_OFFSET)[start:stop]
-    sizes = reader.array(SOURCE_SIZE)[start:stop]
-
-    images: list = [None] * rows
-    blobs: list = [None] * rows
-    skipped = []
-    for r in range(rows):
-        key = str(keys[r])
-        try:
-            try:
-                blob = read_bytes(str(sources[r]), int(offsets[r]), int(sizes[r]))
-            except OSError as e:
-                raise BadImage(f"unreadable: {e}") from None
-            images[r] = decode_image(blob, cfg.max_pixels)
-            blobs[r] = (key, blob, _image_ext(blob))
-        except BadImage as e:
-            if cfg.strict:
-                raise StrictModeError(f"bad image {key!r} ({e.reason}); rerun without --strict to skip it") from None
-            skipped.append({"index": start + r, "key": key, "reason": e.reason})
-
-    recipe: ViewRecipe = cfg.recipe
-    k_views = layout.num_views
+    images, blobs, skipped = _decode_rows(reader, start, stop, cfg)
     good = [r for r in range(rows) if images[r] is not None]
-    hw = {r: (images[r].height, images[r].width) for r in good}
-    params = np.zeros((rows, k_views, NUM_PARAMS), dtype=np.float64)
-    feats = {name: np.zeros((rows, *shape[1:]), dtype=np.float32)
-             for name, shape in layout.feature_shapes().items()}
-    jobs = []
-    for r in good:
-        pool = [(start + b, hw[b]) for b in good if b != r] or [(start + r, hw[r])]
-        for k in range(k_views):
-            params[r, k] = sample_view(recipe, cfg.seed, str(keys[r]), k, hw[r], pool)
-            jobs.append((r, k))
-
-    def replay_job(job: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        r, k = job
-        return replay(recipe, params[r, k], images[r], images[background_index(params[r, k]) - start])
-
-    for batch, views in batches_ahead(jobs, cfg.batch_size, replay_job, replay_threads):
-        v0s, ics = zip(*views, strict=True)
-        g, loc, rel = teacher_targets(teacher, torch.stack(v0s), torch.stack(ics), device)
-        for j, (r, k) in enumerate(batch):
-            feats[GLOBAL][r, k], feats[LOCAL][r, k], feats[RELATION][r, k] = g[j], loc[j], rel[j]
+    params, feats = _targets(teacher, cfg, layout, start, keys, images, good, device, replay_threads)
     valid = np.zeros(rows, dtype=np.uint8)
     valid[good] = 1
     data = ShardData(shard=shard, features=feats, params=params, valid=valid, images=blobs, skipped=skipped,
