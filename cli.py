@@ -74,11 +74,9 @@ def _setup_logging(verbose: bool) -> None:
 
 
 # A user's mistake: a UserError (ConfigError, InputError, StoreError, RunDirError, LoaderError,
-# StrictModeError), or a missing or forbidden file they named (other OSErrors are not).
-# ValueError is here only for the modules that still report a user's mistake with a plain ValueError
-# (the resume checks of trainer/train.py and trainer/checkpoint.py, trainer/export.py's --out); once
-# they raise an InputError instead, a ValueError is a bug and leaves this list.
-_USER_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError,
+# StrictModeError), or a missing or forbidden file they named (other OSErrors are not). Anything
+# else, a plain ValueError included, is a bug and keeps its traceback.
+_USER_ERRORS = (UserError, FileNotFoundError, PermissionError, NotADirectoryError,
                 IsADirectoryError, FileExistsError)
 
 

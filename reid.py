@@ -163,7 +163,7 @@ def extract_features(
     if len(paths) == 0:
         raise ValueError("extract_features: no images given")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     feats = []
     with torch.inference_mode():
         for start in range(0, len(paths), batch_size):

@@ -528,6 +528,8 @@ def run(kind: str) -> None:
         raise ConfigError("views must be >= 1, got 0")
     if kind == "file":
         open(sys.argv[0] + ".missing")
+    if kind == "value":
+        raise ValueError("grid_hw (16, 8) does not match 96 patch tokens")  # a bug, not the user's
     {}["teacher"]  # a bug
 
 app()
@@ -541,11 +543,13 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path: Path) 
     def run(kind: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(script), kind], capture_output=True, text=True, timeout=60)
 
-    user, missing, bug = run("user"), run("file"), run("bug")
+    user, missing, bug, value = run("user"), run("file"), run("bug"), run("value")
     assert (user.returncode, user.stdout, user.stderr) == (2, "", "error: views must be >= 1, got 0\n")
     assert (missing.returncode, missing.stderr) == (2, f"error: No such file or directory: {script}.missing\n")
     assert bug.returncode == 1 and bug.stderr.startswith("Traceback (most recent call last):"), bug.stderr
     assert bug.stderr.rstrip().endswith("KeyError: 'teacher'") and "errors_cli.py" in bug.stderr
+    assert value.returncode == 1 and value.stderr.startswith("Traceback (most recent call last):"), value.stderr
+    assert value.stderr.rstrip().endswith("ValueError: grid_hw (16, 8) does not match 96 patch tokens")
 
 
 def test_the_cli_module_imports_no_torch() -> None:

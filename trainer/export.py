@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 import dpal
+from dpal.errors import InputError
 from dpal.store import atomic_write_bytes
 from dpal.trainer.student import BACKBONE_PREFIXES, data_config  # registers dpal_vit_tiny with timm
 
@@ -104,7 +105,7 @@ def export_student(
     """
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":
-        raise ValueError(f"out_path {out_path} must end in .safetensors")
+        raise InputError(f"--out {out_path} must end in .safetensors")
     inner = getattr(model, "module", model)
     inner = getattr(inner, "_orig_mod", inner)
     if timm_kwargs is None:
