@@ -104,3 +104,38 @@ def test_checker_catches_relative_imports_across_the_stages(tmp_path: Path) -> N
         "trainer/sub/deep.py imports dpal.pipeline.engine.run",
     ]
     assert _offenders("pipeline", "trainer", tmp_path) == ["pipeline/engine.py imports dpal.trainer"]
+
+
+MAX_FUNCTION_LINES = 60
+NOT_PRODUCT = {".venv", "tests", "bench", "scripts", "sample_data", "build", "demo_out"}
+
+
+def _long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int]]:
+    """(name, lines) of each function whose body, its docstring left out, spans more than `limit` lines."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            has_doc = isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(
+                body[0].value.value, str)
+            first = body[1] if has_doc and len(body) > 1 else body[0]
+            lines = node.end_lineno - first.lineno + 1
+            if lines > limit:
+                out.append((node.name, lines))
+    return out
+
+
+def test_long_function_detector_counts_the_body_without_its_docstring() -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(61))
+    assert _long_functions(f'def f():\n    """Doc\n\n    more doc.\n    """\n{body}\n') == [("f", 61)]
+    assert _long_functions(f'def f():\n    """Doc."""\n{body}\n', limit=61) == []
+    assert _long_functions("def g():\n    return 1\n") == []
+
+
+def test_no_function_in_the_product_is_longer_than_sixty_lines() -> None:
+    """The product's functions stay short enough to read at once (bench/, scripts/ and tests/ aside)."""
+    long = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        if NOT_PRODUCT.isdisjoint(path.relative_to(ROOT).parts):
+            long.update({f"{path.relative_to(ROOT)}:{name}": n for name, n in _long_functions(path.read_text())})
+    assert long == {}
