@@ -51,8 +51,12 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                          help="Print dpal's version and exit.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print dpal's version and exit."
+        ),
+    ] = False,
 ) -> None:
     pass
 
@@ -69,15 +73,22 @@ def _setup_logging(verbose: bool) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     # dask's own INFO chatter (nannies starting and closing) is not the user's business.
     handler.addFilter(lambda r: r.name.startswith("dpal") or r.levelno >= logging.WARNING)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[handler], force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler], force=True
+    )
 
 
 # A user's mistake: a UserError (ConfigError, InputError, StoreError, RunDirError, LoaderError,
 # StrictModeError), or a missing or forbidden file they named (other OSErrors are not). Anything
 # else, a plain ValueError included, is a bug and keeps its traceback.
-_USER_ERRORS = (UserError, FileNotFoundError, PermissionError, NotADirectoryError,
-                IsADirectoryError, FileExistsError)
+_USER_ERRORS = (
+    UserError,
+    FileNotFoundError,
+    PermissionError,
+    NotADirectoryError,
+    IsADirectoryError,
+    FileExistsError,
+)
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -100,8 +111,10 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def _is_bool(tp: Any) -> bool:
-    return tp is bool or (typing.get_origin(tp) in (typing.Union, types.UnionType)
-                          and set(typing.get_args(tp)) == {bool, type(None)})
+    return tp is bool or (
+        typing.get_origin(tp) in (typing.Union, types.UnionType)
+        and set(typing.get_args(tp)) == {bool, type(None)}
+    )
 
 
 def _metavar(tp: Any) -> str:
@@ -111,8 +124,13 @@ def _metavar(tp: Any) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
     origin = typing.get_origin(tp)
-    return ("LIST" if origin is tuple else "MAPPING" if origin is dict
-            else {int: "INTEGER", float: "FLOAT"}.get(tp, "TEXT"))
+    return (
+        "LIST"
+        if origin is tuple
+        else "MAPPING"
+        if origin is dict
+        else {int: "INTEGER", float: "FLOAT"}.get(tp, "TEXT")
+    )
 
 
 def _default_text(f: dataclasses.Field) -> str | None:
@@ -149,14 +167,18 @@ def config_parameters(cls: type) -> list[inspect.Parameter]:
         else:
             info = typer.Option(f"--{name}", help=help_, metavar=_metavar(types_[f.name]), show_default=False)
             annotation = Annotated[str | None, info]
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+        params.append(
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+        )
     return params
 
 
 def _set_help(cls: type) -> str:
     sections = [f for f in dataclasses.fields(cls) if f.metadata.get("section")]
-    text = ("Override any config key: --set key=value, the value read as YAML (dotted keys for sections, e.g. "
-            "--set recipe.global_size=[128,64]). Repeatable; applied last.")
+    text = (
+        "Override any config key: --set key=value, the value read as YAML (dotted keys for sections, e.g. "
+        "--set recipe.global_size=[128,64]). Repeatable; applied last."
+    )
     for f in sections:
         keys = ", ".join(g.name for g in dataclasses.fields(field_types(cls)[f.name]))
         text += f" Section {f.name} ({f.metadata['help'].rstrip('.').lower()}): {keys}."
@@ -180,19 +202,30 @@ def config_command(cls: type) -> Callable[[Callable], Callable]:
         sig = inspect.signature(fn, eval_str=True)
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in list(sig.parameters.values())[1:]]
         config_opt = inspect.Parameter(
-            "config", inspect.Parameter.KEYWORD_ONLY, default=None,
-            annotation=Annotated[Path | None, typer.Option("--config", help="YAML or TOML file of config keys; "
-                                                           "flags and --set override it.")])
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Path | None,
+                typer.Option(
+                    "--config", help="YAML or TOML file of config keys; flags and --set override it."
+                ),
+            ],
+        )
         set_opt = inspect.Parameter(
-            "set_", inspect.Parameter.KEYWORD_ONLY, default=None,
-            annotation=Annotated[list[str] | None, typer.Option("--set", help=_set_help(cls))])
+            "set_",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[list[str] | None, typer.Option("--set", help=_set_help(cls))],
+        )
 
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:
             return fn(config_from_options(cls, kwargs), **kwargs)
 
         wrapper.__signature__ = sig.replace(  # type: ignore[attr-defined]
-            parameters=[*config_parameters(cls), config_opt, set_opt, *own], return_annotation=None)
+            parameters=[*config_parameters(cls), config_opt, set_opt, *own], return_annotation=None
+        )
         return wrapper
 
     return decorate
@@ -203,10 +236,17 @@ def config_command(cls: type) -> Callable[[Callable], Callable]:
 @config_command(CacheConfig)
 def cache_teacher(
     cfg: CacheConfig,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Time the teacher on a few images and print the "
-                                          "store size and run time; with --slurm also the job script.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (nor, in a log, progress "
-                                        "lines).")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Time the teacher on a few images and print the "
+            "store size and run time; with --slurm also the job script.",
+        ),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar (nor, in a log, progress lines).")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary (or dry-run) as JSON.")] = False,
 ) -> None:
     """Stage one: run the teacher once over a corpus and write K replayable views' targets to a store.
@@ -252,20 +292,35 @@ def _human(n: float) -> str:
 
 def _print_dry_run(rep: dict[str, Any]) -> None:
     t = rep["teacher"]
-    typer.echo(f"teacher        {t['name']} ({t.get('arch')}, D={t['embed_dim']}, sha256 "
-               f"{(t.get('checkpoint_sha256') or 'random-init')[:12]}) on {rep['device']}")
+    typer.echo(
+        f"teacher        {t['name']} ({t.get('arch')}, D={t['embed_dim']}, sha256 "
+        f"{(t.get('checkpoint_sha256') or 'random-init')[:12]}) on {rep['device']}"
+    )
     if rep["qkv_std_ratio"] is not None:
-        typer.echo(f"qkv std ratio  last block / previous block = {rep['qkv_std_ratio']:.3f}"
-                   + ("   <- the last block looks untrained; consider --teacher-layer -2"
-                      if rep["qkv_std_ratio"] < 0.2 else ""))
-    typer.echo(f"corpus         {rep['num_images']} images x K={rep['num_views']} views, {rep['num_shards']} shards")
+        typer.echo(
+            f"qkv std ratio  last block / previous block = {rep['qkv_std_ratio']:.3f}"
+            + (
+                "   <- the last block looks untrained; consider --teacher-layer -2"
+                if rep["qkv_std_ratio"] < 0.2
+                else ""
+            )
+        )
+    typer.echo(
+        f"corpus         {rep['num_images']} images x K={rep['num_views']} views, {rep['num_shards']} shards"
+    )
     typer.echo(f"bytes per view {_human(rep['bytes_per_view'])} ({rep['dtype']})")
-    typer.echo(f"store size     {_human(rep['store_bytes'])} (features {_human(rep['feature_bytes'])}, "
-               f"images {_human(rep['image_bytes'])})")
+    typer.echo(
+        f"store size     {_human(rep['store_bytes'])} (features {_human(rep['feature_bytes'])}, "
+        f"images {_human(rep['image_bytes'])})"
+    )
     secs = rep["estimated_seconds"]
-    when = f"{secs / 3600:.1f} h" if secs >= 3600 else f"{secs / 60:.1f} min" if secs >= 60 else f"{secs:.0f} s"
-    typer.echo(f"teacher rate   {1 / rep['seconds_per_view']:.1f} views/s per worker; estimated {when} on "
-               f"{rep['workers']} worker(s) (teacher time only)")
+    when = (
+        f"{secs / 3600:.1f} h" if secs >= 3600 else f"{secs / 60:.1f} min" if secs >= 60 else f"{secs:.0f} s"
+    )
+    typer.echo(
+        f"teacher rate   {1 / rep['seconds_per_view']:.1f} views/s per worker; estimated {when} on "
+        f"{rep['workers']} worker(s) (teacher time only)"
+    )
     if "slurm_job_script" in rep:
         typer.echo("\nSLURM job script (one per worker job):\n" + rep["slurm_job_script"])
 
@@ -323,11 +378,15 @@ def store_verify_cmd(
         typer.echo(f"ok: {rep['shards_checked']} shards verified")
         return
     if rep["metadata"]:
-        typer.echo("the store's own metadata cannot be rewritten shard by shard: restore the store from a copy, "
-                   "or rebuild it with `dpal cache-teacher --out NEW`")
+        typer.echo(
+            "the store's own metadata cannot be rewritten shard by shard: restore the store from a copy, "
+            "or rebuild it with `dpal cache-teacher --out NEW`"
+        )
     elif rep["bad"]:
-        typer.echo("rerun the same `dpal cache-teacher` command after deleting the bad shards' markers "
-                   f"({store}/shards/<shard>.json) to rewrite them")
+        typer.echo(
+            "rerun the same `dpal cache-teacher` command after deleting the bad shards' markers "
+            f"({store}/shards/<shard>.json) to rewrite them"
+        )
     else:
         typer.echo("rerun the same `dpal cache-teacher` command to finish the shards not done")
     raise typer.Exit(1)
@@ -355,11 +414,15 @@ def distill(
     if int(os.environ.get("RANK", "0")) == 0:
         if result.stopped_by_signal:
             again = "the same command" if not cfg.fresh else "the same command without --fresh"
-            typer.echo(f"stopped at step {result.step} by {result.signal_name} (epoch {result.epoch}, "
-                       f"{result.seconds:.1f} s; checkpoint {result.last_checkpoint}); rerun {again} to resume")
+            typer.echo(
+                f"stopped at step {result.step} by {result.signal_name} (epoch {result.epoch}, "
+                f"{result.seconds:.1f} s; checkpoint {result.last_checkpoint}); rerun {again} to resume"
+            )
         else:
             last = result.last_checkpoint or "none (no step was trained)"
-            typer.echo(f"done: step {result.step}, epoch {result.epoch}, {result.seconds:.1f} s; last checkpoint {last}")
+            typer.echo(
+                f"done: step {result.step}, epoch {result.epoch}, {result.seconds:.1f} s; last checkpoint {last}"
+            )
     if result.signal_name == "SIGINT":
         raise typer.Exit(130)  # interrupted, as a shell expects of Ctrl-C (SIGTERM/SIGUSR1: 0, for requeue)
 
@@ -368,7 +431,9 @@ def distill(
 @user_errors
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory of `dpal distill` (or a checkpoint .pt).")],
-    out: Annotated[Path, typer.Option("--out", help="Output FILE.safetensors (a .json config is written beside).")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Output FILE.safetensors (a .json config is written beside).")
+    ],
 ) -> None:
     """Write the student backbone as safetensors with plain timm ViT keys, plus a JSON config.
 
@@ -380,25 +445,53 @@ def export(
     from dpal.trainer.export import export_student
 
     model, ckpt = build_student_from_checkpoint(run_dir)
-    path = export_student(model, ckpt["student_name"], tuple(ckpt["img_size"]), out,
-                          timm_kwargs=ckpt.get("student_kwargs") or {})
-    typer.echo(f"exported {ckpt['student_name']} at step {ckpt['step']} to {path} (+ {path.with_suffix('.json').name})")
+    path = export_student(
+        model,
+        ckpt["student_name"],
+        tuple(ckpt["img_size"]),
+        out,
+        timm_kwargs=ckpt.get("student_kwargs") or {},
+    )
+    typer.echo(
+        f"exported {ckpt['student_name']} at step {ckpt['step']} to {path} (+ {path.with_suffix('.json').name})"
+    )
 
 
 @eval_app.command("reid")
 @user_errors
 def eval_reid(
-    model: Annotated[str, typer.Option(help="An exported student (.safetensors), a run directory or checkpoint, "
-                                       "a teacher preset (efficientnet-lite2, path-b), or a timm/dpal model name.")],
+    model: Annotated[
+        str,
+        typer.Option(
+            help="An exported student (.safetensors), a run directory or checkpoint, "
+            "a teacher preset (efficientnet-lite2, path-b), or a timm/dpal model name."
+        ),
+    ],
     data: Annotated[Path, typer.Option(help="Market-1501 layout: DIR/query and DIR/bounding_box_test.")],
-    image_size: Annotated[list[int] | None, typer.Option(help="Input H and W: --image-size 256 --image-size 128. "
-                                                         "\\[default: the model's own, else 256x128]")] = None,
-    random_init: Annotated[bool, typer.Option("--random-init", help="Allow a bare model name without weights "
-                                              "(a random baseline, on purpose).")] = False,
-    teacher_checkpoint: Annotated[str | None, typer.Option(help="Weights for a teacher preset or timm name.")] = None,
+    image_size: Annotated[
+        list[int] | None,
+        typer.Option(
+            help="Input H and W: --image-size 256 --image-size 128. "
+            "\\[default: the model's own, else 256x128]"
+        ),
+    ] = None,
+    random_init: Annotated[
+        bool,
+        typer.Option(
+            "--random-init", help="Allow a bare model name without weights (a random baseline, on purpose)."
+        ),
+    ] = False,
+    teacher_checkpoint: Annotated[
+        str | None, typer.Option(help="Weights for a teacher preset or timm name.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of --random-init weights.")] = 0,
-    feature: Annotated[str, typer.Option(help="A student's global feature: cls (its CLS token) or mean (mean "
-                                         "patch token). Teachers give their stage-one global target.")] = "cls",
+    feature: Annotated[
+        str,
+        typer.Option(
+            help="A student's global feature: cls (its CLS token) or mean (mean "
+            "patch token). Teachers give their stage-one global target."
+        ),
+    ] = "cls",
     batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 64,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -418,17 +511,28 @@ def eval_reid(
     if not (data / "query").is_dir() or not (data / "bounding_box_test").is_dir():
         raise InputError(f"--data {data} must hold query/ and bounding_box_test/ (Market-1501 layout)")
     with torch.no_grad():
-        emb = resolve_model(model, tuple(image_size) if image_size else None, random_init, teacher_checkpoint,
-                            seed, feature)
+        emb = resolve_model(
+            model, tuple(image_size) if image_size else None, random_init, teacher_checkpoint, seed, feature
+        )
         res = evaluate_reid(emb, data, batch_size)
     if as_json:  # one unit wherever the command prints: percent, as the table shows and papers report
         pct = {k: 100 * v if k in ("mAP", "rank1", "rank5", "rank10") else v for k, v in res.items()}
-        typer.echo(json.dumps({"model": emb.name, "feature": feature if emb.kind != "teacher" else "global", **pct,
-                               "unit": "percent"}))
+        typer.echo(
+            json.dumps(
+                {
+                    "model": emb.name,
+                    "feature": feature if emb.kind != "teacher" else "global",
+                    **pct,
+                    "unit": "percent",
+                }
+            )
+        )
         return
     typer.echo(format_table([{"model": emb.name, **res}]))
-    typer.echo(f"mAP and CMC in percent; {res['num_query']} queries, {res['num_gallery']} gallery images at "
-               f"{res['image_size']}")
+    typer.echo(
+        f"mAP and CMC in percent; {res['num_query']} queries, {res['num_gallery']} gallery images at "
+        f"{res['image_size']}"
+    )
 
 
 def main() -> None:

@@ -103,8 +103,10 @@ def _utf8_problem(name: str, where: str) -> dict[str, str] | None:
 def _ext_problem(name: str, where: str) -> dict[str, str] | None:
     ext = os.path.splitext(name)[1].lower()
     if ext in UNSUPPORTED_IMAGE_EXTS:
-        return _problem(where, f"{ext} images are not read (animated or multi-page formats); convert to "
-                               f"{', '.join(IMAGE_EXTS)}")
+        return _problem(
+            where,
+            f"{ext} images are not read (animated or multi-page formats); convert to {', '.join(IMAGE_EXTS)}",
+        )
     return None
 
 
@@ -155,14 +157,26 @@ def _index_tar(source: str, problems: list[dict[str, str]]) -> list[ImageRef]:
         expected = 0  # where the next header starts if nothing is damaged
         for m in members:
             if m.offset > expected and _has_data(f, expected, m.offset):
-                problems.append(_problem(f"{source} at byte {expected}", (
-                    f"corrupt tar header: {m.offset - expected} bytes up to the next valid header "
-                    f"({_printable(m.name)}) were skipped; the member(s) there are lost")))
+                problems.append(
+                    _problem(
+                        f"{source} at byte {expected}",
+                        (
+                            f"corrupt tar header: {m.offset - expected} bytes up to the next valid header "
+                            f"({_printable(m.name)}) were skipped; the member(s) there are lost"
+                        ),
+                    )
+                )
             expected = m.offset_data + _blocks(m.size)
             if m.offset_data + m.size > size:
-                problems.append(_problem(f"{source}:{_printable(m.name)}", (
-                    f"the tar is cut short at byte {size} inside this member (an interrupted copy or "
-                    "download?); the member is lost")))
+                problems.append(
+                    _problem(
+                        f"{source}:{_printable(m.name)}",
+                        (
+                            f"the tar is cut short at byte {size} inside this member (an interrupted copy or "
+                            "download?); the member is lost"
+                        ),
+                    )
+                )
                 error = None  # the cut is named by its member
                 break
             refs.extend(_tar_ref(source, m, problems))
@@ -171,11 +185,20 @@ def _index_tar(source: str, problems: list[dict[str, str]]) -> list[ImageRef]:
         if error is not None:
             problems.append(_problem(f"{source} at byte {expected}", f"unreadable tar from here: {error}"))
         elif members and expected < size and _has_data(f, expected, size):
-            what = (f"the tar is cut short at byte {size}, inside a header (an interrupted copy or download?)"
-                    if size % tarfile.BLOCKSIZE else "corrupt tar header")
-            problems.append(_problem(f"{source} at byte {expected}", (
-                f"{what}: the {size - expected} bytes from here to the end hold no valid header; the "
-                "member(s) there are lost")))
+            what = (
+                f"the tar is cut short at byte {size}, inside a header (an interrupted copy or download?)"
+                if size % tarfile.BLOCKSIZE
+                else "corrupt tar header"
+            )
+            problems.append(
+                _problem(
+                    f"{source} at byte {expected}",
+                    (
+                        f"{what}: the {size - expected} bytes from here to the end hold no valid header; the "
+                        "member(s) there are lost"
+                    ),
+                )
+            )
     return refs
 
 
@@ -211,7 +234,9 @@ def _folder_entry(root: Path, p: Path, problems: list[dict[str, str]]) -> ImageR
     try:
         st = p.stat()
     except OSError as e:  # broken link (ENOENT) or a link loop (ELOOP)
-        kind = "symlink loop" if e.errno == errno.ELOOP else "broken symlink" if p.is_symlink() else "unreadable"
+        kind = (
+            "symlink loop" if e.errno == errno.ELOOP else "broken symlink" if p.is_symlink() else "unreadable"
+        )
         target = f" to {_printable(os.readlink(p))}" if p.is_symlink() else ""
         problems.append(_problem(where, f"{kind}{target}: {e.strerror}"))
         return None
@@ -287,8 +312,11 @@ def scan_corpus(corpus: str) -> Corpus:
             "or WebDataset .tar shards (path, glob, {a..b} pattern or URL)"
         )
     if not refs:
-        lost = f"; {len(problems)} entries unreadable, e.g. {problems[0]['entry']}: {problems[0]['reason']}" \
-            if problems else ""
+        lost = (
+            f"; {len(problems)} entries unreadable, e.g. {problems[0]['entry']}: {problems[0]['reason']}"
+            if problems
+            else ""
+        )
         raise InputError(f"corpus {corpus!r} holds no images ({', '.join(IMAGE_EXTS)}){lost}")
     seen: set[str] = set()
     dups = [r.key for r in refs if r.key in seen or seen.add(r.key)]

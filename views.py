@@ -139,8 +139,15 @@ def sample_view(
     v0 = sample_aug(rng, recipe, image_hw, recipe.global_scale, recipe.person_ratio, recipe.global_blur_p)
     a = sample_aug(rng, recipe, image_hw, recipe.local_scale, recipe.person_ratio, recipe.local_blur_p)
     bg_index, bg_hw = backgrounds[int(rng.integers(0, len(backgrounds)))]
-    bg = sample_aug(rng, recipe, bg_hw, recipe.crowd_scale, recipe.crowd_ratio, recipe.crowd_blur_p,
-                    recipe.crowd_solarize_p)
+    bg = sample_aug(
+        rng,
+        recipe,
+        bg_hw,
+        recipe.crowd_scale,
+        recipe.crowd_ratio,
+        recipe.crowd_blur_p,
+        recipe.crowd_solarize_p,
+    )
     ch, cw = recipe.crowd_size
     lh, lw = recipe.local_size
     # docs/method.md: A at row [0, 127), col [0, 63); B at row [0, 127), col [end_col_A, 159) for 256/128x96.

@@ -89,8 +89,10 @@ def make_corpus(out: Path, num_images: int, seed: int = 0) -> tuple[Path, str]:
     use_sample = len(sample) >= num_images
     if use_sample:
         picked = [sample[i * len(sample) // num_images] for i in range(num_images)]
-        desc = (f"{num_images} evenly spaced of the {len(sample)} images of sample_data/corpus "
-                f"(sha256 of names {hashlib.sha256(' '.join(p.name for p in picked).encode()).hexdigest()[:8]})")
+        desc = (
+            f"{num_images} evenly spaced of the {len(sample)} images of sample_data/corpus "
+            f"(sha256 of names {hashlib.sha256(' '.join(p.name for p in picked).encode()).hexdigest()[:8]})"
+        )
     desc_file = out / "SOURCE.txt"
     if desc_file.exists() and len(list(out.glob("*.*"))) == num_images + 1:
         old = desc_file.read_text().strip()
@@ -117,8 +119,11 @@ def make_corpus(out: Path, num_images: int, seed: int = 0) -> tuple[Path, str]:
             else:
                 img = _drawn_person(rng, h, w)
             img.save(out / f"{i:04d}.jpg", quality=90)
-        desc = (f"{num_images} JPEG crops (128..256 px tall, w/h ~0.5, quality 90) of vtest.avi frames"
-                if frames else f"{num_images} PIL-drawn JPEGs (128..256 px tall, w/h ~0.5)")
+        desc = (
+            f"{num_images} JPEG crops (128..256 px tall, w/h ~0.5, quality 90) of vtest.avi frames"
+            if frames
+            else f"{num_images} PIL-drawn JPEGs (128..256 px tall, w/h ~0.5)"
+        )
     desc_file.write_text(desc + "\n")
     return out, desc
 
@@ -152,8 +157,10 @@ def _drawn_person(rng: np.random.Generator, h: int, w: int) -> Any:
     d = ImageDraw.Draw(img)
     for _ in range(30):
         x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
-        d.rectangle([x0, y0, x0 + int(rng.integers(4, w // 2)), y0 + int(rng.integers(4, h // 3))],
-                    fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        d.rectangle(
+            [x0, y0, x0 + int(rng.integers(4, w // 2)), y0 + int(rng.integers(4, h // 3))],
+            fill=tuple(int(c) for c in rng.integers(0, 256, 3)),
+        )
     d.ellipse([w // 3, h // 12, 2 * w // 3, h // 4], fill=(200, 160, 130))  # head
     d.rectangle([w // 4, h // 4, 3 * w // 4, 2 * h // 3], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
     return img.filter(ImageFilter.GaussianBlur(0.8))
@@ -263,16 +270,31 @@ def bench_throughput(cfg: CacheConfig, teacher: Teacher, work: Path, reps: int) 
         shutil.rmtree(store, ignore_errors=True)
         if rep == 0:
             continue
-        pairs.append({"cache_views_per_s": views / dt_cache, "teacher_views_per_s": views / dt_teacher,
-                      "ratio": dt_teacher / dt_cache, "cpu_time_ratio": cpu_teacher / cpu_cache,
-                      "loadavg_1min": os.getloadavg()[0]})
+        pairs.append(
+            {
+                "cache_views_per_s": views / dt_cache,
+                "teacher_views_per_s": views / dt_teacher,
+                "ratio": dt_teacher / dt_cache,
+                "cpu_time_ratio": cpu_teacher / cpu_cache,
+                "loadavg_1min": os.getloadavg()[0],
+            }
+        )
         other = dt_cache - sum(tm.values())
-        parts.append({"teacher_targets": tm["teacher_targets"] / dt_cache, "replay": tm["replay"] / dt_cache,
-                      "write_shard": tm["write_shard"] / dt_cache, "read_decode_sample_other": other / dt_cache,
-                      "teacher_targets_minus_forward": (tm["teacher_targets"] - dt_teacher) / dt_cache})
-        print(f"  rep {rep}: cache_shard {views / dt_cache:.3f} views/s, teacher forward "
-              f"{views / dt_teacher:.3f} views/s, ratio {dt_teacher / dt_cache:.3f} "
-              f"(CPU-time ratio {cpu_teacher / cpu_cache:.3f}, load {os.getloadavg()[0]:.2f})", flush=True)
+        parts.append(
+            {
+                "teacher_targets": tm["teacher_targets"] / dt_cache,
+                "replay": tm["replay"] / dt_cache,
+                "write_shard": tm["write_shard"] / dt_cache,
+                "read_decode_sample_other": other / dt_cache,
+                "teacher_targets_minus_forward": (tm["teacher_targets"] - dt_teacher) / dt_cache,
+            }
+        )
+        print(
+            f"  rep {rep}: cache_shard {views / dt_cache:.3f} views/s, teacher forward "
+            f"{views / dt_teacher:.3f} views/s, ratio {dt_teacher / dt_cache:.3f} "
+            f"(CPU-time ratio {cpu_teacher / cpu_cache:.3f}, load {os.getloadavg()[0]:.2f})",
+            flush=True,
+        )
     med = {k: statistics.median(p[k] for p in pairs) for k in pairs[0]}
     fractions = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
     return {"views_per_rep": views, "reps": pairs, "median": med, "fractions_of_cache_shard_time": fractions}
@@ -292,8 +314,11 @@ def bench_replay(cfg: CacheConfig, threads: int, reps: int) -> dict[str, Any]:
     records = index_corpus(cfg.corpus)
     images = [decode_image(read_bytes(r.source)) for r in records]
     pool = [(i, (im.height, im.width)) for i, im in enumerate(images)]
-    jobs = [(i, sample_view(cfg.recipe, cfg.seed, r.key, k, pool[i][1], [p for p in pool if p[0] != i]))
-            for i, r in enumerate(records) for k in range(cfg.views)]
+    jobs = [
+        (i, sample_view(cfg.recipe, cfg.seed, r.key, k, pool[i][1], [p for p in pool if p[0] != i]))
+        for i, r in enumerate(records)
+        for k in range(cfg.views)
+    ]
 
     def one(job: tuple[int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         i, p = job
@@ -302,15 +327,22 @@ def bench_replay(cfg: CacheConfig, threads: int, reps: int) -> dict[str, Any]:
     ref = [v for _, vs in batches_ahead(jobs, cfg.batch_size, one, 1) for v in vs]
     rates: dict[int, list[float]] = {1: [], threads: []}
     for rep in range(reps):
-        for n in ((1, threads) if rep % 2 == 0 else (threads, 1)):
+        for n in (1, threads) if rep % 2 == 0 else (threads, 1):
             t0 = time.perf_counter()
             got = [v for _, vs in batches_ahead(jobs, cfg.batch_size, one, n) for v in vs]
             rates[n].append(len(jobs) / (time.perf_counter() - t0))
-            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ref, got, strict=True))
+            assert all(
+                torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ref, got, strict=True)
+            )
     ratios = [b / a for a, b in zip(rates[1], rates[threads], strict=True)]
-    return {"views": len(jobs), "threads": threads, "views_per_s_1_thread": rates[1],
-            f"views_per_s_{threads}_threads": rates[threads], "median_ratio": statistics.median(ratios),
-            "loadavg_1min": os.getloadavg()[0]}
+    return {
+        "views": len(jobs),
+        "threads": threads,
+        "views_per_s_1_thread": rates[1],
+        f"views_per_s_{threads}_threads": rates[threads],
+        "median_ratio": statistics.median(ratios),
+        "loadavg_1min": os.getloadavg()[0],
+    }
 
 
 # ---------------------------------------------------------------- size and error
@@ -323,8 +355,12 @@ def _errors(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     num = (ref64 * got64).sum(-1)
     den = np.linalg.norm(ref64, axis=-1) * np.linalg.norm(got64, axis=-1)
     cos = np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)
-    return {"max_abs_err": float(err.max()), "max_abs_x": float(np.abs(ref64).max()),
-            "max_abs_err_rel": float(err.max() / np.abs(ref64).max()), "min_token_cos": float(cos.min())}
+    return {
+        "max_abs_err": float(err.max()),
+        "max_abs_x": float(np.abs(ref64).max()),
+        "max_abs_err_rel": float(err.max() / np.abs(ref64).max()),
+        "min_token_cos": float(cos.min()),
+    }
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -350,8 +386,9 @@ def bench_size_error(cfg: CacheConfig, teacher: Teacher, work: Path) -> dict[str
     params = reader.array(PARAMS)[start:stop]
     rows = stop - start
     num_views = rows * layout.num_views
-    images = [(str(k), reader.image_bytes(start + r), "jpg")
-              for r, k in enumerate(reader.meta("keys")[start:stop])]
+    images = [
+        (str(k), reader.image_bytes(start + r), "jpg") for r, k in enumerate(reader.meta("keys")[start:stop])
+    ]
     out: dict[str, Any] = {"num_views": num_views}
     for dtype in DTYPES:
         res: dict[str, Any] = {}
@@ -363,14 +400,18 @@ def bench_size_error(cfg: CacheConfig, teacher: Teacher, work: Path) -> dict[str
         a_ref = _softmax(feats[RELATION].astype(np.float64))  # (rows, K, T, T) teacher affinities
         a_got = _softmax(decoded[RELATION].astype(np.float64))
         kl = (a_ref * (np.log(a_ref) - np.log(a_got))).sum(-1)  # (rows, K, T) KL per row
-        res[RELATION].update(softmax_max_abs_err=float(np.abs(a_got - a_ref).max()),
-                             row_kl_max=float(kl.max()), row_kl_mean=float(kl.mean()))
+        res[RELATION].update(
+            softmax_max_abs_err=float(np.abs(a_got - a_ref).max()),
+            row_kl_max=float(kl.max()),
+            row_kl_mean=float(kl.mean()),
+        )
         # the same targets through a real store of this dtype
         store = work / f"store-{dtype}"
         shutil.rmtree(store, ignore_errors=True)
         lay = prepare_store(replace(cfg, out=str(store), dtype=dtype), teacher)
-        data = ShardData(shard=0, features=feats, params=params, valid=np.ones(rows, dtype=np.uint8),
-                         images=images)
+        data = ShardData(
+            shard=0, features=feats, params=params, valid=np.ones(rows, dtype=np.uint8), images=images
+        )
         write_shard(store, data)
         r2 = StoreReader(store, allow_incomplete=True)
         same = True
@@ -378,13 +419,17 @@ def bench_size_error(cfg: CacheConfig, teacher: Teacher, work: Path) -> dict[str
             t = r2.read_targets(np.arange(start, stop), k)
             for name, got in ((GLOBAL, t.global_), (LOCAL, t.local), (RELATION, t.relation)):
                 same &= bool(np.array_equal(got.numpy(), decoded[name][:, k]))
-        feature_dirs = [n for n in FEATURES] + ([n + SCALE_SUFFIX for n in FEATURES] if dtype == "int8" else [])
+        feature_dirs = [n for n in FEATURES] + (
+            [n + SCALE_SUFFIX for n in FEATURES] if dtype == "int8" else []
+        )
         feat_bytes = sum(_dir_bytes(store / n) for n in feature_dirs) + _dir_bytes(store / PARAMS)
         res["store_read_equals_decode"] = same
         res["bytes_per_view_layout"] = lay.bytes_per_view()
         res["bytes_per_view_on_disk"] = feat_bytes / num_views
         res["image_bytes_per_view_on_disk"] = _dir_bytes(store / IMAGES_DIR) / num_views
-        res["store_bytes_per_view_on_disk"] = (_dir_bytes(store) - _dir_bytes(store / MARKERS_DIR)) / num_views
+        res["store_bytes_per_view_on_disk"] = (
+            _dir_bytes(store) - _dir_bytes(store / MARKERS_DIR)
+        ) / num_views
         out[dtype] = res
         shutil.rmtree(store, ignore_errors=True)
     shutil.rmtree(ref_store, ignore_errors=True)
@@ -401,7 +446,9 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=2, help="K views per image")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=3, help="timed (cache_shard, teacher) pairs after one warmup pair")
+    ap.add_argument(
+        "--reps", type=int, default=3, help="timed (cache_shard, teacher) pairs after one warmup pair"
+    )
     ap.add_argument("--skip", default="", help="comma list of sections to skip: throughput,size,replay")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
@@ -410,50 +457,81 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     corpus, corpus_desc = make_corpus(work / f"corpus-{args.images}", args.images)
-    cfg = CacheConfig(corpus=str(corpus), out="", teacher=TEACHER, random_init=True, views=args.views,
-                      dtype="float16", shard_size=args.images, batch_size=args.batch_size, shards="0:",
-                      device="cpu")
+    cfg = CacheConfig(
+        corpus=str(corpus),
+        out="",
+        teacher=TEACHER,
+        random_init=True,
+        views=args.views,
+        dtype="float16",
+        shard_size=args.images,
+        batch_size=args.batch_size,
+        shards="0:",
+        device="cpu",
+    )
     teacher = load_teacher(teacher_spec(cfg), device="cpu")
     sizes = [decode_image(read_bytes(r.source)).size for r in index_corpus(str(corpus))]
     print(f"corpus: {corpus_desc}; sizes (W x H) {min(sizes)}..{max(sizes)}")
-    print(f"teacher {TEACHER} (random init, D={teacher.embed_dim}), views v0 {cfg.recipe.global_size} "
-          f"Ic {cfg.recipe.crowd_size}, K={args.views}, batch {args.batch_size}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"teacher {TEACHER} (random init, D={teacher.embed_dim}), views v0 {cfg.recipe.global_size} "
+        f"Ic {cfg.recipe.crowd_size}, K={args.views}, batch {args.batch_size}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
-    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "corpus": corpus_desc, "teacher": TEACHER,
-                              "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-                              "views": args.views, "images": args.images}
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "corpus": corpus_desc,
+        "teacher": TEACHER,
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "views": args.views,
+        "images": args.images,
+    }
     with tempfile.TemporaryDirectory(dir=work, prefix="cache-") as tmp:
         if "throughput" not in skip:
             thr = result["throughput"] = bench_throughput(cfg, teacher, Path(tmp), args.reps)
             m, f = thr["median"], thr["fractions_of_cache_shard_time"]
-            print(f"stage one / teacher forward: median ratio {m['ratio']:.3f}, CPU-time ratio "
-                  f"{m['cpu_time_ratio']:.3f} "
-                  f"({'meets' if m['ratio'] >= 0.85 else 'MISSES'} target >= 0.85)")
+            print(
+                f"stage one / teacher forward: median ratio {m['ratio']:.3f}, CPU-time ratio "
+                f"{m['cpu_time_ratio']:.3f} "
+                f"({'meets' if m['ratio'] >= 0.85 else 'MISSES'} target >= 0.85)"
+            )
             print("  share of cache_shard time: " + ", ".join(f"{k} {v:.1%}" for k, v in f.items()))
         if "size" not in skip:
             size = result["size_error"] = bench_size_error(cfg, teacher, Path(tmp))
             print(f"size and error over {size['num_views']} views (float32 reference):")
             for dtype in DTYPES:
                 r = size[dtype]
-                print(f"  {dtype:8s} bytes/view layout {r['bytes_per_view_layout']:,} on disk "
-                      f"{r['bytes_per_view_on_disk']:,.0f} (+ images {r['image_bytes_per_view_on_disk']:,.0f}); "
-                      f"store read == decode: {r['store_read_equals_decode']}")
+                print(
+                    f"  {dtype:8s} bytes/view layout {r['bytes_per_view_layout']:,} on disk "
+                    f"{r['bytes_per_view_on_disk']:,.0f} (+ images {r['image_bytes_per_view_on_disk']:,.0f}); "
+                    f"store read == decode: {r['store_read_equals_decode']}"
+                )
                 for name in FEATURES:
                     e = r[name]
-                    extra = (f", softmax max abs err {e['softmax_max_abs_err']:.2e}, row KL(fp32 || {dtype}) max "
-                             f"{e['row_kl_max']:.2e} mean {e['row_kl_mean']:.2e}" if name == RELATION else "")
-                    print(f"    {name:8s} max abs err {e['max_abs_err']:.3e} (max|x| {e['max_abs_x']:.3g}, "
-                          f"rel {e['max_abs_err_rel']:.2e}), min token cos {e['min_token_cos']:.6f}{extra}")
+                    extra = (
+                        f", softmax max abs err {e['softmax_max_abs_err']:.2e}, row KL(fp32 || {dtype}) max "
+                        f"{e['row_kl_max']:.2e} mean {e['row_kl_mean']:.2e}"
+                        if name == RELATION
+                        else ""
+                    )
+                    print(
+                        f"    {name:8s} max abs err {e['max_abs_err']:.3e} (max|x| {e['max_abs_x']:.3g}, "
+                        f"rel {e['max_abs_err_rel']:.2e}), min token cos {e['min_token_cos']:.6f}{extra}"
+                    )
             worst_int8 = min(size["int8"][n]["min_token_cos"] for n in FEATURES)
-            print(f"int8 min per-token cosine {worst_int8:.6f}: "
-                  f"{'meets' if worst_int8 >= 0.999 else 'MISSES'} target >= 0.999")
+            print(
+                f"int8 min per-token cosine {worst_int8:.6f}: "
+                f"{'meets' if worst_int8 >= 0.999 else 'MISSES'} target >= 0.999"
+            )
     if "replay" not in skip:
         rp = result["replay"] = bench_replay(cfg, args.threads, args.reps)
-        print(f"replay (what one worker feeds a GPU teacher): {rp['views']} views, 1 thread "
-              f"{statistics.median(rp['views_per_s_1_thread']):.1f} views/s, {args.threads} threads "
-              f"{statistics.median(rp[f'views_per_s_{args.threads}_threads']):.1f} views/s, median ratio "
-              f"{rp['median_ratio']:.2f} (load {rp['loadavg_1min']:.2f})")
+        print(
+            f"replay (what one worker feeds a GPU teacher): {rp['views']} views, 1 thread "
+            f"{statistics.median(rp['views_per_s_1_thread']):.1f} views/s, {args.threads} threads "
+            f"{statistics.median(rp[f'views_per_s_{args.threads}_threads']):.1f} views/s, median ratio "
+            f"{rp['median_ratio']:.2f} (load {rp['loadavg_1min']:.2f})"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))

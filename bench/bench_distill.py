@@ -87,9 +87,18 @@ def ensure_store(work: Path, num_images: int, views: int, batch_size: int) -> tu
         return store, desc
     except StoreError:
         pass
-    cfg = CacheConfig(corpus=str(corpus), out=str(store), teacher=TEACHER, random_init=True, views=views,
-                      dtype="float16", shard_size=max(1, num_images // 2), batch_size=batch_size, shards="0:",
-                      device="cpu")
+    cfg = CacheConfig(
+        corpus=str(corpus),
+        out=str(store),
+        teacher=TEACHER,
+        random_init=True,
+        views=views,
+        dtype="float16",
+        shard_size=max(1, num_images // 2),
+        batch_size=batch_size,
+        shards="0:",
+        device="cpu",
+    )
     t0 = time.perf_counter()
     summary = run_cache(cfg, show_progress=False)
     print(f"built {store}: {summary.line()} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -107,8 +116,12 @@ class MemoryTargetsReader(StoreReader):
     def read_targets(self, indices: np.ndarray, view: int, raw: bool = False) -> Targets:
         p = self.preloaded  # decoded float32 also when asked raw: decoding float32 is the identity
         idx = torch.as_tensor(np.asarray(indices))
-        return Targets(p["global"][idx, view], p["local"][idx, view], p["relation"][idx, view],
-                       p["params"][np.asarray(indices), view])
+        return Targets(
+            p["global"][idx, view],
+            p["local"][idx, view],
+            p["relation"][idx, view],
+            p["params"][np.asarray(indices), view],
+        )
 
 
 class MemoryBatchDataset(BatchDataset):
@@ -127,27 +140,51 @@ def preload_targets(store: Path) -> dict[str, Any]:
     n, k = reader.layout.num_images, reader.layout.num_views
     rows = np.arange(n)
     per_view = [reader.read_targets(rows, v) for v in range(k)]
-    return {"global": torch.stack([t.global_ for t in per_view], 1),
-            "local": torch.stack([t.local for t in per_view], 1),
-            "relation": torch.stack([t.relation for t in per_view], 1),
-            "params": np.stack([t.params for t in per_view], 1)}
+    return {
+        "global": torch.stack([t.global_ for t in per_view], 1),
+        "local": torch.stack([t.local for t in per_view], 1),
+        "relation": torch.stack([t.relation for t in per_view], 1),
+        "params": np.stack([t.params for t in per_view], 1),
+    }
 
 
-def train_steps(store: Path, work: Path, batch_size: int, steps: int, online: bool = False,
-                memory_targets: dict[str, Any] | None = None, num_workers: int = 0) -> list[float]:
+def train_steps(
+    store: Path,
+    work: Path,
+    batch_size: int,
+    steps: int,
+    online: bool = False,
+    memory_targets: dict[str, Any] | None = None,
+    num_workers: int = 0,
+) -> list[float]:
     """Run `train` for `steps` steps; returns each step's seconds (load + step), from metrics.jsonl.
 
     With `num_workers` > 0 the DataLoader's workers build the batches while the main process
     trains, as `dpal distill` does by default (2 workers); with 0 the main process builds them.
     """
     run = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
-    cfg = DistillConfig(store=str(store), out=str(run), student=STUDENT, max_steps=steps, batch_size=batch_size,
-                        num_workers=num_workers, resume="none", log_every=1, checkpoint_every=10**6, keep_last=1,
-                        online_teacher=online, device="cpu")
+    cfg = DistillConfig(
+        store=str(store),
+        out=str(run),
+        student=STUDENT,
+        max_steps=steps,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        resume="none",
+        log_every=1,
+        checkpoint_every=10**6,
+        keep_last=1,
+        online_teacher=online,
+        device="cpu",
+    )
     try:
         if memory_targets is not None:
             MemoryTargetsReader.preloaded = memory_targets
-        train(cfg, show_progress=False, dataset_class=BatchDataset if memory_targets is None else MemoryBatchDataset)
+        train(
+            cfg,
+            show_progress=False,
+            dataset_class=BatchDataset if memory_targets is None else MemoryBatchDataset,
+        )
         lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln]
     finally:
         MemoryTargetsReader.preloaded = {}
@@ -166,15 +203,25 @@ def compare(name_a: str, run_a: Any, name_b: str, run_b: Any, reps: int, warmup:
         for name, fn in order:
             secs = fn()
             med[name] = statistics.median(secs[warmup:])
-        pair = {f"{name_a}_steps_per_s": 1 / med[name_a], f"{name_b}_steps_per_s": 1 / med[name_b],
-                "ratio": med[name_b] / med[name_a], "loadavg_1min": os.getloadavg()[0]}
+        pair = {
+            f"{name_a}_steps_per_s": 1 / med[name_a],
+            f"{name_b}_steps_per_s": 1 / med[name_b],
+            "ratio": med[name_b] / med[name_a],
+            "loadavg_1min": os.getloadavg()[0],
+        }
         pairs.append(pair)
-        print(f"  pair {rep + 1}: {name_a} {pair[f'{name_a}_steps_per_s']:.4f} steps/s, {name_b} "
-              f"{pair[f'{name_b}_steps_per_s']:.4f} steps/s, steps/s ratio {name_a}/{name_b} {pair['ratio']:.3f} "
-              f"(load {pair['loadavg_1min']:.2f})", flush=True)
-    return {"pairs": pairs, "median_ratio": statistics.median(p["ratio"] for p in pairs),
-            f"median_{name_a}_steps_per_s": statistics.median(p[f"{name_a}_steps_per_s"] for p in pairs),
-            f"median_{name_b}_steps_per_s": statistics.median(p[f"{name_b}_steps_per_s"] for p in pairs)}
+        print(
+            f"  pair {rep + 1}: {name_a} {pair[f'{name_a}_steps_per_s']:.4f} steps/s, {name_b} "
+            f"{pair[f'{name_b}_steps_per_s']:.4f} steps/s, steps/s ratio {name_a}/{name_b} {pair['ratio']:.3f} "
+            f"(load {pair['loadavg_1min']:.2f})",
+            flush=True,
+        )
+    return {
+        "pairs": pairs,
+        "median_ratio": statistics.median(p["ratio"] for p in pairs),
+        f"median_{name_a}_steps_per_s": statistics.median(p[f"{name_a}_steps_per_s"] for p in pairs),
+        f"median_{name_b}_steps_per_s": statistics.median(p[f"{name_b}_steps_per_s"] for p in pairs),
+    }
 
 
 class Variant:
@@ -187,8 +234,14 @@ class Variant:
     step's seconds.
     """
 
-    def __init__(self, store: Path, batch_size: int, online: bool = False,
-                 memory_targets: dict[str, Any] | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        store: Path,
+        batch_size: int,
+        online: bool = False,
+        memory_targets: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
         reader = StoreReader(store)
         recipe = reader.store_meta.recipe
         sampler = EpochSampler(valid_rows(reader), batch_size, 1, 0, seed)
@@ -202,7 +255,9 @@ class Variant:
             MemoryTargetsReader.preloaded = memory_targets
             self.dataset: BatchDataset = MemoryBatchDataset(store, sampler, recipe, seed, finish_on_cpu=True)
         else:
-            self.dataset = BatchDataset(store, sampler, recipe, seed, read_targets=not online, finish_on_cpu=True)
+            self.dataset = BatchDataset(
+                store, sampler, recipe, seed, read_targets=not online, finish_on_cpu=True
+            )
         self.position = 0
 
     def step(self) -> float:
@@ -218,12 +273,15 @@ def interleaved(variants: dict[str, Variant], steps: int, warmup: int = 1) -> di
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(warmup + steps):
-        for n in (names if i % 2 == 0 else names[::-1]):
+        for n in names if i % 2 == 0 else names[::-1]:
             dt = variants[n].step()
             if i >= warmup:
                 times[n].append(dt)
-    return {"seconds_per_step": times, "median_seconds": {n: statistics.median(v) for n, v in times.items()},
-            "loadavg_1min": os.getloadavg()[0]}
+    return {
+        "seconds_per_step": times,
+        "median_seconds": {n: statistics.median(v) for n, v in times.items()},
+        "loadavg_1min": os.getloadavg()[0],
+    }
 
 
 def ratio_of(res: dict[str, Any], slow: str, fast: str) -> dict[str, Any]:
@@ -248,8 +306,7 @@ def fmt(values: list[float]) -> str:
 def build_trainer(meta: StoreMeta) -> Trainer:
     """The student + D-PaDe and optimizer exactly as `train` builds them (CPU, float32), lr 1e-4;
     its steps take batches of model inputs (`real_batch`) unless `finish` is set."""
-    return Trainer(DistillConfig(student=STUDENT), meta, meta.recipe, CPU,
-                   schedule=Schedule.constant(1e-4))
+    return Trainer(DistillConfig(student=STUDENT), meta, meta.recipe, CPU, schedule=Schedule.constant(1e-4))
 
 
 def trainer_and_batch(store: Path, batch_size: int) -> tuple[StoreMeta, Trainer, dict[str, torch.Tensor]]:
@@ -280,9 +337,15 @@ def flops(store: Path, batch_size: int) -> dict[str, Any]:
         g_flops = fc.get_total_flops()
         teacher.relation_logits(batch["ic"])
     t_flops = fc.get_total_flops()
-    return {"batch_size": batch_size, "offline_step": step_flops, "offline_forward": fwd,
-            "teacher_forward": t_flops, "teacher_v0": g_flops, "teacher_ic": t_flops - g_flops,
-            "bound": (step_flops + t_flops) / step_flops}
+    return {
+        "batch_size": batch_size,
+        "offline_step": step_flops,
+        "offline_forward": fwd,
+        "teacher_forward": t_flops,
+        "teacher_v0": g_flops,
+        "teacher_ic": t_flops - g_flops,
+        "bound": (step_flops + t_flops) / step_flops,
+    }
 
 
 class ForwardTimer:
@@ -297,7 +360,9 @@ class ForwardTimer:
         for name, modules in groups.items():
             for m in modules:
                 self._handles.append(m.register_forward_pre_hook(self._pre))
-                self._handles.append(m.register_forward_hook(lambda mod, a, out, _n=name: self._post(mod, _n)))
+                self._handles.append(
+                    m.register_forward_hook(lambda mod, a, out, _n=name: self._post(mod, _n))
+                )
         for name, (mod, attr) in methods.items():
             self._wrap(mod, attr, name)
 
@@ -354,10 +419,13 @@ def parts(store: Path, batch_size: int, reps: int) -> dict[str, Any]:
     idx = ds_store.indices(req)
     batch = ds_store[req]
     st = model.student
-    timer = ForwardTimer({"student": [st.patch_embed, st.blocks, st.norm]},
-                         {"dpade": (model.dpade, "forward_many")})
-    split: dict[str, list[float]] = {k: [] for k in ("forward", "forward_student", "forward_dpade",
-                                                     "forward_rest", "backward", "optimizer")}
+    timer = ForwardTimer(
+        {"student": [st.patch_embed, st.blocks, st.norm]}, {"dpade": (model.dpade, "forward_many")}
+    )
+    split: dict[str, list[float]] = {
+        k: []
+        for k in ("forward", "forward_student", "forward_dpade", "forward_rest", "backward", "optimizer")
+    }
 
     def train_step() -> None:
         timer.reset()
@@ -370,10 +438,14 @@ def parts(store: Path, batch_size: int, reps: int) -> dict[str, Any]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
-        for k, v in (("forward", t1 - t0), ("forward_student", timer.seconds["student"]),
-                     ("forward_dpade", timer.seconds["dpade"]),
-                     ("forward_rest", t1 - t0 - timer.seconds["student"] - timer.seconds["dpade"]),
-                     ("backward", t2 - t1), ("optimizer", t3 - t2)):
+        for k, v in (
+            ("forward", t1 - t0),
+            ("forward_student", timer.seconds["student"]),
+            ("forward_dpade", timer.seconds["dpade"]),
+            ("forward_rest", t1 - t0 - timer.seconds["student"] - timer.seconds["dpade"]),
+            ("backward", t2 - t1),
+            ("optimizer", t3 - t2),
+        ):
             split[k].append(v)
 
     def teacher_fwd() -> None:
@@ -381,12 +453,17 @@ def parts(store: Path, batch_size: int, reps: int) -> dict[str, Any]:
             teacher.encode_global(batch["v0"])
             teacher.relation_logits(batch["ic"])
 
-    fns = {"data_store": lambda: ds_store[req], "data_memory": lambda: ds_mem[req],
-           "read_targets": lambda: reader.read_targets(idx, 0), "train_step": train_step,
-           "shape_mask": lambda: shape_mask(batch["local_t"], grid, True), "teacher_forward": teacher_fwd}
+    fns = {
+        "data_store": lambda: ds_store[req],
+        "data_memory": lambda: ds_mem[req],
+        "read_targets": lambda: reader.read_targets(idx, 0),
+        "train_step": train_step,
+        "shape_mask": lambda: shape_mask(batch["local_t"], grid, True),
+        "teacher_forward": teacher_fwd,
+    }
     times: dict[str, list[float]] = {k: [] for k in fns}
     for rep in range(reps + 1):  # rep 0 is a warmup
-        for name in (list(fns) if rep % 2 == 0 else list(reversed(fns))):
+        for name in list(fns) if rep % 2 == 0 else list(reversed(fns)):
             t0 = time.perf_counter()
             fns[name]()
             if rep:
@@ -460,12 +537,22 @@ def ceiling(store: Path, batch_size: int, threads: int, reps: int) -> dict[str, 
     step_med, teacher_med = statistics.median(step_s), statistics.median(teacher_s)
     excess = max(gemm_s - gemm_flops / peak, 0.0)
     ideal = step_med - excess
-    return {"batch_size": batch_size, "step_s": step_med, "teacher_forward_s": teacher_med,
-            "speedup_now": (step_med + teacher_med) / step_med, "profiled_total_s": total_s,
-            "gemm_s": gemm_s, "gemm_flops": gemm_flops, "gemm_flops_per_s": gemm_flops / gemm_s,
-            "attention_s": attention_s, "other_s": total_s - gemm_s - attention_s,
-            "machine_gemm_peak_flops_per_s": peak, "gemm_excess_s": excess, "step_at_gemm_peak_s": ideal,
-            "speedup_at_gemm_peak": (ideal + teacher_med) / ideal}
+    return {
+        "batch_size": batch_size,
+        "step_s": step_med,
+        "teacher_forward_s": teacher_med,
+        "speedup_now": (step_med + teacher_med) / step_med,
+        "profiled_total_s": total_s,
+        "gemm_s": gemm_s,
+        "gemm_flops": gemm_flops,
+        "gemm_flops_per_s": gemm_flops / gemm_s,
+        "attention_s": attention_s,
+        "other_s": total_s - gemm_s - attention_s,
+        "machine_gemm_peak_flops_per_s": peak,
+        "gemm_excess_s": excess,
+        "step_at_gemm_peak_s": ideal,
+        "speedup_at_gemm_peak": (ideal + teacher_med) / ideal,
+    }
 
 
 # ---------------------------------------------------------------- memory
@@ -482,11 +569,19 @@ def memory_child(store: Path, batch_size: int) -> dict[str, Any]:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         trainer.train_step(iter([batch]))
     rss_peak = _status_kib("VmHWM")
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+    )
     live = np.cumsum([b for _, b in events]) if events else np.zeros(1)
-    return {"batch_size": batch_size, "tensor_peak_bytes": int(live.max()), "rss_before_kib": rss_before,
-            "rss_peak_kib": rss_peak, "rss_peak_increase_bytes": (rss_peak - rss_before) * 1024}
+    return {
+        "batch_size": batch_size,
+        "tensor_peak_bytes": int(live.max()),
+        "rss_before_kib": rss_before,
+        "rss_peak_kib": rss_peak,
+        "rss_peak_increase_bytes": (rss_peak - rss_before) * 1024,
+    }
 
 
 def _status_kib(field: str) -> int:
@@ -500,12 +595,29 @@ def memory(store: Path, threads: int) -> dict[str, Any]:
     rows = []
     for b in MEMORY_BATCHES:
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # large tensors are returned on free
-        out = subprocess.run([sys.executable, __file__, "--memory-child", str(b), "--store", str(store),
-                              "--threads", str(threads)], capture_output=True, text=True, env=env, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--memory-child",
+                str(b),
+                "--store",
+                str(store),
+                "--threads",
+                str(threads),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"  batch {b}: live tensor peak {row['tensor_peak_bytes'] / 2**20:.0f} MiB, RSS peak increase "
-              f"{row['rss_peak_increase_bytes'] / 2**20:.0f} MiB", flush=True)
+        print(
+            f"  batch {b}: live tensor peak {row['tensor_peak_bytes'] / 2**20:.0f} MiB, RSS peak increase "
+            f"{row['rss_peak_increase_bytes'] / 2**20:.0f} MiB",
+            flush=True,
+        )
     x = np.array([r["batch_size"] for r in rows], dtype=np.float64)
     res: dict[str, Any] = {"rows": rows}
     for key in ("tensor_peak_bytes", "rss_peak_increase_bytes"):
@@ -523,12 +635,16 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=32, help="images in the store")
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per variant (after 1 warmup), interleaved")
+    ap.add_argument(
+        "--steps", type=int, default=8, help="timed steps per variant (after 1 warmup), interleaved"
+    )
     ap.add_argument("--train-steps", type=int, default=4, help="steps per whole `train` run (first dropped)")
     ap.add_argument("--train-reps", type=int, default=2, help="alternated pairs of `train` runs (0: skip)")
     ap.add_argument("--reps", type=int, default=3, help="rounds of the parts timing")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: speedup,loader,parts,ceiling,memory")
+    ap.add_argument(
+        "--skip", default="", help="comma list of sections to skip: speedup,loader,parts,ceiling,memory"
+    )
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
@@ -543,88 +659,155 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
     store, corpus_desc = ensure_store(work, args.images, args.views, args.batch_size)
-    print(f"store {store} ({corpus_desc}); teacher {TEACHER} random init; student {STUDENT}; batch "
-          f"{args.batch_size}; torch threads {torch.get_num_threads()}")
-    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "corpus": corpus_desc, "store": str(store),
-                              "teacher": TEACHER, "student": STUDENT, "batch_size": args.batch_size,
-                              "steps": args.steps, "train_steps": args.train_steps, "train_reps": args.train_reps,
-                              "threads": torch.get_num_threads()}
+    print(
+        f"store {store} ({corpus_desc}); teacher {TEACHER} random init; student {STUDENT}; batch "
+        f"{args.batch_size}; torch threads {torch.get_num_threads()}"
+    )
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "corpus": corpus_desc,
+        "store": str(store),
+        "teacher": TEACHER,
+        "student": STUDENT,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "train_steps": args.train_steps,
+        "train_reps": args.train_reps,
+        "threads": torch.get_num_threads(),
+    }
     warmup = 1
     if "speedup" not in skip:
         fl = flops(store, args.batch_size)
         result["flops"] = fl
-        print(f"FLOPs per step of batch {args.batch_size}: offline step {fl['offline_step'] / 1e9:.1f} G "
-              f"(forward {fl['offline_forward'] / 1e9:.1f} G), teacher forward {fl['teacher_forward'] / 1e9:.1f} G "
-              f"(v0 {fl['teacher_v0'] / 1e9:.1f} G, Ic {fl['teacher_ic'] / 1e9:.1f} G); bound {fl['bound']:.2f}x")
+        print(
+            f"FLOPs per step of batch {args.batch_size}: offline step {fl['offline_step'] / 1e9:.1f} G "
+            f"(forward {fl['offline_forward'] / 1e9:.1f} G), teacher forward {fl['teacher_forward'] / 1e9:.1f} G "
+            f"(v0 {fl['teacher_v0'] / 1e9:.1f} G, Ic {fl['teacher_ic'] / 1e9:.1f} G); bound {fl['bound']:.2f}x"
+        )
         print("speedup (store vs online teacher), steps interleaved in one process:", flush=True)
-        sp = ratio_of(interleaved({"offline": Variant(store, args.batch_size),
-                                   "online": Variant(store, args.batch_size, online=True)}, args.steps, warmup),
-                      "online", "offline")
-        print(f"  offline {sp['steps_per_s']['offline']:.4f} steps/s, online {sp['steps_per_s']['online']:.4f} "
-              f"steps/s; per-pair ratios {fmt(sp['pair_ratios'])}")
+        sp = ratio_of(
+            interleaved(
+                {
+                    "offline": Variant(store, args.batch_size),
+                    "online": Variant(store, args.batch_size, online=True),
+                },
+                args.steps,
+                warmup,
+            ),
+            "online",
+            "offline",
+        )
+        print(
+            f"  offline {sp['steps_per_s']['offline']:.4f} steps/s, online {sp['steps_per_s']['online']:.4f} "
+            f"steps/s; per-pair ratios {fmt(sp['pair_ratios'])}"
+        )
         result["speedup"] = sp
         if args.train_reps:
-            print("  check with whole `train` runs (offline, online alternated), loader in the main process:",
-                  flush=True)
+            print(
+                "  check with whole `train` runs (offline, online alternated), loader in the main process:",
+                flush=True,
+            )
             sp["train_runs"] = compare(
-                "offline", lambda: train_steps(store, work, args.batch_size, args.train_steps),
-                "online", lambda: train_steps(store, work, args.batch_size, args.train_steps, online=True),
-                args.train_reps, warmup)
+                "offline",
+                lambda: train_steps(store, work, args.batch_size, args.train_steps),
+                "online",
+                lambda: train_steps(store, work, args.batch_size, args.train_steps, online=True),
+                args.train_reps,
+                warmup,
+            )
             nw = default_num_workers(torch.device("cpu"), 1)
-            print(f"  whole `train` runs with dpal distill's default loader ({nw} worker processes):", flush=True)
+            print(
+                f"  whole `train` runs with dpal distill's default loader ({nw} worker processes):",
+                flush=True,
+            )
             sp["train_runs_workers"] = compare(
-                "offline", lambda: train_steps(store, work, args.batch_size, args.train_steps, num_workers=nw),
-                "online", lambda: train_steps(store, work, args.batch_size, args.train_steps, online=True,
-                                              num_workers=nw),
-                args.train_reps, warmup)
+                "offline",
+                lambda: train_steps(store, work, args.batch_size, args.train_steps, num_workers=nw),
+                "online",
+                lambda: train_steps(
+                    store, work, args.batch_size, args.train_steps, online=True, num_workers=nw
+                ),
+                args.train_reps,
+                warmup,
+            )
             sp["train_runs_workers"]["num_workers"] = nw
         r = sp["median_pair_ratio"]
-        print(f"speedup, loader in the main process: median {r:.2f}x ({'meets' if r >= 3.5 else 'MISSES'} "
-              f"target >= 3.5x; FLOP bound {fl['bound']:.2f}x)", flush=True)
+        print(
+            f"speedup, loader in the main process: median {r:.2f}x ({'meets' if r >= 3.5 else 'MISSES'} "
+            f"target >= 3.5x; FLOP bound {fl['bound']:.2f}x)",
+            flush=True,
+        )
         if "train_runs_workers" in sp:
             r = sp["train_runs_workers"]["median_ratio"]
-            print(f"speedup, whole `train` runs with the default loader: median {r:.2f}x "
-                  f"({'meets' if r >= 3.5 else 'MISSES'} target >= 3.5x)", flush=True)
+            print(
+                f"speedup, whole `train` runs with the default loader: median {r:.2f}x "
+                f"({'meets' if r >= 3.5 else 'MISSES'} target >= 3.5x)",
+                flush=True,
+            )
     if "loader" not in skip:
         pre = preload_targets(store)
         print("loader overhead (store vs in-memory targets), steps interleaved in one process:", flush=True)
-        lo = ratio_of(interleaved({"store": Variant(store, args.batch_size),
-                                   "memory": Variant(store, args.batch_size, memory_targets=pre)}, args.steps,
-                                  warmup), "memory", "store")
-        print(f"  store {lo['steps_per_s']['store']:.4f} steps/s, memory {lo['steps_per_s']['memory']:.4f} "
-              f"steps/s; per-pair ratios {fmt(lo['pair_ratios'])}")
+        lo = ratio_of(
+            interleaved(
+                {
+                    "store": Variant(store, args.batch_size),
+                    "memory": Variant(store, args.batch_size, memory_targets=pre),
+                },
+                args.steps,
+                warmup,
+            ),
+            "memory",
+            "store",
+        )
+        print(
+            f"  store {lo['steps_per_s']['store']:.4f} steps/s, memory {lo['steps_per_s']['memory']:.4f} "
+            f"steps/s; per-pair ratios {fmt(lo['pair_ratios'])}"
+        )
         result["loader"] = lo
         if args.train_reps:
             print("  check with whole `train` runs (store, memory alternated):", flush=True)
             lo["train_runs"] = compare(
-                "store", lambda: train_steps(store, work, args.batch_size, args.train_steps),
-                "memory", lambda: train_steps(store, work, args.batch_size, args.train_steps, memory_targets=pre),
-                args.train_reps, warmup)
+                "store",
+                lambda: train_steps(store, work, args.batch_size, args.train_steps),
+                "memory",
+                lambda: train_steps(store, work, args.batch_size, args.train_steps, memory_targets=pre),
+                args.train_reps,
+                warmup,
+            )
         MemoryTargetsReader.preloaded = {}
         r = lo["median_pair_ratio"]
-        print(f"loader: store / memory steps/s median {r:.3f} ({'meets' if r >= 0.9 else 'MISSES'} target >= 0.9)",
-              flush=True)
+        print(
+            f"loader: store / memory steps/s median {r:.3f} ({'meets' if r >= 0.9 else 'MISSES'} target >= 0.9)",
+            flush=True,
+        )
     if "parts" not in skip:
         pt = parts(store, args.batch_size, args.reps)
         result["parts_seconds_per_batch"] = pt
-        print("parts, median seconds per batch: " + ", ".join(f"{k} {v:.3f}" for k, v in pt.items()), flush=True)
+        print(
+            "parts, median seconds per batch: " + ", ".join(f"{k} {v:.3f}" for k, v in pt.items()), flush=True
+        )
     if "ceiling" not in skip:
         ce = ceiling(store, args.batch_size, args.threads, args.reps)
         result["ceiling"] = ce
-        print(f"ceiling: offline step {ce['step_s']:.3f} s, teacher forward {ce['teacher_forward_s']:.3f} s "
-              f"(step speedup {ce['speedup_now']:.2f}x); profiled step {ce['profiled_total_s']:.3f} s = matrix "
-              f"products {ce['gemm_s']:.3f} s ({ce['gemm_flops'] / 1e9:.1f} GFLOP at "
-              f"{ce['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s) + attention {ce['attention_s']:.3f} s + other "
-              f"{ce['other_s']:.3f} s; GEMM peak {ce['machine_gemm_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; with "
-              f"every product at peak the step takes {ce['step_at_gemm_peak_s']:.3f} s and the speedup is "
-              f"{ce['speedup_at_gemm_peak']:.2f}x", flush=True)
+        print(
+            f"ceiling: offline step {ce['step_s']:.3f} s, teacher forward {ce['teacher_forward_s']:.3f} s "
+            f"(step speedup {ce['speedup_now']:.2f}x); profiled step {ce['profiled_total_s']:.3f} s = matrix "
+            f"products {ce['gemm_s']:.3f} s ({ce['gemm_flops'] / 1e9:.1f} GFLOP at "
+            f"{ce['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s) + attention {ce['attention_s']:.3f} s + other "
+            f"{ce['other_s']:.3f} s; GEMM peak {ce['machine_gemm_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; with "
+            f"every product at peak the step takes {ce['step_at_gemm_peak_s']:.3f} s and the speedup is "
+            f"{ce['speedup_at_gemm_peak']:.2f}x",
+            flush=True,
+        )
     if "memory" not in skip:
         print("memory of one student + D-PaDe training step (D = 768):", flush=True)
         mem = memory(store, args.threads)
         result["memory"] = mem
         for key in ("tensor_peak_bytes", "rss_peak_increase_bytes"):
-            print(f"  {key}: {mem[key]['per_image_bytes'] / 2**20:.1f} MiB per image "
-                  f"(+ {mem[key]['intercept_bytes'] / 2**20:.0f} MiB fixed)")
+            print(
+                f"  {key}: {mem[key]['per_image_bytes'] / 2**20:.1f} MiB per image "
+                f"(+ {mem[key]['intercept_bytes'] / 2**20:.0f} MiB fixed)"
+            )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -67,7 +67,11 @@ def tile(batch: dict[str, torch.Tensor], size: int, device: torch.device) -> dic
     out = {}
     for k, v in batch.items():
         reps = -(-size // v.shape[0])
-        out[k] = v.repeat(reps, *([1] * (v.dim() - 1)))[:size].to("cpu" if k == "local_aug" else device).contiguous()
+        out[k] = (
+            v.repeat(reps, *([1] * (v.dim() - 1)))[:size]
+            .to("cpu" if k == "local_aug" else device)
+            .contiguous()
+        )
     return out
 
 
@@ -79,9 +83,14 @@ class Runner:
     def __init__(self, meta: StoreMeta, device: torch.device, teacher: Any = None) -> None:
         self.device = device
         self.recipe = meta.recipe
-        self.trainer = Trainer(DistillConfig(student=STUDENT), meta, self.recipe, device,
-                               schedule=Schedule.constant(1e-4),
-                               finish=lambda loaded: model_inputs(loaded, self.recipe, device))
+        self.trainer = Trainer(
+            DistillConfig(student=STUDENT),
+            meta,
+            self.recipe,
+            device,
+            schedule=Schedule.constant(1e-4),
+            finish=lambda loaded: model_inputs(loaded, self.recipe, device),
+        )
         self.trainer.teacher = teacher
 
     def step(self, loaded: dict[str, torch.Tensor]) -> float:
@@ -159,22 +168,33 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant, interleaved")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--profile", action="store_true",
-                    help="also profile one offline step at the largest batch (torch.profiler, top kernels)")
-    ap.add_argument("--device", default="cuda", help="cuda; cpu only to try the script (bench_distill.py measures CPUs)")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one offline step at the largest batch (torch.profiler, top kernels)",
+    )
+    ap.add_argument(
+        "--device", default="cuda", help="cuda; cpu only to try the script (bench_distill.py measures CPUs)"
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: no CUDA device; this benchmark is for GPUs (bench_distill.py is the CPU one)")
+        raise SystemExit(
+            "error: no CUDA device; this benchmark is for GPUs (bench_distill.py is the CPU one)"
+        )
     cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     store = Path(args.store)
     meta = StoreReader(store).store_meta
-    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"),
-                              "device": torch.cuda.get_device_name() if cuda else "cpu",
-                              "torch": torch.__version__, "student": STUDENT, "teacher": meta.teacher.name,
-                              "rows": []}
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "student": STUDENT,
+        "teacher": meta.teacher.name,
+        "rows": [],
+    }
     print(f"{result['device']}, torch {torch.__version__}; store {store}", flush=True)
     teacher = load_teacher(meta.teacher_spec(), device=device)
     small, small_online = base_batch(store, 8), base_batch(store, 8, read_targets=False)
@@ -198,15 +218,24 @@ def main() -> None:
             base = torch.cuda.memory_allocated()
             off.step(batch)
             peak = torch.cuda.max_memory_allocated() - base
-        row = {"batch_size": bs, "offline_steps_per_s": 1 / med["offline"], "online_steps_per_s": 1 / med["online"],
-               "speedup": med["online"] / med["offline"], "offline_images_per_s": bs / med["offline"],
-               "flops": fl, "offline_step_peak_bytes_per_image": peak / bs, "seconds": times}
+        row = {
+            "batch_size": bs,
+            "offline_steps_per_s": 1 / med["offline"],
+            "online_steps_per_s": 1 / med["online"],
+            "speedup": med["online"] / med["offline"],
+            "offline_images_per_s": bs / med["offline"],
+            "flops": fl,
+            "offline_step_peak_bytes_per_image": peak / bs,
+            "seconds": times,
+        }
         result["rows"].append(row)
-        print(f"batch {bs}: offline {row['offline_steps_per_s']:.2f} steps/s ({row['offline_images_per_s']:.0f} "
-              f"images/s), online {row['online_steps_per_s']:.2f} steps/s, speedup {row['speedup']:.2f}x "
-              f"(FLOP bound {fl['bound']:.2f}x; step {fl['offline_step'] / 1e12:.2f} TFLOP, teacher "
-              f"{fl['teacher_forward'] / 1e12:.2f} TFLOP); offline step peak {peak / bs / 2**20:.1f} MiB per image",
-              flush=True)
+        print(
+            f"batch {bs}: offline {row['offline_steps_per_s']:.2f} steps/s ({row['offline_images_per_s']:.0f} "
+            f"images/s), online {row['online_steps_per_s']:.2f} steps/s, speedup {row['speedup']:.2f}x "
+            f"(FLOP bound {fl['bound']:.2f}x; step {fl['offline_step'] / 1e12:.2f} TFLOP, teacher "
+            f"{fl['teacher_forward'] / 1e12:.2f} TFLOP); offline step peak {peak / bs / 2**20:.1f} MiB per image",
+            flush=True,
+        )
         if args.profile and bs == max(int(b) for b in args.batch_sizes.split(",")):
             profile_step(off, batch)
         del off, batch

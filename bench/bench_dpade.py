@@ -55,8 +55,11 @@ from dpal.views import ViewRecipe
 STUDENT_DIM, TEACHER_DIM = 192, 768
 NUM_PATCHES, NUM_CROWD_TOKENS = 128, 257
 MEMORY_BATCHES = (2, 4, 8, 16)
-VARIANTS = {"reference": {"lean": False}, "lean": {"lean": True, "recompute": False},
-            "lean_recompute": {"lean": True, "recompute": True}}
+VARIANTS = {
+    "reference": {"lean": False},
+    "lean": {"lean": True, "recompute": False},
+    "lean_recompute": {"lean": True, "recompute": True},
+}
 
 
 def dpade_variants(seed: int = 0) -> dict[str, DPaDe]:
@@ -73,9 +76,11 @@ def dpade_variants(seed: int = 0) -> dict[str, DPaDe]:
 
 def branch_inputs(batch_size: int, seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(3 * batch_size, 1, STUDENT_DIM, generator=g),
-            torch.randn(batch_size, NUM_PATCHES, STUDENT_DIM, generator=g),
-            torch.randn(batch_size, NUM_CROWD_TOKENS, STUDENT_DIM, generator=g)]
+    return [
+        torch.randn(3 * batch_size, 1, STUDENT_DIM, generator=g),
+        torch.randn(batch_size, NUM_PATCHES, STUDENT_DIM, generator=g),
+        torch.randn(batch_size, NUM_CROWD_TOKENS, STUDENT_DIM, generator=g),
+    ]
 
 
 def dpade_step(m: DPaDe, xs: list[torch.Tensor]) -> float:
@@ -103,16 +108,23 @@ def alternate(runs: dict[str, Any], batch_size: int, reps: int) -> dict[str, Any
     times: dict[str, list[float]] = {k: [] for k in runs}
     loads = []
     for r in range(reps):
-        for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+        for name in list(runs) if r % 2 == 0 else list(reversed(runs)):
             times[name].append(runs[name]())
         loads.append(os.getloadavg()[0])
     res: dict[str, Any] = {"batch_size": batch_size, "reps": reps, "load": loads, "seconds": times}
     for name in runs:
         ratios = [a / b for a, b in zip(times["reference"], times[name], strict=True)]
-        res[name] = {"median_s": statistics.median(times[name]), "speedup_median": statistics.median(ratios),
-                     "speedup_min": min(ratios), "speedup_max": max(ratios)}
-        print(f"  {name:15s} {res[name]['median_s'] * 1000:8.1f} ms  reference / this: "
-              f"{res[name]['speedup_median']:.3f}x (rounds {min(ratios):.3f} to {max(ratios):.3f})", flush=True)
+        res[name] = {
+            "median_s": statistics.median(times[name]),
+            "speedup_median": statistics.median(ratios),
+            "speedup_min": min(ratios),
+            "speedup_max": max(ratios),
+        }
+        print(
+            f"  {name:15s} {res[name]['median_s'] * 1000:8.1f} ms  reference / this: "
+            f"{res[name]['speedup_median']:.3f}x (rounds {min(ratios):.3f} to {max(ratios):.3f})",
+            flush=True,
+        )
     print(f"  load {min(loads):.1f} to {max(loads):.1f}")
     return res
 
@@ -123,7 +135,9 @@ def alternate(runs: dict[str, Any], batch_size: int, reps: int) -> dict[str, Any
 def build_variant(variant: str, recipe: ViewRecipe) -> Trainer:
     """The student + D-PaDe and fused AdamW as `train` builds them (a `Trainer`), set to `variant`."""
     cfg = DistillConfig(student="dpal_vit_tiny", recompute=VARIANTS[variant].get("recompute", False))
-    trainer = Trainer(cfg, synthetic_meta(recipe), recipe, torch.device("cpu"), schedule=Schedule.constant(1e-4))
+    trainer = Trainer(
+        cfg, synthetic_meta(recipe), recipe, torch.device("cpu"), schedule=Schedule.constant(1e-4)
+    )
     trainer.model.dpade.lean = VARIANTS[variant]["lean"]
     return trainer
 
@@ -144,27 +158,52 @@ def step_section(batch_size: int, reps: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- memory
 
+
 def synthetic_meta(recipe: ViewRecipe) -> StoreMeta:
     """A store's metadata for random targets of a ViT-B-sized teacher (D = 768, patch 16): the
     `Trainer` reads the teacher width and v0's token grid from it."""
-    teacher = TeacherIdentity(name="synthetic", arch="vit_base_patch16_224", checkpoint=None, checkpoint_sha256=None,
-                              random_init=True, random_init_seed=0, layer=None, kind="vit", embed_dim=TEACHER_DIM,
-                              global_token="cls")
-    return StoreMeta(teacher=teacher, recipe=recipe, token_grid=TokenGrid.of(recipe, 16), seed=0, num_views=1,
-                     num_images=1, shard_size=1, dtype="float32", embed_dim=TEACHER_DIM, corpus="(synthetic)",
-                     corpus_fingerprint="", embed_images=False)
+    teacher = TeacherIdentity(
+        name="synthetic",
+        arch="vit_base_patch16_224",
+        checkpoint=None,
+        checkpoint_sha256=None,
+        random_init=True,
+        random_init_seed=0,
+        layer=None,
+        kind="vit",
+        embed_dim=TEACHER_DIM,
+        global_token="cls",
+    )
+    return StoreMeta(
+        teacher=teacher,
+        recipe=recipe,
+        token_grid=TokenGrid.of(recipe, 16),
+        seed=0,
+        num_views=1,
+        num_images=1,
+        shard_size=1,
+        dtype="float32",
+        embed_dim=TEACHER_DIM,
+        corpus="(synthetic)",
+        corpus_fingerprint="",
+        embed_images=False,
+    )
 
 
 def random_batch(batch_size: int, recipe: ViewRecipe) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     (hg, wg), (hl, wl), (hc, wc) = recipe.global_size, recipe.local_size, recipe.crowd_size
     b = batch_size
-    return {"v0": torch.randn(b, 3, hg, wg, generator=g), "v1": torch.randn(b, 3, hl, wl, generator=g),
-            "v2": torch.randn(b, 3, hl, wl, generator=g), "ic": torch.randn(b, 3, hc, wc, generator=g),
-            "g_t": torch.randn(b, TEACHER_DIM, generator=g),
-            "local_t": torch.randn(b, NUM_PATCHES, TEACHER_DIM, generator=g),
-            "rel_t": torch.randn(b, NUM_CROWD_TOKENS, NUM_CROWD_TOKENS, generator=g),
-            "mask": torch.rand(b, NUM_PATCHES, 1, generator=g)}
+    return {
+        "v0": torch.randn(b, 3, hg, wg, generator=g),
+        "v1": torch.randn(b, 3, hl, wl, generator=g),
+        "v2": torch.randn(b, 3, hl, wl, generator=g),
+        "ic": torch.randn(b, 3, hc, wc, generator=g),
+        "g_t": torch.randn(b, TEACHER_DIM, generator=g),
+        "local_t": torch.randn(b, NUM_PATCHES, TEACHER_DIM, generator=g),
+        "rel_t": torch.randn(b, NUM_CROWD_TOKENS, NUM_CROWD_TOKENS, generator=g),
+        "mask": torch.rand(b, NUM_PATCHES, 1, generator=g),
+    }
 
 
 def memory_child(variant: str, batch_size: int) -> dict[str, Any]:
@@ -177,8 +216,11 @@ def memory_child(variant: str, batch_size: int) -> dict[str, Any]:
     train_step(trainer, batch)  # allocates the AdamW state
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         train_step(trainer, batch)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+    )
     live = np.cumsum([b for _, b in events]) if events else np.zeros(1)
     return {"variant": variant, "batch_size": batch_size, "tensor_peak_bytes": int(live.max())}
 
@@ -188,16 +230,23 @@ def memory_section(variants: list[str]) -> dict[str, Any]:
     for name in variants:
         rows = []
         for b in MEMORY_BATCHES:
-            out = subprocess.run([sys.executable, __file__, "--memory-child", name, str(b)], capture_output=True,
-                                 text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-child", name, str(b)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         x = np.array([r["batch_size"] for r in rows], dtype=np.float64)
         y = np.array([r["tensor_peak_bytes"] for r in rows], dtype=np.float64)
         slope, intercept = np.polyfit(x, y, 1)
         res[name] = {"rows": rows, "per_image_bytes": float(slope), "intercept_bytes": float(intercept)}
         peaks = ", ".join(f"{r['batch_size']}: {r['tensor_peak_bytes'] / 2**20:.0f}" for r in rows)
-        print(f"  {name:15s} peak MiB by batch {peaks}; {slope / 2**20:.1f} MiB per image "
-              f"+ {intercept / 2**20:.0f} MiB", flush=True)
+        print(
+            f"  {name:15s} peak MiB by batch {peaks}; {slope / 2**20:.1f} MiB per image "
+            f"+ {intercept / 2**20:.0f} MiB",
+            flush=True,
+        )
     ref = res.get("reference")
     if ref:
         for name in variants:

@@ -69,17 +69,27 @@ class Clock:
         return out
 
 
-def timed_aug(clock: Clock, prefix: str, image: Image.Image, aug: np.ndarray, size: tuple[int, int]) -> Image.Image:
+def timed_aug(
+    clock: Clock, prefix: str, image: Image.Image, aug: np.ndarray, size: tuple[int, int]
+) -> Image.Image:
     """`views.apply_aug`, one clock entry per PIL operation."""
     top, left, h, w = (int(v) for v in aug[0:4])
-    out = clock(f"{prefix} resize", lambda: image.resize((size[1], size[0]), Image.Resampling.BILINEAR,
-                                                         box=(left, top, left + w, top + h)))
+    out = clock(
+        f"{prefix} resize",
+        lambda: image.resize(
+            (size[1], size[0]), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)
+        ),
+    )
     if aug[4]:
         out = clock(f"{prefix} flip", lambda: out.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
     if aug[5]:
         b, c, s, hue = (float(v) for v in aug[6:10])
-        ops = (("brightness", lambda im: TF.adjust_brightness(im, b)), ("contrast", lambda im: TF.adjust_contrast(im, c)),
-               ("saturation", lambda im: TF.adjust_saturation(im, s)), ("hue", lambda im: TF.adjust_hue(im, hue)))
+        ops = (
+            ("brightness", lambda im: TF.adjust_brightness(im, b)),
+            ("contrast", lambda im: TF.adjust_contrast(im, c)),
+            ("saturation", lambda im: TF.adjust_saturation(im, s)),
+            ("hue", lambda im: TF.adjust_hue(im, hue)),
+        )
         for o in aug[10:14]:
             name, op = ops[int(o)]
             out = clock(f"{prefix} {name}", lambda op=op, out=out: op(out))
@@ -130,9 +140,18 @@ def legacy_batch(clock: Clock, ds: BatchDataset, req: BatchRequest) -> None:
         rng = view_rng(ds.seed, str(index), req.epoch, stream="local")
         v1s.append(clock("local crops (PIL)", lambda rng=rng, img=img: random_local(recipe, rng, img)))
         v2s.append(clock("local crops (PIL)", lambda rng=rng, img=img: random_local(recipe, rng, img)))
-    batch = clock("collate", lambda: {"v0": torch.stack(v0s), "v1": torch.stack(v1s), "v2": torch.stack(v2s),
-                                      "ic": torch.stack(ics), "g_t": t.global_, "local_t": t.local,
-                                      "rel_t": t.relation})
+    batch = clock(
+        "collate",
+        lambda: {
+            "v0": torch.stack(v0s),
+            "v1": torch.stack(v1s),
+            "v2": torch.stack(v2s),
+            "ic": torch.stack(ics),
+            "g_t": t.global_,
+            "local_t": t.local,
+            "rel_t": t.relation,
+        },
+    )
     clock("shared memory", lambda: share(batch))
 
 
@@ -162,11 +181,18 @@ def main() -> None:
     recipe = reader.store_meta.recipe
     sampler = EpochSampler(valid_rows(reader), args.batch_size, 1, 0, 0)
     ds = BatchDataset(args.store, sampler, recipe, 0)
-    reqs = [BatchRequest(1 + i // sampler.steps_per_epoch, i % sampler.steps_per_epoch, 0) for i in range(args.reps)]
+    reqs = [
+        BatchRequest(1 + i // sampler.steps_per_epoch, i % sampler.steps_per_epoch, 0)
+        for i in range(args.reps)
+    ]
     n = args.batch_size * args.reps
     ds[BatchRequest(0, 0, 0)]  # open the arrays, warm the caches
-    result: dict[str, Any] = {"store": str(args.store), "batch_size": args.batch_size, "reps": args.reps,
-                              "dtype": reader.dtype}
+    result: dict[str, Any] = {
+        "store": str(args.store),
+        "batch_size": args.batch_size,
+        "reps": args.reps,
+        "dtype": reader.dtype,
+    }
     for name, fn in (("legacy", legacy_batch), ("worker", worker_batch)):
         if name in skip:
             continue
@@ -185,8 +211,11 @@ def main() -> None:
         secs.append(time.process_time() - t0)
     rate = args.batch_size / statistics.median(secs)  # per CPU second of one thread
     result["images_per_s_per_worker"] = rate
-    print(f"worker __getitem__: {rate:.1f} images/s per worker (median of {args.reps} batches of "
-          f"{args.batch_size})", flush=True)
+    print(
+        f"worker __getitem__: {rate:.1f} images/s per worker (median of {args.reps} batches of "
+        f"{args.batch_size})",
+        flush=True,
+    )
     if "device" not in skip:
         device = torch.device(args.device)
         batches = [ds[req] for req in reqs]
@@ -202,10 +231,17 @@ def main() -> None:
                 torch.cuda.synchronize(device)
             secs.append(clock() - t0)
         ms = 1000 * statistics.median(secs)
-        result["device"] = {"device": str(device), "ms_per_batch": ms, "ms_per_image": ms / args.batch_size,
-                            "threads": torch.get_num_threads()}
-        print(f"device side ({device}, {torch.get_num_threads()} thread): {ms:.1f} ms per batch of "
-              f"{args.batch_size} ({ms / args.batch_size:.2f} ms/image)", flush=True)
+        result["device"] = {
+            "device": str(device),
+            "ms_per_batch": ms,
+            "ms_per_image": ms / args.batch_size,
+            "threads": torch.get_num_threads(),
+        }
+        print(
+            f"device side ({device}, {torch.get_num_threads()} thread): {ms:.1f} ms per batch of "
+            f"{args.batch_size} ({ms / args.batch_size:.2f} ms/image)",
+            flush=True,
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

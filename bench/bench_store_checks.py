@@ -36,13 +36,22 @@ def first_read_s(root: Path, num_images: int, shard_size: int) -> dict[str, floa
     shards = -(-num_images // shard_size)
     (root / MARKERS_DIR).mkdir(parents=True)
     rng = np.random.default_rng(0)
-    files = {f"{a}/c/0/0/0": "0" * 64 for a in ("global", "local", "relation", "params", "valid", "image_offset",
-                                                "image_size")}
+    files = {
+        f"{a}/c/0/0/0": "0" * 64
+        for a in ("global", "local", "relation", "params", "valid", "image_offset", "image_size")
+    }
     for s in range(shards):
-        m = {"shard": s, "start": s * shard_size, "stop": (s + 1) * shard_size, "num_cached": shard_size,
-             "skipped": [], "seconds": 41.2, "files": {**files, f"images/{s:06d}.tar": "0" * 64},
-             "crc32c": {"params": 1, "valid": 2, "image_offset": 3, "image_size": 4},
-             "image_crc32c": [int(c) for c in rng.integers(0, 2**32, shard_size)]}
+        m = {
+            "shard": s,
+            "start": s * shard_size,
+            "stop": (s + 1) * shard_size,
+            "num_cached": shard_size,
+            "skipped": [],
+            "seconds": 41.2,
+            "files": {**files, f"images/{s:06d}.tar": "0" * 64},
+            "crc32c": {"params": 1, "valid": 2, "image_offset": 3, "image_size": 4},
+            "image_crc32c": [int(c) for c in rng.integers(0, 2**32, shard_size)],
+        }
         marker_path(root, s).write_text(json.dumps(m, indent=1))
     t0 = time.perf_counter()
     markers = {s: read_marker(root, s) for s in range(shards)}
@@ -69,9 +78,11 @@ def main() -> None:
     print(f"crc32c of a 3 KB image: {image_crc_us():.2f} us")
     with tempfile.TemporaryDirectory() as tmp:
         r = first_read_s(Path(tmp) / "store", args.images, args.shard_size)
-    print(f"first whole read of {args.images} images ({r['shards']} markers): read markers {r['read_markers_s']:.2f} s, "
-          f"check valid and image_offset rows {r['check_rows_s']:.3f} s, image checksum table "
-          f"{r['image_table_s']:.2f} s")
+    print(
+        f"first whole read of {args.images} images ({r['shards']} markers): read markers {r['read_markers_s']:.2f} s, "
+        f"check valid and image_offset rows {r['check_rows_s']:.3f} s, image checksum table "
+        f"{r['image_table_s']:.2f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -69,8 +69,16 @@ SAMPLE_CORPUS = REPO_ROOT / "sample_data" / "corpus"
 SECTIONS = ("cache", "distill", "step", "memory", "dpade", "loader", "runs", "lite2")
 # Seconds each section is expected to take on a 16-core H200 machine at the default sizes; a
 # section starts only when this much of the budget is left (tiny sizes take a tenth).
-ESTIMATE_S = {"cache": 60, "distill": 150, "step": 45, "memory": 15, "dpade": 20, "loader": 20, "runs": 140,
-              "lite2": 40}
+ESTIMATE_S = {
+    "cache": 60,
+    "distill": 150,
+    "step": 45,
+    "memory": 15,
+    "dpade": 20,
+    "loader": 20,
+    "runs": 140,
+    "lite2": 40,
+}
 TINY_RECIPE = {"global_size": [32, 16], "local_size": [16, 16], "crowd_size": [32, 48]}
 TARGET_SPEEDUP = 2.5
 MARKER = ".dpal_gpu_check"  # a work folder holding it is ours to empty
@@ -82,6 +90,7 @@ def ensure_importable() -> None:
     and of the CLI subprocesses."""
     try:
         import dpal  # noqa: F401
+
         return
     except ImportError:
         pass
@@ -157,8 +166,9 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------- subprocesses
 
 
-def run_cli(cli_args: list[str], log: Path, timeout: float, on_poll: Callable[[subprocess.Popen], None] | None
-            = None) -> dict[str, Any]:
+def run_cli(
+    cli_args: list[str], log: Path, timeout: float, on_poll: Callable[[subprocess.Popen], None] | None = None
+) -> dict[str, Any]:
     """`dpal ARGS` in its own process group, output to `log`; past `timeout` the group gets SIGTERM
     (a distill run checkpoints and exits), 30 s later SIGKILL. `on_poll(proc)` runs every 50 ms."""
     cmd = [*DPAL, *cli_args]
@@ -168,8 +178,9 @@ def run_cli(cli_args: list[str], log: Path, timeout: float, on_poll: Callable[[s
     t0 = time.perf_counter()
     timed_out = False
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
-                                start_new_session=True, text=True)
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env, start_new_session=True, text=True
+        )
         try:
             while proc.poll() is None:
                 if on_poll is not None:
@@ -191,8 +202,13 @@ def run_cli(cli_args: list[str], log: Path, timeout: float, on_poll: Callable[[s
     print(f"    exit {proc.returncode}, {secs:.1f} s", flush=True)
     if proc.returncode != 0:
         print("    " + "\n    ".join(out.strip().splitlines()[-15:]), flush=True)
-    return {"cmd": "dpal " + " ".join(cli_args), "rc": proc.returncode, "seconds": secs, "timed_out": timed_out,
-            "output": out}
+    return {
+        "cmd": "dpal " + " ".join(cli_args),
+        "rc": proc.returncode,
+        "seconds": secs,
+        "timed_out": timed_out,
+        "output": out,
+    }
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -254,12 +270,20 @@ class Check:
         self.store = self.work / "store"
         self.current: dict[str, Any] = {}
         self.result: dict[str, Any] = {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "card": torch.cuda.get_device_name() if self.cuda else "cpu",
-            "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "python": platform.python_version(), "device": str(self.device), "tiny": args.tiny,
-            "budget_s": args.budget_s, "settings": {k: v for k, v in self.s.items() if k != "recipe_sets"},
-            "sections": {}, "targets": [],
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "card": torch.cuda.get_device_name() if self.cuda else "cpu",
+            "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+            "cpu_affinity": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(),
+            "python": platform.python_version(),
+            "device": str(self.device),
+            "tiny": args.tiny,
+            "budget_s": args.budget_s,
+            "settings": {k: v for k, v in self.s.items() if k != "recipe_sets"},
+            "sections": {},
+            "targets": [],
         }
 
     def elapsed(self) -> float:
@@ -292,9 +316,13 @@ class Check:
             return
         need = ESTIMATE_S[name] * self.s["estimate_scale"]
         if self.left() < need:
-            self.result["sections"][name] = {"skipped": f"budget: {self.left():.0f} s left, needs about {need:.0f} s"}
-            print(f"\n== {name}: skipped, {self.left():.0f} s of the budget left (needs about {need:.0f} s)",
-                  flush=True)
+            self.result["sections"][name] = {
+                "skipped": f"budget: {self.left():.0f} s left, needs about {need:.0f} s"
+            }
+            print(
+                f"\n== {name}: skipped, {self.left():.0f} s of the budget left (needs about {need:.0f} s)",
+                flush=True,
+            )
             self.write()
             return
         print(f"\n== {name} (at {self.elapsed():.0f} s)", flush=True)
@@ -303,7 +331,11 @@ class Check:
         try:
             res = fn()
         except Exception as err:  # noqa: BLE001 - one failing section must not lose the others' figures
-            res = {**self.current, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8)}
+            res = {
+                **self.current,
+                "error": f"{type(err).__name__}: {err}",
+                "traceback": traceback.format_exc(limit=8),
+            }
             print(f"  ERROR {res['error']}\n{res['traceback']}", flush=True)
         res["seconds"] = time.perf_counter() - t0
         self.result["sections"][name] = res
@@ -335,9 +367,24 @@ class Check:
         return out
 
     def cache_args(self, teacher: list[str], out: Path, in_process: bool) -> list[str]:
-        args = ["cache-teacher", "--corpus", str(self.corpus()), "--out", str(out), *teacher, "--views", "2",
-                "--dtype", "float16", "--shard-size", str(self.s["shard_size"]), "--device", self.args.device, "--quiet",
-                "--json"]
+        args = [
+            "cache-teacher",
+            "--corpus",
+            str(self.corpus()),
+            "--out",
+            str(out),
+            *teacher,
+            "--views",
+            "2",
+            "--dtype",
+            "float16",
+            "--shard-size",
+            str(self.s["shard_size"]),
+            "--device",
+            self.args.device,
+            "--quiet",
+            "--json",
+        ]
         for s in self.s["recipe_sets"]:
             args += ["--set", s]
         if in_process:
@@ -369,9 +416,11 @@ class Check:
         info = StoreReader(out).attrs
         res["teacher"] = info["teacher"]
         res["complete"] = bool(info.get("complete"))
-        print(f"  cached {summary['cached']} images ({summary['skipped']} skipped) in {summary['seconds']:.1f} s "
-              f"of caching ({res['images_per_s']:.1f} images/s, K = 2); {r['seconds']:.1f} s with start-up",
-              flush=True)
+        print(
+            f"  cached {summary['cached']} images ({summary['skipped']} skipped) in {summary['seconds']:.1f} s "
+            f"of caching ({res['images_per_s']:.1f} images/s, K = 2); {r['seconds']:.1f} s with start-up",
+            flush=True,
+        )
         return res
 
     def cache(self) -> dict[str, Any]:
@@ -390,10 +439,21 @@ class Check:
         from dpal.views import ViewRecipe
 
         shutil.rmtree(self.store, ignore_errors=True)
-        recipe = ViewRecipe(**{k: tuple(v) for k, v in TINY_RECIPE.items()}) if self.args.tiny else ViewRecipe()
-        cfg = CacheConfig(corpus=str(self.corpus()), out=str(self.store), teacher=self.s["teacher"], random_init=True,
-                          views=2, dtype="float16", shard_size=self.s["shard_size"], shards="0:",
-                          device=self.args.device, recipe=recipe)
+        recipe = (
+            ViewRecipe(**{k: tuple(v) for k, v in TINY_RECIPE.items()}) if self.args.tiny else ViewRecipe()
+        )
+        cfg = CacheConfig(
+            corpus=str(self.corpus()),
+            out=str(self.store),
+            teacher=self.s["teacher"],
+            random_init=True,
+            views=2,
+            dtype="float16",
+            shard_size=self.s["shard_size"],
+            shards="0:",
+            device=self.args.device,
+            recipe=recipe,
+        )
         summary = run_cache(cfg, show_progress=False)
         print(f"  in this process instead: {summary.line()}", flush=True)
         return summary.line()
@@ -413,9 +473,24 @@ class Check:
         """A `dpal distill` run of `steps` steps: whole epochs when they divide, else --max-steps."""
         spe = self.steps_per_epoch(batch_size)
         epochs = math.ceil(steps / spe)
-        args = ["distill", "--store", str(self.store), "--out", str(out), "--epochs", str(epochs), "--batch-size",
-                str(batch_size), "--warmup-epochs", str(self.s["warmup_epochs"]), "--device", self.args.device,
-                "--quiet", "--set", f"log_every={log_every}"]
+        args = [
+            "distill",
+            "--store",
+            str(self.store),
+            "--out",
+            str(out),
+            "--epochs",
+            str(epochs),
+            "--batch-size",
+            str(batch_size),
+            "--warmup-epochs",
+            str(self.s["warmup_epochs"]),
+            "--device",
+            self.args.device,
+            "--quiet",
+            "--set",
+            f"log_every={log_every}",
+        ]
         if epochs * spe != steps:
             args += ["--max-steps", str(steps)]
         return args + list(extra)
@@ -448,12 +523,21 @@ class Check:
         stopped = ckpts[-1] if ckpts else None
         m = re.search(r"stopped (?:at step (\d+) by SIG|by signal: step (\d+))", first["output"])
         said = int(m.group(1) or m.group(2)) if m else None
-        res.update(sigterm_sent=bool(sent), logged_step_at_sigterm=sent.get("after_logged_step"),
-                   stopped_at_step=stopped, stop_message_step=said, checkpoints_after_sigterm=ckpts,
-                   exit_0_with_checkpoint=(first["rc"] == 0 and len(ckpts) == 1 and 0 < stopped < total
-                                           and said in (stopped, None)))
-        print(f"  SIGTERM after logged step {sent.get('after_logged_step')}: exit {first['rc']}, stopped at step "
-              f"{stopped}, checkpoints {ckpts}", flush=True)
+        res.update(
+            sigterm_sent=bool(sent),
+            logged_step_at_sigterm=sent.get("after_logged_step"),
+            stopped_at_step=stopped,
+            stop_message_step=said,
+            checkpoints_after_sigterm=ckpts,
+            exit_0_with_checkpoint=(
+                first["rc"] == 0 and len(ckpts) == 1 and 0 < stopped < total and said in (stopped, None)
+            ),
+        )
+        print(
+            f"  SIGTERM after logged step {sent.get('after_logged_step')}: exit {first['rc']}, stopped at step "
+            f"{stopped}, checkpoints {ckpts}",
+            flush=True,
+        )
         if not ckpts:
             raise RuntimeError(f"the SIGTERM'd run left no checkpoint: {_tail(first['output'])}")
         lines_first = read_metrics(run_dir)
@@ -470,18 +554,31 @@ class Check:
         steps = [ln["step"] for ln in lines]
         after = [s for s in steps if s > stopped]
         res["logged_steps"] = steps
-        res["metrics_continue"] = (steps == sorted(set(steps)) and bool(after) and steps[-1] == total
-                                   and after[0] == min(total, (stopped // every + 1) * every)
-                                   and [s for s in steps if s <= stopped] == [ln["step"] for ln in lines_first
-                                                                              if ln["step"] <= stopped])
-        res["resumed_to_end"] = (second["rc"] == 0 and res["resumed_at_step"] == stopped and res["final_step"] == total
-                                 and res["done_message_step"] in (total, None))
-        res["images_per_s"] = {"before_sigterm": images_per_s(lines_first, bs),
-                               "after_resume": images_per_s(lines, bs, after_step=stopped)}
-        print(f"  resume: exit {second['rc']}, resumed at step {res['resumed_at_step']}, final step "
-              f"{res['final_step']} of {total}; metrics continue: {res['metrics_continue']}; images/s "
-              f"{_f(res['images_per_s']['before_sigterm'])} before the signal, "
-              f"{_f(res['images_per_s']['after_resume'])} after the resume ({res['workers']} workers)", flush=True)
+        res["metrics_continue"] = (
+            steps == sorted(set(steps))
+            and bool(after)
+            and steps[-1] == total
+            and after[0] == min(total, (stopped // every + 1) * every)
+            and [s for s in steps if s <= stopped]
+            == [ln["step"] for ln in lines_first if ln["step"] <= stopped]
+        )
+        res["resumed_to_end"] = (
+            second["rc"] == 0
+            and res["resumed_at_step"] == stopped
+            and res["final_step"] == total
+            and res["done_message_step"] in (total, None)
+        )
+        res["images_per_s"] = {
+            "before_sigterm": images_per_s(lines_first, bs),
+            "after_resume": images_per_s(lines, bs, after_step=stopped),
+        }
+        print(
+            f"  resume: exit {second['rc']}, resumed at step {res['resumed_at_step']}, final step "
+            f"{res['final_step']} of {total}; metrics continue: {res['metrics_continue']}; images/s "
+            f"{_f(res['images_per_s']['before_sigterm'])} before the signal, "
+            f"{_f(res['images_per_s']['after_resume'])} after the resume ({res['workers']} workers)",
+            flush=True,
+        )
 
         res["export"] = self.export(run_dir, res["final_step"])
         failed = [k for k in ("exit_0_with_checkpoint", "resumed_to_end", "metrics_continue") if not res[k]]
@@ -496,19 +593,35 @@ class Check:
 
         out = self.work / "student.safetensors"
         r = run_cli(["export", str(run_dir), "--out", str(out)], self.work / "export.log", self.timeout())
-        res: dict[str, Any] = {"cmd": r["cmd"], "rc": r["rc"], "seconds": r["seconds"], "file": str(out),
-                               "exists": out.exists()}
+        res: dict[str, Any] = {
+            "cmd": r["cmd"],
+            "rc": r["rc"],
+            "seconds": r["seconds"],
+            "file": str(out),
+            "exists": out.exists(),
+        }
         if r["rc"] != 0 or not out.exists():
             raise RuntimeError(f"export exit {r['rc']}: {_tail(r['output'])}")
         tensors = load_file(str(out))
         model = load_exported(out)  # timm model from the JSON, strict=True
-        ckpt = torch.load(run_dir / "checkpoints" / f"step-{step:08d}.pt", map_location="cpu", weights_only=True)
+        ckpt = torch.load(
+            run_dir / "checkpoints" / f"step-{step:08d}.pt", map_location="cpu", weights_only=True
+        )
         equal = all(k in ckpt["model"] and torch.equal(v, ckpt["model"][k].cpu()) for k, v in tensors.items())
-        res.update(bytes=out.stat().st_size, num_tensors=len(tensors), tensor_names=sorted(tensors),
-                   num_parameters=sum(v.numel() for v in tensors.values()), loads_strict=True,
-                   model=type(model).__name__, equals_final_checkpoint=equal)
-        print(f"  export: {len(tensors)} tensors, {res['num_parameters'] / 1e6:.2f} M values, loads into timm "
-              f"(strict); equal to the step-{step} checkpoint: {equal}", flush=True)
+        res.update(
+            bytes=out.stat().st_size,
+            num_tensors=len(tensors),
+            tensor_names=sorted(tensors),
+            num_parameters=sum(v.numel() for v in tensors.values()),
+            loads_strict=True,
+            model=type(model).__name__,
+            equals_final_checkpoint=equal,
+        )
+        print(
+            f"  export: {len(tensors)} tensors, {res['num_parameters'] / 1e6:.2f} M values, loads into timm "
+            f"(strict); equal to the step-{step} checkpoint: {equal}",
+            flush=True,
+        )
         return res
 
     # ------------------------------------------------------------ in-process measures
@@ -518,7 +631,10 @@ class Check:
         teacher = load_teacher(meta.teacher_spec(), device=self.device)
         n = min(8, self.s["train_batch"])
         # as the loader ships them: with the stored targets (offline), without (online)
-        small = {"offline": bdg.base_batch(self.store, n), "online": bdg.base_batch(self.store, n, read_targets=False)}
+        small = {
+            "offline": bdg.base_batch(self.store, n),
+            "online": bdg.base_batch(self.store, n, read_targets=False),
+        }
         rows = self.current["rows"] = []
         for bs in self.s["batch_sizes"]:
             if self.left() < 10 * self.s["estimate_scale"]:
@@ -532,8 +648,9 @@ class Check:
             self.free()
         return _rows_result(rows)
 
-    def step_row(self, meta: StoreMeta, teacher: Any, small: dict[str, dict[str, torch.Tensor]], bs: int
-                 ) -> dict[str, Any]:
+    def step_row(
+        self, meta: StoreMeta, teacher: Any, small: dict[str, dict[str, torch.Tensor]], bs: int
+    ) -> dict[str, Any]:
         """bench_distill_gpu's alternated single steps (A B, B A, ...) at batch `bs`."""
         batch = {mode: bdg.tile(b, bs, self.device) for mode, b in small.items()}
         off, on = bdg.Runner(meta, self.device), bdg.Runner(meta, self.device, teacher)
@@ -550,13 +667,23 @@ class Check:
                     times[name].append(dt)
         med = {k: statistics.median(v) for k, v in times.items()}
         pairs = [b / a for a, b in zip(times["offline"], times["online"], strict=True)]
-        row = {"batch_size": bs, "offline_steps_per_s": 1 / med["offline"], "online_steps_per_s": 1 / med["online"],
-               "offline_images_per_s": bs / med["offline"], "online_images_per_s": bs / med["online"],
-               "speedup": med["online"] / med["offline"], "median_pair_ratio": statistics.median(pairs),
-               "flop_bound": fl["bound"], "flops": fl, "seconds": times}
-        print(f"  batch {bs}: offline {row['offline_images_per_s']:.0f} images/s, online "
-              f"{row['online_images_per_s']:.0f}, speedup {row['speedup']:.2f}x (FLOP bound {_f(fl['bound'], 2)}x)",
-              flush=True)
+        row = {
+            "batch_size": bs,
+            "offline_steps_per_s": 1 / med["offline"],
+            "online_steps_per_s": 1 / med["online"],
+            "offline_images_per_s": bs / med["offline"],
+            "online_images_per_s": bs / med["online"],
+            "speedup": med["online"] / med["offline"],
+            "median_pair_ratio": statistics.median(pairs),
+            "flop_bound": fl["bound"],
+            "flops": fl,
+            "seconds": times,
+        }
+        print(
+            f"  batch {bs}: offline {row['offline_images_per_s']:.0f} images/s, online "
+            f"{row['online_images_per_s']:.0f}, speedup {row['speedup']:.2f}x (FLOP bound {_f(fl['bound'], 2)}x)",
+            flush=True,
+        )
         return row
 
     def memory(self) -> dict[str, Any]:
@@ -569,10 +696,18 @@ class Check:
                 runner = bdg.Runner(meta, self.device)
                 runner.step(batch)  # allocates the AdamW state, as every step after the first has it
                 peak = self.step_peak_bytes(runner, batch)
-                rows.append({"batch_size": bs, "peak_bytes": peak, "peak_bytes_per_image": peak / bs,
-                             "how": "max_memory_allocated" if self.cuda else "profiler live tensor bytes"})
-                print(f"  batch {bs}: offline step peak {peak / 2**20:.1f} MiB, {peak / bs / 2**20:.2f} MiB per image",
-                      flush=True)
+                rows.append(
+                    {
+                        "batch_size": bs,
+                        "peak_bytes": peak,
+                        "peak_bytes_per_image": peak / bs,
+                        "how": "max_memory_allocated" if self.cuda else "profiler live tensor bytes",
+                    }
+                )
+                print(
+                    f"  batch {bs}: offline step peak {peak / 2**20:.1f} MiB, {peak / bs / 2**20:.2f} MiB per image",
+                    flush=True,
+                )
                 del runner, batch
             except Exception as err:  # noqa: BLE001
                 rows.append({"batch_size": bs, "error": f"{type(err).__name__}: {err}"})
@@ -593,8 +728,11 @@ class Check:
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             runner.step(batch)
-        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+        events = sorted(
+            (e.start_ns(), e.nbytes())
+            for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+        )
         live = peak = 0
         for _, nbytes in events:
             live += nbytes
@@ -620,10 +758,14 @@ class Check:
         on_dev = ds.model_inputs(raw, self.device)
         on_cpu = ds.model_inputs(raw, torch.device("cpu"))
         res["views_equal_to_cpu"] = {k: bool(torch.equal(on_dev[k].cpu(), on_cpu[k])) for k in ("v0", "ic")}
-        res["local_crops_max_abs_diff_to_cpu"] = {k: float((on_dev[k].cpu() - on_cpu[k]).abs().max())
-                                                  for k in ("v1", "v2")}
-        print(f"  device-side v0/Ic equal to the CPU's: {res['views_equal_to_cpu']}; local crops max |diff| "
-              f"{res['local_crops_max_abs_diff_to_cpu']}", flush=True)
+        res["local_crops_max_abs_diff_to_cpu"] = {
+            k: float((on_dev[k].cpu() - on_cpu[k]).abs().max()) for k in ("v1", "v2")
+        }
+        print(
+            f"  device-side v0/Ic equal to the CPU's: {res['views_equal_to_cpu']}; local crops max |diff| "
+            f"{res['local_crops_max_abs_diff_to_cpu']}",
+            flush=True,
+        )
         # lean and textbook in float32 on the device, each against the textbook path in float64
         models = {k: m.to(self.device) for k, m in bench_dpade.dpade_variants().items()}
         truth = copy.deepcopy(models["reference"]).double()
@@ -633,17 +775,28 @@ class Check:
             x = [t.clone().to(next(m.parameters()).dtype).requires_grad_() for t in xs]
             outs = m.forward_many([(x[0], 0), (x[1], 1), (x[2], 2)])
             sum(o.y.square().mean() + o.route_loss + o.weight_l2 for o in outs).backward()
-            grads[name] = {"outputs": [o.y.detach() for o in outs],
-                           "gradients": [*(t.grad for t in x), *(p.grad for p in m.parameters())]}
+            grads[name] = {
+                "outputs": [o.y.detach() for o in outs],
+                "gradients": [*(t.grad for t in x), *(p.grad for p in m.parameters())],
+            }
             m.zero_grad(set_to_none=True)
         del truth
         res["max_rel_error_vs_float64"] = {
-            name: {part: max(float((a.double() - b).abs().max() / b.abs().max()) for a, b in
-                             zip(grads[name][part], grads["float64"][part], strict=True) if b.abs().max() > 0)
-                   for part in ("outputs", "gradients")}
-            for name in models}
-        print(f"  D-PaDe in float32 against float64 (max relative error per tensor): "
-              f"{res['max_rel_error_vs_float64']}", flush=True)
+            name: {
+                part: max(
+                    float((a.double() - b).abs().max() / b.abs().max())
+                    for a, b in zip(grads[name][part], grads["float64"][part], strict=True)
+                    if b.abs().max() > 0
+                )
+                for part in ("outputs", "gradients")
+            }
+            for name in models
+        }
+        print(
+            f"  D-PaDe in float32 against float64 (max relative error per tensor): "
+            f"{res['max_rel_error_vs_float64']}",
+            flush=True,
+        )
         # time and memory under the training autocast at the largest batch size
         bs = self.s["target_batch"]
         xs = [x.to(self.device) for x in bench_dpade.branch_inputs(bs)]
@@ -660,7 +813,7 @@ class Check:
             sync_peak = (torch.cuda.max_memory_allocated() - base) if self.cuda else None
             rows[name] = {"peak_bytes": sync_peak, "seconds": []}
         for i in range(self.s["steps"]):
-            for name in (list(models) if i % 2 == 0 else list(reversed(models))):
+            for name in list(models) if i % 2 == 0 else list(reversed(models)):
                 bdg.sync(self.device)
                 t0 = time.perf_counter()
                 with autocast_context(self.device):  # the training step's autocast
@@ -672,9 +825,12 @@ class Check:
             row["median_s"] = statistics.median(row["seconds"])
             row["speedup_over_reference"] = ref / row["median_s"]
             peak = row["peak_bytes"]
-            print(f"  batch {bs}, {name}: {row['median_s'] * 1000:.1f} ms forward + backward "
-                  f"({row['speedup_over_reference']:.2f}x the textbook path); peak "
-                  f"{_f(peak / 2**20 if peak else None)} MiB", flush=True)
+            print(
+                f"  batch {bs}, {name}: {row['median_s'] * 1000:.1f} ms forward + backward "
+                f"({row['speedup_over_reference']:.2f}x the textbook path); peak "
+                f"{_f(peak / 2**20 if peak else None)} MiB",
+                flush=True,
+            )
         res["batch_size"] = bs
         return res
 
@@ -682,13 +838,20 @@ class Check:
         self.need_store()
         rate = bdg.loader_rate(self.store, self.s["loader_batch"], self.s["loader_reps"], self.device)
         workers = default_num_workers(self.device, 1)
-        res = {"per_worker": rate, "default_workers": workers, "batch_size": self.s["loader_batch"],
-               "offline_images_per_s_all_workers": rate["offline_images_per_s_per_worker"] * workers,
-               "online_images_per_s_all_workers": rate["online_images_per_s_per_worker"] * workers}
-        print(f"  one loader process: {rate['offline_images_per_s_per_worker']:.1f} images/s offline, "
-              f"{rate['online_images_per_s_per_worker']:.1f} online; x {workers} default workers = "
-              f"{res['offline_images_per_s_all_workers']:.0f} and {res['online_images_per_s_all_workers']:.0f}; "
-              f"device-side batch work {_f(rate.get('device_side_ms_per_image'), 3)} ms per image", flush=True)
+        res = {
+            "per_worker": rate,
+            "default_workers": workers,
+            "batch_size": self.s["loader_batch"],
+            "offline_images_per_s_all_workers": rate["offline_images_per_s_per_worker"] * workers,
+            "online_images_per_s_all_workers": rate["online_images_per_s_per_worker"] * workers,
+        }
+        print(
+            f"  one loader process: {rate['offline_images_per_s_per_worker']:.1f} images/s offline, "
+            f"{rate['online_images_per_s_per_worker']:.1f} online; x {workers} default workers = "
+            f"{res['offline_images_per_s_all_workers']:.0f} and {res['online_images_per_s_all_workers']:.0f}; "
+            f"device-side batch work {_f(rate.get('device_side_ms_per_image'), 3)} ms per image",
+            flush=True,
+        )
         return res
 
     # ------------------------------------------------------------ whole runs
@@ -706,22 +869,38 @@ class Check:
                     continue
                 out = self.work / f"run-{mode}-{bs}"
                 extra = ["--online-teacher"] if mode == "online" else []
-                r = run_cli(self.distill_args(out, bs, steps, every, *extra), self.work / f"run-{mode}-{bs}.log",
-                            self.timeout())
+                r = run_cli(
+                    self.distill_args(out, bs, steps, every, *extra),
+                    self.work / f"run-{mode}-{bs}.log",
+                    self.timeout(),
+                )
                 lines = read_metrics(out)
-                row[mode] = {"cmd": r["cmd"], "rc": r["rc"], "wall_s": r["seconds"], "workers":
-                             worker_count(r["output"]), "final_step": lines[-1]["step"] if lines else None,
-                             "images_per_s": images_per_s(lines, bs)}
+                row[mode] = {
+                    "cmd": r["cmd"],
+                    "rc": r["rc"],
+                    "wall_s": r["seconds"],
+                    "workers": worker_count(r["output"]),
+                    "final_step": lines[-1]["step"] if lines else None,
+                    "images_per_s": images_per_s(lines, bs),
+                }
                 if r["rc"] != 0:
                     row[mode]["error"] = _tail(r["output"])
                 shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            ips = [row[m].get("images_per_s") if isinstance(row.get(m), dict) else None for m in ("offline", "online")]
+            ips = [
+                row[m].get("images_per_s") if isinstance(row.get(m), dict) else None
+                for m in ("offline", "online")
+            ]
             row["speedup"] = ips[0] / ips[1] if ips[0] and ips[1] else None
-            print(f"  batch {bs}: offline {_f(ips[0])} images/s, online {_f(ips[1])}, speedup {_f(row['speedup'], 2)}x"
-                  f" ({row['offline'].get('workers')} workers)", flush=True)
+            print(
+                f"  batch {bs}: offline {_f(ips[0])} images/s, online {_f(ips[1])}, speedup {_f(row['speedup'], 2)}x"
+                f" ({row['offline'].get('workers')} workers)",
+                flush=True,
+            )
         res: dict[str, Any] = {"rows": rows}
         if not any(r["speedup"] for r in rows):
-            res["error"] = "no batch size gave both runs' images/s (see the run-*.log files in the work folder)"
+            res["error"] = (
+                "no batch size gave both runs' images/s (see the run-*.log files in the work folder)"
+            )
         return res
 
     # ------------------------------------------------------------ targets and summary
@@ -734,65 +913,106 @@ class Check:
 
         step, run, loader = row_at("step"), row_at("runs"), sec.get("loader", {})
         out = []
-        for label, value in ((f"offline step >= {TARGET_SPEEDUP}x online at batch {b}, step alone", step.get("speedup")),
-                             (f"offline step >= {TARGET_SPEEDUP}x online at batch {b}, whole `dpal distill` runs",
-                              run.get("speedup"))):
-            out.append({"target": label, "value": value,
-                        "met": None if value is None else value >= TARGET_SPEEDUP})
+        for label, value in (
+            (f"offline step >= {TARGET_SPEEDUP}x online at batch {b}, step alone", step.get("speedup")),
+            (
+                f"offline step >= {TARGET_SPEEDUP}x online at batch {b}, whole `dpal distill` runs",
+                run.get("speedup"),
+            ),
+        ):
+            out.append(
+                {"target": label, "value": value, "met": None if value is None else value >= TARGET_SPEEDUP}
+            )
         feed = loader.get("offline_images_per_s_all_workers")
-        for what, need in (("the step alone", step.get("offline_images_per_s")),
-                           ("the whole offline run", (run.get("offline") or {}).get("images_per_s"))):
+        for what, need in (
+            ("the step alone", step.get("offline_images_per_s")),
+            ("the whole offline run", (run.get("offline") or {}).get("images_per_s")),
+        ):
             met = None if feed is None or need is None else feed >= need
-            out.append({"target": f"loader not the bound: loader images/s x workers >= offline images/s of {what} at "
-                                  f"batch {b}", "value": feed, "needed": need, "met": met})
+            out.append(
+                {
+                    "target": f"loader not the bound: loader images/s x workers >= offline images/s of {what} at "
+                    f"batch {b}",
+                    "value": feed,
+                    "needed": need,
+                    "met": met,
+                }
+            )
         return out
 
     def summary(self) -> None:
         sec = self.result["sections"]
-        print(f"\n== summary: {self.result['card']}, torch {self.result['torch']}, {self.result['cpu_count']} CPUs, "
-              f"{self.elapsed():.0f} s", flush=True)
+        print(
+            f"\n== summary: {self.result['card']}, torch {self.result['torch']}, {self.result['cpu_count']} CPUs, "
+            f"{self.elapsed():.0f} s",
+            flush=True,
+        )
         for name in SECTIONS:
             r = sec.get(name, {})
-            state = (r.get("skipped") and f"skipped ({r['skipped']})" or r.get("error") and f"ERROR {r['error'][:300]}"
-                     or "ok")
+            state = (
+                r.get("skipped")
+                and f"skipped ({r['skipped']})"
+                or r.get("error")
+                and f"ERROR {r['error'][:300]}"
+                or "ok"
+            )
             print(f"  {name:<8} {r.get('seconds', 0):6.1f} s  {state}")
         d = sec.get("distill", {})
         if "images_per_s" in d:
-            print(f"  distill: SIGTERM -> stopped at step {d.get('stopped_at_step')} with a checkpoint: "
-                  f"{d.get('exit_0_with_checkpoint')}; resumed at {d.get('resumed_at_step')} to "
-                  f"{d.get('final_step')} of {d.get('planned_steps')}: {d.get('resumed_to_end')}; export loads: "
-                  f"{d.get('export', {}).get('loads_strict')}; images/s {_f(d['images_per_s']['before_sigterm'])}"
-                  f" / {_f(d['images_per_s']['after_resume'])} (before / after the resume)")
+            print(
+                f"  distill: SIGTERM -> stopped at step {d.get('stopped_at_step')} with a checkpoint: "
+                f"{d.get('exit_0_with_checkpoint')}; resumed at {d.get('resumed_at_step')} to "
+                f"{d.get('final_step')} of {d.get('planned_steps')}: {d.get('resumed_to_end')}; export loads: "
+                f"{d.get('export', {}).get('loads_strict')}; images/s {_f(d['images_per_s']['before_sigterm'])}"
+                f" / {_f(d['images_per_s']['after_resume'])} (before / after the resume)"
+            )
         mem = {r["batch_size"]: r.get("peak_bytes_per_image") for r in sec.get("memory", {}).get("rows", [])}
         runs = {r["batch_size"]: r for r in sec.get("runs", {}).get("rows", [])}
         steps = {r["batch_size"]: r for r in sec.get("step", {}).get("rows", [])}
-        print("\n  | batch | step offline images/s | step online | step speedup | FLOP bound | run offline images/s "
-              "| run online | run speedup | peak MiB/image |")
+        print(
+            "\n  | batch | step offline images/s | step online | step speedup | FLOP bound | run offline images/s "
+            "| run online | run speedup | peak MiB/image |"
+        )
         print("  |---|---|---|---|---|---|---|---|---|")
         for bs in sorted({*mem, *runs, *steps}):
             r, run = steps.get(bs, {}), runs.get(bs, {})
             peak = mem.get(bs)
-            print(f"  | {bs} | {_f(r.get('offline_images_per_s'))} | {_f(r.get('online_images_per_s'))} | "
-                  f"{_f(r.get('speedup'), 2)}x | {_f(r.get('flop_bound'), 2)}x | "
-                  f"{_f((run.get('offline') or {}).get('images_per_s'))} | "
-                  f"{_f((run.get('online') or {}).get('images_per_s'))} | {_f(run.get('speedup'), 2)}x | "
-                  f"{_f(peak / 2**20 if peak else None, 2)} |")
+            print(
+                f"  | {bs} | {_f(r.get('offline_images_per_s'))} | {_f(r.get('online_images_per_s'))} | "
+                f"{_f(r.get('speedup'), 2)}x | {_f(r.get('flop_bound'), 2)}x | "
+                f"{_f((run.get('offline') or {}).get('images_per_s'))} | "
+                f"{_f((run.get('online') or {}).get('images_per_s'))} | {_f(run.get('speedup'), 2)}x | "
+                f"{_f(peak / 2**20 if peak else None, 2)} |"
+            )
         dp = sec.get("dpade", {})
         if "rows" in dp:
-            print(f"  device-side v0/Ic equal to the CPU's: {dp.get('views_equal_to_cpu')}; D-PaDe float32 against "
-                  f"float64: {dp.get('max_rel_error_vs_float64')}")
-            print("  D-PaDe at batch " + str(dp.get("batch_size")) + ": " + ", ".join(
-                f"{k} {v['median_s'] * 1000:.1f} ms ({v['speedup_over_reference']:.2f}x), peak "
-                f"{_f(v['peak_bytes'] / 2**20 if v.get('peak_bytes') else None)} MiB" for k, v in dp["rows"].items()))
+            print(
+                f"  device-side v0/Ic equal to the CPU's: {dp.get('views_equal_to_cpu')}; D-PaDe float32 against "
+                f"float64: {dp.get('max_rel_error_vs_float64')}"
+            )
+            print(
+                "  D-PaDe at batch "
+                + str(dp.get("batch_size"))
+                + ": "
+                + ", ".join(
+                    f"{k} {v['median_s'] * 1000:.1f} ms ({v['speedup_over_reference']:.2f}x), peak "
+                    f"{_f(v['peak_bytes'] / 2**20 if v.get('peak_bytes') else None)} MiB"
+                    for k, v in dp["rows"].items()
+                )
+            )
         lo = sec.get("loader", {})
         if "per_worker" in lo:
-            print(f"  loader per worker: {lo['per_worker']['offline_images_per_s_per_worker']:.1f} images/s offline, "
-                  f"{lo['per_worker']['online_images_per_s_per_worker']:.1f} online; {lo['default_workers']} workers")
+            print(
+                f"  loader per worker: {lo['per_worker']['offline_images_per_s_per_worker']:.1f} images/s offline, "
+                f"{lo['per_worker']['online_images_per_s_per_worker']:.1f} online; {lo['default_workers']} workers"
+            )
         for name in ("cache", "lite2"):
             c = sec.get(name, {})
             if "summary" in c:
-                print(f"  {name}: {c['teacher']['name']} cached {c['summary']['cached']} images at "
-                      f"{_f(c['images_per_s'])} images/s")
+                print(
+                    f"  {name}: {c['teacher']['name']} cached {c['summary']['cached']} images at "
+                    f"{_f(c['images_per_s'])} images/s"
+                )
         print()
         for t in self.result["targets"]:
             verdict = {True: "MET", False: "NOT MET", None: "not measured"}[t["met"]]
@@ -800,8 +1020,11 @@ class Check:
             print(f"  target: {t['target']}: {_f(t['value'], 2)}{extra} -> {verdict}")
 
     def run(self) -> None:
-        print(f"{self.result['card']}, torch {torch.__version__}, {os.cpu_count()} CPUs; work {self.work}; "
-              f"budget {self.args.budget_s:.0f} s", flush=True)
+        print(
+            f"{self.result['card']}, torch {torch.__version__}, {os.cpu_count()} CPUs; work {self.work}; "
+            f"budget {self.args.budget_s:.0f} s",
+            flush=True,
+        )
         self.write()
         for name in SECTIONS:
             self.section(name, getattr(self, name))
@@ -818,7 +1041,8 @@ def _rows_result(rows: list[dict[str, Any]]) -> dict[str, Any]:
     res: dict[str, Any] = {"rows": rows}
     if not any("error" not in r and "skipped" not in r for r in rows):
         res["error"] = "no batch size gave figures: " + "; ".join(
-            f"{r['batch_size']}: {r.get('error') or r.get('skipped')}" for r in rows)
+            f"{r['batch_size']}: {r.get('error') or r.get('skipped')}" for r in rows
+        )
     return res
 
 
@@ -847,7 +1071,9 @@ def prepare_work(work: Path) -> None:
     """Start from an empty work folder (a store or run left there would be resumed, not re-run)."""
     if work.exists() and any(work.iterdir()):
         if not (work / MARKER).exists():
-            raise SystemExit(f"error: --work {work} is not empty and was not made by this script; give a new folder")
+            raise SystemExit(
+                f"error: --work {work} is not empty and was not made by this script; give a new folder"
+            )
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     (work / MARKER).write_text("made by bench/gpu_check.py; emptied at its next start\n")
@@ -856,16 +1082,27 @@ def prepare_work(work: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --tiny, to try the script)")
-    ap.add_argument("--tiny", action="store_true", help="tiny sizes: ViT-Ti teacher, 32 x 16 views, 16 images")
-    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "dpal_gpu_check"),
-                    help="scratch folder (stores, runs, logs), emptied at the start")
+    ap.add_argument(
+        "--tiny", action="store_true", help="tiny sizes: ViT-Ti teacher, 32 x 16 views, 16 images"
+    )
+    ap.add_argument(
+        "--work",
+        default=str(Path(tempfile.gettempdir()) / "dpal_gpu_check"),
+        help="scratch folder (stores, runs, logs), emptied at the start",
+    )
     ap.add_argument("--json", default=None, help="write every figure here (after each section)")
-    ap.add_argument("--logs", default=None, help="write the commands' logs and metrics.jsonl files here (.tar.gz)")
+    ap.add_argument(
+        "--logs", default=None, help="write the commands' logs and metrics.jsonl files here (.tar.gz)"
+    )
     ap.add_argument("--skip", default="", help=f"comma list of sections to leave out: {','.join(SECTIONS)}")
-    ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting work after this many seconds")
+    ap.add_argument(
+        "--budget-s", type=float, default=480.0, help="stop starting work after this many seconds"
+    )
     ap.add_argument("--batch-sizes", default=None, help="step alone and memory (default 64,128,256)")
     ap.add_argument("--run-batch-sizes", default=None, help="whole runs (default 64,128,256)")
-    ap.add_argument("--train-steps", type=int, default=None, help="steps of the SIGTERM/resume run (default 200)")
+    ap.add_argument(
+        "--train-steps", type=int, default=None, help="steps of the SIGTERM/resume run (default 200)"
+    )
     ap.add_argument("--train-batch", type=int, default=None, help="its batch size (default 256)")
     ap.add_argument("--run-steps", type=int, default=None, help="steps of each whole run (default 30)")
     ap.add_argument("--images", type=int, default=None, help="corpus images (default: all 319 sample crops)")
@@ -873,7 +1110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     unknown = args.skip - set(SECTIONS)
     if unknown:
-        ap.error(f"unknown section(s) in --skip: {', '.join(sorted(unknown))}; sections are {', '.join(SECTIONS)}")
+        ap.error(
+            f"unknown section(s) in --skip: {', '.join(sorted(unknown))}; sections are {', '.join(SECTIONS)}"
+        )
     return args
 
 

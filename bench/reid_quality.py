@@ -19,8 +19,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL_RECIPE = ["--set", "recipe.global_size=[128,64]", "--set", "recipe.local_size=[64,48]",
-                "--set", "recipe.crowd_size=[128,128]"]
+SMALL_RECIPE = [
+    "--set",
+    "recipe.global_size=[128,64]",
+    "--set",
+    "recipe.local_size=[64,48]",
+    "--set",
+    "recipe.crowd_size=[128,128]",
+]
 DPAL = [sys.executable, "-m", "dpal.cli"]
 
 
@@ -31,8 +37,10 @@ def run(cmd: list[str]) -> str:
 
 
 def reid(model_args: list[str], data: str) -> dict:
-    out = run(DPAL + ["eval", "reid", *model_args, "--data", data, "--image-size", "128", "--image-size", "64",
-                      "--json"])
+    out = run(
+        DPAL
+        + ["eval", "reid", *model_args, "--data", data, "--image-size", "128", "--image-size", "64", "--json"]
+    )
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -53,23 +61,72 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    store, run_dir = out / "store", out / f"run-e{args.epochs}-b{args.batch_size}-lr{args.base_lr:g}-s{args.seed}"
-    run(DPAL + ["cache-teacher", "--corpus", args.corpus, "--out", str(store), "--teacher", "efficientnet-lite2",
-                "--views", str(args.views), "--shard-size", "64", "--workers", "1", "-q", *SMALL_RECIPE])
+    store, run_dir = (
+        out / "store",
+        out / f"run-e{args.epochs}-b{args.batch_size}-lr{args.base_lr:g}-s{args.seed}",
+    )
+    run(
+        DPAL
+        + [
+            "cache-teacher",
+            "--corpus",
+            args.corpus,
+            "--out",
+            str(store),
+            "--teacher",
+            "efficientnet-lite2",
+            "--views",
+            str(args.views),
+            "--shard-size",
+            "64",
+            "--workers",
+            "1",
+            "-q",
+            *SMALL_RECIPE,
+        ]
+    )
     info = json.loads(run(DPAL + ["store", "info", str(store), "--json"]))
     steps_per_epoch = info["num_cached_images"] // args.batch_size
     every = steps_per_epoch * args.eval_every
     t_train = time.perf_counter()
-    run(DPAL + ["distill", "--store", str(store), "--out", str(run_dir), "--student", "dpal_vit_tiny",
-                "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--base-lr", str(args.base_lr),
-                "--warmup-epochs", str(args.warmup_epochs), "--seed", str(args.seed), "-q",
-                "--set", f"checkpoint_every={every}", "--set", "keep_last=1000", "--set", "log_every=10"])
+    run(
+        DPAL
+        + [
+            "distill",
+            "--store",
+            str(store),
+            "--out",
+            str(run_dir),
+            "--student",
+            "dpal_vit_tiny",
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--base-lr",
+            str(args.base_lr),
+            "--warmup-epochs",
+            str(args.warmup_epochs),
+            "--seed",
+            str(args.seed),
+            "-q",
+            "--set",
+            f"checkpoint_every={every}",
+            "--set",
+            "keep_last=1000",
+            "--set",
+            "log_every=10",
+        ]
+    )
     train_s = time.perf_counter() - t_train
 
     rows = [{**reid(["--model", "efficientnet-lite2"], args.reid), "model": "teacher efficientnet-lite2"}]
     random = {}
     for feat in ("cls", "mean"):
-        r = reid(["--model", "dpal_vit_tiny", "--random-init", "--seed", str(args.seed), "--feature", feat], args.reid)
+        r = reid(
+            ["--model", "dpal_vit_tiny", "--random-init", "--seed", str(args.seed), "--feature", feat],
+            args.reid,
+        )
         random[feat] = r["mAP"]
         rows.append({**r, "model": f"random init ({feat})"})
     for ckpt in sorted((run_dir / "checkpoints").glob("step-*.pt")):
@@ -85,8 +142,9 @@ def main() -> None:
         print(f"{r['model']}: closes {r['gap_closed']:.0%} of the mAP gap")
     wall = time.perf_counter() - t0
     print(f"wall time {wall / 60:.1f} min (training {train_s / 60:.1f} min)")
-    (out / f"{run_dir.name}.json").write_text(json.dumps({"args": vars(args), "rows": rows, "wall_s": wall,
-                                                           "train_s": train_s}, indent=1))
+    (out / f"{run_dir.name}.json").write_text(
+        json.dumps({"args": vars(args), "rows": rows, "wall_s": wall, "train_s": train_s}, indent=1)
+    )
 
 
 if __name__ == "__main__":

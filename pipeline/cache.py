@@ -63,8 +63,10 @@ def disk_full_message(path: str | Path, what: str, e: OSError, resumes: bool = T
     """One line: which path is full and that a rerun resumes (finished shards are kept)."""
     detail = f" ({e.filename})" if e.filename else ""
     then = ": finished shards are kept and the run resumes" if resumes else ""
-    return (f"disk full: {e.strerror or e} while writing {what} under {Path(path).absolute()}{detail}; free "
-            f"space there and rerun the same command{then}")
+    return (
+        f"disk full: {e.strerror or e} while writing {what} under {Path(path).absolute()}{detail}; free "
+        f"space there and rerun the same command{then}"
+    )
 
 
 def is_disk_full(e: OSError) -> bool:
@@ -94,9 +96,14 @@ def _image_ext(blob: bytes) -> str:
 
 def teacher_spec(cfg: CacheConfig) -> TeacherSpec:
     return TeacherSpec(
-        name=cfg.teacher, checkpoint=cfg.teacher_checkpoint, random_init=cfg.random_init,
-        random_init_seed=cfg.random_init_seed, layer=cfg.teacher_layer, arch=cfg.teacher_arch,
-        global_size=cfg.recipe.global_size, crowd_size=cfg.recipe.crowd_size,
+        name=cfg.teacher,
+        checkpoint=cfg.teacher_checkpoint,
+        random_init=cfg.random_init,
+        random_init_seed=cfg.random_init_seed,
+        layer=cfg.teacher_layer,
+        arch=cfg.teacher_arch,
+        global_size=cfg.recipe.global_size,
+        crowd_size=cfg.recipe.crowd_size,
         global_token=cfg.teacher_global_token,
     )
 
@@ -113,8 +120,9 @@ def replay_threads_for(cfg: CacheConfig, device: torch.device, cpu_threads: int)
     return max(1, cpu_threads) if device.type == "cuda" else 1
 
 
-def batches_ahead(jobs: list[Any], batch_size: int, fn: Callable[[Any], Any], threads: int
-           ) -> Iterator[tuple[list[Any], list[Any]]]:
+def batches_ahead(
+    jobs: list[Any], batch_size: int, fn: Callable[[Any], Any], threads: int
+) -> Iterator[tuple[list[Any], list[Any]]]:
     """(batch of jobs, [fn(job) ...]) per batch, in order. With threads > 1 a pool computes the
     current and the next batch's results while the caller works on the one before."""
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
@@ -135,8 +143,9 @@ def batches_ahead(jobs: list[Any], batch_size: int, fn: Callable[[Any], Any], th
 
 
 @torch.inference_mode()
-def teacher_targets(teacher: Teacher, v0: torch.Tensor, ic: torch.Tensor, device: torch.device
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def teacher_targets(
+    teacher: Teacher, v0: torch.Tensor, ic: torch.Tensor, device: torch.device
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Teacher targets of a batch of views, float32 numpy.
 
     Returns:
@@ -148,8 +157,9 @@ def teacher_targets(teacher: Teacher, v0: torch.Tensor, ic: torch.Tensor, device
     return (g.float().cpu().numpy(), patches.float().cpu().numpy(), shift_rows(rel.float().cpu().numpy()))
 
 
-def _decode_rows(reader: StoreReader, start: int, stop: int, cfg: CacheConfig
-                 ) -> tuple[list[Any], list[Any], list[dict[str, Any]]]:
+def _decode_rows(
+    reader: StoreReader, start: int, stop: int, cfg: CacheConfig
+) -> tuple[list[Any], list[Any], list[dict[str, Any]]]:
     """Rows [start, stop) of the corpus, decoded: (images, (key, bytes, ext) for the image tar,
     skipped rows with their reason); a bad row is None in both lists (StrictModeError if strict)."""
     keys = reader.array(KEYS)[start:stop]
@@ -171,22 +181,34 @@ def _decode_rows(reader: StoreReader, start: int, stop: int, cfg: CacheConfig
             blobs[r] = (key, blob, _image_ext(blob))
         except BadImage as e:
             if cfg.strict:
-                raise StrictModeError(f"bad image {key!r} ({e.reason}); rerun without --strict to skip it") from None
+                raise StrictModeError(
+                    f"bad image {key!r} ({e.reason}); rerun without --strict to skip it"
+                ) from None
             skipped.append({"index": start + r, "key": key, "reason": e.reason})
     return images, blobs, skipped
 
 
-def _targets(teacher: Teacher, cfg: CacheConfig, layout: Layout, start: int, keys: np.ndarray,
-             images: list[Any], good: list[int], device: torch.device, replay_threads: int
-             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _targets(
+    teacher: Teacher,
+    cfg: CacheConfig,
+    layout: Layout,
+    start: int,
+    keys: np.ndarray,
+    images: list[Any],
+    good: list[int],
+    device: torch.device,
+    replay_threads: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The K views' parameters of each good row (rows, K, NUM_PARAMS) and the teacher's targets on
     them (float32, the layout's feature shapes; zeros for bad rows)."""
     recipe: ViewRecipe = cfg.recipe
     rows, k_views = len(images), layout.num_views
     hw = {r: (images[r].height, images[r].width) for r in good}
     params = np.zeros((rows, k_views, NUM_PARAMS), dtype=np.float64)
-    feats = {name: np.zeros((rows, *shape[1:]), dtype=np.float32)
-             for name, shape in layout.feature_shapes().items()}
+    feats = {
+        name: np.zeros((rows, *shape[1:]), dtype=np.float32)
+        for name, shape in layout.feature_shapes().items()
+    }
     jobs = []
     for r in good:
         pool = [(start + b, hw[b]) for b in good if b != r] or [(start + r, hw[r])]
@@ -206,8 +228,14 @@ def _targets(teacher: Teacher, cfg: CacheConfig, layout: Layout, start: int, key
     return params, feats
 
 
-def cache_shard(store_path: str | Path, shard: int, teacher: Teacher, cfg: CacheConfig,
-                device: torch.device | str = "cpu", replay_threads: int = 1) -> ShardReport:
+def cache_shard(
+    store_path: str | Path,
+    shard: int,
+    teacher: Teacher,
+    cfg: CacheConfig,
+    device: torch.device | str = "cpu",
+    replay_threads: int = 1,
+) -> ShardReport:
     """Cache one store shard: decode, sample views, run the teacher, write, mark done.
 
     Args:
@@ -237,8 +265,15 @@ def cache_shard(store_path: str | Path, shard: int, teacher: Teacher, cfg: Cache
     params, feats = _targets(teacher, cfg, layout, start, keys, images, good, device, replay_threads)
     valid = np.zeros(rows, dtype=np.uint8)
     valid[good] = 1
-    data = ShardData(shard=shard, features=feats, params=params, valid=valid, images=blobs, skipped=skipped,
-                     seconds=time.perf_counter() - t0)
+    data = ShardData(
+        shard=shard,
+        features=feats,
+        params=params,
+        valid=valid,
+        images=blobs,
+        skipped=skipped,
+        seconds=time.perf_counter() - t0,
+    )
     try:
         write_shard(store_path, data)
     except OSError as e:

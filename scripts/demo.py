@@ -24,9 +24,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_RECIPE = [
-    "--set", "recipe.global_size=[128,64]",
-    "--set", "recipe.local_size=[64,48]",
-    "--set", "recipe.crowd_size=[128,128]",
+    "--set",
+    "recipe.global_size=[128,64]",
+    "--set",
+    "recipe.local_size=[64,48]",
+    "--set",
+    "recipe.crowd_size=[128,128]",
 ]
 
 
@@ -49,8 +52,12 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--base-lr", type=float, default=1.2e-2, help="per 256 images (peak 7.5e-4 at batch 16)")
-    ap.add_argument("--num-workers", type=int, default=0,
-                    help="loader processes; 0 on 2 cores, where a worker would steal the trainer's second core")
+    ap.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        help="loader processes; 0 on 2 cores, where a worker would steal the trainer's second core",
+    )
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -60,15 +67,54 @@ def main() -> None:
     store, run_dir, student = out / "store", out / "run", out / "student.safetensors"
 
     print("\n== 1/4 stage one: cache the EfficientNet-Lite2 teacher ==", flush=True)
-    run(dpal + ["cache-teacher", "--corpus", args.corpus, "--out", str(store), "--teacher", "efficientnet-lite2",
-                "--views", str(args.views), "--shard-size", "64", "--workers", "1", *SMALL_RECIPE])
+    run(
+        dpal
+        + [
+            "cache-teacher",
+            "--corpus",
+            args.corpus,
+            "--out",
+            str(store),
+            "--teacher",
+            "efficientnet-lite2",
+            "--views",
+            str(args.views),
+            "--shard-size",
+            "64",
+            "--workers",
+            "1",
+            *SMALL_RECIPE,
+        ]
+    )
     run(dpal + ["store", "info", str(store)])
 
     print("\n== 2/4 stage two: distill dpal_vit_tiny ==", flush=True)
-    run(dpal + ["distill", "--store", str(store), "--out", str(run_dir), "--student", "dpal_vit_tiny",
-                "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--base-lr", str(args.base_lr),
-                "--warmup-epochs", "1", "--num-workers", str(args.num_workers), "--set", "log_every=5",
-                "--set", "checkpoint_every=100"])
+    run(
+        dpal
+        + [
+            "distill",
+            "--store",
+            str(store),
+            "--out",
+            str(run_dir),
+            "--student",
+            "dpal_vit_tiny",
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--base-lr",
+            str(args.base_lr),
+            "--warmup-epochs",
+            "1",
+            "--num-workers",
+            str(args.num_workers),
+            "--set",
+            "log_every=5",
+            "--set",
+            "checkpoint_every=100",
+        ]
+    )
 
     print("\n== 3/4 export the student ==", flush=True)
     run(dpal + ["export", str(run_dir), "--out", str(student)])
@@ -80,10 +126,15 @@ def main() -> None:
         ("teacher efficientnet-lite2", ["--model", "efficientnet-lite2"]),
         ("student random init, CLS", ["--model", "dpal_vit_tiny", "--random-init"]),
         ("student distilled, CLS", ["--model", str(student)]),
-        ("student random init, mean patch", ["--model", "dpal_vit_tiny", "--random-init", "--feature", "mean"]),
+        (
+            "student random init, mean patch",
+            ["--model", "dpal_vit_tiny", "--random-init", "--feature", "mean"],
+        ),
         ("student distilled, mean patch", ["--model", str(student), "--feature", "mean"]),
     ):
-        res = json.loads(run(dpal + ["eval", "reid", *model_args, "--data", args.reid, *size, "--json"], capture=True))
+        res = json.loads(
+            run(dpal + ["eval", "reid", *model_args, "--data", args.reid, *size, "--json"], capture=True)
+        )
         rows.append({**res, "model": label})
     from dpal.reid import format_table
 
@@ -92,8 +143,10 @@ def main() -> None:
     closed = {}
     for feat, (r, d) in (("CLS", rows[1:3]), ("mean patch", rows[3:5])):
         closed[feat] = (d["mAP"] - r["mAP"]) / (teacher - r["mAP"]) if teacher != r["mAP"] else float("nan")
-        print(f"{feat:>10}: distillation closed {closed[feat]:.0%} of the mAP gap between the random student "
-              "and the teacher")
+        print(
+            f"{feat:>10}: distillation closed {closed[feat]:.0%} of the mAP gap between the random student "
+            "and the teacher"
+        )
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs in {out}/")
     (out / "results.json").write_text(json.dumps({"rows": rows, "gap_closed": closed}, indent=1))
 

@@ -64,8 +64,13 @@ def _images() -> list[Image.Image]:
 # ---------------------------------------------------------------- exact v0 and Ic
 
 
-@pytest.mark.parametrize("recipe", [ViewRecipe(), ViewRecipe(global_size=(32, 16), local_size=(16, 16),
-                                                            crowd_size=(32, 48), person_alpha=0.55)])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        ViewRecipe(),
+        ViewRecipe(global_size=(32, 16), local_size=(16, 16), crowd_size=(32, 48), person_alpha=0.55),
+    ],
+)
 def test_compose_views_equals_replay_bit_for_bit(recipe: ViewRecipe) -> None:
     images = _images()
     hws = [(im.height, im.width) for im in images]
@@ -82,7 +87,9 @@ def test_compose_views_equals_replay_bit_for_bit(recipe: ViewRecipe) -> None:
                 parts[k].append(_u8(x))
             parts["paste"].append(torch.tensor([paste_positions(p)]))
     cat = {k: torch.cat(v) for k, v in parts.items()}
-    v0, ic = augment.compose_views(cat["v0"], cat["bg"], cat["pa"], cat["pb"], cat["paste"], recipe.person_alpha)
+    v0, ic = augment.compose_views(
+        cat["v0"], cat["bg"], cat["pa"], cat["pb"], cat["paste"], recipe.person_alpha
+    )
     assert v0.dtype == ic.dtype == torch.float32
     assert torch.equal(v0, torch.stack(ref_v0))
     assert torch.equal(ic, torch.stack(ref_ic))
@@ -98,7 +105,8 @@ def test_compose_views_tables_every_person_background_pair() -> None:
     _, ic = augment.compose_views(person, bg, person, person, torch.tensor([[0, 0, 0, 256]]), alpha)
     a = np.float32(alpha)
     crowd = a * to_unit(Image.fromarray(person[0].numpy())) + (np.float32(1) - a) * to_unit(
-        Image.fromarray(bg[0, :, :256].numpy()))
+        Image.fromarray(bg[0, :, :256].numpy())
+    )
     expected = normalize(crowd)
     assert torch.equal(ic[0, :, :, :256], expected) and torch.equal(ic[0, :, :, 256:], expected)
     # outside the boxes, and for v0, the value is to_normalized's
@@ -149,12 +157,14 @@ def test_identity_parameters_give_the_plain_resized_crop() -> None:
     src = _pad(images)
     # the whole image at its own size: exactly the normalised pixels
     im = images[0]
-    whole = augment.local_crops(src[:1], torch.tensor(_identity_aug(0, 0, im.height, im.width))[None],
-                                (im.height, im.width))
+    whole = augment.local_crops(
+        src[:1], torch.tensor(_identity_aug(0, 0, im.height, im.width))[None], (im.height, im.width)
+    )
     assert torch.equal(whole[0], to_normalized(im))
     # a 2h x 2w box down to h x w: the mean of each 2 x 2 block (roi_align samples the four centres)
-    box = torch.tensor(np.stack([_identity_aug(10, 6, 64, 32), _identity_aug(0, 0, 32, 48),
-                                 _identity_aug(20, 10, 40, 40)]))
+    box = torch.tensor(
+        np.stack([_identity_aug(10, 6, 64, 32), _identity_aug(0, 0, 32, 48), _identity_aug(20, 10, 40, 40)])
+    )
     for k, size in enumerate([(32, 16), (16, 24), (20, 20)]):
         out = augment.local_crops(src, box, size)[k]
         top, left, h, w = (int(v) for v in box[k, :4])
@@ -172,20 +182,28 @@ def test_each_operation_computes_its_formula() -> None:
     luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]  # (1, 2, 2)
     torch.testing.assert_close(augment._gray(x)[:, 0], luma)
     m = float(luma.mean())
-    torch.testing.assert_close(augment._contrast(x.clone(), torch.tensor([0.5])), (0.5 * x + 0.5 * m).clamp(0, 1))
-    torch.testing.assert_close(augment._saturation(x.clone(), torch.tensor([0.0])), luma[:, None].expand(-1, 3, -1, -1))
+    torch.testing.assert_close(
+        augment._contrast(x.clone(), torch.tensor([0.5])), (0.5 * x + 0.5 * m).clamp(0, 1)
+    )
+    torch.testing.assert_close(
+        augment._saturation(x.clone(), torch.tensor([0.0])), luma[:, None].expand(-1, 3, -1, -1)
+    )
     # hue: red turned by a third is green, by a sixth yellow; grey has no hue and stays
     rgb = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.2, 0.4, 0.6]]).T.reshape(1, 3, 1, 3)
     third = augment._hue(rgb, torch.tensor([1 / 3]))
-    torch.testing.assert_close(third[0, :, 0, :2], torch.tensor([[0.0, 0.5], [1.0, 0.5], [0.0, 0.5]]), rtol=0,
-                               atol=1e-6)
+    torch.testing.assert_close(
+        third[0, :, 0, :2], torch.tensor([[0.0, 0.5], [1.0, 0.5], [0.0, 0.5]]), rtol=0, atol=1e-6
+    )
     # (0.2, 0.4, 0.6) has hue 7/12; plus 1/2 turn is 1/12: (0.6, 0.4, 0.2)
-    torch.testing.assert_close(augment._hue(rgb, torch.tensor([0.5]))[0, :, 0, 2], torch.tensor([0.6, 0.4, 0.2]),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        augment._hue(rgb, torch.tensor([0.5]))[0, :, 0, 2], torch.tensor([0.6, 0.4, 0.2]), rtol=0, atol=1e-6
+    )
     yellow = augment._hue(rgb, torch.tensor([-5 / 6]))  # any real number of turns
     torch.testing.assert_close(yellow[0, :, 0, 0], torch.tensor([1.0, 1.0, 0.0]), rtol=0, atol=1e-6)
     # blur: a constant image stays; an impulse spreads as the normalised gaussian of sigma
-    assert torch.allclose(augment._blur(torch.full((1, 3, 9, 9), 0.3), torch.tensor([1.2])), torch.tensor(0.3))
+    assert torch.allclose(
+        augment._blur(torch.full((1, 3, 9, 9), 0.3), torch.tensor([1.2])), torch.tensor(0.3)
+    )
     imp = torch.zeros((1, 3, 21, 21))
     imp[..., 10, 10] = 1.0
     out = augment._blur(imp, torch.tensor([1.0]))
@@ -207,8 +225,9 @@ def test_flip_gray_solarize_and_jitter_order_through_local_crops() -> None:
     sol[FIELD["solarize"]] = 1
     out = _unnormalize(augment.local_crops(src, torch.tensor(np.stack([flip, gray, sol])), (8, 6)))
     torch.testing.assert_close(out[0], plain.flip(-1), rtol=0, atol=1e-6)
-    torch.testing.assert_close(out[1], (0.299 * plain[0] + 0.587 * plain[1] + 0.114 * plain[2]).expand(3, -1, -1),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        out[1], (0.299 * plain[0] + 0.587 * plain[1] + 0.114 * plain[2]).expand(3, -1, -1), rtol=0, atol=1e-6
+    )
     torch.testing.assert_close(out[2], torch.where(plain >= 128 / 255, 1 - plain, plain), rtol=0, atol=1e-6)
     # brightness 1.5 then contrast 0.5, against the other order: each image keeps its own order
     jit = base.copy()
@@ -241,12 +260,17 @@ def test_local_crops_are_deterministic_in_another_process_and_near_pil(tmp_path:
     assert torch.equal(out, augment.local_crops(_pad(images), augs, recipe.local_size))
     path, inputs = tmp_path / "crops.pt", tmp_path / "inputs.pt"
     torch.save((_pad(images), augs, list(recipe.local_size)), inputs)
-    subprocess.run([sys.executable, "-c", LOCAL_SCRIPT.format(inputs=str(inputs), path=str(path))],
-                   check=True, env=u.env(), cwd=REPO)
+    subprocess.run(
+        [sys.executable, "-c", LOCAL_SCRIPT.format(inputs=str(inputs), path=str(path))],
+        check=True,
+        env=u.env(),
+        cwd=REPO,
+    )
     assert torch.equal(torch.load(path, weights_only=True), out)
     # another seed draws other crops
-    assert not torch.equal(out, augment.local_crops(_pad(images), _local_params(recipe, images, seed=1),
-                                                    recipe.local_size))
+    assert not torch.equal(
+        out, augment.local_crops(_pad(images), _local_params(recipe, images, seed=1), recipe.local_size)
+    )
     # near the PIL reference (views.random_local, same parameters): resampling, float between the ops
     # and the blur kernel differ; measured on six sample_data photographs: mean |diff| 0.017 normalised
     # (about one grey level in 255), 99th percentile 0.058, max 0.21
@@ -270,16 +294,30 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return u.make_store(u.make_corpus(root / "corpus"), root / "store", dtype="float16")
 
 
-def _batches(store: Path, workers: int, finish_on_cpu: bool, read_targets: bool = True) -> list[dict[str, torch.Tensor]]:
+def _batches(
+    store: Path, workers: int, finish_on_cpu: bool, read_targets: bool = True
+) -> list[dict[str, torch.Tensor]]:
     """Every batch of two epochs, through a DataLoader built as `train` builds it."""
     reader = StoreReader(store)
     recipe = reader.store_meta.recipe
     sampler = EpochSampler(valid_rows(reader), 4, 1, 0, seed=5)
-    ds = BatchDataset(store, sampler, recipe, 5, read_targets=read_targets, finish_on_cpu=finish_on_cpu,
-                      mask_fix_sign=True if read_targets else None)
+    ds = BatchDataset(
+        store,
+        sampler,
+        recipe,
+        5,
+        read_targets=read_targets,
+        finish_on_cpu=finish_on_cpu,
+        mask_fix_sign=True if read_targets else None,
+    )
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=None, sampler=collate_requests(sampler, 0, 0, 2, None, 1), num_workers=workers,
-        multiprocessing_context="forkserver" if workers > 0 else None, generator=torch.Generator().manual_seed(5))
+        ds,
+        batch_size=None,
+        sampler=collate_requests(sampler, 0, 0, 2, None, 1),
+        num_workers=workers,
+        multiprocessing_context="forkserver" if workers > 0 else None,
+        generator=torch.Generator().manual_seed(5),
+    )
     return [ds.model_inputs(b, CPU) for b in loader]
 
 
@@ -290,7 +328,9 @@ def test_batches_are_identical_whatever_the_worker_count(store: Path) -> None:
         assert len(a) == len(b) == 4
         for x, y in zip(a, b, strict=True):
             assert set(x) == set(y) == keys
-            assert all(torch.equal(x[k], y[k]) for k in keys), [k for k in keys if not torch.equal(x[k], y[k])]
+            assert all(torch.equal(x[k], y[k]) for k in keys), [
+                k for k in keys if not torch.equal(x[k], y[k])
+            ]
 
     # a GPU run's path (uint8 from the workers, finished by the main process) with 0, 1 and 2 workers
     ref = _batches(store, 0, finish_on_cpu=False)
@@ -303,7 +343,9 @@ def test_batches_are_identical_whatever_the_worker_count(store: Path) -> None:
     t = StoreReader(store).read_targets(ref[0]["index"].numpy(), 0)
     assert torch.equal(ref[0]["local_t"], t.local) and torch.equal(ref[0]["rel_t"], t.relation)
     online = _batches(store, 0, False, read_targets=False)
-    assert all(torch.equal(a[k], o[k]) for a, o in zip(ref, online, strict=True) for k in ("v0", "v1", "v2", "ic"))
+    assert all(
+        torch.equal(a[k], o[k]) for a, o in zip(ref, online, strict=True) for k in ("v0", "v1", "v2", "ic")
+    )
 
 
 def test_a_worker_ships_only_the_region_the_crops_read() -> None:
@@ -321,9 +363,22 @@ def test_a_worker_ships_only_the_region_the_crops_read() -> None:
         regions.append(_crop_to_boxes(np.asarray(im), pair))
         shifted[[i, b + i]] = pair
         assert regions[-1].shape[0] * regions[-1].shape[1] <= im.height * im.width
-    src = torch.from_numpy(np.stack([np.pad(r, ((0, max(x.shape[0] for x in regions) - r.shape[0]),
-                                                (0, max(x.shape[1] for x in regions) - r.shape[1]), (0, 0)),
-                                            mode="edge") for r in regions]))
+    src = torch.from_numpy(
+        np.stack(
+            [
+                np.pad(
+                    r,
+                    (
+                        (0, max(x.shape[0] for x in regions) - r.shape[0]),
+                        (0, max(x.shape[1] for x in regions) - r.shape[1]),
+                        (0, 0),
+                    ),
+                    mode="edge",
+                )
+                for r in regions
+            ]
+        )
+    )
     cropped = augment.local_crops(src, torch.from_numpy(shifted), recipe.local_size)
     # the same samples of the same pixels; only float rounding of the shifted box coordinates differs
     torch.testing.assert_close(cropped, whole, rtol=0, atol=1e-4)

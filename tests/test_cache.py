@@ -45,22 +45,29 @@ from dpal.views import ViewRecipe, background_index, replay, sample_view
 NUM_SHARDS = 5
 
 
-def _replayed_views(reader: StoreReader, rows: list[int], view_of: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _replayed_views(
+    reader: StoreReader, rows: list[int], view_of: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """v0 (B, 3, Hg, Wg) and Ic (B, 3, Hc, Wc) rebuilt from the store alone: params + image bytes."""
     recipe = reader.store_meta.recipe
     params = reader.array(PARAMS)
     v0s, ics = [], []
     for i, k in zip(rows, view_of, strict=True):
         p = params[i, k]
-        v0, ic = replay(recipe, p, decode_image(reader.image_bytes(i)),
-                        decode_image(reader.image_bytes(background_index(p))))
+        v0, ic = replay(
+            recipe,
+            p,
+            decode_image(reader.image_bytes(i)),
+            decode_image(reader.image_bytes(background_index(p))),
+        )
         v0s.append(v0)
         ics.append(ic)
     return torch.stack(v0s), torch.stack(ics)
 
 
-def test_float32_targets_are_the_teacher_on_replayed_views(ref_store: Path, teacher: Teacher,
-                                                           recipe: ViewRecipe) -> None:
+def test_float32_targets_are_the_teacher_on_replayed_views(
+    ref_store: Path, teacher: Teacher, recipe: ViewRecipe
+) -> None:
     reader = StoreReader(ref_store)
     lay = reader.layout
     keys = [str(k) for k in reader.meta(KEYS)]
@@ -83,7 +90,9 @@ def test_float32_targets_are_the_teacher_on_replayed_views(ref_store: Path, teac
             hw = {i: decode_image(reader.image_bytes(i)).size[::-1] for i in range(start, stop)}
             for row in range(start, stop):
                 pool = [(i, hw[i]) for i in range(start, stop) if i != row] or [(row, hw[row])]
-                assert np.array_equal(t.params[row - start], sample_view(recipe, 0, keys[row], k, hw[row], pool))
+                assert np.array_equal(
+                    t.params[row - start], sample_view(recipe, 0, keys[row], k, hw[row], pool)
+                )
     assert lay.shard_range(NUM_SHARDS - 1) == (12, 13)  # the last shard's one image is its own background
     assert background_index(reader.array(PARAMS)[12, 0]) == 12
 
@@ -97,9 +106,9 @@ TOLERANCE = {"float16": 5e-4, "bfloat16": 4e-3, "int8": 4e-3}
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
-def test_low_precision_targets_within_measured_tolerance(tmp_path: Path, dtype: str, corpus_dir: Path,
-                                                         ref_store: Path, make_config: Callable[..., CacheConfig]
-                                                         ) -> None:
+def test_low_precision_targets_within_measured_tolerance(
+    tmp_path: Path, dtype: str, corpus_dir: Path, ref_store: Path, make_config: Callable[..., CacheConfig]
+) -> None:
     out = tmp_path / dtype
     run_cache(make_config(corpus_dir, out, dtype=dtype), show_progress=False)
     ref, low = StoreReader(ref_store), StoreReader(out)
@@ -140,19 +149,28 @@ torch.save(out, sys.argv[2])
 """
 
 
-def test_replay_is_bit_identical_in_another_process(tmp_path: Path, ref_store: Path,
-                                                   child_env: dict[str, str]) -> None:
+def test_replay_is_bit_identical_in_another_process(
+    tmp_path: Path, ref_store: Path, child_env: dict[str, str]
+) -> None:
     dump = tmp_path / "replay.pt"
-    subprocess.run([sys.executable, "-c", _CHILD_REPLAY, str(ref_store), str(dump)], check=True, timeout=120,
-                   env={**child_env, "OMP_NUM_THREADS": "2"})  # replay is PIL and numpy: no thread dependence
+    subprocess.run(
+        [sys.executable, "-c", _CHILD_REPLAY, str(ref_store), str(dump)],
+        check=True,
+        timeout=120,
+        env={**child_env, "OMP_NUM_THREADS": "2"},
+    )  # replay is PIL and numpy: no thread dependence
     theirs = torch.load(dump, weights_only=True)
     reader = StoreReader(ref_store)
     recipe = reader.store_meta.recipe
     assert len(theirs) == 13 * 2
     for (i, k), (v0_child, ic_child) in theirs.items():
         p = reader.read_targets(np.array([i]), k).params[0]
-        v0, ic = replay(recipe, p, decode_image(reader.image_bytes(i)),
-                        decode_image(reader.image_bytes(background_index(p))))
+        v0, ic = replay(
+            recipe,
+            p,
+            decode_image(reader.image_bytes(i)),
+            decode_image(reader.image_bytes(background_index(p))),
+        )
         assert torch.equal(v0, v0_child) and torch.equal(ic, ic_child), (i, k)
         assert v0.shape == (3, 32, 16) and ic.shape == (3, 32, 48)
 
@@ -162,16 +180,20 @@ def _dpal() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "dpal.cli"]
 
 
-def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path: Path, big_corpus_dir: Path,
-                                                        make_config: Callable[..., CacheConfig],
-                                                        cli_args: Callable[..., list[str]],
-                                                        child_env: dict[str, str],
-                                                        same_store: Callable[[Path, Path], None]) -> None:
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(
+    tmp_path: Path,
+    big_corpus_dir: Path,
+    make_config: Callable[..., CacheConfig],
+    cli_args: Callable[..., list[str]],
+    child_env: dict[str, str],
+    same_store: Callable[[Path, Path], None],
+) -> None:
     num_shards = 15  # 30 images, 2 per shard
     out = tmp_path / "killed"
     cmd = [*_dpal(), *cli_args(big_corpus_dir, out, "--shard-size", "2", "--shards", "0:", "--quiet")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env, start_new_session=True
+    )
     deadline = time.monotonic() + 180
     try:
         while not done_shards(out):
@@ -194,9 +216,13 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path: Path, big_corp
     same_store(out, uninterrupted)
 
 
-def test_dask_two_workers_equal_one_process(tmp_path: Path, corpus_dir: Path, ref_store: Path,
-                                            make_config: Callable[..., CacheConfig],
-                                            same_store: Callable[[Path, Path], None]) -> None:
+def test_dask_two_workers_equal_one_process(
+    tmp_path: Path,
+    corpus_dir: Path,
+    ref_store: Path,
+    make_config: Callable[..., CacheConfig],
+    same_store: Callable[[Path, Path], None],
+) -> None:
     out = tmp_path / "dask"
     # Same torch thread count as the reference process: on CPU, MKL splits small GEMMs (the last
     # shard's batch of 2 views is 6 token rows) differently for 1 and 2 threads, changing the last bit.
@@ -207,9 +233,13 @@ def test_dask_two_workers_equal_one_process(tmp_path: Path, corpus_dir: Path, re
     same_store(out, ref_store)
 
 
-def test_replay_threads_do_not_change_the_store(tmp_path: Path, corpus_dir: Path, ref_store: Path,
-                                                make_config: Callable[..., CacheConfig],
-                                                same_store: Callable[[Path, Path], None]) -> None:
+def test_replay_threads_do_not_change_the_store(
+    tmp_path: Path,
+    corpus_dir: Path,
+    ref_store: Path,
+    make_config: Callable[..., CacheConfig],
+    same_store: Callable[[Path, Path], None],
+) -> None:
     # three threads replay the next batches while the teacher runs; batch_size 2 makes several batches
     ref = tmp_path / "ref"
     run_cache(make_config(corpus_dir, ref, batch_size=2), show_progress=False)
@@ -242,9 +272,12 @@ def test_replay_threads_for() -> None:
     assert replay_threads_for(CacheConfig(replay_threads=3), cpu, 8) == 3
 
 
-def test_bad_files_are_skipped_with_reasons(tmp_path: Path, bad_corpus_dir: Path,
-                                            bad_cases: dict[str, tuple[bytes, str]],
-                                            make_config: Callable[..., CacheConfig]) -> None:
+def test_bad_files_are_skipped_with_reasons(
+    tmp_path: Path,
+    bad_corpus_dir: Path,
+    bad_cases: dict[str, tuple[bytes, str]],
+    make_config: Callable[..., CacheConfig],
+) -> None:
     out = tmp_path / "bad"
     summary = run_cache(make_config(bad_corpus_dir, out), show_progress=False)
     expected_bad = {k: reason for k, (_, reason) in bad_cases.items() if reason != "rgb"}
@@ -260,7 +293,8 @@ def test_bad_files_are_skipped_with_reasons(tmp_path: Path, bad_corpus_dir: Path
     keys = [str(k) for k in reader.meta(KEYS)]
     valid = reader.meta(VALID)
     assert [k for k, v in zip(keys, valid, strict=True) if v] == sorted(
-        [k for k, (_, r) in bad_cases.items() if r == "rgb"] + [k for k in keys if k.startswith("good_")])
+        [k for k, (_, r) in bad_cases.items() if r == "rgb"] + [k for k in keys if k.startswith("good_")]
+    )
     idx = np.arange(len(keys))
     for k in range(2):
         t = reader.read_targets(idx, k)
@@ -279,8 +313,9 @@ def test_bad_files_are_skipped_with_reasons(tmp_path: Path, bad_corpus_dir: Path
                 reader.image_bytes(i)
 
 
-def test_strict_raises_on_the_first_bad_file(tmp_path: Path, bad_corpus_dir: Path, teacher: Teacher,
-                                             make_config: Callable[..., CacheConfig]) -> None:
+def test_strict_raises_on_the_first_bad_file(
+    tmp_path: Path, bad_corpus_dir: Path, teacher: Teacher, make_config: Callable[..., CacheConfig]
+) -> None:
     cfg = make_config(bad_corpus_dir, tmp_path / "strict", strict=True)
     prepare_store(cfg, teacher)
     with pytest.raises(StrictModeError, match=r"bad image 'bad_bomb.png' \(decompression bomb"):
@@ -288,22 +323,37 @@ def test_strict_raises_on_the_first_bad_file(tmp_path: Path, bad_corpus_dir: Pat
     assert not marker_path(cfg.out, 0).exists()
 
 
-@pytest.mark.parametrize(("override", "needle"), [
-    ({"seed": 1}, "seed: store has 0, this run has 1"),
-    ({"views": 3}, "num_views: store has 2, this run has 3"),
-    ({"dtype": "float16"}, "dtype: store has 'float32', this run has 'float16'"),
-    ({"teacher": "deit_tiny_patch16_224"}, "teacher.name: store has 'vit_tiny_patch16_224', this run has "
-                                           "'deit_tiny_patch16_224'"),
-    ({"random_init_seed": 1}, "teacher.random_init_seed: store has 0, this run has 1"),
-    ({"recipe": ViewRecipe(global_size=(32, 16), local_size=(16, 16), crowd_size=(32, 48), flip_p=0.0)},
-     "recipe.flip_p: store has 0.5, this run has 0.0"),
-    # these change stored values too: which images are skipped, and the teacher's last bits
-    ({"max_pixels": 100}, "value_settings.max_pixels: store has 64000000, this run has 100"),
-    ({"batch_size": 8}, "value_settings.batch_size: store has 32, this run has 8"),
-    ({"shards": None, "threads_per_worker": 2}, "value_settings.teacher_threads: store has 1, this run has 2"),
-])
-def test_mismatched_resume_is_refused(store_copy: Path, corpus_dir: Path, make_config: Callable[..., CacheConfig],
-                                      override: dict, needle: str) -> None:
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ({"seed": 1}, "seed: store has 0, this run has 1"),
+        ({"views": 3}, "num_views: store has 2, this run has 3"),
+        ({"dtype": "float16"}, "dtype: store has 'float32', this run has 'float16'"),
+        (
+            {"teacher": "deit_tiny_patch16_224"},
+            "teacher.name: store has 'vit_tiny_patch16_224', this run has 'deit_tiny_patch16_224'",
+        ),
+        ({"random_init_seed": 1}, "teacher.random_init_seed: store has 0, this run has 1"),
+        (
+            {
+                "recipe": ViewRecipe(
+                    global_size=(32, 16), local_size=(16, 16), crowd_size=(32, 48), flip_p=0.0
+                )
+            },
+            "recipe.flip_p: store has 0.5, this run has 0.0",
+        ),
+        # these change stored values too: which images are skipped, and the teacher's last bits
+        ({"max_pixels": 100}, "value_settings.max_pixels: store has 64000000, this run has 100"),
+        ({"batch_size": 8}, "value_settings.batch_size: store has 32, this run has 8"),
+        (
+            {"shards": None, "threads_per_worker": 2},
+            "value_settings.teacher_threads: store has 1, this run has 2",
+        ),
+    ],
+)
+def test_mismatched_resume_is_refused(
+    store_copy: Path, corpus_dir: Path, make_config: Callable[..., CacheConfig], override: dict, needle: str
+) -> None:
     before = sorted(p.name for p in store_copy.rglob("*"))
     with pytest.raises(StoreError, match="made with different settings") as e:
         run_cache(make_config(corpus_dir, store_copy, **override), show_progress=False)
@@ -311,17 +361,26 @@ def test_mismatched_resume_is_refused(store_copy: Path, corpus_dir: Path, make_c
     assert sorted(p.name for p in store_copy.rglob("*")) == before
 
 
-def test_changed_corpus_is_refused(tmp_path: Path, corpus_dir: Path, ref_store: Path, teacher: Teacher,
-                                   make_config: Callable[..., CacheConfig]) -> None:
+def test_changed_corpus_is_refused(
+    tmp_path: Path,
+    corpus_dir: Path,
+    ref_store: Path,
+    teacher: Teacher,
+    make_config: Callable[..., CacheConfig],
+) -> None:
     corpus = Path(shutil.copytree(corpus_dir, tmp_path / "corpus"))
     (corpus / "zz_new.jpg").write_bytes((corpus / "p00.jpg").read_bytes())
     store = Path(shutil.copytree(ref_store, tmp_path / "store"))
     with pytest.raises(StoreError) as e:
         prepare_store(make_config(corpus, store), teacher)
-    assert "num_images: store has 13, this run has 14" in str(e.value) and "corpus_fingerprint" in str(e.value)
+    assert "num_images: store has 13, this run has 14" in str(e.value) and "corpus_fingerprint" in str(
+        e.value
+    )
 
 
-def test_out_paths(tmp_path: Path, corpus_dir: Path, teacher: Teacher, make_config: Callable[..., CacheConfig]) -> None:
+def test_out_paths(
+    tmp_path: Path, corpus_dir: Path, teacher: Teacher, make_config: Callable[..., CacheConfig]
+) -> None:
     empty = tmp_path / "made_by_user"
     empty.mkdir()
     lay = prepare_store(make_config(corpus_dir, empty), teacher)  # an empty folder becomes the store
@@ -338,8 +397,9 @@ def test_out_paths(tmp_path: Path, corpus_dir: Path, teacher: Teacher, make_conf
         prepare_store(make_config(corpus_dir, tmp_path / "file" / "store"), teacher)
 
 
-def test_done_shard_is_not_recomputed(store_copy: Path, teacher: Teacher, corpus_dir: Path,
-                                      make_config: Callable[..., CacheConfig]) -> None:
+def test_done_shard_is_not_recomputed(
+    store_copy: Path, teacher: Teacher, corpus_dir: Path, make_config: Callable[..., CacheConfig]
+) -> None:
     marker = marker_path(store_copy, 1)
     before = marker.read_bytes(), marker.stat().st_mtime_ns
     rep = cache_shard(store_copy, 1, teacher, make_config(corpus_dir, store_copy))
@@ -347,8 +407,9 @@ def test_done_shard_is_not_recomputed(store_copy: Path, teacher: Teacher, corpus
     assert (marker.read_bytes(), marker.stat().st_mtime_ns) == before
 
 
-def test_tar_corpus_and_embedded_webdataset_tars(tmp_path: Path, corpus_files: dict[str, bytes],
-                                                 make_config: Callable[..., CacheConfig]) -> None:
+def test_tar_corpus_and_embedded_webdataset_tars(
+    tmp_path: Path, corpus_files: dict[str, bytes], make_config: Callable[..., CacheConfig]
+) -> None:
     names = sorted(corpus_files)[:4]  # p00.jpg, p01.jpg, p02.png, p04.jpg
     with wds.TarWriter(str(tmp_path / "src.tar")) as sink:
         for n in names:
@@ -363,8 +424,14 @@ def test_tar_corpus_and_embedded_webdataset_tars(tmp_path: Path, corpus_files: d
     # real extension (tar corpus keys carry none) and the corpus key
     with tarfile.open(out / IMAGES_DIR / "000000.tar") as tf:
         members = tf.getnames()
-    assert members == ["000000000.jpg", "000000000.key.txt", "000000001.jpg", "000000001.key.txt",
-                       "000000002.png", "000000002.key.txt"]
+    assert members == [
+        "000000000.jpg",
+        "000000000.key.txt",
+        "000000001.jpg",
+        "000000001.key.txt",
+        "000000002.png",
+        "000000002.key.txt",
+    ]
     samples = list(wds.WebDataset(str(out / IMAGES_DIR / "000000.tar"), shardshuffle=False))
     assert [s["key.txt"].decode() for s in samples] == ["p00", "p01", "p02"]
     assert samples[2]["png"] == corpus_files["p02.png"]
@@ -377,11 +444,14 @@ def test_tar_corpus_and_embedded_webdataset_tars(tmp_path: Path, corpus_files: d
     assert np.array_equal(referenced.array(PARAMS)[:], reader.array(PARAMS)[:])
     for i, n in enumerate(names):
         assert referenced.image_bytes(i) == corpus_files[n]
-        assert torch.equal(referenced.read_targets(np.array([i]), 0).local, reader.read_targets(np.array([i]), 0).local)
+        assert torch.equal(
+            referenced.read_targets(np.array([i]), 0).local, reader.read_targets(np.array([i]), 0).local
+        )
 
 
-def test_dry_run_sizes_the_store(corpus_dir: Path, corpus_files: dict[str, bytes],
-                                 make_config: Callable[..., CacheConfig]) -> None:
+def test_dry_run_sizes_the_store(
+    corpus_dir: Path, corpus_files: dict[str, bytes], make_config: Callable[..., CacheConfig]
+) -> None:
     rep = dry_run(make_config(corpus_dir, ""))
     bytes_per_view = (192 + 2 * 192 + 7 * 7) * 4 + 56 * 8  # float32 D + P * D + T * T, then 56 float64 params
     assert rep["num_images"] == 13 and rep["num_shards"] == NUM_SHARDS and rep["num_views"] == 2
@@ -391,8 +461,9 @@ def test_dry_run_sizes_the_store(corpus_dir: Path, corpus_files: dict[str, bytes
     assert rep["seconds_per_view"] > 0 and rep["teacher"]["embed_dim"] == 192
 
 
-def test_corpus_problems_are_recorded_counted_and_strict(tmp_path: Path, corpus_files: dict[str, bytes],
-                                                         make_config: Callable[..., CacheConfig]) -> None:
+def test_corpus_problems_are_recorded_counted_and_strict(
+    tmp_path: Path, corpus_files: dict[str, bytes], make_config: Callable[..., CacheConfig]
+) -> None:
     """A FIFO and a non-UTF-8 file name (which aborted the whole run) are recorded in the store,
     counted in the summary, and stop a --strict run before any store is made."""
     corpus = tmp_path / "corpus"
@@ -409,8 +480,10 @@ def test_corpus_problems_are_recorded_counted_and_strict(tmp_path: Path, corpus_
     assert "2 corpus entries unreadable and lost" in summary.line()
     assert read_attrs(out)["corpus_problems"] == [
         {"entry": f"{corpus}/pipe.jpg", "reason": "a FIFO (named pipe), not a regular file"},
-        {"entry": f"{corpus}/\\xff\\xfe.jpg", "reason": "file name is not valid UTF-8 (store keys are UTF-8); "
-                                                        "rename it"},
+        {
+            "entry": f"{corpus}/\\xff\\xfe.jpg",
+            "reason": "file name is not valid UTF-8 (store keys are UTF-8); rename it",
+        },
     ]
     assert [str(k) for k in StoreReader(out).meta(KEYS)] == names
     with pytest.raises(StrictModeError, match=r"corpus entry .*pipe.jpg: a FIFO .*rerun without --strict"):
@@ -422,13 +495,27 @@ def test_value_settings_of_a_store_from_before_they_were_recorded() -> None:
     """A store written before `value_settings` existed is compared on what its config recorded."""
     from dpal.pipeline.engine import _value_settings_diff
 
-    now = {"value_settings": {"max_pixels": 100, "batch_size": 32, "teacher_device": "cpu",
-                              "teacher_precision": "float32"}}
+    now = {
+        "value_settings": {
+            "max_pixels": 100,
+            "batch_size": 32,
+            "teacher_device": "cpu",
+            "teacher_precision": "float32",
+        }
+    }
     old = {"config": {"max_pixels": 64_000_000, "batch_size": 32, "device": "auto"}}
-    assert _value_settings_diff(old, now) == ["value_settings.max_pixels: store has 64000000, this run has 100"]
+    assert _value_settings_diff(old, now) == [
+        "value_settings.max_pixels: store has 64000000, this run has 100"
+    ]
     assert _value_settings_diff({"config": {"max_pixels": 100, "batch_size": 32}}, now) == []
-    cuda = {"value_settings": {**now["value_settings"], "teacher_device": "cuda",
-                               "teacher_precision": "bfloat16 autocast"}}
+    cuda = {
+        "value_settings": {
+            **now["value_settings"],
+            "teacher_device": "cuda",
+            "teacher_precision": "bfloat16 autocast",
+        }
+    }
     assert _value_settings_diff(cuda, now) == [
         "value_settings.teacher_device: store has 'cuda', this run has 'cpu'",
-        "value_settings.teacher_precision: store has 'bfloat16 autocast', this run has 'float32'"]
+        "value_settings.teacher_precision: store has 'bfloat16 autocast', this run has 'float32'",
+    ]

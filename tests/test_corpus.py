@@ -66,7 +66,9 @@ def test_tar_keys_offsets_and_brace_pattern(tmp_path: Path, corpus_files: dict[s
             expected[key] = data
         _write_wds(tmp_path / f"train-{s:03d}.tar", samples)
     refs = index_corpus(str(tmp_path / "train-{000..001}.tar"))
-    assert [r.key for r in refs] == list(expected)  # tar order, shard by shard; the .cls members are not images
+    assert [r.key for r in refs] == list(
+        expected
+    )  # tar order, shard by shard; the .cls members are not images
     assert {r.source for r in refs} == {str(tmp_path / "train-000.tar"), str(tmp_path / "train-001.tar")}
     for r in refs:
         assert r.offset > 0 and r.size == len(expected[r.key])
@@ -116,7 +118,9 @@ def test_decode_bad_files(bad_cases: dict[str, tuple[bytes, str]]) -> None:
 def test_decode_converts_to_rgb_with_checked_pixels(bad_cases: dict[str, tuple[bytes, str]]) -> None:
     cmyk = decode_image(bad_cases["conv_cmyk.jpg"][0])
     assert cmyk.mode == "RGB" and cmyk.size == (24, 48)
-    assert np.array_equal(np.asarray(cmyk), np.asarray(Image.open(io.BytesIO(bad_cases["conv_cmyk.jpg"][0])).convert("RGB")))
+    assert np.array_equal(
+        np.asarray(cmyk), np.asarray(Image.open(io.BytesIO(bad_cases["conv_cmyk.jpg"][0])).convert("RGB"))
+    )
 
     raw16 = Image.open(io.BytesIO(bad_cases["conv_gray16.png"][0]))
     assert raw16.mode.startswith("I")  # PIL keeps 16 bits
@@ -149,8 +153,11 @@ def test_decode_applies_exif_orientation() -> None:
 def test_bomb_headers_are_refused_quietly(bomb_header: Callable[[int, int], bytes]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # PIL's DecompressionBombWarning must not escape
-        for w, h, needle in ((20000, 20000, "decompression bomb"), (10000, 10000, "100000000 pixels > max_pixels"),
-                             (9000, 9000, "81000000 pixels > max_pixels 64000000")):
+        for w, h, needle in (
+            (20000, 20000, "decompression bomb"),
+            (10000, 10000, "100000000 pixels > max_pixels"),
+            (9000, 9000, "81000000 pixels > max_pixels 64000000"),
+        ):
             with pytest.raises(BadImage, match=needle):
                 decode_image(bomb_header(w, h))
         with pytest.raises(BadImage, match="60 pixels > max_pixels 50"):
@@ -187,10 +194,13 @@ def test_corrupt_tar_header_loses_only_its_member_and_is_recorded(tmp_path: Path
     with tarfile.open(tmp_path / "mid.tar") as tf:
         assert tf.getnames() == ["s0.png", "s1.png"]
     assert [r.key for r in index_corpus(str(tmp_path / "mid.tar"))] == ["s0", "s1", "s3", "s4"]
-    assert scan_corpus(str(tmp_path / "mid.tar")).problems == [{
-        "entry": f"{tmp_path / 'mid.tar'} at byte 2048",
-        "reason": "corrupt tar header: 1024 bytes up to the next valid header (s3.png) were skipped; "
-                  "the member(s) there are lost"}]
+    assert scan_corpus(str(tmp_path / "mid.tar")).problems == [
+        {
+            "entry": f"{tmp_path / 'mid.tar'} at byte 2048",
+            "reason": "corrupt tar header: 1024 bytes up to the next valid header (s3.png) were skipped; "
+            "the member(s) there are lost",
+        }
+    ]
     data = bytearray((tmp_path / "good.tar").read_bytes())
     data[heads[4]] ^= 0xFF  # the last member's header
     (tmp_path / "last.tar").write_bytes(data)
@@ -208,13 +218,21 @@ def test_truncated_tar_names_the_cut_member(tmp_path: Path) -> None:
     (tmp_path / "cut.tar").write_bytes(data[: heads[3] + 512 + 10])  # 10 bytes into s3's data
     c = scan_corpus(str(tmp_path / "cut.tar"))  # tarfile raised ReadError: unexpected end of data
     assert [r.key for r in c.refs] == ["s0", "s1", "s2"]
-    assert c.problems == [{"entry": f"{tmp_path / 'cut.tar'}:s3.png", "reason": (
-        f"the tar is cut short at byte {heads[3] + 522} inside this member (an interrupted copy or download?); "
-        "the member is lost")}]
+    assert c.problems == [
+        {
+            "entry": f"{tmp_path / 'cut.tar'}:s3.png",
+            "reason": (
+                f"the tar is cut short at byte {heads[3] + 522} inside this member (an interrupted copy or download?); "
+                "the member is lost"
+            ),
+        }
+    ]
     (tmp_path / "cut_header.tar").write_bytes(data[: heads[3] + 200])  # inside s3's header
     c = scan_corpus(str(tmp_path / "cut_header.tar"))
     assert [r.key for r in c.refs] == ["s0", "s1", "s2"] and len(c.problems) == 1
-    assert c.problems[0]["reason"].startswith(f"the tar is cut short at byte {heads[3] + 200}, inside a header")
+    assert c.problems[0]["reason"].startswith(
+        f"the tar is cut short at byte {heads[3] + 200}, inside a header"
+    )
     (tmp_path / "noise.tar").write_bytes(np.random.default_rng(0).integers(0, 256, 3000, np.uint8).tobytes())
     with pytest.raises(ValueError, match=r"noise.tar is not a tar archive \(no valid header in 3000 bytes\)"):
         index_corpus(str(tmp_path / "noise.tar"))
@@ -242,7 +260,7 @@ def test_folder_entries_that_are_not_image_files_are_recorded(tmp_path: Path) ->
     reasons = {Path(p["entry"]).name: p["reason"] for p in c.problems}
     assert reasons == {
         "anim.gif": ".gif images are not read (animated or multi-page formats); convert to "
-                    ".jpg, .jpeg, .png, .webp, .bmp",
+        ".jpg, .jpeg, .png, .webp, .bmp",
         "broken.jpg": f"broken symlink to {tmp_path / 'gone.jpg'}: No such file or directory",
         "caf\\xe9.jpg": "file name is not valid UTF-8 (store keys are UTF-8); rename it",
         "fifo.jpg": "a FIFO (named pipe), not a regular file",
@@ -253,8 +271,9 @@ def test_folder_entries_that_are_not_image_files_are_recorded(tmp_path: Path) ->
 def test_non_utf8_names_in_tars_and_lists_are_named(tmp_path: Path) -> None:
     from dpal.corpus import scan_corpus
 
-    with tarfile.open(tmp_path / "names.tar", "w", format=tarfile.USTAR_FORMAT, encoding="utf-8",
-                      errors="surrogateescape") as tf:
+    with tarfile.open(
+        tmp_path / "names.tar", "w", format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="surrogateescape"
+    ) as tf:
         for name in ("ok.png", "caf\udce9.png"):  # the second name's bytes are Latin-1 b"caf\xe9.png"
             data = _png(50)
             info = tarfile.TarInfo(name)
@@ -262,8 +281,14 @@ def test_non_utf8_names_in_tars_and_lists_are_named(tmp_path: Path) -> None:
             tf.addfile(info, io.BytesIO(data))
     c = scan_corpus(str(tmp_path / "names.tar"))
     assert [r.key for r in c.refs] == ["ok"]
-    assert c.problems == [{"entry": f"{tmp_path / 'names.tar'}:caf\\xe9.png",
-                           "reason": "file name is not valid UTF-8 (store keys are UTF-8); rename it"}]
+    assert c.problems == [
+        {
+            "entry": f"{tmp_path / 'names.tar'}:caf\\xe9.png",
+            "reason": "file name is not valid UTF-8 (store keys are UTF-8); rename it",
+        }
+    ]
     (tmp_path / "list.txt").write_bytes(b"ok.png\ncaf\xe9.png\n")
-    with pytest.raises(ValueError, match=r"corpus list .*list.txt is not UTF-8 text \(line 2\); save it as UTF-8"):
+    with pytest.raises(
+        ValueError, match=r"corpus list .*list.txt is not UTF-8 text \(line 2\); save it as UTF-8"
+    ):
         index_corpus(str(tmp_path / "list.txt"))

@@ -32,7 +32,7 @@ BATCH = 2  # per rank: global batch 4, 10 images -> 2 steps per epoch, 2 images 
 EPOCHS = 4
 TOTAL = EPOCHS * 2
 
-PROBE = '''
+PROBE = """
 import json, os, sys
 from pathlib import Path
 
@@ -56,7 +56,7 @@ from dpal.cli import main
 
 sys.argv[0] = "dpal"
 main()
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +72,20 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _torchrun(probe: Path, store: Path, out: Path, probe_dir: Path) -> subprocess.Popen:
     args = u.distill_args(store, out, "--batch-size", str(BATCH), "--epochs", str(EPOCHS))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--standalone",
-           str(probe), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(WORLD),
+        "--standalone",
+        str(probe),
+        *args,
+    ]
     env = {**u.env(), "DPAL_TEST_PROBE_DIR": str(probe_dir)}
-    return subprocess.Popen(cmd, env=env, cwd=u.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        cmd, env=env, cwd=u.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _samples(probe_dir: Path, rank: int) -> list[dict[str, Any]]:
@@ -139,6 +148,8 @@ def test_ddp_equal_steps_disjoint_samples_sigterm_and_resume(tmp_path: Path, sto
     lines = u.metrics(out)
     assert [m["step"] for m in lines] == list(range(1, TOTAL + 1))
     peak = 2.5e-4 * BATCH * WORLD / 256
-    assert [m["lr"] for m in lines] == pytest.approx([lr_at(s, peak, 2, TOTAL) for s in range(TOTAL)], rel=1e-12)
+    assert [m["lr"] for m in lines] == pytest.approx(
+        [lr_at(s, peak, 2, TOTAL) for s in range(TOTAL)], rel=1e-12
+    )
     assert all(math.isfinite(m["total"]) for m in lines)
     assert np.isfinite(np.array([m["global"] for m in lines])).all()

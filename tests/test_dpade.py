@@ -140,16 +140,21 @@ def _run(m: DPaDe, xs: list[torch.Tensor]) -> tuple[list, list[torch.Tensor], di
     xs = [x.clone().requires_grad_() for x in xs]
     outs = m.forward_many([(xs[0], 0), (xs[1], 1), (xs[2], 2)])
     g = torch.Generator().manual_seed(7)
-    loss = sum((o.y * torch.randn(o.y.shape, generator=g, dtype=o.y.dtype)).sum() + o.route_loss + 50 * o.weight_l2
-               for o in outs)
+    loss = sum(
+        (o.y * torch.randn(o.y.shape, generator=g, dtype=o.y.dtype)).sum() + o.route_loss + 50 * o.weight_l2
+        for o in outs
+    )
     loss.backward()
     return outs, [x.grad for x in xs], {n: p.grad for n, p in m.named_parameters()}
 
 
 def _inputs(dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(3)
-    return [torch.randn(6, 1, D_S, generator=g, dtype=dtype), torch.randn(2, 5, D_S, generator=g, dtype=dtype),
-            torch.randn(3, 9, D_S, generator=g, dtype=dtype)]
+    return [
+        torch.randn(6, 1, D_S, generator=g, dtype=dtype),
+        torch.randn(2, 5, D_S, generator=g, dtype=dtype),
+        torch.randn(3, 9, D_S, generator=g, dtype=dtype),
+    ]
 
 
 def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -21,11 +21,15 @@ def market(tmp_path: Path) -> Path:
     """Two identities with distinct colours; queries in c1, gallery in c2, plus a distractor."""
     rng = np.random.default_rng(0)
     colours = {1: (200, 30, 30), 2: (30, 30, 200), 0: (30, 200, 30)}
-    for folder, items in (("query", [(1, 1, 10), (2, 1, 11)]),
-                          ("bounding_box_test", [(1, 2, 20), (2, 2, 21), (0, 2, 22), (1, 1, 10)])):
+    for folder, items in (
+        ("query", [(1, 1, 10), (2, 1, 11)]),
+        ("bounding_box_test", [(1, 2, 20), (2, 2, 21), (0, 2, 22), (1, 1, 10)]),
+    ):
         (tmp_path / folder).mkdir()
         for pid, cam, frame in items:
-            arr = np.clip(np.array(colours[pid]) + rng.integers(-20, 20, (64, 32, 3)), 0, 255).astype(np.uint8)
+            arr = np.clip(np.array(colours[pid]) + rng.integers(-20, 20, (64, 32, 3)), 0, 255).astype(
+                np.uint8
+            )
             Image.fromarray(arr).save(tmp_path / folder / f"{pid:04d}_c{cam}s1_{frame:06d}_00.jpg")
     return tmp_path
 
@@ -41,8 +45,20 @@ def test_bare_model_name_needs_random_init(market: Path) -> None:
 
 
 def test_random_model_prints_market_metrics_as_json(market: Path) -> None:
-    result = _run("--model", "vit_tiny_patch16_224", "--random-init", "--data", str(market),
-                  "--image-size", "32", "--image-size", "16", "--feature", "mean", "--json")
+    result = _run(
+        "--model",
+        "vit_tiny_patch16_224",
+        "--random-init",
+        "--data",
+        str(market),
+        "--image-size",
+        "32",
+        "--image-size",
+        "16",
+        "--feature",
+        "mean",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     res = json.loads(result.stdout.strip().splitlines()[-1])
     assert res["num_query"] == 2 and res["num_gallery"] == 4 and res["feature"] == "mean"
@@ -52,7 +68,9 @@ def test_random_model_prints_market_metrics_as_json(market: Path) -> None:
 
 
 def test_bad_feature_and_bad_folder_are_one_line_errors(market: Path, tmp_path: Path) -> None:
-    result = _run("--model", "vit_tiny_patch16_224", "--random-init", "--data", str(market), "--feature", "avg")
+    result = _run(
+        "--model", "vit_tiny_patch16_224", "--random-init", "--data", str(market), "--feature", "avg"
+    )
     assert result.exit_code == 2 and "choose one of cls, mean" in result.stderr
     result = _run("--model", "vit_tiny_patch16_224", "--random-init", "--data", str(tmp_path / "nope"))
     assert result.exit_code == 2 and "Market-1501 layout" in result.stderr
@@ -64,14 +82,19 @@ def _tiny_student() -> torch.nn.Module:
 
 
 def test_an_exported_student_is_named_by_its_model_and_scored_in_percent_in_table_and_json(
-        market: Path, tmp_path: Path) -> None:
+    market: Path, tmp_path: Path
+) -> None:
     path = export_student(_tiny_student(), "vit_tiny_patch16_224", (32, 16), tmp_path / "student.safetensors")
-    res = json.loads(_run("--model", str(path), "--data", str(market), "--json").stdout.strip().splitlines()[-1])
+    res = json.loads(
+        _run("--model", str(path), "--data", str(market), "--json").stdout.strip().splitlines()[-1]
+    )
     assert res["model"] == "vit_tiny_patch16_224 (student.safetensors)" and res["unit"] == "percent"
     table = _run("--model", str(path), "--data", str(market)).stdout.splitlines()
     row = next(ln for ln in table if ln.startswith("vit_tiny_patch16_224 (student.safetensors)"))
     # the table's numbers are the JSON's, to its one decimal: one unit
-    assert [float(v) for v in row.split()[-4:]] == [round(res[k], 1) for k in ("mAP", "rank1", "rank5", "rank10")]
+    assert [float(v) for v in row.split()[-4:]] == [
+        round(res[k], 1) for k in ("mAP", "rank1", "rank5", "rank10")
+    ]
     assert 1.0 < res["mAP"] <= 100.0 and "in percent" in table[-1]
 
 
@@ -80,8 +103,18 @@ def test_a_run_directory_is_named_by_its_student_and_step(market: Path, tmp_path
 
     student = _tiny_student()
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    torch.save({"format_version": CHECKPOINT_VERSION, "step": 7, "model": student.state_dict(),
-                "student_name": "vit_tiny_patch16_224", "img_size": [32, 16], "student_kwargs": {"depth": 1}},
-               tmp_path / "run" / "checkpoints" / "step-00000007.pt")
-    res = json.loads(_run("--model", str(tmp_path / "run"), "--data", str(market), "--json").stdout.splitlines()[-1])
+    torch.save(
+        {
+            "format_version": CHECKPOINT_VERSION,
+            "step": 7,
+            "model": student.state_dict(),
+            "student_name": "vit_tiny_patch16_224",
+            "img_size": [32, 16],
+            "student_kwargs": {"depth": 1},
+        },
+        tmp_path / "run" / "checkpoints" / "step-00000007.pt",
+    )
+    res = json.loads(
+        _run("--model", str(tmp_path / "run"), "--data", str(market), "--json").stdout.splitlines()[-1]
+    )
     assert res["model"] == "vit_tiny_patch16_224 step 7 (run)"

@@ -82,8 +82,14 @@ def test_export_round_trip(tmp_path: Path, name: str, kwargs: dict) -> None:
         "img_size": [256, 128],
         "num_classes": 0,
         "timm_kwargs": kwargs,
-        "pretrained_cfg": {"input_size": [3, 256, 128], "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
-                           "std": [0.229, 0.224, 0.225], "crop_pct": 1.0, "crop_mode": "squash"},
+        "pretrained_cfg": {
+            "input_size": [3, 256, 128],
+            "interpolation": "bilinear",
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+            "crop_pct": 1.0,
+            "crop_mode": "squash",
+        },
         "dpal_version": dpal.__version__,
     }
     state = load_file(str(path))
@@ -151,7 +157,10 @@ def test_exported_files_are_readable_like_any_new_file(tmp_path: Path, umask: in
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == mode
     assert stat.S_IMODE(path.with_suffix(".json").stat().st_mode) == mode
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.json", "student.safetensors"]  # no temporaries
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "student.json",
+        "student.safetensors",
+    ]  # no temporaries
     state = load_file(str(path))
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
@@ -164,15 +173,27 @@ def test_exported_data_config_is_the_training_preprocessing(tmp_path: Path, name
     # pixel, what the training views give for the whole image (views.apply_aug with a full box).
     model = create_student(name, img_size=(64, 32), depth=1)
     path = export_student(model, name, (64, 32), tmp_path / "student.safetensors")
-    expected = {"input_size": (3, 64, 32), "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
-                "std": (0.229, 0.224, 0.225), "crop_pct": 1.0, "crop_mode": "squash"}
+    expected = {
+        "input_size": (3, 64, 32),
+        "interpolation": "bilinear",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "crop_pct": 1.0,
+        "crop_mode": "squash",
+    }
     loaded = load_exported(path)
     assert resolve_data_config({}, model=loaded) == expected
     assert resolve_data_config({}, model=model) == expected  # the student in training says the same
     # the same through timm alone, from the JSON (dpal_vit_tiny needs dpal imported to be known)
     config = json.loads(path.with_suffix(".json").read_text())
-    plain = timm.create_model(config["model_name"], pretrained=False, num_classes=0, img_size=config["img_size"],
-                              pretrained_cfg_overlay=config["pretrained_cfg"], **config["timm_kwargs"])
+    plain = timm.create_model(
+        config["model_name"],
+        pretrained=False,
+        num_classes=0,
+        img_size=config["img_size"],
+        pretrained_cfg_overlay=config["pretrained_cfg"],
+        **config["timm_kwargs"],
+    )
     resolved = resolve_data_config({}, model=plain)
     assert {k: tuple(v) if isinstance(v, list) else v for k, v in resolved.items()} == expected
 

@@ -38,8 +38,26 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("gpu_check")
     out = root / "check.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--work", str(root / "work"),
-                        "--json", str(out), "--logs", str(root / "logs.tar.gz")], capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--device",
+            "cpu",
+            "--tiny",
+            "--work",
+            str(root / "work"),
+            "--json",
+            str(out),
+            "--logs",
+            str(root / "logs.tar.gz"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads(out.read_text())
     result["stdout"] = r.stdout
@@ -76,7 +94,11 @@ def test_sigterm_stops_with_a_checkpoint_and_the_rerun_resumes_to_the_end(tiny_r
     assert d["planned_steps"] == TRAIN_STEPS and d["log_every"] == LOG_EVERY
     assert d["sigterm_sent"] and d["logged_step_at_sigterm"] >= d["sigterm_after_step"] == 4
     stopped = d["stopped_at_step"]
-    assert d["first"]["rc"] == 0 and d["checkpoints_after_sigterm"] == [stopped] and d["stop_message_step"] == stopped
+    assert (
+        d["first"]["rc"] == 0
+        and d["checkpoints_after_sigterm"] == [stopped]
+        and d["stop_message_step"] == stopped
+    )
     assert d["logged_step_at_sigterm"] <= stopped < TRAIN_STEPS  # the signal landed mid-run
     assert d["resume"]["rc"] == 0 and d["resumed_at_step"] == stopped
     assert d["final_step"] == d["done_message_step"] == TRAIN_STEPS
@@ -89,7 +111,9 @@ def test_sigterm_stops_with_a_checkpoint_and_the_rerun_resumes_to_the_end(tiny_r
 @pytest.mark.slow
 def test_export_loads_with_the_students_tensor_names(tiny_run: dict[str, Any]) -> None:
     e = tiny_run["sections"]["distill"]["export"]
-    expected = timm.create_model("dpal_vit_tiny", pretrained=False, num_classes=0, img_size=(32, 16)).state_dict()
+    expected = timm.create_model(
+        "dpal_vit_tiny", pretrained=False, num_classes=0, img_size=(32, 16)
+    ).state_dict()
     assert e["rc"] == 0 and e["exists"] and Path(e["file"]).stat().st_size == e["bytes"]
     assert e["tensor_names"] == sorted(expected) and e["num_tensors"] == len(expected)
     assert e["num_parameters"] == sum(v.numel() for v in expected.values())
@@ -120,8 +144,9 @@ def test_step_memory_loader_and_runs_have_figures(tiny_run: dict[str, Any]) -> N
     assert all(len(r["seconds"]) == 2 and r["median_s"] > 0 for r in dp["rows"].values())
     lo = sec["loader"]
     assert lo["default_workers"] == 2 and lo["per_worker"]["offline_images_per_s_per_worker"] > 0
-    assert lo["offline_images_per_s_all_workers"] == pytest.approx(2 * lo["per_worker"]
-                                                                    ["offline_images_per_s_per_worker"])
+    assert lo["offline_images_per_s_all_workers"] == pytest.approx(
+        2 * lo["per_worker"]["offline_images_per_s_per_worker"]
+    )
     (run,) = sec["runs"]["rows"]
     assert run["batch_size"] == 4 and run["speedup"] > 0
     for mode in ("offline", "online"):
@@ -138,10 +163,21 @@ def test_logs_file_holds_every_commands_output_and_metrics(tiny_run: dict[str, A
     with tarfile.open(tiny_run["logs_tar"]) as tar:
         names = set(tar.getnames())
         metrics = tar.extractfile("run/metrics.jsonl").read().decode()
-    assert names == {"cache.log", "distill-1.log", "distill-2.log", "export.log", "lite2.log", "run-offline-4.log",
-                     "run-online-4.log", "run/metrics.jsonl", "run-offline-4/metrics.jsonl",
-                     "run-online-4/metrics.jsonl"}
-    assert [json.loads(ln)["step"] for ln in metrics.splitlines()] == tiny_run["sections"]["distill"]["logged_steps"]
+    assert names == {
+        "cache.log",
+        "distill-1.log",
+        "distill-2.log",
+        "export.log",
+        "lite2.log",
+        "run-offline-4.log",
+        "run-online-4.log",
+        "run/metrics.jsonl",
+        "run-offline-4/metrics.jsonl",
+        "run-online-4/metrics.jsonl",
+    }
+    assert [json.loads(ln)["step"] for ln in metrics.splitlines()] == tiny_run["sections"]["distill"][
+        "logged_steps"
+    ]
 
 
 def _load_script() -> ModuleType:
@@ -154,8 +190,21 @@ def _load_script() -> ModuleType:
 def test_budget_and_skip_leave_sections_out(tmp_path: Path) -> None:
     gc = _load_script()
     out = tmp_path / "check.json"
-    res = gc.main(["--device", "cpu", "--tiny", "--work", str(tmp_path / "w"), "--json", str(out),
-                   "--skip", "runs,lite2", "--budget-s", "0"])
+    res = gc.main(
+        [
+            "--device",
+            "cpu",
+            "--tiny",
+            "--work",
+            str(tmp_path / "w"),
+            "--json",
+            str(out),
+            "--skip",
+            "runs,lite2",
+            "--budget-s",
+            "0",
+        ]
+    )
     assert json.loads(out.read_text())["sections"] == res["sections"]
     assert res["sections"]["runs"] == res["sections"]["lite2"] == {"skipped": "--skip"}
     for name in ("cache", "distill", "step", "memory", "loader"):

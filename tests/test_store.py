@@ -49,7 +49,9 @@ def test_encode_decode_float32_exact_and_float16_is_the_cast() -> None:
     assert torch.equal(decode(stored, None, "float32"), torch.from_numpy(x))
     stored, scale = encode(x, "float16")
     assert stored.dtype == np.float16
-    assert torch.equal(decode(stored, None, "float16"), torch.from_numpy(x.astype(np.float16).astype(np.float32)))
+    assert torch.equal(
+        decode(stored, None, "float16"), torch.from_numpy(x.astype(np.float16).astype(np.float32))
+    )
 
 
 def test_encode_decode_bfloat16_bits() -> None:
@@ -84,12 +86,21 @@ def test_shift_rows_keeps_softmax() -> None:
     a = torch.softmax(torch.from_numpy(logits), dim=-1)
     b = torch.softmax(torch.from_numpy(shifted), dim=-1)
     assert torch.allclose(a, b, rtol=0, atol=1e-6)
-    assert torch.equal(torch.from_numpy(shifted), torch.from_numpy(logits) - torch.from_numpy(logits).amax(-1, keepdim=True))
+    assert torch.equal(
+        torch.from_numpy(shifted), torch.from_numpy(logits) - torch.from_numpy(logits).amax(-1, keepdim=True)
+    )
 
 
 def test_layout_arithmetic() -> None:
-    lay = Layout(num_images=13, num_views=2, shard_size=3, embed_dim=4, num_patches=2, num_crowd_tokens=3,
-                 dtype="float16")
+    lay = Layout(
+        num_images=13,
+        num_views=2,
+        shard_size=3,
+        embed_dim=4,
+        num_patches=2,
+        num_crowd_tokens=3,
+        dtype="float16",
+    )
     assert lay.num_shards == 5 and lay.shard_range(0) == (0, 3) and lay.shard_range(4) == (12, 13)
     assert lay.feature_shapes() == {GLOBAL: (13, 2, 4), LOCAL: (13, 2, 2, 4), RELATION: (13, 2, 3, 3)}
     assert NUM_PARAMS == 56
@@ -157,8 +168,14 @@ def test_image_bytes_are_the_corpus_files(ref_store: Path, corpus_files: dict[st
 
 
 def test_verify_names_missing_and_corrupted_shards(store_copy: Path) -> None:
-    assert verify_store(store_copy) == {"ok": True, "metadata": [], "bad": {}, "not_done": [], "num_shards": 5,
-                                        "shards_checked": 5}
+    assert verify_store(store_copy) == {
+        "ok": True,
+        "metadata": [],
+        "bad": {},
+        "not_done": [],
+        "num_shards": 5,
+        "shards_checked": 5,
+    }
     os.remove(store_copy / LOCAL / "c" / "1" / "0" / "0" / "0")
     target = store_copy / RELATION / "c" / "4" / "0" / "0" / "0"
     data = bytearray(target.read_bytes())
@@ -167,7 +184,10 @@ def test_verify_names_missing_and_corrupted_shards(store_copy: Path) -> None:
     marker_path(store_copy, 2).unlink()
     rep = verify_store(store_copy)
     assert not rep["ok"] and rep["not_done"] == ["000002"]
-    assert rep["bad"] == {"000001": ["local/c/1/0/0/0 missing"], "000004": ["relation/c/4/0/0/0 checksum mismatch"]}
+    assert rep["bad"] == {
+        "000001": ["local/c/1/0/0/0 missing"],
+        "000004": ["relation/c/4/0/0/0 checksum mismatch"],
+    }
 
 
 def test_info_counts(ref_store: Path) -> None:
@@ -183,6 +203,8 @@ def test_info_counts(ref_store: Path) -> None:
 def test_identity_diff_names_fields() -> None:
     old = {"seed": 0, "num_views": 2, "teacher": {"name": "a", "layer": None}, "dtype": "float16"}
     new = {"seed": 1, "num_views": 2, "teacher": {"name": "b", "layer": None}, "dtype": "float16"}
-    assert identity_diff(old, new) == ["teacher.name: store has 'a', this run has 'b'",
-                                       "seed: store has 0, this run has 1"]
+    assert identity_diff(old, new) == [
+        "teacher.name: store has 'a', this run has 'b'",
+        "seed: store has 0, this run has 1",
+    ]
     assert identity_diff(old, dict(old)) == []

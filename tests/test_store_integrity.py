@@ -40,14 +40,18 @@ def _one_line(e: pytest.ExceptionInfo) -> str:
     return msg
 
 
-def test_markers_record_the_crc32c_of_rows_and_images(ref_store: Path, corpus_files: dict[str, bytes]) -> None:
+def test_markers_record_the_crc32c_of_rows_and_images(
+    ref_store: Path, corpus_files: dict[str, bytes]
+) -> None:
     reader = StoreReader(ref_store)
     keys = [str(k) for k in reader.meta("keys")]
     for s in range(reader.layout.num_shards):
         m = read_marker(ref_store, s)
         a, b = reader.layout.shard_range(s)
-        assert m["crc32c"] == {name: crc32c_of(zarr.open_array(ref_store / name, mode="r")[a:b])
-                               for name in (PARAMS, VALID, IMAGE_OFFSET, "image_size")}
+        assert m["crc32c"] == {
+            name: crc32c_of(zarr.open_array(ref_store / name, mode="r")[a:b])
+            for name in (PARAMS, VALID, IMAGE_OFFSET, "image_size")
+        }
         assert m["image_crc32c"] == [google_crc32c.value(corpus_files[k]) for k in keys[a:b]]
 
 
@@ -80,8 +84,9 @@ def test_swapped_image_offset_rows_stop_naming_the_shard(store_copy: Path) -> No
     assert "'image_offset' rows of shard 000001" in msg and f"{marker_path(store_copy, 1).as_posix()}" in msg
 
 
-def test_flipped_byte_inside_an_embedded_jpeg_stops_naming_the_shard(store_copy: Path,
-                                                                      corpus_files: dict[str, bytes]) -> None:
+def test_flipped_byte_inside_an_embedded_jpeg_stops_naming_the_shard(
+    store_copy: Path, corpus_files: dict[str, bytes]
+) -> None:
     reader = StoreReader(store_copy)
     keys = [str(k) for k in reader.meta("keys")]
     row = next(i for i in range(3, 6) if keys[i].endswith(".jpg"))  # a JPEG of shard 1
@@ -95,11 +100,15 @@ def test_flipped_byte_inside_an_embedded_jpeg_stops_naming_the_shard(store_copy:
     with pytest.raises(StoreError) as e:
         reader.image_bytes(row)
     msg = _one_line(e)
-    assert msg.startswith(f"{tar}: the image of row {row} (shard 000001) does not match") and "000001.json" in msg
+    assert (
+        msg.startswith(f"{tar}: the image of row {row} (shard 000001) does not match")
+        and "000001.json" in msg
+    )
 
 
-def test_changed_corpus_image_of_a_referencing_store_is_refused(tmp_path: Path, corpus_dir: Path,
-                                                                make_config) -> None:
+def test_changed_corpus_image_of_a_referencing_store_is_refused(
+    tmp_path: Path, corpus_dir: Path, make_config
+) -> None:
     import shutil
 
     from dpal.pipeline.engine import run_cache
@@ -172,7 +181,9 @@ def test_distill_stops_on_a_flipped_jpeg_byte_with_one_line(tmp_path: Path) -> N
     result = CliRunner().invoke(app, u.distill_args(store, tmp_path / "run"))
     assert result.exit_code == 2, result.output
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "row 5 (shard 000001)" in errors[0] and "000001.json" in errors[0], result.stderr
+    assert len(errors) == 1 and "row 5 (shard 000001)" in errors[0] and "000001.json" in errors[0], (
+        result.stderr
+    )
 
 
 # ---------------------------------------------------------------- the store's own metadata (item 4)
@@ -196,7 +207,9 @@ def test_edited_dtype_attribute_is_refused_on_open_and_by_verify(store_copy: Pat
     msg = _one_line(e)
     assert msg.startswith(f"{store_copy}: zarr.json: the store's attributes changed") and "--out NEW" in msg
     rep = verify_store(store_copy)
-    assert not rep["ok"] and rep["metadata"] == ["zarr.json: the store's attributes changed since it was created"]
+    assert not rep["ok"] and rep["metadata"] == [
+        "zarr.json: the store's attributes changed since it was created"
+    ]
     assert rep["bad"] == {} and rep["not_done"] == []
 
 
@@ -213,7 +226,9 @@ def test_distill_refuses_an_edited_dtype_attribute_with_one_line(tmp_path: Path)
     result = CliRunner().invoke(app, u.distill_args(store, tmp_path / "run"))
     assert result.exit_code == 2, result.output
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and f"{store}: zarr.json: the store's attributes changed" in errors[0], result.stderr
+    assert len(errors) == 1 and f"{store}: zarr.json: the store's attributes changed" in errors[0], (
+        result.stderr
+    )
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not one step trained
 
 
@@ -253,7 +268,8 @@ def test_cli_verify_names_edited_metadata(store_copy: Path) -> None:
     assert result.stdout.splitlines() == [
         "BAD store metadata: zarr.json: the store's attributes changed since it was created",
         "the store's own metadata cannot be rewritten shard by shard: restore the store from a copy, or rebuild it "
-        "with `dpal cache-teacher --out NEW`"]
+        "with `dpal cache-teacher --out NEW`",
+    ]
 
 
 # ---------------------------------------------------------------- corrupt markers and zarr.json (item 12)
@@ -277,10 +293,18 @@ def test_corrupt_marker_names_the_file_and_the_shard(store_copy: Path, damage: s
 
     f = marker_path(store_copy, 3)
     text = f.read_text()
-    f.write_text({"truncated": text[: len(text) // 2], "other shard": text.replace('"shard": 3', '"shard": 2'),
-                  "not an object": "[1, 2]"}[damage])
+    f.write_text(
+        {
+            "truncated": text[: len(text) // 2],
+            "other shard": text.replace('"shard": 3', '"shard": 2'),
+            "not an object": "[1, 2]",
+        }[damage]
+    )
     line = _cli_error("store", "info", str(store_copy))
-    assert line.startswith(f"error: {f}: the marker of shard 000003 ") and "rerun the same `dpal cache-teacher`" in line
+    assert (
+        line.startswith(f"error: {f}: the marker of shard 000003 ")
+        and "rerun the same `dpal cache-teacher`" in line
+    )
     with pytest.raises(StoreError, match="marker of shard 000003"):
         StoreReader(store_copy).valid_rows()
     rep = verify_store(store_copy)
@@ -348,9 +372,9 @@ def _temporaries(store: Path) -> list[str]:
     return sorted(p.relative_to(store.parent).as_posix() for p in found)
 
 
-def test_temporaries_of_killed_writers_are_removed_on_resume(store_copy: Path, ref_store: Path, corpus_dir: Path,
-                                                             make_config, child_env: dict[str, str],
-                                                             same_store) -> None:
+def test_temporaries_of_killed_writers_are_removed_on_resume(
+    store_copy: Path, ref_store: Path, corpus_dir: Path, make_config, child_env: dict[str, str], same_store
+) -> None:
     import subprocess
     import sys
 
@@ -358,7 +382,9 @@ def test_temporaries_of_killed_writers_are_removed_on_resume(store_copy: Path, r
     from dpal.store import remove_shard_temporaries
 
     marker_path(store_copy, 2).unlink()  # shard 2's writer was killed: no marker
-    subprocess.run([sys.executable, "-c", _KILLED_WRITERS, str(store_copy)], check=True, timeout=120, env=child_env)
+    subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITERS, str(store_copy)], check=True, timeout=120, env=child_env
+    )
     left = _temporaries(store_copy)
     assert [p.split("/")[0] for p in left if "init-" in p] and len(left) == 5, left
     assert {p.rsplit(".", 1)[-1] for p in left if "init-" not in p} == {"tmp", "partial"}
@@ -405,8 +431,9 @@ def test_store_verify_is_suggested_only_when_it_finds_something(store_copy: Path
     assert verify_store(store_copy)["bad"] == {"000001": ["relation/c/1/0/0/0 missing"]}
 
 
-def test_summary_lists_skipped_images_with_reasons(tmp_path: Path, bad_corpus_dir: Path,
-                                                   bad_cases: dict[str, tuple[bytes, str]], make_config) -> None:
+def test_summary_lists_skipped_images_with_reasons(
+    tmp_path: Path, bad_corpus_dir: Path, bad_cases: dict[str, tuple[bytes, str]], make_config
+) -> None:
     from dpal.pipeline.engine import run_cache
 
     summary = run_cache(make_config(bad_corpus_dir, tmp_path / "store"), show_progress=False)
@@ -420,8 +447,9 @@ def test_summary_lists_skipped_images_with_reasons(tmp_path: Path, bad_corpus_di
     assert summary.line(max_listed=2).splitlines()[2] == "... and 3 more (`dpal store info --json` lists all)"
 
 
-def test_shard_finished_by_another_run_is_not_counted_as_run(tmp_path: Path, corpus_dir: Path, teacher,
-                                                              make_config) -> None:
+def test_shard_finished_by_another_run_is_not_counted_as_run(
+    tmp_path: Path, corpus_dir: Path, teacher, make_config
+) -> None:
     from dpal.pipeline.cache import cache_shard
     from dpal.pipeline.engine import prepare_store, summarize
 
@@ -434,8 +462,10 @@ def test_shard_finished_by_another_run_is_not_counted_as_run(tmp_path: Path, cor
     summary = summarize(Path(cfg.out), layout, len(pending), reports, 1.0, True)
     assert (summary.shards_run, summary.shards_already_done, summary.images, summary.cached) == (4, 1, 10, 10)
     assert summary.shards_done == 5
-    assert summary.line() == ("cached 10 images in 4 shards (10.0 img/s, 1.0 s); skipped 0 bad images; "
-                              "1 shards were already done; store complete")
+    assert summary.line() == (
+        "cached 10 images in 4 shards (10.0 img/s, 1.0 s); skipped 0 bad images; "
+        "1 shards were already done; store complete"
+    )
 
 
 def test_resume_names_a_corrupt_marker(store_copy: Path, corpus_dir: Path, make_config) -> None:

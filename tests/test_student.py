@@ -104,7 +104,9 @@ def test_recompute_mlp_activations_same_values_less_memory(when: bool | None) ->
     from dpal.trainer.student import recompute_mlp_activations
 
     torch.manual_seed(0)
-    base = create_student("dpal_vit_tiny", img_size=(32, 64), depth=2, embed_dim=48, num_heads=3, last_num_heads=3)
+    base = create_student(
+        "dpal_vit_tiny", img_size=(32, 64), depth=2, embed_dim=48, num_heads=3, last_num_heads=3
+    )
     other = copy.deepcopy(base)
     assert recompute_mlp_activations(other, when) == 2
     x = torch.randn(2, 3, 32, 64)

@@ -213,10 +213,14 @@ def test_efficientnet_lite2_copies_every_tensor() -> None:
 
 def test_efficientnet_lite2_names_real_objects() -> None:
     """The copied weights classify real pixels: a tripod in vtest.avi's first frame."""
-    cv2 = pytest.importorskip("cv2", reason="reading the sample video needs opencv-python-headless (dpal[dev])")
+    cv2 = pytest.importorskip(
+        "cv2", reason="reading the sample video needs opencv-python-headless (dpal[dev])"
+    )
     video = next((p for p in SAMPLE_VIDEOS if p.exists()), None)
     if video is None:
-        pytest.skip(f"needs the sample video vtest.avi (docs/sample_data.md) at {' or '.join(map(str, SAMPLE_VIDEOS))}")
+        pytest.skip(
+            f"needs the sample video vtest.avi (docs/sample_data.md) at {' or '.join(map(str, SAMPLE_VIDEOS))}"
+        )
     ok, frame = cv2.VideoCapture(str(video)).read()
     assert ok
     crop = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)[320:500, 410:570].copy())
@@ -299,7 +303,9 @@ def _not_checkpoints(tmp_path: Path, source_vit: torch.nn.Module) -> dict[str, t
     return out
 
 
-def test_files_that_are_not_checkpoints_say_what_they_are_not(tmp_path: Path, source_vit: torch.nn.Module) -> None:
+def test_files_that_are_not_checkpoints_say_what_they_are_not(
+    tmp_path: Path, source_vit: torch.nn.Module
+) -> None:
     cases = _not_checkpoints(tmp_path, source_vit)
     for name, (path, words) in cases.items():
         with pytest.raises(ValueError) as info:

@@ -56,8 +56,11 @@ def test_sample_view_is_deterministic_and_depends_on_seed_key_view(recipe: ViewR
     p = sample_view(recipe, 0, "a.jpg", 0, (60, 30), bgs)
     assert p.shape == (NUM_PARAMS,) and p.dtype == np.float64
     assert np.array_equal(p, sample_view(recipe, 0, "a.jpg", 0, (60, 30), bgs))
-    others = [sample_view(recipe, 0, "a.jpg", 1, (60, 30), bgs), sample_view(recipe, 1, "a.jpg", 0, (60, 30), bgs),
-              sample_view(recipe, 0, "b.jpg", 0, (60, 30), bgs)]
+    others = [
+        sample_view(recipe, 0, "a.jpg", 1, (60, 30), bgs),
+        sample_view(recipe, 1, "a.jpg", 0, (60, 30), bgs),
+        sample_view(recipe, 0, "b.jpg", 0, (60, 30), bgs),
+    ]
     for q in others:
         # the continuous draws (jitter factors, blur sigma) differ whenever the generator differs
         assert not np.array_equal(p, q)
@@ -72,8 +75,13 @@ def test_sample_view_is_deterministic_and_depends_on_seed_key_view(recipe: ViewR
 def test_paste_positions_follow_method_md_at_paper_sizes() -> None:
     paper = ViewRecipe()  # v0 256 x 128, locals 128 x 96, Ic 256 x 256
     assert (paper.global_size, paper.local_size, paper.crowd_size) == ((256, 128), (128, 96), (256, 256))
-    ps = np.stack([sample_view(paper, 0, f"img{i}", k, (300, 150), [(0, (300, 300))])
-                   for i in range(1000) for k in range(2)])
+    ps = np.stack(
+        [
+            sample_view(paper, 0, f"img{i}", k, (300, 150), [(0, (300, 300))])
+            for i in range(1000)
+            for k in range(2)
+        ]
+    )
     a_row, a_col, b_row, b_col = (ps[:, FIELD[f]].astype(int) for f in ("a_row", "a_col", "b_row", "b_col"))
     # docs/method.md: A row in [0, 127), col in [0, 63); B row in [0, 127), col in [end_col_A, 159)
     assert a_row.min() == 0 and a_row.max() == 126
@@ -150,14 +158,18 @@ def test_replay_is_deterministic_and_builds_ic_by_alpha_blend(recipe: ViewRecipe
     expected = back.copy()
     alpha = np.float32(0.7)
     for person, r, c in ((person_a, a_row, a_col), (person_b, b_row, b_col)):
-        expected[:, r : r + lh, c : c + lw] = alpha * person + (np.float32(1) - alpha) * back[:, r : r + lh, c : c + lw]
+        expected[:, r : r + lh, c : c + lw] = (
+            alpha * person + (np.float32(1) - alpha) * back[:, r : r + lh, c : c + lw]
+        )
     assert torch.equal(ic, normalize(expected))
     assert torch.equal(v0, normalize(to_unit(v0_img)))
     # outside both boxes, Ic is the background alone
     mask = np.ones(recipe.crowd_size, dtype=bool)
     mask[a_row : a_row + lh, a_col : a_col + lw] = False
     mask[b_row : b_row + lh, b_col : b_col + lw] = False
-    assert mask.sum() > 0 and torch.equal(ic[:, torch.from_numpy(mask)], normalize(back)[:, torch.from_numpy(mask)])
+    assert mask.sum() > 0 and torch.equal(
+        ic[:, torch.from_numpy(mask)], normalize(back)[:, torch.from_numpy(mask)]
+    )
 
 
 # Draws and replays views of three seeded images and prints one SHA-256 per image over the stream's
@@ -195,8 +207,14 @@ def test_views_replay_alike_in_a_fresh_process(recipe: ViewRecipe) -> None:
     exec(compile(script, "<view digests>", "exec"), namespace)
     assert len(printed) == 3 and len(set(printed)) == 3
     # this process hashes str with a random seed (unless PYTHONHASHSEED is set); the child with seed 1
-    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                           env={**u.env(), "PYTHONHASHSEED": "1"}, cwd=u.REPO_ROOT)
+    child = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**u.env(), "PYTHONHASHSEED": "1"},
+        cwd=u.REPO_ROOT,
+    )
     assert child.returncode == 0, child.stderr
     assert child.stdout.split() == printed
 
@@ -204,8 +222,9 @@ def test_views_replay_alike_in_a_fresh_process(recipe: ViewRecipe) -> None:
 def test_normalize_uses_imagenet_stats() -> None:
     x = np.full((3, 2, 2), 0.5, dtype=np.float32)
     y = normalize(x)
-    expected = (0.5 - np.array([0.485, 0.456, 0.406], dtype=np.float32)) / np.array([0.229, 0.224, 0.225],
-                                                                                     dtype=np.float32)
+    expected = (0.5 - np.array([0.485, 0.456, 0.406], dtype=np.float32)) / np.array(
+        [0.229, 0.224, 0.225], dtype=np.float32
+    )
     assert torch.equal(y[:, 0, 0], torch.from_numpy(expected.astype(np.float32)))
     assert y.shape == (3, 2, 2) and y.dtype == torch.float32
 
