@@ -1,12 +1,12 @@
 # Two commands set everything up on a fresh machine with python3.12:
 #   make demo   the main job on the sample corpus that ships in sample_data/
-#   make test   the test suite
+#   make test   the test suite: the unit tier, then the cluster tier (make test-cluster)
 PY ?= python3.12
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint clean constraints
+.PHONY: venv demo test test-cluster lint clean constraints
 
 # constraints.txt pins every package to the versions the suite last passed with, so that a new
 # release on the registry cannot change what CI installs; `make constraints` refreshes it.
@@ -24,6 +24,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-cluster
+
+# The cluster tier (tests/cluster/): real SLURM jobs. It uses the SLURM that answers; as root it
+# installs and starts a single-node one (tests/cluster/slurm_local.sh) and stops it after; otherwise
+# it is skipped with the reason. A plain `pytest` leaves tests/cluster out.
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -q tests/cluster
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

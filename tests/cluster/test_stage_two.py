@@ -15,6 +15,7 @@ import json
 import re
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import dpal_tests_cluster_util as cu  # registered by tests/cluster/conftest.py
@@ -67,6 +68,10 @@ def requeue_now(job: int, log: Path) -> None:
     """Once the requeued job is PENDING again, start it now instead of after its ~2 minute BeginTime."""
     cu.wait_state(job, {"PENDING"}, 60, log)
     assert cu.job_field(job, "Restarts") == "1"
+    # slurmd revokes the old run's credential at a time in whole seconds and refuses a credential
+    # made in that same second ("Killing non-startable batch JobId=N: Job credential revoked", and
+    # the job FAILS): a job that requeues itself is PENDING within that second
+    time.sleep(2)
     assert cu.run(["scontrol", "update", f"JobId={job}", "StartTime=now"]).returncode == 0
 
 
