@@ -21,7 +21,7 @@ from dpal.pipeline.engine import run_cache
 from dpal.store import MARKERS_DIR, done_shards, read_attrs, verify_store
 
 BIG_SHARD = 3  # conftest.SHARD_SIZE: big_corpus_dir's 30 images -> 10 shards, long enough to cancel a worker mid-run
-SLURM_SETS = ["--set", "slurm.partition=debug", "--set", "slurm.jobs=2", "--set", "slurm.gpus_per_job=0",
+SLURM_SETS = ["--set", "slurm.jobs=2", "--set", "slurm.gpus_per_job=0",
               "--set", "slurm.cores=1", "--set", "slurm.memory=1GB", "--set", "slurm.walltime=00:05:00"]
 
 
