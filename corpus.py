@@ -182,24 +182,38 @@ def _index_tar(source: str, problems: list[dict[str, str]]) -> list[ImageRef]:
             refs.extend(_tar_ref(source, m, problems))
         if not members and _has_data(f, 0, size):
             raise InputError(f"corpus tar {source} is not a tar archive (no valid header in {size} bytes)")
-        if error is not None:
-            problems.append(_problem(f"{source} at byte {expected}", f"unreadable tar from here: {error}"))
-        elif members and expected < size and _has_data(f, expected, size):
-            what = (
-                f"the tar is cut short at byte {size}, inside a header (an interrupted copy or download?)"
-                if size % tarfile.BLOCKSIZE
-                else "corrupt tar header"
-            )
-            problems.append(
-                _problem(
-                    f"{source} at byte {expected}",
-                    (
-                        f"{what}: the {size - expected} bytes from here to the end hold no valid header; the "
-                        "member(s) there are lost"
-                    ),
-                )
-            )
+        _tar_tail(f, source, size, expected, error, bool(members), problems)
     return refs
+
+
+def _tar_tail(
+    f: Any,
+    source: str,
+    size: int,
+    expected: int,
+    error: str | None,
+    has_members: bool,
+    problems: list[dict[str, str]],
+) -> None:
+    """Record what follows the last member read: an unreadable stretch (`error`), or bytes up to
+    the end of the file (from `expected`) that hold no valid header."""
+    if error is not None:
+        problems.append(_problem(f"{source} at byte {expected}", f"unreadable tar from here: {error}"))
+    elif has_members and expected < size and _has_data(f, expected, size):
+        what = (
+            f"the tar is cut short at byte {size}, inside a header (an interrupted copy or download?)"
+            if size % tarfile.BLOCKSIZE
+            else "corrupt tar header"
+        )
+        problems.append(
+            _problem(
+                f"{source} at byte {expected}",
+                (
+                    f"{what}: the {size - expected} bytes from here to the end hold no valid header; the "
+                    "member(s) there are lost"
+                ),
+            )
+        )
 
 
 def _tar_ref(source: str, m: tarfile.TarInfo, problems: list[dict[str, str]]) -> list[ImageRef]:
