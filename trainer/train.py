@@ -109,7 +109,13 @@ def train(cfg: DistillConfig, show_progress: bool = True,
     """Run (or resume) stage two as configured, owning the run directory meanwhile (rundir.py).
     `dataset_class` builds the batches (a benchmark passes one that serves targets from memory)."""
     with ExitStack() as stack:  # releases the run directory's lock however the run ends
-        return Trainer.from_config(cfg, stack, show_progress, dataset_class).train()
+        # The stop signals are caught from here on, not only once the loop starts: SLURM may send
+        # its warning signal while the store opens and the model builds, and SIGUSR1's default
+        # action would kill the rank. A stop asked for by then takes effect after the first step.
+        stop = StopFlag()
+        stop.install()
+        stack.callback(stop.uninstall)
+        return Trainer.from_config(cfg, stack, show_progress, dataset_class).train(stop)
 
 
 class Trainer:
@@ -338,10 +344,13 @@ class Trainer:
             generator=torch.Generator().manual_seed(cfg.seed),
         )
 
-    def train(self) -> TrainResult:
-        """Train to the end (or `max_steps`), or until a stop signal: then checkpoint and return."""
-        stop = StopFlag()
-        stop.install()
+    def train(self, stop: StopFlag | None = None) -> TrainResult:
+        """Train to the end (or `max_steps`), or until a stop signal: then checkpoint and return.
+        `stop`: a flag its caller installed earlier; None installs one for the loop."""
+        own_flag = stop is None
+        if stop is None:
+            stop = StopFlag()
+            stop.install()
         stopped = False
         progress = (Progress("distill", self.end_steps, self.step, interval_s=self.cfg.progress_seconds)
                     if self.show_progress and self.info.is_main else None)
@@ -365,7 +374,8 @@ class Trainer:
             # ignore SIGTERM, and multiprocessing's exit handler would terminate() and join them forever.
             if hasattr(it, "_shutdown_workers"):
                 it._shutdown_workers()
-            stop.uninstall()
+            if own_flag:
+                stop.uninstall()
             if progress is not None:
                 progress.stop()
             if self.metrics is not None:
