@@ -227,3 +227,33 @@ def test_export_of_tied_weights_writes_each_copy(tmp_path: Path, caplog: pytest.
     x = torch.randn(2, 3, 32, 16)
     with torch.no_grad():
         assert torch.equal(student_tokens(loaded, x), student_tokens(model, x))
+
+
+def test_safetensors_bytes_are_the_format_spelled_out() -> None:
+    # one float32 tensor: 8-byte header length, the sorted JSON header padded with spaces to a
+    # multiple of 8, then the values little-endian (safetensors' own writer orders the metadata
+    # differently from one process to the next)
+    import struct
+
+    from safetensors.torch import load
+
+    from dpal.trainer.export import safetensors_bytes
+
+    got = safetensors_bytes({"w": torch.tensor([1.0, 2.0])}, {"model_name": "m", "format": "pt"})
+    header = b'{"__metadata__":{"format":"pt","model_name":"m"},"w":{"data_offsets":[0,8],"dtype":"F32","shape":[2]}}'
+    padded = header + b" " * (-len(header) % 8)
+    assert len(padded) == 104
+    assert got == struct.pack("<Q", 104) + padded + struct.pack("<2f", 1.0, 2.0)
+
+    state = {
+        "b": torch.randn(2, 3),
+        "a": torch.randn(4).to(torch.bfloat16),
+        "i": torch.arange(5),
+        "h": torch.randn(3, dtype=torch.float16),
+        "m": torch.tensor([True, False]),
+        "e": torch.zeros(0, 4),
+    }
+    back = load(safetensors_bytes(state, {"format": "pt"}))
+    assert sorted(back) == sorted(state)
+    for k, t in state.items():
+        assert back[k].dtype == t.dtype and torch.equal(back[k], t), k

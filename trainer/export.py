@@ -19,7 +19,7 @@ from typing import Any
 
 import timm
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 import dpal
@@ -73,11 +73,21 @@ def backbone_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def _build(model_name: str, img_size: tuple[int, int], timm_kwargs: dict[str, Any],
-           pretrained_cfg: dict[str, Any] | None = None) -> nn.Module:
+def _build(
+    model_name: str,
+    img_size: tuple[int, int],
+    timm_kwargs: dict[str, Any],
+    pretrained_cfg: dict[str, Any] | None = None,
+) -> nn.Module:
     overlay = data_config(img_size) if pretrained_cfg is None else pretrained_cfg
-    return timm.create_model(model_name, pretrained=False, num_classes=0, img_size=tuple(img_size),
-                             pretrained_cfg_overlay=dict(overlay), **timm_kwargs)
+    return timm.create_model(
+        model_name,
+        pretrained=False,
+        num_classes=0,
+        img_size=tuple(img_size),
+        pretrained_cfg_overlay=dict(overlay),
+        **timm_kwargs,
+    )
 
 
 def export_student(
@@ -139,10 +149,50 @@ def export_student(
         raise ValueError(f"timm_kwargs {timm_kwargs} must be JSON-serialisable to be exported") from err
     # Both files atomically, with the mode the umask gives a new file (0644 under the usual 022), so
     # that whoever may read the JSON may read the weights (safetensors' save_file made them 0600).
-    atomic_write_bytes(out_path, save(state, metadata={"model_name": model_name, "format": "pt"}))
+    atomic_write_bytes(out_path, safetensors_bytes(state, {"format": "pt", "model_name": model_name}))
     atomic_write_bytes(out_path.with_suffix(".json"), config_text.encode())
     logger.info("exported %s backbone (%d tensors) to %s", model_name, len(state), out_path)
     return out_path
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def safetensors_bytes(state: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
+    """`state` in the safetensors format, the same bytes in every process.
+
+    safetensors' own writer keeps the metadata in a hash map whose order changes from one process
+    to the next, so two exports of the same weights differed in their header. Here the header is
+    JSON with sorted keys and the tensors follow in name order: an 8-byte little-endian header
+    length, the header padded with spaces to a multiple of 8, then each tensor's bytes (row-major,
+    little-endian) at its `data_offsets`.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
 
 
 def load_exported(path: Path | str) -> nn.Module:
