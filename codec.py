@@ -39,6 +39,7 @@ RELATION_DTYPES = ("float16", "float32", "int8")  # the stored factor Z
 BASIS_DTYPES = ("float16", "float32")  # the stored PCA components
 TOKEN_SCALES = ("token", "token_component")  # int8 step: per token, or per token x component std
 RELATION_SOURCES = ("factor", "tokens")  # Ic's relation as Z Z^T, or rebuilt from Ic's coded tokens
+TOKEN_CODECS = ("pca", "int8", "float16")  # PCA + int8 coefficients, or today's per-token int8 / float16
 INT8_MAX = 127.0
 
 
@@ -295,8 +296,12 @@ class CodecConfig:
     relation_rank: int = 32
     """r of the relation factor (relation_source `factor`)."""
     relation_dtype: str = "float16"
+    token_codec: str = "pca"
+    """How v0's patch tokens (and Ic's, for relation_source `tokens`) are stored: `pca` (r_pca int8
+    coefficients + a float32 step), or as today's store does, `int8` (D int8 + a float32 step) or
+    `float16`."""
     token_components: int = 256
-    """r_pca of the token codec (v0's patch tokens, and Ic's tokens for relation_source `tokens`)."""
+    """r_pca of the `pca` token codec."""
     basis_dtype: str = "float16"
     relation_source: str = "factor"
     global_dtype: str = "float16"
@@ -307,6 +312,7 @@ class CodecConfig:
             ("relation_dtype", self.relation_dtype, RELATION_DTYPES),
             ("basis_dtype", self.basis_dtype, BASIS_DTYPES),
             ("relation_source", self.relation_source, RELATION_SOURCES),
+            ("token_codec", self.token_codec, TOKEN_CODECS),
             ("global_dtype", self.global_dtype, ("float16", "float32")),
         ):
             if value not in known:
@@ -325,11 +331,13 @@ def bytes_per_view(
     """Bytes of one cached view, by part, and their `total`.
 
     `basis` is one basis (mean float32, components, scales float32) shared by `views_per_basis`
-    views (a store shard's S x K), rounded up; 0 when None. Relation ranks above T count as T.
+    views (a store shard's S x K), rounded up; 0 when None or without the `pca` token codec.
+    Relation ranks above T count as T.
     """
     d, p, t = embed_dim, num_patches, num_crowd_tokens
     r_pca = min(cfg.token_components, d)
-    token_bytes = r_pca + 4  # int8 coefficients + a float32 step, per token
+    # per token: int8 coefficients (or channels) + a float32 step, or float16 channels
+    token_bytes = {"pca": r_pca + 4, "int8": d + 4, "float16": 2 * d}[cfg.token_codec]
     out = {"global": d * np.dtype(cfg.global_dtype).itemsize, "local": p * token_bytes}
     if cfg.relation_source == "tokens":
         out["relation"] = t * token_bytes
@@ -339,6 +347,6 @@ def bytes_per_view(
         out["relation"] = z + 4 * t  # + the float32 diagonal
     out["params"] = NUM_PARAMS * 8
     basis = 4 * d + r_pca * d * np.dtype(cfg.basis_dtype).itemsize + 4 * r_pca
-    out["basis"] = -(-basis // views_per_basis) if views_per_basis else 0
+    out["basis"] = -(-basis // views_per_basis) if views_per_basis and cfg.token_codec == "pca" else 0
     out["total"] = sum(out.values())
     return out

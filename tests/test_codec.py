@@ -173,6 +173,9 @@ def test_bytes_per_view_hand_counted() -> None:
         "basis": basis,
         "total": 1536 + 33280 + 17476 + 448 + 388,
     }
+    # today's int8 tokens with the factor: no basis
+    int8 = codec.bytes_per_view(codec.CodecConfig(token_codec="int8"), 768, 128, 257, 1024)
+    assert (int8["local"], int8["basis"], int8["total"]) == (128 * 772, 0, 1536 + 98816 + 17476 + 448)
     via_tokens = codec.CodecConfig(relation_source="tokens", token_components=64)
     assert codec.bytes_per_view(via_tokens, 768, 128, 257)["relation"] == 257 * 68
     with pytest.raises(InputError, match="relation_dtype 'bf16' is unknown"):
