@@ -186,6 +186,12 @@ def shard_slice(spec: str, num_shards: int) -> range:
     return range(start, min(stop, num_shards))
 
 
+# DistillConfig's keys that only some recipes read; another recipe refuses them at a value of their own
+RECIPE_KEYS = {"dpal": ("global_weight", "local_weight", "relation_weight", "projector"),
+               "feature-kd": ("global_weight", "local_weight"),
+               "proteus": ("mask_ratio", "mask_probability")}
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """`dpal distill`: train the student and D-PaDe against a store."""
@@ -242,6 +248,23 @@ class DistillConfig:
     device: str = opt("auto", "auto, cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK.")
     recipe_local_size: tuple[int, int] | None = opt(None, "Override the local crop size (H, W), e.g. "
                                                     "[64, 48].", default_help="the store's recipe")
+    recipe: Literal["dpal", "proteus", "feature-kd"] = opt(
+        "dpal", "What to train against the store's targets (docs/training.md, Recipes): dpal (D-PaDe and its "
+        "three objectives), proteus (LayerNorm + Linear heads on CLS and v0's tokens plus a masked branch, after "
+        "Proteus, ICLR 2025) or feature-kd (one LayerNorm + Linear projector, MSE on the global target and v0's "
+        "tokens). Fixed for a run: a resume keeps it.")
+    projector: Literal["dpade", "linear"] = opt("dpade", "dpal's projector from student to teacher width: D-PaDe, "
+                                                "or one plain Linear(d, D) shared by the three objectives "
+                                                "(ablation). Fixed for a run.")
+    global_weight: float = opt(1.0, "Weight of the global objective (dpal, feature-kd); 0 switches it off and "
+                               "skips its forward passes.")
+    local_weight: float = opt(1.0, "Weight of the local objective (dpal, feature-kd); 0 switches it off.")
+    relation_weight: float = opt(1.0, "Weight of dpal's relation objective; 0 switches it off and skips the "
+                                 "student's pass over Ic.")
+    mask_ratio: float = opt(0.5, "proteus: fraction of v0's patches (at least one) replaced by the mask token "
+                            "in a masked image (Proteus's 0.5).")
+    mask_probability: float = opt(0.5, "proteus: fraction of each micro-batch (its first images, at least one) "
+                                  "that the masked branch sees (Proteus's 0.5).")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -259,6 +282,26 @@ class DistillConfig:
             raise ConfigError("num_workers must be >= 0 (or none for the default)")
         if self.fresh and self.resume not in ("auto", "none"):
             raise ConfigError(f"--fresh starts over; it cannot resume from {self.resume} (drop one of them)")
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        """Each recipe's own keys: a setting that another recipe reads is refused, never ignored."""
+        weights = {"global_weight": self.global_weight, "local_weight": self.local_weight,
+                   "relation_weight": self.relation_weight}
+        if any(not w >= 0 for w in weights.values()):  # `not >=` also catches nan
+            raise ConfigError(f"global_weight, local_weight and relation_weight must be >= 0, got {weights}")
+        if not 0 < self.mask_ratio < 1 or not 0 < self.mask_probability <= 1:
+            raise ConfigError(f"mask_ratio must be in (0, 1) and mask_probability in (0, 1], got {self.mask_ratio} "
+                              f"and {self.mask_probability}")
+        own = RECIPE_KEYS[self.recipe]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        foreign = [k for keys in RECIPE_KEYS.values() for k in keys
+                   if k not in own and getattr(self, k) != defaults[k]]
+        if foreign:
+            raise ConfigError(f"{foreign[0]} does not apply to --recipe {self.recipe} (its keys: {', '.join(own)}); "
+                              "drop it or choose the recipe it belongs to")
+        if self.recipe != "proteus" and not any(weights[k] > 0 for k in own if k in weights):
+            raise ConfigError(f"--recipe {self.recipe} has every objective's weight at 0; nothing would be trained")
 
 
 # ---------------------------------------------------------------- field types and choices

@@ -77,6 +77,8 @@ def vit_tokens(
     x: Tensor,
     pos: PosEmbed | None = None,
     block_index: int | None = None,
+    patch_mask: Tensor | None = None,
+    mask_token: Tensor | None = None,
 ) -> Tensor:
     """All tokens of a timm VisionTransformer for an input of any size divisible by the patch.
 
@@ -88,6 +90,10 @@ def vit_tokens(
         block_index: None for the output of the last block after the final norm (timm's
             `forward_features`); an integer i for the output of block i, normalised by a
             parameter-free LayerNorm (used when a teacher's last blocks were never trained).
+        patch_mask: (B, H * W) bool, or None: the patch embeddings where it is True are replaced by
+            `mask_token` (1, 1, C) before the position embedding is added (masked image modelling,
+            as DINOv2 and Proteus do).
+        mask_token: (1, 1, C), with `patch_mask`.
 
     Returns:
         (B, num_prefix + H * W, C): prefix tokens (CLS, registers) first, then patches row-major.
@@ -104,6 +110,8 @@ def vit_tokens(
     tokens = pe(x)  # (B, N, C) or (B, H, W, C)
     if tokens.ndim == 4:
         tokens = tokens.flatten(1, 2)
+    if patch_mask is not None:
+        tokens = torch.where(patch_mask.unsqueeze(-1), mask_token.to(tokens.dtype), tokens)
     tokens = tokens + resize_pos_grid(pos.grid, pos.grid_hw, grid_hw).to(tokens.dtype)
     prefix = []
     if getattr(model, "cls_token", None) is not None:

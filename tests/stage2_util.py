@@ -110,10 +110,13 @@ def tensors(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def assert_same_training_state(a: dict[str, Any], b: dict[str, Any]) -> None:
-    """Student, D-PaDe, optimizer, sampler and RNG of two checkpoints are equal bit for bit."""
+    """Student, D-PaDe (or another recipe's heads), optimizer, sampler and RNG of two checkpoints are
+    equal bit for bit."""
     assert a["step"] == b["step"]
     assert a["sampler"] == b["sampler"]
-    for part in ("model", "dpade", "optimizer", "rng"):
+    heads = "dpade" if "dpade" in a else "heads"
+    assert heads in b
+    for part in ("model", heads, "optimizer", "rng"):
         ta, tb = tensors(a[part]), tensors(b[part])
         assert ta.keys() == tb.keys(), part
         unequal = [k for k in ta if not torch.equal(ta[k], tb[k])]

@@ -140,9 +140,10 @@ def test_help_defaults_are_the_config_defaults(command: str, config: type) -> No
                           "replay_threads", "seed", "shard_size", "teacher", "teacher_global_token",
                           "threads_per_worker", "views", "workers"],
         "distill": ["base_lr", "batch_size", "betas", "checkpoint_every", "device", "dpade_scale", "epochs",
-                    "grad_accum", "keep_last", "keep_weights_only_older", "l2_weight", "log_every", "min_lr",
-                    "progress_seconds", "resume", "seed", "student", "student_kwargs", "warmup_epochs",
-                    "weight_decay"],
+                    "global_weight", "grad_accum", "keep_last", "keep_weights_only_older", "l2_weight",
+                    "local_weight", "log_every", "mask_probability", "mask_ratio", "min_lr", "progress_seconds",
+                    "projector", "recipe", "relation_weight", "resume", "seed", "student", "student_kwargs",
+                    "warmup_epochs", "weight_decay"],
     }[command]
 
 
@@ -390,7 +391,9 @@ def test_dask_run_in_a_log_prints_progress_lines_and_closes_cleanly(tmp_path: Pa
 # Non-default values the generic rule in _other_value cannot find (validated fields, choices, mappings).
 _OTHER = {"shards": "1:2", "device": "cpu", "resume": "none", "dtype": "int8", "teacher_global_token": "mean",
           "recipe.crowd_size": (240, 256), "slurm.job_extra": ("--constraint=a100",),
-          "recipe_local_size": (64, 48), "student_kwargs": {"depth": 2}}
+          "recipe_local_size": (64, 48), "student_kwargs": {"depth": 2}, "recipe": "feature-kd", "projector": "linear"}
+# distill keys that only one --recipe reads (any other refuses them): set together with that recipe
+_RECIPE_OF = {"mask_ratio": "proteus", "mask_probability": "proteus"}
 
 
 def _leaves(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, object]]:
@@ -439,7 +442,7 @@ def test_every_config_field_is_reachable_from_the_cli(command: str, config: type
 
     base = config()
     leaves = list(_leaves(config))
-    assert len(leaves) == {"cache-teacher": 25 + 8 + 18, "distill": 30}[command]  # with slurm, recipe
+    assert len(leaves) == {"cache-teacher": 25 + 8 + 18, "distill": 37}[command]  # with slurm, recipe
     for dotted, f, default in leaves:
         value = _other_value(dotted, default)
         assert value != default, dotted
@@ -451,7 +454,9 @@ def test_every_config_field_is_reachable_from_the_cli(command: str, config: type
             flag = f.metadata.get("flag") or f.name.replace("_", "-")
             args = [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}",
                                                                                                _as_text(value)]
-            expected = dataclasses.replace(base, **{f.name: value})
+            with_recipe = {"recipe": _RECIPE_OF[f.name]} if command == "distill" and f.name in _RECIPE_OF else {}
+            args += [f"--{k}={v}" for k, v in with_recipe.items()]
+            expected = dataclasses.replace(base, **with_recipe, **{f.name: value})
         options = _parse(command, args)
         assert config_from_options(config, options) == expected, (dotted, args)
         assert set(options) == {"cache-teacher": {"dry_run", "quiet", "as_json"}, "distill": {"quiet"}}[command]

@@ -6,11 +6,15 @@ weighted by a shape mask, the min-max scaled first principal component of the te
 Relation (interaction): the row-softmaxed token affinities of the decoded student tokens on the
 crowd image match the teacher's, in KL(A_t || A_s). `total_loss` adds the three and D-PaDe's
 router and expert terms. Every mean-squared error averages over channels, then tokens and batch.
+
+The baselines' objectives (docs/training.md, "Recipes") are here too: `token_mse` (feature-kd's
+two terms, proteus's token term), `proteus_feature_mse` (CLS and patches together) and
+`masked_token_mse` (proteus's masked branch); `weighted_sum` adds any recipe's terms.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +25,7 @@ from torch import Tensor
 ROUTE_WEIGHT_EARLY = 0.1
 ROUTE_WEIGHT_LATE = 0.01
 ROUTE_WEIGHT_SWITCH_EPOCH = 20
-# the terms of `total_loss`, in the order `total_loss_terms` stacks them
+# the terms of `total_loss`, in the order it stacks them
 TERM_NAMES = ("global", "local", "relation", "route", "weight_l2", "total")
 
 
@@ -138,6 +142,62 @@ def relation_kl(student: Tensor, teacher_logits: Tensor) -> Tensor:
         return kl.mean()
 
 
+def token_mse(student: Tensor, teacher: Tensor) -> Tensor:
+    """MSE of projected student tokens against the teacher's, in float32 (even under autocast's
+    bf16 outputs), averaged over channels, tokens and batch.
+
+    Args:
+        student: (B, D) or (B, L, D).
+        teacher: the same shape.
+
+    Returns:
+        () the loss.
+    """
+    return F.mse_loss(student.float(), teacher.float())
+
+
+def proteus_feature_mse(student_cls: Tensor, student_patches: Tensor, teacher_global: Tensor,
+                        teacher_patches: Tensor) -> Tensor:
+    """Proteus's feature term: MSE over all 1 + P tokens at once, the CLS (through the token head) and
+    the patches (through the feature head) against the teacher's global target and patches.
+
+    Args:
+        student_cls: (B, D) the token head's output.
+        student_patches: (B, P, D) the feature head's output.
+        teacher_global: (B, D).
+        teacher_patches: (B, P, D).
+
+    Returns:
+        () the loss: (P x MSE(patches) + MSE(CLS)) / (1 + P).
+    """
+    s = torch.cat([student_cls.unsqueeze(1), student_patches], dim=1)  # (B, 1 + P, D)
+    t = torch.cat([teacher_global.unsqueeze(1), teacher_patches], dim=1)
+    return token_mse(s, t)
+
+
+def masked_token_mse(student_patches: Tensor, teacher_patches: Tensor, masked: Tensor) -> Tensor:
+    """MSE over the masked positions only (proteus's patch term): the mean over every masked token of
+    every image (images with more masked tokens weigh more, as in Proteus's code) and over channels.
+
+    Args:
+        student_patches: (B, P, D) the patch head's output on the masked input.
+        teacher_patches: (B, P, D) the teacher's patches on the unmasked view.
+        masked: (B, P) bool, at least one True.
+
+    Returns:
+        () the loss.
+    """
+    return token_mse(student_patches[masked], teacher_patches[masked])  # (M, D) each
+
+
+def weighted_sum(terms: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
+    """sum over `terms` (in order) of weights[name] x term, in float32; a weight of 1 changes no bit."""
+    total = torch.zeros((), dtype=torch.float32, device=next(iter(terms.values())).device)
+    for name, term in terms.items():
+        total = total + weights[name] * term.float()
+    return total
+
+
 def route_weight(epoch: int) -> float:
     """lambda_route: 0.1 for epochs 0-19, then 0.01."""
     return ROUTE_WEIGHT_EARLY if epoch < ROUTE_WEIGHT_SWITCH_EPOCH else ROUTE_WEIGHT_LATE
@@ -151,7 +211,8 @@ def total_loss(
     weight_l2s: Sequence[Tensor],
     epoch: int,
 ) -> tuple[Tensor, dict[str, float]]:
-    """L = L_g + L_l + L_r + lambda_route(epoch) * mean(route CE) + mean(L_W).
+    """L = L_g + L_l + L_r + lambda_route(epoch) * mean(route CE) + mean(L_W), the reference that
+    `Distiller.forward` (which also weighs and skips objectives) is tested against.
 
     Args:
         loss_global: () L_g.
@@ -165,25 +226,6 @@ def total_loss(
         The total (), and its terms as floats: global, local, relation, route, weight_l2,
         route_weight, total.
     """
-    total, parts, lam = total_loss_terms(loss_global, loss_local, loss_relation, route_losses, weight_l2s, epoch)
-    terms = dict(zip(TERM_NAMES, parts.tolist(), strict=True))  # one device sync for all terms
-    terms["route_weight"] = lam
-    return total, terms
-
-
-def total_loss_terms(
-    loss_global: Tensor,
-    loss_local: Tensor,
-    loss_relation: Tensor,
-    route_losses: Sequence[Tensor],
-    weight_l2s: Sequence[Tensor],
-    epoch: int,
-) -> tuple[Tensor, Tensor, float]:
-    """`total_loss` without the device sync (the training step reads its terms only on log steps).
-
-    Returns:
-        The total (), the terms (6,) detached, in TERM_NAMES order, and lambda_route(epoch).
-    """
     if not route_losses or not weight_l2s:
         raise ValueError("route_losses and weight_l2s must not be empty")
     lam = route_weight(epoch)
@@ -191,4 +233,6 @@ def total_loss_terms(
     l2 = torch.stack([w.float() for w in weight_l2s]).mean()
     total = loss_global.float() + loss_local.float() + loss_relation.float() + lam * route + l2
     parts = torch.stack([loss_global.float(), loss_local.float(), loss_relation.float(), route, l2, total])
-    return total, parts.detach(), lam
+    terms = dict(zip(TERM_NAMES, parts.tolist(), strict=True))  # one device sync for all terms
+    terms["route_weight"] = lam
+    return total, terms

@@ -4,8 +4,8 @@ shown, and where they go (rank 0's `metrics.jsonl`, and TensorBoard's `tb/` when
 A step leaves its terms on the device (`StepTerms`); reading them waits for the device, so the
 trainer reads them on log steps and when the progress display draws, never otherwise. One line of
 `metrics.jsonl` per log step: `step`, `epoch` (the one the step trained in), `lr`, the mean of each
-term over the step's micro-batches (global, local, relation, route, weight_l2, total, route_weight,
-route_acc) and `images_per_s` (all ranks' images since the previous line over its wall time).
+term over the step's micro-batches (dpal: global, local, relation, route, weight_l2, total, route_weight,
+route_acc; other recipes and ablations: their own terms and total, docs/training.md "Recipes") and `images_per_s` (all ranks' images since the previous line over its wall time).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dpal.trainer.rundir import disk_full_error
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-PROGRESS_TERMS = ("total", "global", "local", "relation")
+PROGRESS_TERMS = ("total", "global", "local", "relation", "token", "feature", "patch")  # those a recipe has
 
 
 class StepTerms:
@@ -49,7 +49,7 @@ class StepTerms:
         return out
 
     def progress_fields(self) -> dict[str, float]:
-        """What the progress line shows: loss (the total) and the three alignment terms."""
+        """What the progress line shows: loss (the total) and the recipe's alignment terms."""
         return {k: self.mean[k] for k in PROGRESS_TERMS if k in self.mean}
 
 

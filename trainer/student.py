@@ -162,18 +162,22 @@ def create_student(name: str, img_size: tuple[int, int] = DEFAULT_IMG_SIZE, **kw
     return model
 
 
-def student_tokens(model: nn.Module, x: Tensor) -> Tensor:
+def student_tokens(model: nn.Module, x: Tensor, patch_mask: Tensor | None = None,
+                   mask_token: Tensor | None = None) -> Tensor:
     """All final normalised tokens of the student at any input size (position grid resized 2-D).
 
     Args:
         model: a student from `create_student`.
         x: (B, 3, H, W) normalised pixels, H and W divisible by 16.
+        patch_mask: (B, N) bool, or None: patch embeddings replaced by `mask_token` (1, 1, d)
+            before the position embedding (the proteus recipe's masked branch).
+        mask_token: (1, 1, d), with `patch_mask`.
 
     Returns:
         (B, num_prefix_tokens + N, d): CLS first (then registers, if any), patches row-major.
         Gradients flow into every parameter, `pos_embed` included.
     """
-    return vit_tokens(model, x)
+    return vit_tokens(model, x, patch_mask=patch_mask, mask_token=mask_token)
 
 
 # ---------------------------------------------------------------- activation memory

@@ -1,16 +1,16 @@
-"""Stage two's loop: the `Trainer`, which trains the student + D-PaDe against a store's targets,
-with exact resume and DDP.
+"""Stage two's loop: the `Trainer`, which trains the student + D-PaDe (or another recipe's heads,
+recipes.py) against a store's targets, with exact resume and DDP.
 
 The training step is `Trainer.train_step`: `grad_accum` micro-batches, each finished into the
 model's inputs (`model_inputs`: the loader's batch on the device, the teacher's targets when
 online) and run forward and backward (`forward_backward_step`: `Distiller` in distiller.py, the
-loss of docs/method.md), then one AdamW step at the schedule's learning rate. `Trainer.train` is the
+loss of docs/method.md, or the --recipe's model from recipes.py), then one AdamW step at the schedule's learning rate. `Trainer.train` is the
 loop around it: metrics (metrics.py, read from the device only on log steps), progress,
 checkpoints (checkpoint.py) and the stop signals (runtime.py). `Trainer.from_config` builds a whole
 run (store, run directory, resume, DataLoader); `Trainer(cfg, meta, recipe, device)` builds only
 the model and optimizer, for benchmarks and tests that feed batches themselves. `state_dict` /
-`load_state_dict` hold everything needed to continue bit for bit: model, D-PaDe, optimizer,
-sampler position, RNG states, config and the store fingerprint. The run directory's ownership,
+`load_state_dict` hold everything needed to continue bit for bit: model, D-PaDe (or the recipe's
+heads), optimizer, sampler position, RNG states, config and the store fingerprint. The run directory's ownership,
 its leftovers and a full disk are rundir.py's.
 """
 
@@ -34,6 +34,7 @@ from dpal.config import DistillConfig, dump_yaml, to_dict
 from dpal.errors import InputError
 from dpal.progress import Progress
 from dpal.store import StoreError, StoreMeta, StoreReader
+from dpal.store_schema import FEATURES
 from dpal.teachers import autocast_context, load_teacher
 from dpal.trainer.checkpoint import (
     CHECKPOINT_VERSION,
@@ -52,8 +53,9 @@ from dpal.trainer.data import (
     ignore_stop_signals,
     valid_rows,
 )
-from dpal.trainer.distiller import Schedule, build_distiller, make_optimizer
+from dpal.trainer.distiller import Schedule, make_optimizer
 from dpal.trainer.metrics import MetricsLog, StepTerms
+from dpal.trainer.recipes import build_model, check_targets
 from dpal.trainer.rundir import (
     CHECKPOINT_DIR,
     RunDirError,
@@ -76,7 +78,9 @@ from dpal.views import ViewRecipe
 logger = logging.getLogger(__name__)
 
 # config keys a resume must keep: they fix the model's shapes and the data stream
-RESUME_KEYS = ("student", "student_kwargs", "batch_size", "seed")
+RESUME_KEYS = ("student", "student_kwargs", "batch_size", "seed", "recipe", "projector")
+# what a checkpoint written before a resume key existed was trained with
+RESUME_KEY_DEFAULTS = {"recipe": "dpal", "projector": "dpade"}
 # config keys that say how to run, not what is trained: a resume may change them without a word
 RUNTIME_KEYS = ("store", "out", "resume", "fresh", "max_steps", "num_workers", "device", "log_every",
                 "checkpoint_every", "keep_last", "keep_weights_only_older", "progress_seconds", "allow_incomplete")
@@ -137,7 +141,7 @@ class Trainer:
                  finish: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> None:
         self.cfg, self.meta, self.recipe, self.device = cfg, meta, recipe, torch.device(device)
         self.info = info or DistInfo()
-        self.model = build_distiller(cfg, recipe, meta.embed_dim, meta.token_grid.global_grid).to(self.device)
+        self.model = build_model(cfg, recipe, meta.embed_dim, meta.token_grid.global_grid).to(self.device)
         self.ddp_model: nn.Module = self.model
         if self.info.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -205,7 +209,7 @@ class Trainer:
         """The checkpoint: everything a resume reads (checkpoint.py writes and checks it)."""
         return {
             "format_version": CHECKPOINT_VERSION, "dpal_version": __version__, "step": self.step,
-            "model": self.model.student.state_dict(), "dpade": self.model.dpade.state_dict(),
+            "model": self.model.student.state_dict(), self.model.checkpoint_key: self.model.heads.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "sampler": {"epoch": self.epoch, "position": self.position},
             "rng": rng_state(), "config": to_dict(self.cfg), "store_fingerprint": self.fingerprint,
@@ -219,7 +223,7 @@ class Trainer:
         """Continue from `state_dict`'s dict (checked by `check_resumable` first): weights, optimizer,
         the global RNG, the step and the sampler's position, the settings changed so far."""
         self.model.student.load_state_dict(ckpt["model"])
-        self.model.dpade.load_state_dict(ckpt["dpade"])
+        self.model.heads.load_state_dict(ckpt[self.model.checkpoint_key])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         self.step, self.epoch, self.position = ckpt["step"], ckpt["sampler"]["epoch"], ckpt["sampler"]["position"]
@@ -236,9 +240,8 @@ class Trainer:
                 f"{ckpt['store_fingerprint'][:12]}, this store {self.fingerprint[:12]}: teacher, views or shard "
                 "data differ); use a new --out, or --fresh to move this run aside and start over"
             )
-        now = to_dict(self.cfg)
-        changed = [f"{k} {ckpt['config'].get(k)!r} (now {now[k]!r})" for k in RESUME_KEYS
-                   if ckpt["config"].get(k) != now[k]]
+        now, then = to_dict(self.cfg), {**RESUME_KEY_DEFAULTS, **ckpt["config"]}
+        changed = [f"{k} {then.get(k)!r} (now {now[k]!r})" for k in RESUME_KEYS if then.get(k) != now[k]]
         if ckpt["world_size"] != self.info.world_size:
             changed.insert(0, f"{ckpt['world_size']} ranks (now {self.info.world_size})")
         if changed:
@@ -261,6 +264,7 @@ class Trainer:
         recipe = meta.recipe
         if cfg.recipe_local_size is not None:
             recipe = ViewRecipe.from_dict({**recipe.to_dict(), "local_size": list(cfg.recipe_local_size)})
+        check_targets(cfg, FEATURES, f"store {cfg.store}")  # every store of this schema holds all three
         fingerprint = reader.fingerprint()
         _own_run_dir(cfg, info, stack)
         trainer = cls(cfg, meta, recipe, device, info)
@@ -320,7 +324,7 @@ class Trainer:
                                     cfg.grad_accum)
         # On CPU the loader's workers compute the shape mask while the main process trains; on a GPU
         # it is cheaper on the device, inside the step (a batch of 256 would cost a worker ~1 s).
-        loader_mask = device.type == "cpu" and not cfg.online_teacher
+        loader_mask = device.type == "cpu" and not cfg.online_teacher and self.model.needs_shape_mask
         dataset = dataset_class(cfg.store, self.sampler, self.recipe, cfg.seed, cfg.grad_accum,
                                 read_targets=not cfg.online_teacher, allow_incomplete=cfg.allow_incomplete,
                                 mask_fix_sign=cfg.fix_mask_sign if loader_mask else None,
