@@ -107,8 +107,11 @@ def test_feature_kd_forward_by_hand() -> None:
     # F = (1, 2), (3, 2): squared (0, 0), (4, 0) -> 4 / 4 = 1. Weights 1 and 0.5: total 2.5 + 0.5 = 3.
     model = FeatureKD(_tiny_student(), 2, {"global": 1.0, "local": 0.5})
     _constant_head(model.heads, [1.0, 2.0])
-    batch = {"v0": torch.randn(1, 3, 32, 16), "g_t": torch.zeros(1, 2),
-             "local_t": torch.tensor([[[1.0, 2.0], [3.0, 2.0]]])}
+    batch = {
+        "v0": torch.randn(1, 3, 32, 16),
+        "g_t": torch.zeros(1, 2),
+        "local_t": torch.tensor([[[1.0, 2.0], [3.0, 2.0]]]),
+    }
     total, terms = model(batch, 0)
     assert (terms["global"].item(), terms["local"].item(), total.item()) == (2.5, 1.0, 3.0)
 
@@ -126,8 +129,12 @@ def test_proteus_forward_by_hand() -> None:
     _constant_head(model.heads.feature, [0.0, 1.0])
     _constant_head(model.heads.patch, [0.0, 0.0])
     f = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
-    batch = {"index": torch.tensor([3, 7]), "v0": torch.randn(2, 3, 32, 16), "g_t": torch.zeros(2, 2),
-             "local_t": f.expand(2, 2, 2).clone()}
+    batch = {
+        "index": torch.tensor([3, 7]),
+        "v0": torch.randn(2, 3, 32, 16),
+        "g_t": torch.zeros(2, 2),
+        "local_t": f.expand(2, 2, 2).clone(),
+    }
     total, terms = model(batch, 0)
     masked = proteus_mask(torch.tensor([3]), 0, 0, 2, 0.5)[0]
     assert masked.sum() == 1
@@ -162,7 +169,9 @@ def test_the_mask_token_hides_the_masked_patch() -> None:
     with torch.no_grad():
         assert not torch.equal(student_tokens(student, x), student_tokens(student, y))
         assert torch.equal(student_tokens(student, x, mask, token), student_tokens(student, y, mask, token))
-        assert torch.equal(student_tokens(student, x, torch.zeros_like(mask), token), student_tokens(student, x))
+        assert torch.equal(
+            student_tokens(student, x, torch.zeros_like(mask), token), student_tokens(student, x)
+        )
 
 
 # ---------------------------------------------------------------- dpal's ablations
@@ -170,10 +179,15 @@ def test_the_mask_token_hides_the_masked_patch() -> None:
 
 def _batch(b: int = 2, d: int = 192, p: int = 2, t: int = 7) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {"v0": torch.randn(b, 3, 32, 16, generator=g), "v1": torch.randn(b, 3, 16, 16, generator=g),
-            "v2": torch.randn(b, 3, 16, 16, generator=g), "ic": torch.randn(b, 3, 32, 48, generator=g),
-            "g_t": torch.randn(b, d, generator=g), "local_t": torch.randn(b, p, d, generator=g),
-            "rel_t": torch.randn(b, t, t, generator=g)}
+    return {
+        "v0": torch.randn(b, 3, 32, 16, generator=g),
+        "v1": torch.randn(b, 3, 16, 16, generator=g),
+        "v2": torch.randn(b, 3, 16, 16, generator=g),
+        "ic": torch.randn(b, 3, 32, 48, generator=g),
+        "g_t": torch.randn(b, d, generator=g),
+        "local_t": torch.randn(b, p, d, generator=g),
+        "rel_t": torch.randn(b, t, t, generator=g),
+    }
 
 
 def _distiller(**kw: Any) -> nn.Module:
@@ -186,8 +200,13 @@ def test_dpal_weights_scale_the_terms_and_zero_skips_the_passes() -> None:
     torch.manual_seed(1)
     total, terms = _distiller(global_weight=0.5, local_weight=2.0, relation_weight=0.25)(batch, 0)
     # the total as the terms give it: 0.5 Lg + 2 Ll + 0.25 Lr + 0.1 x route + weight_l2 (epoch 0)
-    want = 0.5 * terms["global"] + 2.0 * terms["local"] + 0.25 * terms["relation"] + 0.1 * terms["route"] \
+    want = (
+        0.5 * terms["global"]
+        + 2.0 * terms["local"]
+        + 0.25 * terms["relation"]
+        + 0.1 * terms["route"]
         + terms["weight_l2"]
+    )
     assert torch.equal(total.detach(), want) and torch.equal(terms["total"], want)
     # relation off: Ic and its targets are never read; global off: v1 and v2 neither
     no_ic = {k: v for k, v in batch.items() if k not in ("ic", "rel_t")}
@@ -216,28 +235,42 @@ def test_linear_projector_replaces_dpade() -> None:
 def test_needed_targets_and_the_refusal_naming_them() -> None:
     assert needed_targets(_cfg()) == FEATURES == ("global", "local", "relation")
     assert needed_targets(_cfg(relation_weight=0.0)) == ("global", "local")
-    assert needed_targets(_cfg(recipe="proteus")) == needed_targets(_cfg(recipe="feature-kd")) == ("global", "local")
+    assert (
+        needed_targets(_cfg(recipe="proteus"))
+        == needed_targets(_cfg(recipe="feature-kd"))
+        == ("global", "local")
+    )
     for cfg in (_cfg(relation_weight=0.0), _cfg(recipe="proteus"), _cfg(recipe="feature-kd")):
         check_targets(cfg, ("global", "local"), "store S")
     with pytest.raises(InputError) as e:
         check_targets(_cfg(), ("global", "local"), "store S")
-    assert str(e.value).startswith("--recipe dpal needs the relation targets, which store S lacks (it holds "
-                                   "global, local)")
+    assert str(e.value).startswith(
+        "--recipe dpal needs the relation targets, which store S lacks (it holds global, local)"
+    )
     with pytest.raises(InputError, match="--recipe feature-kd needs the local targets, which store S lacks"):
         check_targets(_cfg(recipe="feature-kd"), ("global",), "store S")
 
 
-@pytest.mark.parametrize(("kw", "message"), [
-    ({"recipe": "proteus", "relation_weight": 0.0}, "relation_weight does not apply to --recipe proteus"),
-    ({"recipe": "feature-kd", "projector": "linear"}, "projector does not apply to --recipe feature-kd"),
-    ({"mask_ratio": 0.25}, "mask_ratio does not apply to --recipe dpal"),
-    ({"global_weight": 0.0, "local_weight": 0.0, "relation_weight": 0.0}, "every objective's weight at 0"),
-    ({"recipe": "feature-kd", "global_weight": 0.0, "local_weight": 0.0}, "every objective's weight at 0"),
-    ({"local_weight": -1.0}, "must be >= 0"),
-    ({"recipe": "proteus", "mask_ratio": 1.0}, r"mask_ratio must be in \(0, 1\)"),
-    ({"recipe": "proteus", "mask_probability": 0.0}, r"mask_probability in \(0, 1\]"),
-    ({"recipe": "distill"}, "recipe 'distill' is not one of dpal, proteus, feature-kd"),
-])
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"recipe": "proteus", "relation_weight": 0.0}, "relation_weight does not apply to --recipe proteus"),
+        ({"recipe": "feature-kd", "projector": "linear"}, "projector does not apply to --recipe feature-kd"),
+        ({"mask_ratio": 0.25}, "mask_ratio does not apply to --recipe dpal"),
+        (
+            {"global_weight": 0.0, "local_weight": 0.0, "relation_weight": 0.0},
+            "every objective's weight at 0",
+        ),
+        (
+            {"recipe": "feature-kd", "global_weight": 0.0, "local_weight": 0.0},
+            "every objective's weight at 0",
+        ),
+        ({"local_weight": -1.0}, "must be >= 0"),
+        ({"recipe": "proteus", "mask_ratio": 1.0}, r"mask_ratio must be in \(0, 1\)"),
+        ({"recipe": "proteus", "mask_probability": 0.0}, r"mask_probability in \(0, 1\]"),
+        ({"recipe": "distill"}, "recipe 'distill' is not one of dpal, proteus, feature-kd"),
+    ],
+)
 def test_config_refuses_what_the_recipe_does_not_read(kw: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         _cfg(**kw)
@@ -245,17 +278,34 @@ def test_config_refuses_what_the_recipe_does_not_read(kw: dict[str, Any], messag
 
 def test_cli_recipe_and_a_foreign_key_refused_in_one_line(tmp_path: Path) -> None:
     # --recipe is the config field's option (test_cli checks every field's --help row)
-    result = CliRunner().invoke(app, ["distill", "--store", "s", "--out", str(tmp_path / "o"), "--recipe", "proteus",
-                                      "--set", "projector=linear"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "distill",
+            "--store",
+            "s",
+            "--out",
+            str(tmp_path / "o"),
+            "--recipe",
+            "proteus",
+            "--set",
+            "projector=linear",
+        ],
+    )
     assert result.exit_code == 2
-    assert _error_lines(result.stderr) == ["error: projector does not apply to --recipe proteus (its keys: mask_ratio, "
-                                           "mask_probability); drop it or choose the recipe it belongs to"]
+    assert _error_lines(result.stderr) == [
+        "error: projector does not apply to --recipe proteus (its keys: mask_ratio, "
+        "mask_probability); drop it or choose the recipe it belongs to"
+    ]
 
 
 # ---------------------------------------------------------------- runs: train, resume, refuse, export
 
-RUNS = {"proteus": {"recipe": "proteus"}, "feature-kd": {"recipe": "feature-kd", "local_weight": 0.5},
-        "dpal-linear": {"projector": "linear", "relation_weight": 0.5}}
+RUNS = {
+    "proteus": {"recipe": "proteus"},
+    "feature-kd": {"recipe": "feature-kd", "local_weight": 0.5},
+    "dpal-linear": {"projector": "linear", "relation_weight": 0.5},
+}
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -273,7 +323,9 @@ def test_a_recipe_resumes_bit_for_bit(tmp_path: Path, store: Path, name: str) ->
     assert u.metrics(whole) == u.metrics(split)
     assert yaml.safe_load((whole / "config.yaml").read_text())["recipe"] == kw.get("recipe", "dpal")
     first = u.metrics(whole)[0]
-    assert first["total"] > 0 and all(k in first for k in {"proteus": ("token", "feature", "patch")}.get(name, ()))
+    assert first["total"] > 0 and all(
+        k in first for k in {"proteus": ("token", "feature", "patch")}.get(name, ())
+    )
 
 
 def test_a_changed_recipe_is_refused_on_resume(tmp_path: Path, store: Path) -> None:
@@ -295,8 +347,15 @@ def test_a_checkpoint_from_before_recipes_resumes_as_dpal(tmp_path: Path, store:
     train(u.distill_config(store, run, max_steps=1), show_progress=False)
     path = run / "checkpoints" / "step-00000001.pt"
     ckpt = torch.load(path, weights_only=True)
-    for k in ("recipe", "projector", "global_weight", "local_weight", "relation_weight", "mask_ratio",
-              "mask_probability"):
+    for k in (
+        "recipe",
+        "projector",
+        "global_weight",
+        "local_weight",
+        "relation_weight",
+        "mask_ratio",
+        "mask_probability",
+    ):
         del ckpt["config"][k]
     torch.save(ckpt, path)
     assert train(u.distill_config(store, run, max_steps=2), show_progress=False).step == 2

@@ -55,7 +55,8 @@ def check_targets(cfg: DistillConfig, available: Collection[str], where: str) ->
         raise InputError(
             f"--recipe {cfg.recipe} needs the {' and '.join(missing)} targets, which {where} lacks (it holds "
             f"{', '.join(sorted(available)) or 'none'}); choose a recipe that reads only those, or switch the "
-            "objective off (--set relation_weight=0), or cache a store with them")
+            "objective off (--set relation_weight=0), or cache a store with them"
+        )
 
 
 def projection_head(student_dim: int, teacher_dim: int) -> nn.Sequential:
@@ -103,8 +104,9 @@ class ProteusDistiller(nn.Module):
     checkpoint_key = "heads"
     needs_shape_mask = False
 
-    def __init__(self, student: nn.Module, teacher_dim: int, seed: int, mask_ratio: float,
-                 mask_probability: float) -> None:
+    def __init__(
+        self, student: nn.Module, teacher_dim: int, seed: int, mask_ratio: float, mask_probability: float
+    ) -> None:
         super().__init__()
         self.student = student
         self.heads = _Heads(student.embed_dim, teacher_dim)
@@ -115,8 +117,10 @@ class ProteusDistiller(nn.Module):
         npre = self.student.num_prefix_tokens
         tok = student_tokens(self.student, v0)  # (B, 1 + P, d)
         cls = self.heads.token(tok[:, 0])  # (B, D)
-        parts = {"token": token_mse(cls, g_t),
-                 "feature": proteus_feature_mse(cls, self.heads.feature(tok[:, npre:]), g_t, local_t)}
+        parts = {
+            "token": token_mse(cls, g_t),
+            "feature": proteus_feature_mse(cls, self.heads.feature(tok[:, npre:]), g_t, local_t),
+        }
         # The masked branch sees only the images it masks: the student treats every image on its own,
         # so Proteus's unmasked rest of that pass (which enters no loss) is left out.
         n = max(1, int(v0.shape[0] * self.mask_probability))
