@@ -88,6 +88,13 @@ def make_optimizer(model: nn.Module, cfg: DistillConfig) -> torch.optim.Optimize
 # ---------------------------------------------------------------- model
 
 
+@dataclass(frozen=True)
+class LinearOut:
+    """What a `LinearProjector` branch returns: the projected tokens y (B, L, D), as `DPaDeOut.y`."""
+
+    y: Tensor
+
+
 class LinearProjector(nn.Module):
     """The ablation of D-PaDe: one Linear(d, D) shared by the three objectives, with `DPaDe.forward_many`'s
     call shape (a list of (tokens, pattern) branches; the pattern is ignored) and its output (`.y`)."""
@@ -98,11 +105,6 @@ class LinearProjector(nn.Module):
 
     def forward_many(self, branches: list[tuple[Tensor, int]]) -> list[LinearOut]:
         return [LinearOut(self.proj(x)) for x, _ in branches]  # y (B, L, D) per branch
-
-
-@dataclass(frozen=True)
-class LinearOut:
-    y: Tensor
 
 
 class Distiller(nn.Module):
