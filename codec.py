@@ -289,14 +289,21 @@ def relative_error(x: Tensor, y: Tensor) -> Tensor:
 # ---------------------------------------------------------------- bytes per view
 
 
+def default_relation_rank(num_crowd_tokens: int) -> int:
+    """r = min(64, T // 4), at least 1: 64 at the paper's T = 257 (mean row KL 1.2e-4 on a random
+    ViT-B), 16 at the demo's T = 65 (exact for EfficientNet-Lite2); the cap keeps the factor at
+    most a quarter of float16 logits' bytes (docs/benchmarks.md, "Compact store")."""
+    return max(1, min(64, num_crowd_tokens // 4))
+
+
 @dataclass(frozen=True)
 class CodecConfig:
     """One compact-store configuration (all the choices that change the bytes)."""
 
-    relation_rank: int = 32
-    """r of the relation factor (relation_source `factor`)."""
+    relation_rank: int = 64
+    """r of the relation factor (relation_source `factor`); see `default_relation_rank`."""
     relation_dtype: str = "float16"
-    token_codec: str = "pca"
+    token_codec: str = "float16"
     """How v0's patch tokens (and Ic's, for relation_source `tokens`) are stored: `pca` (r_pca int8
     coefficients + a float32 step), or as today's store does, `int8` (D int8 + a float32 step) or
     `float16`."""

@@ -162,7 +162,7 @@ def test_corrupt_relation_factor_is_refused() -> None:
 def test_bytes_per_view_hand_counted() -> None:
     """Paper shapes (D 768, P 128, T 257), r 32 float16, r_pca 256, one basis per 1024 views."""
     size = codec.bytes_per_view(
-        codec.CodecConfig(relation_rank=32, token_components=256), 768, 128, 257, 1024
+        codec.CodecConfig(relation_rank=32, token_codec="pca", token_components=256), 768, 128, 257, 1024
     )
     basis = (768 * 4 + 256 * 768 * 2 + 256 * 4) / 1024  # 388 exactly
     assert size == {
@@ -174,9 +174,14 @@ def test_bytes_per_view_hand_counted() -> None:
         "total": 1536 + 33280 + 17476 + 448 + 388,
     }
     # today's int8 tokens with the factor: no basis
-    int8 = codec.bytes_per_view(codec.CodecConfig(token_codec="int8"), 768, 128, 257, 1024)
+    int8 = codec.bytes_per_view(codec.CodecConfig(relation_rank=32, token_codec="int8"), 768, 128, 257, 1024)
     assert (int8["local"], int8["basis"], int8["total"]) == (128 * 772, 0, 1536 + 98816 + 17476 + 448)
-    via_tokens = codec.CodecConfig(relation_source="tokens", token_components=64)
+    # the defaults: r = 64 capped at T, float16 tokens, as today's float16 store but the relation
+    assert (
+        codec.bytes_per_view(codec.CodecConfig(), 768, 128, 257)["total"] == 1536 + 196608 + 257 * 132 + 448
+    )
+    assert [codec.default_relation_rank(t) for t in (257, 65, 3)] == [64, 16, 1]
+    via_tokens = codec.CodecConfig(relation_source="tokens", token_codec="pca", token_components=64)
     assert codec.bytes_per_view(via_tokens, 768, 128, 257)["relation"] == 257 * 68
     with pytest.raises(InputError, match="relation_dtype 'bf16' is unknown"):
         codec.CodecConfig(relation_dtype="bf16")
