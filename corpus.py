@@ -16,7 +16,6 @@ import errno
 import glob
 import hashlib
 import io
-import logging
 import os
 import stat
 import tarfile
@@ -33,7 +32,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from dpal.common import MAX_PIXELS
 from dpal.errors import InputError
 
-logger = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 UNSUPPORTED_IMAGE_EXTS = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".apng")

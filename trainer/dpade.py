@@ -36,7 +36,6 @@ compare the lean path against.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, NamedTuple
 
 import torch
@@ -46,7 +45,6 @@ from torch import Tensor, nn
 # B batch, L tokens of the branch (1 CLS, 128 patches or 257 crowd tokens), d student width,
 # D teacher width, K = 3 patterns/experts
 
-logger = logging.getLogger(__name__)
 
 NUM_PATTERNS = 3
 PATTERN_GLOBAL, PATTERN_LOCAL, PATTERN_RELATION = 0, 1, 2

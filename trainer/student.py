@@ -13,7 +13,6 @@ one GELU per block in the backward pass for a quarter of the student's activatio
 
 from __future__ import annotations
 
-import logging
 import types
 from typing import Any
 
@@ -30,7 +29,6 @@ from dpal.vit import vit_tokens
 
 # B batch, H x W pixels, N = (H / 16) * (W / 16) patch tokens, d student width
 
-logger = logging.getLogger(__name__)
 
 DPAL_VIT_TINY = "dpal_vit_tiny"
 DEFAULT_IMG_SIZE = (256, 128)
