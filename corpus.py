@@ -32,7 +32,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from dpal.common import MAX_PIXELS
 from dpal.errors import InputError
 
-
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 UNSUPPORTED_IMAGE_EXTS = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".apng")
 """Image formats that are recorded as corpus problems, not silently ignored like other files."""

@@ -90,8 +90,19 @@ class _MixedExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, qn: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor, s: Tensor,
-                scale: float, dtype: torch.dtype, chunk_rows: int, recompute: bool) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx: Any,
+        qn: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        gamma: Tensor,
+        beta: Tensor,
+        s: Tensor,
+        scale: float,
+        dtype: torch.dtype,
+        chunk_rows: int,
+        recompute: bool,
+    ) -> tuple[Tensor, Tensor]:
         r_all, k, d = qn.shape
         n = weight.shape[0]
         with torch.autocast(qn.device.type, enabled=False):
@@ -114,7 +125,9 @@ class _MixedExperts(torch.autograd.Function):
                 w = _mix(h.view(b - a, k, n), s[a:b], mu.view(-1, k), rstd.view(-1, k), gamma, beta, scale)[0]
                 out[a:b] = w
                 sq[a:b] = w.to(acc).square().sum(dim=-1)
-        ctx.save_for_backward(qn, weight, bias, gamma, beta, s, mu_all, rstd_all, *([] if z_all is None else [z_all]))
+        ctx.save_for_backward(
+            qn, weight, bias, gamma, beta, s, mu_all, rstd_all, *([] if z_all is None else [z_all])
+        )
         ctx.cfg = (scale, dtype, chunk_rows)
         return out, sq
 
@@ -141,7 +154,11 @@ class _MixedExperts(torch.autograd.Function):
                 h = F.gelu(z).view(rows, k, n)
                 mu, rstd = mu_all[a * k : b * k].view(rows, k), rstd_all[a * k : b * k].view(rows, k)
                 w, mixed, c = _mix(h, s[a:b], mu, rstd, gamma, beta, scale)  # (r, N), (r, N) float32, (r, K)
-                g = grad_w[a:b].to(f32) if grad_w is not None else torch.zeros(rows, n, dtype=f32, device=qn.device)
+                g = (
+                    grad_w[a:b].to(f32)
+                    if grad_w is not None
+                    else torch.zeros(rows, n, dtype=f32, device=qn.device)
+                )
                 if grad_sq is not None:  # d ||W||^2 / dW = 2 W (of W as returned)
                     g = g + (2 * grad_sq[a:b, None]) * w.to(f32)
                 g_beta += scale * g.sum(dim=0)
@@ -168,12 +185,23 @@ class _MixedExperts(torch.autograd.Function):
                 else:
                     g_weight += (dz.t() @ x).to(f32)
                 g_qn[a:b] = (dz @ w_c).view(rows, k, d).to(qn.dtype)
-        return (g_qn, g_weight.to(weight.dtype), g_bias.to(bias.dtype), g_gamma.to(gamma.dtype),
-                g_beta.to(beta.dtype), g_s.to(s.dtype), None, None, None, None)
+        return (
+            g_qn,
+            g_weight.to(weight.dtype),
+            g_bias.to(bias.dtype),
+            g_gamma.to(gamma.dtype),
+            g_beta.to(beta.dtype),
+            g_s.to(s.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def _mix(h: Tensor, s: Tensor, mu: Tensor, rstd: Tensor, gamma: Tensor, beta: Tensor,
-         scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _mix(
+    h: Tensor, s: Tensor, mu: Tensor, rstd: Tensor, gamma: Tensor, beta: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """The mixed projection of one chunk: W (r, N) in h's dtype, sum_k s_k n_k (r, N) and
     c = s * rstd (r, K) in the statistics' dtype. h (r, K, N); s, mu, rstd (r, K)."""
     acc = rstd.dtype
@@ -322,8 +350,12 @@ class DPaDe(nn.Module):
                 raise ValueError(f"pattern {pattern} not in [0, {self.num_patterns})")
         k, d, dt = self.num_patterns, self.student_dim, self.teacher_dim
         # the pattern queries' self-attention does not depend on the image: compute it once
-        q0 = self.pattern_queries + self.query_attn(
-            self.pattern_queries, self.pattern_queries, self.pattern_queries, need_weights=False)[0]  # (1, K, d)
+        q0 = (
+            self.pattern_queries
+            + self.query_attn(
+                self.pattern_queries, self.pattern_queries, self.pattern_queries, need_weights=False
+            )[0]
+        )  # (1, K, d)
         qn0 = self.cross_norm(q0)  # (1, K, d)
         rq0 = self.router_norm(self.router_token)  # (1, 1, d)
 
@@ -353,8 +385,9 @@ class DPaDe(nn.Module):
             sq_all = w_all.to(_acc_dtype(w_all.dtype)).pow(2).sum(dim=(1, 2))  # (sum B,)
 
         outs = []
-        for (_, pattern), x, logits, w, sq in zip(branches, xs, logits_all, w_all.split(sizes), sq_all.split(sizes),
-                                                 strict=True):
+        for (_, pattern), x, logits, w, sq in zip(
+            branches, xs, logits_all, w_all.split(sizes), sq_all.split(sizes), strict=True
+        ):
             target = torch.full((x.shape[0],), pattern, dtype=torch.long, device=x.device)
             route_loss = F.cross_entropy(logits.float(), target)
             route_correct = (logits.detach().argmax(dim=-1) == target).float().mean()
@@ -371,6 +404,16 @@ class DPaDe(nn.Module):
         k, n = self.num_patterns, self.student_dim * self.teacher_dim
         chunk_rows = max(1, self.expert_chunk_bytes // (k * n * torch.empty((), dtype=dtype).element_size()))
         recompute = self.recompute if self.recompute is not None else qn.device.type == "cuda"
-        w, sq = _MixedExperts.apply(qn, self.expert_fc.weight, self.expert_fc.bias, self.expert_norm.weight,
-                                    self.expert_norm.bias, s, self.scale, dtype, chunk_rows, recompute)
+        w, sq = _MixedExperts.apply(
+            qn,
+            self.expert_fc.weight,
+            self.expert_fc.bias,
+            self.expert_norm.weight,
+            self.expert_norm.bias,
+            s,
+            self.scale,
+            dtype,
+            chunk_rows,
+            recompute,
+        )
         return w.view(-1, self.student_dim, self.teacher_dim), sq

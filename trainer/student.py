@@ -146,8 +146,14 @@ def create_student(name: str, img_size: tuple[int, int] = DEFAULT_IMG_SIZE, **kw
     try:
         # The overlay replaces what timm's config says of the input (224 x 224, bicubic, mean 0.5 for
         # most ViTs) by what dpal trains on, so that timm.data.resolve_data_config tells the truth.
-        model = timm.create_model(name, pretrained=False, num_classes=0, img_size=tuple(img_size),
-                                  pretrained_cfg_overlay=data_config(img_size), **kw)
+        model = timm.create_model(
+            name,
+            pretrained=False,
+            num_classes=0,
+            img_size=tuple(img_size),
+            pretrained_cfg_overlay=data_config(img_size),
+            **kw,
+        )
     except TypeError as err:  # e.g. a CNN that takes no img_size
         raise InputError(f"{name!r} cannot be built as a DPAL student ViT: {err}") from err
     missing = [a for a in _REQUIRED_ATTRS if getattr(model, a, None) is None]
@@ -160,8 +166,9 @@ def create_student(name: str, img_size: tuple[int, int] = DEFAULT_IMG_SIZE, **kw
     return model
 
 
-def student_tokens(model: nn.Module, x: Tensor, patch_mask: Tensor | None = None,
-                   mask_token: Tensor | None = None) -> Tensor:
+def student_tokens(
+    model: nn.Module, x: Tensor, patch_mask: Tensor | None = None, mask_token: Tensor | None = None
+) -> Tensor:
     """All final normalised tokens of the student at any input size (position grid resized 2-D).
 
     Args:
@@ -239,9 +246,16 @@ def recompute_mlp_activations(model: nn.Module, when: bool | None = True) -> int
     """
     changed = 0
     for m in model.modules():
-        if (type(m) is Mlp and isinstance(m.act, nn.GELU) and m.act.approximate == "none"
-                and isinstance(m.norm, nn.Identity) and m.drop1.p == 0 and m.drop2.p == 0
-                and isinstance(m.fc1, nn.Linear) and isinstance(m.fc2, nn.Linear)):
+        if (
+            type(m) is Mlp
+            and isinstance(m.act, nn.GELU)
+            and m.act.approximate == "none"
+            and isinstance(m.norm, nn.Identity)
+            and m.drop1.p == 0
+            and m.drop2.p == 0
+            and isinstance(m.fc1, nn.Linear)
+            and isinstance(m.fc2, nn.Linear)
+        ):
             m.dpal_recompute = when
             m.forward = types.MethodType(_mlp_forward_recompute, m)
             changed += 1
