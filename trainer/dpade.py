@@ -185,18 +185,10 @@ class _MixedExperts(torch.autograd.Function):
                 else:
                     g_weight += (dz.t() @ x).to(f32)
                 g_qn[a:b] = (dz @ w_c).view(rows, k, d).to(qn.dtype)
-        return (
-            g_qn,
-            g_weight.to(weight.dtype),
-            g_bias.to(bias.dtype),
-            g_gamma.to(gamma.dtype),
-            g_beta.to(beta.dtype),
-            g_s.to(s.dtype),
-            None,
-            None,
-            None,
-            None,
-        )
+        g_w, g_b = g_weight.to(weight.dtype), g_bias.to(bias.dtype)
+        g_ln = (g_gamma.to(gamma.dtype), g_beta.to(beta.dtype))
+        # none for the non-tensor inputs: scale, dtype, chunk_rows, recompute
+        return (g_qn, g_w, g_b, *g_ln, g_s.to(s.dtype)) + (None,) * 4
 
 
 def _mix(
