@@ -427,6 +427,18 @@ def distill(
         raise typer.Exit(130)  # interrupted, as a shell expects of Ctrl-C (SIGTERM/SIGUSR1: 0, for requeue)
 
 
+@app.command("plot")
+@user_errors
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory of `dpal distill` (holds metrics.jsonl).")],
+    out: Annotated[Path | None, typer.Option("--out", help="PNG to write. [default: RUN_DIR/curves.png]")] = None,
+) -> None:
+    """Draw the training and validation curves of every loss term in RUN_DIR/metrics.jsonl as one PNG."""
+    from dpal.trainer.plot import plot_run
+
+    typer.echo(f"wrote {plot_run(run_dir, out)}")
+
+
 @app.command("export")
 @user_errors
 def export(

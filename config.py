@@ -265,6 +265,15 @@ class DistillConfig:
                             "in a masked image (Proteus's 0.5).")
     mask_probability: float = opt(0.5, "proteus: fraction of each micro-batch (its first images, at least one) "
                                   "that the masked branch sees (Proteus's 0.5).")
+    val_store: str = opt("", "A store that stage one cached from held-out images with the run's teacher and "
+                         "views: every loss term of the recipe on it every --val-every steps and at the end "
+                         "(metrics.jsonl lines with split val; docs/training.md, Validation).")
+    val_every: int = opt(500, "Steps between validations (--val-store, --eval-reid); one more at the end of "
+                         "the run.")
+    val_images: int | None = opt(None, "Validate on the first N images of --val-store only.",
+                                 default_help="all of them")
+    eval_reid: str = opt("", "A Market-1501-style folder (query/, bounding_box_test/): mAP and rank-1 of the "
+                         "student's CLS feature at each validation.")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -282,6 +291,8 @@ class DistillConfig:
             raise ConfigError("num_workers must be >= 0 (or none for the default)")
         if self.fresh and self.resume not in ("auto", "none"):
             raise ConfigError(f"--fresh starts over; it cannot resume from {self.resume} (drop one of them)")
+        if self.val_every < 1 or (self.val_images is not None and self.val_images < 1):
+            raise ConfigError("val_every and val_images must be >= 1")
         self._check_recipe()
 
     def _check_recipe(self) -> None:

@@ -6,6 +6,9 @@ trainer reads them on log steps and when the progress display draws, never other
 `metrics.jsonl` per log step: `step`, `epoch` (the one the step trained in), `lr`, the mean of each
 term over the step's micro-batches (dpal: global, local, relation, route, weight_l2, total, route_weight,
 route_acc; other recipes and ablations: their own terms and total, docs/training.md "Recipes") and `images_per_s` (all ranks' images since the previous line over its wall time).
+A validation (validate.py) adds a line with `"split": "val"`: `step`, `epoch`, the same loss terms on
+the held-out store, `images`, and with --eval-reid `reid_mAP`, `reid_rank1`; TensorBoard gets them
+under `val/`. A resume cuts both kinds of line back to the checkpoint's step alike.
 """
 
 from __future__ import annotations
@@ -101,6 +104,17 @@ class MetricsLog:
                 if k != "step":
                     self.tb.add_scalar(k, v, step)
         self.restart_clock()
+
+    def log_val(self, step: int, epoch: int, values: dict[str, float], last_ckpt: Path | None,
+                seconds: float = 0.0) -> None:
+        """One validation line for `step`; the `seconds` it took are left out of the next training
+        line's `images_per_s`."""
+        line = {"step": step, "epoch": epoch, "split": "val", **values}
+        self._append(json.dumps(line), last_ckpt)
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"val/{k}", v, step)
+        self.t_last += seconds
 
     def _append(self, line: str, last_ckpt: Path | None) -> None:
         """One metrics line, flushed; a full disk is one error line (the run resumes from `last_ckpt`)."""

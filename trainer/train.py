@@ -73,6 +73,7 @@ from dpal.trainer.runtime import (
     init_distributed,
     keep_freed_memory,
 )
+from dpal.trainer.validate import Validator
 from dpal.views import ViewRecipe
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,8 @@ RESUME_KEYS = ("student", "student_kwargs", "batch_size", "seed", "recipe", "pro
 RESUME_KEY_DEFAULTS = {"recipe": "dpal", "projector": "dpade"}
 # config keys that say how to run, not what is trained: a resume may change them without a word
 RUNTIME_KEYS = ("store", "out", "resume", "fresh", "max_steps", "num_workers", "device", "log_every",
-                "checkpoint_every", "keep_last", "keep_weights_only_older", "progress_seconds", "allow_incomplete")
+                "checkpoint_every", "keep_last", "keep_weights_only_older", "progress_seconds", "allow_incomplete",
+                "val_store", "val_every", "val_images", "eval_reid")
 
 
 @dataclass
@@ -157,6 +159,7 @@ class Trainer:
         self.fingerprint: str | None = None
         self.last_ckpt: Path | None = None
         self.metrics: MetricsLog | None = None  # rank 0's sinks, in a whole run
+        self.validator: Validator | None = None  # rank 0's, with --val-store or --eval-reid
 
     # ------------------------------------------------------------ the step
 
@@ -266,8 +269,11 @@ class Trainer:
             recipe = ViewRecipe.from_dict({**recipe.to_dict(), "local_size": list(cfg.recipe_local_size)})
         check_targets(cfg, FEATURES, f"store {cfg.store}")  # every store of this schema holds all three
         fingerprint = reader.fingerprint()
+        # rank 0's; a validation store that cannot serve the run is refused before anything is written
+        validator = Validator(cfg, meta, recipe, device) if info.is_main and (cfg.val_store or cfg.eval_reid) else None
         _own_run_dir(cfg, info, stack)
         trainer = cls(cfg, meta, recipe, device, info)
+        trainer.validator = validator
         trainer.t_start, trainer.show_progress = t_start, show_progress
         trainer.run_dir, trainer.fingerprint = Path(cfg.out), fingerprint
         trainer.sampler = EpochSampler(valid_rows(reader), cfg.batch_size, info.world_size, info.rank, cfg.seed)
@@ -366,8 +372,12 @@ class Trainer:
                 it = iter(self.loader)  # starts the forkserver and the workers
             batches = self._loader_batches(it)
             while self.step < self.end_steps:
-                self._report(self.train_step(batches), progress)
+                result = self.train_step(batches)
+                self._report(result, progress)
                 stop_now = stop.agreed(self.info, self.device)
+                # before the checkpoint: a checkpoint of a validation step always has its val line
+                if self.validator is not None and (self.step % self.cfg.val_every == 0 or self.step == self.end_steps):
+                    self.validate(result.epoch)
                 if stop_now or self.step % self.cfg.checkpoint_every == 0 or self.step == self.end_steps:
                     self.checkpoint()
                 if stop_now:
@@ -386,6 +396,16 @@ class Trainer:
                 self.metrics.close()
         return TrainResult(self.step, self.epoch, stopped, self.last_ckpt, time.perf_counter() - self.t_start,
                            stop.signal_name if stopped else "")
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        """Rank 0's validation of the model now (validate.py; the RNG and the model's mode are left as
+        they were), written to the metrics as a val line. `epoch`: the one the last step trained in."""
+        assert self.validator is not None
+        t0 = time.perf_counter()
+        values = self.validator.run(self.model, epoch, self.autocast)
+        if self.metrics is not None:
+            self.metrics.log_val(self.step, epoch, values, self.last_ckpt, time.perf_counter() - t0)
+        return values
 
     def checkpoint(self) -> None:
         """Rank 0 writes `state_dict` (keeping the last `keep_last`); every rank waits for it."""
