@@ -253,3 +253,33 @@ def test_eval_reid_writes_map_and_rank1_of_the_students_cls(
     want = evaluate_reid(resolve_model(str(run), tuple(u.RECIPE.global_size)), market, 4)
     assert (val[-1]["reid_mAP"], val[-1]["reid_rank1"]) == (want["mAP"], want["rank1"])
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0]).get("split") is None
+
+
+@pytest.mark.parametrize(
+    ("recipe", "terms"),
+    [("proteus", {"token", "feature", "patch", "total"}), ("feature-kd", {"global", "local", "total"})],
+)
+def test_val_terms_of_the_baseline_recipes(stores: tuple[Path, Path], recipe: str, terms: set[str]) -> None:
+    """proteus and feature-kd: the validation is the recipe's own forward in eval mode on the first batch."""
+    train_store, val_store = stores
+    cfg = u.distill_config(
+        train_store, train_store.parent / "unused", recipe=recipe, val_store=str(val_store), val_images=4
+    )
+    meta = StoreReader(train_store).store_meta
+    trainer = Trainer(cfg, meta, meta.recipe, CPU)
+    got = Validator(cfg, meta, meta.recipe, CPU).run(trainer.model, epoch=1)
+    rows = valid_rows(StoreReader(val_store))[:4]
+    dataset = BatchDataset(val_store, SimpleNamespace(batch=lambda epoch, step: rows), meta.recipe, cfg.seed)
+    batch = dataset.model_inputs(dataset.build(BatchRequest(0, 0, 0)), CPU)
+    with torch.no_grad():
+        want = trainer.model.eval()(batch, 1)[1]
+    assert set(want) == terms
+    assert got == {**{k: float(v) for k, v in want.items()}, "images": 4}
+
+
+def test_plot_without_metrics_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["plot", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"error: {tmp_path / 'metrics.jsonl'} does not exist; give the run directory of `dpal distill` (its --out)"
+    ]
