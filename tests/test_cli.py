@@ -104,7 +104,8 @@ def _help_rows(command: str) -> dict[str, str]:
 
 # Defaults decided at run time: the config holds None, --help states the rule.
 _RULE_DEFAULTS = {("distill", "num_workers"): "2 on CPU; on a GPU, the CPUs per local rank minus one",
-                  ("distill", "recompute"): "yes on CUDA", ("distill", "recipe_local_size"): "the store's recipe"}
+                  ("distill", "recompute"): "yes on CUDA", ("distill", "recipe_local_size"): "the store's recipe",
+                  ("distill", "val_images"): "all of them"}
 
 
 @pytest.mark.parametrize(("command", "config"), [("cache-teacher", CacheConfig), ("distill", DistillConfig)])
@@ -143,7 +144,7 @@ def test_help_defaults_are_the_config_defaults(command: str, config: type) -> No
                     "global_weight", "grad_accum", "keep_last", "keep_weights_only_older", "l2_weight",
                     "local_weight", "log_every", "mask_probability", "mask_ratio", "min_lr", "progress_seconds",
                     "projector", "recipe", "relation_weight", "resume", "seed", "student", "student_kwargs",
-                    "warmup_epochs", "weight_decay"],
+                    "val_every", "warmup_epochs", "weight_decay"],
     }[command]
 
 
@@ -411,7 +412,8 @@ def _other_value(dotted: str, default: object) -> object:
         return _OTHER[dotted]
     if isinstance(default, bool) or default is None and dotted in ("recompute",):
         return not default
-    if isinstance(default, int) or default is None and dotted in ("teacher_layer", "max_steps", "num_workers"):
+    if isinstance(default, int) or default is None and dotted in ("teacher_layer", "max_steps", "num_workers",
+                                                                  "val_images"):
         return (default or 2) + 1
     if isinstance(default, float):
         return default / 2 if default else 0.5
@@ -442,7 +444,7 @@ def test_every_config_field_is_reachable_from_the_cli(command: str, config: type
 
     base = config()
     leaves = list(_leaves(config))
-    assert len(leaves) == {"cache-teacher": 25 + 8 + 18, "distill": 37}[command]  # with slurm, recipe
+    assert len(leaves) == {"cache-teacher": 25 + 8 + 18, "distill": 41}[command]  # with slurm, recipe
     for dotted, f, default in leaves:
         value = _other_value(dotted, default)
         assert value != default, dotted
