@@ -431,7 +431,7 @@ def distill(
 @user_errors
 def plot(
     run_dir: Annotated[Path, typer.Argument(help="Run directory of `dpal distill` (holds metrics.jsonl).")],
-    out: Annotated[Path | None, typer.Option("--out", help="PNG to write. [default: RUN_DIR/curves.png]")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="PNG to write. \\[default: RUN_DIR/curves.png]")] = None,
 ) -> None:
     """Draw the training and validation curves of every loss term in RUN_DIR/metrics.jsonl as one PNG."""
     from dpal.trainer.plot import plot_run
