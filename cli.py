@@ -308,7 +308,7 @@ def _print_dry_run(rep: dict[str, Any]) -> None:
     typer.echo(
         f"corpus         {rep['num_images']} images x K={rep['num_views']} views, {rep['num_shards']} shards"
     )
-    typer.echo(f"bytes per view {_human(rep['bytes_per_view'])} ({rep['dtype']})")
+    typer.echo(f"bytes per view {_human(rep['bytes_per_view'])} ({rep['dtype']}, relation {_relation_line(rep)})")
     typer.echo(
         f"store size     {_human(rep['store_bytes'])} (features {_human(rep['feature_bytes'])}, "
         f"images {_human(rep['image_bytes'])})"
@@ -323,6 +323,13 @@ def _print_dry_run(rep: dict[str, Any]) -> None:
     )
     if "slurm_job_script" in rep:
         typer.echo("\nSLURM job script (one per worker job):\n" + rep["slurm_job_script"])
+
+
+def _relation_line(rep: dict[str, Any]) -> str:
+    """How a store holds Ic's relation: `logits T x T`, or the factor and its rank."""
+    if rep["relation_codec"] == "factor":
+        return f"factor, rank {rep['relation_rank']} (float16 Z, float32 diagonal)"
+    return "logits T x T"
 
 
 @store_app.command("info")
@@ -346,6 +353,13 @@ def store_info_cmd(
         f"images         {info['num_images']} indexed, {info['num_cached_images']} cached, "
         f"{info['num_skipped_images']} skipped; K = {info['num_views']} views",
         f"dtype          {info['dtype']}, {_human(info['bytes_per_view'])} per view",
+        f"relation       {_relation_line(info)}"
+        + (
+            f"; mean row KL {info['relation_kl_mean']:.3g} (worst shard {info['relation_kl_max']:.3g}), "
+            "measured while writing"
+            if info["relation_kl_mean"] is not None
+            else ""
+        ),
         "shapes         " + ", ".join(f"{k} {tuple(v)}" for k, v in info["shapes"].items()),
         f"teacher        {t.name} ({t.arch}, D={t.embed_dim}, layer {t.layer}, "
         f"sha256 {t.checkpoint_sha256 or f'random-init seed {t.random_init_seed}'})",

@@ -1,6 +1,8 @@
 """The compact store's codecs (issue 12): what a cached view would hold instead of float16 tokens
-and T x T logits. Groundwork only: no store array uses them yet (docs/store.md, "Compact store
-(planned)").
+and T x T logits. The relation factor is wired in (`--relation factor`, store schema 3: stage one
+writes `relation_factor` and `relation_diag` with `relation_factor`, stage two rebuilds the logits
+with `rebuild_logits`); the token codec is groundwork, used by no store array yet (docs/store.md,
+"Compact store").
 
 Two codecs and a size calculator, pure functions over batched torch tensors on any device:
 

@@ -137,6 +137,12 @@ class CacheConfig:
     views: int = opt(4, "K: replayable augmented views cached per image.")
     dtype: StoreDtype = opt("float16", "Stored feature dtype: bfloat16 is stored as uint16, int8 with a "
                        "per-token scale.")
+    relation: Literal["logits", "factor"] = opt("logits", "How Ic's relation target is stored: logits, T x T in "
+                                                "--dtype; factor, a rank-r float16 factor Z with Z Z^T ~= "
+                                                "the logits plus their exact float32 diagonal (store schema 3; "
+                                                "docs/store.md).")
+    relation_rank: int | None = opt(None, "r of --relation factor, 1 to T; default min(64, T // 4) "
+                                    "(codec.default_relation_rank).")
     shard_size: int = opt(256, "Images per store shard: the unit of work, of writing and of resume.")
     seed: int = opt(0, "Seed of the view parameters (with each image's key and view index).")
     batch_size: int = opt(32, "Views per teacher forward.")
@@ -166,6 +172,8 @@ class CacheConfig:
             raise ConfigError(f"views must be >= 1, got {self.views}")
         if self.shard_size < 1 or self.batch_size < 1 or self.workers < 1:
             raise ConfigError("shard_size, batch_size and workers must be >= 1")
+        if self.relation_rank is not None and self.relation_rank < 1:
+            raise ConfigError(f"relation_rank must be >= 1, got {self.relation_rank}")
         if self.shards is not None:
             shard_slice(self.shards, 10**12)
         for hw in (self.recipe.global_size, self.recipe.crowd_size):

@@ -38,9 +38,11 @@ import zarr
 from torch import Tensor
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from dpal.codec import RelationCode, check_relation_code, rebuild_logits
 from dpal.corpus import ImageRef, read_bytes, sha256_file
 from dpal.store_schema import (
     CHECKED_SHARD_ARRAYS,
+    FACTOR_DTYPE,
     FEATURES,
     GLOBAL,
     IDENTITY_ATTRS,
@@ -54,11 +56,12 @@ from dpal.store_schema import (
     MARKERS_DIR,
     PARAMS,
     RELATION,
+    RELATION_DIAG,
+    RELATION_FACTOR,
     SCALE_SUFFIX,
     SOURCE,
     SOURCE_OFFSET,
     SOURCE_SIZE,
-    STORAGE_DTYPE,
     VALID,
     Layout,
     StoreError,
@@ -66,6 +69,7 @@ from dpal.store_schema import (
     check_header,
 )
 from dpal.store_schema import DTYPES as DTYPES  # noqa: F401 - the names below are re-exported: `dpal.store`
+from dpal.store_schema import FACTOR_SCHEMA as FACTOR_SCHEMA
 from dpal.store_schema import FORMAT as FORMAT  # is where callers find the whole contract
 from dpal.store_schema import READABLE_SCHEMAS as READABLE_SCHEMAS
 from dpal.store_schema import SCHEMA_VERSION as SCHEMA_VERSION
@@ -170,8 +174,8 @@ def _open_rw(path: Path, name: str) -> zarr.Array:
 def _create_arrays(group: zarr.Group, layout: Layout) -> None:
     s, k = layout.shard_size, layout.num_views
     cfg = {"write_empty_chunks": True}
-    storage = STORAGE_DTYPE[layout.dtype]
     for name, shape in layout.feature_shapes().items():
+        storage, scaled = layout.feature_arrays()[name]
         # One Zarr shard per store shard; one inner chunk per (image, view) so that stage two reads
         # single views without touching the rest of the shard.
         # No compression (float16 tokens gain at most ~1.15x), but a crc32c per inner chunk, so
@@ -186,7 +190,7 @@ def _create_arrays(group: zarr.Group, layout: Layout) -> None:
             fill_value=0,
             config=cfg,
         )
-        if layout.dtype == "int8":
+        if scaled:
             sshape = shape[:-1]
             group.create_array(
                 name + SCALE_SUFFIX,
@@ -404,6 +408,8 @@ class ShardData:
     images: list[tuple[str, bytes, str] | None]  # per row: (key, bytes, ext) or None
     skipped: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)
+    """Measurements the marker records beside the data (`relation_kl` of a factor store)."""
 
 
 def _chunk_files(root: Path, name: str, ndim: int, shard: int) -> list[Path]:
@@ -454,8 +460,11 @@ def write_shard(path: Path, data: ShardData) -> dict[str, Any]:
         raw, offsets, sizes = _image_tar(data.images, start)
         atomic_write_bytes(tar_path, raw)
         files.append(tar_path)
-    for name in FEATURES:
-        stored, scale = encode(data.features[name], dtype)
+    for name, (storage, _) in layout.feature_arrays().items():
+        if name in FEATURES:
+            stored, scale = encode(data.features[name], dtype)
+        else:  # the relation factor and diagonal: already what is stored (float16 Z, float32 diagonal)
+            stored, scale = np.asarray(data.features[name], dtype=storage), None
         _open_rw(path, name)[start:stop] = stored
         files += _chunk_files(path, name, stored.ndim, data.shard)
         if scale is not None:
@@ -482,7 +491,7 @@ def write_shard(path: Path, data: ShardData) -> dict[str, Any]:
         # of each per-shard array, and each cached image's bytes (null for a skipped row).
         "crc32c": {name: crc32c_of(arr) for name, arr in shard_arrays.items()},
         "image_crc32c": [None if item is None else int(google_crc32c.value(item[1])) for item in data.images],
-    }
+    } | data.stats
     atomic_write_bytes(marker_path(path, data.shard), json.dumps(marker, indent=1).encode())
     return marker
 
@@ -591,9 +600,11 @@ class Targets:
 
     global_: Tensor  # (B, D)
     local: Tensor  # (B, P, D)
-    relation: Tensor  # (B, T, T) row-shifted logits
+    relation: Tensor  # (B, T, T) row-shifted logits; read raw from a factor store: Z (B, T, r) float16
     params: np.ndarray  # (B, NUM_PARAMS)
-    scales: tuple[Tensor, Tensor, Tensor] | None = None  # int8 read raw: float32 (B,), (B, P), (B, T)
+    # int8 read raw: float32 (B,), (B, P), (B, T) (None for a factor store's relation)
+    scales: tuple[Tensor, Tensor, Tensor | None] | None = None
+    relation_diag: Tensor | None = None  # a factor store read raw: (B, T) float32
 
 
 class StoreReader:
@@ -776,11 +787,14 @@ class StoreReader:
         # read 9x slower at 32 images (docs/benchmarks.md, loader).
         sel = (sorted_idx, slice(view, view + 1))
         out: dict[str, Tensor] = {}
+        arrays = self.layout.feature_arrays()
         try:
-            for name in FEATURES:
+            for name, (_, scaled) in arrays.items():
                 data = self.array(name).oindex[sel][:, 0]
-                scale = self.array(name + SCALE_SUFFIX).oindex[sel][:, 0] if self.dtype == "int8" else None
-                if raw:
+                scale = self.array(name + SCALE_SUFFIX).oindex[sel][:, 0] if scaled else None
+                if name not in FEATURES:  # the relation factor or diagonal, exactly as stored
+                    out[name] = torch.from_numpy(np.ascontiguousarray(data))[inverse]
+                elif raw:
                     out[name] = _raw_tensor(data, self.dtype)[inverse]
                     if scale is not None:
                         out[name + SCALE_SUFFIX] = torch.from_numpy(scale)[inverse]
@@ -807,8 +821,22 @@ class StoreReader:
                 f"{self.path}: data of shard(s) {', '.join(shard_name(s) for s in bad)} cannot be read "
                 f"({type(e).__name__}: {str(e).splitlines()[0]}); {fix}"
             ) from None
-        scales = tuple(out[n + SCALE_SUFFIX] for n in FEATURES) if raw and self.dtype == "int8" else None
-        return Targets(out[GLOBAL], out[LOCAL], out[RELATION], self.read_params(indices, view), scales)
+        scales = tuple(out.get(n + SCALE_SUFFIX) for n in FEATURES) if raw and self.dtype == "int8" else None
+        params = self.read_params(indices, view)
+        if RELATION_FACTOR not in arrays:
+            return Targets(out[GLOBAL], out[LOCAL], out[RELATION], params, scales)
+        z, diag = out[RELATION_FACTOR], out[RELATION_DIAG]
+        # finite and of the store's shapes, or one StoreError line (the chunks' crc32c caught bytes
+        # flipped on disk; this catches a factor that stage one wrote wrong)
+        check_relation_code(
+            RelationCode(z.numpy(), diag.numpy(), FACTOR_DTYPE),
+            self.layout.num_crowd_tokens,
+            f"{self.path}: the relation factor of shard(s) "
+            f"{', '.join(sorted({shard_name(self.shard_of(int(i))) for i in sorted_idx}))}",
+        )
+        if raw:
+            return Targets(out[GLOBAL], out[LOCAL], z, params, scales, diag)
+        return Targets(out[GLOBAL], out[LOCAL], rebuild_logits(z.float(), diag), params, scales)
 
     def read_params(self, indices: np.ndarray, view: int) -> np.ndarray:
         """View parameters (B, NUM_PARAMS) of view `view` of the images `indices`, each shard's
@@ -844,9 +872,9 @@ class StoreReader:
         rows = [int(i) for i in indices if self.shard_of(int(i)) == shard]
         sel = (rows, slice(view, view + 1))
         try:
-            for name in FEATURES:
+            for name, (_, scaled) in self.layout.feature_arrays().items():
                 self.array(name).oindex[sel]
-                if self.dtype == "int8":
+                if scaled:
                     self.array(name + SCALE_SUFFIX).oindex[sel]
             self.array(PARAMS).oindex[sel]
         except (zarr.errors.ChunkNotFoundError, ValueError):
@@ -903,9 +931,9 @@ class StoreReader:
 
     def fingerprint(self) -> str:
         """Identity of the store's contents: identity attributes plus every marker's checksums."""
-        h = hashlib.sha256(
-            json.dumps({k: self.attrs.get(k) for k in IDENTITY_ATTRS}, sort_keys=True).encode()
-        )
+        # relation_codec only where set: logits stores keep the fingerprint they always had
+        ident = {k: self.attrs.get(k) for k in IDENTITY_ATTRS if k != "relation_codec" or k in self.attrs}
+        h = hashlib.sha256(json.dumps(ident, sort_keys=True).encode())
         for s in sorted(done_shards(self.path)):
             h.update(json.dumps(read_marker(self.path, s)["files"], sort_keys=True).encode())
         return h.hexdigest()
@@ -921,10 +949,13 @@ def store_info(path: Path) -> dict[str, Any]:
     done = sorted(done_shards(path))
     skipped: list[dict[str, Any]] = []
     cached = 0
+    kls = []
     for s in done:
         m = read_marker(path, s)
         cached += m["num_cached"]
         skipped += m["skipped"]
+        if m.get("relation_kl") is not None:
+            kls.append(m["relation_kl"])
     shapes = {k: list(v) for k, v in layout.feature_shapes().items()}
     return {
         "path": str(path),
@@ -943,6 +974,11 @@ def store_info(path: Path) -> dict[str, Any]:
         "shapes": shapes,
         "token_grid": meta.token_grid.to_attrs(),
         "bytes_per_view": layout.bytes_per_view(),
+        "relation_codec": layout.relation_codec,
+        "relation_rank": layout.relation_rank or None,
+        # mean row KL(softmax(logits) || softmax(rebuilt)) per shard, measured while writing
+        "relation_kl_mean": float(np.mean(kls)) if kls else None,
+        "relation_kl_max": float(np.max(kls)) if kls else None,
         "embed_images": meta.embed_images,
         "teacher": meta.teacher.to_attrs(),
         "seed": meta.seed,

@@ -6,7 +6,7 @@ re-exports every name here, so `from dpal.store import StoreMeta` works), stage 
 `StoreMeta` (`pipeline.engine.store_meta`) and stage two reads one (`StoreReader.store_meta`).
 `StoreMeta.to_attrs()` is exactly what a store's zarr.json holds (same keys, same order, so the
 bytes and the integrity checksum are those of the dict this replaced); `StoreMeta.from_attrs`
-reads schemas 1 and 2 and names the first missing or malformed attribute in one StoreError line.
+reads schemas 1 to 3 and names the first missing or malformed attribute in one StoreError line.
 docs/store.md documents every attribute and keeps the changelog.
 """
 
@@ -27,14 +27,20 @@ from dpal.views import NUM_PARAMS, PARAM_FIELDS, ViewRecipe
 if TYPE_CHECKING:
     from dpal.teachers import TeacherSpec
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)  # schema 1 lacks the checksums of schema 2; its stores read unchecked
+SCHEMA_VERSION = 2  # stores whose relation target is the logits (the default)
+FACTOR_SCHEMA = 3  # stores whose relation target is a low-rank factor (attribute `relation_codec`)
+READABLE_SCHEMAS = (1, 2, 3)  # schema 1 lacks the checksums of schema 2; its stores read unchecked
 FORMAT = "dpal-teacher-store"
 
 # N images, K views per image, P patch tokens of v0, T tokens of Ic (1 + grid), D teacher width
 GLOBAL = "global"  # (N, K, D)     teacher CLS (or mean patch token) on v0
 LOCAL = "local"  # (N, K, P, D)  teacher patch tokens on v0
 RELATION = "relation"  # (N, K, T, T) teacher affinity logits F F^T / sqrt(D) on Ic, each row minus its max
+# schema 3, relation codec `factor`, instead of RELATION (codec.relation_factor):
+RELATION_FACTOR = "relation_factor"  # (N, K, T, r) float16 Z, logits ~= Z Z^T off the diagonal
+RELATION_DIAG = "relation_diag"  # (N, K, T) float32, the logits' exact diagonal
+RELATION_CODECS = ("logits", "factor")
+FACTOR_DTYPE = "float16"  # Z's stored dtype, whatever the store's `dtype` (which sets v0's targets)
 SCALE_SUFFIX = "_scale"  # int8 only: per-token float32 scale, (N, K), (N, K, P), (N, K, T)
 PARAMS = "params"  # (N, K, NUM_PARAMS) float64 view parameters, laid out as views.PARAM_FIELDS
 VALID = "valid"  # (N,) uint8: 1 cached, 0 skipped (bad image)
@@ -74,6 +80,7 @@ IDENTITY_ATTRS = (
     "num_images",
     "embed_images",
     "token_grid",
+    "relation_codec",  # absent (None) in logits stores
 )
 
 RELATION_TARGET = "row-shifted logits F F^T / sqrt(D)"
@@ -201,6 +208,20 @@ class Layout:
     num_patches: int
     num_crowd_tokens: int
     dtype: str
+    relation_rank: int = 0
+    """r of the relation factor; 0: the relation is stored as T x T logits (schema 1, 2)."""
+
+    @property
+    def relation_codec(self) -> str:
+        return "factor" if self.relation_rank else "logits"
+
+    def feature_arrays(self) -> dict[str, tuple[str, bool]]:
+        """Each feature array's storage dtype, and whether it has a float32 `_scale` array (int8)."""
+        storage = STORAGE_DTYPE[self.dtype]
+        out = {name: (storage, self.dtype == "int8") for name in (GLOBAL, LOCAL)}
+        if self.relation_rank:
+            return out | {RELATION_FACTOR: (FACTOR_DTYPE, False), RELATION_DIAG: ("float32", False)}
+        return out | {RELATION: (storage, self.dtype == "int8")}
 
     @property
     def num_shards(self) -> int:
@@ -218,15 +239,17 @@ class Layout:
             self.num_patches,
             self.num_crowd_tokens,
         )
-        return {GLOBAL: (n, k, d), LOCAL: (n, k, p, d), RELATION: (n, k, t, t)}
+        shapes = {GLOBAL: (n, k, d), LOCAL: (n, k, p, d)}
+        if self.relation_rank:
+            return shapes | {RELATION_FACTOR: (n, k, t, self.relation_rank), RELATION_DIAG: (n, k, t)}
+        return shapes | {RELATION: (n, k, t, t)}
 
     def bytes_per_view(self) -> int:
         """Bytes of targets per cached view, scales and parameters included."""
-        item = np.dtype(STORAGE_DTYPE[self.dtype]).itemsize
-        d, p, t = self.embed_dim, self.num_patches, self.num_crowd_tokens
-        n = (d + p * d + t * t) * item + NUM_PARAMS * 8
-        if self.dtype == "int8":
-            n += (1 + p + t) * 4
+        n = NUM_PARAMS * 8
+        for name, shape in self.feature_shapes().items():
+            dtype, scaled = self.feature_arrays()[name]
+            n += int(np.prod(shape[2:])) * np.dtype(dtype).itemsize + (int(np.prod(shape[2:-1])) * 4 if scaled else 0)
         return n
 
 
@@ -385,6 +408,8 @@ class StoreMeta:
     dpal_version: str = __version__
     complete: bool = False
     param_fields: tuple[str, ...] = PARAM_FIELDS
+    relation_rank: int = 0
+    """r of the relation factor (schema 3, attribute `relation_codec`); 0: T x T logits."""
 
     @property
     def num_shards(self) -> int:
@@ -400,7 +425,19 @@ class StoreMeta:
             self.token_grid.num_patches,
             self.token_grid.num_crowd_tokens,
             self.dtype,
+            self.relation_rank,
         )
+
+    def relation_codec_attrs(self) -> dict[str, Any] | None:
+        """The attribute `relation_codec` (schema 3), None for a logits store."""
+        if not self.relation_rank:
+            return None
+        return {
+            "codec": "factor",
+            "rank": self.relation_rank,
+            "arrays": {RELATION_FACTOR: FACTOR_DTYPE, RELATION_DIAG: "float32"},
+            "target": "row-shifted logits rebuilt as Z Z^T with the exact diagonal (codec.rebuild_logits)",
+        }
 
     def to_attrs(self) -> dict[str, Any]:
         """The group attributes, in the order stores have always been written (zarr.json's bytes
@@ -426,6 +463,8 @@ class StoreMeta:
             "corpus_fingerprint": self.corpus_fingerprint,
             "embed_images": self.embed_images,
         }
+        if self.relation_rank:
+            attrs["relation_codec"] = self.relation_codec_attrs()
         optional = {
             "value_settings": self.value_settings,
             "config": self.config,
@@ -435,7 +474,7 @@ class StoreMeta:
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], where: str | Path = "store") -> StoreMeta:
-        """Read and check a store's group attributes (schema 1 or 2); unknown attributes are
+        """Read and check a store's group attributes (schema 1, 2 or 3); unknown attributes are
         ignored, as additive ones always were.
 
         Raises:
@@ -467,6 +506,7 @@ class StoreMeta:
             dpal_version=f("dpal_version", STR),
             complete=f("complete", BOOL),
             param_fields=f("param_fields", NAMES),
+            relation_rank=_relation_rank(f, attrs["schema_version"]),
         )
         meta._check_consistent(f)
         return meta
@@ -492,6 +532,12 @@ class StoreMeta:
                 "param_fields",
                 f"differs from this dpal's {NUM_PARAMS} view parameters "
                 "(views.PARAM_FIELDS), so the stored views would replay wrongly",
+            )
+        if self.relation_rank > self.token_grid.num_crowd_tokens:
+            raise attribute_error(
+                f.where,
+                "relation_codec.rank",
+                f"is {self.relation_rank}, above T = {self.token_grid.num_crowd_tokens} crowd tokens",
             )
         want = TokenGrid.of(self.recipe, self.token_grid.patch_size)
         if (want.global_grid, want.crowd_grid) != (self.token_grid.global_grid, self.token_grid.crowd_grid):
@@ -527,6 +573,17 @@ class StoreMeta:
         """Refuse a loaded teacher (`Teacher.identity()`) whose weights are not the store's."""
         if identity.get("checkpoint_sha256") != self.teacher.checkpoint_sha256:
             raise StoreError("the teacher checkpoint differs from the one that wrote the store (sha256)")
+
+
+def _relation_rank(f: _Fields, schema: int) -> int:
+    """r from the attribute `relation_codec`: required in schema 3, absent before (0: logits)."""
+    if schema < FACTOR_SCHEMA:
+        if "relation_codec" in f.attrs:
+            raise attribute_error(f.where, "relation_codec", f"is set, but schema {schema} stores hold logits")
+        return 0
+    codec = f.sub("relation_codec")
+    codec("codec", _one_of(("factor",)))  # the one codec of schema 3
+    return codec("rank", POSITIVE)
 
 
 def _recipe(f: _Fields) -> ViewRecipe:

@@ -25,14 +25,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dpal.codec import default_relation_rank, rebuild_logits, relation_factor, relation_logits, row_kl
 from dpal.config import CacheConfig
 from dpal.corpus import BadImage, decode_image, read_bytes
-from dpal.errors import UserError
+from dpal.errors import InputError, UserError
 from dpal.store import (
+    FACTOR_DTYPE,
+    FEATURES,
     GLOBAL,
     KEYS,
     LOCAL,
     RELATION,
+    RELATION_DIAG,
+    RELATION_FACTOR,
     SOURCE,
     SOURCE_OFFSET,
     SOURCE_SIZE,
@@ -142,19 +147,71 @@ def batches_ahead(
             yield done, [f.result() for f in futures]
 
 
-@torch.inference_mode()
-def teacher_targets(
-    teacher: Teacher, v0: torch.Tensor, ic: torch.Tensor, device: torch.device
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Teacher targets of a batch of views, float32 numpy.
+def relation_rank(cfg: CacheConfig, num_crowd_tokens: int) -> int:
+    """r of the relation factor that `cfg` asks for at T = num_crowd_tokens; 0 for `--relation logits`."""
+    if cfg.relation != "factor":
+        if cfg.relation_rank is not None:  # checked here, not in CacheConfig: a config sets fields one by one
+            raise InputError(
+                f"relation_rank {cfg.relation_rank} is set but the relation is stored as logits; add "
+                "--relation factor, or drop --relation-rank"
+            )
+        return 0
+    rank = default_relation_rank(num_crowd_tokens) if cfg.relation_rank is None else cfg.relation_rank
+    if not 1 <= rank <= num_crowd_tokens:
+        raise InputError(
+            f"relation_rank {rank} must be between 1 and T = {num_crowd_tokens} (Ic's tokens); "
+            "set --relation-rank in that range"
+        )
+    return rank
+
+
+RELATION_KL = "relation_kl"  # (B,) in a factor batch: each view's mean row KL of the stored factor
+
+
+def relation_code(tokens: torch.Tensor, rank: int) -> dict[str, np.ndarray]:
+    """Ic's tokens (B, T, D) -> what a factor store holds, factored on the tokens' device.
 
     Returns:
-        global (B, D), local (B, P, D), relation (B, T, T) row-shifted logits.
+        RELATION_FACTOR (B, T, r) float16 Z, RELATION_DIAG (B, T) float32 exact diagonal, and
+        RELATION_KL (B,) float64: each view's mean row KL(softmax(logits) || softmax(rebuilt)),
+        the logits rebuilt from the float16 Z as stage two rebuilds them.
+    """
+    with torch.autocast(tokens.device.type, enabled=False):  # float32 logits, float64 eigh (codec)
+        factor = relation_factor(tokens, rank)
+        z = factor.z.to(getattr(torch, FACTOR_DTYPE))
+        kl = row_kl(relation_logits(tokens), rebuild_logits(z.float(), factor.diag, shift=False)).mean(-1)
+    return {
+        RELATION_FACTOR: z.cpu().numpy(),
+        RELATION_DIAG: factor.diag.float().cpu().numpy(),
+        RELATION_KL: kl.cpu().numpy(),
+    }
+
+
+@torch.inference_mode()
+def teacher_targets(
+    teacher: Teacher, v0: torch.Tensor, ic: torch.Tensor, device: torch.device, relation_rank: int = 0
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Teacher targets of a batch of views, numpy.
+
+    Args:
+        relation_rank: r of the relation factor (`--relation factor`); 0 for the logits.
+
+    Returns:
+        global (B, D) and local (B, P, D) float32, and the relation: {RELATION: (B, T, T) float32
+        row-shifted logits}, or with a rank `relation_code`'s arrays.
     """
     with autocast_context(device):
         g, patches = teacher.encode_global(v0.to(device, non_blocking=True))
-        rel = teacher.relation_logits(ic.to(device, non_blocking=True))
-    return (g.float().cpu().numpy(), patches.float().cpu().numpy(), shift_rows(rel.float().cpu().numpy()))
+        if relation_rank:
+            tokens = teacher.encode_crowd(ic.to(device, non_blocking=True))
+        else:
+            rel = teacher.relation_logits(ic.to(device, non_blocking=True))
+    relation = (
+        relation_code(tokens, relation_rank)
+        if relation_rank
+        else {RELATION: shift_rows(rel.float().cpu().numpy())}
+    )
+    return g.float().cpu().numpy(), patches.float().cpu().numpy(), relation
 
 
 def _decode_rows(
@@ -198,17 +255,19 @@ def _targets(
     good: list[int],
     device: torch.device,
     replay_threads: int,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The K views' parameters of each good row (rows, K, NUM_PARAMS) and the teacher's targets on
-    them (float32, the layout's feature shapes; zeros for bad rows)."""
+) -> tuple[np.ndarray, dict[str, np.ndarray], list[float]]:
+    """The K views' parameters of each good row (rows, K, NUM_PARAMS), the teacher's targets on
+    them (the layout's feature arrays: float32 but the relation factor's float16; zeros for bad
+    rows) and, in a factor store, each view's mean row KL of its stored factor."""
     recipe: ViewRecipe = cfg.recipe
     rows, k_views = len(images), layout.num_views
     hw = {r: (images[r].height, images[r].width) for r in good}
     params = np.zeros((rows, k_views, NUM_PARAMS), dtype=np.float64)
     feats = {
-        name: np.zeros((rows, *shape[1:]), dtype=np.float32)
+        name: np.zeros((rows, *shape[1:]), dtype=np.float32 if name in FEATURES else layout.feature_arrays()[name][0])
         for name, shape in layout.feature_shapes().items()
     }
+    kls: list[float] = []
     jobs = []
     for r in good:
         pool = [(start + b, hw[b]) for b in good if b != r] or [(start + r, hw[r])]
@@ -222,10 +281,15 @@ def _targets(
 
     for batch, views in batches_ahead(jobs, cfg.batch_size, replay_job, replay_threads):
         v0s, ics = zip(*views, strict=True)
-        g, loc, rel = teacher_targets(teacher, torch.stack(v0s), torch.stack(ics), device)
+        g, loc, rel = teacher_targets(
+            teacher, torch.stack(v0s), torch.stack(ics), device, layout.relation_rank
+        )
+        kls += rel.pop(RELATION_KL, np.empty(0)).tolist()
         for j, (r, k) in enumerate(batch):
-            feats[GLOBAL][r, k], feats[LOCAL][r, k], feats[RELATION][r, k] = g[j], loc[j], rel[j]
-    return params, feats
+            feats[GLOBAL][r, k], feats[LOCAL][r, k] = g[j], loc[j]
+            for name, values in rel.items():
+                feats[name][r, k] = values[j]
+    return params, feats, kls
 
 
 def cache_shard(
@@ -262,7 +326,7 @@ def cache_shard(
     keys = reader.array(KEYS)[start:stop]
     images, blobs, skipped = _decode_rows(reader, start, stop, cfg)
     good = [r for r in range(rows) if images[r] is not None]
-    params, feats = _targets(teacher, cfg, layout, start, keys, images, good, device, replay_threads)
+    params, feats, kls = _targets(teacher, cfg, layout, start, keys, images, good, device, replay_threads)
     valid = np.zeros(rows, dtype=np.uint8)
     valid[good] = 1
     data = ShardData(
@@ -273,6 +337,8 @@ def cache_shard(
         images=blobs,
         skipped=skipped,
         seconds=time.perf_counter() - t0,
+        # the mean over the shard's views of each view's mean row KL (store info shows it)
+        stats={RELATION_KL: float(np.mean(kls)) if kls else None} if layout.relation_rank else {},
     )
     try:
         write_shard(store_path, data)

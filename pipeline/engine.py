@@ -46,12 +46,15 @@ from dpal.pipeline.cache import (
     cache_shard,
     disk_full_message,
     is_disk_full,
+    relation_rank,
     replay_threads_for,
     teacher_spec,
     teacher_targets,
 )
 from dpal.progress import Progress as PlainProgress
 from dpal.store import (
+    FACTOR_SCHEMA,
+    SCHEMA_VERSION,
     Layout,
     StoreError,
     StoreMeta,
@@ -126,12 +129,15 @@ def store_meta(cfg: CacheConfig, teacher: Teacher, fingerprint: str, num_images:
     Args:
         corpus_problems: corpus entries that could not be indexed (not identity: for `store info`).
     """
+    grid = TokenGrid.of(cfg.recipe, teacher.patch_size)
+    rank = relation_rank(cfg, grid.num_crowd_tokens)
     return StoreMeta(
         teacher=TeacherIdentity.from_attrs(teacher.identity(), "teacher identity"), recipe=cfg.recipe,
-        token_grid=TokenGrid.of(cfg.recipe, teacher.patch_size), seed=cfg.seed, num_views=cfg.views,
+        token_grid=grid, seed=cfg.seed, num_views=cfg.views,
         num_images=num_images, shard_size=cfg.shard_size, dtype=cfg.dtype, embed_dim=teacher.embed_dim,
         corpus=cfg.corpus, corpus_fingerprint=fingerprint, embed_images=cfg.embed_images,
         value_settings=value_settings(cfg), config=to_dict(cfg), corpus_problems=corpus_problems,
+        relation_rank=rank, schema_version=FACTOR_SCHEMA if rank else SCHEMA_VERSION,
     )
 
 
@@ -494,13 +500,14 @@ def dry_run(cfg: CacheConfig, num_images: int = 8) -> dict[str, Any]:
         v0s.append(v0)
         ics.append(ic)
     v0, ic = torch.stack(v0s), torch.stack(ics)
-    teacher_targets(teacher, v0[:2], ic[:2], device)  # warm up
+    rank = relation_rank(cfg, TokenGrid.of(cfg.recipe, teacher.patch_size).num_crowd_tokens)
+    teacher_targets(teacher, v0[:2], ic[:2], device, rank)  # warm up
     t0 = time.perf_counter()
-    teacher_targets(teacher, v0, ic, device)
+    teacher_targets(teacher, v0, ic, device, rank)
     per_view = (time.perf_counter() - t0) / len(imgs)
     grid = TokenGrid.of(cfg.recipe, teacher.patch_size)
     layout = Layout(len(refs), cfg.views, cfg.shard_size, teacher.embed_dim, grid.num_patches,
-                    grid.num_crowd_tokens, cfg.dtype)
+                    grid.num_crowd_tokens, cfg.dtype, rank)
     image_bytes = 0
     if cfg.embed_images:
         sample = refs[: min(len(refs), 256)]
@@ -515,6 +522,8 @@ def dry_run(cfg: CacheConfig, num_images: int = 8) -> dict[str, Any]:
         "num_images": len(refs),
         "num_views": cfg.views,
         "dtype": cfg.dtype,
+        "relation_codec": layout.relation_codec,
+        "relation_rank": layout.relation_rank or None,
         "bytes_per_view": layout.bytes_per_view(),
         "feature_bytes": layout.bytes_per_view() * views,
         "image_bytes": image_bytes,

@@ -138,7 +138,7 @@ def test_help_defaults_are_the_config_defaults(command: str, config: type) -> No
     # the options that must show a literal default, so that none is silently skipped above
     assert checked == {
         "cache-teacher": ["batch_size", "device", "dtype", "max_pixels", "progress_seconds", "random_init_seed",
-                          "replay_threads", "seed", "shard_size", "teacher", "teacher_global_token",
+                          "relation", "replay_threads", "seed", "shard_size", "teacher", "teacher_global_token",
                           "threads_per_worker", "views", "workers"],
         "distill": ["base_lr", "batch_size", "betas", "checkpoint_every", "device", "dpade_scale", "epochs",
                     "global_weight", "grad_accum", "keep_last", "keep_weights_only_older", "l2_weight",
@@ -391,6 +391,7 @@ def test_dask_run_in_a_log_prints_progress_lines_and_closes_cleanly(tmp_path: Pa
 
 # Non-default values the generic rule in _other_value cannot find (validated fields, choices, mappings).
 _OTHER = {"shards": "1:2", "device": "cpu", "resume": "none", "dtype": "int8", "teacher_global_token": "mean",
+          "relation": "factor",
           "recipe.crowd_size": (240, 256), "slurm.job_extra": ("--constraint=a100",),
           "recipe_local_size": (64, 48), "student_kwargs": {"depth": 2}, "recipe": "feature-kd", "projector": "linear"}
 # distill keys that only one --recipe reads (any other refuses them): set together with that recipe
@@ -413,7 +414,7 @@ def _other_value(dotted: str, default: object) -> object:
     if isinstance(default, bool) or default is None and dotted in ("recompute",):
         return not default
     if isinstance(default, int) or default is None and dotted in ("teacher_layer", "max_steps", "num_workers",
-                                                                  "val_images"):
+                                                                  "val_images", "relation_rank"):
         return (default or 2) + 1
     if isinstance(default, float):
         return default / 2 if default else 0.5
@@ -444,7 +445,7 @@ def test_every_config_field_is_reachable_from_the_cli(command: str, config: type
 
     base = config()
     leaves = list(_leaves(config))
-    assert len(leaves) == {"cache-teacher": 25 + 8 + 18, "distill": 41}[command]  # with slurm, recipe
+    assert len(leaves) == {"cache-teacher": 27 + 8 + 18, "distill": 41}[command]  # with slurm, recipe
     for dotted, f, default in leaves:
         value = _other_value(dotted, default)
         assert value != default, dotted

@@ -12,6 +12,7 @@ import torch
 import zarr
 
 from dpal.store import (
+    FACTOR_SCHEMA,
     FEATURES,
     GLOBAL,
     LOCAL,
@@ -149,8 +150,8 @@ def test_reader_refuses_other_schema_and_incomplete_stores(store_copy: Path, tmp
     with pytest.raises(StoreError, match="incomplete .*rerunning the same `dpal cache-teacher`"):
         StoreReader(store_copy)
     assert StoreReader(store_copy, allow_incomplete=True).layout.num_shards == 5
-    group.attrs["schema_version"] = SCHEMA_VERSION + 1
-    with pytest.raises(StoreError, match=f"schema {SCHEMA_VERSION + 1}.*reads schema 1, {SCHEMA_VERSION}"):
+    group.attrs["schema_version"] = FACTOR_SCHEMA + 1
+    with pytest.raises(StoreError, match=f"schema {FACTOR_SCHEMA + 1}.*reads schema 1, {SCHEMA_VERSION}, {FACTOR_SCHEMA}"):
         read_attrs(store_copy)
     with pytest.raises(StoreError, match="not a dpal store"):
         read_attrs(tmp_path / "nothing")

@@ -146,7 +146,7 @@ def test_unknown_recipe_key_and_other_stores_are_one_line(ref_store: Path) -> No
         "S: store attribute recipe is not a view recipe of this dpal (unknown recipe "
     )
     assert _error({**_attrs(ref_store), "format": "x"}) == "S is a Zarr group but not a dpal teacher store"
-    assert _error({**_attrs(ref_store), "schema_version": 3}).startswith("S has store schema 3, this dpal")
+    assert _error({**_attrs(ref_store), "schema_version": 4}).startswith("S has store schema 4, this dpal")
 
 
 def test_schema_1_attributes_still_read(ref_store: Path) -> None:

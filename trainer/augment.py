@@ -17,6 +17,7 @@ This module does the rest where the step runs:
   (views.sample_local), applied as a batch in float32 (see the function for where it deviates from
   the PIL reference, views.random_local).
 - `decode_targets`: stored float16 / bfloat16 / int8 (+ scale) -> float32, `store.decode`'s values.
+  A factor store's relation (Z, diagonal) becomes the row-shifted logits (`codec.rebuild_logits`).
 
 Shapes: B images, (Hg, Wg) v0, (Hl, Wl) local crops and persons, (Hc, Wc) Ic, (Hs, Ws) the batch's
 largest source image.
@@ -34,6 +35,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.ops import roi_align
 
+from dpal.codec import rebuild_logits
 from dpal.common import IMAGENET_MEAN, IMAGENET_STD
 from dpal.views import ViewRecipe, normalize, to_unit
 
@@ -277,6 +279,8 @@ def model_inputs(batch: dict[str, Tensor], recipe: ViewRecipe, device: torch.dev
     for name in ("g_t", "local_t", "rel_t"):
         if name in on:
             out[name] = decode_targets(on[name], on.get(name + "_scale"))
+    if "rel_t_diag" in on:  # a factor store: the row-shifted logits, one batched matmul on `device`
+        out["rel_t"] = rebuild_logits(out["rel_t"], on["rel_t_diag"])
     if "mask" in on:
         out["mask"] = on["mask"]
     return out

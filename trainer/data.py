@@ -170,7 +170,8 @@ class BatchDataset(torch.utils.data.Dataset):
         padded to the largest by repeating its last row and column, src_hw (B, 2) int64 their
         sizes, local_aug (B, 2, NUM_AUG) float64 the parameters of v1 and v2 (boxes relative to
         that part); with targets, g_t (B, D), local_t (B, P, D), rel_t (B, T, T) in the
-        store's dtype (int8 adds g_t_scale, local_t_scale, rel_t_scale) and, when asked, mask.
+        store's dtype (int8 adds g_t_scale, local_t_scale, rel_t_scale) and, when asked, mask. From
+        a factor store (schema 3) rel_t is Z (B, T, r) float16 and rel_t_diag (B, T) float32.
 
         Args:
             req: the request.
@@ -193,8 +194,12 @@ class BatchDataset(torch.utils.data.Dataset):
                                  "`dpal store verify` and rerun stage one to rewrite them") from None
             params = t.params
             out.update(g_t=t.global_, local_t=t.local, rel_t=t.relation)
+            if t.relation_diag is not None:  # a factor store: Z and the diagonal, rebuilt in model_inputs
+                out["rel_t_diag"] = t.relation_diag
             if t.scales is not None:
-                out.update(g_t_scale=t.scales[0], local_t_scale=t.scales[1], rel_t_scale=t.scales[2])
+                out.update(g_t_scale=t.scales[0], local_t_scale=t.scales[1])
+                if t.scales[2] is not None:
+                    out["rel_t_scale"] = t.scales[2]
             if self.mask_fix_sign is not None:
                 grid = reader.store_meta.token_grid.global_grid
                 local = decode_targets(t.local, None if t.scales is None else t.scales[1])
