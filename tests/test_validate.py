@@ -107,6 +107,15 @@ def test_val_terms_are_the_distillers_in_eval_mode_averaged_over_the_store(store
         CPU,
     ).run(trainer.model, epoch=0)
     assert first4 == {**{k: float(v) for k, v in per_batch[0].items()}, "images": 4}
+    # batches of a training micro-batch: batch_size 4 / grad_accum 2 -> 2, 2, 2
+    halves = u.distill_config(
+        train_store, train_store.parent / "unused", val_store=str(val_store), grad_accum=2
+    )
+    assert [Validator(halves, meta, meta.recipe, CPU).sampler.batch(0, s).tolist() for s in range(3)] == [
+        [0, 1],
+        [2, 3],
+        [4, 5],
+    ]
 
 
 def test_training_with_validation_is_bit_identical_and_logs_val_lines(

@@ -104,7 +104,7 @@ class Validator:
             if cfg.val_images is not None:
                 rows = rows[: cfg.val_images]
             self.num_images = len(rows)
-            self.sampler = FixedOrder(rows, cfg.batch_size)
+            self.sampler = FixedOrder(rows, cfg.batch_size // cfg.grad_accum)  # a training micro-batch
             self.dataset = BatchDataset(cfg.val_store, self.sampler, recipe, cfg.seed)
         self.reid = Path(cfg.eval_reid) if cfg.eval_reid else None
         if self.reid is not None and not (
@@ -155,6 +155,8 @@ class Validator:
             return vit_tokens(student, x.to(self.device))[:, 0]  # (B, d)
 
         res = evaluate_reid(
-            Embedder("student", fn, tuple(self.recipe.global_size), "student"), self.reid, self.cfg.batch_size
+            Embedder("student", fn, tuple(self.recipe.global_size), "student"),
+            self.reid,
+            self.cfg.batch_size // self.cfg.grad_accum,
         )
         return {f"reid_{k}": float(res[k]) for k in REID_KEYS}
