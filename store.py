@@ -27,6 +27,7 @@ import socket
 import tarfile
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -598,12 +599,12 @@ def _load_attrs(path: Path) -> dict[str, Any]:
 class Targets:
     """Teacher targets of one batch, decoded to float32 (in the stored dtype when read raw)."""
 
-    global_: Tensor  # (B, D)
-    local: Tensor  # (B, P, D)
-    relation: Tensor  # (B, T, T) row-shifted logits; read raw from a factor store: Z (B, T, r) float16
+    global_: Tensor | None  # (B, D); None: not asked for (read_targets' `targets`), as local, relation
+    local: Tensor | None  # (B, P, D)
+    relation: Tensor | None  # (B, T, T) row-shifted logits; read raw from a factor store: Z (B, T, r) float16
     params: np.ndarray  # (B, NUM_PARAMS)
-    # int8 read raw: float32 (B,), (B, P), (B, T) (None for a factor store's relation)
-    scales: tuple[Tensor, Tensor, Tensor | None] | None = None
+    # int8 read raw: float32 (B,), (B, P), (B, T) (None for a factor store's relation, or not read)
+    scales: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None
     relation_diag: Tensor | None = None  # a factor store read raw: (B, T) float32
 
 
@@ -769,10 +770,12 @@ class StoreReader:
                 self._check_rows(PARAMS, s, self.array(PARAMS)[a:b])
             self._params_checked.add(s)
 
-    def read_targets(self, indices: np.ndarray, view: int, raw: bool = False) -> Targets:
+    def read_targets(self, indices: np.ndarray, view: int, raw: bool = False,
+                     targets: Collection[str] = FEATURES) -> Targets:
         """Targets of view `view` of the images `indices` (one orthogonal selection per array).
         `raw`: in the stored dtype (float16, bfloat16, or int8 with `scales`), for a caller that
-        decodes them elsewhere (stage two, on the training device).
+        decodes them elsewhere (stage two, on the training device). `targets`: the FEATURES to read
+        (a factor store's relation is its two arrays); the others are not read and are None.
 
         Raises:
             StoreError: a shard's data is missing or damaged; the message names the shard.
@@ -787,7 +790,8 @@ class StoreReader:
         # read 9x slower at 32 images (docs/benchmarks.md, loader).
         sel = (sorted_idx, slice(view, view + 1))
         out: dict[str, Tensor] = {}
-        arrays = self.layout.feature_arrays()
+        arrays = {name: spec for name, spec in self.layout.feature_arrays().items()
+                  if (RELATION if name in (RELATION_FACTOR, RELATION_DIAG) else name) in targets}
         try:
             for name, (_, scaled) in arrays.items():
                 data = self.array(name).oindex[sel][:, 0]
@@ -824,7 +828,7 @@ class StoreReader:
         scales = tuple(out.get(n + SCALE_SUFFIX) for n in FEATURES) if raw and self.dtype == "int8" else None
         params = self.read_params(indices, view)
         if RELATION_FACTOR not in arrays:
-            return Targets(out[GLOBAL], out[LOCAL], out[RELATION], params, scales)
+            return Targets(out.get(GLOBAL), out.get(LOCAL), out.get(RELATION), params, scales)
         z, diag = out[RELATION_FACTOR], out[RELATION_DIAG]
         # finite and of the store's shapes, or one StoreError line (the chunks' crc32c caught bytes
         # flipped on disk; this catches a factor that stage one wrote wrong)
@@ -835,8 +839,8 @@ class StoreReader:
             f"{', '.join(sorted({shard_name(self.shard_of(int(i))) for i in sorted_idx}))}",
         )
         if raw:
-            return Targets(out[GLOBAL], out[LOCAL], z, params, scales, diag)
-        return Targets(out[GLOBAL], out[LOCAL], rebuild_logits(z.float(), diag), params, scales)
+            return Targets(out.get(GLOBAL), out.get(LOCAL), z, params, scales, diag)
+        return Targets(out.get(GLOBAL), out.get(LOCAL), rebuild_logits(z.float(), diag), params, scales)
 
     def read_params(self, indices: np.ndarray, view: int) -> np.ndarray:
         """View parameters (B, NUM_PARAMS) of view `view` of the images `indices`, each shard's

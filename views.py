@@ -220,6 +220,11 @@ def to_normalized(image: Image.Image) -> Tensor:
     return torch.from_numpy(out)
 
 
+def replay_v0(recipe: ViewRecipe, params: np.ndarray, image: Image.Image) -> Image.Image:
+    """v0 alone (Hg, Wg) RGB, as `replay_pixels` makes it (for a run that reads no Ic)."""
+    return apply_aug(image, params[_V0], recipe.global_size)
+
+
 def replay_pixels(
     recipe: ViewRecipe, params: np.ndarray, image: Image.Image, background: Image.Image
 ) -> tuple[Image.Image, Image.Image, Image.Image, Image.Image]:
@@ -231,7 +236,7 @@ def replay_pixels(
         uint8 and blends on the training device (trainer.augment.compose_views, the same float32 bits).
     """
     lh, lw = recipe.local_size
-    v0 = apply_aug(image, params[_V0], recipe.global_size)
+    v0 = replay_v0(recipe, params, image)
     person_a = apply_aug(image, params[_A], recipe.local_size)  # the v2 crop
     person_b = v0.resize((lw, lh), Image.Resampling.NEAREST)
     crowd = apply_aug(background, params[_BG], recipe.crowd_size)

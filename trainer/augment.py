@@ -103,6 +103,19 @@ def _box_positions(shape: tuple[int, ...], rows: Tensor, cols: Tensor, box: tupl
     return plane + r * wc + col
 
 
+def _channel_codes(device: torch.device) -> Tensor:
+    """(1, 3, 1, 1) int32: channel c's offset c * 257 * 256 in the flat table. The code of
+    table[c, p, g] is (c * 257 + p) * 256 + g, int32 (index_select's fast path on CPU); p = 256 is
+    "no person"."""
+    return torch.arange(3, device=device, dtype=torch.int32).view(1, 3, 1, 1) * (257 * 256)
+
+
+def compose_v0(v0: Tensor, alpha: float) -> Tensor:
+    """v0 alone (B, Hg, Wg, 3) uint8 -> (B, 3, Hg, Wg) float32, `compose_views`' v0 bit for bit."""
+    alone = _channel_codes(v0.device) + _NO_PERSON * 256
+    return _take(_table(alpha, v0.device), _channels_first(v0).int() + alone)
+
+
 def compose_views(v0: Tensor, background: Tensor, person_a: Tensor, person_b: Tensor, paste: Tensor,
                   alpha: float) -> tuple[Tensor, Tensor]:
     """v0 and Ic as `views.replay` makes them, bit for bit, from their uint8 parts.
@@ -118,9 +131,7 @@ def compose_views(v0: Tensor, background: Tensor, person_a: Tensor, person_b: Te
         v0 (B, 3, Hg, Wg) and Ic (B, 3, Hc, Wc), ImageNet-normalised float32.
     """
     table = _table(alpha, v0.device)
-    # code of table[c, p, g] is (c * 257 + p) * 256 + g, int32 (index_select's fast path on CPU);
-    # p = 256 is "no person"
-    channel = torch.arange(3, device=v0.device, dtype=torch.int32).view(1, 3, 1, 1) * (257 * 256)
+    channel = _channel_codes(v0.device)
     alone = channel + _NO_PERSON * 256
     v0_out = _take(table, _channels_first(v0).int() + alone)
     bg = _channels_first(background).int()
@@ -269,13 +280,20 @@ def decode_targets(data: Tensor, scale: Tensor | None = None) -> Tensor:
 
 def model_inputs(batch: dict[str, Tensor], recipe: ViewRecipe, device: torch.device) -> dict[str, Tensor]:
     """A `BatchDataset` batch -> the model's inputs on `device`: index, v0, v1, v2, ic (float32,
-    normalised), and when the batch has targets g_t, local_t, rel_t (float32) and mask."""
+    normalised; v1, v2 and ic when the batch has their parts, BatchDataset's `needs`), and the
+    targets it has, g_t, local_t, rel_t (float32), and mask."""
     on = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "local_aug"}
-    v0, ic = compose_views(on["v0_u8"], on["bg_u8"], on["pa_u8"], on["pb_u8"], on["paste"], recipe.person_alpha)
-    b = v0.shape[0]
-    augs = batch["local_aug"]  # (B, 2, NUM_AUG), stays on the CPU: it only steers the batched ops
-    local = local_crops(on["src_u8"], torch.cat([augs[:, 0], augs[:, 1]]), recipe.local_size)
-    out = {"index": on["index"], "v0": v0, "v1": local[:b], "v2": local[b:], "ic": ic}
+    out = {"index": on["index"]}
+    if "bg_u8" in on:
+        out["v0"], out["ic"] = compose_views(on["v0_u8"], on["bg_u8"], on["pa_u8"], on["pb_u8"], on["paste"],
+                                             recipe.person_alpha)
+    else:
+        out["v0"] = compose_v0(on["v0_u8"], recipe.person_alpha)
+    if "local_aug" in batch:
+        b = out["v0"].shape[0]
+        augs = batch["local_aug"]  # (B, 2, NUM_AUG), stays on the CPU: it only steers the batched ops
+        local = local_crops(on["src_u8"], torch.cat([augs[:, 0], augs[:, 1]]), recipe.local_size)
+        out.update(v1=local[:b], v2=local[b:])
     for name in ("g_t", "local_t", "rel_t"):
         if name in on:
             out[name] = decode_targets(on[name], on.get(name + "_scale"))

@@ -36,12 +36,14 @@ from dpal.errors import InputError, UserError
 from dpal.store import StoreError, StoreReader, shard_name
 from dpal.trainer.augment import decode_targets, model_inputs
 from dpal.trainer.losses import shape_mask
+from dpal.trainer.recipes import EVERYTHING, Needs
 from dpal.views import (
     NUM_AUG,
     ViewRecipe,
     background_index,
     paste_positions,
     replay_pixels,
+    replay_v0,
     sample_local,
     view_rng,
 )
@@ -110,11 +112,15 @@ class BatchDataset(torch.utils.data.Dataset):
         finish_on_cpu: build the model's inputs in the worker (`model_inputs` on the CPU, one
             thread) instead of shipping uint8 views for the training device to finish. For CPU
             training: the workers then do that work while the main process trains.
+        needs: what the run's model reads (recipes.batch_needs); the rest is not built: targets not
+            read, v1 and v2 not drawn (their generator is their own: v0 and Ic do not move), Ic's
+            background not decoded nor replayed. What is built is bit for bit the full batch's.
     """
 
     def __init__(self, store_path: str | Path, sampler: EpochSampler, recipe: ViewRecipe, seed: int,
                  grad_accum: int = 1, read_targets: bool = True, allow_incomplete: bool = False,
-                 mask_fix_sign: bool | None = None, finish_on_cpu: bool = False) -> None:
+                 mask_fix_sign: bool | None = None, finish_on_cpu: bool = False,
+                 needs: Needs = EVERYTHING) -> None:
         self.store_path = str(store_path)
         self.sampler = sampler
         self.recipe = recipe
@@ -124,6 +130,7 @@ class BatchDataset(torch.utils.data.Dataset):
         self.allow_incomplete = allow_incomplete
         self.mask_fix_sign = mask_fix_sign
         self.finish_on_cpu = finish_on_cpu
+        self.needs = needs
         self.num_views = 0
         self._reader: StoreReader | None = None
 
@@ -172,6 +179,8 @@ class BatchDataset(torch.utils.data.Dataset):
         that part); with targets, g_t (B, D), local_t (B, P, D), rel_t (B, T, T) in the
         store's dtype (int8 adds g_t_scale, local_t_scale, rel_t_scale) and, when asked, mask. From
         a factor store (schema 3) rel_t is Z (B, T, r) float16 and rel_t_diag (B, T) float32.
+        Only what `needs` asks for: no bg_u8, pa_u8, pb_u8, paste without Ic; no src_u8, src_hw,
+        local_aug without v1, v2; only the targets (and their scales) it names.
 
         Args:
             req: the request.
@@ -182,9 +191,10 @@ class BatchDataset(torch.utils.data.Dataset):
         reader = self.reader
         view = req.epoch % reader.layout.num_views
         out: dict[str, Tensor] = {"index": torch.from_numpy(idx.copy())}
-        if self.read_targets:
+        needs = self.needs
+        if self.read_targets and needs.targets:
             try:
-                t = reader.read_targets(idx, view, raw=True)
+                t = reader.read_targets(idx, view, raw=True, targets=needs.targets)
             except StoreError:
                 raise
             except Exception as e:  # noqa: BLE001 - any other failure to read a damaged shard file
@@ -193,14 +203,15 @@ class BatchDataset(torch.utils.data.Dataset):
                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run "
                                  "`dpal store verify` and rerun stage one to rewrite them") from None
             params = t.params
-            out.update(g_t=t.global_, local_t=t.local, rel_t=t.relation)
+            for key, value in (("g_t", t.global_), ("local_t", t.local), ("rel_t", t.relation)):
+                if value is not None:  # None: a target the run does not read
+                    out[key] = value
             if t.relation_diag is not None:  # a factor store: Z and the diagonal, rebuilt in model_inputs
                 out["rel_t_diag"] = t.relation_diag
-            if t.scales is not None:
-                out.update(g_t_scale=t.scales[0], local_t_scale=t.scales[1])
-                if t.scales[2] is not None:
-                    out["rel_t_scale"] = t.scales[2]
-            if self.mask_fix_sign is not None:
+            for key, scale in zip(("g_t_scale", "local_t_scale", "rel_t_scale"), t.scales or (), strict=False):
+                if scale is not None:
+                    out[key] = scale
+            if self.mask_fix_sign is not None and t.local is not None:
                 grid = reader.store_meta.token_grid.global_grid
                 local = decode_targets(t.local, None if t.scales is None else t.scales[1])
                 out["mask"] = shape_mask(local, grid, self.mask_fix_sign)  # (B, P, 1)
@@ -209,31 +220,38 @@ class BatchDataset(torch.utils.data.Dataset):
         lap("read targets")
         r = self.recipe
         b = len(idx)
-        parts = {name: np.empty((b, *hw, 3), dtype=np.uint8) for name, hw in
-                 (("v0_u8", r.global_size), ("pa_u8", r.local_size), ("pb_u8", r.local_size), ("bg_u8", r.crowd_size))}
+        sizes = (("v0_u8", r.global_size), ("pa_u8", r.local_size), ("pb_u8", r.local_size), ("bg_u8", r.crowd_size))
+        parts = {name: np.empty((b, *hw, 3), dtype=np.uint8) for name, hw in sizes[: 4 if needs.ic else 1]}
         paste = np.empty((b, 4), dtype=np.int64)
         local_aug = np.empty((b, 2, NUM_AUG), dtype=np.float64)
         cache: dict[int, Image.Image] = {}
         sources = []
         for i, index in enumerate(idx.tolist()):
             bg_i = background_index(params[i])
-            for j in (index, bg_i):
+            for j in (index, bg_i) if needs.ic else (index,):
                 if j not in cache:
                     cache[j] = self._image(j)
             lap("decode")
-            pixels = replay_pixels(r, params[i], cache[index], cache[bg_i])
-            for name, image in zip(("v0_u8", "pa_u8", "pb_u8", "bg_u8"), pixels, strict=True):
+            if needs.ic:
+                pixels = replay_pixels(r, params[i], cache[index], cache[bg_i])
+                paste[i] = paste_positions(params[i])
+            else:
+                pixels = (replay_v0(r, params[i], cache[index]),)
+            for name, image in zip(parts, pixels, strict=True):
                 parts[name][i] = np.asarray(image)
-            paste[i] = paste_positions(params[i])
             lap("replay v0, A, B, background (PIL)")
-            rng = view_rng(self.seed, str(index), req.epoch, stream="local")
-            image = np.asarray(cache[index])
-            local_aug[i, 0] = sample_local(r, rng, image.shape[:2])
-            local_aug[i, 1] = sample_local(r, rng, image.shape[:2])
-            sources.append(_crop_to_boxes(image, local_aug[i]))
-            lap("local crop parameters")
+            if needs.local_crops:  # a generator of its own per image: skipping it moves no other view
+                rng = view_rng(self.seed, str(index), req.epoch, stream="local")
+                image = np.asarray(cache[index])
+                local_aug[i, 0] = sample_local(r, rng, image.shape[:2])
+                local_aug[i, 1] = sample_local(r, rng, image.shape[:2])
+                sources.append(_crop_to_boxes(image, local_aug[i]))
+                lap("local crop parameters")
         out.update({k: torch.from_numpy(v) for k, v in parts.items()})
-        out.update(paste=torch.from_numpy(paste), local_aug=torch.from_numpy(local_aug), **_pad_sources(sources))
+        if needs.ic:
+            out["paste"] = torch.from_numpy(paste)
+        if needs.local_crops:
+            out.update(local_aug=torch.from_numpy(local_aug), **_pad_sources(sources))
         lap("collate")
         return out
 

@@ -13,7 +13,8 @@ model each builds, which of the store's targets each reads, and the two baseline
 - `feature-kd` (`FeatureKD`): one LayerNorm + Linear projector; MSE of the projected CLS against g
   and of the projected patches against F, each weighted (`global_weight`, `local_weight`).
 
-All three read v0 and its targets; only dpal reads v1, v2, Ic and the relation targets. Every model
+All three read v0 and its targets; only dpal reads v1, v2, Ic and the relation targets (`batch_needs`:
+what the loader builds, and so skips, for a run's recipe and ablation). Every model
 has `student`, `heads` (the training-only modules, dropped at export), `checkpoint_key` (the
 checkpoint entry that holds `heads`) and `forward(batch, epoch) -> (total, terms)`.
 """
@@ -21,6 +22,7 @@ checkpoint entry that holds `heads`) and `forward(batch, epoch) -> (total, terms
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,10 +43,40 @@ MASK_STREAM = "proteus-mask"  # views.view_rng's stream of the masked positions
 
 def needed_targets(cfg: DistillConfig) -> tuple[str, ...]:
     """The store's target arrays (store_schema.FEATURES names) that `cfg`'s recipe reads."""
-    if cfg.recipe == "dpal":
-        weights = {GLOBAL: cfg.global_weight, LOCAL: cfg.local_weight, RELATION: cfg.relation_weight}
-        return tuple(name for name in FEATURES if weights[name] > 0)
-    return (GLOBAL, LOCAL)
+    if cfg.recipe == "proteus":
+        return (GLOBAL, LOCAL)
+    weights = {GLOBAL: cfg.global_weight, LOCAL: cfg.local_weight, RELATION: cfg.relation_weight}
+    if cfg.recipe == "feature-kd":  # its relation_weight is refused by the config (stays at 1)
+        weights[RELATION] = 0.0
+    return tuple(name for name in FEATURES if weights[name] > 0)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a run's model reads from a batch, so that the loader (data.BatchDataset) builds only that.
+
+    v0 is always built: every recipe reads it, but dpal with only the relation term, whose Ic needs
+    v0's PIL replay anyway (person B is v0 resized), and the training step counts a batch's images
+    on it.
+    """
+
+    local_crops: bool  # v1 and v2: drawn, cut from the image and shipped
+    ic: bool  # the crowd image: its background read and replayed, composed
+    targets: tuple[str, ...]  # store_schema.FEATURES names read from the store
+
+
+EVERYTHING = Needs(local_crops=True, ic=True, targets=FEATURES)  # what dpal with every term reads
+
+
+def batch_needs(cfg: DistillConfig) -> Needs:
+    """What `cfg`'s recipe reads from a batch (docs/training.md, "Recipes"): dpal's global term reads
+    v1 and v2, its relation term Ic; proteus and feature-kd read v0 and its targets alone. With
+    --online-teacher no target is read: the teacher computes them all in the step, from v0 and Ic."""
+    targets = needed_targets(cfg)
+    local_crops = cfg.recipe == "dpal" and cfg.global_weight > 0
+    if cfg.online_teacher:
+        return Needs(local_crops=local_crops, ic=True, targets=())
+    return Needs(local_crops=local_crops, ic=RELATION in targets, targets=targets)
 
 
 def check_targets(cfg: DistillConfig, available: Collection[str], where: str) -> None:

@@ -55,7 +55,7 @@ from dpal.trainer.data import (
 )
 from dpal.trainer.distiller import Schedule, make_optimizer
 from dpal.trainer.metrics import MetricsLog, StepTerms
-from dpal.trainer.recipes import build_model, check_targets
+from dpal.trainer.recipes import batch_needs, build_model, check_targets
 from dpal.trainer.rundir import (
     CHECKPOINT_DIR,
     RunDirError,
@@ -334,7 +334,7 @@ class Trainer:
         dataset = dataset_class(cfg.store, self.sampler, self.recipe, cfg.seed, cfg.grad_accum,
                                 read_targets=not cfg.online_teacher, allow_incomplete=cfg.allow_incomplete,
                                 mask_fix_sign=cfg.fix_mask_sign if loader_mask else None,
-                                finish_on_cpu=device.type == "cpu")
+                                finish_on_cpu=device.type == "cpu", needs=batch_needs(cfg))
         self.finish = lambda loaded: dataset.model_inputs(loaded, device)
         workers = cfg.num_workers
         if workers is None:
