@@ -8,16 +8,18 @@ The tiny store and run of tests/stage2_util.py (10 images, batch 4, 2 steps per 
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import dpal_tests_stage2_util as u  # registered by conftest.py
+import numpy as np
 import pytest
 import torch
 
 from dpal.config import DistillConfig
-from dpal.store import StoreReader
+from dpal.store import StoreError, StoreReader
 from dpal.trainer.data import BatchDataset, EpochSampler, collate_requests, valid_rows
 from dpal.trainer.recipes import EVERYTHING, Needs, batch_needs
 from dpal.trainer.train import train
@@ -185,3 +187,31 @@ def test_a_shed_run_trains_as_the_full_loader_and_resumes_bit_for_bit(
     for other in (full, split):
         u.assert_same_training_state(a, u.load_last(other))
         assert u.metrics(shed) == u.metrics(other)
+
+
+# ---------------------------------------------------------------- the store's reads
+
+
+def test_an_unread_target_is_not_touched_and_a_read_one_is_still_checked(
+    tmp_path: Path, stores: dict[str, Path]
+) -> None:
+    """A relation array lost from shard 0 fails dpal's read but not proteus's (it is never opened); a
+    byte flipped in the global array still fails proteus's read, naming the shard."""
+    store = tmp_path / "store"
+    shutil.copytree(stores["float16"], store)
+    rows = np.array([2, 0, 1])  # shard 0 (4 images per shard)
+    intact = StoreReader(stores["float16"]).read_targets(rows, 1, raw=True)
+    (store / "relation" / "c" / "0" / "0" / "0" / "0").unlink()
+    with pytest.raises(StoreError, match="00000"):
+        StoreReader(store).read_targets(rows, 1, raw=True)
+    t = StoreReader(store).read_targets(rows, 1, raw=True, targets=(G, L))
+    assert t.relation is None and t.scales is None
+    assert torch.equal(t.global_, intact.global_) and torch.equal(t.local, intact.local)
+    assert np.array_equal(t.params, intact.params)
+    chunk = store / "global" / "c" / "0" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    for i in range(0, len(data) * 3 // 4, 64):  # the inner chunks, not the shard's index at the end
+        data[i] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="00000"):
+        StoreReader(store).read_targets(rows, 1, raw=True, targets=(G, L))
