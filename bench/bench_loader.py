@@ -16,7 +16,10 @@ shared machine barely change the figures; on an idle machine the two agree:
 3. `device`: `trainer.augment.model_inputs` on the batch (the exact v0/Ic composition, the
    batched local crops, the target decode) on `--device`, ms per batch and per image.
 
-    .venv/bin/python bench/bench_loader.py --store STORE [--json out.json]
+`--recipe` builds the worker's batches as a run of that recipe does (`recipes.batch_needs`: proteus
+and feature-kd need no v1, v2, Ic nor relation target); `legacy` is dpal's whatever it says.
+
+    .venv/bin/python bench/bench_loader.py --store STORE [--recipe dpal|proteus|feature-kd] [--json out.json]
 
 STORE is any stage-one store (bench_distill.py builds a ViT-B one at the paper's sizes in
 /tmp/dpal_bench). The `legacy` op-by-op replay mirrors `views.apply_aug` and `views.replay`; keep
@@ -39,9 +42,11 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
+from dpal.config import DistillConfig
 from dpal.corpus import decode_image
 from dpal.store import StoreReader
 from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, valid_rows
+from dpal.trainer.recipes import batch_needs
 from dpal.views import (
     _A,
     _BG,
@@ -172,6 +177,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--recipe", default="dpal", choices=("dpal", "proteus", "feature-kd"),
+                    help="build the batches this recipe's run reads")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: legacy,worker,device")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -180,7 +187,8 @@ def main() -> None:
     reader = StoreReader(args.store)
     recipe = reader.store_meta.recipe
     sampler = EpochSampler(valid_rows(reader), args.batch_size, 1, 0, 0)
-    ds = BatchDataset(args.store, sampler, recipe, 0)
+    needs = batch_needs(DistillConfig(store=str(args.store), out="unused", recipe=args.recipe))
+    ds = BatchDataset(args.store, sampler, recipe, 0, needs=needs)
     reqs = [
         BatchRequest(1 + i // sampler.steps_per_epoch, i % sampler.steps_per_epoch, 0)
         for i in range(args.reps)
@@ -192,6 +200,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "reps": args.reps,
         "dtype": reader.dtype,
+        "recipe": args.recipe,
     }
     for name, fn in (("legacy", legacy_batch), ("worker", worker_batch)):
         if name in skip:

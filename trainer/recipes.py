@@ -55,7 +55,7 @@ def needed_targets(cfg: DistillConfig) -> tuple[str, ...]:
 class Needs:
     """What a run's model reads from a batch, so that the loader (data.BatchDataset) builds only that.
 
-    v0 is always built: every recipe reads it, but dpal with only the relation term, whose Ic needs
+    v0 is always built: every recipe reads it except dpal with only the relation term, whose Ic needs
     v0's PIL replay anyway (person B is v0 resized), and the training step counts a batch's images
     on it.
     """
