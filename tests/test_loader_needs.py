@@ -1,6 +1,6 @@
 """The loader builds only what the run's recipe reads (trainer/recipes.py `batch_needs`, data.py
 `BatchDataset(needs=...)`): the needs of each recipe and ablation, the keys a shed batch holds, its
-tensors equal to the full batch's bit for bit (0 and 2 workers, float16 and int8 stores), and
+tensors equal to the full batch's bit for bit (0 and 2 workers; float16, int8 and factor stores), and
 proteus / feature-kd runs with the shed loader train and resume exactly as with the full loader.
 
 The tiny store and run of tests/stage2_util.py (10 images, batch 4, 2 steps per epoch).
@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpal.config import DistillConfig
+from dpal.config import CacheConfig, DistillConfig
+from dpal.pipeline.engine import run_cache
 from dpal.store import StoreError, StoreReader
 from dpal.trainer.data import BatchDataset, EpochSampler, collate_requests, valid_rows
 from dpal.trainer.recipes import EVERYTHING, Needs, batch_needs
@@ -75,7 +76,13 @@ def test_default_dpal_needs_everything() -> None:
 def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("needs")
     corpus = u.make_corpus(root / "corpus")
-    return {dtype: u.make_store(corpus, root / dtype, dtype=dtype) for dtype in ("float16", "int8")}
+    out = {dtype: u.make_store(corpus, root / dtype, dtype=dtype) for dtype in ("float16", "int8")}
+    # make_store's config, the relation as a factor (schema 3): Z and the diagonal, two arrays
+    run_cache(CacheConfig(corpus=str(corpus), out=str(root / "factor"), teacher=u.STUDENT, random_init=True,
+                          views=2, dtype="float16", relation="factor", shard_size=u.SHARD_SIZE, batch_size=8,
+                          device="cpu", recipe=u.RECIPE), show_progress=False)
+    out["factor"] = root / "factor"
+    return out
 
 
 def _batches(store: Path, needs: Needs, workers: int = 0) -> tuple[list[dict], list[dict]]:
@@ -108,6 +115,8 @@ def _expected(needs: Needs, dtype: str) -> tuple[set[str], set[str]]:
         inputs.add(TARGET_KEYS[name])
         if dtype == "int8":
             shipped.add(TARGET_KEYS[name] + "_scale")
+        if dtype == "factor" and name == R:
+            shipped.add("rel_t_diag")
     if L in needs.targets:
         shipped.add("mask")
         inputs.add("mask")
@@ -123,7 +132,7 @@ SHED = {  # a run's needs: name -> config keys
 }
 
 
-@pytest.mark.parametrize("dtype", ["float16", "int8"])
+@pytest.mark.parametrize("dtype", ["float16", "int8", "factor"])
 def test_a_shed_batch_holds_the_needed_keys_equal_to_the_full_batch(stores: dict[str, Path], dtype: str) -> None:
     store = stores[dtype]
     full_shipped, full = _batches(store, EVERYTHING)
