@@ -608,6 +608,11 @@ class Targets:
     relation_diag: Tensor | None = None  # a factor store read raw: (B, T) float32
 
 
+def _feature_of(array: str) -> str:
+    """The FEATURES name an array stores: a factor store's relation is two arrays."""
+    return RELATION if array in (RELATION_FACTOR, RELATION_DIAG) else array
+
+
 class StoreReader:
     """Read-only access to a store for stage two, `dpal store info` and `verify`.
 
@@ -774,8 +779,8 @@ class StoreReader:
                      targets: Collection[str] = FEATURES) -> Targets:
         """Targets of view `view` of the images `indices` (one orthogonal selection per array).
         `raw`: in the stored dtype (float16, bfloat16, or int8 with `scales`), for a caller that
-        decodes them elsewhere (stage two, on the training device). `targets`: the FEATURES to read
-        (a factor store's relation is its two arrays); the others are not read and are None.
+        decodes them elsewhere (stage two, on the training device). `targets`: the FEATURES to read;
+        the others are not read and are None.
 
         Raises:
             StoreError: a shard's data is missing or damaged; the message names the shard.
@@ -790,8 +795,7 @@ class StoreReader:
         # read 9x slower at 32 images (docs/benchmarks.md, loader).
         sel = (sorted_idx, slice(view, view + 1))
         out: dict[str, Tensor] = {}
-        arrays = {name: spec for name, spec in self.layout.feature_arrays().items()
-                  if (RELATION if name in (RELATION_FACTOR, RELATION_DIAG) else name) in targets}
+        arrays = {n: spec for n, spec in self.layout.feature_arrays().items() if _feature_of(n) in targets}
         try:
             for name, (_, scaled) in arrays.items():
                 data = self.array(name).oindex[sel][:, 0]

@@ -60,8 +60,9 @@ NEEDS_TABLE: list[tuple[dict[str, Any], bool, bool, tuple[str, ...]]] = [
 
 
 @pytest.mark.parametrize(("kw", "local_crops", "ic", "targets"), NEEDS_TABLE)
-def test_needs_of_each_recipe_and_ablation(kw: dict[str, Any], local_crops: bool, ic: bool,
-                                           targets: tuple[str, ...]) -> None:
+def test_needs_of_each_recipe_and_ablation(
+    kw: dict[str, Any], local_crops: bool, ic: bool, targets: tuple[str, ...]
+) -> None:
     assert batch_needs(_cfg(**kw)) == Needs(local_crops=local_crops, ic=ic, targets=targets)
 
 
@@ -78,9 +79,22 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     corpus = u.make_corpus(root / "corpus")
     out = {dtype: u.make_store(corpus, root / dtype, dtype=dtype) for dtype in ("float16", "int8")}
     # make_store's config, the relation as a factor (schema 3): Z and the diagonal, two arrays
-    run_cache(CacheConfig(corpus=str(corpus), out=str(root / "factor"), teacher=u.STUDENT, random_init=True,
-                          views=2, dtype="float16", relation="factor", shard_size=u.SHARD_SIZE, batch_size=8,
-                          device="cpu", recipe=u.RECIPE), show_progress=False)
+    run_cache(
+        CacheConfig(
+            corpus=str(corpus),
+            out=str(root / "factor"),
+            teacher=u.STUDENT,
+            random_init=True,
+            views=2,
+            dtype="float16",
+            relation="factor",
+            shard_size=u.SHARD_SIZE,
+            batch_size=8,
+            device="cpu",
+            recipe=u.RECIPE,
+        ),
+        show_progress=False,
+    )
     out["factor"] = root / "factor"
     return out
 
@@ -90,10 +104,19 @@ def _batches(store: Path, needs: Needs, workers: int = 0) -> tuple[list[dict], l
     process, a GPU run's path): the batches as shipped, and the model's inputs."""
     reader = StoreReader(store)
     sampler = EpochSampler(valid_rows(reader), 4, 1, 0, seed=5)
-    ds = BatchDataset(store, sampler, reader.store_meta.recipe, 5,
-                      mask_fix_sign=True if L in needs.targets else None, needs=needs)
+    ds = BatchDataset(
+        store,
+        sampler,
+        reader.store_meta.recipe,
+        5,
+        mask_fix_sign=True if L in needs.targets else None,
+        needs=needs,
+    )
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=None, sampler=collate_requests(sampler, 0, 0, 2, None, 1), num_workers=workers,
+        ds,
+        batch_size=None,
+        sampler=collate_requests(sampler, 0, 0, 2, None, 1),
+        num_workers=workers,
         multiprocessing_context="forkserver" if workers > 0 else None,
     )
     shipped = list(loader)
@@ -108,8 +131,15 @@ TARGET_KEYS = {G: "g_t", L: "local_t", R: "rel_t"}
 
 def _expected(needs: Needs, dtype: str) -> tuple[set[str], set[str]]:
     """The keys of a shipped batch and of the model's inputs."""
-    shipped = {"index"} | VIEW_PARTS | (LOCAL_PARTS if needs.local_crops else set()) | (IC_PARTS if needs.ic else set())
-    inputs = {"index", "v0"} | ({"v1", "v2"} if needs.local_crops else set()) | ({"ic"} if needs.ic else set())
+    shipped = (
+        {"index"}
+        | VIEW_PARTS
+        | (LOCAL_PARTS if needs.local_crops else set())
+        | (IC_PARTS if needs.ic else set())
+    )
+    inputs = (
+        {"index", "v0"} | ({"v1", "v2"} if needs.local_crops else set()) | ({"ic"} if needs.ic else set())
+    )
     for name in needs.targets:
         shipped.add(TARGET_KEYS[name])
         inputs.add(TARGET_KEYS[name])
@@ -133,7 +163,9 @@ SHED = {  # a run's needs: name -> config keys
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8", "factor"])
-def test_a_shed_batch_holds_the_needed_keys_equal_to_the_full_batch(stores: dict[str, Path], dtype: str) -> None:
+def test_a_shed_batch_holds_the_needed_keys_equal_to_the_full_batch(
+    stores: dict[str, Path], dtype: str
+) -> None:
     store = stores[dtype]
     full_shipped, full = _batches(store, EVERYTHING)
     assert len(full) == 4
@@ -144,8 +176,14 @@ def test_a_shed_batch_holds_the_needed_keys_equal_to_the_full_batch(stores: dict
         for s, x, fs, f in zip(shipped, inputs, full_shipped, full, strict=True):
             assert set(s) == want_shipped, (kw, set(s) ^ want_shipped)
             assert set(x) == want_inputs, (kw, set(x) ^ want_inputs)
-            assert all(torch.equal(s[k], fs[k]) for k in s), (kw, [k for k in s if not torch.equal(s[k], fs[k])])
-            assert all(torch.equal(x[k], f[k]) for k in x), (kw, [k for k in x if not torch.equal(x[k], f[k])])
+            assert all(torch.equal(s[k], fs[k]) for k in s), (
+                kw,
+                [k for k in s if not torch.equal(s[k], fs[k])],
+            )
+            assert all(torch.equal(x[k], f[k]) for k in x), (
+                kw,
+                [k for k in x if not torch.equal(x[k], f[k])],
+            )
 
 
 def test_shed_batches_are_the_same_with_two_workers(stores: dict[str, Path]) -> None:
@@ -179,8 +217,11 @@ class _Seen(BatchDataset):
         return out
 
 
-@pytest.mark.parametrize("kw", [{"recipe": "proteus"}, {"recipe": "feature-kd", "local_weight": 0.5}],
-                         ids=["proteus", "feature-kd"])
+@pytest.mark.parametrize(
+    "kw",
+    [{"recipe": "proteus"}, {"recipe": "feature-kd", "local_weight": 0.5}],
+    ids=["proteus", "feature-kd"],
+)
 def test_a_shed_run_trains_as_the_full_loader_and_resumes_bit_for_bit(
     tmp_path: Path, stores: dict[str, Path], kw: dict[str, Any]
 ) -> None:

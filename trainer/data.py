@@ -193,34 +193,14 @@ class BatchDataset(torch.utils.data.Dataset):
         out: dict[str, Tensor] = {"index": torch.from_numpy(idx.copy())}
         needs = self.needs
         if self.read_targets and needs.targets:
-            try:
-                t = reader.read_targets(idx, view, raw=True, targets=needs.targets)
-            except StoreError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any other failure to read a damaged shard file
-                shards = ", ".join(sorted({shard_name(reader.shard_of(int(i))) for i in idx}))
-                raise StoreError(f"{self.store_path}: data of shard(s) {shards} cannot be read "
-                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run "
-                                 "`dpal store verify` and rerun stage one to rewrite them") from None
-            params = t.params
-            for key, value in (("g_t", t.global_), ("local_t", t.local), ("rel_t", t.relation)):
-                if value is not None:  # None: a target the run does not read
-                    out[key] = value
-            if t.relation_diag is not None:  # a factor store: Z and the diagonal, rebuilt in model_inputs
-                out["rel_t_diag"] = t.relation_diag
-            for key, scale in zip(("g_t_scale", "local_t_scale", "rel_t_scale"), t.scales or (), strict=False):
-                if scale is not None:
-                    out[key] = scale
-            if self.mask_fix_sign is not None and t.local is not None:
-                grid = reader.store_meta.token_grid.global_grid
-                local = decode_targets(t.local, None if t.scales is None else t.scales[1])
-                out["mask"] = shape_mask(local, grid, self.mask_fix_sign)  # (B, P, 1)
+            params = self._targets(idx, view, out)
         else:
             params = reader.read_params(idx, view)  # checked against the markers; names a bad shard
         lap("read targets")
         r = self.recipe
         b = len(idx)
-        sizes = (("v0_u8", r.global_size), ("pa_u8", r.local_size), ("pb_u8", r.local_size), ("bg_u8", r.crowd_size))
+        sizes = (("v0_u8", r.global_size), ("pa_u8", r.local_size), ("pb_u8", r.local_size),
+                 ("bg_u8", r.crowd_size))  # views.replay_pixels' order
         parts = {name: np.empty((b, *hw, 3), dtype=np.uint8) for name, hw in sizes[: 4 if needs.ic else 1]}
         paste = np.empty((b, 4), dtype=np.int64)
         local_aug = np.empty((b, 2, NUM_AUG), dtype=np.float64)
@@ -254,6 +234,33 @@ class BatchDataset(torch.utils.data.Dataset):
             out.update(local_aug=torch.from_numpy(local_aug), **_pad_sources(sources))
         lap("collate")
         return out
+
+    def _targets(self, idx: np.ndarray, view: int, out: dict[str, Tensor]) -> np.ndarray:
+        """Reads the targets `needs` names into `out` (raw, `build`'s keys) and the shape mask when
+        asked; returns the rows' view parameters (B, NUM_PARAMS)."""
+        reader = self.reader
+        try:
+            t = reader.read_targets(idx, view, raw=True, targets=self.needs.targets)
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any other failure to read a damaged shard file
+            shards = ", ".join(sorted({shard_name(reader.shard_of(int(i))) for i in idx}))
+            raise StoreError(f"{self.store_path}: data of shard(s) {shards} cannot be read "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run "
+                             "`dpal store verify` and rerun stage one to rewrite them") from None
+        for key, value in (("g_t", t.global_), ("local_t", t.local), ("rel_t", t.relation)):
+            if value is not None:  # None: a target the run does not read
+                out[key] = value
+        if t.relation_diag is not None:  # a factor store: Z and the diagonal, rebuilt in model_inputs
+            out["rel_t_diag"] = t.relation_diag
+        for key, scale in zip(("g_t_scale", "local_t_scale", "rel_t_scale"), t.scales or (), strict=False):
+            if scale is not None:
+                out[key] = scale
+        if self.mask_fix_sign is not None and t.local is not None:
+            grid = reader.store_meta.token_grid.global_grid
+            local = decode_targets(t.local, None if t.scales is None else t.scales[1])
+            out["mask"] = shape_mask(local, grid, self.mask_fix_sign)  # (B, P, 1)
+        return t.params
 
     def model_inputs(self, batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
         """A batch of this dataset -> the model's inputs on `device` (trainer.augment.model_inputs);
