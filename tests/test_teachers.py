@@ -12,6 +12,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from dpal.errors import InputError
 from dpal.teachers import (
     TeacherSpec,
     autocast_context,
@@ -169,7 +170,7 @@ def test_target_shapes_and_relation_logits(teacher, path_ckpt: Path) -> None:
         crowd_mean = mean_teacher.encode_crowd(ic)
     assert torch.allclose(g_mean, patches_mean.mean(dim=1)) and torch.equal(patches_mean, patches)
     assert torch.allclose(crowd_mean[:, 0], tokens[:, 1:].mean(dim=1), atol=1e-6)
-    with pytest.raises(ValueError, match="multiple of the patch size"):
+    with pytest.raises(InputError, match="multiple of the teacher's patch size"):
         teacher.encode_global(torch.randn(1, 3, 250, 128))
 
 
