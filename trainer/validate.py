@@ -28,7 +28,7 @@ from dpal.store import StoreMeta, StoreReader
 from dpal.store_schema import FEATURES
 from dpal.trainer.checkpoint import rng_state, set_rng_state
 from dpal.trainer.data import BatchDataset, BatchRequest, valid_rows
-from dpal.trainer.recipes import check_targets
+from dpal.trainer.recipes import batch_needs, check_targets
 from dpal.views import ViewRecipe
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,10 @@ class Validator:
                 rows = rows[: cfg.val_images]
             self.num_images = len(rows)
             self.sampler = FixedOrder(rows, cfg.batch_size // cfg.grad_accum)  # a training micro-batch
-            self.dataset = BatchDataset(cfg.val_store, self.sampler, recipe, cfg.seed)
+            # what the recipe reads of the val store's stored targets (the validation uses them even
+            # when training computes its targets online)
+            needs = batch_needs(replace(cfg, online_teacher=False))
+            self.dataset = BatchDataset(cfg.val_store, self.sampler, recipe, cfg.seed, needs=needs)
         self.reid = Path(cfg.eval_reid) if cfg.eval_reid else None
         if self.reid is not None and not (
             (self.reid / "query").is_dir() and (self.reid / "bounding_box_test").is_dir()
