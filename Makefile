@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine with python3.12:
 #   make demo   the main job on the sample corpus that ships in sample_data/
-#   make test   the test suite: the unit tier, then the cluster tier (make test-cluster)
+#   make test   lint (ruff check, ruff format --check), the unit tier, then the cluster tier
 PY ?= python3.12
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -23,6 +23,8 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py --out demo_out
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-cluster
 
@@ -34,6 +36,7 @@ test-cluster: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 constraints: $(STAMP)
 	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^#'; } > constraints.new

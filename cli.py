@@ -308,7 +308,9 @@ def _print_dry_run(rep: dict[str, Any]) -> None:
     typer.echo(
         f"corpus         {rep['num_images']} images x K={rep['num_views']} views, {rep['num_shards']} shards"
     )
-    typer.echo(f"bytes per view {_human(rep['bytes_per_view'])} ({rep['dtype']}, relation {_relation_line(rep)})")
+    typer.echo(
+        f"bytes per view {_human(rep['bytes_per_view'])} ({rep['dtype']}, relation {_relation_line(rep)})"
+    )
     typer.echo(
         f"store size     {_human(rep['store_bytes'])} (features {_human(rep['feature_bytes'])}, "
         f"images {_human(rep['image_bytes'])})"
@@ -445,7 +447,9 @@ def distill(
 @user_errors
 def plot(
     run_dir: Annotated[Path, typer.Argument(help="Run directory of `dpal distill` (holds metrics.jsonl).")],
-    out: Annotated[Path | None, typer.Option("--out", help="PNG to write. \\[default: RUN_DIR/curves.png]")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="PNG to write. \\[default: RUN_DIR/curves.png]")
+    ] = None,
 ) -> None:
     """Draw the training and validation curves of every loss term in RUN_DIR/metrics.jsonl as one PNG."""
     from dpal.trainer.plot import plot_run

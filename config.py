@@ -25,8 +25,14 @@ from dpal.errors import ConfigError
 DTYPES = STORE_DTYPES  # bench/bench_cache.py's name for them
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
-        flag: str | None = None, default_help: str | None = None) -> Any:
+def opt(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    factory: Any = dataclasses.MISSING,
+    flag: str | None = None,
+    default_help: str | None = None,
+) -> Any:
     """A config field with its help text. `flag`: the CLI option's name when it is not the field's
     (`--slurm` for `use_slurm`); `default_help`: what --help says for a default computed at run time."""
     meta = {"help": help, "flag": flag, "default_help": default_help}
@@ -45,17 +51,21 @@ class ViewRecipe:
     no torch."""
 
     global_size: tuple[int, int] = opt((256, 128), "(H, W) of v0, seen by teacher and student.")
-    local_size: tuple[int, int] = opt((128, 96), "(H, W) of the local crops v1, v2; also the size of each "
-                                      "person pasted into Ic.")
+    local_size: tuple[int, int] = opt(
+        (128, 96), "(H, W) of the local crops v1, v2; also the size of each person pasted into Ic."
+    )
     crowd_size: tuple[int, int] = opt((256, 256), "(H, W) of the crowd image Ic.")
     global_scale: tuple[float, float] = opt((0.8, 1.0), "RandomResizedCrop area fraction for v0.")
     local_scale: tuple[float, float] = opt((0.05, 0.8), "RandomResizedCrop area fraction for v1, v2.")
     person_ratio: tuple[float, float] = opt((0.4, 0.6), "Aspect range w/h of v0, v1, v2 crops (log-uniform).")
-    crowd_scale: tuple[float, float] = opt((0.2, 1.0), "RandomResizedCrop area fraction for the Ic background.")
+    crowd_scale: tuple[float, float] = opt(
+        (0.2, 1.0), "RandomResizedCrop area fraction for the Ic background."
+    )
     crowd_ratio: tuple[float, float] = opt((3 / 4, 4 / 3), "Aspect range w/h of the Ic background crop.")
     flip_p: float = opt(0.5, "Probability of a horizontal flip, drawn for each view.")
-    jitter: tuple[float, float, float, float] = opt((0.4, 0.4, 0.2, 0.1), "ColorJitter strengths: brightness, "
-                                                    "contrast, saturation, hue.")
+    jitter: tuple[float, float, float, float] = opt(
+        (0.4, 0.4, 0.2, 0.1), "ColorJitter strengths: brightness, contrast, saturation, hue."
+    )
     jitter_p: float = opt(0.8, "Probability of colour jitter.")
     gray_p: float = opt(0.2, "Probability of grayscale.")
     blur_sigma: tuple[float, float] = opt((0.1, 2.0), "Gaussian blur radius range (PIL GaussianBlur radius).")
@@ -63,7 +73,9 @@ class ViewRecipe:
     local_blur_p: float = opt(0.5, "Probability of blur on v1, v2 and the person pasted into Ic.")
     crowd_blur_p: float = opt(0.1, "Probability of blur on the Ic background.")
     crowd_solarize_p: float = opt(0.2, "Probability of solarizing the Ic background.")
-    person_alpha: float = opt(0.7, "Ic pixel = alpha * person + (1 - alpha) * background inside each pasted box.")
+    person_alpha: float = opt(
+        0.7, "Ic pixel = alpha * person + (1 - alpha) * background inside each pasted box."
+    )
 
     def __post_init__(self) -> None:
         for name in ("global_size", "local_size", "crowd_size"):
@@ -78,8 +90,16 @@ class ViewRecipe:
                 f"recipe.crowd_size {self.crowd_size} cannot hold two {self.local_size} persons side by "
                 f"side; it needs width >= {2 * lw + 2} and height >= {lh + 2}"
             )
-        for name in ("flip_p", "jitter_p", "gray_p", "global_blur_p", "local_blur_p", "crowd_blur_p",
-                     "crowd_solarize_p", "person_alpha"):
+        for name in (
+            "flip_p",
+            "jitter_p",
+            "gray_p",
+            "global_blur_p",
+            "local_blur_p",
+            "crowd_blur_p",
+            "crowd_solarize_p",
+            "person_alpha",
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"recipe.{name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -117,53 +137,83 @@ class SlurmConfig:
 class CacheConfig:
     """`dpal cache-teacher`: run the teacher once over a corpus and write the store."""
 
-    corpus: str = opt("", "Folder of images, a .txt list of image paths, or WebDataset .tar shards (path, "
-                      "glob, {a..b}, fsspec URL).")
+    corpus: str = opt(
+        "",
+        "Folder of images, a .txt list of image paths, or WebDataset .tar shards (path, "
+        "glob, {a..b}, fsspec URL).",
+    )
     out: str = opt("", "Store to create, or to resume if it exists (rerunning the same command resumes).")
-    teacher: str = opt("efficientnet-lite2", "Teacher preset (path-b, efficientnet-lite2) or any timm model "
-                       "name.")
-    teacher_checkpoint: str | None = opt(None, "Teacher weights file (PATH-B .pth, timm state dict); "
-                                         "required for path-b and plain timm names.")
-    teacher_arch: str | None = opt(None, "Override the timm architecture of a preset (e.g. a smaller ViT in "
-                                   "PATH layout).")
-    teacher_layer: int | None = opt(None, "Use the output of ViT block i (negative counts from the end) "
-                                    "instead of the final normalised tokens (see docs/store.md).")
-    teacher_global_token: Literal["auto", "mean"] = opt("auto", "auto: the teacher's CLS token where it has "
-                                                        "one, else the mean patch token; mean: always the mean.")
-    random_init: bool = opt(False, "Allow a teacher without weights, randomly initialised (tests and "
-                            "benchmarks only).")
-    random_init_seed: int = opt(0, "Seed of the random teacher init, so that stage two can rebuild it for "
-                                "--online-teacher.")
+    teacher: str = opt(
+        "efficientnet-lite2", "Teacher preset (path-b, efficientnet-lite2) or any timm model name."
+    )
+    teacher_checkpoint: str | None = opt(
+        None, "Teacher weights file (PATH-B .pth, timm state dict); required for path-b and plain timm names."
+    )
+    teacher_arch: str | None = opt(
+        None, "Override the timm architecture of a preset (e.g. a smaller ViT in PATH layout)."
+    )
+    teacher_layer: int | None = opt(
+        None,
+        "Use the output of ViT block i (negative counts from the end) "
+        "instead of the final normalised tokens (see docs/store.md).",
+    )
+    teacher_global_token: Literal["auto", "mean"] = opt(
+        "auto",
+        "auto: the teacher's CLS token where it has one, else the mean patch token; mean: always the mean.",
+    )
+    random_init: bool = opt(
+        False, "Allow a teacher without weights, randomly initialised (tests and benchmarks only)."
+    )
+    random_init_seed: int = opt(
+        0, "Seed of the random teacher init, so that stage two can rebuild it for --online-teacher."
+    )
     views: int = opt(4, "K: replayable augmented views cached per image.")
-    dtype: StoreDtype = opt("float16", "Stored feature dtype: bfloat16 is stored as uint16, int8 with a "
-                       "per-token scale.")
-    relation: Literal["logits", "factor"] = opt("logits", "How Ic's relation target is stored: logits, T x T in "
-                                                "--dtype; factor, a rank-r float16 factor Z with Z Z^T ~= "
-                                                "the logits plus their exact float32 diagonal (store schema 3; "
-                                                "docs/store.md).")
-    relation_rank: int | None = opt(None, "r of --relation factor, 1 to T; default min(64, T // 4) "
-                                    "(codec.default_relation_rank).")
+    dtype: StoreDtype = opt(
+        "float16", "Stored feature dtype: bfloat16 is stored as uint16, int8 with a per-token scale."
+    )
+    relation: Literal["logits", "factor"] = opt(
+        "logits",
+        "How Ic's relation target is stored: logits, T x T in "
+        "--dtype; factor, a rank-r float16 factor Z with Z Z^T ~= "
+        "the logits plus their exact float32 diagonal (store schema 3; "
+        "docs/store.md).",
+    )
+    relation_rank: int | None = opt(
+        None, "r of --relation factor, 1 to T; default min(64, T // 4) (codec.default_relation_rank)."
+    )
     shard_size: int = opt(256, "Images per store shard: the unit of work, of writing and of resume.")
     seed: int = opt(0, "Seed of the view parameters (with each image's key and view index).")
     batch_size: int = opt(32, "Views per teacher forward.")
     workers: int = opt(1, "Local dask worker processes (one per GPU on a GPU machine).")
     threads_per_worker: int = opt(0, "Torch threads per worker; 0 = cores / workers.")
-    replay_threads: int = opt(0, "Threads per worker that replay views ahead of the teacher; 0 = the "
-                              "worker's threads when the teacher runs on a GPU, 1 when it runs on the CPU "
-                              "(its forward already uses every core).")
-    scheduler: str | None = opt(None, "Address of a running dask scheduler (tcp://host:8786) to use "
-                                "instead of a local cluster.")
-    use_slurm: bool = opt(False, "Start dask workers on SLURM through dask-jobqueue; see --set "
-                          "slurm.partition=..., slurm.jobs, slurm.gpus_per_job, slurm.walltime.", flag="slurm")
+    replay_threads: int = opt(
+        0,
+        "Threads per worker that replay views ahead of the teacher; 0 = the "
+        "worker's threads when the teacher runs on a GPU, 1 when it runs on the CPU "
+        "(its forward already uses every core).",
+    )
+    scheduler: str | None = opt(
+        None, "Address of a running dask scheduler (tcp://host:8786) to use instead of a local cluster."
+    )
+    use_slurm: bool = opt(
+        False,
+        "Start dask workers on SLURM through dask-jobqueue; see --set "
+        "slurm.partition=..., slurm.jobs, slurm.gpus_per_job, slurm.walltime.",
+        flag="slurm",
+    )
     slurm: SlurmConfig = section(SlurmConfig, "SLURM jobs for --slurm.")
     shards: str | None = opt(None, "Run only shards A:B in this process, without dask (SLURM array jobs).")
     strict: bool = opt(False, "Fail on the first bad corpus image instead of skipping and recording it.")
-    embed_images: bool = opt(True, "Copy source images into WebDataset tars beside the features (stage two "
-                             "then needs only the store); --no-embed-images references the corpus instead.")
+    embed_images: bool = opt(
+        True,
+        "Copy source images into WebDataset tars beside the features (stage two "
+        "then needs only the store); --no-embed-images references the corpus instead.",
+    )
     max_pixels: int = opt(MAX_PIXELS, "Images declaring more pixels are skipped as decompression bombs.")
     device: str = opt("auto", "auto (cuda if available), cpu or cuda[:i].")
-    progress_seconds: float = opt(60.0, "Seconds between plain progress lines when stderr is not a terminal "
-                                  "(a batch job's log).")
+    progress_seconds: float = opt(
+        60.0, "Seconds between plain progress lines when stderr is not a terminal (a batch job's log)."
+    )
     recipe: ViewRecipe = section(ViewRecipe, "Sizes and augmentation ranges of the views.")
 
     def __post_init__(self) -> None:
@@ -195,9 +245,11 @@ def shard_slice(spec: str, num_shards: int) -> range:
 
 
 # DistillConfig's keys that only some recipes read; another recipe refuses them at a value of their own
-RECIPE_KEYS = {"dpal": ("global_weight", "local_weight", "relation_weight", "projector"),
-               "feature-kd": ("global_weight", "local_weight"),
-               "proteus": ("mask_ratio", "mask_probability")}
+RECIPE_KEYS = {
+    "dpal": ("global_weight", "local_weight", "relation_weight", "projector"),
+    "feature-kd": ("global_weight", "local_weight"),
+    "proteus": ("mask_ratio", "mask_probability"),
+}
 
 
 @dataclass(frozen=True)
@@ -207,88 +259,141 @@ class DistillConfig:
     store: str = opt("", "Store written by `dpal cache-teacher`.")
     out: str = opt("", "Run directory: checkpoints/, metrics.jsonl, config.yaml.")
     student: str = opt("dpal_vit_tiny", "dpal_vit_tiny (the paper's student) or any timm ViT name.")
-    student_kwargs: dict[str, Any] = opt(help="Extra timm.create_model arguments for the student, e.g. "
-                                         "{depth: 2} (recorded for export).", factory=dict)
+    student_kwargs: dict[str, Any] = opt(
+        help="Extra timm.create_model arguments for the student, e.g. {depth: 2} (recorded for export).",
+        factory=dict,
+    )
     epochs: int = opt(200, "Length of the schedule in epochs (warmup + cosine).")
-    max_steps: int | None = opt(None, "Stop at this optimizer step without changing the schedule; a later "
-                                "run resumes.")
+    max_steps: int | None = opt(
+        None, "Stop at this optimizer step without changing the schedule; a later run resumes."
+    )
     batch_size: int = opt(256, "Images per rank per optimizer step (before accumulation).")
-    grad_accum: int = opt(1, "Micro-batches per optimizer step; each rank's step sees batch_size images in "
-                          "total.")
+    grad_accum: int = opt(
+        1, "Micro-batches per optimizer step; each rank's step sees batch_size images in total."
+    )
     base_lr: float = opt(2.5e-4, "Learning rate per 256 images; lr = base_lr * global_batch / 256.")
     min_lr: float = opt(0.0, "Floor of the cosine decay.")
     warmup_epochs: float = opt(10.0, "Linear warmup length in epochs (applied per step).")
     weight_decay: float = opt(0.05, "AdamW weight decay (none on 1-D parameters and biases).")
     betas: tuple[float, float] = opt((0.9, 0.95), "AdamW betas.")
     seed: int = opt(0, "Seed of the sampler, the fresh local crops and the init.")
-    num_workers: int | None = opt(None, "DataLoader worker processes (forkserver) that decode and replay "
-                                  "the views; 0 decodes in the main process.",
-                                  default_help="2 on CPU; on a GPU, the CPUs per local rank minus one, at "
-                                  "most 16")
-    resume: str = opt("auto", "auto (newest complete checkpoint in --out), a checkpoint PATH, or none "
-                      "(refused where --out holds a run: see --fresh).")
-    fresh: bool = opt(False, "Start over where --out holds a run: move that run aside whole (to "
-                      "OUT.old-<UTC time>) first.")
-    keep_last: int = opt(3, "Whole checkpoints kept in out/checkpoints (the newest; each can resume the run).")
-    keep_weights_only_older: int = opt(0, "Of the checkpoints older than those, how many to keep reduced to "
-                                       "the student's weights (step-N.student.pt: for export and evaluation, "
-                                       "not for resuming); 0 deletes them.")
-    checkpoint_every: int = opt(500, "Steps between checkpoints (plus one at the end and on "
-                                "SIGTERM/SIGUSR1).")
+    num_workers: int | None = opt(
+        None,
+        "DataLoader worker processes (forkserver) that decode and replay "
+        "the views; 0 decodes in the main process.",
+        default_help="2 on CPU; on a GPU, the CPUs per local rank minus one, at most 16",
+    )
+    resume: str = opt(
+        "auto",
+        "auto (newest complete checkpoint in --out), a checkpoint PATH, or none "
+        "(refused where --out holds a run: see --fresh).",
+    )
+    fresh: bool = opt(
+        False, "Start over where --out holds a run: move that run aside whole (to OUT.old-<UTC time>) first."
+    )
+    keep_last: int = opt(
+        3, "Whole checkpoints kept in out/checkpoints (the newest; each can resume the run)."
+    )
+    keep_weights_only_older: int = opt(
+        0,
+        "Of the checkpoints older than those, how many to keep reduced to "
+        "the student's weights (step-N.student.pt: for export and evaluation, "
+        "not for resuming); 0 deletes them.",
+    )
+    checkpoint_every: int = opt(
+        500, "Steps between checkpoints (plus one at the end and on SIGTERM/SIGUSR1)."
+    )
     log_every: int = opt(10, "Steps between metric lines.")
-    progress_seconds: float = opt(60.0, "Seconds between plain progress lines on stderr when it is not a "
-                                  "terminal (a batch job's log); 0 prints one per step. On a terminal a "
-                                  "progress bar is drawn instead.")
-    online_teacher: bool = opt(False, "Run the teacher in the loop on the same replayed views instead of "
-                               "reading its targets from the store.")
-    fix_mask_sign: bool = opt(True, "Orient the PCA shape mask so the image centre scores higher than its "
-                              "border (documented deviation).")
-    dpade_scale: float = opt(1.0 / 256.0, "D-PaDe expert mixing scale (the paper's 1/256, its per-GPU "
-                             "batch).")
+    progress_seconds: float = opt(
+        60.0,
+        "Seconds between plain progress lines on stderr when it is not a "
+        "terminal (a batch job's log); 0 prints one per step. On a terminal a "
+        "progress bar is drawn instead.",
+    )
+    online_teacher: bool = opt(
+        False,
+        "Run the teacher in the loop on the same replayed views instead of "
+        "reading its targets from the store.",
+    )
+    fix_mask_sign: bool = opt(
+        True,
+        "Orient the PCA shape mask so the image centre scores higher than its border (documented deviation).",
+    )
+    dpade_scale: float = opt(
+        1.0 / 256.0, "D-PaDe expert mixing scale (the paper's 1/256, its per-GPU batch)."
+    )
     l2_weight: float = opt(0.025, "Weight of the expert Frobenius regulariser.")
-    recompute: bool | None = opt(None, "Recompute the step's largest activations in the backward pass "
-                                 "instead of keeping them (D-PaDe's expert generator, the student's MLP "
-                                 "GELUs): measured on CPU, 74.7 instead of 98.4 MiB per image for about 7% "
-                                 "more time per step. Same values either way.",
-                                 default_help="yes on CUDA (memory traffic bounds the step there), no on CPU "
-                                 "(matrix products bound it)")
+    recompute: bool | None = opt(
+        None,
+        "Recompute the step's largest activations in the backward pass "
+        "instead of keeping them (D-PaDe's expert generator, the student's MLP "
+        "GELUs): measured on CPU, 74.7 instead of 98.4 MiB per image for about 7% "
+        "more time per step. Same values either way.",
+        default_help="yes on CUDA (memory traffic bounds the step there), no on CPU "
+        "(matrix products bound it)",
+    )
     allow_incomplete: bool = opt(False, "Train on the finished shards of an incomplete store.")
     device: str = opt("auto", "auto, cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK.")
-    recipe_local_size: tuple[int, int] | None = opt(None, "Override the local crop size (H, W), e.g. "
-                                                    "[64, 48].", default_help="the store's recipe")
+    recipe_local_size: tuple[int, int] | None = opt(
+        None, "Override the local crop size (H, W), e.g. [64, 48].", default_help="the store's recipe"
+    )
     recipe: Literal["dpal", "proteus", "feature-kd"] = opt(
-        "dpal", "What to train against the store's targets (docs/training.md, Recipes): dpal (D-PaDe and its "
+        "dpal",
+        "What to train against the store's targets (docs/training.md, Recipes): dpal (D-PaDe and its "
         "three objectives), proteus (LayerNorm + Linear heads on CLS and v0's tokens plus a masked branch, after "
         "Proteus, ICLR 2025) or feature-kd (one LayerNorm + Linear projector, MSE on the global target and v0's "
-        "tokens). Fixed for a run: a resume keeps it.")
-    projector: Literal["dpade", "linear"] = opt("dpade", "dpal's projector from student to teacher width: D-PaDe, "
-                                                "or one plain Linear(d, D) shared by the three objectives "
-                                                "(ablation). Fixed for a run.")
-    global_weight: float = opt(1.0, "Weight of the global objective (dpal, feature-kd); 0 switches it off and "
-                               "skips its forward passes.")
+        "tokens). Fixed for a run: a resume keeps it.",
+    )
+    projector: Literal["dpade", "linear"] = opt(
+        "dpade",
+        "dpal's projector from student to teacher width: D-PaDe, "
+        "or one plain Linear(d, D) shared by the three objectives "
+        "(ablation). Fixed for a run.",
+    )
+    global_weight: float = opt(
+        1.0,
+        "Weight of the global objective (dpal, feature-kd); 0 switches it off and skips its forward passes.",
+    )
     local_weight: float = opt(1.0, "Weight of the local objective (dpal, feature-kd); 0 switches it off.")
-    relation_weight: float = opt(1.0, "Weight of dpal's relation objective; 0 switches it off and skips the "
-                                 "student's pass over Ic.")
-    mask_ratio: float = opt(0.5, "proteus: fraction of v0's patches (at least one) replaced by the mask token "
-                            "in a masked image (Proteus's 0.5).")
-    mask_probability: float = opt(0.5, "proteus: fraction of each micro-batch (its first images, at least one) "
-                                  "that the masked branch sees (Proteus's 0.5).")
-    val_store: str = opt("", "A store that stage one cached from held-out images with the run's teacher and "
-                         "views: every loss term of the recipe on it every --val-every steps and at the end "
-                         "(metrics.jsonl lines with split val; docs/training.md, Validation).")
-    val_every: int = opt(500, "Steps between validations (--val-store, --eval-reid); one more at the end of "
-                         "the run.")
-    val_images: int | None = opt(None, "Validate on the first N images of --val-store only.",
-                                 default_help="all of them")
-    eval_reid: str = opt("", "A Market-1501-style folder (query/, bounding_box_test/): mAP and rank-1 of the "
-                         "student's CLS feature at each validation.")
+    relation_weight: float = opt(
+        1.0, "Weight of dpal's relation objective; 0 switches it off and skips the student's pass over Ic."
+    )
+    mask_ratio: float = opt(
+        0.5,
+        "proteus: fraction of v0's patches (at least one) replaced by the mask token "
+        "in a masked image (Proteus's 0.5).",
+    )
+    mask_probability: float = opt(
+        0.5,
+        "proteus: fraction of each micro-batch (its first images, at least one) "
+        "that the masked branch sees (Proteus's 0.5).",
+    )
+    val_store: str = opt(
+        "",
+        "A store that stage one cached from held-out images with the run's teacher and "
+        "views: every loss term of the recipe on it every --val-every steps and at the end "
+        "(metrics.jsonl lines with split val; docs/training.md, Validation).",
+    )
+    val_every: int = opt(
+        500, "Steps between validations (--val-store, --eval-reid); one more at the end of the run."
+    )
+    val_images: int | None = opt(
+        None, "Validate on the first N images of --val-store only.", default_help="all of them"
+    )
+    eval_reid: str = opt(
+        "",
+        "A Market-1501-style folder (query/, bounding_box_test/): mAP and rank-1 of the "
+        "student's CLS feature at each validation.",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("epochs, batch_size and grad_accum must be >= 1")
         if self.batch_size % self.grad_accum:
-            raise ConfigError(f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
+            raise ConfigError(
+                f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("max_steps must be >= 1")
         if self.keep_last < 1 or self.checkpoint_every < 1 or self.log_every < 1:
@@ -305,22 +410,35 @@ class DistillConfig:
 
     def _check_recipe(self) -> None:
         """Each recipe's own keys: a setting that another recipe reads is refused, never ignored."""
-        weights = {"global_weight": self.global_weight, "local_weight": self.local_weight,
-                   "relation_weight": self.relation_weight}
+        weights = {
+            "global_weight": self.global_weight,
+            "local_weight": self.local_weight,
+            "relation_weight": self.relation_weight,
+        }
         if any(not w >= 0 for w in weights.values()):  # `not >=` also catches nan
             raise ConfigError(f"global_weight, local_weight and relation_weight must be >= 0, got {weights}")
         if not 0 < self.mask_ratio < 1 or not 0 < self.mask_probability <= 1:
-            raise ConfigError(f"mask_ratio must be in (0, 1) and mask_probability in (0, 1], got {self.mask_ratio} "
-                              f"and {self.mask_probability}")
+            raise ConfigError(
+                f"mask_ratio must be in (0, 1) and mask_probability in (0, 1], got {self.mask_ratio} "
+                f"and {self.mask_probability}"
+            )
         own = RECIPE_KEYS[self.recipe]
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        foreign = [k for keys in RECIPE_KEYS.values() for k in keys
-                   if k not in own and getattr(self, k) != defaults[k]]
+        foreign = [
+            k
+            for keys in RECIPE_KEYS.values()
+            for k in keys
+            if k not in own and getattr(self, k) != defaults[k]
+        ]
         if foreign:
-            raise ConfigError(f"{foreign[0]} does not apply to --recipe {self.recipe} (its keys: {', '.join(own)}); "
-                              "drop it or choose the recipe it belongs to")
+            raise ConfigError(
+                f"{foreign[0]} does not apply to --recipe {self.recipe} (its keys: {', '.join(own)}); "
+                "drop it or choose the recipe it belongs to"
+            )
         if self.recipe != "proteus" and not any(weights[k] > 0 for k in own if k in weights):
-            raise ConfigError(f"--recipe {self.recipe} has every objective's weight at 0; nothing would be trained")
+            raise ConfigError(
+                f"--recipe {self.recipe} has every objective's weight at 0; nothing would be trained"
+            )
 
 
 # ---------------------------------------------------------------- field types and choices

@@ -775,8 +775,9 @@ class StoreReader:
                 self._check_rows(PARAMS, s, self.array(PARAMS)[a:b])
             self._params_checked.add(s)
 
-    def read_targets(self, indices: np.ndarray, view: int, raw: bool = False,
-                     targets: Collection[str] = FEATURES) -> Targets:
+    def read_targets(
+        self, indices: np.ndarray, view: int, raw: bool = False, targets: Collection[str] = FEATURES
+    ) -> Targets:
         """Targets of view `view` of the images `indices` (one orthogonal selection per array).
         `raw`: in the stored dtype (float16, bfloat16, or int8 with `scales`), for a caller that
         decodes them elsewhere (stage two, on the training device). `targets`: the FEATURES to read;

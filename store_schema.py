@@ -249,7 +249,9 @@ class Layout:
         n = NUM_PARAMS * 8
         for name, shape in self.feature_shapes().items():
             dtype, scaled = self.feature_arrays()[name]
-            n += int(np.prod(shape[2:])) * np.dtype(dtype).itemsize + (int(np.prod(shape[2:-1])) * 4 if scaled else 0)
+            n += int(np.prod(shape[2:])) * np.dtype(dtype).itemsize + (
+                int(np.prod(shape[2:-1])) * 4 if scaled else 0
+            )
         return n
 
 
@@ -579,7 +581,9 @@ def _relation_rank(f: _Fields, schema: int) -> int:
     """r from the attribute `relation_codec`: required in schema 3, absent before (0: logits)."""
     if schema < FACTOR_SCHEMA:
         if "relation_codec" in f.attrs:
-            raise attribute_error(f.where, "relation_codec", f"is set, but schema {schema} stores hold logits")
+            raise attribute_error(
+                f.where, "relation_codec", f"is set, but schema {schema} stores hold logits"
+            )
         return 0
     codec = f.sub("relation_codec")
     codec("codec", _one_of(("factor",)))  # the one codec of schema 3

@@ -113,7 +113,9 @@ class MemoryTargetsReader(StoreReader):
 
     preloaded: dict[str, Any] = {}
 
-    def read_targets(self, indices: np.ndarray, view: int, raw: bool = False, targets: object = None) -> Targets:
+    def read_targets(
+        self, indices: np.ndarray, view: int, raw: bool = False, targets: object = None
+    ) -> Targets:
         # `targets` is ignored: the benchmarks' runs read every target (BatchDataset's default needs)
         p = self.preloaded  # decoded float32 also when asked raw: decoding float32 is the identity
         idx = torch.as_tensor(np.asarray(indices))

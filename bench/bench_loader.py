@@ -177,8 +177,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--recipe", default="dpal", choices=("dpal", "proteus", "feature-kd"),
-                    help="build the batches this recipe's run reads")
+    ap.add_argument(
+        "--recipe",
+        default="dpal",
+        choices=("dpal", "proteus", "feature-kd"),
+        help="build the batches this recipe's run reads",
+    )
     ap.add_argument("--skip", default="", help="comma list of sections to skip: legacy,worker,device")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()

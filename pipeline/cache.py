@@ -264,7 +264,9 @@ def _targets(
     hw = {r: (images[r].height, images[r].width) for r in good}
     params = np.zeros((rows, k_views, NUM_PARAMS), dtype=np.float64)
     feats = {
-        name: np.zeros((rows, *shape[1:]), dtype=np.float32 if name in FEATURES else layout.feature_arrays()[name][0])
+        name: np.zeros(
+            (rows, *shape[1:]), dtype=np.float32 if name in FEATURES else layout.feature_arrays()[name][0]
+        )
         for name, shape in layout.feature_shapes().items()
     }
     kls: list[float] = []

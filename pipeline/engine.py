@@ -79,8 +79,9 @@ WORKER_EXIT_S = 60.0  # grace for a dask worker process to exit after its worker
 # manager would pause the worker at 80% of the job's --mem, forever, since nothing it holds can be
 # spilled (a 1 GB job pauses at startup and the run hangs), or restart it at 95%. SLURM enforces
 # --mem itself.
-WORKER_MEMORY_ENV = [f"export DASK_DISTRIBUTED__WORKER__MEMORY__{k}=False" for k in ("TARGET", "SPILL", "PAUSE",
-                                                                                    "TERMINATE")]
+WORKER_MEMORY_ENV = [
+    f"export DASK_DISTRIBUTED__WORKER__MEMORY__{k}=False" for k in ("TARGET", "SPILL", "PAUSE", "TERMINATE")
+]
 
 
 @dataclass
@@ -106,24 +107,38 @@ class RunSummary:
         then one line of counts (the last line, for scripts)."""
         listed = [f"skipped {s['key']}: {s['reason']}" for s in self.skipped_images[:max_listed]]
         if len(self.skipped_images) > max_listed:
-            listed.append(f"... and {len(self.skipped_images) - max_listed} more (`dpal store info --json` "
-                          "lists all)")
+            listed.append(
+                f"... and {len(self.skipped_images) - max_listed} more (`dpal store info --json` lists all)"
+            )
         return "\n".join([*listed, self._counts()])
 
     def _counts(self) -> str:
         rate = self.images / self.seconds if self.seconds > 0 else 0.0
-        lost = (f"{self.corpus_problems} corpus entries unreadable and lost (listed in the store's "
-                "corpus_problems); " if self.corpus_problems else "")
+        lost = (
+            f"{self.corpus_problems} corpus entries unreadable and lost (listed in the store's "
+            "corpus_problems); "
+            if self.corpus_problems
+            else ""
+        )
         return (
             f"cached {self.cached} images in {self.shards_run} shards ({rate:.1f} img/s, {self.seconds:.1f} s); "
             f"skipped {self.skipped} bad images; {lost}{self.shards_already_done} shards were already done; "
-            f"store {'complete' if self.complete else f'INCOMPLETE ({self.shards_done}/{self.num_shards} shards done): '
-                     'rerun the same command to finish'}"
+            f"store {
+                'complete'
+                if self.complete
+                else f'INCOMPLETE ({self.shards_done}/{self.num_shards} shards done): '
+                'rerun the same command to finish'
+            }"
         )
 
 
-def store_meta(cfg: CacheConfig, teacher: Teacher, fingerprint: str, num_images: int,
-               corpus_problems: list[dict[str, Any]] | None = None) -> StoreMeta:
+def store_meta(
+    cfg: CacheConfig,
+    teacher: Teacher,
+    fingerprint: str,
+    num_images: int,
+    corpus_problems: list[dict[str, Any]] | None = None,
+) -> StoreMeta:
     """What the store holds: the identity a resume must match, and the records beside it.
 
     Args:
@@ -132,12 +147,23 @@ def store_meta(cfg: CacheConfig, teacher: Teacher, fingerprint: str, num_images:
     grid = TokenGrid.of(cfg.recipe, teacher.patch_size)
     rank = relation_rank(cfg, grid.num_crowd_tokens)
     return StoreMeta(
-        teacher=TeacherIdentity.from_attrs(teacher.identity(), "teacher identity"), recipe=cfg.recipe,
-        token_grid=grid, seed=cfg.seed, num_views=cfg.views,
-        num_images=num_images, shard_size=cfg.shard_size, dtype=cfg.dtype, embed_dim=teacher.embed_dim,
-        corpus=cfg.corpus, corpus_fingerprint=fingerprint, embed_images=cfg.embed_images,
-        value_settings=value_settings(cfg), config=to_dict(cfg), corpus_problems=corpus_problems,
-        relation_rank=rank, schema_version=FACTOR_SCHEMA if rank else SCHEMA_VERSION,
+        teacher=TeacherIdentity.from_attrs(teacher.identity(), "teacher identity"),
+        recipe=cfg.recipe,
+        token_grid=grid,
+        seed=cfg.seed,
+        num_views=cfg.views,
+        num_images=num_images,
+        shard_size=cfg.shard_size,
+        dtype=cfg.dtype,
+        embed_dim=teacher.embed_dim,
+        corpus=cfg.corpus,
+        corpus_fingerprint=fingerprint,
+        embed_images=cfg.embed_images,
+        value_settings=value_settings(cfg),
+        config=to_dict(cfg),
+        corpus_problems=corpus_problems,
+        relation_rank=rank,
+        schema_version=FACTOR_SCHEMA if rank else SCHEMA_VERSION,
     )
 
 
@@ -157,9 +183,16 @@ def value_settings(cfg: CacheConfig) -> dict[str, Any]:
     if device == "auto" and not (cfg.scheduler or cfg.use_slurm):
         device = resolve_device(device).type
     device = device.split(":")[0]
-    precision = {"cuda": "bfloat16 autocast", "cpu": "float32"}.get(device, "bfloat16 autocast on cuda, float32 on cpu")
-    return {"max_pixels": cfg.max_pixels, "batch_size": cfg.batch_size, "teacher_device": device,
-            "teacher_precision": precision, "teacher_threads": teacher_threads(cfg) if device == "cpu" else None}
+    precision = {"cuda": "bfloat16 autocast", "cpu": "float32"}.get(
+        device, "bfloat16 autocast on cuda, float32 on cpu"
+    )
+    return {
+        "max_pixels": cfg.max_pixels,
+        "batch_size": cfg.batch_size,
+        "teacher_device": device,
+        "teacher_precision": precision,
+        "teacher_threads": teacher_threads(cfg) if device == "cpu" else None,
+    }
 
 
 def teacher_threads(cfg: CacheConfig) -> int | str:
@@ -187,8 +220,11 @@ def _value_settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         config = old.get("config") or {}
         before = {k: config[k] for k in ("max_pixels", "batch_size") if k in config}
     now = new["value_settings"]
-    return [f"value_settings.{k}: store has {before[k]!r}, this run has {now.get(k)!r}"
-            for k in sorted(before) if before[k] != now.get(k)]
+    return [
+        f"value_settings.{k}: store has {before[k]!r}, this run has {now.get(k)!r}"
+        for k in sorted(before)
+        if before[k] != now.get(k)
+    ]
 
 
 def _check_out(out: Path) -> bool:
@@ -221,12 +257,15 @@ def check_inputs(cfg: CacheConfig) -> Corpus:
     for p in corpus.problems[:MAX_LOGGED_PROBLEMS]:
         logger.warning("corpus: %s: %s", p["entry"], p["reason"])
     if len(corpus.problems) > MAX_LOGGED_PROBLEMS:
-        logger.warning("corpus: %d more unreadable entries (the store's corpus_problems lists all)",
-                       len(corpus.problems) - MAX_LOGGED_PROBLEMS)
+        logger.warning(
+            "corpus: %d more unreadable entries (the store's corpus_problems lists all)",
+            len(corpus.problems) - MAX_LOGGED_PROBLEMS,
+        )
     if corpus.problems and cfg.strict:
         p = corpus.problems[0]
-        raise StrictModeError(f"corpus entry {p['entry']}: {p['reason']}; rerun without --strict to skip "
-                              "and record it")
+        raise StrictModeError(
+            f"corpus entry {p['entry']}: {p['reason']}; rerun without --strict to skip and record it"
+        )
     return corpus
 
 
@@ -251,13 +290,16 @@ def prepare_store(cfg: CacheConfig, teacher: Teacher, corpus: Corpus | None = No
         except OSError as e:
             if is_disk_full(e):
                 raise DiskFullError(disk_full_message(out, "the new store", e, resumes=False)) from None
-            raise StoreError(f"--out {out}: cannot create the store there ({e.strerror or e}: {e.filename})") from None
+            raise StoreError(
+                f"--out {out}: cannot create the store there ({e.strerror or e}: {e.filename})"
+            ) from None
     old = read_attrs(out)
     new = meta.to_attrs()
     diff = identity_diff(old, new) + _value_settings_diff(old, new)
     if diff:
         raise StoreError(
-            f"{out} was made with different settings, refusing to mix them: " + "; ".join(diff)
+            f"{out} was made with different settings, refusing to mix them: "
+            + "; ".join(diff)
             + ". Use a new --out, or rerun with the store's settings."
         )
     return StoreMeta.from_attrs(old, out).layout
@@ -296,7 +338,9 @@ class TeacherPlugin(WorkerPlugin):
         self.teacher = None
 
 
-def _dask_task(store_path: str, shard: int, cfg: CacheConfig) -> ShardReport | StrictModeError | DiskFullError:
+def _dask_task(
+    store_path: str, shard: int, cfg: CacheConfig
+) -> ShardReport | StrictModeError | DiskFullError:
     from distributed import get_worker
 
     plugin = get_worker().plugins[PLUGIN_NAME]
@@ -329,28 +373,53 @@ def slurm_cluster(cfg: CacheConfig) -> Any:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Port .* is already in use")
         return SLURMCluster(
-            queue=s.partition, account=s.account, cores=1, job_cpu=s.cores, processes=1, memory=s.memory,
-            walltime=s.walltime, job_extra_directives=extra, job_name="dpal-cache",
-            scheduler_options={"dashboard_address": None}, job_script_prologue=WORKER_MEMORY_ENV,
+            queue=s.partition,
+            account=s.account,
+            cores=1,
+            job_cpu=s.cores,
+            processes=1,
+            memory=s.memory,
+            walltime=s.walltime,
+            job_extra_directives=extra,
+            job_name="dpal-cache",
+            scheduler_options={"dashboard_address": None},
+            job_script_prologue=WORKER_MEMORY_ENV,
         )
 
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("[bold]caching"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-        TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        transient=False, console=Console(stderr=True),  # stdout carries the summary (or --json)
+        TextColumn("[bold]caching"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("images"),
+        TextColumn("{task.fields[rate]:.1f} img/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        transient=False,
+        console=Console(stderr=True),  # stdout carries the summary (or --json)
     )
 
 
-def _drive(reports: Iterable[ShardReport], total_images: int, show: bool, on_report: Callable | None = None,
-           interval_s: float = 60.0) -> list[ShardReport]:
+def _drive(
+    reports: Iterable[ShardReport],
+    total_images: int,
+    show: bool,
+    on_report: Callable | None = None,
+    interval_s: float = 60.0,
+) -> list[ShardReport]:
     """Collect the shards' reports, showing progress: a bar on a terminal, else (a batch job's log)
     a plain line every `interval_s` seconds and one at the end, with images done, images/s and ETA."""
     out = []
     t0 = time.perf_counter()
-    plain = (PlainProgress("cache-teacher", total_images, unit="images", interval_s=interval_s, bar=False, main=None)
-             if show and not sys.stderr.isatty() else None)
+    plain = (
+        PlainProgress(
+            "cache-teacher", total_images, unit="images", interval_s=interval_s, bar=False, main=None
+        )
+        if show and not sys.stderr.isatty()
+        else None
+    )
     with _progress() as bar:
         task = bar.add_task("cache", total=total_images, rate=0.0, visible=show and plain is None)
         done = 0
@@ -386,18 +455,30 @@ def run_cache(cfg: CacheConfig, show_progress: bool = True) -> RunSummary:
 
     if local:
         threads = replay_threads_for(cfg, device, torch.get_num_threads())
-        reports = _drive((cache_shard(store, s, teacher, cfg, device, threads) for s in pending), total,
-                         show_progress, interval_s=cfg.progress_seconds)
+        reports = _drive(
+            (cache_shard(store, s, teacher, cfg, device, threads) for s in pending),
+            total,
+            show_progress,
+            interval_s=cfg.progress_seconds,
+        )
     else:
         del teacher
         reports = _run_dask(cfg, store, pending, total, show_progress)
     complete = mark_complete_if_done(Path(store))
-    return summarize(Path(store), layout, len(wanted), reports, time.perf_counter() - t0, complete,
-                     len(corpus.problems))
+    return summarize(
+        Path(store), layout, len(wanted), reports, time.perf_counter() - t0, complete, len(corpus.problems)
+    )
 
 
-def summarize(store: Path, layout: Layout, num_wanted: int, reports: list[ShardReport], seconds: float,
-              complete: bool, corpus_problems: int = 0) -> RunSummary:
+def summarize(
+    store: Path,
+    layout: Layout,
+    num_wanted: int,
+    reports: list[ShardReport],
+    seconds: float,
+    complete: bool,
+    corpus_problems: int = 0,
+) -> RunSummary:
     """The run's summary from its shard reports. A shard that another run sharing the store
     finished first (its report says already_done) counts as already done, not as run by this one."""
     ran = sorted((r for r in reports if not r.already_done), key=lambda r: r.shard)
@@ -406,10 +487,16 @@ def summarize(store: Path, layout: Layout, num_wanted: int, reports: list[ShardR
         if r.num_skipped:
             skipped += read_marker(store, r.shard)["skipped"]
     return RunSummary(
-        num_shards=layout.num_shards, shards_run=len(ran), shards_already_done=num_wanted - len(ran),
-        images=sum(r.num_images for r in ran), cached=sum(r.num_cached for r in ran),
-        skipped=sum(r.num_skipped for r in ran), seconds=seconds, complete=complete,
-        corpus_problems=corpus_problems, shards_done=len(done_shards(store) & set(range(layout.num_shards))),
+        num_shards=layout.num_shards,
+        shards_run=len(ran),
+        shards_already_done=num_wanted - len(ran),
+        images=sum(r.num_images for r in ran),
+        cached=sum(r.num_cached for r in ran),
+        skipped=sum(r.num_skipped for r in ran),
+        seconds=seconds,
+        complete=complete,
+        corpus_problems=corpus_problems,
+        shards_done=len(done_shards(store) & set(range(layout.num_shards))),
         skipped_images=skipped,
     )
 
@@ -418,8 +505,10 @@ def _run_dask(cfg: CacheConfig, store: str, pending: list[int], total: int, show
     try:
         from distributed import Client, LocalCluster, as_completed
     except ImportError:
-        raise UserError("stage one's dask engine (--workers, --scheduler, --slurm) needs dask.distributed: "
-                        "pip install 'dpal[engine]', or run in this process with --shards 0:") from None
+        raise UserError(
+            "stage one's dask engine (--workers, --scheduler, --slurm) needs dask.distributed: "
+            "pip install 'dpal[engine]', or run in this process with --shards 0:"
+        ) from None
 
     if not pending:
         return []
@@ -437,15 +526,26 @@ def _run_dask(cfg: CacheConfig, store: str, pending: list[int], total: int, show
         threads = local_worker_threads(cfg)
         with warnings.catch_warnings():  # "Port 8787 is already in use": no dashboard is wanted
             warnings.filterwarnings("ignore", message="Port .* is already in use")
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                                   silence_logs=logging.ERROR)
+            cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
         client = Client(cluster)
     try:
         client.register_plugin(TeacherPlugin(cfg, threads), name=PLUGIN_NAME)
-        futures = [client.submit(_dask_task, store, s, cfg, key=f"dpal-shard-{s}-{__version__}", pure=False)
-                   for s in pending]
-        return _drive((_shard_result(f.result()) for f in as_completed(futures)), total, show,
-                      interval_s=cfg.progress_seconds)
+        futures = [
+            client.submit(_dask_task, store, s, cfg, key=f"dpal-shard-{s}-{__version__}", pure=False)
+            for s in pending
+        ]
+        return _drive(
+            (_shard_result(f.result()) for f in as_completed(futures)),
+            total,
+            show,
+            interval_s=cfg.progress_seconds,
+        )
     finally:
         client.close()
         if cluster is not None:
@@ -465,6 +565,7 @@ def close_cluster(cluster: Any) -> None:
     from distributed import LocalCluster
 
     if isinstance(cluster, LocalCluster) and cluster.workers:
+
         async def close_all(nannies: list[Any]) -> None:
             await asyncio.gather(*(n.close(timeout=WORKER_EXIT_S) for n in nannies))
 
@@ -475,13 +576,10 @@ def close_cluster(cluster: Any) -> None:
 # ---------------------------------------------------------------- dry run
 
 
-def dry_run(cfg: CacheConfig, num_images: int = 8) -> dict[str, Any]:
-    """Time the teacher on a few images and size the store for this corpus and K."""
+def _sample_views(cfg: CacheConfig, refs: list[Any], num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """v0 and Ic (view 0) of the first `num_images` decodable corpus images, for timing the teacher."""
     from dpal.corpus import BadImage, decode_image, read_bytes
 
-    device = resolve_device(cfg.device)
-    refs = index_corpus(cfg.corpus)  # before the teacher: a corpus mistake is reported at once
-    teacher = load_teacher(teacher_spec(cfg), device=device)
     imgs = []
     for ref in refs:
         try:
@@ -495,25 +593,45 @@ def dry_run(cfg: CacheConfig, num_images: int = 8) -> dict[str, Any]:
     pool = [(i, (im.height, im.width)) for i, (_, im) in enumerate(imgs)]
     v0s, ics = [], []
     for i, (key, im) in enumerate(imgs):
-        p = sample_view(cfg.recipe, cfg.seed, key, 0, (im.height, im.width), [b for b in pool if b[0] != i] or pool)
+        p = sample_view(
+            cfg.recipe, cfg.seed, key, 0, (im.height, im.width), [b for b in pool if b[0] != i] or pool
+        )
         v0, ic = replay(cfg.recipe, p, im, imgs[background_index(p)][1])
         v0s.append(v0)
         ics.append(ic)
-    v0, ic = torch.stack(v0s), torch.stack(ics)
-    rank = relation_rank(cfg, TokenGrid.of(cfg.recipe, teacher.patch_size).num_crowd_tokens)
+    return torch.stack(v0s), torch.stack(ics)
+
+
+def _image_bytes(cfg: CacheConfig, refs: list[Any]) -> int:
+    """The image tars' size estimated from up to 256 images' sizes (0 without --embed-images)."""
+    if not cfg.embed_images:
+        return 0
+    sample = refs[: min(len(refs), 256)]
+    sizes = [
+        ref.size if ref.size >= 0 else os.path.getsize(ref.source)
+        for ref in sample
+        if ref.size >= 0 or os.path.exists(ref.source)
+    ]
+    return int(sum(sizes) / max(len(sizes), 1) * len(refs))
+
+
+def dry_run(cfg: CacheConfig, num_images: int = 8) -> dict[str, Any]:
+    """Time the teacher on a few images and size the store for this corpus and K."""
+    device = resolve_device(cfg.device)
+    refs = index_corpus(cfg.corpus)  # before the teacher: a corpus mistake is reported at once
+    teacher = load_teacher(teacher_spec(cfg), device=device)
+    v0, ic = _sample_views(cfg, refs, num_images)
+    grid = TokenGrid.of(cfg.recipe, teacher.patch_size)
+    rank = relation_rank(cfg, grid.num_crowd_tokens)
     teacher_targets(teacher, v0[:2], ic[:2], device, rank)  # warm up
     t0 = time.perf_counter()
     teacher_targets(teacher, v0, ic, device, rank)
-    per_view = (time.perf_counter() - t0) / len(imgs)
-    grid = TokenGrid.of(cfg.recipe, teacher.patch_size)
-    layout = Layout(len(refs), cfg.views, cfg.shard_size, teacher.embed_dim, grid.num_patches,
-                    grid.num_crowd_tokens, cfg.dtype, rank)
-    image_bytes = 0
-    if cfg.embed_images:
-        sample = refs[: min(len(refs), 256)]
-        sizes = [ref.size if ref.size >= 0 else os.path.getsize(ref.source) for ref in sample
-                 if ref.size >= 0 or os.path.exists(ref.source)]
-        image_bytes = int(sum(sizes) / max(len(sizes), 1) * len(refs))
+    per_view = (time.perf_counter() - t0) / len(v0)
+    layout = Layout(
+        len(refs), cfg.views, cfg.shard_size, teacher.embed_dim, grid.num_patches, grid.num_crowd_tokens,
+        cfg.dtype, rank,
+    )  # fmt: skip
+    image_bytes = _image_bytes(cfg, refs)
     views = len(refs) * cfg.views
     workers = 1 if cfg.shards else (cfg.slurm.jobs if cfg.use_slurm else cfg.workers)
     return {

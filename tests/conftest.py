@@ -59,11 +59,14 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     asked = [(base / a.split("::")[0]).resolve() for a in config.args]
     return not any(p == cluster or cluster in p.parents for p in asked)
 
+
 TEACHER = "vit_tiny_patch16_224"
 GLOBAL_SIZE, LOCAL_SIZE, CROWD_SIZE = (32, 16), (16, 16), (32, 48)
-RECIPE_SETS = [f"recipe.global_size=[{GLOBAL_SIZE[0]},{GLOBAL_SIZE[1]}]",
-               f"recipe.local_size=[{LOCAL_SIZE[0]},{LOCAL_SIZE[1]}]",
-               f"recipe.crowd_size=[{CROWD_SIZE[0]},{CROWD_SIZE[1]}]"]
+RECIPE_SETS = [
+    f"recipe.global_size=[{GLOBAL_SIZE[0]},{GLOBAL_SIZE[1]}]",
+    f"recipe.local_size=[{LOCAL_SIZE[0]},{LOCAL_SIZE[1]}]",
+    f"recipe.crowd_size=[{CROWD_SIZE[0]},{CROWD_SIZE[1]}]",
+]
 NUM_GOOD = 13  # with SHARD_SIZE 3: five shards, the last holding one image (its own background)
 SHARD_SIZE = 3
 NUM_VIEWS = 2
@@ -88,10 +91,20 @@ def png_header(width: int, height: int) -> bytes:
     a decompression bomb's header, 69 bytes on disk."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def good_files(seed: int = 0, num: int = NUM_GOOD) -> dict[str, bytes]:
@@ -158,7 +171,9 @@ def assert_same_store(a: Path, b: Path) -> None:
         assert (Path(a) / IMAGES_DIR / t).read_bytes() == (Path(b) / IMAGES_DIR / t).read_bytes(), t
     for m in sorted((Path(a) / MARKERS_DIR).glob("*.json")):
         ma, mb = json.loads(m.read_text()), json.loads((Path(b) / MARKERS_DIR / m.name).read_text())
-        assert {k: v for k, v in ma.items() if k != "seconds"} == {k: v for k, v in mb.items() if k != "seconds"}
+        assert {k: v for k, v in ma.items() if k != "seconds"} == {
+            k: v for k, v in mb.items() if k != "seconds"
+        }
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -192,8 +207,16 @@ def make_config(recipe: ViewRecipe) -> Callable[..., CacheConfig]:
     """CacheConfig factory with the tiny recipe and random teacher; runs in-process (--shards 0:)."""
 
     def make(corpus: str | Path, out: str | Path, **overrides) -> CacheConfig:
-        kw = dict(teacher=TEACHER, random_init=True, views=NUM_VIEWS, shard_size=SHARD_SIZE, dtype="float32",
-                  recipe=recipe, shards="0:", device="cpu")
+        kw = dict(
+            teacher=TEACHER,
+            random_init=True,
+            views=NUM_VIEWS,
+            shard_size=SHARD_SIZE,
+            dtype="float32",
+            recipe=recipe,
+            shards="0:",
+            device="cpu",
+        )
         kw.update(overrides)
         return CacheConfig(corpus=str(corpus), out=str(out), **kw)
 
@@ -205,9 +228,24 @@ def cli_args() -> Callable[..., list[str]]:
     """`dpal cache-teacher` arguments equal to `make_config`'s settings."""
 
     def args(corpus: str | Path, out: str | Path, *extra: str) -> list[str]:
-        out_args = ["cache-teacher", "--corpus", str(corpus), "--out", str(out), "--teacher", TEACHER,
-                    "--random-init", "--views", str(NUM_VIEWS), "--shard-size", str(SHARD_SIZE),
-                    "--dtype", "float32", "--device", "cpu"]
+        out_args = [
+            "cache-teacher",
+            "--corpus",
+            str(corpus),
+            "--out",
+            str(out),
+            "--teacher",
+            TEACHER,
+            "--random-init",
+            "--views",
+            str(NUM_VIEWS),
+            "--shard-size",
+            str(SHARD_SIZE),
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+        ]
         for s in RECIPE_SETS:
             out_args += ["--set", s]
         return out_args + list(extra)
@@ -246,8 +284,9 @@ def bad_corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ref_store(tmp_path_factory: pytest.TempPathFactory, make_config: Callable[..., CacheConfig],
-              corpus_dir: Path) -> Path:
+def ref_store(
+    tmp_path_factory: pytest.TempPathFactory, make_config: Callable[..., CacheConfig], corpus_dir: Path
+) -> Path:
     """The float32 store of `corpus_dir`, made in this process without dask. Read-only: copy it
     (`store_copy`) before changing anything."""
     out = tmp_path_factory.mktemp("ref") / "store"

@@ -56,28 +56,72 @@ def make_store(corpus: Path, out: Path, dtype: str = "float32", shards: str = "0
     """Stage one in-process, over `shards` (`0:1` leaves the store incomplete)."""
     from dpal.pipeline.engine import run_cache
 
-    cfg = CacheConfig(corpus=str(corpus), out=str(out), teacher=STUDENT, random_init=True, views=2,
-                      dtype=dtype, shard_size=SHARD_SIZE, seed=seed, batch_size=8, shards=shards, device="cpu",
-                      recipe=RECIPE)
+    cfg = CacheConfig(
+        corpus=str(corpus),
+        out=str(out),
+        teacher=STUDENT,
+        random_init=True,
+        views=2,
+        dtype=dtype,
+        shard_size=SHARD_SIZE,
+        seed=seed,
+        batch_size=8,
+        shards=shards,
+        device="cpu",
+        recipe=RECIPE,
+    )
     run_cache(cfg, show_progress=False)
     return out
 
 
 def distill_config(store: Path, out: Path, **overrides: Any) -> DistillConfig:
     """The tiny run: 10 images / batch 4 = 2 steps per epoch, 3 epochs = 6 steps, warmup 2 steps."""
-    values: dict[str, Any] = dict(store=str(store), out=str(out), student=STUDENT, student_kwargs=STUDENT_KWARGS,
-                                  epochs=3, batch_size=4, num_workers=0, log_every=1, warmup_epochs=1.0,
-                                  device="cpu", keep_last=10)
+    values: dict[str, Any] = dict(
+        store=str(store),
+        out=str(out),
+        student=STUDENT,
+        student_kwargs=STUDENT_KWARGS,
+        epochs=3,
+        batch_size=4,
+        num_workers=0,
+        log_every=1,
+        warmup_epochs=1.0,
+        device="cpu",
+        keep_last=10,
+    )
     values.update(overrides)
     return DistillConfig(**values)
 
 
 def distill_args(store: Path, out: Path, *extra: str) -> list[str]:
     """`dpal distill` arguments of `distill_config` (for subprocesses and CliRunner)."""
-    return ["distill", "--store", str(store), "--out", str(out), "--student", STUDENT, "--epochs", "3",
-            "--batch-size", "4", "--num-workers", "0", "--warmup-epochs", "1", "--device", "cpu", "--quiet",
-            "--set", "log_every=1", "--set", "keep_last=10",
-            "--set", "student_kwargs=" + json.dumps(STUDENT_KWARGS), *extra]
+    return [
+        "distill",
+        "--store",
+        str(store),
+        "--out",
+        str(out),
+        "--student",
+        STUDENT,
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--warmup-epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--set",
+        "log_every=1",
+        "--set",
+        "keep_last=10",
+        "--set",
+        "student_kwargs=" + json.dumps(STUDENT_KWARGS),
+        *extra,
+    ]
 
 
 def metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -141,8 +185,16 @@ def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, timeout: flo
 
 def start_until_steps(args: list[str], out: Path, steps: int = 2, **popen: Any) -> subprocess.Popen:
     """`dpal ARGS` in its own session (process group), returned once it has logged `steps` steps."""
-    proc = subprocess.Popen([*DPAL, *args], env=popen.pop("env", env()), cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
+    proc = subprocess.Popen(
+        [*DPAL, *args],
+        env=popen.pop("env", env()),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **popen,
+    )
 
     def logged() -> bool:
         f = out / "metrics.jsonl"

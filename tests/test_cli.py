@@ -65,16 +65,37 @@ def _assert_one_error_line(result, *needles: str) -> str:
     return line
 
 
-@pytest.mark.parametrize(("args", "needles"), [
-    ([], ["dpal: distill", "cache-teacher", "store", "distill"]),
-    (["cache-teacher"], ["--corpus", "--out", "--teacher", "--teacher-checkpoint", "--views", "--dtype",
-                         "--shard-size", "--seed", "--workers", "--shards", "--strict", "--slurm", "--set",
-                         "--config", "--dry-run", "resumes"]),
-    (["distill"], ["--store", "--out", "--epochs", "--num-workers", "--online-teacher", "--resume"]),
-    (["store"], ["info", "verify"]),
-    (["store", "info"], ["STORE", "--json", "skipped"]),
-    (["store", "verify"], ["STORE", "checksums", "exit 1"]),
-])
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        ([], ["dpal: distill", "cache-teacher", "store", "distill"]),
+        (
+            ["cache-teacher"],
+            [
+                "--corpus",
+                "--out",
+                "--teacher",
+                "--teacher-checkpoint",
+                "--views",
+                "--dtype",
+                "--shard-size",
+                "--seed",
+                "--workers",
+                "--shards",
+                "--strict",
+                "--slurm",
+                "--set",
+                "--config",
+                "--dry-run",
+                "resumes",
+            ],
+        ),
+        (["distill"], ["--store", "--out", "--epochs", "--num-workers", "--online-teacher", "--resume"]),
+        (["store"], ["info", "verify"]),
+        (["store", "info"], ["STORE", "--json", "skipped"]),
+        (["store", "verify"], ["STORE", "checksums", "exit 1"]),
+    ],
+)
 def test_help(args: list[str], needles: list[str]) -> None:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     r = subprocess.run([*_dpal(), *args, "--help"], capture_output=True, text=True, env=env, timeout=60)
@@ -103,9 +124,12 @@ def _help_rows(command: str) -> dict[str, str]:
 
 
 # Defaults decided at run time: the config holds None, --help states the rule.
-_RULE_DEFAULTS = {("distill", "num_workers"): "2 on CPU; on a GPU, the CPUs per local rank minus one",
-                  ("distill", "recompute"): "yes on CUDA", ("distill", "recipe_local_size"): "the store's recipe",
-                  ("distill", "val_images"): "all of them"}
+_RULE_DEFAULTS = {
+    ("distill", "num_workers"): "2 on CPU; on a GPU, the CPUs per local rank minus one",
+    ("distill", "recompute"): "yes on CUDA",
+    ("distill", "recipe_local_size"): "the store's recipe",
+    ("distill", "val_images"): "all of them",
+}
 
 
 @pytest.mark.parametrize(("command", "config"), [("cache-teacher", CacheConfig), ("distill", DistillConfig)])
@@ -114,8 +138,11 @@ def test_help_defaults_are_the_config_defaults(command: str, config: type) -> No
     # so a default changed in the dataclass and not in the help text fails. Flags (bools), empty
     # strings and None (no default) show none; sections (recipe, slurm) have no option of their own.
     rows = _help_rows(command)
-    fields = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-              for f in dataclasses.fields(config) if not f.metadata.get("section")}
+    fields = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(config)
+        if not f.metadata.get("section")
+    }
     flags = {f.metadata["flag"]: f.name for f in dataclasses.fields(config) if f.metadata.get("flag")}
     rows = {flags.get(k, k): v for k, v in rows.items()}
     assert fields.keys() <= rows.keys(), sorted(fields.keys() - rows.keys())  # every field has its option
@@ -131,45 +158,99 @@ def test_help_defaults_are_the_config_defaults(command: str, config: type) -> No
             assert match, f"--help of {command} shows no default for {name} (config: {default!r})"
             shown = match.group(1)
             if isinstance(default, (tuple, dict)):
-                assert yaml.safe_load(shown) == (list(default) if isinstance(default, tuple) else default), name
+                assert yaml.safe_load(shown) == (list(default) if isinstance(default, tuple) else default), (
+                    name
+                )
             else:
                 assert type(default)(shown) == default, (name, shown, default)
             checked.append(name)
     # the options that must show a literal default, so that none is silently skipped above
-    assert checked == {
-        "cache-teacher": ["batch_size", "device", "dtype", "max_pixels", "progress_seconds", "random_init_seed",
-                          "relation", "replay_threads", "seed", "shard_size", "teacher", "teacher_global_token",
-                          "threads_per_worker", "views", "workers"],
-        "distill": ["base_lr", "batch_size", "betas", "checkpoint_every", "device", "dpade_scale", "epochs",
-                    "global_weight", "grad_accum", "keep_last", "keep_weights_only_older", "l2_weight",
-                    "local_weight", "log_every", "mask_probability", "mask_ratio", "min_lr", "progress_seconds",
-                    "projector", "recipe", "relation_weight", "resume", "seed", "student", "student_kwargs",
-                    "val_every", "warmup_epochs", "weight_decay"],
-    }[command]
+    assert (
+        checked
+        == {
+            "cache-teacher": [
+                "batch_size",
+                "device",
+                "dtype",
+                "max_pixels",
+                "progress_seconds",
+                "random_init_seed",
+                "relation",
+                "replay_threads",
+                "seed",
+                "shard_size",
+                "teacher",
+                "teacher_global_token",
+                "threads_per_worker",
+                "views",
+                "workers",
+            ],
+            "distill": [
+                "base_lr",
+                "batch_size",
+                "betas",
+                "checkpoint_every",
+                "device",
+                "dpade_scale",
+                "epochs",
+                "global_weight",
+                "grad_accum",
+                "keep_last",
+                "keep_weights_only_older",
+                "l2_weight",
+                "local_weight",
+                "log_every",
+                "mask_probability",
+                "mask_ratio",
+                "min_lr",
+                "progress_seconds",
+                "projector",
+                "recipe",
+                "relation_weight",
+                "resume",
+                "seed",
+                "student",
+                "student_kwargs",
+                "val_every",
+                "warmup_epochs",
+                "weight_decay",
+            ],
+        }[command]
+    )
 
 
-@pytest.mark.parametrize("mistake", ["missing corpus", "unknown teacher", "unwritable out", "bad set key",
-                                     "bad set value"])
-def test_user_mistakes_are_one_error_line(cli, tmp_path: Path, corpus_dir: Path,
-                                          cli_args: Callable[..., list[str]], mistake: str) -> None:
+@pytest.mark.parametrize(
+    "mistake", ["missing corpus", "unknown teacher", "unwritable out", "bad set key", "bad set value"]
+)
+def test_user_mistakes_are_one_error_line(
+    cli, tmp_path: Path, corpus_dir: Path, cli_args: Callable[..., list[str]], mistake: str
+) -> None:
     (tmp_path / "a_file").write_text("x")
     out = tmp_path / "store"
     args, needles = {
         "missing corpus": (cli_args(tmp_path / "no_such_corpus", out), ["no_such_corpus", "not found"]),
-        "unknown teacher": (cli_args(corpus_dir, out, "--teacher", "vit_tiny_patch16_2244"),
-                            ["unknown teacher 'vit_tiny_patch16_2244'", "did you mean vit_tiny_patch16_224"]),
+        "unknown teacher": (
+            cli_args(corpus_dir, out, "--teacher", "vit_tiny_patch16_2244"),
+            ["unknown teacher 'vit_tiny_patch16_2244'", "did you mean vit_tiny_patch16_224"],
+        ),
         "unwritable out": (cli_args(corpus_dir, tmp_path / "a_file" / "store"), ["--out", "a_file/store"]),
-        "bad set key": (cli_args(corpus_dir, out, "--set", "viewz=3"),
-                        ["unknown config key 'viewz'", "known keys:", "views"]),
-        "bad set value": (cli_args(corpus_dir, out, "--set", "views=many"), ["views must be an integer, got 'many'"]),
+        "bad set key": (
+            cli_args(corpus_dir, out, "--set", "viewz=3"),
+            ["unknown config key 'viewz'", "known keys:", "views"],
+        ),
+        "bad set value": (
+            cli_args(corpus_dir, out, "--set", "views=many"),
+            ["views must be an integer, got 'many'"],
+        ),
     }[mistake]
     result = cli(*args, "--shards", "0:")
     _assert_one_error_line(result, *needles)
     assert not out.exists()
 
 
-def test_mismatched_resume_names_the_difference(cli, store_copy: Path, corpus_dir: Path,
-                                                cli_args: Callable[..., list[str]]) -> None:
+def test_mismatched_resume_names_the_difference(
+    cli, store_copy: Path, corpus_dir: Path, cli_args: Callable[..., list[str]]
+) -> None:
     result = cli(*cli_args(corpus_dir, store_copy, "--seed", "1", "--views", "3", "--shards", "0:"))
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
@@ -178,13 +259,16 @@ def test_mismatched_resume_names_the_difference(cli, store_copy: Path, corpus_di
     assert "num_views: store has 2, this run has 3" in errors[0]
 
 
-def test_bad_corpus_run_prints_skipped_and_info_lists_them(cli, tmp_path: Path, bad_corpus_dir: Path,
-                                                           cli_args: Callable[..., list[str]]) -> None:
+def test_bad_corpus_run_prints_skipped_and_info_lists_them(
+    cli, tmp_path: Path, bad_corpus_dir: Path, cli_args: Callable[..., list[str]]
+) -> None:
     out = tmp_path / "store"
     result = cli(*cli_args(bad_corpus_dir, out, "--shards", "0:"))
     assert result.exit_code == 0, (result.output, result.exception)
     last = result.stdout.strip().splitlines()[-1]
-    assert "cached 6 images in 4 shards" in last and "skipped 5 bad images" in last and "store complete" in last
+    assert (
+        "cached 6 images in 4 shards" in last and "skipped 5 bad images" in last and "store complete" in last
+    )
     assert "Traceback" not in result.output and "Warning" not in result.output
 
     info = cli("store", "info", out)
@@ -194,23 +278,35 @@ def test_bad_corpus_run_prints_skipped_and_info_lists_them(cli, tmp_path: Path, 
     assert "skipped      bad_bomb.png: decompression bomb" in info.stdout
     as_json = json.loads(cli("store", "info", out, "--json").stdout)
     assert as_json["num_skipped_images"] == 5 and as_json["complete"] is True
-    assert sorted(s["key"] for s in as_json["skipped"]) == ["bad_bomb.png", "bad_empty.jpg", "bad_text.jpg",
-                                                            "bad_truncated_header.jpg", "bad_truncated_scan.jpg"]
+    assert sorted(s["key"] for s in as_json["skipped"]) == [
+        "bad_bomb.png",
+        "bad_empty.jpg",
+        "bad_text.jpg",
+        "bad_truncated_header.jpg",
+        "bad_truncated_scan.jpg",
+    ]
 
 
-def test_json_summary_is_all_of_stdout(cli, tmp_path: Path, corpus_dir: Path,
-                                       cli_args: Callable[..., list[str]]) -> None:
+def test_json_summary_is_all_of_stdout(
+    cli, tmp_path: Path, corpus_dir: Path, cli_args: Callable[..., list[str]]
+) -> None:
     result = cli(*cli_args(corpus_dir, tmp_path / "store", "--shards", "0:", "--json"))
     assert result.exit_code == 0
     summary = json.loads(result.stdout)
     assert summary["cached"] == 13 and summary["complete"] is True
 
 
-def test_strict_fails_on_the_first_bad_file(tmp_path: Path, bad_corpus_dir: Path,
-                                            cli_args: Callable[..., list[str]], child_env: dict[str, str]) -> None:
+def test_strict_fails_on_the_first_bad_file(
+    tmp_path: Path, bad_corpus_dir: Path, cli_args: Callable[..., list[str]], child_env: dict[str, str]
+) -> None:
     # The default engine: a dask LocalCluster with one worker process (--workers 1).
-    r = subprocess.run([*_dpal(), *cli_args(bad_corpus_dir, tmp_path / "store", "--strict", "--quiet")],
-                       capture_output=True, text=True, timeout=300, env=child_env)
+    r = subprocess.run(
+        [*_dpal(), *cli_args(bad_corpus_dir, tmp_path / "store", "--strict", "--quiet")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=child_env,
+    )
     assert r.returncode == 2, (r.stdout, r.stderr)
     # before the fix the dask worker also logged "distributed.worker - ERROR - Compute Failed" and a traceback
     line = _error_line(r.stderr, r.stdout)
@@ -240,22 +336,42 @@ def test_store_verify(cli, store_copy: Path) -> None:
     _assert_one_error_line(result, "not a dpal store")
 
 
-def test_slurm_dry_run_prints_sizes_and_the_job_script(cli, tmp_path: Path, corpus_dir: Path,
-                                                        cli_args: Callable[..., list[str]]) -> None:
-    result = cli(*cli_args(corpus_dir, tmp_path / "store", "--slurm", "--dry-run",
-                           "--set", "slurm.partition=gpu", "--set", "slurm.gpus_per_job=1",
-                           "--set", "slurm.cores=6", "--set", "slurm.walltime=02:00:00"))
+def test_slurm_dry_run_prints_sizes_and_the_job_script(
+    cli, tmp_path: Path, corpus_dir: Path, cli_args: Callable[..., list[str]]
+) -> None:
+    result = cli(
+        *cli_args(
+            corpus_dir,
+            tmp_path / "store",
+            "--slurm",
+            "--dry-run",
+            "--set",
+            "slurm.partition=gpu",
+            "--set",
+            "slurm.gpus_per_job=1",
+            "--set",
+            "slurm.cores=6",
+            "--set",
+            "slurm.walltime=02:00:00",
+        )
+    )
     assert result.exit_code == 0, (result.output, result.exception)
     out = result.stdout
     assert "13 images x K=2 views" in out and "bytes per view" in out
-    for line in ("#SBATCH -p gpu", "#SBATCH --cpus-per-task=6", "#SBATCH -t 02:00:00", "#SBATCH --gres=gpu:1"):
+    for line in (
+        "#SBATCH -p gpu",
+        "#SBATCH --cpus-per-task=6",
+        "#SBATCH -t 02:00:00",
+        "#SBATCH --gres=gpu:1",
+    ):
         assert line in out
     assert "--nthreads 1" in out  # one shard task at a time per GPU worker
     assert not (tmp_path / "store").exists()  # a dry run writes nothing
 
 
-def test_empty_teacher_checkpoint_is_one_error_line(cli, tmp_path: Path, corpus_dir: Path,
-                                                     cli_args: Callable[..., list[str]]) -> None:
+def test_empty_teacher_checkpoint_is_one_error_line(
+    cli, tmp_path: Path, corpus_dir: Path, cli_args: Callable[..., list[str]]
+) -> None:
     """An empty checkpoint used to print only `Aborted.` (torch.load's EOFError is click's abort)."""
     empty = tmp_path / "teacher.pth"
     empty.write_bytes(b"")
@@ -264,22 +380,29 @@ def test_empty_teacher_checkpoint_is_one_error_line(cli, tmp_path: Path, corpus_
     _assert_one_error_line(result, f"{empty} is empty (0 bytes), not a torch checkpoint")
 
 
-@pytest.mark.parametrize(("command", "bad", "needles"), [
-    ("distill", "yaml file", ["config file", "bad.yaml is not valid YAML at line 2, column 1"]),
-    ("distill", "toml file", ["config file", "bad.toml is not valid TOML", "line 1"]),
-    ("distill", "set yaml", ["--set student_kwargs={depth: 2 is not valid YAML at line 1, column 10"]),
-    ("distill", "set overflow", ["max_steps must be an integer, got inf"]),
-    ("cache-teacher", "yaml file", ["bad.yaml is not valid YAML at line 2, column 1"]),
-    ("cache-teacher", "set yaml", ["--set recipe.global_size=[32, is not valid YAML"]),
-])
-def test_malformed_config_or_set_value_is_one_error_line(cli, tmp_path: Path, command: str, bad: str,
-                                                         needles: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("command", "bad", "needles"),
+    [
+        ("distill", "yaml file", ["config file", "bad.yaml is not valid YAML at line 2, column 1"]),
+        ("distill", "toml file", ["config file", "bad.toml is not valid TOML", "line 1"]),
+        ("distill", "set yaml", ["--set student_kwargs={depth: 2 is not valid YAML at line 1, column 10"]),
+        ("distill", "set overflow", ["max_steps must be an integer, got inf"]),
+        ("cache-teacher", "yaml file", ["bad.yaml is not valid YAML at line 2, column 1"]),
+        ("cache-teacher", "set yaml", ["--set recipe.global_size=[32, is not valid YAML"]),
+    ],
+)
+def test_malformed_config_or_set_value_is_one_error_line(
+    cli, tmp_path: Path, command: str, bad: str, needles: list[str]
+) -> None:
     (tmp_path / "bad.yaml").write_text("epochs: 3\n  student: x\n")  # an indented key inside a scalar
     (tmp_path / "bad.toml").write_text("epochs = \n")
     extra = {
         "yaml file": ["--config", str(tmp_path / "bad.yaml")],
         "toml file": ["--config", str(tmp_path / "bad.toml")],
-        "set yaml": ["--set", "student_kwargs={depth: 2" if command == "distill" else "recipe.global_size=[32,"],
+        "set yaml": [
+            "--set",
+            "student_kwargs={depth: 2" if command == "distill" else "recipe.global_size=[32,",
+        ],
         "set overflow": ["--set", "max_steps=1.0e+400"],
     }[bad]
     where = ["--store", str(tmp_path / "s")] if command == "distill" else ["--corpus", str(tmp_path)]
@@ -288,8 +411,9 @@ def test_malformed_config_or_set_value_is_one_error_line(cli, tmp_path: Path, co
     assert not (tmp_path / "out").exists()
 
 
-def test_corpus_and_out_mistakes_are_reported_before_the_teacher_loads(cli, tmp_path: Path, corpus_dir: Path,
-                                                                       cli_args: Callable[..., list[str]]) -> None:
+def test_corpus_and_out_mistakes_are_reported_before_the_teacher_loads(
+    cli, tmp_path: Path, corpus_dir: Path, cli_args: Callable[..., list[str]]
+) -> None:
     """The teacher checkpoint here is empty, so a run that loaded the teacher first would report it
     instead (and, with a real teacher, only after 17-31 s)."""
     ckpt = tmp_path / "teacher.pth"
@@ -300,13 +424,16 @@ def test_corpus_and_out_mistakes_are_reported_before_the_teacher_loads(cli, tmp_
         args = [a for a in cli_args(corpus, out) if a != "--random-init"]
         return cli(*args, "--teacher-checkpoint", ckpt, "--shards", "0:")
 
-    _assert_one_error_line(run(tmp_path / "no_such_corpus", tmp_path / "store"), "no_such_corpus", "not found")
+    _assert_one_error_line(
+        run(tmp_path / "no_such_corpus", tmp_path / "store"), "no_such_corpus", "not found"
+    )
     _assert_one_error_line(run(corpus_dir, tmp_path / "a_file" / "store"), "--out", "a_file is not a folder")
     _assert_one_error_line(run(corpus_dir, tmp_path / "store"), "teacher.pth is empty")
 
 
-def test_damaged_tar_corpus_is_named_and_counted(cli, tmp_path: Path, corpus_files: dict[str, bytes],
-                                                 cli_args: Callable[..., list[str]]) -> None:
+def test_damaged_tar_corpus_is_named_and_counted(
+    cli, tmp_path: Path, corpus_files: dict[str, bytes], cli_args: Callable[..., list[str]]
+) -> None:
     """A truncated tar ended stage one with a ReadError traceback; now the cut member is named on
     one warning line, the members before it are cached, and the summary counts the loss."""
     import tarfile
@@ -327,13 +454,20 @@ def test_damaged_tar_corpus_is_named_and_counted(cli, tmp_path: Path, corpus_fil
     assert squeezed.count(f"{cut}:{names[3]}:thetariscutshortatbyte{offsets[3] + 100}") == 1, result.stderr
     assert "cached 3 images" in result.stdout and "1 corpus entries unreadable and lost" in result.stdout
     (tmp_path / "text.tar").write_text("not a tar\n")
-    _assert_one_error_line(cli(*cli_args(tmp_path / "text.tar", tmp_path / "store2", "--shards", "0:")),
-                           f"corpus tar {tmp_path / 'text.tar'} is not a tar archive")
+    _assert_one_error_line(
+        cli(*cli_args(tmp_path / "text.tar", tmp_path / "store2", "--shards", "0:")),
+        f"corpus tar {tmp_path / 'text.tar'} is not a tar archive",
+    )
 
 
-def test_disk_full_is_one_line_and_a_rerun_resumes(tmp_path: Path, corpus_dir: Path, ref_store: Path,
-                                                   cli_args: Callable[..., list[str]], child_env: dict[str, str],
-                                                   same_store: Callable[[Path, Path], None]) -> None:
+def test_disk_full_is_one_line_and_a_rerun_resumes(
+    tmp_path: Path,
+    corpus_dir: Path,
+    ref_store: Path,
+    cli_args: Callable[..., list[str]],
+    child_env: dict[str, str],
+    same_store: Callable[[Path, Path], None],
+) -> None:
     """A real full disk: a 200 KB tmpfs (mounted in a private mount namespace) holds the new store
     and its first shard, not the second. The run stops with one line naming the full path; after the
     disk grows, the same command finishes the store, equal to one written without interruption."""
@@ -357,29 +491,41 @@ def test_disk_full_is_one_line_and_a_rerun_resumes(tmp_path: Path, corpus_dir: P
     read = lambda name: (tmp_path / name).read_text()  # noqa: E731
     assert read("rc1").strip() == "2", read("err1")
     line = _error_line(read("err1"), read("out1"))
-    assert re.match(rf"error: disk full: No space left on device while writing shard \d+ under {store};", line), line
+    assert re.match(
+        rf"error: disk full: No space left on device while writing shard \d+ under {store};", line
+    ), line
     assert line.endswith("rerun the same command: finished shards are kept and the run resumes"), line
     assert read("rc2").strip() == "0", read("err2")
     assert "1 shards were already done; store complete" in read("out2")
     same_store(ref_store, copy)
 
 
-def test_dask_run_in_a_log_prints_progress_lines_and_closes_cleanly(tmp_path: Path, corpus_dir: Path,
-                                                                    cli_args: Callable[..., list[str]],
-                                                                    child_env: dict[str, str]) -> None:
+def test_dask_run_in_a_log_prints_progress_lines_and_closes_cleanly(
+    tmp_path: Path, corpus_dir: Path, cli_args: Callable[..., list[str]], child_env: dict[str, str]
+) -> None:
     """stderr is a file (a batch job): progress used to draw nothing for the whole run, and every
     dask run ended with "Worker process still alive after 4.0 seconds, killing"."""
     import re
 
     with open(tmp_path / "err", "w") as err:
-        r = subprocess.run([*_dpal(), *cli_args(corpus_dir, tmp_path / "store", "--workers", "1", "--set",
-                                                "progress_seconds=0")],
-                           stdout=subprocess.PIPE, stderr=err, text=True, env=child_env, timeout=300)
+        r = subprocess.run(
+            [
+                *_dpal(),
+                *cli_args(corpus_dir, tmp_path / "store", "--workers", "1", "--set", "progress_seconds=0"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=child_env,
+            timeout=300,
+        )
     log = (tmp_path / "err").read_text()
     assert r.returncode == 0, log
     assert "still alive" not in log and "killing" not in log and "Traceback" not in log, log
     lines = [ln for ln in log.splitlines() if ln.startswith("cache-teacher ")]
-    pattern = r"cache-teacher (\d+)/13 images \((\d+\.\d)%\) \| \d+\.\d images/s \| elapsed \d:\d\d:\d\d \| ETA \S+"
+    pattern = (
+        r"cache-teacher (\d+)/13 images \((\d+\.\d)%\) \| \d+\.\d images/s \| elapsed \d:\d\d:\d\d \| ETA \S+"
+    )
     done = [int(re.fullmatch(pattern, ln).group(1)) for ln in lines]  # one line per shard: interval 0
     assert len(done) == 5 and done == sorted(done) and done[-1] == 13, lines
     assert lines[-1].startswith("cache-teacher 13/13 images (100.0%)") and lines[-1].endswith("ETA 0:00:00")
@@ -390,10 +536,20 @@ def test_dask_run_in_a_log_prints_progress_lines_and_closes_cleanly(tmp_path: Pa
 # ---------------------------------------------------------------- options generated from the config
 
 # Non-default values the generic rule in _other_value cannot find (validated fields, choices, mappings).
-_OTHER = {"shards": "1:2", "device": "cpu", "resume": "none", "dtype": "int8", "teacher_global_token": "mean",
-          "relation": "factor",
-          "recipe.crowd_size": (240, 256), "slurm.job_extra": ("--constraint=a100",),
-          "recipe_local_size": (64, 48), "student_kwargs": {"depth": 2}, "recipe": "feature-kd", "projector": "linear"}
+_OTHER = {
+    "shards": "1:2",
+    "device": "cpu",
+    "resume": "none",
+    "dtype": "int8",
+    "teacher_global_token": "mean",
+    "relation": "factor",
+    "recipe.crowd_size": (240, 256),
+    "slurm.job_extra": ("--constraint=a100",),
+    "recipe_local_size": (64, 48),
+    "student_kwargs": {"depth": 2},
+    "recipe": "feature-kd",
+    "projector": "linear",
+}
 # distill keys that only one --recipe reads (any other refuses them): set together with that recipe
 _RECIPE_OF = {"mask_ratio": "proteus", "mask_probability": "proteus"}
 
@@ -413,8 +569,11 @@ def _other_value(dotted: str, default: object) -> object:
         return _OTHER[dotted]
     if isinstance(default, bool) or default is None and dotted in ("recompute",):
         return not default
-    if isinstance(default, int) or default is None and dotted in ("teacher_layer", "max_steps", "num_workers",
-                                                                  "val_images", "relation_rank"):
+    if (
+        isinstance(default, int)
+        or default is None
+        and dotted in ("teacher_layer", "max_steps", "num_workers", "val_images", "relation_rank")
+    ):
         return (default or 2) + 1
     if isinstance(default, float):
         return default / 2 if default else 0.5
@@ -424,8 +583,11 @@ def _other_value(dotted: str, default: object) -> object:
 
 
 def _as_text(value: object) -> str:
-    return json.dumps(list(value) if isinstance(value, tuple) else value) if isinstance(value, (tuple, dict)) \
+    return (
+        json.dumps(list(value) if isinstance(value, tuple) else value)
+        if isinstance(value, (tuple, dict))
         else str(value)
+    )
 
 
 def _parse(command: str, args: list[str]) -> dict[str, object]:
@@ -452,17 +614,26 @@ def test_every_config_field_is_reachable_from_the_cli(command: str, config: type
         if "." in dotted:
             args = ["--set", f"{dotted}={_as_text(value)}"]
             section, key = dotted.split(".")
-            expected = dataclasses.replace(base, **{section: dataclasses.replace(getattr(base, section), **{key: value})})
+            expected = dataclasses.replace(
+                base, **{section: dataclasses.replace(getattr(base, section), **{key: value})}
+            )
         else:
             flag = f.metadata.get("flag") or f.name.replace("_", "-")
-            args = [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}",
-                                                                                               _as_text(value)]
-            with_recipe = {"recipe": _RECIPE_OF[f.name]} if command == "distill" and f.name in _RECIPE_OF else {}
+            args = (
+                [f"--{flag}" if value else f"--no-{flag}"]
+                if isinstance(value, bool)
+                else [f"--{flag}", _as_text(value)]
+            )
+            with_recipe = (
+                {"recipe": _RECIPE_OF[f.name]} if command == "distill" and f.name in _RECIPE_OF else {}
+            )
             args += [f"--{k}={v}" for k, v in with_recipe.items()]
             expected = dataclasses.replace(base, **with_recipe, **{f.name: value})
         options = _parse(command, args)
         assert config_from_options(config, options) == expected, (dotted, args)
-        assert set(options) == {"cache-teacher": {"dry_run", "quiet", "as_json"}, "distill": {"quiet"}}[command]
+        assert (
+            set(options) == {"cache-teacher": {"dry_run", "quiet", "as_json"}, "distill": {"quiet"}}[command]
+        )
 
 
 def test_flags_beat_the_config_file_and_set_beats_flags(tmp_path: Path) -> None:
@@ -472,24 +643,38 @@ def test_flags_beat_the_config_file_and_set_beats_flags(tmp_path: Path) -> None:
     path.write_text("strict: true\nembed_images: false\nviews: 2\nseed: 5\nrecipe:\n  flip_p: 0.25\n")
     cfg = config_from_options(CacheConfig, _parse("cache-teacher", ["--config", str(path)]))
     assert (cfg.strict, cfg.embed_images, cfg.views, cfg.seed, cfg.recipe.flip_p) == (True, False, 2, 5, 0.25)
-    args = ["--config", str(path), "--no-strict", "--embed-images", "--views", "3", "--set", "views=4",
-            "--set", "recipe.flip_p=0.75"]
+    args = [
+        "--config",
+        str(path),
+        "--no-strict",
+        "--embed-images",
+        "--views",
+        "3",
+        "--set",
+        "views=4",
+        "--set",
+        "recipe.flip_p=0.75",
+    ]
     cfg = config_from_options(CacheConfig, _parse("cache-teacher", args))
     assert (cfg.strict, cfg.embed_images, cfg.views, cfg.seed, cfg.recipe.flip_p) == (False, True, 4, 5, 0.75)
     assert cfg.batch_size == 32 and cfg.recipe.jitter_p == 0.8  # neither given: the dataclass defaults
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    (["--dtype", "fp8"], "error: dtype 'fp8' is not one of float16, bfloat16, int8, float32"),
-    (["--teacher-global-token", "cls"], "error: teacher_global_token 'cls' is not one of auto, mean"),
-    (["--set", "dtype=int4"], "error: dtype 'int4' is not one of float16, bfloat16, int8, float32"),
-    (["--views", "many"], "error: views must be an integer, got 'many'"),
-    (["--views", "2.5"], "error: views must be an integer, got 2.5"),
-    (["--views", "true"], "error: views must be an integer, got 'true'"),
-    (["--recipe", "x"], "No such option: --recipe"),  # a section has no option of its own
-])
-def test_bad_option_values_are_one_error_line(cli, tmp_path: Path, corpus_dir: Path, args: list[str],
-                                              needle: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--dtype", "fp8"], "error: dtype 'fp8' is not one of float16, bfloat16, int8, float32"),
+        (["--teacher-global-token", "cls"], "error: teacher_global_token 'cls' is not one of auto, mean"),
+        (["--set", "dtype=int4"], "error: dtype 'int4' is not one of float16, bfloat16, int8, float32"),
+        (["--views", "many"], "error: views must be an integer, got 'many'"),
+        (["--views", "2.5"], "error: views must be an integer, got 2.5"),
+        (["--views", "true"], "error: views must be an integer, got 'true'"),
+        (["--recipe", "x"], "No such option: --recipe"),  # a section has no option of its own
+    ],
+)
+def test_bad_option_values_are_one_error_line(
+    cli, tmp_path: Path, corpus_dir: Path, args: list[str], needle: str
+) -> None:
     result = cli("cache-teacher", "--corpus", corpus_dir, "--out", tmp_path / "store", *args)
     if needle.startswith("No such option"):  # click's usage error: exit 2, no traceback
         assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output
@@ -510,14 +695,26 @@ def test_version(cli) -> None:
 
 def test_python_dash_m_dpal(tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    r = subprocess.run([sys.executable, "-m", "dpal", "--help"], capture_output=True, text=True, env=env,
-                       timeout=60, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "dpal", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert "Usage: dpal [OPTIONS] COMMAND" in r.stdout
     for command in ("cache-teacher", "distill", "export", "store", "eval"):
         assert command in r.stdout
-    r = subprocess.run([sys.executable, "-m", "dpal", "distill", "--store", str(tmp_path / "s")],
-                       capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "dpal", "distill", "--store", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert (r.returncode, r.stdout, r.stderr) == (2, "", "error: --store and --out are required\n")
 
 
@@ -553,10 +750,15 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path: Path) 
 
     user, missing, bug, value = run("user"), run("file"), run("bug"), run("value")
     assert (user.returncode, user.stdout, user.stderr) == (2, "", "error: views must be >= 1, got 0\n")
-    assert (missing.returncode, missing.stderr) == (2, f"error: No such file or directory: {script}.missing\n")
+    assert (missing.returncode, missing.stderr) == (
+        2,
+        f"error: No such file or directory: {script}.missing\n",
+    )
     assert bug.returncode == 1 and bug.stderr.startswith("Traceback (most recent call last):"), bug.stderr
     assert bug.stderr.rstrip().endswith("KeyError: 'teacher'") and "errors_cli.py" in bug.stderr
-    assert value.returncode == 1 and value.stderr.startswith("Traceback (most recent call last):"), value.stderr
+    assert value.returncode == 1 and value.stderr.startswith("Traceback (most recent call last):"), (
+        value.stderr
+    )
     assert value.stderr.rstrip().endswith("ValueError: grid_hw (16, 8) does not match 96 patch tokens")
 
 
@@ -577,7 +779,15 @@ def test_the_errors_the_cli_prints_are_user_errors() -> None:
     from dpal.trainer.data import LoaderError
     from dpal.trainer.rundir import RunDirError
 
-    for kind in (ConfigError, InputError, StoreError, DiskFullError, StrictModeError, LoaderError, RunDirError):
+    for kind in (
+        ConfigError,
+        InputError,
+        StoreError,
+        DiskFullError,
+        StrictModeError,
+        LoaderError,
+        RunDirError,
+    ):
         assert issubclass(kind, UserError), kind
     assert issubclass(ConfigError, ValueError) and issubclass(RunDirError, RuntimeError)
 
@@ -594,12 +804,21 @@ def test_user_mistakes_below_the_cli_are_user_errors(tmp_path: Path) -> None:
     (tmp_path / "empty.pth").write_bytes(b"")
     cases = [
         (lambda: scan_corpus(str(tmp_path / "no_such_corpus")), InputError, "no_such_corpus' not found"),
-        (lambda: load_teacher(TeacherSpec("vit_tiny_patch16_2244", random_init=True)), InputError,
-         "unknown teacher 'vit_tiny_patch16_2244'"),
-        (lambda: load_teacher(TeacherSpec("vit_tiny_patch16_224", checkpoint=str(tmp_path / "empty.pth"))),
-         InputError, "empty.pth is empty (0 bytes)"),
-        (lambda: resolve_model("vit_tiny_patch16_224", random_init=True, feature="avg"), InputError,
-         "--feature 'avg': choose one of cls, mean"),
+        (
+            lambda: load_teacher(TeacherSpec("vit_tiny_patch16_2244", random_init=True)),
+            InputError,
+            "unknown teacher 'vit_tiny_patch16_2244'",
+        ),
+        (
+            lambda: load_teacher(TeacherSpec("vit_tiny_patch16_224", checkpoint=str(tmp_path / "empty.pth"))),
+            InputError,
+            "empty.pth is empty (0 bytes)",
+        ),
+        (
+            lambda: resolve_model("vit_tiny_patch16_224", random_init=True, feature="avg"),
+            InputError,
+            "--feature 'avg': choose one of cls, mean",
+        ),
         (lambda: resolve_device("tpu"), ConfigError, "device 'tpu' is not one of auto, cpu or cuda[:i]"),
     ]
     for make, kind, needle in cases:

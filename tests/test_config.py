@@ -22,11 +22,22 @@ from dpal.views import ViewRecipe
 
 
 def test_parse_sets_values_are_yaml() -> None:
-    sets = ["views=3", "recipe.global_size=[128, 64]", "strict=true", "teacher_checkpoint=null", "out=",
-            "slurm.partition=gpu", "recipe.flip_p=0.25"]
+    sets = [
+        "views=3",
+        "recipe.global_size=[128, 64]",
+        "strict=true",
+        "teacher_checkpoint=null",
+        "out=",
+        "slurm.partition=gpu",
+        "recipe.flip_p=0.25",
+    ]
     assert parse_sets(sets) == {
-        "views": 3, "recipe": {"global_size": [128, 64], "flip_p": 0.25}, "strict": True,
-        "teacher_checkpoint": None, "out": "", "slurm": {"partition": "gpu"},
+        "views": 3,
+        "recipe": {"global_size": [128, 64], "flip_p": 0.25},
+        "strict": True,
+        "teacher_checkpoint": None,
+        "out": "",
+        "slurm": {"partition": "gpu"},
     }
     with pytest.raises(ValueError, match="must look like key=value"):
         parse_sets(["views"])
@@ -35,9 +46,22 @@ def test_parse_sets_values_are_yaml() -> None:
 
 
 def test_resolve_coerces_types() -> None:
-    cfg = resolve(CacheConfig, None, {}, ["views=3", "recipe.global_size=[128,64]", "strict=yes",
-                                          "random_init=on", "slurm.job_extra=[--constraint=a100]", "seed=7",
-                                          "slurm.jobs=2", "teacher_layer=-2", "max_pixels=1000"])
+    cfg = resolve(
+        CacheConfig,
+        None,
+        {},
+        [
+            "views=3",
+            "recipe.global_size=[128,64]",
+            "strict=yes",
+            "random_init=on",
+            "slurm.job_extra=[--constraint=a100]",
+            "seed=7",
+            "slurm.jobs=2",
+            "teacher_layer=-2",
+            "max_pixels=1000",
+        ],
+    )
     assert cfg.views == 3 and cfg.seed == 7 and cfg.strict is True and cfg.random_init is True
     assert cfg.recipe.global_size == (128, 64) and isinstance(cfg.recipe, ViewRecipe)
     assert cfg.recipe.local_size == ViewRecipe().local_size  # untouched nested keys keep their defaults
@@ -54,25 +78,31 @@ def test_unknown_keys_list_the_known_ones() -> None:
     msg = str(e.value)
     assert msg.startswith("unknown config key 'viewz'; known keys: corpus, out, teacher")
     assert ", views," in msg and ", recipe" in msg
-    with pytest.raises(ValueError, match=r"unknown config key 'recipe.global_sise'; known keys: recipe.global_size, "
-                                         r"recipe.local_size"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown config key 'recipe.global_sise'; known keys: recipe.global_size, "
+        r"recipe.local_size",
+    ):
         resolve(CacheConfig, None, {}, ["recipe.global_sise=[1,2]"])
 
 
-@pytest.mark.parametrize(("setting", "needle"), [
-    ("views=abc", "views must be an integer, got 'abc'"),
-    ("views=2.5", "views must be an integer, got 2.5"),
-    ("views=true", "views must be a number"),
-    ("views=0", "views must be >= 1, got 0"),
-    ("strict=maybe", "strict must be true or false, got 'maybe'"),
-    ("recipe.global_size=[1,2,3]", "recipe.global_size needs 2 values, got 3"),
-    ("recipe.global_size=5", "recipe.global_size must be a list"),
-    ("recipe.global_size=[40,16]", "multiples of 16"),
-    ("recipe=3", "recipe must be a mapping"),
-    ("dtype=fp8", "dtype 'fp8' is not one of float16, bfloat16, int8, float32"),
-    ("shards=abc", "--shards 'abc' must look like A:B"),
-    ("recipe.person_alpha=2", "recipe.person_alpha must be in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    ("setting", "needle"),
+    [
+        ("views=abc", "views must be an integer, got 'abc'"),
+        ("views=2.5", "views must be an integer, got 2.5"),
+        ("views=true", "views must be a number"),
+        ("views=0", "views must be >= 1, got 0"),
+        ("strict=maybe", "strict must be true or false, got 'maybe'"),
+        ("recipe.global_size=[1,2,3]", "recipe.global_size needs 2 values, got 3"),
+        ("recipe.global_size=5", "recipe.global_size must be a list"),
+        ("recipe.global_size=[40,16]", "multiples of 16"),
+        ("recipe=3", "recipe must be a mapping"),
+        ("dtype=fp8", "dtype 'fp8' is not one of float16, bfloat16, int8, float32"),
+        ("shards=abc", "--shards 'abc' must look like A:B"),
+        ("recipe.person_alpha=2", "recipe.person_alpha must be in [0, 1]"),
+    ],
+)
 def test_bad_values_name_the_field(setting: str, needle: str) -> None:
     with pytest.raises(ValueError) as e:
         resolve(CacheConfig, None, {}, [setting])
@@ -85,7 +115,9 @@ def test_precedence_file_flags_set(tmp_path: Path, suffix: str) -> None:
     if suffix == ".yaml":
         path.write_text("views: 2\nseed: 5\ndtype: int8\nbatch_size: 8\nrecipe:\n  global_size: [64, 32]\n")
     else:
-        path.write_text('views = 2\nseed = 5\ndtype = "int8"\nbatch_size = 8\n[recipe]\nglobal_size = [64, 32]\n')
+        path.write_text(
+            'views = 2\nseed = 5\ndtype = "int8"\nbatch_size = 8\n[recipe]\nglobal_size = [64, 32]\n'
+        )
     flags = {"views": 3, "seed": None, "dtype": "bfloat16", "corpus": "c"}
     cfg = resolve(CacheConfig, str(path), flags, ["views=4", "recipe.local_size=[32,16]"])
     assert cfg.views == 4  # --set beats the flag and the file
@@ -98,7 +130,9 @@ def test_precedence_file_flags_set(tmp_path: Path, suffix: str) -> None:
 
 
 def test_yaml_round_trip() -> None:
-    cfg = resolve(CacheConfig, None, {"corpus": "x"}, ["recipe.jitter=[0.1,0.2,0.3,0.05]", "slurm.job_extra=[a,b]"])
+    cfg = resolve(
+        CacheConfig, None, {"corpus": "x"}, ["recipe.jitter=[0.1,0.2,0.3,0.05]", "slurm.job_extra=[a,b]"]
+    )
     again = build(CacheConfig, yaml.safe_load(dump_yaml(cfg)))
     assert again == cfg and to_dict(again)["recipe"]["jitter"] == [0.1, 0.2, 0.3, 0.05]
 
@@ -119,9 +153,11 @@ def test_choices_are_checked_however_the_config_is_built(tmp_path: Path) -> None
 
     path = tmp_path / "cfg.yaml"
     path.write_text("teacher_global_token: cls\n")
-    for make in (lambda: resolve(CacheConfig, str(path), {}, []),
-                 lambda: resolve(CacheConfig, None, {}, ["teacher_global_token=cls"]),
-                 lambda: CacheConfig(teacher_global_token="cls")):
+    for make in (
+        lambda: resolve(CacheConfig, str(path), {}, []),
+        lambda: resolve(CacheConfig, None, {}, ["teacher_global_token=cls"]),
+        lambda: CacheConfig(teacher_global_token="cls"),
+    ):
         with pytest.raises(ConfigError) as e:
             make()
         assert str(e.value) == "teacher_global_token 'cls' is not one of auto, mean"
@@ -129,11 +165,17 @@ def test_choices_are_checked_however_the_config_is_built(tmp_path: Path) -> None
     assert resolve(CacheConfig, None, {"teacher_global_token": "mean"}, []).teacher_global_token == "mean"
 
 
-@pytest.mark.parametrize(("flags", "expected"), [
-    ({"views": "3", "teacher_layer": "-2", "seed": None}, {"views": 3, "teacher_layer": -2, "seed": 0}),
-    ({"progress_seconds": "1e-1", "teacher_layer": "none"}, {"progress_seconds": 0.1, "teacher_layer": None}),
-    ({"recipe": {"global_size": "[64, 32]"}, "strict": True}, {"strict": True}),
-])
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"views": "3", "teacher_layer": "-2", "seed": None}, {"views": 3, "teacher_layer": -2, "seed": 0}),
+        (
+            {"progress_seconds": "1e-1", "teacher_layer": "none"},
+            {"progress_seconds": 0.1, "teacher_layer": None},
+        ),
+        ({"recipe": {"global_size": "[64, 32]"}, "strict": True}, {"strict": True}),
+    ],
+)
 def test_flag_texts_are_read_as_the_field_type(flags: dict, expected: dict) -> None:
     """A command-line flag's text (what typer hands over for every config option) becomes the field's
     type; a None flag is one not given."""
@@ -144,12 +186,15 @@ def test_flag_texts_are_read_as_the_field_type(flags: dict, expected: dict) -> N
         assert cfg.recipe.global_size == (64, 32)
 
 
-@pytest.mark.parametrize(("flags", "needle"), [
-    ({"views": "2.5"}, "views must be an integer, got 2.5"),  # was truncated to 2
-    ({"views": "true"}, "views must be an integer, got 'true'"),  # was int(True) == 1
-    ({"views": "[3]"}, "views must be an integer, got '[3]'"),
-    ({"base_lr": "fast"}, None),
-])
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        ({"views": "2.5"}, "views must be an integer, got 2.5"),  # was truncated to 2
+        ({"views": "true"}, "views must be an integer, got 'true'"),  # was int(True) == 1
+        ({"views": "[3]"}, "views must be an integer, got '[3]'"),
+        ({"base_lr": "fast"}, None),
+    ],
+)
 def test_bad_flag_texts_name_the_field(flags: dict, needle: str | None) -> None:
     if needle is None:  # base_lr is DistillConfig's
         with pytest.raises(ValueError, match="base_lr must be a number, got 'fast'"):

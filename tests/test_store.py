@@ -151,7 +151,9 @@ def test_reader_refuses_other_schema_and_incomplete_stores(store_copy: Path, tmp
         StoreReader(store_copy)
     assert StoreReader(store_copy, allow_incomplete=True).layout.num_shards == 5
     group.attrs["schema_version"] = FACTOR_SCHEMA + 1
-    with pytest.raises(StoreError, match=f"schema {FACTOR_SCHEMA + 1}.*reads schema 1, {SCHEMA_VERSION}, {FACTOR_SCHEMA}"):
+    with pytest.raises(
+        StoreError, match=f"schema {FACTOR_SCHEMA + 1}.*reads schema 1, {SCHEMA_VERSION}, {FACTOR_SCHEMA}"
+    ):
         read_attrs(store_copy)
     with pytest.raises(StoreError, match="not a dpal store"):
         read_attrs(tmp_path / "nothing")

@@ -41,8 +41,14 @@ from dpal.views import ViewRecipe
 TERMS = ("global", "local", "relation", "route", "weight_l2", "total")
 # lr of the tiny run's 6 steps: peak = 2.5e-4 * 4 / 256, warmup 2 steps, then cosine over 4 steps
 PEAK = 2.5e-4 * 4 / 256
-TINY_LRS = [PEAK / 2, PEAK, PEAK, PEAK * 0.5 * (1 + math.cos(math.pi / 4)), PEAK / 2,
-            PEAK * 0.5 * (1 + math.cos(3 * math.pi / 4))]
+TINY_LRS = [
+    PEAK / 2,
+    PEAK,
+    PEAK,
+    PEAK * 0.5 * (1 + math.cos(math.pi / 4)),
+    PEAK / 2,
+    PEAK * 0.5 * (1 + math.cos(3 * math.pi / 4)),
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -209,9 +215,15 @@ def test_store_targets_equal_the_teacher_on_replayed_views(store32: Path) -> Non
 
 def test_offline_equals_online_teacher(root: Path, store32: Path, store16: Path) -> None:
     runs = {}
-    for name, store, online in (("off32", store32, False), ("online", store32, True), ("off16", store16, False)):
-        train(u.distill_config(store, root / f"online-{name}", max_steps=1, online_teacher=online),
-              show_progress=False)
+    for name, store, online in (
+        ("off32", store32, False),
+        ("online", store32, True),
+        ("off16", store16, False),
+    ):
+        train(
+            u.distill_config(store, root / f"online-{name}", max_steps=1, online_teacher=online),
+            show_progress=False,
+        )
         runs[name] = u.metrics(root / f"online-{name}")[0]
     on = runs["online"]
     for k in TERMS:
@@ -238,8 +250,14 @@ def _resume_and_compare(out: Path, store: Path, reference: Path) -> None:
 
 def test_resume_after_sigkill_is_exact(root: Path, store32: Path, reference: Path) -> None:
     out = root / "killed"
-    proc = subprocess.Popen([*u.DPAL, *u.distill_args(store32, out, "--set", "checkpoint_every=1")],
-                            env=u.env(), cwd=u.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*u.DPAL, *u.distill_args(store32, out, "--set", "checkpoint_every=1")],
+        env=u.env(),
+        cwd=u.REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     u.wait_for(lambda: (out / "checkpoints" / "step-00000003.pt").exists(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
@@ -271,8 +289,9 @@ def _ignored_signals(pid: int) -> set[int]:
     return {n for n in range(1, 65) if mask >> (n - 1) & 1}
 
 
-def test_sigterm_checkpoints_at_a_step_boundary_and_resumes_exactly(root: Path, store32: Path,
-                                                                   reference: Path) -> None:
+def test_sigterm_checkpoints_at_a_step_boundary_and_resumes_exactly(
+    root: Path, store32: Path, reference: Path
+) -> None:
     # One DataLoader worker (the forkserver path); SIGTERM goes to the whole process group, as a
     # scheduler sends it, so the forkserver and the worker get it too and must survive it.
     out = root / "terminated"
@@ -300,7 +319,9 @@ def test_a_killed_loader_worker_stops_with_one_line_and_a_checkpoint(root: Path,
     args = u.distill_args(store32, out, "--num-workers", "1", "--epochs", "100")
     proc = u.start_until_steps(args, out)
     children = _descendants(proc.pid)
-    parents = {pid: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for pid in children}
+    parents = {
+        pid: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for pid in children
+    }
     workers = [pid for pid, parent in parents.items() if parent != proc.pid]  # forked by the forkserver
     assert len(workers) == 1, parents
     os.kill(workers[0], signal.SIGKILL)
@@ -319,7 +340,9 @@ def test_find_resume_skips_an_unreadable_checkpoint(root: Path, reference: Path)
     run = root / "find-resume"
     (run / "checkpoints").mkdir(parents=True)
     for step in (5, 6):
-        shutil.copy(reference / "checkpoints" / "step-00000006.pt", run / "checkpoints" / f"step-{step:08d}.pt")
+        shutil.copy(
+            reference / "checkpoints" / "step-00000006.pt", run / "checkpoints" / f"step-{step:08d}.pt"
+        )
     newest = run / "checkpoints" / "step-00000006.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # a torn write
     assert find_resume(run, "auto") == run / "checkpoints" / "step-00000005.pt"
@@ -372,8 +395,14 @@ def test_corrupted_shard_file_stops_with_one_error_line(root: Path, store32: Pat
     f = store / "relation" / "c" / "2" / "0" / "0" / "0"  # shard 2's relation file, truncated
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     out = root / "run-corrupt"
-    proc = subprocess.run([*u.DPAL, *u.distill_args(store, out, "--num-workers", "1")], env=u.env(),
-                          cwd=u.REPO_ROOT, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [*u.DPAL, *u.distill_args(store, out, "--num-workers", "1")],
+        env=u.env(),
+        cwd=u.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 2, proc.stderr
     errors = _error_lines(proc.stderr)
     assert len(errors) == 1 and "000002" in errors[0] and "cannot be read" in errors[0], proc.stderr
@@ -432,7 +461,9 @@ def test_resume_against_another_store_is_refused(root: Path, store16: Path, refe
     assert not (run / "metrics.jsonl").exists()  # refused before touching the run
 
 
-def test_resume_with_another_model_or_data_stream_is_refused(root: Path, store32: Path, reference: Path) -> None:
+def test_resume_with_another_model_or_data_stream_is_refused(
+    root: Path, store32: Path, reference: Path
+) -> None:
     run = root / "other-settings"
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(reference / "checkpoints" / "step-00000006.pt", run / "checkpoints")
@@ -440,7 +471,9 @@ def test_resume_with_another_model_or_data_stream_is_refused(root: Path, store32
         train(u.distill_config(store32, run, batch_size=2, epochs=4), show_progress=False)
     with pytest.raises(ValueError, match=r"seed 0 \(now 1\)"):
         train(u.distill_config(store32, run, seed=1), show_progress=False)
-    result = _cli(u.distill_args(store32, run, "--set", "student_kwargs={depth: 3, embed_dim: 48, num_heads: 3}"))
+    result = _cli(
+        u.distill_args(store32, run, "--set", "student_kwargs={depth: 3, embed_dim: 48, num_heads: 3}")
+    )
     assert result.exit_code == 2
     errors = _error_lines(result.stderr)
     assert len(errors) == 1 and "student_kwargs" in errors[0] and "'depth': 3" in errors[0], result.stderr
@@ -455,7 +488,9 @@ def test_export_loads_as_plain_timm_vit(root: Path, reference: Path) -> None:
     result = _cli(["export", str(reference), "--out", str(path)])
     assert result.exit_code == 0, result.output
     state = load_file(str(path))
-    model = timm.create_model(u.STUDENT, pretrained=False, num_classes=0, img_size=(32, 16), **u.STUDENT_KWARGS)
+    model = timm.create_model(
+        u.STUDENT, pretrained=False, num_classes=0, img_size=(32, 16), **u.STUDENT_KWARGS
+    )
     model.load_state_dict(state, strict=True)
     model.eval()
     trained, ckpt = build_student_from_checkpoint(reference)
@@ -483,9 +518,15 @@ def test_batched_global_calls_equal_five_separate_dpade_calls() -> None:
     b, dim = 4, 64
     st = create_student("vit_tiny_patch16_224", img_size=(32, 16), depth=2)
     dp = DPaDe(192, dim)
-    batch = {"v0": torch.randn(b, 3, 32, 16), "v1": torch.randn(b, 3, 16, 16), "v2": torch.randn(b, 3, 16, 16),
-             "ic": torch.randn(b, 3, 32, 48), "g_t": torch.randn(b, dim), "local_t": torch.randn(b, 2, dim),
-             "rel_t": torch.randn(b, 7, 7)}
+    batch = {
+        "v0": torch.randn(b, 3, 32, 16),
+        "v1": torch.randn(b, 3, 16, 16),
+        "v2": torch.randn(b, 3, 16, 16),
+        "ic": torch.randn(b, 3, 32, 48),
+        "g_t": torch.randn(b, dim),
+        "local_t": torch.randn(b, 2, dim),
+        "rel_t": torch.randn(b, 7, 7),
+    }
     total, terms = Distiller(st, dp, (2, 1), True)(batch, 0)
     t0, t1, t2, ti = (student_tokens(st, batch[k]) for k in ("v0", "v1", "v2", "ic"))
     calls = [dp(t0[:, :1], 0), dp(t1[:, :1], 0), dp(t2[:, :1], 0), dp(t0[:, 1:], 1), dp(ti, 2)]
@@ -493,7 +534,10 @@ def test_batched_global_calls_equal_five_separate_dpade_calls() -> None:
         global_mse([c.y[:, 0] for c in calls[:3]], batch["g_t"]),
         local_masked_mse(calls[3].y, batch["local_t"], shape_mask(batch["local_t"], (2, 1), True)),
         relation_kl(calls[4].y, batch["rel_t"]),
-        [c.route_loss for c in calls], [c.weight_l2 for c in calls], 0)
+        [c.route_loss for c in calls],
+        [c.weight_l2 for c in calls],
+        0,
+    )
     for k, v in ref.items():
         assert float(terms[k]) == pytest.approx(v, rel=1e-6, abs=1e-7), k
     assert float(total) == pytest.approx(float(ref_total), rel=1e-6)
@@ -544,9 +588,17 @@ def test_keep_freed_memory_keeps_large_blocks_and_still_serves_other_threads() -
         if not (hasattr(libc, "mallopt") and hasattr(libc, "mallinfo2")):
             raise AttributeError
     except (OSError, AttributeError):
-        pytest.skip("libc.so.6 has no mallopt/mallinfo2 (not glibc 2.33+): keep_freed_memory returns False there")
-    r = subprocess.run([sys.executable, "-c", KEEP_FREED_SCRIPT], env=u.env(), cwd=u.REPO_ROOT,
-                       capture_output=True, text=True, timeout=120)
+        pytest.skip(
+            "libc.so.6 has no mallopt/mallinfo2 (not glibc 2.33+): keep_freed_memory returns False there"
+        )
+    r = subprocess.run(
+        [sys.executable, "-c", KEEP_FREED_SCRIPT],
+        env=u.env(),
+        cwd=u.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["returned"] is True
@@ -574,7 +626,9 @@ def test_build_distiller_applies_recompute(recompute: bool | None) -> None:
 
     from dpal.config import DistillConfig
 
-    cfg = DistillConfig(store="s", out="o", student="dpal_vit_tiny", student_kwargs={"depth": 2}, recompute=recompute)
+    cfg = DistillConfig(
+        store="s", out="o", student="dpal_vit_tiny", student_kwargs={"depth": 2}, recompute=recompute
+    )
     model = build_distiller(cfg, ViewRecipe(), 32, (16, 8))
     assert model.dpade.lean and model.dpade.recompute is recompute
     mlps = [m for m in model.student.modules() if isinstance(m, Mlp)]

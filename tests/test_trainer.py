@@ -54,10 +54,17 @@ def _seam(store: Path, **overrides: Any) -> tuple[Trainer, list[dict[str, torch.
     reader = StoreReader(store)
     recipe = reader.store_meta.recipe
     sampler = EpochSampler(valid_rows(reader), cfg.batch_size, 1, 0, cfg.seed)
-    dataset = BatchDataset(store, sampler, recipe, cfg.seed, cfg.grad_accum, mask_fix_sign=cfg.fix_mask_sign,
-                           finish_on_cpu=True)
-    trainer = Trainer(cfg, reader.store_meta, recipe, CPU, schedule=Schedule.for_run(cfg, sampler.steps_per_epoch, 1),
-                      finish=lambda loaded: dataset.model_inputs(loaded, CPU))
+    dataset = BatchDataset(
+        store, sampler, recipe, cfg.seed, cfg.grad_accum, mask_fix_sign=cfg.fix_mask_sign, finish_on_cpu=True
+    )
+    trainer = Trainer(
+        cfg,
+        reader.store_meta,
+        recipe,
+        CPU,
+        schedule=Schedule.for_run(cfg, sampler.steps_per_epoch, 1),
+        finish=lambda loaded: dataset.model_inputs(loaded, CPU),
+    )
     trainer.steps_per_epoch = sampler.steps_per_epoch
     batches = [dataset[r] for r in collate_requests(sampler, 0, 0, 1, None, cfg.grad_accum)]
     return trainer, batches
@@ -67,7 +74,9 @@ def test_forward_backward_step_equals_the_distiller_forward(store: Path) -> None
     trainer, batches = _seam(store)
     batch = trainer.model_inputs(batches[0])
     meta = trainer.meta
-    ref = build_distiller(trainer.cfg, trainer.recipe, meta.embed_dim, meta.token_grid.global_grid).train()  # the same init (seed 0)
+    ref = build_distiller(
+        trainer.cfg, trainer.recipe, meta.embed_dim, meta.token_grid.global_grid
+    ).train()  # the same init (seed 0)
     torch.manual_seed(7)  # drop path draws from the global RNG
     loss, ref_terms = ref(batch, 0)
     loss.backward()
@@ -99,7 +108,9 @@ def test_train_step_is_the_step_train_takes(tmp_path: Path, store: Path) -> None
     got["store_fingerprint"] = StoreReader(store).fingerprint()
     u.assert_same_training_state(got, want)
     logged = u.metrics(run)
-    assert [{"step": i + 1, "epoch": r.epoch, "lr": r.lr, **r.terms.mean} for i, r in enumerate(results)] == logged
+    assert [
+        {"step": i + 1, "epoch": r.epoch, "lr": r.lr, **r.terms.mean} for i, r in enumerate(results)
+    ] == logged
     assert [r.images for r in results] == [4, 4]
 
 
@@ -112,12 +123,14 @@ def test_step_terms_stay_on_the_device_until_read(store: Path) -> None:
     for k in ("global", "local", "relation", "route", "weight_l2", "total", "route_acc"):
         assert result.terms.mean[k] == float(micro[0][k]) / 2 + float(micro[1][k]) / 2, k
     assert result.terms.mean["route_weight"] == 0.1 / 2 + 0.1 / 2
-    assert result.terms.progress_fields() == {k: result.terms.mean[k] for k in ("total", "global", "local",
-                                                                                 "relation")}
+    assert result.terms.progress_fields() == {
+        k: result.terms.mean[k] for k in ("total", "global", "local", "relation")
+    }
 
 
-def test_a_run_reads_the_terms_only_on_log_steps(tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch
-                                                 ) -> None:
+def test_a_run_reads_the_terms_only_on_log_steps(
+    tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     read_at: list[int] = []
     inner = metrics.StepTerms.mean.func
 
@@ -158,17 +171,36 @@ def test_a_checkpoint_of_another_format_version_is_refused_in_one_line(tmp_path:
     ckpt = u.load_last(run)
     assert ckpt["format_version"] == CHECKPOINT_VERSION == 1
     # every entry written is read back: no scheduler, scaler or sampler seed any more
-    assert set(ckpt) == {"format_version", "dpal_version", "step", "model", "dpade", "optimizer", "sampler", "rng",
-                         "config", "store_fingerprint", "student_name", "img_size", "world_size", "student_kwargs",
-                         "config_changes"}
+    assert set(ckpt) == {
+        "format_version",
+        "dpal_version",
+        "step",
+        "model",
+        "dpade",
+        "optimizer",
+        "sampler",
+        "rng",
+        "config",
+        "store_fingerprint",
+        "student_name",
+        "img_size",
+        "world_size",
+        "student_kwargs",
+        "config_changes",
+    }
     assert ckpt["sampler"] == {"epoch": 1, "position": 0}
     newer = run / "checkpoints" / "step-00000003.pt"
     torch.save({**ckpt, "format_version": 2, "dpal_version": "9.0"}, newer)
-    want = (f"{newer} is a dpal checkpoint of format 2 (written by dpal 9.0); this dpal ({__version__}) reads "
-            "format 1: use the dpal version that wrote it, or a new --out")
-    for call in (lambda: load_checkpoint(newer), lambda: find_resume(run, "auto"),
-                 lambda: build_student_from_checkpoint(run),
-                 lambda: train(u.distill_config(store, run), show_progress=False)):
+    want = (
+        f"{newer} is a dpal checkpoint of format 2 (written by dpal 9.0); this dpal ({__version__}) reads "
+        "format 1: use the dpal version that wrote it, or a new --out"
+    )
+    for call in (
+        lambda: load_checkpoint(newer),
+        lambda: find_resume(run, "auto"),
+        lambda: build_student_from_checkpoint(run),
+        lambda: train(u.distill_config(store, run), show_progress=False),
+    ):
         with pytest.raises(CheckpointFormatError) as err:
             call()
         assert str(err.value) == want
@@ -182,13 +214,17 @@ def test_a_checkpoint_of_another_format_version_is_refused_in_one_line(tmp_path:
 
 def test_a_weights_only_checkpoint_is_refused_for_resume(tmp_path: Path, store: Path) -> None:
     run = tmp_path / "run"
-    train(u.distill_config(store, run, max_steps=3, checkpoint_every=1, keep_last=1, keep_weights_only_older=1),
-          show_progress=False)
+    train(
+        u.distill_config(store, run, max_steps=3, checkpoint_every=1, keep_last=1, keep_weights_only_older=1),
+        show_progress=False,
+    )
     reduced = run / "checkpoints" / "step-00000002.student.pt"
     with pytest.raises(InputError) as err:
         train(u.distill_config(store, tmp_path / "other", resume=str(reduced)), show_progress=False)
-    assert str(err.value) == (f"{reduced} holds the student's weights only (for export and eval); resume from a "
-                              "whole checkpoint (step-N.pt)")
+    assert str(err.value) == (
+        f"{reduced} holds the student's weights only (for export and eval); resume from a "
+        "whole checkpoint (step-N.pt)"
+    )
 
 
 def test_progress_reads_lazy_fields_only_when_it_draws() -> None:

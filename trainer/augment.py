@@ -97,7 +97,9 @@ def _box_positions(shape: tuple[int, ...], rows: Tensor, cols: Tensor, box: tupl
     b, c, hc, wc = shape
     hl, wl = box
     dev = rows.device
-    plane = (torch.arange(b, device=dev).view(b, 1, 1, 1) * c + torch.arange(c, device=dev).view(1, c, 1, 1)) * (hc * wc)
+    plane = (
+        torch.arange(b, device=dev).view(b, 1, 1, 1) * c + torch.arange(c, device=dev).view(1, c, 1, 1)
+    ) * (hc * wc)
     r = rows.view(b, 1, 1, 1) + torch.arange(hl, device=dev).view(1, 1, hl, 1)
     col = cols.view(b, 1, 1, 1) + torch.arange(wl, device=dev).view(1, 1, 1, wl)
     return plane + r * wc + col
@@ -116,8 +118,9 @@ def compose_v0(v0: Tensor, alpha: float) -> Tensor:
     return _take(_table(alpha, v0.device), _channels_first(v0).int() + alone)
 
 
-def compose_views(v0: Tensor, background: Tensor, person_a: Tensor, person_b: Tensor, paste: Tensor,
-                  alpha: float) -> tuple[Tensor, Tensor]:
+def compose_views(
+    v0: Tensor, background: Tensor, person_a: Tensor, person_b: Tensor, paste: Tensor, alpha: float
+) -> tuple[Tensor, Tensor]:
     """v0 and Ic as `views.replay` makes them, bit for bit, from their uint8 parts.
 
     Args:
@@ -237,8 +240,14 @@ def local_crops(source: Tensor, augs: Tensor, size: tuple[int, int]) -> Tensor:
     x = _channels_first(source).float().div_(255.0)  # (B, 3, Hs, Ws)
     top, left, h, w = augs[:, 0], augs[:, 1], augs[:, 2], augs[:, 3]
     boxes = torch.stack([torch.arange(n, dtype=torch.float64) % b, left, top, left + w, top + h], 1)
-    out = roi_align(x, boxes.to(device, torch.float32), output_size=size, spatial_scale=1.0, sampling_ratio=-1,
-                    aligned=True)  # (N, 3, Hl, Wl)
+    out = roi_align(
+        x,
+        boxes.to(device, torch.float32),
+        output_size=size,
+        spatial_scale=1.0,
+        sampling_ratio=-1,
+        aligned=True,
+    )  # (N, 3, Hl, Wl)
 
     def apply(mask: Tensor, op, *factors: Tensor) -> None:
         """out[mask] = op(out[mask], *factors[mask]); masks live on the CPU (no device sync)."""
@@ -285,8 +294,9 @@ def model_inputs(batch: dict[str, Tensor], recipe: ViewRecipe, device: torch.dev
     on = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "local_aug"}
     out = {"index": on["index"]}
     if "bg_u8" in on:
-        out["v0"], out["ic"] = compose_views(on["v0_u8"], on["bg_u8"], on["pa_u8"], on["pb_u8"], on["paste"],
-                                             recipe.person_alpha)
+        out["v0"], out["ic"] = compose_views(
+            on["v0_u8"], on["bg_u8"], on["pa_u8"], on["pb_u8"], on["paste"], recipe.person_alpha
+        )
     else:
         out["v0"] = compose_v0(on["v0_u8"], recipe.person_alpha)
     if "local_aug" in batch:

@@ -32,8 +32,17 @@ CHECKPOINT_VERSION = 1
 WEIGHTS_ONLY_SUFFIX = ".student.pt"
 _CKPT_RE = re.compile(r"step-(\d+)\.pt$")
 # what a reduced older checkpoint keeps: the student, how to build it, the config
-WEIGHTS_ONLY_KEYS = ("format_version", "dpal_version", "step", "model", "config", "store_fingerprint",
-                     "student_name", "img_size", "student_kwargs")
+WEIGHTS_ONLY_KEYS = (
+    "format_version",
+    "dpal_version",
+    "step",
+    "model",
+    "config",
+    "store_fingerprint",
+    "student_name",
+    "img_size",
+    "student_kwargs",
+)
 
 
 class CheckpointFormatError(InputError):
@@ -62,7 +71,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointFormatError(
             f"{path} is a dpal checkpoint of format {ckpt['format_version']!r} (written by dpal "
             f"{ckpt.get('dpal_version', '?')}); this dpal ({__version__}) reads format {CHECKPOINT_VERSION}: use "
-            "the dpal version that wrote it, or a new --out")
+            "the dpal version that wrote it, or a new --out"
+        )
     return ckpt
 
 
@@ -89,9 +99,11 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
 
 def weights_only_paths(run_dir: Path) -> list[Path]:
     """The reduced older checkpoints (`step-N.student.pt`: student weights only), oldest first."""
-    found = [(int(p.name[5:-len(WEIGHTS_ONLY_SUFFIX)]), p)
-             for p in (Path(run_dir) / CHECKPOINT_DIR).glob(f"step-*{WEIGHTS_ONLY_SUFFIX}")
-             if p.name[5:-len(WEIGHTS_ONLY_SUFFIX)].isdigit()]
+    found = [
+        (int(p.name[5 : -len(WEIGHTS_ONLY_SUFFIX)]), p)
+        for p in (Path(run_dir) / CHECKPOINT_DIR).glob(f"step-*{WEIGHTS_ONLY_SUFFIX}")
+        if p.name[5 : -len(WEIGHTS_ONLY_SUFFIX)].isdigit()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -128,9 +140,11 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], keep_last: int) -> Pat
     for old in checkpoint_paths(run_dir)[:-keep_last]:
         if keep_weights > 0:
             reduced = weights_only(torch.load(old, map_location="cpu", weights_only=True, mmap=True))
-            write_run_file(old.with_name(old.name[:-len(".pt")] + WEIGHTS_ONLY_SUFFIX), _torch_bytes(reduced), run_dir)
+            write_run_file(
+                old.with_name(old.name[: -len(".pt")] + WEIGHTS_ONLY_SUFFIX), _torch_bytes(reduced), run_dir
+            )
         old.unlink(missing_ok=True)
-    for old in weights_only_paths(run_dir)[:-keep_weights or None]:
+    for old in weights_only_paths(run_dir)[: -keep_weights or None]:
         old.unlink(missing_ok=True)
     return path
 
@@ -160,6 +174,8 @@ def build_student_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str
     elif not path.is_file():
         raise InputError(f"{path}: no such run directory or checkpoint")
     ckpt = load_checkpoint(path)
-    student = create_student(ckpt["student_name"], img_size=tuple(ckpt["img_size"]), **ckpt.get("student_kwargs", {}))
+    student = create_student(
+        ckpt["student_name"], img_size=tuple(ckpt["img_size"]), **ckpt.get("student_kwargs", {})
+    )
     student.load_state_dict(ckpt["model"])
     return student.eval(), ckpt

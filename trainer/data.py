@@ -117,10 +117,19 @@ class BatchDataset(torch.utils.data.Dataset):
             background not decoded nor replayed. What is built is bit for bit the full batch's.
     """
 
-    def __init__(self, store_path: str | Path, sampler: EpochSampler, recipe: ViewRecipe, seed: int,
-                 grad_accum: int = 1, read_targets: bool = True, allow_incomplete: bool = False,
-                 mask_fix_sign: bool | None = None, finish_on_cpu: bool = False,
-                 needs: Needs = EVERYTHING) -> None:
+    def __init__(
+        self,
+        store_path: str | Path,
+        sampler: EpochSampler,
+        recipe: ViewRecipe,
+        seed: int,
+        grad_accum: int = 1,
+        read_targets: bool = True,
+        allow_incomplete: bool = False,
+        mask_fix_sign: bool | None = None,
+        finish_on_cpu: bool = False,
+        needs: Needs = EVERYTHING,
+    ) -> None:
         self.store_path = str(store_path)
         self.sampler = sampler
         self.recipe = recipe
@@ -152,8 +161,10 @@ class BatchDataset(torch.utils.data.Dataset):
         try:
             return decode_image(self.reader.image_bytes(index))
         except Exception as e:  # noqa: BLE001 - any failure here means the store changed under us
-            raise StoreError(f"{self.store_path}: cannot read the image of row {index} "
-                             f"(shard {shard_name(self.reader.shard_of(index))}): {e}") from None
+            raise StoreError(
+                f"{self.store_path}: cannot read the image of row {index} "
+                f"(shard {shard_name(self.reader.shard_of(index))}): {e}"
+            ) from None
 
     def __getitem__(self, req: BatchRequest) -> dict[str, Tensor]:
         batch = self.build(req)
@@ -199,8 +210,12 @@ class BatchDataset(torch.utils.data.Dataset):
         lap("read targets")
         r = self.recipe
         b = len(idx)
-        sizes = (("v0_u8", r.global_size), ("pa_u8", r.local_size), ("pb_u8", r.local_size),
-                 ("bg_u8", r.crowd_size))  # views.replay_pixels' order
+        sizes = (
+            ("v0_u8", r.global_size),
+            ("pa_u8", r.local_size),
+            ("pb_u8", r.local_size),
+            ("bg_u8", r.crowd_size),
+        )  # views.replay_pixels' order
         parts = {name: np.empty((b, *hw, 3), dtype=np.uint8) for name, hw in sizes[: 4 if needs.ic else 1]}
         paste = np.empty((b, 4), dtype=np.int64)
         local_aug = np.empty((b, 2, NUM_AUG), dtype=np.float64)
@@ -245,9 +260,11 @@ class BatchDataset(torch.utils.data.Dataset):
             raise
         except Exception as e:  # noqa: BLE001 - any other failure to read a damaged shard file
             shards = ", ".join(sorted({shard_name(reader.shard_of(int(i))) for i in idx}))
-            raise StoreError(f"{self.store_path}: data of shard(s) {shards} cannot be read "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run "
-                             "`dpal store verify` and rerun stage one to rewrite them") from None
+            raise StoreError(
+                f"{self.store_path}: data of shard(s) {shards} cannot be read "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run "
+                "`dpal store verify` and rerun stage one to rewrite them"
+            ) from None
         for key, value in (("g_t", t.global_), ("local_t", t.local), ("rel_t", t.relation)):
             if value is not None:  # None: a target the run does not read
                 out[key] = value
@@ -331,8 +348,14 @@ def valid_rows(reader: StoreReader) -> np.ndarray:
     return reader.valid_rows()
 
 
-def collate_requests(sampler: EpochSampler, start_epoch: int, start_step: int, end_epoch: int,
-                     max_steps_left: int | None, grad_accum: int) -> list[BatchRequest]:
+def collate_requests(
+    sampler: EpochSampler,
+    start_epoch: int,
+    start_step: int,
+    end_epoch: int,
+    max_steps_left: int | None,
+    grad_accum: int,
+) -> list[BatchRequest]:
     """The flat list of micro-batch requests from a resume point to the end of training."""
     out: list[BatchRequest] = []
     steps = 0

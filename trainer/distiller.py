@@ -56,8 +56,12 @@ class Schedule:
     @classmethod
     def for_run(cls, cfg: DistillConfig, steps_per_epoch: int, world_size: int) -> Schedule:
         global_batch = cfg.batch_size * world_size
-        return cls(cfg.base_lr * global_batch / 256, int(round(cfg.warmup_epochs * steps_per_epoch)),
-                   cfg.epochs * steps_per_epoch, cfg.min_lr)
+        return cls(
+            cfg.base_lr * global_batch / 256,
+            int(round(cfg.warmup_epochs * steps_per_epoch)),
+            cfg.epochs * steps_per_epoch,
+            cfg.min_lr,
+        )
 
     @classmethod
     def constant(cls, lr: float) -> Schedule:
@@ -116,8 +120,14 @@ class Distiller(nn.Module):
     weight is 0 is not computed and has no term.
     """
 
-    def __init__(self, student: nn.Module, dpade: DPaDe | LinearProjector, grid_hw: tuple[int, int],
-                 fix_mask_sign: bool, weights: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        dpade: DPaDe | LinearProjector,
+        grid_hw: tuple[int, int],
+        fix_mask_sign: bool,
+        weights: dict[str, float] | None = None,
+    ) -> None:
         super().__init__()
         self.student = student
         # the D-PaDe attribute keeps its name (state-dict keys, benchmarks); `heads` is every recipe's
@@ -154,15 +164,21 @@ class Distiller(nn.Module):
         # for fewer, larger kernels and one weight-gradient pass. The student's passes run in the
         # same order whichever objectives are on (drop path draws from the global RNG in that order).
         branches: list[tuple[Tensor, int]] = []
-        tok0 = student_tokens(self.student, batch["v0"]) if w["global"] or w["local"] else None  # (B, 1 + P, d)
+        tok0 = (
+            student_tokens(self.student, batch["v0"]) if w["global"] or w["local"] else None
+        )  # (B, 1 + P, d)
         if w["global"]:
-            tok12 = student_tokens(self.student, torch.cat([batch["v1"], batch["v2"]]))  # (2B, 1 + P_local, d)
+            tok12 = student_tokens(
+                self.student, torch.cat([batch["v1"], batch["v2"]])
+            )  # (2B, 1 + P_local, d)
             branches.append((torch.cat([tok0[:, :1], tok12[:, :1]]), PATTERN_GLOBAL))  # y (3B, 1, D)
         if w["local"]:
             branches.append((tok0[:, npre:], PATTERN_LOCAL))  # y (B, P, D)
         if w["relation"]:
             tok_ic = student_tokens(self.student, batch["ic"])  # (B, T, d)
-            branches.append((torch.cat([tok_ic[:, :1], tok_ic[:, npre:]], dim=1), PATTERN_RELATION))  # y (B, T, D)
+            branches.append(
+                (torch.cat([tok_ic[:, :1], tok_ic[:, npre:]], dim=1), PATTERN_RELATION)
+            )  # y (B, T, D)
         outs = iter(self.heads.forward_many(branches))
         parts: dict[str, Tensor] = {}
         calls = []  # one per D-PaDe call of the method: the global output serves three
@@ -189,8 +205,13 @@ class Distiller(nn.Module):
             route = torch.stack([c.route_loss.float() for c in calls]).mean()
             l2 = torch.stack([c.weight_l2.float() for c in calls]).mean()
             total = total + lam * route + l2
-            terms.update(route=route.detach(), weight_l2=l2.detach(), total=total.detach(), route_weight=lam,
-                         route_acc=torch.stack([c.route_correct for c in calls]).mean().detach())
+            terms.update(
+                route=route.detach(),
+                weight_l2=l2.detach(),
+                total=total.detach(),
+                route_weight=lam,
+                route_acc=torch.stack([c.route_correct for c in calls]).mean().detach(),
+            )
         else:
             terms["total"] = total.detach()
         return total, terms
@@ -205,14 +226,21 @@ def build_student(cfg: DistillConfig, recipe: ViewRecipe) -> nn.Module:
     return student
 
 
-def build_distiller(cfg: DistillConfig, recipe: ViewRecipe, teacher_dim: int, grid_hw: tuple[int, int]) -> Distiller:
+def build_distiller(
+    cfg: DistillConfig, recipe: ViewRecipe, teacher_dim: int, grid_hw: tuple[int, int]
+) -> Distiller:
     """The configured student and D-PaDe (or its linear ablation) for a store's targets (teacher width D, v0's patch grid), on
     CPU, initialised from `cfg.seed`."""
     student = build_student(cfg, recipe)
     if cfg.projector == "linear":
         head: DPaDe | LinearProjector = LinearProjector(student.embed_dim, teacher_dim)
     else:
-        head = DPaDe(student.embed_dim, teacher_dim, scale=cfg.dpade_scale, l2_weight=cfg.l2_weight,
-                     recompute=cfg.recompute)
+        head = DPaDe(
+            student.embed_dim,
+            teacher_dim,
+            scale=cfg.dpade_scale,
+            l2_weight=cfg.l2_weight,
+            recompute=cfg.recompute,
+        )
     weights = {"global": cfg.global_weight, "local": cfg.local_weight, "relation": cfg.relation_weight}
     return Distiller(student, head, tuple(grid_hw), cfg.fix_mask_sign, weights)

@@ -156,8 +156,9 @@ def token_mse(student: Tensor, teacher: Tensor) -> Tensor:
     return F.mse_loss(student.float(), teacher.float())
 
 
-def proteus_feature_mse(student_cls: Tensor, student_patches: Tensor, teacher_global: Tensor,
-                        teacher_patches: Tensor) -> Tensor:
+def proteus_feature_mse(
+    student_cls: Tensor, student_patches: Tensor, teacher_global: Tensor, teacher_patches: Tensor
+) -> Tensor:
     """Proteus's feature term: MSE over all 1 + P tokens at once, the CLS (through the token head) and
     the patches (through the feature head) against the teacher's global target and patches.
 

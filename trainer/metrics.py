@@ -74,7 +74,9 @@ def _tensorboard(run_dir: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        logger.info("metrics go to metrics.jsonl; for TensorBoard's run_dir/tb too: pip install 'dpal[tensorboard]'")
+        logger.info(
+            "metrics go to metrics.jsonl; for TensorBoard's run_dir/tb too: pip install 'dpal[tensorboard]'"
+        )
         return None
     return SummaryWriter(str(run_dir / "tb"))
 
@@ -105,8 +107,9 @@ class MetricsLog:
                     self.tb.add_scalar(k, v, step)
         self.restart_clock()
 
-    def log_val(self, step: int, epoch: int, values: dict[str, float], last_ckpt: Path | None,
-                seconds: float = 0.0) -> None:
+    def log_val(
+        self, step: int, epoch: int, values: dict[str, float], last_ckpt: Path | None, seconds: float = 0.0
+    ) -> None:
         """One validation line for `step`; the `seconds` it took are left out of the next training
         line's `images_per_s`."""
         line = {"step": step, "epoch": epoch, "split": "val", **values}

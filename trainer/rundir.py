@@ -86,8 +86,9 @@ def existing_run(run_dir: Path) -> str | None:
     """A short description of the run in `run_dir` (`checkpoints up to step N`, `metrics up to step
     N`), or None when it holds none."""
     run_dir = Path(run_dir)
-    steps = sorted(int(p.name[5:13]) for p in (run_dir / CHECKPOINT_DIR).glob("step-*.pt")
-                   if p.name[5:13].isdigit())
+    steps = sorted(
+        int(p.name[5:13]) for p in (run_dir / CHECKPOINT_DIR).glob("step-*.pt") if p.name[5:13].isdigit()
+    )
     if steps:
         return f"checkpoints up to step {steps[-1]}"
     metrics = run_dir / "metrics.jsonl"

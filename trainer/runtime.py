@@ -109,7 +109,9 @@ class StopFlag:
         self.signal_name = signal.Signals(signum).name
         if signum == signal.SIGINT:
             # os.write: a handler may run while the main thread is inside a write to sys.stderr
-            os.write(2, b"\nCtrl-C: stopping at the end of this step to checkpoint (Ctrl-C again aborts without)\n")
+            os.write(
+                2, b"\nCtrl-C: stopping at the end of this step to checkpoint (Ctrl-C again aborts without)\n"
+            )
 
     def agreed(self, info: DistInfo, device: torch.device) -> bool:
         if info.world_size == 1:

@@ -83,9 +83,25 @@ RESUME_KEYS = ("student", "student_kwargs", "batch_size", "seed", "recipe", "pro
 # what a checkpoint written before a resume key existed was trained with
 RESUME_KEY_DEFAULTS = {"recipe": "dpal", "projector": "dpade"}
 # config keys that say how to run, not what is trained: a resume may change them without a word
-RUNTIME_KEYS = ("store", "out", "resume", "fresh", "max_steps", "num_workers", "device", "log_every",
-                "checkpoint_every", "keep_last", "keep_weights_only_older", "progress_seconds", "allow_incomplete",
-                "val_store", "val_every", "val_images", "eval_reid")
+RUNTIME_KEYS = (
+    "store",
+    "out",
+    "resume",
+    "fresh",
+    "max_steps",
+    "num_workers",
+    "device",
+    "log_every",
+    "checkpoint_every",
+    "keep_last",
+    "keep_weights_only_older",
+    "progress_seconds",
+    "allow_incomplete",
+    "val_store",
+    "val_every",
+    "val_images",
+    "eval_reid",
+)
 
 
 @dataclass
@@ -110,8 +126,9 @@ class StepResult:
     images: int
 
 
-def train(cfg: DistillConfig, show_progress: bool = True,
-          dataset_class: type[BatchDataset] = BatchDataset) -> TrainResult:
+def train(
+    cfg: DistillConfig, show_progress: bool = True, dataset_class: type[BatchDataset] = BatchDataset
+) -> TrainResult:
     """Run (or resume) stage two as configured, owning the run directory meanwhile (rundir.py).
     `dataset_class` builds the batches (a benchmark passes one that serves targets from memory)."""
     with ExitStack() as stack:  # releases the run directory's lock however the run ends
@@ -138,9 +155,16 @@ class Trainer:
         finish: a loader batch -> the model's inputs on `device`; None: batches come as model inputs.
     """
 
-    def __init__(self, cfg: DistillConfig, meta: StoreMeta, recipe: ViewRecipe, device: torch.device,
-                 info: DistInfo | None = None, schedule: Schedule | None = None,
-                 finish: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        meta: StoreMeta,
+        recipe: ViewRecipe,
+        device: torch.device,
+        info: DistInfo | None = None,
+        schedule: Schedule | None = None,
+        finish: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+    ) -> None:
         self.cfg, self.meta, self.recipe, self.device = cfg, meta, recipe, torch.device(device)
         self.info = info or DistInfo()
         self.model = build_model(cfg, recipe, meta.embed_dim, meta.token_grid.global_grid).to(self.device)
@@ -211,12 +235,18 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint: everything a resume reads (checkpoint.py writes and checks it)."""
         return {
-            "format_version": CHECKPOINT_VERSION, "dpal_version": __version__, "step": self.step,
-            "model": self.model.student.state_dict(), self.model.checkpoint_key: self.model.heads.state_dict(),
+            "format_version": CHECKPOINT_VERSION,
+            "dpal_version": __version__,
+            "step": self.step,
+            "model": self.model.student.state_dict(),
+            self.model.checkpoint_key: self.model.heads.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "sampler": {"epoch": self.epoch, "position": self.position},
-            "rng": rng_state(), "config": to_dict(self.cfg), "store_fingerprint": self.fingerprint,
-            "student_name": self.cfg.student, "img_size": list(self.recipe.global_size),
+            "rng": rng_state(),
+            "config": to_dict(self.cfg),
+            "store_fingerprint": self.fingerprint,
+            "student_name": self.cfg.student,
+            "img_size": list(self.recipe.global_size),
             "world_size": self.info.world_size,
             "student_kwargs": dict(getattr(self.model.student, "dpal_timm_kwargs", {})),
             "config_changes": self.config_changes,
@@ -229,14 +259,20 @@ class Trainer:
         self.model.heads.load_state_dict(ckpt[self.model.checkpoint_key])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
-        self.step, self.epoch, self.position = ckpt["step"], ckpt["sampler"]["epoch"], ckpt["sampler"]["position"]
+        self.step, self.epoch, self.position = (
+            ckpt["step"],
+            ckpt["sampler"]["epoch"],
+            ckpt["sampler"]["position"],
+        )
         self.config_changes = list(ckpt.get("config_changes", []))
 
     def check_resumable(self, ckpt: dict[str, Any], path: Path) -> None:
         """Refuse, in one line, a checkpoint of another store, model, data stream or world size."""
         if ckpt.get("weights_only"):
-            raise InputError(f"{path} holds the student's weights only (for export and eval); resume from a whole "
-                             "checkpoint (step-N.pt)")
+            raise InputError(
+                f"{path} holds the student's weights only (for export and eval); resume from a whole "
+                "checkpoint (step-N.pt)"
+            )
         if ckpt["store_fingerprint"] != self.fingerprint:
             raise StoreError(
                 f"checkpoint {path} was trained on another store (fingerprint "
@@ -248,14 +284,21 @@ class Trainer:
         if ckpt["world_size"] != self.info.world_size:
             changed.insert(0, f"{ckpt['world_size']} ranks (now {self.info.world_size})")
         if changed:
-            raise InputError(f"checkpoint {path} was trained with {', '.join(changed)}; resume with the "
-                             "same to keep the model and the data stream, or use a new --out (or --fresh to move this run aside)")
+            raise InputError(
+                f"checkpoint {path} was trained with {', '.join(changed)}; resume with the "
+                "same to keep the model and the data stream, or use a new --out (or --fresh to move this run aside)"
+            )
 
     # ------------------------------------------------------------ a whole run
 
     @classmethod
-    def from_config(cls, cfg: DistillConfig, stack: ExitStack, show_progress: bool = True,
-                    dataset_class: type[BatchDataset] = BatchDataset) -> Trainer:
+    def from_config(
+        cls,
+        cfg: DistillConfig,
+        stack: ExitStack,
+        show_progress: bool = True,
+        dataset_class: type[BatchDataset] = BatchDataset,
+    ) -> Trainer:
         """A run as configured: the store opened and checked, the run directory owned (released by
         `stack`), the model built and resumed, the DataLoader ready."""
         t_start = time.perf_counter()
@@ -270,27 +313,44 @@ class Trainer:
         check_targets(cfg, FEATURES, f"store {cfg.store}")  # every store of this schema holds all three
         fingerprint = reader.fingerprint()
         # rank 0's; a validation store that cannot serve the run is refused before anything is written
-        validator = Validator(cfg, meta, recipe, device) if info.is_main and (cfg.val_store or cfg.eval_reid) else None
+        validator = (
+            Validator(cfg, meta, recipe, device)
+            if info.is_main and (cfg.val_store or cfg.eval_reid)
+            else None
+        )
         _own_run_dir(cfg, info, stack)
         trainer = cls(cfg, meta, recipe, device, info)
         trainer.validator = validator
         trainer.t_start, trainer.show_progress = t_start, show_progress
         trainer.run_dir, trainer.fingerprint = Path(cfg.out), fingerprint
-        trainer.sampler = EpochSampler(valid_rows(reader), cfg.batch_size, info.world_size, info.rank, cfg.seed)
+        trainer.sampler = EpochSampler(
+            valid_rows(reader), cfg.batch_size, info.world_size, info.rank, cfg.seed
+        )
         trainer.steps_per_epoch = trainer.sampler.steps_per_epoch
         trainer.schedule = Schedule.for_run(cfg, trainer.steps_per_epoch, info.world_size)
         if info.is_main:  # a small batch scales the peak far down (batch 8: 7.8e-6); say so before training
             s = trainer.schedule
-            logger.info("peak lr %.3g = base_lr %g x global batch %d / 256 (linear scaling rule); warmup %d steps, "
-                        "then cosine to %g at step %d", s.peak_lr, cfg.base_lr, cfg.batch_size * info.world_size,
-                        s.warmup_steps, cfg.min_lr, s.total_steps)
+            logger.info(
+                "peak lr %.3g = base_lr %g x global batch %d / 256 (linear scaling rule); warmup %d steps, "
+                "then cosine to %g at step %d",
+                s.peak_lr,
+                cfg.base_lr,
+                cfg.batch_size * info.world_size,
+                s.warmup_steps,
+                cfg.min_lr,
+                s.total_steps,
+            )
         trainer.resume()
         if cfg.online_teacher:
             trainer.load_teacher()
         trainer._build_loader(dataset_class)
         if info.is_main:
             trainer.run_dir.mkdir(parents=True, exist_ok=True)
-            write_run_file(trainer.run_dir / "config.yaml", config_text(cfg, trainer.config_changes).encode(), trainer.run_dir)
+            write_run_file(
+                trainer.run_dir / "config.yaml",
+                config_text(cfg, trainer.config_changes).encode(),
+                trainer.run_dir,
+            )
             trainer.metrics = MetricsLog(trainer.run_dir, trainer.step)
         return trainer
 
@@ -301,8 +361,13 @@ class Trainer:
         self.last_ckpt = resume_path  # a finished run rerun trains nothing: its checkpoint is the last
         if resume_path is None:
             if self.info.is_main:
-                why = "--fresh" if cfg.fresh else "--resume none" if cfg.resume == "none" else \
-                    f"no checkpoint in {run_dir / CHECKPOINT_DIR}"
+                why = (
+                    "--fresh"
+                    if cfg.fresh
+                    else "--resume none"
+                    if cfg.resume == "none"
+                    else f"no checkpoint in {run_dir / CHECKPOINT_DIR}"
+                )
                 logger.info("starting fresh at step 0 (%s)", why)
             return
         ckpt = load_checkpoint(resume_path)
@@ -314,8 +379,12 @@ class Trainer:
         if self.info.is_main:
             logger.info("resumed from %s at step %d (epoch %d)", resume_path, self.step, self.epoch)
             if notes:
-                logger.warning("resuming at step %d with changed settings: %s; training follows them from here "
-                               "(recorded in config.yaml and the checkpoints)", self.step, ", ".join(notes))
+                logger.warning(
+                    "resuming at step %d with changed settings: %s; training follows them from here "
+                    "(recorded in config.yaml and the checkpoints)",
+                    self.step,
+                    ", ".join(notes),
+                )
 
     def load_teacher(self) -> None:
         """The teacher that wrote the store, for --online-teacher; refused if its checkpoint differs."""
@@ -326,15 +395,24 @@ class Trainer:
         cfg, device = self.cfg, self.device
         total_steps = cfg.epochs * self.sampler.steps_per_epoch
         self.end_steps = total_steps if cfg.max_steps is None else min(cfg.max_steps, total_steps)
-        requests = collate_requests(self.sampler, self.epoch, self.position, cfg.epochs, self.end_steps - self.step,
-                                    cfg.grad_accum)
+        requests = collate_requests(
+            self.sampler, self.epoch, self.position, cfg.epochs, self.end_steps - self.step, cfg.grad_accum
+        )
         # On CPU the loader's workers compute the shape mask while the main process trains; on a GPU
         # it is cheaper on the device, inside the step (a batch of 256 would cost a worker ~1 s).
         loader_mask = device.type == "cpu" and not cfg.online_teacher and self.model.needs_shape_mask
-        dataset = dataset_class(cfg.store, self.sampler, self.recipe, cfg.seed, cfg.grad_accum,
-                                read_targets=not cfg.online_teacher, allow_incomplete=cfg.allow_incomplete,
-                                mask_fix_sign=cfg.fix_mask_sign if loader_mask else None,
-                                finish_on_cpu=device.type == "cpu", needs=batch_needs(cfg))
+        dataset = dataset_class(
+            cfg.store,
+            self.sampler,
+            self.recipe,
+            cfg.seed,
+            cfg.grad_accum,
+            read_targets=not cfg.online_teacher,
+            allow_incomplete=cfg.allow_incomplete,
+            mask_fix_sign=cfg.fix_mask_sign if loader_mask else None,
+            finish_on_cpu=device.type == "cpu",
+            needs=batch_needs(cfg),
+        )
         self.finish = lambda loaded: dataset.model_inputs(loaded, device)
         workers = cfg.num_workers
         if workers is None:
@@ -343,11 +421,15 @@ class Trainer:
             logger.info("DataLoader worker processes: %d", workers)
         self.workers = workers
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, sampler=requests, num_workers=workers,
+            dataset,
+            batch_size=None,
+            sampler=requests,
+            num_workers=workers,
             multiprocessing_context="forkserver" if workers > 0 else None,
             # batches waiting per worker; each holds its images and float32 targets (about 0.55 GB at
             # batch 256 and the paper's sizes), so many workers each keep fewer
-            pin_memory=device.type == "cuda", prefetch_factor=(4 if workers <= 2 else 2) if workers > 0 else None,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=(4 if workers <= 2 else 2) if workers > 0 else None,
             worker_init_fn=ignore_stop_signals if workers > 0 else None,
             # its own generator: `iter(loader)` draws a base seed, which must not advance the global
             # RNG (drop path) differently in a resumed run than in an uninterrupted one
@@ -362,8 +444,11 @@ class Trainer:
             stop = StopFlag()
             stop.install()
         stopped = False
-        progress = (Progress("distill", self.end_steps, self.step, interval_s=self.cfg.progress_seconds)
-                    if self.show_progress and self.info.is_main else None)
+        progress = (
+            Progress("distill", self.end_steps, self.step, interval_s=self.cfg.progress_seconds)
+            if self.show_progress and self.info.is_main
+            else None
+        )
         if self.metrics is not None:
             self.metrics.restart_clock()
         it = None
@@ -376,7 +461,9 @@ class Trainer:
                 self._report(result, progress)
                 stop_now = stop.agreed(self.info, self.device)
                 # before the checkpoint: a checkpoint of a validation step always has its val line
-                if self.validator is not None and (self.step % self.cfg.val_every == 0 or self.step == self.end_steps):
+                if self.validator is not None and (
+                    self.step % self.cfg.val_every == 0 or self.step == self.end_steps
+                ):
                     self.validate(result.epoch)
                 if stop_now or self.step % self.cfg.checkpoint_every == 0 or self.step == self.end_steps:
                     self.checkpoint()
@@ -394,8 +481,14 @@ class Trainer:
                 progress.stop()
             if self.metrics is not None:
                 self.metrics.close()
-        return TrainResult(self.step, self.epoch, stopped, self.last_ckpt, time.perf_counter() - self.t_start,
-                           stop.signal_name if stopped else "")
+        return TrainResult(
+            self.step,
+            self.epoch,
+            stopped,
+            self.last_ckpt,
+            time.perf_counter() - self.t_start,
+            stop.signal_name if stopped else "",
+        )
 
     def validate(self, epoch: int) -> dict[str, float]:
         """Rank 0's validation of the model now (validate.py; the RNG and the model's mode are left as
@@ -421,7 +514,9 @@ class Trainer:
             if self.step % self.cfg.log_every == 0 or self.step == self.end_steps:
                 self.metrics.log(self.step, result.epoch, result.lr, result.terms, self.last_ckpt)
         if progress is not None:
-            progress.update(self.step, self.cfg.batch_size * self.info.world_size, result.terms.progress_fields)
+            progress.update(
+                self.step, self.cfg.batch_size * self.info.world_size, result.terms.progress_fields
+            )
 
     def _loader_batches(self, it: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
         """The loader's batches, its failures as one line (a dead worker: LoaderError naming the fix)."""
@@ -493,12 +588,18 @@ def _is_worker_failure(err: BaseException) -> bool:
 
 
 def _loader_message(err: BaseException, workers: int, checkpoint: Path | None) -> str:
-    first = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}" if str(err).strip() else type(err).__name__
+    first = (
+        f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
+        if str(err).strip()
+        else type(err).__name__
+    )
     kept = f"; the run resumes from {checkpoint} (--resume auto)" if checkpoint else ""
-    return (f"the DataLoader's worker processes failed ({first}). A worker killed by the system has usually run "
-            f"out of memory or of shared memory (/dev/shm; containers often allow 64 MB: raise it, e.g. docker "
-            f"--shm-size 16g); retry with fewer workers than {workers} (--num-workers N, 0 builds the batches in "
-            f"the main process){kept}")
+    return (
+        f"the DataLoader's worker processes failed ({first}). A worker killed by the system has usually run "
+        f"out of memory or of shared memory (/dev/shm; containers often allow 64 MB: raise it, e.g. docker "
+        f"--shm-size 16g); retry with fewer workers than {workers} (--num-workers N, 0 builds the batches in "
+        f"the main process){kept}"
+    )
 
 
 def changed_settings(old: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -511,6 +612,7 @@ def changed_settings(old: dict[str, Any], now: dict[str, Any]) -> list[str]:
 def config_text(cfg: DistillConfig, changes: list[dict[str, Any]]) -> str:
     """config.yaml: the config of this run, after comment lines listing the settings changed on resumes
     (comments, so that the file still loads with --config)."""
-    head = "".join(f"# resumed at step {c['step']} with changed settings: {', '.join(c['changes'])}\n"
-                   for c in changes)
+    head = "".join(
+        f"# resumed at step {c['step']} with changed settings: {', '.join(c['changes'])}\n" for c in changes
+    )
     return head + dump_yaml(cfg)

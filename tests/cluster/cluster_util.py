@@ -46,15 +46,26 @@ class Cluster:
 
     started_here: bool
     jobs: list[int] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=lambda: {"jobs_submitted": 0, "preemptions_survived": 0,
-                                                              "time_limits_survived": 0, "bytes_compared": 0})
+    counts: dict[str, int] = field(
+        default_factory=lambda: {
+            "jobs_submitted": 0,
+            "preemptions_survived": 0,
+            "time_limits_survived": 0,
+            "bytes_compared": 0,
+        }
+    )
 
     def sbatch(self, script: Path, *options: str, env: dict[str, str]) -> int:
         """`sbatch --parsable OPTIONS SCRIPT` from environment `env`, which the job inherits (sbatch's
         default --export=ALL; `--export=ALL,K=V` cannot carry a comma, and DPAL_*_ARGS hold some).
         Returns the job id."""
-        res = subprocess.run(["sbatch", "--parsable", *options, str(script)], capture_output=True, text=True,
-                             timeout=30, env=env)
+        res = subprocess.run(
+            ["sbatch", "--parsable", *options, str(script)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+        )
         assert res.returncode == 0, f"sbatch failed: {res.stderr}"
         job = int(res.stdout.strip().split(";")[0])
         self.jobs.append(job)
@@ -97,4 +108,13 @@ def wait_state(job: int | str, states: set[str], timeout: float, log: Path | Non
     return str(seen[0])
 
 
-ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUE_HOLD", "RESIZING"}
+ALIVE = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+}

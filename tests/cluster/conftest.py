@@ -55,7 +55,9 @@ def slurm() -> Iterator[cu.Cluster]:
     else:
         res = cu.run(["bash", str(cu.START_STOP), "start"], timeout=600)
         if res.returncode == cu.SKIP_EXIT:
-            pytest.skip(f"cluster tier: SLURM cannot be installed here ({res.stderr.strip().splitlines()[-1]})")
+            pytest.skip(
+                f"cluster tier: SLURM cannot be installed here ({res.stderr.strip().splitlines()[-1]})"
+            )
         assert res.returncode == 0, f"slurm_local.sh start failed:\n{res.stdout}\n{res.stderr}"
         cluster = cu.Cluster(started_here=True)
     t0 = time.monotonic()
@@ -70,7 +72,9 @@ def slurm() -> Iterator[cu.Cluster]:
             res = cu.run(["bash", str(cu.START_STOP), "stop"], timeout=120)
             assert res.returncode == 0, res.stderr
         c = cluster.counts
-        _figures.append(f"cluster tier: {c['jobs_submitted']} jobs submitted, {c['preemptions_survived']} "
-                        f"preemptions and {c['time_limits_survived']} time limits survived, "
-                        f"{c['bytes_compared']} bytes compared; SLURM {'started here' if cluster.started_here else 'found running'}, "
-                        f"{time.monotonic() - t0:.0f} s of tests")
+        _figures.append(
+            f"cluster tier: {c['jobs_submitted']} jobs submitted, {c['preemptions_survived']} "
+            f"preemptions and {c['time_limits_survived']} time limits survived, "
+            f"{c['bytes_compared']} bytes compared; SLURM {'started here' if cluster.started_here else 'found running'}, "
+            f"{time.monotonic() - t0:.0f} s of tests"
+        )

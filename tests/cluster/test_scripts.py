@@ -19,7 +19,8 @@ def test_there_are_scripts() -> None:
 def test_docs_show_the_submitted_script(script) -> None:
     docs = (cu.REPO_ROOT / "docs" / "training.md").read_text()
     assert f"```bash\n{script.read_text()}```\n" in docs, (
-        f"docs/training.md must show {script.relative_to(cu.REPO_ROOT)} whole, in a ```bash block")
+        f"docs/training.md must show {script.relative_to(cu.REPO_ROOT)} whole, in a ```bash block"
+    )
 
 
 @pytest.mark.parametrize("script", [*SBATCH, cu.START_STOP], ids=lambda p: p.name)

@@ -20,9 +20,21 @@ from dpal.config import CacheConfig
 from dpal.pipeline.engine import run_cache
 from dpal.store import MARKERS_DIR, done_shards, read_attrs, verify_store
 
-BIG_SHARD = 3  # conftest.SHARD_SIZE: big_corpus_dir's 30 images -> 10 shards, long enough to cancel a worker mid-run
-SLURM_SETS = ["--set", "slurm.jobs=2", "--set", "slurm.gpus_per_job=0",
-              "--set", "slurm.cores=1", "--set", "slurm.memory=1GB", "--set", "slurm.walltime=00:05:00"]
+BIG_SHARD = (
+    3  # conftest.SHARD_SIZE: big_corpus_dir's 30 images -> 10 shards, long enough to cancel a worker mid-run
+)
+SLURM_SETS = [
+    "--set",
+    "slurm.jobs=2",
+    "--set",
+    "slurm.gpus_per_job=0",
+    "--set",
+    "slurm.cores=1",
+    "--set",
+    "slurm.memory=1GB",
+    "--set",
+    "slurm.walltime=00:05:00",
+]
 
 
 def store_files(store: Path) -> dict[str, Path]:
@@ -73,8 +85,9 @@ def assert_verified(store: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def big_ref(tmp_path_factory: pytest.TempPathFactory, big_corpus_dir: Path,
-            make_config: Callable[..., CacheConfig]) -> Path:
+def big_ref(
+    tmp_path_factory: pytest.TempPathFactory, big_corpus_dir: Path, make_config: Callable[..., CacheConfig]
+) -> Path:
     """big_corpus_dir's store with shards of 3, written by this process alone."""
     out = tmp_path_factory.mktemp("big_ref") / "store"
     assert run_cache(make_config(big_corpus_dir, out, shard_size=BIG_SHARD), show_progress=False).complete
@@ -87,19 +100,31 @@ def squeue_jobs(name: str) -> dict[int, str]:
     return {int(j): st for j, st in (ln.split() for ln in res.stdout.splitlines())}
 
 
-def test_dask_worker_jobs_one_cancelled_mid_run(slurm: cu.Cluster, tmp_path: Path, big_corpus_dir: Path, big_ref: Path,
-                                                cli_args: Callable[..., list[str]],
-                                                child_env: dict[str, str]) -> None:
+def test_dask_worker_jobs_one_cancelled_mid_run(
+    slurm: cu.Cluster,
+    tmp_path: Path,
+    big_corpus_dir: Path,
+    big_ref: Path,
+    cli_args: Callable[..., list[str]],
+    child_env: dict[str, str],
+) -> None:
     """Two dask-jobqueue worker jobs; once both run and a shard is done, `scancel` one of them.
     The other finishes every shard, none lost or half-written, and the store equals big_ref."""
     out = tmp_path / "store"
-    cmd = [str(cu.BIN / "dpal"), *cli_args(big_corpus_dir, out, "--slurm",
-                                        *SLURM_SETS, "--quiet")]
+    cmd = [str(cu.BIN / "dpal"), *cli_args(big_corpus_dir, out, "--slurm", *SLURM_SETS, "--quiet")]
     # cwd: dask-jobqueue writes each worker job's log (slurm-N.out) in the driver's folder
-    proc = subprocess.Popen(cmd, env=child_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=child_env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     seen: set[int] = set()
     try:
+
         def both_running_and_one_shard_done() -> bool:
             jobs = squeue_jobs("dpal-cache")
             seen.update(jobs)
@@ -125,24 +150,46 @@ def test_dask_worker_jobs_one_cancelled_mid_run(slurm: cu.Cluster, tmp_path: Pat
     slurm.counts["bytes_compared"] += assert_bytes_equal(out, big_ref)
 
 
-def test_array_job_script(slurm: cu.Cluster, tmp_path: Path, corpus_dir: Path, ref_store: Path,
-                          cli_args: Callable[..., list[str]], child_env: dict[str, str]) -> None:
+def test_array_job_script(
+    slurm: cu.Cluster,
+    tmp_path: Path,
+    corpus_dir: Path,
+    ref_store: Path,
+    cli_args: Callable[..., list[str]],
+    child_env: dict[str, str],
+) -> None:
     """scripts/slurm/cache-array.sbatch as docs/training.md shows it: three array tasks of two
     shards each (5 shards: the last task gets one) write one store equal to ref_store."""
     out = tmp_path / "store"
     args = cli_args(corpus_dir, out)
-    cache_args = args[args.index("--teacher"):]  # everything but --corpus/--out, which the script sets
-    env = {**child_env, "DPAL": str(cu.BIN / "dpal"), "DPAL_CORPUS": str(corpus_dir), "DPAL_OUT": str(out),
-           "DPAL_SHARDS_PER_TASK": "2", "DPAL_CACHE_ARGS": " ".join(cache_args)}
+    cache_args = args[args.index("--teacher") :]  # everything but --corpus/--out, which the script sets
+    env = {
+        **child_env,
+        "DPAL": str(cu.BIN / "dpal"),
+        "DPAL_CORPUS": str(corpus_dir),
+        "DPAL_OUT": str(out),
+        "DPAL_SHARDS_PER_TASK": "2",
+        "DPAL_CACHE_ARGS": " ".join(cache_args),
+    }
     log = tmp_path / "task-%a.log"
-    job = slurm.sbatch(cu.SCRIPTS / "cache-array.sbatch", "--array=0-2", "--gpus=0", "--cpus-per-task=1",
-                       "--mem=1G", "--time=5", f"--output={log}", env=env)
+    job = slurm.sbatch(
+        cu.SCRIPTS / "cache-array.sbatch",
+        "--array=0-2",
+        "--gpus=0",
+        "--cpus-per-task=1",
+        "--mem=1G",
+        "--time=5",
+        f"--output={log}",
+        env=env,
+    )
     slurm.counts["jobs_submitted"] += 2  # three array tasks, each a job
     logs = [tmp_path / f"task-{i}.log" for i in range(3)]
 
     def all_done() -> bool:
         return not squeue_jobs("dpal-cache") or all(
-            cu.job_field(f"{job}_{i}", "JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"} for i in range(3))
+            cu.job_field(f"{job}_{i}", "JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
+            for i in range(3)
+        )
 
     cu.wait_until(all_done, f"array job {job}'s three tasks", 240)
     time.sleep(0.5)

@@ -32,21 +32,38 @@ JOB_OPTIONS = ["--gpus-per-node=0", "--cpus-per-task=2", "--mem=2G"]
 def distill_args(epochs: int, *extra: str) -> str:
     """DPAL_DISTILL_ARGS: u.distill_args without --store/--out (the script passes them); the
     student's JSON without spaces, since the script splits the variable into words."""
-    args = u.distill_args(Path("unused"), Path("unused"), "--batch-size", str(BATCH), "--epochs", str(epochs), *extra)
-    args = [f"student_kwargs={json.dumps(u.STUDENT_KWARGS, separators=(',', ':'))}"
-            if a.startswith("student_kwargs=") else a for a in args[5:]]
+    args = u.distill_args(
+        Path("unused"), Path("unused"), "--batch-size", str(BATCH), "--epochs", str(epochs), *extra
+    )
+    args = [
+        f"student_kwargs={json.dumps(u.STUDENT_KWARGS, separators=(',', ':'))}"
+        if a.startswith("student_kwargs=")
+        else a
+        for a in args[5:]
+    ]
     assert not any(" " in a for a in args)
     return " ".join(args)
 
 
 def job_env(store: Path, run: Path, nproc: int, args: str) -> dict[str, str]:
-    return {**u.env(), "TORCHRUN": str(cu.BIN / "torchrun"), "DPAL_NPROC": str(nproc), "DPAL_STORE": str(store),
-            "DPAL_RUN": str(run), "DPAL_DISTILL_ARGS": args}
+    return {
+        **u.env(),
+        "TORCHRUN": str(cu.BIN / "torchrun"),
+        "DPAL_NPROC": str(nproc),
+        "DPAL_STORE": str(store),
+        "DPAL_RUN": str(run),
+        "DPAL_DISTILL_ARGS": args,
+    }
 
 
 def export(run: Path, out: Path) -> bytes:
-    res = subprocess.run([str(cu.BIN / "dpal"), "export", str(run), "--out", str(out)], env=u.env(),
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [str(cu.BIN / "dpal"), "export", str(run), "--out", str(out)],
+        env=u.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     return out.read_bytes()
 
@@ -82,19 +99,39 @@ def test_requeued_mid_run_resumes_to_the_same_weights(slurm: cu.Cluster, tmp_pat
     args = distill_args(EPOCHS)
     run, log = tmp_path / "run", tmp_path / "job.log"
     # --time=10: the script's USR1 @300 comes 4 to 5 minutes in, long after this job ends
-    job = slurm.sbatch(SCRIPT, *JOB_OPTIONS, "--time=10", f"--output={log}", env=job_env(store, run, NPROC, args))
+    job = slurm.sbatch(
+        SCRIPT, *JOB_OPTIONS, "--time=10", f"--output={log}", env=job_env(store, run, NPROC, args)
+    )
 
     total = EPOCHS * 2  # 10 images // global batch 4 = 2 steps per epoch
     cu.wait_state(job, {"RUNNING"}, 60, log)
-    cu.wait_until(lambda: steps_logged(run) >= 3 or cu.job_field(job, "JobState") != "RUNNING", "three steps of the job",
-                  120, log)
+    cu.wait_until(
+        lambda: steps_logged(run) >= 3 or cu.job_field(job, "JobState") != "RUNNING",
+        "three steps of the job",
+        120,
+        log,
+    )
     assert cu.job_field(job, "JobState") == "RUNNING", log.read_text()[-3000:]
     assert cu.run(["scontrol", "requeue", str(job)]).returncode == 0
     requeue_now(job, log)
     # the uninterrupted run, while the job resumes: the same torchrun command, outside SLURM
     ref = tmp_path / "ref"
-    cmd = [str(cu.BIN / "torchrun"), "--standalone", "--nproc-per-node", str(NPROC), "-m", "dpal.cli", "distill",
-           "--store", str(store), "--out", str(ref), *args.split(), "--resume", "auto"]
+    cmd = [
+        str(cu.BIN / "torchrun"),
+        "--standalone",
+        "--nproc-per-node",
+        str(NPROC),
+        "-m",
+        "dpal.cli",
+        "distill",
+        "--store",
+        str(store),
+        "--out",
+        str(ref),
+        *args.split(),
+        "--resume",
+        "auto",
+    ]
     done = subprocess.run(cmd, env=u.env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"done: step {total}," in done.stdout
@@ -124,8 +161,14 @@ def test_time_limit_checkpoints_and_requeues_itself(slurm: cu.Cluster, tmp_path:
     args = distill_args(100_000, "--set", "checkpoint_every=1000000")
     run, log = tmp_path / "run", tmp_path / "job.log"
     # one rank is enough here, and leaves the other core to the rest of the tier
-    job = slurm.sbatch(SCRIPT, *JOB_OPTIONS, "--time=3", "--signal=B:USR1@60", f"--output={log}",
-                       env=job_env(store, run, 1, args))
+    job = slurm.sbatch(
+        SCRIPT,
+        *JOB_OPTIONS,
+        "--time=3",
+        "--signal=B:USR1@60",
+        f"--output={log}",
+        env=job_env(store, run, 1, args),
+    )
     cu.wait_state(job, {"RUNNING"}, 60, log)
     cu.wait_until(lambda: cu.job_field(job, "Restarts") == "1", "the job to requeue itself", 200, log)
     requeue_now(job, log)
@@ -136,8 +179,12 @@ def test_time_limit_checkpoints_and_requeues_itself(slurm: cu.Cluster, tmp_path:
     k = int(stopped.group(1))
     assert u.checkpoint_steps(run) == [k] and k > 0
 
-    cu.wait_until(lambda: "SLURM_RESTART_COUNT=1" in log.read_text() and steps_logged(run) > k,
-                  "the requeued job to train past its checkpoint", 120, log)
+    cu.wait_until(
+        lambda: "SLURM_RESTART_COUNT=1" in log.read_text() and steps_logged(run) > k,
+        "the requeued job to train past its checkpoint",
+        120,
+        log,
+    )
     text = log.read_text()
     assert re.search(rf"resumed from \S+step-{k:08d}\.pt at step {k} ", text), text[-3000:]
     assert cu.run(["scancel", str(job)]).returncode == 0
