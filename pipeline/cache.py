@@ -215,11 +215,11 @@ def teacher_targets(
 
 
 def _decode_rows(
-    reader: StoreReader, start: int, stop: int, cfg: CacheConfig
+    reader: StoreReader, start: int, stop: int, keys: np.ndarray, cfg: CacheConfig
 ) -> tuple[list[Any], list[Any], list[dict[str, Any]]]:
-    """Rows [start, stop) of the corpus, decoded: (images, (key, bytes, ext) for the image tar,
-    skipped rows with their reason); a bad row is None in both lists (StrictModeError if strict)."""
-    keys = reader.array(KEYS)[start:stop]
+    """Rows [start, stop) of the corpus (`keys`: their keys), decoded: (images, (key, bytes, ext) for
+    the image tar, skipped rows with their reason); a bad row is None in both lists (StrictModeError
+    if strict)."""
     sources = reader.array(SOURCE)[start:stop]
     offsets = reader.array(SOURCE_OFFSET)[start:stop]
     sizes = reader.array(SOURCE_SIZE)[start:stop]
@@ -326,7 +326,7 @@ def cache_shard(
         return ShardReport(shard, stop - start, 0, 0, 0.0, already_done=True)
     rows = stop - start
     keys = reader.array(KEYS)[start:stop]
-    images, blobs, skipped = _decode_rows(reader, start, stop, cfg)
+    images, blobs, skipped = _decode_rows(reader, start, stop, keys, cfg)  # keys read once per shard
     good = [r for r in range(rows) if images[r] is not None]
     params, feats, kls = _targets(teacher, cfg, layout, start, keys, images, good, device, replay_threads)
     valid = np.zeros(rows, dtype=np.uint8)
