@@ -529,7 +529,8 @@ def eval_reid(
 
     Market's protocol: junk images (pid -1) and same-pid same-camera gallery images are excluded
     per query; distractors (pid 0000) stay as negatives. Prints mAP and CMC Rank-1/5/10, in percent
-    (--json too).
+    (--json too), with 90% bootstrap intervals over queries for mAP and Rank-1 (mAP_lo, mAP_hi,
+    rank1_lo, rank1_hi in --json).
     """
     import torch
 
@@ -546,7 +547,8 @@ def eval_reid(
         )
         res = evaluate_reid(emb, data, batch_size)
     if as_json:  # one unit wherever the command prints: percent, as the table shows and papers report
-        pct = {k: 100 * v if k in ("mAP", "rank1", "rank5", "rank10") else v for k, v in res.items()}
+        metrics = ("mAP", "rank1", "rank5", "rank10", "mAP_lo", "mAP_hi", "rank1_lo", "rank1_hi")
+        pct = {k: 100 * v if k in metrics else v for k, v in res.items()}
         typer.echo(
             json.dumps(
                 {
@@ -560,8 +562,8 @@ def eval_reid(
         return
     typer.echo(format_table([{"model": emb.name, **res}]))
     typer.echo(
-        f"mAP and CMC in percent; {res['num_query']} queries, {res['num_gallery']} gallery images at "
-        f"{res['image_size']}"
+        f"mAP and CMC in percent, [90% bootstrap interval over queries]; {res['num_query']} queries, "
+        f"{res['num_gallery']} gallery images at {res['image_size']}"
     )
 
 

@@ -122,17 +122,31 @@ def resolve_model(
     return _student_embedder(f"{model} (random)", student, size, "random", feature)
 
 
-def evaluate_reid(embedder: Embedder, data: str | Path, batch_size: int = 64) -> dict[str, float]:
-    """Market-1501 protocol on `data` (query/ and bounding_box_test/): mAP and CMC rank-1/5/10."""
-    from dpal.reid import evaluate_ranking, extract_features, read_market
+def evaluate_reid(
+    embedder: Embedder, data: str | Path, batch_size: int = 64, per_query: bool = False, level: float = 0.9
+) -> dict:
+    """Market-1501 protocol on `data` (query/ and bounding_box_test/): mAP and CMC rank-1/5/10.
+
+    Also the percentile bootstrap interval over queries (`dpal.reid.bootstrap_interval`, `level`,
+    seed 0) of mAP and rank-1, as "mAP_lo", "mAP_hi", "rank1_lo", "rank1_hi" in [0, 1]. With
+    `per_query`, "per_query_ap" and "per_query_rank1" hold each valid query's AP and rank-1 hit
+    ((Nv,) float64, in query-file order; "per_query_index" their positions in the sorted query
+    list), for `dpal.reid.paired_bootstrap` between two models scored on the same folder.
+    """
+    from dpal.reid import bootstrap_interval, extract_features, read_market, score_queries, summarize_scores
 
     split = read_market(data)
     qf = extract_features(embedder.fn, split.query.paths, embedder.image_size, batch_size)
     gf = extract_features(embedder.fn, split.gallery.paths, embedder.image_size, batch_size)
-    res = evaluate_ranking(qf, gf, split.query.pids, split.query.cams, split.gallery.pids, split.gallery.cams)
-    return {
-        **res,
-        "num_query": len(split.query.paths),
-        "num_gallery": len(split.gallery.paths),
-        "image_size": list(embedder.image_size),
-    }
+    scores = score_queries(qf, gf, split.query.pids, split.query.cams, split.gallery.pids, split.gallery.cams)
+    res: dict = summarize_scores(scores)
+    for key, values in (("mAP", scores.ap), ("rank1", scores.rank1)):
+        res[f"{key}_lo"], res[f"{key}_hi"] = bootstrap_interval(values, level)
+    res.update(
+        num_query=len(split.query.paths),
+        num_gallery=len(split.gallery.paths),
+        image_size=list(embedder.image_size),
+    )
+    if per_query:
+        res.update(per_query_ap=scores.ap, per_query_rank1=scores.rank1, per_query_index=scores.index)
+    return res

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,6 +34,8 @@ DISTRACTOR_PID = 0
 MARKET_NAME = re.compile(r"^(?P<pid>-1|\d{4})_c(?P<cam>\d+)s\d+_\d+_\d+\.jpg$")
 TABLE_RANKS = (1, 5, 10)
 RANK_CHUNK = 256
+BOOTSTRAP_SAMPLES = 10_000
+BOOTSTRAP_BLOCK = 1000  # resamples drawn at once: 1000 x Nq indices
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,75 @@ def _check_ranking_inputs(
         raise ValueError(f"max_rank must be at least 1, got {max_rank}")
 
 
+@dataclass(frozen=True)
+class QueryScores:
+    """Each query's score in a ranking (see `score_queries`); queries without a true match left out.
+
+    Attributes:
+        index: (Nv,) int64 positions, in the query list, of the Nv queries that have a true match.
+        ap: (Nv,) float64 average precision of each of them.
+        cmc: (Nv, max_rank) bool, [i, k - 1] true when query i has a true match among its first k.
+        num_queries: Nq, every query given, with or without a true match.
+    """
+
+    index: np.ndarray
+    ap: np.ndarray
+    cmc: np.ndarray
+    num_queries: int
+
+    @property
+    def rank1(self) -> np.ndarray:
+        """(Nv,) float64: 1.0 where the first ranked gallery image is a true match, else 0.0."""
+        return self.cmc[:, 0].astype(np.float64)
+
+
+def score_queries(
+    query_feats: Tensor | np.ndarray,
+    gallery_feats: Tensor | np.ndarray,
+    q_pids: Tensor | np.ndarray,
+    q_cams: Tensor | np.ndarray,
+    g_pids: Tensor | np.ndarray,
+    g_cams: Tensor | np.ndarray,
+    max_rank: int = 10,
+) -> QueryScores:
+    """Per-query AP and CMC of ranking the gallery for each query by cosine similarity.
+
+    The rules are `evaluate_ranking`'s (which averages these): features L2-normalised, ties keep
+    gallery order, junk (pid -1) and the query's pid seen by the query's camera removed, distractors
+    (pid 0) kept as negatives, a query with no remaining true match left out.
+
+    Raises:
+        ValueError: shapes disagree, max_rank < 1, or no query has a true match.
+    """
+    q, g = _as_array(query_feats, np.float64), _as_array(gallery_feats, np.float64)
+    q_pids, q_cams = _as_array(q_pids, np.int64), _as_array(q_cams, np.int64)
+    g_pids, g_cams = _as_array(g_pids, np.int64), _as_array(g_cams, np.int64)
+    _check_ranking_inputs(q, g, q_pids, q_cams, g_pids, g_cams, max_rank)
+
+    q = q / np.clip(np.linalg.norm(q, axis=1, keepdims=True), 1e-12, None)
+    g = g / np.clip(np.linalg.norm(g, axis=1, keepdims=True), 1e-12, None)
+    index, aps, cmcs = [], [], []
+    for i in range(len(q)):
+        if i % RANK_CHUNK == 0:
+            # a chunk of rows at a time keeps memory at RANK_CHUNK x Ng for Market's 3368 x 19732
+            order = np.argsort(-(q[i : i + RANK_CHUNK] @ g.T), axis=1, kind="stable")
+        ranked = order[i % RANK_CHUNK]  # (Ng,) gallery indices, best first
+        same_view = (g_pids[ranked] == q_pids[i]) & (g_cams[ranked] == q_cams[i])
+        keep = ~same_view & (g_pids[ranked] != JUNK_PID)
+        hits = (g_pids[ranked][keep] == q_pids[i]).astype(np.float64)  # ranking with removals
+        if not hits.any():
+            continue
+        ranks = np.arange(1, len(hits) + 1)
+        precision = np.cumsum(hits) / ranks
+        index.append(i)
+        aps.append(float((precision * hits).sum() / hits.sum()))
+        first = int(np.argmax(hits))  # 0-based rank of the first true match
+        cmcs.append(np.arange(max_rank) >= first)
+    if not aps:
+        raise InputError("no query has a true match in the gallery (other than same-camera images)")
+    return QueryScores(np.asarray(index, dtype=np.int64), np.asarray(aps), np.stack(cmcs), num_queries=len(q))
+
+
 def evaluate_ranking(
     query_feats: Tensor | np.ndarray,
     gallery_feats: Tensor | np.ndarray,
@@ -224,7 +296,7 @@ def evaluate_ranking(
 
     AP of a query is the mean, over its true matches, of the precision at each match's rank (hits
     so far / rank), i.e. the usual `np.cumsum` formulation. CMC rank-k is the fraction of queries
-    with a true match among their first k.
+    with a true match among their first k. `score_queries` gives the per-query values.
 
     Args:
         query_feats: (Nq, D).
@@ -240,40 +312,115 @@ def evaluate_ranking(
     Raises:
         ValueError: shapes disagree, max_rank < 1, or no query has a true match.
     """
-    q, g = _as_array(query_feats, np.float64), _as_array(gallery_feats, np.float64)
-    q_pids, q_cams = _as_array(q_pids, np.int64), _as_array(q_cams, np.int64)
-    g_pids, g_cams = _as_array(g_pids, np.int64), _as_array(g_cams, np.int64)
-    _check_ranking_inputs(q, g, q_pids, q_cams, g_pids, g_cams, max_rank)
+    scores = score_queries(query_feats, gallery_feats, q_pids, q_cams, g_pids, g_cams, max_rank)
+    return summarize_scores(scores)
 
-    q = q / np.clip(np.linalg.norm(q, axis=1, keepdims=True), 1e-12, None)
-    g = g / np.clip(np.linalg.norm(g, axis=1, keepdims=True), 1e-12, None)
-    aps, cmcs = [], []
-    for i in range(len(q)):
-        if i % RANK_CHUNK == 0:
-            # a chunk of rows at a time keeps memory at RANK_CHUNK x Ng for Market's 3368 x 19732
-            order = np.argsort(-(q[i : i + RANK_CHUNK] @ g.T), axis=1, kind="stable")
-        ranked = order[i % RANK_CHUNK]  # (Ng,) gallery indices, best first
-        same_view = (g_pids[ranked] == q_pids[i]) & (g_cams[ranked] == q_cams[i])
-        keep = ~same_view & (g_pids[ranked] != JUNK_PID)
-        hits = (g_pids[ranked][keep] == q_pids[i]).astype(np.float64)  # ranking with removals
-        if not hits.any():
-            continue
-        ranks = np.arange(1, len(hits) + 1)
-        precision = np.cumsum(hits) / ranks
-        aps.append(float((precision * hits).sum() / hits.sum()))
-        first = int(np.argmax(hits))  # 0-based rank of the first true match
-        cmcs.append(np.arange(max_rank) >= first)
-    if not aps:
-        raise InputError("no query has a true match in the gallery (other than same-camera images)")
 
-    cmc = np.mean(cmcs, axis=0)  # (max_rank,)
-    result: dict[str, float | int] = {"mAP": float(np.mean(aps))}
+def summarize_scores(scores: QueryScores) -> dict[str, float | int]:
+    """mAP, CMC rank-1/5/10 (those within max_rank) and the query counts of `evaluate_ranking`."""
+    cmc = scores.cmc.mean(axis=0)  # (max_rank,)
+    result: dict[str, float | int] = {"mAP": float(np.mean(scores.ap))}
     for k in TABLE_RANKS:
-        if k <= max_rank:
+        if k <= len(cmc):
             result[f"rank{k}"] = float(cmc[k - 1])
-    result["num_valid_queries"] = len(aps)
-    result["num_skipped_queries"] = len(q) - len(aps)
+    result["num_valid_queries"] = len(scores.ap)
+    result["num_skipped_queries"] = scores.num_queries - len(scores.ap)
     return result
+
+
+def _bootstrap_means(values: np.ndarray, num_samples: int, seed: int) -> np.ndarray:
+    """(num_samples,) means of `values` resampled with replacement, drawn in fixed-size blocks."""
+    rng = np.random.default_rng(seed)
+    n = len(values)
+    means = []
+    for start in range(0, num_samples, BOOTSTRAP_BLOCK):
+        rows = min(BOOTSTRAP_BLOCK, num_samples - start)
+        means.append(values[rng.integers(0, n, size=(rows, n))].mean(axis=1))
+    return np.concatenate(means)
+
+
+def _check_bootstrap_args(values: np.ndarray, level: float, num_samples: int) -> None:
+    if values.ndim != 1 or len(values) == 0:
+        raise ValueError(f"bootstrap needs a non-empty 1-D array, got shape {values.shape}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+
+
+def bootstrap_interval(
+    values: Sequence[float] | np.ndarray,
+    level: float = 0.9,
+    num_samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (e.g. per-query AP).
+
+    `num_samples` resamples of len(values) items with replacement, from a generator seeded with
+    `seed`, so the result is the same on every call; the interval is the (1 - level) / 2 and
+    (1 + level) / 2 quantiles of their means (numpy's linear interpolation). It treats the values as
+    independent draws: queries cut from neighbouring frames of one walk are not, and then the
+    interval is too narrow.
+
+    Returns:
+        (lo, hi).
+
+    Raises:
+        ValueError: values empty or not 1-D, level outside (0, 1), num_samples < 1.
+    """
+    arr = np.asarray(values, dtype=np.float64)
+    _check_bootstrap_args(arr, level, num_samples)
+    means = _bootstrap_means(arr, num_samples, seed)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+class PairedDifference(NamedTuple):
+    """mean(a) - mean(b) over the same queries, and its bootstrap interval (see `paired_bootstrap`)."""
+
+    mean: float
+    lo: float
+    hi: float
+
+
+def paired_bootstrap(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    level: float = 0.9,
+    num_samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+) -> PairedDifference:
+    """Difference of two models scored on the same queries (a[i] and b[i] from query i).
+
+    Both are resampled with the same query indices, i.e. `bootstrap_interval` of a - b: queries that
+    are hard for both models cancel, so the interval is narrower than comparing two separate
+    intervals. An interval that excludes 0 says the difference is larger than the query sampling
+    noise.
+
+    Raises:
+        ValueError: a and b differ in shape, or as `bootstrap_interval`.
+    """
+    a_arr, b_arr = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a_arr.shape != b_arr.shape:
+        raise ValueError(
+            f"paired_bootstrap needs scores of the same queries, got {a_arr.shape} and {b_arr.shape}"
+        )
+    diff = a_arr - b_arr
+    lo, hi = bootstrap_interval(diff, level, num_samples, seed)
+    return PairedDifference(float(diff.mean()), lo, hi)
+
+
+INTERVAL_CELL = len("  99.9 [100.0, 100.0]")  # a metric and its interval, as `format_table` prints it
+
+
+def _cell(row: dict, key: str, scale: float, with_interval: bool) -> str:
+    """One metric in percent; `value [lo, hi]` in a column that shows intervals (blank when absent)."""
+    text = f"{scale * row[key]:6.1f}"
+    if not with_interval:
+        return text
+    if f"{key}_lo" in row:
+        text += f" [{scale * row[key + '_lo']:.1f}, {scale * row[key + '_hi']:.1f}]"
+    return f"{text:<{INTERVAL_CELL}}"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -282,7 +429,9 @@ def format_table(rows: list[dict]) -> str:
     Args:
         rows: dicts with "model" (a name) and "mAP", "rank1", "rank5", "rank10" in [0, 1], as
             returned by `evaluate_ranking`, or already in percent where the row says
-            "unit": "percent" (as `dpal eval reid --json` prints them); extra keys are ignored.
+            "unit": "percent" (as `dpal eval reid --json` prints them); extra keys are ignored,
+            except "mAP_lo"/"mAP_hi" and "rank1_lo"/"rank1_hi" (bootstrap intervals, in the row's
+            unit), which are shown after the value as `33.8 [30.1, 37.2]` when any row has them.
 
     Returns:
         The table, lines joined by newlines, no trailing newline.
@@ -295,10 +444,15 @@ def format_table(rows: list[dict]) -> str:
         missing = [k for k in ("model", *keys) if k not in row]
         if missing:
             raise ValueError(f"results row {row!r} lacks {missing}")
+    shown = {k: any(f"{k}_lo" in row for row in rows) for k in keys}
     width = max([len("model"), *(len(str(row["model"])) for row in rows)])
-    lines = [f"{'model':<{width}}  {'mAP':>6}  {'R1':>6}  {'R5':>6}  {'R10':>6}"]
+    names = ("mAP", "R1", "R5", "R10")
+    header = [
+        f"{name:>6}".ljust(INTERVAL_CELL if shown[k] else 6) for k, name in zip(keys, names, strict=True)
+    ]
+    lines = [f"{'model':<{width}}  " + "  ".join(header)]
     for row in rows:
         scale = 1 if row.get("unit") == "percent" else 100
-        values = "  ".join(f"{scale * row[k]:6.1f}" for k in keys)
-        lines.append(f"{str(row['model']):<{width}}  {values}")
+        values = "  ".join(_cell(row, k, scale, shown[k]) for k in keys)
+        lines.append(f"{str(row['model']):<{width}}  {values}".rstrip())
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,11 @@ def test_random_model_prints_market_metrics_as_json(market: Path) -> None:
     assert res["num_valid_queries"] == 2  # the same-camera copy of query 1 is excluded, c2 matches remain
     assert 0.0 < res["mAP"] <= 100.0 and res["rank10"] == 100.0  # 3 valid gallery images: all within rank 10
     assert res["unit"] == "percent"
+    # 90% bootstrap intervals over the 2 queries, in percent too: mAP > 1 (each AP is at least 1/3),
+    # and a rank-1 mean over 2 queries is 0, 50 or 100 whatever the resample
+    assert res["mAP_lo"] <= res["mAP"] <= res["mAP_hi"] <= 100.0 and res["mAP"] > 1.0
+    assert {res["rank1_lo"], res["rank1_hi"]} <= {0.0, 50.0, 100.0}
+    assert res["rank1_lo"] <= res["rank1"] <= res["rank1_hi"]
 
 
 def test_bad_feature_and_bad_folder_are_one_line_errors(market: Path, tmp_path: Path) -> None:
@@ -91,10 +97,11 @@ def test_an_exported_student_is_named_by_its_model_and_scored_in_percent_in_tabl
     assert res["model"] == "vit_tiny_patch16_224 (student.safetensors)" and res["unit"] == "percent"
     table = _run("--model", str(path), "--data", str(market)).stdout.splitlines()
     row = next(ln for ln in table if ln.startswith("vit_tiny_patch16_224 (student.safetensors)"))
-    # the table's numbers are the JSON's, to its one decimal: one unit
-    assert [float(v) for v in row.split()[-4:]] == [
-        round(res[k], 1) for k in ("mAP", "rank1", "rank5", "rank10")
-    ]
+    # the table's numbers are the JSON's, to its one decimal: one unit; mAP and R1 with [lo, hi]
+    numbers = re.findall(r"\d+\.\d", row.removeprefix("vit_tiny_patch16_224 (student.safetensors)"))
+    keys = ("mAP", "mAP_lo", "mAP_hi", "rank1", "rank1_lo", "rank1_hi", "rank5", "rank10")
+    assert [float(v) for v in numbers] == [round(res[k], 1) for k in keys]
+    assert "[" in row and "90% bootstrap interval" in table[-1]
     assert 1.0 < res["mAP"] <= 100.0 and "in percent" in table[-1]
 
 
@@ -118,3 +125,18 @@ def test_a_run_directory_is_named_by_its_student_and_step(market: Path, tmp_path
         _run("--model", str(tmp_path / "run"), "--data", str(market), "--json").stdout.splitlines()[-1]
     )
     assert res["model"] == "vit_tiny_patch16_224 step 7 (run)"
+
+
+def test_evaluate_reid_per_query_scores(market: Path) -> None:
+    # Mean colour as the feature: after ImageNet normalisation red (200, 30, 30), blue (30, 30, 200)
+    # and green (30, 200, 30) have negative cosine with each other, so each query ranks its own
+    # person's c2 image first: AP 1 and a rank-1 hit for both, and every resample's mean is 1.
+    from dpal.evaluate import Embedder, evaluate_reid
+
+    emb = Embedder("colour", lambda x: x.mean(dim=(2, 3)), (32, 16), "random")
+    res = evaluate_reid(emb, market, per_query=True)
+    assert res["per_query_ap"].tolist() == [1.0, 1.0] and res["per_query_rank1"].tolist() == [1.0, 1.0]
+    assert res["per_query_index"].tolist() == [0, 1]
+    assert (res["mAP"], res["mAP_lo"], res["mAP_hi"]) == (1.0, 1.0, 1.0)
+    assert (res["rank1"], res["rank1_lo"], res["rank1_hi"]) == (1.0, 1.0, 1.0)
+    assert "per_query_ap" not in evaluate_reid(emb, market)
