@@ -8,8 +8,9 @@ and linked into tracks by box IoU with a colour-histogram gate, so that a track 
 person it crosses; broken tracks are stitched, and held-out tracks of one person who comes back
 are joined into one identity. Only crops that no other detection covers are written. Because the
 video has one camera, each held-out person gets two pseudo-cameras by time (c1 for the first half
-of their frames, c2 for the second), so Market's rule that drops gallery images of the query's
-person seen by the query's camera leaves the c2 images as the true matches of a c1 query. Scene
+of their frames, c2 for the second). Every few usable detections of each half go to both query/
+and bounding_box_test/; Market's rule that drops gallery images of the query's person seen by the
+query's camera leaves a c1 query's c2 images as its true matches, and the other way round. Scene
 background cut where people walk, at person scale, is the distractor set (pid 0000). The output
 is deterministic for a given video and seed.
 
@@ -574,32 +575,33 @@ def plan_reid(
     tracks: list[Track],
     boxes_per_frame: list[np.ndarray],
     out: Path,
-    num_query: int,
-    gallery_stride: int,
+    stride: int,
     max_overlap: float,
 ) -> list[CropJob]:
-    """Queries from the first half (c1) of each person's detections; gallery from the second (c2).
+    """Two pseudo-cameras per person, each queried against the other.
 
-    Only unoccluded detections are used: `num_query` spread evenly over c1, and every
-    `gallery_stride`-th of c2. A person with no usable detection in either half is left out.
+    A person's detections are split in time: the first half is camera c1, the second c2. Every
+    `stride`-th unoccluded detection of each half is written twice, to query/ and to
+    bounding_box_test/ under the same name. Market's rule drops gallery images of the query's person
+    seen by the query's camera, so a c1 query's true matches are that person's c2 images and the
+    other way round. A person with no usable detection in either half is left out.
     """
     jobs = []
     for tr in tracks:
         half = len(tr) // 2
         clear = [k for k, ok in enumerate(clear_of_others(tr, boxes_per_frame, max_overlap)) if ok]
-        c1 = [k for k in clear if k < half]
-        c2 = [k for k in clear if k >= half]
-        if not c1 or not c2:
+        halves = {1: [k for k in clear if k < half], 2: [k for k in clear if k >= half]}
+        if not halves[1] or not halves[2]:
             logger.info("identity %d left out: no unoccluded detection in one half", tr.track_id)
             continue
-        picks = [(c1[i], 1, "query", "q") for i in even_pick(len(c1), num_query)]
-        picks += [(k, 2, "bounding_box_test", "g") for k in c2[::gallery_stride]]
-        for k, cam, split, label in picks:
-            f = tr.frames[k]
-            name = f"{tr.track_id:04d}_c{cam}s1_{f:06d}_00.jpg"
-            jobs.append(
-                CropJob(f, tuple(tr.boxes[k]), out / split / name, f"heldout_t{tr.track_id:04d}", label)
-            )
+        for cam, picks in halves.items():
+            for k in picks[::stride]:
+                f = tr.frames[k]
+                name = f"{tr.track_id:04d}_c{cam}s1_{f:06d}_00.jpg"
+                for split in ("query", "bounding_box_test"):
+                    jobs.append(
+                        CropJob(f, tuple(tr.boxes[k]), out / split / name, f"heldout_t{tr.track_id:04d}", "q")
+                    )
     return jobs
 
 
@@ -748,10 +750,14 @@ def write_readme(out: Path, summary: dict[str, object], size: tuple[int, int]) -
         f"{summary['corpus_tracks']} tracks, named `t{{track:04d}}_f{{frame:06d}}.jpg`.",
         f"- `reid/`: frames {split} to {last - 1}, Market-1501 layout and names "
         f"(`{{pid:04d}}_c{{cam}}s1_{{frame:06d}}_{{box:02d}}.jpg`), {summary['reid_identities']} people. "
-        f"`query/` has {summary['query_crops']} images, `bounding_box_test/` {summary['gallery_crops']}, "
-        f"of which {summary['distractors']} are background crops with pid 0000 (distractors). The "
-        "video has one camera, so each person's frames are split in time into two pseudo-cameras: c1 "
-        "(first half; the queries) and c2 (second half; the gallery).",
+        "The video has one camera, so each person's frames are split in time into two pseudo-cameras, "
+        f"c1 (first half) and c2 (second half). One in {summary['reid_stride']} usable detections of "
+        f"each half is both a query and a gallery image: `query/` has {summary['query_crops']} images "
+        f"({summary['query_c1']} c1, {summary['query_c2']} c2), `bounding_box_test/` "
+        f"{summary['gallery_crops']}, the same {summary['query_crops']} plus "
+        f"{summary['distractors']} background crops with pid 0000 (distractors). Market's protocol "
+        "drops gallery images of the query's person seen by the query's camera, so a c1 query is "
+        "matched against the person's c2 images and a c2 query against the c1 images.",
         "Source: `vtest.avi` from OpenCV's samples (Debian package `opencv-doc` 4.6.0), under "
         "OpenCV's license as Debian records it for these files: Apache-2.0 and BSD-3-Clause.",
     ]
@@ -780,9 +786,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", type=float, default=0.6, help="fraction of frames that go to the corpus")
     p.add_argument("--corpus-stride", type=int, default=5, help="keep every n-th detection of a corpus track")
     p.add_argument(
-        "--gallery-stride", type=int, default=6, help="keep every n-th c2 detection of a held-out track"
+        "--reid-stride",
+        type=int,
+        default=3,
+        help="keep every n-th usable detection of each pseudo-camera of a held-out person, as query and "
+        "as gallery image",
     )
-    p.add_argument("--num-query", type=int, default=2, help="queries per held-out identity")
     p.add_argument("--num-distractors", type=int, default=30, help="background gallery crops (pid 0000)")
     p.add_argument("--height", type=int, default=160, help="crop height; width is height / 2")
     p.add_argument(
@@ -811,6 +820,8 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(
             f"--video: {video} does not exist; docs/sample_data.md (Source and license) says where it comes from"
         )
+    if args.reid_stride < 1:
+        raise ValueError(f"--reid-stride must be at least 1, got {args.reid_stride}")
     out = args.out.resolve()
     if out.exists() and not {p.name for p in out.iterdir()} <= OUTPUT_ENTRIES:
         raise ValueError(f"--out: {out} holds files this script did not write; pick an empty or new folder")
@@ -850,8 +861,7 @@ def main(argv: list[str] | None = None) -> None:
         parts["heldout"],
         boxes_per_frame,
         out / "reid",
-        args.num_query,
-        args.gallery_stride,
+        args.reid_stride,
         trk_cfg.max_overlap,
     )
     jobs += plan_distractors(
@@ -873,7 +883,10 @@ def main(argv: list[str] | None = None) -> None:
         "query_crops": len(list((out / "reid" / "query").glob("*.jpg"))),
         "gallery_crops": len(list((out / "reid" / "bounding_box_test").glob("*.jpg"))),
         "distractors": len(list((out / "reid" / "bounding_box_test").glob("0000_*.jpg"))),
+        "reid_stride": args.reid_stride,
     }
+    for cam in (1, 2):
+        summary[f"query_c{cam}"] = len(list((out / "reid" / "query").glob(f"*_c{cam}s1_*.jpg")))
     write_readme(out, summary, size)
     summary["bytes"] = dir_bytes(out)
     print(json.dumps(summary, indent=2))

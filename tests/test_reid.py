@@ -12,7 +12,17 @@ from PIL import Image
 from torch import Tensor
 
 from dpal import reid
-from dpal.reid import DISTRACTOR_PID, evaluate_ranking, extract_features, format_table, read_market
+from dpal.reid import (
+    DISTRACTOR_PID,
+    PairedDifference,
+    bootstrap_interval,
+    evaluate_ranking,
+    extract_features,
+    format_table,
+    paired_bootstrap,
+    read_market,
+    score_queries,
+)
 
 SAMPLE_REID = Path(__file__).resolve().parents[1] / "sample_data" / "reid"
 
@@ -107,6 +117,14 @@ def test_evaluate_ranking_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(reid, "RANK_CHUNK", 2)
     assert evaluate_ranking(q_feats, g_feats, q_pids, q_cams, g_pids, g_cams) == res
 
+    # the same values per query: q1 and q2 are valid (positions 0 and 1), q3 is left out
+    scores = score_queries(q_feats, g_feats, q_pids, q_cams, g_pids, g_cams, max_rank=5)
+    assert scores.index.tolist() == [0, 1] and scores.num_queries == 3
+    assert scores.ap.tolist() == pytest.approx([0.5, 1.0], abs=1e-12)
+    assert scores.rank1.tolist() == [0.0, 1.0]
+    # q1's first hit is at rank 2, q2's at rank 1
+    assert scores.cmc.tolist() == [[False, True, True, True, True], [True] * 5]
+
     # q1 alone, with max_rank 1: only rank1 is reported
     only_q1 = evaluate_ranking(q_feats[:1], g_feats, q_pids[:1], q_cams[:1], g_pids, g_cams, max_rank=1)
     assert only_q1 == {
@@ -195,18 +213,32 @@ def test_format_table() -> None:
     )
     with pytest.raises(ValueError, match="rank10"):
         format_table([{"model": "x", "mAP": 0.1, "rank1": 0.1, "rank5": 0.1}])
+    # intervals: shown in the columns of the rows that have them, blank in the others
+    with_ci = {**rows[0], "mAP_lo": 0.301, "mAP_hi": 0.372, "rank1_lo": 0.05, "rank1_hi": 1.0}
+    assert format_table([with_ci, rows[1]]) == (
+        "model                mAP                     R1                     R5     R10\n"
+        "teacher             50.0 [30.1, 37.2]      25.0 [5.0, 100.0]      75.0   100.0\n"
+        "student (random)     1.2                    0.0                   12.5    50.0"
+    )
     # rows of `dpal eval reid --json` are in percent already, and say so
     pct = {"model": "m", "mAP": 50.0, "rank1": 25.0, "rank5": 75.0, "rank10": 100.0, "unit": "percent"}
     assert format_table([pct]) == format_table([{**rows[0], "model": "m"}])
 
 
 def test_sample_reid_split_is_consistent() -> None:
-    # The shipped split (scripts/make_sample_corpus.py): queries are camera 1, their true matches
-    # camera 2, and every query has one. Identity features (one-hot pid) must score perfectly.
+    # The shipped split (scripts/make_sample_corpus.py): both pseudo-cameras query the other. Every
+    # query is also a gallery image (dropped for it by Market's same-camera rule); the gallery adds
+    # 30 distractors. Every person has images in both cameras, so every query has a true match, and
+    # identity features (one-hot pid) must score perfectly.
     split = read_market(SAMPLE_REID)
-    assert set(split.query.cams.tolist()) == {1}
-    assert set(split.query.pids.tolist()) <= set(split.gallery.pids[split.gallery.cams == 2].tolist())
-    assert DISTRACTOR_PID in split.gallery.pids
+    people = split.gallery.pids != DISTRACTOR_PID
+    assert [p.name for p in split.query.paths] == [
+        p.name for p, keep in zip(split.gallery.paths, people, strict=True) if keep
+    ]
+    assert int((~people).sum()) == 30
+    assert set(split.query.cams.tolist()) == {1, 2}
+    for pid in set(split.query.pids.tolist()):
+        assert set(split.query.cams[split.query.pids == pid].tolist()) == {1, 2}
     onehot = np.eye(int(split.gallery.pids.max()) + 1)
     res = evaluate_ranking(
         onehot[split.query.pids],
@@ -218,3 +250,50 @@ def test_sample_reid_split_is_consistent() -> None:
     )
     assert res["mAP"] == 1.0 and res["rank1"] == 1.0
     assert res["num_valid_queries"] == len(split.query)
+
+
+def test_bootstrap_interval_by_hand() -> None:
+    # a constant: every resample has the same mean
+    assert bootstrap_interval([0.25] * 7) == (0.25, 0.25)
+    # [0, 1]: a resample's mean is 0, 1/2 or 1 with probability 1/4, 1/2, 1/4; the 5% and 95%
+    # quantiles fall inside the 25% at each end
+    assert bootstrap_interval([0.0, 1.0]) == (0.0, 1.0)
+    # [0, 0, 0, 1]: 4 x mean ~ Binomial(4, 1/4): P(0) = .316, P(<= 1) = .738, P(<= 2) = .949, so at
+    # level 0.8 the 10% quantile is 0 and the 90% quantile is 2/4
+    assert bootstrap_interval([0.0, 0.0, 0.0, 1.0], level=0.8) == (0.0, 0.5)
+    # 200 zeros and 200 ones: mean 0.5, standard error 0.5 / sqrt(400) = 0.025, so the 90% interval
+    # is about 0.5 +- 1.645 x 0.025 = [0.459, 0.541]
+    lo, hi = bootstrap_interval(np.tile([0.0, 1.0], 200))
+    assert lo == pytest.approx(0.5 - 1.645 * 0.025, abs=0.004) and hi == pytest.approx(
+        0.5 + 1.645 * 0.025, abs=0.004
+    )
+    # deterministic for a seed, and the seed matters
+    values = np.linspace(0, 1, 30) ** 2
+    assert bootstrap_interval(values, seed=3) == bootstrap_interval(values, seed=3)
+    assert bootstrap_interval(values, seed=3) != bootstrap_interval(values, seed=4)
+    assert bootstrap_interval(values, num_samples=500)[0] < values.mean() < bootstrap_interval(values)[1]
+    with pytest.raises(ValueError, match="non-empty"):
+        bootstrap_interval([])
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_interval([1.0], level=1.0)
+    with pytest.raises(ValueError, match="num_samples"):
+        bootstrap_interval([1.0], num_samples=0)
+
+
+def test_paired_bootstrap_by_hand() -> None:
+    a = np.array([0.9, 0.2, 0.6, 0.4, 1.0])
+    assert paired_bootstrap(a, a) == PairedDifference(0.0, 0.0, 0.0)
+    # a constant shift: every resample's difference is that shift
+    shifted = paired_bootstrap(a + 0.25, a)
+    assert (
+        shifted.mean == pytest.approx(0.25)
+        and shifted.lo == pytest.approx(0.25)
+        and shifted.hi == pytest.approx(0.25)
+    )
+    # differences [1, 0, 0, 0]: the mean is 1/4 and, as for bootstrap_interval([0, 0, 0, 1]), the
+    # 80% interval is [0, 1/2]; two unpaired intervals would overlap however the queries fall
+    assert paired_bootstrap([1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0], level=0.8) == PairedDifference(
+        0.25, 0.0, 0.5
+    )
+    with pytest.raises(ValueError, match="same queries"):
+        paired_bootstrap([1.0, 0.0], [1.0])
