@@ -139,6 +139,7 @@ def main() -> None:
     from dpal.reid import format_table
 
     print("\n" + format_table(rows))
+    print("mAP and CMC in percent; [lo, hi]: 90% bootstrap interval over the queries")
     teacher = rows[0]["mAP"]
     closed = {}
     for feat, (r, d) in (("CLS", rows[1:3]), ("mean patch", rows[3:5])):
