@@ -23,6 +23,7 @@ from dpal.common import MAX_PIXELS, STORE_DTYPES, StoreDtype
 from dpal.errors import ConfigError
 
 DTYPES = STORE_DTYPES  # bench/bench_cache.py's name for them
+VAL_EVERY = 500  # steps between validations when --val-every is not given
 
 
 def opt(
@@ -374,8 +375,10 @@ class DistillConfig:
         "views: every loss term of the recipe on it every --val-every steps and at the end "
         "(metrics.jsonl lines with split val; docs/training.md, Validation).",
     )
-    val_every: int = opt(
-        500, "Steps between validations (--val-store, --eval-reid); one more at the end of the run."
+    val_every: int | None = opt(
+        None,
+        "Steps between validations (--val-store, --eval-reid); one more at the end of the run.",
+        default_help=str(VAL_EVERY),
     )
     val_images: int | None = opt(
         None, "Validate on the first N images of --val-store only.", default_help="all of them"
@@ -404,9 +407,23 @@ class DistillConfig:
             raise ConfigError("num_workers must be >= 0 (or none for the default)")
         if self.fresh and self.resume not in ("auto", "none"):
             raise ConfigError(f"--fresh starts over; it cannot resume from {self.resume} (drop one of them)")
-        if self.val_every < 1 or (self.val_images is not None and self.val_images < 1):
+        if (self.val_every is not None and self.val_every < 1) or (
+            self.val_images is not None and self.val_images < 1
+        ):
             raise ConfigError("val_every and val_images must be >= 1")
+        if (self.val_every is not None or self.val_images is not None) and not (
+            self.val_store or self.eval_reid
+        ):
+            raise ConfigError(
+                "--val-every and --val-images say how to validate, but nothing is validated: "
+                "add --val-store (a held-out store) or --eval-reid (a ReID folder), or drop them"
+            )
         self._check_recipe()
+
+    @property
+    def validation_interval(self) -> int:
+        """Steps between validations: --val-every, or VAL_EVERY."""
+        return VAL_EVERY if self.val_every is None else self.val_every
 
     def _check_recipe(self) -> None:
         """Each recipe's own keys: a setting that another recipe reads is refused, never ignored."""

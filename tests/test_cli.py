@@ -129,6 +129,7 @@ _RULE_DEFAULTS = {
     ("distill", "recompute"): "yes on CUDA",
     ("distill", "recipe_local_size"): "the store's recipe",
     ("distill", "val_images"): "all of them",
+    ("distill", "val_every"): "500",
 }
 
 
@@ -211,7 +212,6 @@ def test_help_defaults_are_the_config_defaults(command: str, config: type) -> No
                 "seed",
                 "student",
                 "student_kwargs",
-                "val_every",
                 "warmup_epochs",
                 "weight_decay",
             ],
@@ -572,7 +572,8 @@ def _other_value(dotted: str, default: object) -> object:
     if (
         isinstance(default, int)
         or default is None
-        and dotted in ("teacher_layer", "max_steps", "num_workers", "val_images", "relation_rank")
+        and dotted
+        in ("teacher_layer", "max_steps", "num_workers", "val_images", "val_every", "relation_rank")
     ):
         return (default or 2) + 1
     if isinstance(default, float):
@@ -627,7 +628,9 @@ def test_every_config_field_is_reachable_from_the_cli(command: str, config: type
             with_recipe = (
                 {"recipe": _RECIPE_OF[f.name]} if command == "distill" and f.name in _RECIPE_OF else {}
             )
-            args += [f"--{k}={v}" for k, v in with_recipe.items()]
+            if command == "distill" and f.name in ("val_every", "val_images"):
+                with_recipe["val_store"] = "held-out"  # they are refused with nothing to validate
+            args += [f"--{k.replace('_', '-')}={v}" for k, v in with_recipe.items()]
             expected = dataclasses.replace(base, **with_recipe, **{f.name: value})
         options = _parse(command, args)
         assert config_from_options(config, options) == expected, (dotted, args)

@@ -18,6 +18,7 @@ from dpal.config import (
     shard_slice,
     to_dict,
 )
+from dpal.errors import ConfigError
 from dpal.views import ViewRecipe
 
 
@@ -214,3 +215,15 @@ def test_every_field_states_its_help() -> None:
     for cls in (CacheConfig, DistillConfig, SlurmConfig, ViewRecipe):
         for f in dataclasses.fields(cls):
             assert len(f.metadata.get("help", "")) > 10 and f.metadata["help"].endswith("."), (cls, f.name)
+
+
+@pytest.mark.parametrize(
+    "setting", [{"val_every": 10}, {"val_images": 4}, {"val_every": 10, "val_images": 4}]
+)
+def test_validation_settings_without_anything_to_validate_are_refused(setting: dict) -> None:
+    with pytest.raises(ConfigError, match="add --val-store .* or --eval-reid"):
+        DistillConfig(store="s", out="o", **setting)
+    # with something to validate they are taken, and the interval is the one given or 500
+    cfg = DistillConfig(store="s", out="o", val_store="v", **setting)
+    assert cfg.validation_interval == setting.get("val_every", 500)
+    assert DistillConfig(store="s", out="o", eval_reid="r").validation_interval == 500
