@@ -1,0 +1,326 @@
+"""Recipes and ablations on one store and one budget: which way of distilling the teacher pays.
+
+Trains every configuration below with `dpal distill` on the same cached store (same views, same
+teacher targets, same schedule), for each seed, with held-out validation (`--val-store`), exports
+each student, then scores every student on the held-out ReID split (mAP and R1 of the CLS and of
+the mean patch feature, bootstrap 90% intervals over queries) beside the teacher and a randomly
+initialised student. It writes results.json, a Markdown table (table.md) and the held-out loss
+curves of every run (curves.png), and prints the table.
+
+    python bench/recipes.py --out /tmp/rb --store STORE --val-store VAL --seeds 0 1 --jobs 2
+
+Configurations (`--configs`, default all but those that need `--compact-store`):
+- dpal: the paper's recipe (D-PaDe, global + local + relation objectives);
+- dpal-linear: one plain Linear(d, D) in place of D-PaDe;
+- dpal-no-global / dpal-no-local / dpal-no-relation: one objective's weight set to 0;
+- proteus, feature-kd: the baselines (docs/training.md, Recipes);
+- dpal-compact: dpal on `--compact-store` (issue 12's training comparison: a store of the same
+  corpus, views and seed written with another codec).
+
+Runs are resumable: a configuration and seed whose export exists is not trained again, and a
+killed run resumes from its checkpoint (`dpal distill --resume auto`). `--jobs N` trains N runs at a
+time with torch limited to cores // N threads each (on 2 cores, 2 jobs of 1 thread finish the set
+sooner than 1 job of 2 threads). Training on CPU is deterministic for a given thread count, so
+rerunning a configuration reproduces its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DPAL = [sys.executable, "-m", "dpal.cli"]
+CONFIGS: dict[str, list[str]] = {
+    "dpal": [],
+    "dpal-linear": ["--projector", "linear"],
+    "dpal-no-global": ["--global-weight", "0"],
+    "dpal-no-local": ["--local-weight", "0"],
+    "dpal-no-relation": ["--relation-weight", "0"],
+    "proteus": ["--recipe", "proteus"],
+    "feature-kd": ["--recipe", "feature-kd"],
+    "dpal-compact": [],
+}
+NEEDS_COMPACT = ("dpal-compact",)
+FEATURES = ("cls", "mean")
+IMAGE_SIZE = (128, 64)  # the demo's v0 size: the store's global view
+
+
+def distill_command(args: argparse.Namespace, config: str, seed: int, run_dir: Path) -> list[str]:
+    """`dpal distill` for one configuration and seed: the demo's schedule and settings."""
+    store = args.compact_store if config in NEEDS_COMPACT else args.store
+    cmd = [
+        *DPAL,
+        "distill",
+        "--store",
+        store,
+        "--out",
+        str(run_dir),
+        "--student",
+        "dpal_vit_tiny",
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--base-lr",
+        str(args.base_lr),
+        "--warmup-epochs",
+        "1",
+        "--num-workers",
+        "0",
+        "--seed",
+        str(seed),
+        "--set",
+        "log_every=5",
+        "--set",
+        "checkpoint_every=40",
+        "--progress-seconds",
+        "120",
+        *CONFIGS[config],
+    ]
+    if args.val_store:
+        cmd += ["--val-store", args.val_store, "--val-every", str(args.val_every)]
+    return cmd
+
+
+def train_one(args: argparse.Namespace, config: str, seed: int, threads: int) -> dict:
+    """Train (or resume) and export one run; returns its timing. Skips a run already exported."""
+    run_dir = Path(args.out) / "runs" / f"{config}-s{seed}"
+    student = run_dir / "student.safetensors"
+    if student.exists():
+        return {"config": config, "seed": seed, "seconds": None, "skipped": True}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    log = Path(args.out) / "logs" / f"{config}-s{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        for cmd in (
+            distill_command(args, config, seed, run_dir),
+            [*DPAL, "export", str(run_dir), "--out", str(student)],
+        ):
+            f.write("$ " + " ".join(cmd) + "\n")
+            f.flush()
+            res = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
+            if res.returncode != 0:
+                raise SystemExit(f"{config} seed {seed} failed (exit {res.returncode}); see {log}")
+    seconds = time.perf_counter() - t0
+    print(f"trained {config} seed {seed} in {seconds:.0f} s", flush=True)
+    return {"config": config, "seed": seed, "seconds": seconds, "skipped": False}
+
+
+def train_all(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> list[dict]:
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        return list(pool.map(lambda job: train_one(args, job[0], job[1], threads), jobs))
+
+
+def score(model: str, reid: str, feature: str = "cls", random_init: bool = False) -> dict:
+    """ReID of one model: mAP, R1 and their bootstrap intervals, with the per-query arrays."""
+    from dpal.evaluate import evaluate_reid, resolve_model
+
+    embedder = resolve_model(model, IMAGE_SIZE, random_init=random_init, feature=feature)
+    res = evaluate_reid(embedder, reid, per_query=True)
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in res.items()}
+
+
+def val_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from dpal.trainer.plot import read_curves
+
+    return read_curves(run_dir)[1]
+
+
+def evaluate_all(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> dict:
+    """Every student, the teacher and the random student on the ReID split; the held-out curves."""
+    out = Path(args.out)
+    results: dict = {"teacher": score("efficientnet-lite2", args.reid), "random": {}, "runs": {}}
+    for feature in FEATURES:
+        results["random"][feature] = score("dpal_vit_tiny", args.reid, feature, random_init=True)
+    for config, seed in jobs:
+        run_dir = out / "runs" / f"{config}-s{seed}"
+        entry = {f: score(str(run_dir / "student.safetensors"), args.reid, f) for f in FEATURES}
+        entry["val"] = val_curves(run_dir)
+        results["runs"][f"{config}-s{seed}"] = {"config": config, "seed": seed, **entry}
+        print(f"scored {config} seed {seed}", flush=True)
+    return results
+
+
+def pooled(results: dict, config: str, feature: str, key: str) -> np.ndarray:
+    """The per-query values of `config`'s runs, averaged over its seeds (queries are shared)."""
+    runs = [r for r in results["runs"].values() if r["config"] == config]
+    return np.mean([np.asarray(r[feature][f"per_query_{key}"], dtype=np.float64) for r in runs], axis=0)
+
+
+def summarize(results: dict, configs: list[str], level: float) -> dict:
+    """Per configuration and feature: the seeds' mAP and R1, the seed-mean with its bootstrap
+    interval over queries, the share of the random-to-teacher gap closed, and the paired difference
+    against dpal (positive: dpal better) with its interval."""
+    from dpal.reid import bootstrap_interval, paired_bootstrap
+
+    teacher = results["teacher"]["mAP"]
+    table: dict = {}
+    for config in configs:
+        runs = [r for r in results["runs"].values() if r["config"] == config]
+        row: dict = {"seeds": [r["seed"] for r in runs]}
+        for feature in FEATURES:
+            random = results["random"][feature]["mAP"]
+            ap, r1 = pooled(results, config, feature, "ap"), pooled(results, config, feature, "rank1")
+            cell = {
+                "mAP_seeds": [r[feature]["mAP"] for r in runs],
+                "rank1_seeds": [r[feature]["rank1"] for r in runs],
+                "mAP": float(ap.mean()),
+                "mAP_interval": list(bootstrap_interval(ap, level=level)),
+                "rank1": float(r1.mean()),
+                "rank1_interval": list(bootstrap_interval(r1, level=level)),
+                "gap_closed": (float(ap.mean()) - random) / (teacher - random),
+            }
+            if config != "dpal" and any(r["config"] == "dpal" for r in results["runs"].values()):
+                diff = paired_bootstrap(pooled(results, "dpal", feature, "ap"), ap, level=level)
+                cell["dpal_minus_this"] = diff._asdict()
+            row[feature] = cell
+        row["val_final"] = final_val(runs)
+        table[config] = row
+    return table
+
+
+def final_val(runs: list[dict]) -> dict[str, list[float]]:
+    """Each held-out loss term at the end of each seed's run."""
+    terms: dict[str, list[float]] = {}
+    for r in runs:
+        for term, points in r["val"].items():
+            if points:
+                terms.setdefault(term, []).append(points[-1][1])
+    return terms
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def markdown(results: dict, table: dict, level: float) -> str:
+    """The table for docs/benchmarks.md: one row per configuration and feature."""
+    t = results["teacher"]
+    lines = [
+        f"Teacher (EfficientNet-Lite2) mAP {pct(t['mAP'])} [{pct(t['mAP_lo'])}, {pct(t['mAP_hi'])}], "
+        f"R1 {pct(t['rank1'])}; random student mAP "
+        + ", ".join(f"{f} {pct(results['random'][f]['mAP'])}" for f in FEATURES)
+        + f". Intervals: {level:.0%} bootstrap over queries of the seed-mean per-query AP (R1).",
+        "",
+        "| configuration | feature | mAP per seed | mAP (seed mean) [interval] | R1 [interval] | gap closed "
+        "| dpal minus this, mAP [interval] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for config, row in table.items():
+        for feature in FEATURES:
+            c = row[feature]
+            diff = c.get("dpal_minus_this")
+            diff_s = f"{pct(diff['mean'])} [{pct(diff['lo'])}, {pct(diff['hi'])}]" if diff else "-"
+            lines.append(
+                f"| {config} | {feature} | {' / '.join(pct(m) for m in c['mAP_seeds'])} | "
+                f"{pct(c['mAP'])} [{pct(c['mAP_interval'][0])}, {pct(c['mAP_interval'][1])}] | "
+                f"{pct(c['rank1'])} [{pct(c['rank1_interval'][0])}, {pct(c['rank1_interval'][1])}] | "
+                f"{c['gap_closed']:.0%} | {diff_s} |"
+            )
+    lines += ["", "Held-out loss terms at the end of each run (`--val-store`), per seed:", ""]
+    lines += ["| configuration | term | per seed |", "|---|---|---|"]
+    for config, row in table.items():
+        for term, values in row["val_final"].items():
+            if term.startswith("reid"):
+                continue
+            lines.append(f"| {config} | {term} | {' / '.join(f'{v:.4f}' for v in values)} |")
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict, out: Path) -> Path:
+    """One panel per configuration: each seed's held-out total loss over the steps (PIL)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    runs: dict[str, list[dict]] = {}
+    for r in results["runs"].values():
+        runs.setdefault(r["config"], []).append(r)
+    cols, (w, h) = 3, (320, 200)
+    rows = -(-len(runs) // cols)
+    image = Image.new("RGB", (w * cols, h * rows), (255, 255, 255))
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44)]
+    for i, (config, seeds) in enumerate(runs.items()):
+        ox, oy = (i % cols) * w, (i // cols) * h
+        curves = [r["val"].get("total", []) for r in seeds]
+        points = [p for c in curves for p in c]
+        if not points:
+            continue
+        x1, (y0, y1) = max(s for s, _ in points) or 1, (min(v for _, v in points), max(v for _, v in points))
+        y1 = y1 if y1 > y0 else y0 + 1
+        draw.text((ox + 44, oy + 4), f"{config}: held-out loss", fill=(60, 60, 60), font=font)
+        draw.text((ox + 2, oy + 22), f"{y1:.3g}", fill=(90, 90, 90), font=font)
+        draw.text((ox + 2, oy + h - 30), f"{y0:.3g}", fill=(90, 90, 90), font=font)
+        draw.rectangle([ox + 44, oy + 20, ox + w - 10, oy + h - 18], outline=(90, 90, 90))
+        draw.text((ox + w - 80, oy + h - 14), f"step {x1}", fill=(90, 90, 90), font=font)
+        for k, curve in enumerate(curves):
+            xy = [
+                (ox + 44 + (w - 54) * s / x1, oy + h - 18 - (h - 38) * (v - y0) / (y1 - y0)) for s, v in curve
+            ]
+            if len(xy) > 1:
+                draw.line(xy, fill=colours[k % len(colours)], width=2)
+            draw.text(
+                (ox + 50 + 60 * k, oy + h - 14), f"seed {seeds[k]['seed']}", fill=colours[k % 3], font=font
+            )
+    path = out / "curves.png"
+    image.save(path)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--out", required=True, help="folder for runs/, logs/, results.json, table.md, curves.png"
+    )
+    ap.add_argument("--store", required=True, help="the training store (the demo's sizes)")
+    ap.add_argument(
+        "--val-store", default="", help="a store of held-out images with the same teacher and views"
+    )
+    ap.add_argument(
+        "--compact-store", default="", help="the same corpus cached with another codec (dpal-compact)"
+    )
+    ap.add_argument("--reid", default=str(ROOT / "sample_data" / "reid"))
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--epochs", type=int, default=12, help="the demo's budget")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--base-lr", type=float, default=1.2e-2)
+    ap.add_argument("--val-every", type=int, default=60, help="steps between held-out validations")
+    ap.add_argument("--jobs", type=int, default=2, help="runs trained at a time")
+    ap.add_argument("--level", type=float, default=0.9, help="bootstrap interval level")
+    ap.add_argument("--skip-train", action="store_true", help="score the runs already exported")
+    args = ap.parse_args()
+    configs = args.configs or [c for c in CONFIGS if c not in NEEDS_COMPACT or args.compact_store]
+    if any(c in NEEDS_COMPACT for c in configs) and not args.compact_store:
+        ap.error("dpal-compact needs --compact-store")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # seeds outermost: with a time limit, every configuration gets its first seed before any its second
+    jobs = [(c, s) for s in args.seeds for c in configs]
+    t0 = time.perf_counter()
+    timings = [] if args.skip_train else train_all(args, jobs)
+    results = evaluate_all(args, jobs)
+    results["timings"] = timings
+    results["settings"] = {k: v for k, v in vars(args).items()}
+    table = summarize(results, configs, args.level)
+    results["table"] = table
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    text = markdown(results, table, args.level)
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+    print(f"curves: {plot_curves(results, out)}; results: {out / 'results.json'}")
+    print(f"bench/recipes.py finished in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
