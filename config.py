@@ -375,10 +375,8 @@ class DistillConfig:
         "views: every loss term of the recipe on it every --val-every steps and at the end "
         "(metrics.jsonl lines with split val; docs/training.md, Validation).",
     )
-    val_every: int | None = opt(
-        None,
-        "Steps between validations (--val-store, --eval-reid); one more at the end of the run.",
-        default_help=str(VAL_EVERY),
+    val_every: int = opt(
+        VAL_EVERY, "Steps between validations (--val-store, --eval-reid); one more at the end of the run."
     )
     val_images: int | None = opt(
         None, "Validate on the first N images of --val-store only.", default_help="all of them"
@@ -407,11 +405,10 @@ class DistillConfig:
             raise ConfigError("num_workers must be >= 0 (or none for the default)")
         if self.fresh and self.resume not in ("auto", "none"):
             raise ConfigError(f"--fresh starts over; it cannot resume from {self.resume} (drop one of them)")
-        if (self.val_every is not None and self.val_every < 1) or (
-            self.val_images is not None and self.val_images < 1
-        ):
+        if self.val_every < 1 or (self.val_images is not None and self.val_images < 1):
             raise ConfigError("val_every and val_images must be >= 1")
-        if (self.val_every is not None or self.val_images is not None) and not (
+        # a val_every at its default passes: the config.yaml of a run written before this check holds it
+        if (self.val_every != VAL_EVERY or self.val_images is not None) and not (
             self.val_store or self.eval_reid
         ):
             raise ConfigError(
@@ -419,11 +416,6 @@ class DistillConfig:
                 "add --val-store (a held-out store) or --eval-reid (a ReID folder), or drop them"
             )
         self._check_recipe()
-
-    @property
-    def validation_interval(self) -> int:
-        """Steps between validations: --val-every, or VAL_EVERY."""
-        return VAL_EVERY if self.val_every is None else self.val_every
 
     def _check_recipe(self) -> None:
         """Each recipe's own keys: a setting that another recipe reads is refused, never ignored."""

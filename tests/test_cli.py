@@ -129,7 +129,6 @@ _RULE_DEFAULTS = {
     ("distill", "recompute"): "yes on CUDA",
     ("distill", "recipe_local_size"): "the store's recipe",
     ("distill", "val_images"): "all of them",
-    ("distill", "val_every"): "500",
 }
 
 
@@ -212,6 +211,7 @@ def test_help_defaults_are_the_config_defaults(command: str, config: type) -> No
                 "seed",
                 "student",
                 "student_kwargs",
+                "val_every",
                 "warmup_epochs",
                 "weight_decay",
             ],
@@ -572,8 +572,7 @@ def _other_value(dotted: str, default: object) -> object:
     if (
         isinstance(default, int)
         or default is None
-        and dotted
-        in ("teacher_layer", "max_steps", "num_workers", "val_images", "val_every", "relation_rank")
+        and dotted in ("teacher_layer", "max_steps", "num_workers", "val_images", "relation_rank")
     ):
         return (default or 2) + 1
     if isinstance(default, float):

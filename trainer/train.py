@@ -462,7 +462,7 @@ class Trainer:
                 stop_now = stop.agreed(self.info, self.device)
                 # before the checkpoint: a checkpoint of a validation step always has its val line
                 if self.validator is not None and (
-                    self.step % self.cfg.validation_interval == 0 or self.step == self.end_steps
+                    self.step % self.cfg.val_every == 0 or self.step == self.end_steps
                 ):
                     self.validate(result.epoch)
                 if stop_now or self.step % self.cfg.checkpoint_every == 0 or self.step == self.end_steps:
