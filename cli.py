@@ -310,6 +310,7 @@ def _print_dry_run(rep: dict[str, Any]) -> None:
     )
     typer.echo(
         f"bytes per view {_human(rep['bytes_per_view'])} ({rep['dtype']}, relation {_relation_line(rep)})"
+        + (f"; plus R {_human(rep['rotation_bytes'])} once per store" if rep["rotation_bytes"] else "")
     )
     typer.echo(
         f"store size     {_human(rep['store_bytes'])} (features {_human(rep['feature_bytes'])}, "
@@ -332,6 +333,24 @@ def _relation_line(rep: dict[str, Any]) -> str:
     if rep["relation_codec"] == "factor":
         return f"factor, rank {rep['relation_rank']} (float16 Z, float32 diagonal)"
     return "logits T x T"
+
+
+def _token_lines(info: dict[str, Any]) -> list[str]:
+    """`store info`'s line on how v0's tokens are coded and their error measured while writing
+    (int8 stores); none for float stores."""
+    err = info.get("token_error")
+    if not info.get("token_codec") and not err:
+        return []
+    how = (
+        f"int8 of x @ R, R (D x D float32, {_human(info['rotation_bytes'])}) stored once; decoded (q * s) @ R^T"
+        if info.get("token_codec")
+        else "int8, one float32 scale per token"
+    )
+    if err:
+        how += "; mean relative error " + ", ".join(
+            f"{name} {e['mean']:.3%} (worst shard {e['max']:.3%})" for name, e in err.items()
+        )
+    return [f"tokens         {how}"]
 
 
 @store_app.command("info")
@@ -362,6 +381,7 @@ def store_info_cmd(
             if info["relation_kl_mean"] is not None
             else ""
         ),
+        *_token_lines(info),
         "shapes         " + ", ".join(f"{k} {tuple(v)}" for k, v in info["shapes"].items()),
         f"teacher        {t.name} ({t.arch}, D={t.embed_dim}, layer {t.layer}, "
         f"sha256 {t.checkpoint_sha256 or f'random-init seed {t.random_init_seed}'})",

@@ -1,10 +1,12 @@
 """The compact store's codecs (issue 12): what a cached view would hold instead of float16 tokens
 and T x T logits. The relation factor is wired in (`--relation factor`, store schema 3: stage one
 writes `relation_factor` and `relation_diag` with `relation_factor`, stage two rebuilds the logits
-with `rebuild_logits`); the token codec is groundwork, used by no store array yet (docs/store.md,
+with `rebuild_logits`), and so is the token rotation (`--dtype int8-rotated`, store schema 4:
+`token_rotation` makes R once per store, `rotate_tokens` before the int8 of `store.encode`, stage two
+rotates back). The PCA token codec is groundwork, used by no store array yet (docs/store.md,
 "Compact store").
 
-Two codecs and a size calculator, pure functions over batched torch tensors on any device:
+Three codecs and a size calculator, pure functions over batched torch tensors on any device:
 
 - The relation target as a low-rank factor. Ic's tokens F (T, D) give the logits
   L = F F^T / sqrt(D), a PSD matrix of rank <= min(T, D). Its eigendecomposition L = U diag(w) U^T
@@ -17,12 +19,15 @@ Two codecs and a size calculator, pure functions over batched torch tensors on a
 - A token codec: a PCA basis (mean (D,), r components (r, D), per-component scales (r,)) fitted on
   a sample of tokens, and per token r int8 coefficients plus one float32 scale. Decoding is one
   matmul (..., r) @ (r, D) plus the mean.
+- A fixed random rotation R (D, D) (`token_rotation`), applied before today's per-token int8: it
+  spreads the few outlier channels of a token over all D, which shrinks the int8 step.
 - `bytes_per_view`: the bytes of one cached view (v0's global and local targets, Ic's relation,
   the 56 float64 view parameters and the basis amortised over the views that share it) for a
   `CodecConfig`, for `--dry-run` and `dpal store info` once the store uses the codec.
 
 A basis or factor that is corrupt (NaN, infinite, wrong shape or dtype) is refused with one
-StoreError line (`check_basis`, `check_relation_code`): stage two must never train on garbage.
+StoreError line (`check_basis`, `check_relation_code`, `check_rotation`): stage two must never train
+on garbage.
 """
 
 from __future__ import annotations
@@ -281,6 +286,68 @@ def decode_tokens(code: TokenCode, basis: TokenBasis, device: torch.device | str
     q = torch.from_numpy(np.ascontiguousarray(code.q)).to(device).float()
     step = torch.from_numpy(np.ascontiguousarray(code.scale)).to(device).unsqueeze(-1)
     return (q * step) @ scaled + mean
+
+
+# ---------------------------------------------------------------- token codec: a random rotation + int8
+
+ROTATION_STREAM = 0x524F54  # "ROT": R's generator is its own, never the views' (seed, key, k)
+ROTATION_TOLERANCE = 1e-4  # max |R^T R v - v| / |v| of a stored float32 R (rounding: ~1e-7)
+
+
+def token_rotation(dim: int, seed: int) -> np.ndarray:
+    """R (D, D) float32, orthogonal: Q of the float64 QR of a standard normal matrix, each column
+    signed so that the triangular factor's diagonal is positive (which makes Q unique, and Haar
+    distributed). A fixed random rotation spreads a token's few large channels over all D, so one
+    int8 step per token fits the rotated token far better (incoherence processing, as QuIP# and
+    QuaRot do for weights; docs/store.md, "Token codec").
+
+    Computed once, by whoever creates the store; every writer and reader uses the stored bytes.
+    """
+    g = np.random.default_rng([ROTATION_STREAM, seed]).standard_normal((dim, dim))
+    q, r = np.linalg.qr(g)
+    q *= np.where(np.diagonal(r) < 0, -1.0, 1.0)  # column j times sign(r_jj)
+    return q.astype(np.float32)
+
+
+def check_rotation(rotation: np.ndarray, dim: int, where: str = "the token rotation") -> None:
+    """StoreError unless `rotation` is a finite float32 (D, D) orthogonal matrix (checked on a
+    fixed probe of 4 vectors: O(D^2), not a full R^T R)."""
+    fix = "the store's rotation is damaged: restore the store from a copy, or rebuild it with `dpal cache-teacher --out NEW`"
+    if rotation.dtype != np.float32 or rotation.shape != (dim, dim):
+        raise StoreError(
+            f"{where} is corrupt: {rotation.dtype} {rotation.shape}, expected float32 ({dim}, {dim}); {fix}"
+        )
+    if not np.isfinite(rotation).all():
+        raise StoreError(f"{where} is corrupt: it holds NaN or infinite values; {fix}")
+    probe = np.random.default_rng(0).standard_normal((dim, 4))
+    r = rotation.astype(np.float64)
+    err = np.linalg.norm(r.T @ (r @ probe) - probe, axis=0) / np.linalg.norm(probe, axis=0)
+    if err.max() > ROTATION_TOLERANCE:
+        raise StoreError(
+            f"{where} is corrupt: it is not orthogonal (|R^T R v - v| / |v| = {err.max():.2g}); {fix}"
+        )
+
+
+def rotate_tokens(x: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+    """(..., D) float32 tokens -> x @ R (..., D) float32 (one torch matmul, on the CPU's threads)."""
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return (t @ torch.from_numpy(rotation)).numpy()
+
+
+def unrotate_tokens(y: Tensor, rotation: Tensor) -> Tensor:
+    """(..., D) tokens in R's basis -> y @ R^T, float32, on `y`'s device (R there already)."""
+    return y.float() @ rotation.T
+
+
+def int8_token_error(x: np.ndarray, q: np.ndarray, scale: np.ndarray, rows: np.ndarray) -> float:
+    """Mean relative error ||x - q * scale|| / ||x|| over the tokens of `rows` (first axis), in the
+    basis x is in: R is orthogonal, so in R's basis it is the rebuilt token's error too."""
+    x, q, scale = x[rows], q[rows], scale[rows]
+    if x.size == 0:
+        return 0.0
+    err = np.linalg.norm(x - q.astype(np.float32) * scale[..., None], axis=-1)
+    den = np.linalg.norm(x, axis=-1)
+    return float(np.mean(err / np.maximum(den, 1e-30)))
 
 
 def relative_error(x: Tensor, y: Tensor) -> Tensor:

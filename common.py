@@ -19,7 +19,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 """Per-channel mean of RGB in [0, 1]: every view is normalised with it, teacher's and student's."""
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-StoreDtype = Literal["float16", "bfloat16", "int8", "float32"]
+StoreDtype = Literal["float16", "bfloat16", "int8", "int8-rotated", "float32"]
 """How the store keeps teacher features (docs/store.md, "Feature dtypes")."""
 STORE_DTYPES: tuple[str, ...] = typing.get_args(StoreDtype)
 

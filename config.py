@@ -170,7 +170,9 @@ class CacheConfig:
     )
     views: int = opt(4, "K: replayable augmented views cached per image.")
     dtype: StoreDtype = opt(
-        "float16", "Stored feature dtype: bfloat16 is stored as uint16, int8 with a per-token scale."
+        "float16",
+        "Stored feature dtype: bfloat16 is stored as uint16, int8 with a per-token scale; int8-rotated "
+        "is int8 of the tokens times one random rotation R stored in the store (store schema 4).",
     )
     relation: Literal["logits", "factor"] = opt(
         "logits",

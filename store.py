@@ -39,7 +39,15 @@ import zarr
 from torch import Tensor
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from dpal.codec import RelationCode, check_relation_code, rebuild_logits
+from dpal.codec import (
+    RelationCode,
+    check_relation_code,
+    check_rotation,
+    int8_token_error,
+    rebuild_logits,
+    rotate_tokens,
+    token_rotation,
+)
 from dpal.corpus import ImageRef, read_bytes, sha256_file
 from dpal.store_schema import (
     CHECKED_SHARD_ARRAYS,
@@ -51,6 +59,7 @@ from dpal.store_schema import (
     IMAGE_SIZE,
     IMAGES_DIR,
     INDEX_ARRAYS,
+    INT8_DTYPES,
     INTEGRITY,
     KEYS,
     LOCAL,
@@ -59,10 +68,13 @@ from dpal.store_schema import (
     RELATION,
     RELATION_DIAG,
     RELATION_FACTOR,
+    ROTATED_DTYPE,
+    ROTATED_FEATURES,
     SCALE_SUFFIX,
     SOURCE,
     SOURCE_OFFSET,
     SOURCE_SIZE,
+    TOKEN_ROTATION,
     VALID,
     Layout,
     StoreError,
@@ -73,6 +85,7 @@ from dpal.store_schema import DTYPES as DTYPES  # noqa: F401 - the names below a
 from dpal.store_schema import FACTOR_SCHEMA as FACTOR_SCHEMA
 from dpal.store_schema import FORMAT as FORMAT  # is where callers find the whole contract
 from dpal.store_schema import READABLE_SCHEMAS as READABLE_SCHEMAS
+from dpal.store_schema import ROTATED_SCHEMA as ROTATED_SCHEMA
 from dpal.store_schema import SCHEMA_VERSION as SCHEMA_VERSION
 from dpal.store_schema import SHARD_ARRAYS as SHARD_ARRAYS
 from dpal.store_schema import Preprocessing as Preprocessing
@@ -81,6 +94,9 @@ from dpal.store_schema import TokenGrid as TokenGrid
 from dpal.views import NUM_PARAMS
 
 _UNCHECKED_ATTRS = ("complete", INTEGRITY)  # attributes the integrity checksum leaves out
+# A marker's mean relative error of the int8 tokens of its cached views, measured while writing:
+# {"global": e, "local": e}, ||x - decoded|| / ||x|| per token (int8 and int8-rotated stores)
+TOKEN_ERROR = "token_error"
 
 
 def shard_name(shard: int) -> str:
@@ -123,9 +139,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 # ---------------------------------------------------------------- encoding
 
 
-def encode(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """float32 (..., C) -> stored array (and, for int8, a per-token float32 scale (...,))."""
+def encode(
+    x: np.ndarray, dtype: str, rotation: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32 (..., C) -> stored array (and, for int8, a per-token float32 scale (...,)).
+    int8-rotated is int8 of x @ R: `rotation` is the store's R (D, D)."""
     x = np.asarray(x, dtype=np.float32)
+    if dtype == ROTATED_DTYPE:
+        if rotation is None:
+            raise ValueError("int8-rotated needs the store's rotation R")
+        return encode(rotate_tokens(x, rotation), "int8")
     if dtype == "float32":
         return x, None
     if dtype == "float16":
@@ -141,10 +164,16 @@ def encode(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
     raise ValueError(f"unknown dtype {dtype!r}; choose one of {DTYPES}")
 
 
-def decode(data: np.ndarray, scale: np.ndarray | None, dtype: str) -> Tensor:
-    """Stored array -> float32 tensor (inverse of `encode`)."""
+def decode(
+    data: np.ndarray, scale: np.ndarray | None, dtype: str, rotation: np.ndarray | None = None
+) -> Tensor:
+    """Stored array -> float32 tensor (inverse of `encode`); int8-rotated: (q * scale) @ R^T."""
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(data).view(np.int16)).view(torch.bfloat16).float()
+    if dtype == ROTATED_DTYPE:
+        if rotation is None:
+            raise ValueError("int8-rotated needs the store's rotation R")
+        return decode(data, scale, "int8") @ torch.from_numpy(rotation).T
     if dtype == "int8":
         return torch.from_numpy(data.astype(np.float32) * scale[..., None])
     return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
@@ -221,6 +250,45 @@ def _create_arrays(group: zarr.Group, layout: Layout) -> None:
         group.create_array(name, shape=(n,), dtype=str, chunks=(s,), config=cfg)
 
 
+def _create_rotation(root: Path, group: zarr.Group, meta: StoreMeta) -> None:
+    """R of an int8-rotated store (`codec.token_rotation` of D and the store's seed), one chunk
+    with a crc32c; its values' crc32c goes into `integrity` with the index arrays'."""
+    d = meta.embed_dim
+    group.create_array(
+        TOKEN_ROTATION,
+        shape=(d, d),
+        dtype="float32",
+        chunks=(d, d),
+        compressors=[Crc32cCodec()],
+        fill_value=0,
+    )
+    _open_rw(root, TOKEN_ROTATION)[:] = token_rotation(d, meta.seed)
+
+
+def read_token_rotation(path: Path, attrs: dict[str, Any], embed_dim: int) -> np.ndarray:
+    """An int8-rotated store's R (D, D) float32, checked: its crc32c against the one recorded when
+    the store was created, and finite and orthogonal (`codec.check_rotation`).
+
+    Raises:
+        StoreError: R is missing, unreadable or damaged; one line.
+    """
+    where = f"{path}: the token rotation ({TOKEN_ROTATION})"
+    fix = "restore the store from a copy, or rebuild it with `dpal cache-teacher --out NEW`"
+    want = attrs.get(INTEGRITY, {}).get("index_crc32c", {}).get(TOKEN_ROTATION)
+    try:
+        rotation = zarr.open_array(
+            Path(path) / TOKEN_ROTATION, mode="r", config={"read_missing_chunks": False}
+        )[:]
+    except Exception as e:  # noqa: BLE001 - missing, or a chunk whose crc32c fails
+        raise StoreError(
+            f"{where} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {fix}"
+        ) from None
+    if want is None or index_crc32c(rotation) != want:
+        raise StoreError(f"{where} does not match the checksum recorded when the store was created; {fix}")
+    check_rotation(rotation, embed_dim, where)
+    return rotation
+
+
 def create_store(path: Path, meta: StoreMeta, refs: list[ImageRef]) -> None:
     """Create an empty store atomically: build it in a temporary folder, then rename it into place.
     Its attributes are `meta.to_attrs()` (written as not complete) plus the integrity checksums.
@@ -239,13 +307,17 @@ def create_store(path: Path, meta: StoreMeta, refs: list[ImageRef]) -> None:
         _open_rw(tmp, SOURCE)[:] = np.array([r.source for r in refs], dtype=object)
         _open_rw(tmp, SOURCE_OFFSET)[:] = np.array([r.offset for r in refs], dtype=np.int64)
         _open_rw(tmp, SOURCE_SIZE)[:] = np.array([r.size for r in refs], dtype=np.int64)
+        checked = list(INDEX_ARRAYS)
+        if meta.layout.rotated:  # R exists once: created here, before the rename that publishes the store
+            _create_rotation(tmp, group, meta)
+            checked.append(TOKEN_ROTATION)
         (tmp / MARKERS_DIR).mkdir()
         (tmp / IMAGES_DIR).mkdir()
         group.attrs.update(meta.to_attrs() | {"complete": False})
         group.attrs[INTEGRITY] = {
             "attrs_sha256": _attrs_sha256(group.attrs.asdict()),
             "array_metadata_sha256": {f.parent.name: sha256_file(f) for f in _array_metadata_files(tmp)},
-            "index_crc32c": {name: index_crc32c(_open_rw(tmp, name)[:]) for name in INDEX_ARRAYS},
+            "index_crc32c": {name: index_crc32c(_open_rw(tmp, name)[:]) for name in checked},
         }
         try:
             os.rename(tmp, path)
@@ -445,6 +517,32 @@ def _image_tar(
     return raw, offsets, sizes
 
 
+def _write_features(path: Path, layout: Layout, data: ShardData, files: list[Path]) -> dict[str, float]:
+    """Write a shard's feature arrays (and scales), appending their chunk files to `files`; returns
+    the mean relative int8 error of the global and local tokens of its cached rows (int8 dtypes)."""
+    start, stop = layout.shard_range(data.shard)
+    # every writer uses the R stored when the store was created (never one of its own)
+    rotation = read_token_rotation(path, _load_attrs(path), layout.embed_dim) if layout.rotated else None
+    errors: dict[str, float] = {}
+    good = np.flatnonzero(data.valid)
+    for name, (storage, _) in layout.feature_arrays().items():
+        if name in FEATURES:
+            x = np.asarray(data.features[name], dtype=np.float32)
+            if rotation is not None and name in ROTATED_FEATURES:
+                x = rotate_tokens(x, rotation)
+            stored, scale = encode(x, "int8" if rotation is not None else layout.dtype)
+            if layout.dtype in INT8_DTYPES and name in ROTATED_FEATURES:  # in R's basis: the same error
+                errors[name] = int8_token_error(x, stored, scale, good)
+        else:  # the relation factor and diagonal: already what is stored (float16 Z, float32 diagonal)
+            stored, scale = np.asarray(data.features[name], dtype=storage), None
+        _open_rw(path, name)[start:stop] = stored
+        files += _chunk_files(path, name, stored.ndim, data.shard)
+        if scale is not None:
+            _open_rw(path, name + SCALE_SUFFIX)[start:stop] = scale
+            files += _chunk_files(path, name + SCALE_SUFFIX, scale.ndim, data.shard)
+    return errors
+
+
 def write_shard(path: Path, data: ShardData) -> dict[str, Any]:
     """Write one store shard (each array in one assignment), then its marker. Returns the marker."""
     path = Path(path)
@@ -452,7 +550,6 @@ def write_shard(path: Path, data: ShardData) -> dict[str, Any]:
     layout = meta.layout
     start, stop = layout.shard_range(data.shard)
     remove_shard_temporaries(path, data.shard)  # a killed earlier writer's
-    dtype = layout.dtype
     files: list[Path] = []
     offsets = np.full(stop - start, -1, dtype=np.int64)
     sizes = np.full(stop - start, -1, dtype=np.int64)
@@ -461,16 +558,7 @@ def write_shard(path: Path, data: ShardData) -> dict[str, Any]:
         raw, offsets, sizes = _image_tar(data.images, start)
         atomic_write_bytes(tar_path, raw)
         files.append(tar_path)
-    for name, (storage, _) in layout.feature_arrays().items():
-        if name in FEATURES:
-            stored, scale = encode(data.features[name], dtype)
-        else:  # the relation factor and diagonal: already what is stored (float16 Z, float32 diagonal)
-            stored, scale = np.asarray(data.features[name], dtype=storage), None
-        _open_rw(path, name)[start:stop] = stored
-        files += _chunk_files(path, name, stored.ndim, data.shard)
-        if scale is not None:
-            _open_rw(path, name + SCALE_SUFFIX)[start:stop] = scale
-            files += _chunk_files(path, name + SCALE_SUFFIX, scale.ndim, data.shard)
+    errors = _write_features(path, layout, data, files)
     shard_arrays = {
         PARAMS: np.asarray(data.params, dtype=np.float64),
         VALID: np.asarray(data.valid, dtype=np.uint8),
@@ -480,19 +568,25 @@ def write_shard(path: Path, data: ShardData) -> dict[str, Any]:
     for name, arr in shard_arrays.items():
         _open_rw(path, name)[start:stop] = arr
         files += _chunk_files(path, name, arr.ndim, data.shard)
-    marker = {
-        "shard": data.shard,
-        "start": start,
-        "stop": stop,
-        "num_cached": int(data.valid.sum()),
-        "skipped": data.skipped,
-        "seconds": round(data.seconds, 3),
-        "files": {f.relative_to(path).as_posix(): sha256_file(f) for f in files},
-        # What readers check cheaply on every open and image read (schema 2): the rows' values
-        # of each per-shard array, and each cached image's bytes (null for a skipped row).
-        "crc32c": {name: crc32c_of(arr) for name, arr in shard_arrays.items()},
-        "image_crc32c": [None if item is None else int(google_crc32c.value(item[1])) for item in data.images],
-    } | data.stats
+    marker = (
+        {
+            "shard": data.shard,
+            "start": start,
+            "stop": stop,
+            "num_cached": int(data.valid.sum()),
+            "skipped": data.skipped,
+            "seconds": round(data.seconds, 3),
+            "files": {f.relative_to(path).as_posix(): sha256_file(f) for f in files},
+            # What readers check cheaply on every open and image read (schema 2): the rows' values
+            # of each per-shard array, and each cached image's bytes (null for a skipped row).
+            "crc32c": {name: crc32c_of(arr) for name, arr in shard_arrays.items()},
+            "image_crc32c": [
+                None if item is None else int(google_crc32c.value(item[1])) for item in data.images
+            ],
+        }
+        | ({TOKEN_ERROR: errors} if errors else {})
+        | data.stats
+    )
     atomic_write_bytes(marker_path(path, data.shard), json.dumps(marker, indent=1).encode())
     return marker
 
@@ -642,6 +736,10 @@ class StoreReader:
                     "pass --allow-incomplete"
                 )
         self.dtype = self.store_meta.dtype
+        # R of an int8-rotated store, read and checked once, on open (None otherwise)
+        self.rotation = (
+            read_token_rotation(self.path, self.attrs, self.layout.embed_dim) if self.layout.rotated else None
+        )
         self._arrays: dict[str, zarr.Array] = {}
         self._meta: dict[str, np.ndarray] = {}
         self._markers: dict[int, dict[str, Any]] | None = None
@@ -779,8 +877,9 @@ class StoreReader:
         self, indices: np.ndarray, view: int, raw: bool = False, targets: Collection[str] = FEATURES
     ) -> Targets:
         """Targets of view `view` of the images `indices` (one orthogonal selection per array).
-        `raw`: in the stored dtype (float16, bfloat16, or int8 with `scales`), for a caller that
-        decodes them elsewhere (stage two, on the training device). `targets`: the FEATURES to read;
+        `raw`: in the stored dtype (float16, bfloat16, or int8 with `scales`; int8-rotated's
+        global and local targets in R's basis, `rotation`), for a caller that decodes them
+        elsewhere (stage two, on the training device). `targets`: the FEATURES to read;
         the others are not read and are None.
 
         Raises:
@@ -808,29 +907,13 @@ class StoreReader:
                     if scale is not None:
                         out[name + SCALE_SUFFIX] = torch.from_numpy(scale)[inverse]
                 else:
-                    out[name] = decode(data, scale, self.dtype)[inverse]
+                    kind = self.layout.feature_dtype(name)
+                    out[name] = decode(data, scale, kind, self.rotation)[inverse]
         except (zarr.errors.ChunkNotFoundError, ValueError) as e:
-            # A missing shard file, or a chunk whose crc32c does not match: name the shard(s).
-            shards = sorted({self.shard_of(int(i)) for i in sorted_idx})
-            bad = [s for s in shards if not self._shard_readable(s, sorted_idx, view)] or shards
-            found = {s: shard_problems(self.path, s) for s in bad}
-            if any(found.values()):  # what `dpal store verify` reports: say so, and how to rewrite
-                fix = (
-                    "`dpal store verify` finds "
-                    + "; ".join(f"{shard_name(s)}: {', '.join(p)}" for s, p in found.items() if p)
-                    + "; "
-                    + rewrite_hint(self.path, [s for s, p in found.items() if p])
-                )
-            else:
-                fix = (
-                    "the shard's files match the checksums stage one recorded (`dpal store verify` finds "
-                    "nothing), so this is not damage on disk: please report it with this message"
-                )
-            raise StoreError(
-                f"{self.path}: data of shard(s) {', '.join(shard_name(s) for s in bad)} cannot be read "
-                f"({type(e).__name__}: {str(e).splitlines()[0]}); {fix}"
-            ) from None
-        scales = tuple(out.get(n + SCALE_SUFFIX) for n in FEATURES) if raw and self.dtype == "int8" else None
+            raise self._read_error(e, sorted_idx, view) from None
+        scales = (
+            tuple(out.get(n + SCALE_SUFFIX) for n in FEATURES) if raw and self.dtype in INT8_DTYPES else None
+        )
         params = self.read_params(indices, view)
         if RELATION_FACTOR not in arrays:
             return Targets(out.get(GLOBAL), out.get(LOCAL), out.get(RELATION), params, scales)
@@ -846,6 +929,29 @@ class StoreReader:
         if raw:
             return Targets(out.get(GLOBAL), out.get(LOCAL), z, params, scales, diag)
         return Targets(out.get(GLOBAL), out.get(LOCAL), rebuild_logits(z.float(), diag), params, scales)
+
+    def _read_error(self, e: Exception, sorted_idx: np.ndarray, view: int) -> StoreError:
+        """The one line for a feature read that failed: names the shard(s) and what to run."""
+        # A missing shard file, or a chunk whose crc32c does not match: name the shard(s).
+        shards = sorted({self.shard_of(int(i)) for i in sorted_idx})
+        bad = [s for s in shards if not self._shard_readable(s, sorted_idx, view)] or shards
+        found = {s: shard_problems(self.path, s) for s in bad}
+        if any(found.values()):  # what `dpal store verify` reports: say so, and how to rewrite
+            fix = (
+                "`dpal store verify` finds "
+                + "; ".join(f"{shard_name(s)}: {', '.join(p)}" for s, p in found.items() if p)
+                + "; "
+                + rewrite_hint(self.path, [s for s, p in found.items() if p])
+            )
+        else:
+            fix = (
+                "the shard's files match the checksums stage one recorded (`dpal store verify` finds "
+                "nothing), so this is not damage on disk: please report it with this message"
+            )
+        return StoreError(
+            f"{self.path}: data of shard(s) {', '.join(shard_name(s) for s in bad)} cannot be read "
+            f"({type(e).__name__}: {str(e).splitlines()[0]}); {fix}"
+        )
 
     def read_params(self, indices: np.ndarray, view: int) -> np.ndarray:
         """View parameters (B, NUM_PARAMS) of view `view` of the images `indices`, each shard's
@@ -959,12 +1065,15 @@ def store_info(path: Path) -> dict[str, Any]:
     skipped: list[dict[str, Any]] = []
     cached = 0
     kls = []
+    errors: dict[str, list[float]] = {GLOBAL: [], LOCAL: []}
     for s in done:
         m = read_marker(path, s)
         cached += m["num_cached"]
         skipped += m["skipped"]
         if m.get("relation_kl") is not None:
             kls.append(m["relation_kl"])
+        for name, e in m.get(TOKEN_ERROR, {}).items():
+            errors[name].append(e)
     shapes = {k: list(v) for k, v in layout.feature_shapes().items()}
     return {
         "path": str(path),
@@ -988,6 +1097,13 @@ def store_info(path: Path) -> dict[str, Any]:
         # mean row KL(softmax(logits) || softmax(rebuilt)) per shard, measured while writing
         "relation_kl_mean": float(np.mean(kls)) if kls else None,
         "relation_kl_max": float(np.max(kls)) if kls else None,
+        "token_codec": meta.token_codec_attrs(),
+        "rotation_bytes": layout.rotation_bytes(),
+        # mean relative int8 token error per shard, measured while writing: mean and worst shard
+        TOKEN_ERROR: {
+            name: {"mean": float(np.mean(e)), "max": float(np.max(e))} for name, e in errors.items() if e
+        }
+        or None,
         "embed_images": meta.embed_images,
         "teacher": meta.teacher.to_attrs(),
         "seed": meta.seed,

@@ -6,7 +6,7 @@ re-exports every name here, so `from dpal.store import StoreMeta` works), stage 
 `StoreMeta` (`pipeline.engine.store_meta`) and stage two reads one (`StoreReader.store_meta`).
 `StoreMeta.to_attrs()` is exactly what a store's zarr.json holds (same keys, same order, so the
 bytes and the integrity checksum are those of the dict this replaced); `StoreMeta.from_attrs`
-reads schemas 1 to 3 and names the first missing or malformed attribute in one StoreError line.
+reads schemas 1 to 4 and names the first missing or malformed attribute in one StoreError line.
 docs/store.md documents every attribute and keeps the changelog.
 """
 
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 2  # stores whose relation target is the logits (the default)
 FACTOR_SCHEMA = 3  # stores whose relation target is a low-rank factor (attribute `relation_codec`)
-READABLE_SCHEMAS = (1, 2, 3)  # schema 1 lacks the checksums of schema 2; its stores read unchecked
+ROTATED_SCHEMA = 4  # stores of dtype int8-rotated (attribute `token_codec`), either relation codec
+READABLE_SCHEMAS = (1, 2, 3, 4)  # schema 1 lacks the checksums of schema 2; its stores read unchecked
 FORMAT = "dpal-teacher-store"
 
 # N images, K views per image, P patch tokens of v0, T tokens of Ic (1 + grid), D teacher width
@@ -42,6 +43,11 @@ RELATION_DIAG = "relation_diag"  # (N, K, T) float32, the logits' exact diagonal
 RELATION_CODECS = ("logits", "factor")
 FACTOR_DTYPE = "float16"  # Z's stored dtype, whatever the store's `dtype` (which sets v0's targets)
 SCALE_SUFFIX = "_scale"  # int8 only: per-token float32 scale, (N, K), (N, K, P), (N, K, T)
+# schema 4, dtype int8-rotated: GLOBAL and LOCAL hold int8(x @ R) with their scales; the relation
+# logits (if stored as logits) are plain int8. R is written once, when the store is created.
+TOKEN_ROTATION = "token_rotation"  # (D, D) float32 R, orthogonal (codec.token_rotation)
+ROTATED_DTYPE = "int8-rotated"
+ROTATED_FEATURES = (GLOBAL, LOCAL)  # the D-wide targets that go through R
 PARAMS = "params"  # (N, K, NUM_PARAMS) float64 view parameters, laid out as views.PARAM_FIELDS
 VALID = "valid"  # (N,) uint8: 1 cached, 0 skipped (bad image)
 KEYS = "keys"  # (N,) str     image keys
@@ -52,6 +58,7 @@ IMAGE_OFFSET = "image_offset"  # (N,) int64 byte offset of the image in images/<
 IMAGE_SIZE = "image_size"  # (N,) int64
 FEATURES = (GLOBAL, LOCAL, RELATION)
 INDEX_ARRAYS = (KEYS, SOURCE, SOURCE_OFFSET, SOURCE_SIZE)  # written once, when the store is created
+# (and TOKEN_ROTATION in an int8-rotated store: its crc32c sits beside theirs in `integrity`)
 SHARD_ARRAYS = (PARAMS, VALID, IMAGE_OFFSET, IMAGE_SIZE)  # written by each shard's writer
 IMAGES_DIR = "images"
 MARKERS_DIR = "shards"
@@ -60,7 +67,14 @@ MARKERS_DIR = "shards"
 CHECKED_SHARD_ARRAYS = (VALID, IMAGE_OFFSET, IMAGE_SIZE, PARAMS)
 
 DTYPES = STORE_DTYPES  # feature dtypes (`--dtype`); Zarr has no bfloat16, so its bits go as uint16
-STORAGE_DTYPE = {"float16": "float16", "bfloat16": "uint16", "int8": "int8", "float32": "float32"}
+STORAGE_DTYPE = {
+    "float16": "float16",
+    "bfloat16": "uint16",
+    "int8": "int8",
+    ROTATED_DTYPE: "int8",
+    "float32": "float32",
+}
+INT8_DTYPES = ("int8", ROTATED_DTYPE)  # dtypes stored as int8 with a per-token float32 scale
 
 # Group attribute holding the checksums of the store's own metadata (schema 2), recorded when the
 # store is created: the other attributes (all but `complete`, which flips once at the end), every
@@ -84,6 +98,11 @@ IDENTITY_ATTRS = (
 )
 
 RELATION_TARGET = "row-shifted logits F F^T / sqrt(D)"
+ROTATION_RULE = (
+    "Q of the float64 QR of a D x D standard normal matrix drawn by numpy default_rng([0x524f54, seed]), "
+    "each column signed so that the triangular factor's diagonal is positive, as float32 "
+    "(codec.token_rotation)"
+)
 DECODE_RULE = "PIL, EXIF transpose, to RGB (dpal.corpus.decode_image)"
 TEACHER_KINDS = ("vit", "cnn")
 GLOBAL_TARGETS = ("cls", "mean", "pool")  # the CLS token, the mean patch token, a CNN's pooled map
@@ -218,10 +237,25 @@ class Layout:
     def feature_arrays(self) -> dict[str, tuple[str, bool]]:
         """Each feature array's storage dtype, and whether it has a float32 `_scale` array (int8)."""
         storage = STORAGE_DTYPE[self.dtype]
-        out = {name: (storage, self.dtype == "int8") for name in (GLOBAL, LOCAL)}
+        scaled = self.dtype in INT8_DTYPES
+        out = {name: (storage, scaled) for name in (GLOBAL, LOCAL)}
         if self.relation_rank:
             return out | {RELATION_FACTOR: (FACTOR_DTYPE, False), RELATION_DIAG: ("float32", False)}
-        return out | {RELATION: (storage, self.dtype == "int8")}
+        return out | {RELATION: (storage, scaled)}
+
+    @property
+    def rotated(self) -> bool:
+        """Whether GLOBAL and LOCAL are stored as int8(x @ R) (dtype int8-rotated, schema 4)."""
+        return self.dtype == ROTATED_DTYPE
+
+    def feature_dtype(self, name: str) -> str:
+        """How feature array `name` is encoded (`store.encode`): the relation logits of an
+        int8-rotated store are plain int8 (R is D x D; the logits are T x T)."""
+        return "int8" if self.rotated and name not in ROTATED_FEATURES else self.dtype
+
+    def rotation_bytes(self) -> int:
+        """Bytes of R, stored once per store (0 unless int8-rotated); not in `bytes_per_view`."""
+        return self.embed_dim * self.embed_dim * 4 if self.rotated else 0
 
     @property
     def num_shards(self) -> int:
@@ -441,6 +475,18 @@ class StoreMeta:
             "target": "row-shifted logits rebuilt as Z Z^T with the exact diagonal (codec.rebuild_logits)",
         }
 
+    def token_codec_attrs(self) -> dict[str, Any] | None:
+        """The attribute `token_codec` (schema 4), None unless the dtype is int8-rotated."""
+        if self.dtype != ROTATED_DTYPE:
+            return None
+        return {
+            "codec": ROTATED_DTYPE,
+            "rotation": TOKEN_ROTATION,
+            "rotation_rule": ROTATION_RULE,
+            "arrays": list(ROTATED_FEATURES),
+            "decode": "(q * scale) @ R^T",
+        }
+
     def to_attrs(self) -> dict[str, Any]:
         """The group attributes, in the order stores have always been written (zarr.json's bytes
         follow it; the integrity checksum sorts the keys)."""
@@ -467,6 +513,8 @@ class StoreMeta:
         }
         if self.relation_rank:
             attrs["relation_codec"] = self.relation_codec_attrs()
+        if self.dtype == ROTATED_DTYPE:
+            attrs["token_codec"] = self.token_codec_attrs()
         optional = {
             "value_settings": self.value_settings,
             "config": self.config,
@@ -476,7 +524,7 @@ class StoreMeta:
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], where: str | Path = "store") -> StoreMeta:
-        """Read and check a store's group attributes (schema 1, 2 or 3); unknown attributes are
+        """Read and check a store's group attributes (schema 1 to 4); unknown attributes are
         ignored, as additive ones always were.
 
         Raises:
@@ -511,7 +559,26 @@ class StoreMeta:
             relation_rank=_relation_rank(f, attrs["schema_version"]),
         )
         meta._check_consistent(f)
+        meta._check_token_codec(f)
         return meta
+
+    def _check_token_codec(self, f: _Fields) -> None:
+        """Schema 4 and dtype int8-rotated go together, and such a store names its rotation."""
+        rotated = self.dtype == ROTATED_DTYPE
+        if rotated != (self.schema_version >= ROTATED_SCHEMA):
+            raise attribute_error(
+                f.where,
+                "dtype",
+                f"is {self.dtype}, but schema {self.schema_version} stores "
+                f"{'are' if self.schema_version >= ROTATED_SCHEMA else 'are not'} {ROTATED_DTYPE}",
+            )
+        if not rotated:
+            if "token_codec" in f.attrs:
+                raise attribute_error(f.where, "token_codec", f"is set, but the dtype is {self.dtype}")
+            return
+        codec = f.sub("token_codec")
+        codec("codec", _one_of((ROTATED_DTYPE,)))
+        codec("rotation", _one_of((TOKEN_ROTATION,)))
 
     def _check_consistent(self, f: _Fields) -> None:
         """Attributes that restate each other must agree: each restates a shape readers rely on."""
@@ -578,7 +645,10 @@ class StoreMeta:
 
 
 def _relation_rank(f: _Fields, schema: int) -> int:
-    """r from the attribute `relation_codec`: required in schema 3, absent before (0: logits)."""
+    """r from the attribute `relation_codec`: required in schema 3, absent before (0: logits),
+    optional in schema 4 (either relation codec)."""
+    if schema == ROTATED_SCHEMA and "relation_codec" not in f.attrs:
+        return 0
     if schema < FACTOR_SCHEMA:
         if "relation_codec" in f.attrs:
             raise attribute_error(

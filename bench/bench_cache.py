@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 import dpal.pipeline.cache as cache_mod
+from dpal.codec import token_rotation
 from dpal.config import DTYPES, CacheConfig
 from dpal.corpus import decode_image, index_corpus, read_bytes
 from dpal.pipeline.cache import batches_ahead, cache_shard, teacher_spec
@@ -56,6 +57,7 @@ from dpal.store import (
     PARAMS,
     RELATION,
     SCALE_SUFFIX,
+    TOKEN_ROTATION,
     ShardData,
     StoreReader,
     decode,
@@ -393,9 +395,12 @@ def bench_size_error(cfg: CacheConfig, teacher: Teacher, work: Path) -> dict[str
     for dtype in DTYPES:
         res: dict[str, Any] = {}
         decoded = {}
+        # int8-rotated: v0's targets through the store's R (its seed's), the relation as int8
+        rotation = token_rotation(layout.embed_dim, cfg.seed) if dtype == "int8-rotated" else None
         for name in FEATURES:
-            stored, scale = encode(feats[name], dtype)
-            decoded[name] = decode(stored, scale, dtype).numpy()
+            kind = "int8" if rotation is not None and name == RELATION else dtype
+            stored, scale = encode(feats[name], kind, rotation)
+            decoded[name] = decode(stored, scale, kind, rotation).numpy()
             res[name] = _errors(feats[name], decoded[name])
         a_ref = _softmax(feats[RELATION].astype(np.float64))  # (rows, K, T, T) teacher affinities
         a_got = _softmax(decoded[RELATION].astype(np.float64))
@@ -419,8 +424,10 @@ def bench_size_error(cfg: CacheConfig, teacher: Teacher, work: Path) -> dict[str
             t = r2.read_targets(np.arange(start, stop), k)
             for name, got in ((GLOBAL, t.global_), (LOCAL, t.local), (RELATION, t.relation)):
                 same &= bool(np.array_equal(got.numpy(), decoded[name][:, k]))
-        feature_dirs = [n for n in FEATURES] + (
-            [n + SCALE_SUFFIX for n in FEATURES] if dtype == "int8" else []
+        feature_dirs = (
+            [n for n in FEATURES]
+            + ([n + SCALE_SUFFIX for n in FEATURES] if dtype in ("int8", "int8-rotated") else [])
+            + ([TOKEN_ROTATION] if rotation is not None else [])
         )
         feat_bytes = sum(_dir_bytes(store / n) for n in feature_dirs) + _dir_bytes(store / PARAMS)
         res["store_read_equals_decode"] = same

@@ -54,6 +54,8 @@ from dpal.pipeline.cache import (
 from dpal.progress import Progress as PlainProgress
 from dpal.store import (
     FACTOR_SCHEMA,
+    ROTATED_DTYPE,
+    ROTATED_SCHEMA,
     SCHEMA_VERSION,
     Layout,
     StoreError,
@@ -163,8 +165,16 @@ def store_meta(
         config=to_dict(cfg),
         corpus_problems=corpus_problems,
         relation_rank=rank,
-        schema_version=FACTOR_SCHEMA if rank else SCHEMA_VERSION,
+        schema_version=schema_version(cfg.dtype, rank),
     )
+
+
+def schema_version(dtype: str, relation_rank: int) -> int:
+    """The schema a new store is written in: 4 for int8-rotated (either relation codec), 3 for a
+    relation factor, else 2 (docs/store.md, "Changelog")."""
+    if dtype == ROTATED_DTYPE:
+        return ROTATED_SCHEMA
+    return FACTOR_SCHEMA if relation_rank else SCHEMA_VERSION
 
 
 def value_settings(cfg: CacheConfig) -> dict[str, Any]:
@@ -643,9 +653,10 @@ def dry_run(cfg: CacheConfig, num_images: int = 8) -> dict[str, Any]:
         "relation_codec": layout.relation_codec,
         "relation_rank": layout.relation_rank or None,
         "bytes_per_view": layout.bytes_per_view(),
-        "feature_bytes": layout.bytes_per_view() * views,
+        "rotation_bytes": layout.rotation_bytes(),  # R, once per store (int8-rotated)
+        "feature_bytes": layout.bytes_per_view() * views + layout.rotation_bytes(),
         "image_bytes": image_bytes,
-        "store_bytes": layout.bytes_per_view() * views + image_bytes,
+        "store_bytes": layout.bytes_per_view() * views + layout.rotation_bytes() + image_bytes,
         "seconds_per_view": per_view,
         "estimated_seconds": per_view * views / workers,
         "workers": workers,

@@ -665,9 +665,15 @@ def test_flags_beat_the_config_file_and_set_beats_flags(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--dtype", "fp8"], "error: dtype 'fp8' is not one of float16, bfloat16, int8, float32"),
+        (
+            ["--dtype", "fp8"],
+            "error: dtype 'fp8' is not one of float16, bfloat16, int8, int8-rotated, float32",
+        ),
         (["--teacher-global-token", "cls"], "error: teacher_global_token 'cls' is not one of auto, mean"),
-        (["--set", "dtype=int4"], "error: dtype 'int4' is not one of float16, bfloat16, int8, float32"),
+        (
+            ["--set", "dtype=int4"],
+            "error: dtype 'int4' is not one of float16, bfloat16, int8, int8-rotated, float32",
+        ),
         (["--views", "many"], "error: views must be an integer, got 'many'"),
         (["--views", "2.5"], "error: views must be an integer, got 2.5"),
         (["--views", "true"], "error: views must be an integer, got 'true'"),

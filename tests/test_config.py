@@ -99,7 +99,7 @@ def test_unknown_keys_list_the_known_ones() -> None:
         ("recipe.global_size=5", "recipe.global_size must be a list"),
         ("recipe.global_size=[40,16]", "multiples of 16"),
         ("recipe=3", "recipe must be a mapping"),
-        ("dtype=fp8", "dtype 'fp8' is not one of float16, bfloat16, int8, float32"),
+        ("dtype=fp8", "dtype 'fp8' is not one of float16, bfloat16, int8, int8-rotated, float32"),
         ("shards=abc", "--shards 'abc' must look like A:B"),
         ("recipe.person_alpha=2", "recipe.person_alpha must be in [0, 1]"),
     ],

@@ -1,7 +1,8 @@
 """The loader builds only what the run's recipe reads (trainer/recipes.py `batch_needs`, data.py
 `BatchDataset(needs=...)`): the needs of each recipe and ablation, the keys a shed batch holds, its
-tensors equal to the full batch's bit for bit (0 and 2 workers; float16, int8 and factor stores), and
-proteus / feature-kd runs with the shed loader train and resume exactly as with the full loader.
+tensors equal to the full batch's bit for bit (0 and 2 workers; float16, int8, int8-rotated and
+factor stores), and proteus / feature-kd runs with the shed loader train and resume exactly as with
+the full loader.
 
 The tiny store and run of tests/stage2_util.py (10 images, batch 4, 2 steps per epoch).
 """
@@ -77,7 +78,10 @@ def test_default_dpal_needs_everything() -> None:
 def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("needs")
     corpus = u.make_corpus(root / "corpus")
-    out = {dtype: u.make_store(corpus, root / dtype, dtype=dtype) for dtype in ("float16", "int8")}
+    out = {
+        dtype: u.make_store(corpus, root / dtype, dtype=dtype)
+        for dtype in ("float16", "int8", "int8-rotated")
+    }
     # make_store's config, the relation as a factor (schema 3): Z and the diagonal, two arrays
     run_cache(
         CacheConfig(
@@ -143,7 +147,7 @@ def _expected(needs: Needs, dtype: str) -> tuple[set[str], set[str]]:
     for name in needs.targets:
         shipped.add(TARGET_KEYS[name])
         inputs.add(TARGET_KEYS[name])
-        if dtype == "int8":
+        if dtype in ("int8", "int8-rotated"):
             shipped.add(TARGET_KEYS[name] + "_scale")
         if dtype == "factor" and name == R:
             shipped.add("rel_t_diag")
@@ -162,7 +166,7 @@ SHED = {  # a run's needs: name -> config keys
 }
 
 
-@pytest.mark.parametrize("dtype", ["float16", "int8", "factor"])
+@pytest.mark.parametrize("dtype", ["float16", "int8", "int8-rotated", "factor"])
 def test_a_shed_batch_holds_the_needed_keys_equal_to_the_full_batch(
     stores: dict[str, Path], dtype: str
 ) -> None:
@@ -186,8 +190,9 @@ def test_a_shed_batch_holds_the_needed_keys_equal_to_the_full_batch(
             )
 
 
-def test_shed_batches_are_the_same_with_two_workers(stores: dict[str, Path]) -> None:
-    store = stores["float16"]
+@pytest.mark.parametrize("dtype", ["float16", "int8-rotated"])
+def test_shed_batches_are_the_same_with_two_workers(stores: dict[str, Path], dtype: str) -> None:
+    store = stores[dtype]  # int8-rotated: the workers rotate the local targets back for the mask
     for needs in (EVERYTHING, batch_needs(_cfg(recipe="proteus"))):
         _, zero = _batches(store, needs, 0)
         _, two = _batches(store, needs, 2)

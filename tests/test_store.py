@@ -18,6 +18,7 @@ from dpal.store import (
     LOCAL,
     PARAMS,
     RELATION,
+    ROTATED_SCHEMA,
     SCHEMA_VERSION,
     VALID,
     Layout,
@@ -150,9 +151,10 @@ def test_reader_refuses_other_schema_and_incomplete_stores(store_copy: Path, tmp
     with pytest.raises(StoreError, match="incomplete .*rerunning the same `dpal cache-teacher`"):
         StoreReader(store_copy)
     assert StoreReader(store_copy, allow_incomplete=True).layout.num_shards == 5
-    group.attrs["schema_version"] = FACTOR_SCHEMA + 1
+    group.attrs["schema_version"] = ROTATED_SCHEMA + 1
     with pytest.raises(
-        StoreError, match=f"schema {FACTOR_SCHEMA + 1}.*reads schema 1, {SCHEMA_VERSION}, {FACTOR_SCHEMA}"
+        StoreError,
+        match=f"schema {ROTATED_SCHEMA + 1}.*reads schema 1, {SCHEMA_VERSION}, {FACTOR_SCHEMA}, {ROTATED_SCHEMA}",
     ):
         read_attrs(store_copy)
     with pytest.raises(StoreError, match="not a dpal store"):

@@ -110,7 +110,7 @@ def test_stage_one_builds_what_the_store_holds(
         (lambda a: a.update(seed=True), "seed should be an integer, got True"),
         (
             lambda a: a.update(dtype="float64"),
-            "dtype should be one of float16, bfloat16, int8, float32, got 'float64'",
+            "dtype should be one of float16, bfloat16, int8, int8-rotated, float32, got 'float64'",
         ),
         (
             lambda a: a["token_grid"].update({"global": [2]}),
@@ -146,7 +146,7 @@ def test_unknown_recipe_key_and_other_stores_are_one_line(ref_store: Path) -> No
         "S: store attribute recipe is not a view recipe of this dpal (unknown recipe "
     )
     assert _error({**_attrs(ref_store), "format": "x"}) == "S is a Zarr group but not a dpal teacher store"
-    assert _error({**_attrs(ref_store), "schema_version": 4}).startswith("S has store schema 4, this dpal")
+    assert _error({**_attrs(ref_store), "schema_version": 5}).startswith("S has store schema 5, this dpal")
 
 
 def test_schema_1_attributes_still_read(ref_store: Path) -> None:

@@ -16,7 +16,8 @@ This module does the rest where the step runs:
 - `local_crops`: v1 and v2 from per-image parameters drawn in the worker exactly as before
   (views.sample_local), applied as a batch in float32 (see the function for where it deviates from
   the PIL reference, views.random_local).
-- `decode_targets`: stored float16 / bfloat16 / int8 (+ scale) -> float32, `store.decode`'s values.
+- `decode_targets`: stored float16 / bfloat16 / int8 (+ scale) -> float32, `store.decode`'s values;
+  int8-rotated tokens are rotated back with the store's R, one batched matmul on the device.
   A factor store's relation (Z, diagonal) becomes the row-shifted logits (`codec.rebuild_logits`).
 
 Shapes: B images, (Hg, Wg) v0, (Hl, Wl) local crops and persons, (Hc, Wc) Ic, (Hs, Ws) the batch's
@@ -276,21 +277,25 @@ def local_crops(source: Tensor, augs: Tensor, size: tuple[int, int]) -> Tensor:
 # ---------------------------------------------------------------- targets
 
 
-def decode_targets(data: Tensor, scale: Tensor | None = None) -> Tensor:
+def decode_targets(data: Tensor, scale: Tensor | None = None, rotation: Tensor | None = None) -> Tensor:
     """Stored targets -> float32, `store.decode`'s values: float16 and bfloat16 widen exactly; int8
-    is multiplied by its per-token scale (one float32 product, as numpy's)."""
-    if scale is not None:
-        return data.float() * scale[..., None]
-    return data.float()
+    is multiplied by its per-token scale (one float32 product, as numpy's); int8-rotated's global
+    and local targets are then rotated back, (q * scale) @ R^T, one batched matmul with `rotation`
+    (R (D, D) float32, already on data's device)."""
+    out = data.float() * scale[..., None] if scale is not None else data.float()
+    return out @ rotation.T if rotation is not None else out
 
 
 # ---------------------------------------------------------------- the whole batch
 
 
-def model_inputs(batch: dict[str, Tensor], recipe: ViewRecipe, device: torch.device) -> dict[str, Tensor]:
+def model_inputs(
+    batch: dict[str, Tensor], recipe: ViewRecipe, device: torch.device, rotation: Tensor | None = None
+) -> dict[str, Tensor]:
     """A `BatchDataset` batch -> the model's inputs on `device`: index, v0, v1, v2, ic (float32,
     normalised; v1, v2 and ic when the batch has their parts, BatchDataset's `needs`), and the
-    targets it has, g_t, local_t, rel_t (float32), and mask."""
+    targets it has, g_t, local_t, rel_t (float32), and mask. `rotation`: an int8-rotated store's
+    R (D, D) on `device` (`BatchDataset.rotation_on`), which g_t and local_t are rotated back by."""
     on = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "local_aug"}
     out = {"index": on["index"]}
     if "bg_u8" in on:
@@ -305,8 +310,10 @@ def model_inputs(batch: dict[str, Tensor], recipe: ViewRecipe, device: torch.dev
         local = local_crops(on["src_u8"], torch.cat([augs[:, 0], augs[:, 1]]), recipe.local_size)
         out.update(v1=local[:b], v2=local[b:])
     for name in ("g_t", "local_t", "rel_t"):
-        if name in on:
-            out[name] = decode_targets(on[name], on.get(name + "_scale"))
+        if name in on:  # the relation (T x T logits or a factor) is never rotated
+            out[name] = decode_targets(
+                on[name], on.get(name + "_scale"), None if name == "rel_t" else rotation
+            )
     if "rel_t_diag" in on:  # a factor store: the row-shifted logits, one batched matmul on `device`
         out["rel_t"] = rebuild_logits(out["rel_t"], on["rel_t_diag"])
     if "mask" in on:

@@ -142,6 +142,7 @@ class BatchDataset(torch.utils.data.Dataset):
         self.needs = needs
         self.num_views = 0
         self._reader: StoreReader | None = None
+        self._rotations: dict[torch.device, Tensor] = {}
 
     @property
     def reader(self) -> StoreReader:
@@ -150,7 +151,17 @@ class BatchDataset(torch.utils.data.Dataset):
         return self._reader
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_reader": None}
+        return {**self.__dict__, "_reader": None, "_rotations": {}}
+
+    def rotation_on(self, device: torch.device) -> Tensor | None:
+        """An int8-rotated store's R (D, D) float32 on `device`, moved there once; None for any
+        other dtype (the store's R is read and checked once per reader, `StoreReader.rotation`)."""
+        r = self.reader.rotation
+        if r is None:
+            return None
+        if device not in self._rotations:
+            self._rotations[device] = torch.from_numpy(r).to(device)
+        return self._rotations[device]
 
     def indices(self, req: BatchRequest) -> np.ndarray:
         full = self.sampler.batch(req.epoch, req.step)
@@ -174,7 +185,8 @@ class BatchDataset(torch.utils.data.Dataset):
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                batch = model_inputs(batch, self.recipe, torch.device("cpu"))
+                cpu = torch.device("cpu")
+                batch = model_inputs(batch, self.recipe, cpu, self._targets_rotation(batch, cpu))
             finally:
                 torch.set_num_threads(threads)
         return batch
@@ -188,7 +200,8 @@ class BatchDataset(torch.utils.data.Dataset):
         padded to the largest by repeating its last row and column, src_hw (B, 2) int64 their
         sizes, local_aug (B, 2, NUM_AUG) float64 the parameters of v1 and v2 (boxes relative to
         that part); with targets, g_t (B, D), local_t (B, P, D), rel_t (B, T, T) in the
-        store's dtype (int8 adds g_t_scale, local_t_scale, rel_t_scale) and, when asked, mask. From
+        store's dtype (int8 and int8-rotated add g_t_scale, local_t_scale, rel_t_scale; int8-rotated's
+        g_t and local_t are in R's basis, rotated back in model_inputs) and, when asked, mask. From
         a factor store (schema 3) rel_t is Z (B, T, r) float16 and rel_t_diag (B, T) float32.
         Only what `needs` asks for: no bg_u8, pa_u8, pb_u8, paste without Ic; no src_u8, src_hw,
         local_aug without v1, v2; only the targets (and their scales) it names.
@@ -275,7 +288,8 @@ class BatchDataset(torch.utils.data.Dataset):
                 out[key] = scale
         if self.mask_fix_sign is not None and t.local is not None:
             grid = reader.store_meta.token_grid.global_grid
-            local = decode_targets(t.local, None if t.scales is None else t.scales[1])
+            rotation = self.rotation_on(torch.device("cpu"))
+            local = decode_targets(t.local, None if t.scales is None else t.scales[1], rotation)
             out["mask"] = shape_mask(local, grid, self.mask_fix_sign)  # (B, P, 1)
         return t.params
 
@@ -284,7 +298,12 @@ class BatchDataset(torch.utils.data.Dataset):
         a batch finished on the CPU (`finish_on_cpu`) is only moved."""
         if self.finish_on_cpu:
             return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        return model_inputs(batch, self.recipe, device)
+        return model_inputs(batch, self.recipe, device, self._targets_rotation(batch, device))
+
+    def _targets_rotation(self, batch: dict[str, Tensor], device: torch.device) -> Tensor | None:
+        """R on `device` when the batch has global or local targets to rotate back, else None
+        (online-teacher batches have none, and nothing is moved to the device)."""
+        return self.rotation_on(device) if "g_t" in batch or "local_t" in batch else None
 
 
 class _Laps:
