@@ -167,7 +167,12 @@ def decode_relation(code: RelationCode, device: torch.device | str = "cpu", shif
 
 
 def rebuild_logits(z: Tensor, diag: Tensor, shift: bool = True) -> Tensor:
-    """(..., T, r) factor and (..., T) diagonal -> (..., T, T) float32 logits (one batched matmul)."""
+    """(..., T, r) factor and (..., T) diagonal -> (..., T, T) float32 logits (one batched matmul).
+
+    The factor is made contiguous first: the matmul's summation order follows the memory layout on
+    some CPUs, and the rebuilt logits must not depend on whether Z came from the eigendecomposition
+    (strided) or from the store (contiguous)."""
+    z = z.contiguous()
     logits = z @ z.transpose(-1, -2)
     logits.diagonal(dim1=-2, dim2=-1).copy_(diag)
     if shift:
