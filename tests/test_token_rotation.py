@@ -322,3 +322,23 @@ def test_store_info_and_dry_run_show_the_codec(corpus: Path, rotated_factor: Pat
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "(int8-rotated, relation logits T x T); plus R 147.5 KB once per store" in res.output
+
+
+def test_the_shape_mask_is_the_same_in_the_rotated_basis() -> None:
+    # the loader computes the mask from int8-rotated tokens left in R's basis: the centred projection
+    # on the top principal axis does not change under a rotation (up to float rounding)
+    from dpal.trainer.losses import shape_mask
+
+    g = torch.Generator().manual_seed(3)
+    b, (h, w), d = 4, (4, 3), 24
+    person = torch.zeros(h, w)
+    person[1:3, 1] = 1.0  # an inner "person" whose tokens differ from the border's
+    tokens = torch.randn(b, h * w, d, generator=g) * 0.3 + person.flatten()[None, :, None] * torch.randn(
+        d, generator=g
+    )
+    rotation = torch.from_numpy(token_rotation(d, 0))
+    plain = shape_mask(tokens, (h, w), fix_sign=True)
+    rotated = shape_mask(tokens @ rotation, (h, w), fix_sign=True)
+    assert plain.shape == (b, h * w, 1) and float(plain.max()) == 1.0
+    torch.testing.assert_close(rotated, plain, atol=1e-5, rtol=0)
+    assert float(plain.reshape(b, h, w)[:, 1:3, 1].mean() - plain.reshape(b, h, w)[:, 0, :].mean()) > 0.3

@@ -288,8 +288,10 @@ class BatchDataset(torch.utils.data.Dataset):
                 out[key] = scale
         if self.mask_fix_sign is not None and t.local is not None:
             grid = reader.store_meta.token_grid.global_grid
-            rotation = self.rotation_on(torch.device("cpu"))
-            local = decode_targets(t.local, None if t.scales is None else t.scales[1], rotation)
+            # int8-rotated tokens are left in R's basis: the mask is the tokens' centred projection
+            # on their top principal axis, which a rotation does not change (the worker is spared a
+            # B*P x D x D matmul; tests/test_token_rotation.py compares the two masks)
+            local = decode_targets(t.local, None if t.scales is None else t.scales[1])
             out["mask"] = shape_mask(local, grid, self.mask_fix_sign)  # (B, P, 1)
         return t.params
 
