@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -137,15 +138,36 @@ def val_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return read_curves(run_dir)[1]
 
 
+def cached(path: Path, newer_than: Path | None, compute: Callable[[], dict]) -> dict:
+    """`compute()`, kept in `path` as JSON and reused while it is newer than `newer_than`."""
+    if path.exists() and (newer_than is None or path.stat().st_mtime > newer_than.stat().st_mtime):
+        return json.loads(path.read_text())
+    value = compute()
+    path.write_text(json.dumps(value))
+    return value
+
+
 def evaluate_all(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> dict:
-    """Every student, the teacher and the random student on the ReID split; the held-out curves."""
+    """Every student, the teacher and the random student on the ReID split; the held-out curves.
+    Each model's scores are kept beside it (reid_scores.json) and reused by a later call."""
     out = Path(args.out)
-    results: dict = {"teacher": score("efficientnet-lite2", args.reid), "random": {}, "runs": {}}
-    for feature in FEATURES:
-        results["random"][feature] = score("dpal_vit_tiny", args.reid, feature, random_init=True)
+    reference = cached(
+        out / "reid_reference.json",
+        Path(args.reid) / "query",  # a regenerated split rewrites the folder
+        lambda: {
+            "teacher": score("efficientnet-lite2", args.reid),
+            "random": {f: score("dpal_vit_tiny", args.reid, f, random_init=True) for f in FEATURES},
+        },
+    )
+    results: dict = {**reference, "runs": {}}
     for config, seed in jobs:
         run_dir = out / "runs" / f"{config}-s{seed}"
-        entry = {f: score(str(run_dir / "student.safetensors"), args.reid, f) for f in FEATURES}
+        student = run_dir / "student.safetensors"
+        entry = cached(
+            run_dir / "reid_scores.json",
+            student,
+            lambda s=student: {f: score(str(s), args.reid, f) for f in FEATURES},
+        )
         entry["val"] = val_curves(run_dir)
         results["runs"][f"{config}-s{seed}"] = {"config": config, "seed": seed, **entry}
         print(f"scored {config} seed {seed}", flush=True)
