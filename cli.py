@@ -385,6 +385,12 @@ def store_info_cmd(
         "shapes         " + ", ".join(f"{k} {tuple(v)}" for k, v in info["shapes"].items()),
         f"teacher        {t.name} ({t.arch}, D={t.embed_dim}, layer {t.layer}, "
         f"sha256 {t.checkpoint_sha256 or f'random-init seed {t.random_init_seed}'})",
+        f"targets        views upsampled x{t.input_scale} for the teacher; "
+        + (
+            "one teacher feature per student token (native grid)"
+            if t.target_grid == "native"
+            else "the teacher's coarser map interpolated onto the student's grid"
+        ),
         f"images         {'embedded (WebDataset tars)' if info['embed_images'] else 'referenced from the corpus'}",
     ]
     for s in info["skipped"][:20]:
@@ -513,8 +519,9 @@ def eval_reid(
     model: Annotated[
         str,
         typer.Option(
-            help="An exported student (.safetensors), a run directory or checkpoint, "
-            "a teacher preset (efficientnet-lite2, path-b), or a timm/dpal model name."
+            help="An exported student (.safetensors), a run directory or checkpoint, a store "
+            "(the teacher that wrote it, as it wrote it), a teacher preset (efficientnet-lite2, "
+            "path-b), or a timm/dpal model name."
         ),
     ],
     data: Annotated[Path, typer.Option(help="Market-1501 layout: DIR/query and DIR/bounding_box_test.")],
@@ -534,7 +541,12 @@ def eval_reid(
     teacher_checkpoint: Annotated[
         str | None, typer.Option(help="Weights for a teacher preset or timm name.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of --random-init weights.")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed of --random-init weights (a student starts as `dpal distill --seed` starts it)."
+        ),
+    ] = 0,
     feature: Annotated[
         str,
         typer.Option(

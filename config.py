@@ -155,8 +155,14 @@ class CacheConfig:
     )
     teacher_layer: int | None = opt(
         None,
-        "Use the output of ViT block i (negative counts from the end) "
-        "instead of the final normalised tokens (see docs/store.md).",
+        "Use the output of ViT block i, or of CNN feature stage i (timm's feature_info; -1: the last "
+        "stage, before a head convolution), instead of the final output (negative counts from the end).",
+    )
+    teacher_input_scale: int = opt(
+        0,
+        "Upsample each view by this factor before the teacher, so that its feature grid is the "
+        "student's token grid: 0 = automatic (teacher stride / student patch: 2 for "
+        "EfficientNet-Lite2); 1 = as is (a coarser CNN map is then interpolated).",
     )
     teacher_global_token: Literal["auto", "mean"] = opt(
         "auto",
@@ -266,6 +272,11 @@ class DistillConfig:
         help="Extra timm.create_model arguments for the student, e.g. {depth: 2} (recorded for export).",
         factory=dict,
     )
+    student_init: Literal["dpal", "timm"] = opt(
+        "dpal",
+        "How the student starts: dpal, as the authors' code (xavier-uniform weights, CLS from "
+        "N(0, 0.02), position embedding from U[0, 1)); timm, timm's own ViT initialisation.",
+    )
     epochs: int = opt(200, "Length of the schedule in epochs (warmup + cosine).")
     max_steps: int | None = opt(
         None, "Stop at this optimizer step without changing the schedule; a later run resumes."
@@ -361,6 +372,16 @@ class DistillConfig:
     relation_weight: float = opt(
         1.0, "Weight of dpal's relation objective; 0 switches it off and skips the student's pass over Ic."
     )
+    freeze_student: bool = opt(
+        False,
+        "Keep the student at its initialisation and train only the heads (D-PaDe or the recipe's): "
+        "how much of the alignment the heads achieve alone.",
+    )
+    grad_shares: bool = opt(
+        False,
+        "On log steps, also measure each loss term's gradient norm on the student's parameters "
+        "(one extra backward pass per term) and log it (grad_norm/<term>, metrics.jsonl).",
+    )
     mask_ratio: float = opt(
         0.5,
         "proteus: fraction of v0's patches (at least one) replaced by the mask token "
@@ -407,6 +428,8 @@ class DistillConfig:
             raise ConfigError("num_workers must be >= 0 (or none for the default)")
         if self.fresh and self.resume not in ("auto", "none"):
             raise ConfigError(f"--fresh starts over; it cannot resume from {self.resume} (drop one of them)")
+        if self.grad_shares and self.recipe != "dpal":
+            raise ConfigError(f"--grad-shares measures dpal's terms; --recipe {self.recipe} has other ones")
         if self.val_every < 1 or (self.val_images is not None and self.val_images < 1):
             raise ConfigError("val_every and val_images must be >= 1")
         # a val_every at its default passes: the config.yaml of a run written before this check holds it

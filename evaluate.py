@@ -1,7 +1,8 @@
 """Resolve "a model" for evaluation into an embedding function: image batch -> global feature.
 
 `dpal eval reid --model M` accepts an exported student (.safetensors with its .json), a run
-directory or checkpoint of `dpal distill`, a teacher preset (`efficientnet-lite2`, `path-b` with
+directory or checkpoint of `dpal distill`, a store (the teacher that wrote it, with the layer and
+input scale it used), a teacher preset (`efficientnet-lite2`, `path-b` with
 a checkpoint), or a timm / dpal model name. A bare name has no weights, so it needs
 `random_init=True`: nobody scores a random network by accident. Students give their CLS token
 after the final norm (the backbone that is kept); teachers give the global target of stage one.
@@ -9,6 +10,7 @@ after the final norm (the backbone that is kept); teachers give the global targe
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +58,11 @@ def resolve_model(
     checkpoint: str | None = None,
     seed: int = 0,
     feature: str = "cls",
+    init: str = "dpal",
 ) -> Embedder:
     """Build the embedder for `model` (see the module docstring for what it may name).
 
+    A random student starts as `dpal distill` starts one (`init`: dpal or timm, seeded by `seed`).
     `feature` picks a student's global feature: its CLS token (`cls`, default) or the mean of its
     patch tokens (`mean`). Teachers always give their stage-one global target.
 
@@ -78,6 +82,8 @@ def resolve_model(
         # the model's own name, then the file it came from (its stem is often just "student")
         name = f"{cfg['model_name']} ({path.with_suffix('.safetensors').name})"
         return _student_embedder(name, load_exported(path), size, "student", feature)
+    if path.is_dir() and (path / "zarr.json").exists():  # a store: the teacher that wrote it
+        return _store_teacher(path, image_size)
     if path.is_dir() or path.suffix == ".pt":
         from dpal.trainer.checkpoint import build_student_from_checkpoint
 
@@ -113,7 +119,7 @@ def resolve_model(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         try:
-            student = create_student(model, img_size=size)
+            student = create_student(model, img_size=size, init=init)
         except ValueError:
             teacher = load_teacher(
                 TeacherSpec(name=model, random_init=True, random_init_seed=seed, global_size=size)
@@ -122,8 +128,27 @@ def resolve_model(
     return _student_embedder(f"{model} (random)", student, size, "random", feature)
 
 
+def _store_teacher(path: Path, image_size: tuple[int, int] | None) -> Embedder:
+    """The teacher that wrote a store, as it wrote it (layer, input scale): its global target."""
+    from dpal.store import StoreReader
+
+    meta = StoreReader(path).store_meta
+    size = image_size or tuple(meta.recipe.global_size)
+    spec = dataclasses.replace(meta.teacher_spec(), global_size=size)
+    teacher = load_teacher(spec)
+    meta.check_teacher(teacher.identity())
+    return Embedder(
+        f"{spec.name} (teacher of {path.name})", lambda x: teacher.encode_global(x)[0], size, "teacher"
+    )
+
+
 def evaluate_reid(
-    embedder: Embedder, data: str | Path, batch_size: int = 64, per_query: bool = False, level: float = 0.9
+    embedder: Embedder,
+    data: str | Path,
+    batch_size: int = 64,
+    per_query: bool = False,
+    level: float = 0.9,
+    features: bool = False,
 ) -> dict:
     """Market-1501 protocol on `data` (query/ and bounding_box_test/): mAP and CMC rank-1/5/10.
 
@@ -131,7 +156,9 @@ def evaluate_reid(
     seed 0) of mAP and rank-1, as "mAP_lo", "mAP_hi", "rank1_lo", "rank1_hi" in [0, 1]. With
     `per_query`, "per_query_ap" and "per_query_rank1" hold each valid query's AP and rank-1 hit
     ((Nv,) float64, in query-file order; "per_query_index" their positions in the sorted query
-    list), for `dpal.reid.paired_bootstrap` between two models scored on the same folder.
+    list), for `dpal.reid.paired_bootstrap` between two models scored on the same folder. With
+    `features`, "query_features" and "gallery_features" hold the embeddings ((N, D) tensors, in
+    sorted file order), for label-free comparisons (`dpal.reid.linear_cka`, `knn_agreement`).
     """
     from dpal.reid import bootstrap_interval, extract_features, read_market, score_queries, summarize_scores
 
@@ -149,4 +176,6 @@ def evaluate_reid(
     )
     if per_query:
         res.update(per_query_ap=scores.ap, per_query_rank1=scores.rank1, per_query_index=scores.index)
+    if features:
+        res.update(query_features=qf, gallery_features=gf)
     return res

@@ -445,14 +445,22 @@ def metadata_problems(path: Path, attrs: dict[str, Any]) -> list[str]:
     return out
 
 
+def _with_defaults(teacher: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return TeacherIdentity.from_attrs(teacher).to_attrs()
+    except StoreError:  # malformed: compared as it is (the store's own read names the field)
+        return teacher
+
+
 def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable differences between two stores' identity attributes."""
     out = []
     for k in IDENTITY_ATTRS:
         a, b = old.get(k), new.get(k)
         if k == "teacher" and isinstance(a, dict) and isinstance(b, dict):
-            # The checkpoint's sha256 identifies it; its path may move between machines.
-            a, b = ({kk: v for kk, v in x.items() if kk != "checkpoint"} for x in (a, b))
+            # The checkpoint's sha256 identifies it; its path may move between machines. Fields
+            # added later (input_scale, target_grid) compare with their defaults where absent.
+            a, b = ({kk: v for kk, v in _with_defaults(x).items() if kk != "checkpoint"} for x in (a, b))
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):

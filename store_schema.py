@@ -106,6 +106,7 @@ ROTATION_RULE = (
 DECODE_RULE = "PIL, EXIF transpose, to RGB (dpal.corpus.decode_image)"
 TEACHER_KINDS = ("vit", "cnn")
 GLOBAL_TARGETS = ("cls", "mean", "pool")  # the CLS token, the mean patch token, a CNN's pooled map
+TARGET_GRIDS = ("native", "interpolated")  # one teacher feature per student token, or resampled
 REBUILD = "rebuild it with `dpal cache-teacher --out NEW`"
 
 
@@ -359,6 +360,13 @@ class TeacherIdentity:
     kind: str
     embed_dim: int
     global_token: str
+    input_scale: int = 1
+    """The factor each view was upsampled by before the teacher (absent in stores written before
+    it existed: 1)."""
+    target_grid: str = "native"
+    """`native`: one teacher feature per student token; `interpolated`: a coarser teacher map
+    resampled onto the student's grid (absent: interpolated for CNN teachers, whose stride-32 map
+    every earlier store resampled)."""
 
     def to_attrs(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -370,6 +378,7 @@ class TeacherIdentity:
 
     @classmethod
     def _read(cls, f: _Fields) -> TeacherIdentity:
+        kind = f("kind", _one_of(TEACHER_KINDS))
         return cls(
             name=f("name", STR),
             arch=f("arch", STR),
@@ -378,9 +387,13 @@ class TeacherIdentity:
             random_init=f("random_init", BOOL),
             random_init_seed=f("random_init_seed", INT),
             layer=f("layer", OPTIONAL_INT),
-            kind=f("kind", _one_of(TEACHER_KINDS)),
+            kind=kind,
             embed_dim=f("embed_dim", POSITIVE),
             global_token=f("global_token", _one_of(GLOBAL_TARGETS)),
+            input_scale=f("input_scale", POSITIVE, 1),
+            target_grid=f(
+                "target_grid", _one_of(TARGET_GRIDS), "interpolated" if kind == "cnn" else "native"
+            ),
         )
 
 
@@ -632,6 +645,7 @@ class StoreMeta:
             random_init_seed=t.random_init_seed,
             layer=t.layer,
             arch=t.arch if t.name in PRESETS else None,
+            input_scale=t.input_scale,
             global_size=self.recipe.global_size,
             crowd_size=self.recipe.crowd_size,
             patch_size=self.token_grid.patch_size,

@@ -50,6 +50,7 @@ PATH_BACKBONE_PREFIX = "module.backbone_module."
 PATH_STRIP_PREFIXES = ("module.", "backbone_module.", "backbone.")
 PATH_IGNORED_PREFIXES = ("neck_module.", "decoder_module.", "neck.", "decoder.", "head.", "heads.")
 LN_EPS = 1e-6
+MAX_INPUT_SCALE = 4
 
 
 def autocast_context(device: str | torch.device) -> contextlib.AbstractContextManager:
@@ -86,6 +87,11 @@ class TeacherSpec:
     global_token: str = "auto"
     """`auto`: the CLS token where the model has one, else the mean patch token. `mean`: always the
     mean patch token (for a checkpoint whose CLS was never trained). Also picks Ic's first token."""
+    input_scale: int = 0
+    """Each view is upsampled by this factor (bilinear) before the teacher sees it, so that a teacher
+    whose feature stride is coarser than the student's patch (a CNN at stride 32, a ViT/32) gives one
+    genuine feature per student token. 0: automatic, the teacher's stride over the student's patch
+    (2 for EfficientNet-Lite2); 1: the view as it is (a CNN's coarser map is then interpolated)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "global_size", tuple(int(s) for s in self.global_size))
@@ -113,6 +119,10 @@ class TeacherSpec:
             )
         if self.global_token not in GLOBAL_TOKENS:
             raise InputError(f"global_token must be one of {GLOBAL_TOKENS}, got {self.global_token!r}")
+        if not 0 <= self.input_scale <= MAX_INPUT_SCALE:
+            raise InputError(
+                f"teacher input scale must be 0 (automatic) to {MAX_INPUT_SCALE}, got {self.input_scale}"
+            )
 
     def timm_arch(self) -> str:
         """The timm architecture behind the spec."""
@@ -162,9 +172,13 @@ class Teacher(nn.Module):
             self.register_buffer("pos_prefix", prefix, persistent=False)
             self.pos_grid_hw = tuple(pos.grid_hw)
         else:
-            self.embed_dim = int(model.num_features)
+            self.cnn_stage = _cnn_stage(model, spec.layer)
+            stage_dim = model.feature_info[self.cnn_stage]["num_chs"]
+            self.embed_dim = int(model.num_features if spec.layer is None else stage_dim)
             self.has_cls = False
             self.num_prefix_tokens = 0
+        self.feature_stride = feature_stride(model, kind, spec.layer)
+        self.input_scale = spec.input_scale or max(1, self.feature_stride // spec.patch_size)
         self.use_cls = self.has_cls and spec.global_token == "auto"
         self.requires_grad_(False)
         self.eval()
@@ -186,7 +200,15 @@ class Teacher(nn.Module):
             "kind": self.kind,
             "embed_dim": self.embed_dim,
             "global_token": "cls" if self.use_cls else ("mean" if self.kind == "vit" else "pool"),
+            "input_scale": self.input_scale,
+            "target_grid": self.target_grid,
         }
+
+    @property
+    def target_grid(self) -> str:
+        """`native`: one teacher feature per student token; `interpolated`: the teacher's map (at
+        stride / input scale) is coarser than the student's patch and bilinearly resampled onto it."""
+        return "native" if self.feature_stride <= self.patch_size * self.input_scale else "interpolated"
 
     def encode_global(self, v0: Tensor) -> tuple[Tensor, Tensor]:
         """Global and local targets of the global view.
@@ -199,6 +221,8 @@ class Teacher(nn.Module):
             patches (B, P, D), P = (Hg / 16) * (Wg / 16), row-major.
         """
         grid_hw = self._grid_of(v0)
+        if self.input_scale > 1:  # (B, 3, s Hg, s Wg): the teacher's grid becomes the student's
+            v0 = F.interpolate(v0, scale_factor=self.input_scale, mode="bilinear", align_corners=False)
         if self.kind == "cnn":
             return self._cnn_tokens(v0, grid_hw)
         tokens = self._vit_tokens(v0)  # (B, prefix + P, D)
@@ -254,11 +278,33 @@ class Teacher(nn.Module):
         # unnormalised, F F^T / sqrt(D) would be huge and the relation softmax one-hot, and the
         # token losses would be dominated by a few channels. A parameter-free LayerNorm per token
         # puts every target on the scale of a ViT's final-norm output.
-        fmap = self.model.forward_features(x).float()  # (B, D, h, w)
+        if self.spec.layer is None:
+            fmap = self.model.forward_features(x).float()  # (B, D, h, w)
+        else:  # a feature stage's output (EfficientNet: before the 1x1 head convolution)
+            fmap = self.model.forward_intermediates(x, indices=[self.cnn_stage], intermediates_only=True)
+            fmap = fmap[0].float()
         g = F.layer_norm(fmap.mean(dim=(2, 3)), (fmap.shape[1],), eps=LN_EPS)  # (B, D)
-        fmap = F.interpolate(fmap, size=grid_hw, mode="bilinear", align_corners=False)  # (B, D, H, W)
+        if tuple(fmap.shape[-2:]) != grid_hw:  # a coarser map: resampled onto the student's grid
+            fmap = F.interpolate(fmap, size=grid_hw, mode="bilinear", align_corners=False)  # (B, D, H, W)
         patches = fmap.flatten(2).transpose(1, 2)  # (B, P, D)
         return g, F.layer_norm(patches, (patches.shape[-1],), eps=LN_EPS)
+
+
+def feature_stride(model: nn.Module, kind: str, layer: int | None) -> int:
+    """Pixels per feature of the teacher's output: a ViT's patch, a CNN stage's reduction."""
+    if kind == "vit":
+        return patch_size_of(model)[0]
+    return int(model.feature_info[_cnn_stage(model, layer)]["reduction"])
+
+
+def _cnn_stage(model: nn.Module, layer: int | None) -> int:
+    """The feature stage (timm's `feature_info`) a CNN teacher's `layer` names; None: the last."""
+    num = len(model.feature_info)
+    if layer is None:
+        return num - 1
+    if not -num <= layer < num:
+        raise InputError(f"layer {layer} out of range for a CNN teacher with {num} feature stages")
+    return layer % num
 
 
 def qkv_std_ratio(teacher: Teacher) -> float | None:
@@ -399,19 +445,23 @@ def _make_teacher(
         _check_vit(model, spec)
         pos = pos if pos is not None else pos_embed_of(model)
         return Teacher(model, spec, "vit", checkpoint, digest, pos)
-    if spec.layer is not None:
+    if spec.layer is not None and not hasattr(model, "forward_intermediates"):
         raise InputError(
-            f"layer={spec.layer}: only the final output (layer None) is supported for CNN teachers"
+            f"layer={spec.layer}: {type(model).__name__} has no forward_intermediates in timm; "
+            "use its final output (no layer)"
         )
     _check_cnn(model, spec)
     return Teacher(model, spec, "cnn", checkpoint, digest)
 
 
 def _check_vit(model: VisionTransformer, spec: TeacherSpec) -> None:
-    if patch_size_of(model) != (spec.patch_size, spec.patch_size):
+    ph, pw = patch_size_of(model)
+    scale = spec.input_scale or max(1, ph // spec.patch_size)
+    if ph != pw or ph != spec.patch_size * scale:
         raise InputError(
-            f"teacher patch size {patch_size_of(model)} differs from the student's {spec.patch_size}: "
-            "its tokens would not line up with the student's patch grid"
+            f"teacher patch size {(ph, pw)} at input scale {scale} does not give the student's "
+            f"{spec.patch_size}-pixel grid: its tokens would not line up with the student's patches"
+            + ("; leave the input scale automatic" if spec.input_scale else "")
         )
     if getattr(model, "dist_token", None) is not None:
         raise InputError(f"{type(model).__name__}: ViTs with a distillation token are not supported")

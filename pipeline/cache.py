@@ -110,6 +110,7 @@ def teacher_spec(cfg: CacheConfig) -> TeacherSpec:
         global_size=cfg.recipe.global_size,
         crowd_size=cfg.recipe.crowd_size,
         global_token=cfg.teacher_global_token,
+        input_scale=cfg.teacher_input_scale,
     )
 
 

@@ -181,6 +181,7 @@ def test_help_defaults_are_the_config_defaults(command: str, config: type) -> No
                 "shard_size",
                 "teacher",
                 "teacher_global_token",
+                "teacher_input_scale",
                 "threads_per_worker",
                 "views",
                 "workers",
@@ -210,6 +211,7 @@ def test_help_defaults_are_the_config_defaults(command: str, config: type) -> No
                 "resume",
                 "seed",
                 "student",
+                "student_init",
                 "student_kwargs",
                 "val_every",
                 "warmup_epochs",
@@ -549,6 +551,7 @@ _OTHER = {
     "student_kwargs": {"depth": 2},
     "recipe": "feature-kd",
     "projector": "linear",
+    "student_init": "timm",
 }
 # distill keys that only one --recipe reads (any other refuses them): set together with that recipe
 _RECIPE_OF = {"mask_ratio": "proteus", "mask_probability": "proteus"}
@@ -607,7 +610,7 @@ def test_every_config_field_is_reachable_from_the_cli(command: str, config: type
 
     base = config()
     leaves = list(_leaves(config))
-    assert len(leaves) == {"cache-teacher": 27 + 8 + 18, "distill": 41}[command]  # with slurm, recipe
+    assert len(leaves) == {"cache-teacher": 28 + 8 + 18, "distill": 44}[command]  # with slurm, recipe
     for dotted, f, default in leaves:
         value = _other_value(dotted, default)
         assert value != default, dotted

@@ -4,6 +4,8 @@ store; and dpal.common's device resolver."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import json
 from collections.abc import Callable
@@ -185,7 +187,8 @@ def test_teacher_spec_rebuilds_the_teacher_that_wrote_the_store(
     ref_store: Path, make_config: Callable[..., CacheConfig], teacher: Teacher
 ) -> None:
     meta = read_meta(ref_store)
-    assert meta.teacher_spec() == teacher_spec(make_config("unused", "unused"))
+    # the spec names the input scale the store's teacher used (automatic resolved: 1 for a ViT/16)
+    assert meta.teacher_spec() == dataclasses.replace(teacher_spec(make_config("unused", "unused")), input_scale=1)
     rebuilt = load_teacher(meta.teacher_spec())
     assert rebuilt.identity() == meta.teacher.to_attrs()
     meta.check_teacher(rebuilt.identity())
@@ -220,3 +223,36 @@ def test_cli_prints_one_line_for_a_malformed_attribute(store_copy: Path) -> None
     assert result.exit_code == 2 and result.stderr.splitlines() == [
         f"error: {store_copy}: store attribute token_grid.num_crowd_tokens is 8, but the grids give 7; {REBUILD}"
     ]
+
+
+def test_teacher_identity_of_stores_before_input_scaling() -> None:
+    """Stores written before `input_scale` and `target_grid` existed read with what they did: the
+    view as it was (scale 1), and for a CNN teacher targets interpolated from its coarser map; such
+    a store's identity equals a new one's that spells those values out (a resume is not refused)."""
+    from dpal.store import identity_diff
+    from dpal.store_schema import TeacherIdentity
+
+    old = {
+        "name": "efficientnet-lite2",
+        "arch": "tf_efficientnet_lite2",
+        "checkpoint": None,
+        "checkpoint_sha256": "ab" * 32,
+        "random_init": False,
+        "random_init_seed": 0,
+        "layer": None,
+        "kind": "cnn",
+        "embed_dim": 1280,
+        "global_token": "pool",
+    }
+    t = TeacherIdentity.from_attrs(old)
+    assert (t.input_scale, t.target_grid) == (1, "interpolated")
+    vit = TeacherIdentity.from_attrs({**old, "kind": "vit", "global_token": "cls"})
+    assert (vit.input_scale, vit.target_grid) == (1, "native")
+    assert identity_diff({"teacher": old}, {"teacher": t.to_attrs()}) == []
+    new = {**old, "input_scale": 2, "target_grid": "native"}
+    assert identity_diff({"teacher": old}, {"teacher": new}) == [
+        "teacher.input_scale: store has 1, this run has 2",
+        "teacher.target_grid: store has 'interpolated', this run has 'native'",
+    ]
+    with pytest.raises(StoreError, match="store attribute target_grid should be one of native, interpolated, got .blurred."):
+        TeacherIdentity.from_attrs({**old, "target_grid": "blurred"})

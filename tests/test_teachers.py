@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
@@ -174,10 +175,15 @@ def test_target_shapes_and_relation_logits(teacher, path_ckpt: Path) -> None:
         teacher.encode_global(torch.randn(1, 3, 250, 128))
 
 
-def test_cnn_teacher_tokens_on_student_grid() -> None:
-    spec = TeacherSpec("resnet10t", random_init=True, global_size=(64, 32), crowd_size=(64, 64))
+def test_cnn_teacher_interpolated_grid_at_input_scale_1() -> None:
+    """Input scale 1 (every store before input scaling): the stride-32 map is resampled bilinearly
+    onto the student's 16-pixel grid, so the store says its targets are interpolated."""
+    spec = TeacherSpec(
+        "resnet10t", random_init=True, global_size=(64, 32), crowd_size=(64, 64), input_scale=1
+    )
     t = load_teacher(spec)
     assert t.kind == "cnn" and not t.has_cls and t.embed_dim == 512
+    assert (t.feature_stride, t.input_scale, t.target_grid) == (32, 1, "interpolated")
     v0, ic = torch.randn(2, 3, 64, 32), torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         g, patches = t.encode_global(v0)
@@ -192,8 +198,55 @@ def test_cnn_teacher_tokens_on_student_grid() -> None:
     assert torch.allclose(patches, F.layer_norm(expected, (512,), eps=1e-6), atol=1e-5)
     assert torch.allclose(g, F.layer_norm(fmap.mean(dim=(2, 3)), (512,), eps=1e-6), atol=1e-5)
     assert qkv_std_ratio(t) is None
-    with pytest.raises(ValueError, match="CNN"):
-        load_teacher(TeacherSpec("resnet10t", random_init=True, global_size=(64, 32), layer=2))
+    assert t.identity()["input_scale"] == 1 and t.identity()["target_grid"] == "interpolated"
+
+
+def test_cnn_teacher_native_grid_by_default() -> None:
+    """Automatic input scale: a stride-32 CNN sees each view upsampled 2x (bilinear), so its own map
+    is the student's grid and every token is one of its features, not an interpolation."""
+    spec = TeacherSpec("resnet10t", random_init=True, global_size=(64, 32), crowd_size=(64, 64))
+    t = load_teacher(spec)
+    assert (t.feature_stride, t.input_scale, t.target_grid) == (32, 2, "native")
+    v0 = torch.randn(2, 3, 64, 32)
+    with torch.inference_mode():
+        g, patches = t.encode_global(v0)
+        up = F.interpolate(v0, scale_factor=2, mode="bilinear", align_corners=False)  # (2, 3, 128, 64)
+        fmap = t.model.forward_features(up)  # (B, 512, 4, 2): the student's grid
+    assert fmap.shape[-2:] == (4, 2)
+    expected = F.layer_norm(fmap.flatten(2).transpose(1, 2), (512,), eps=1e-6)
+    assert torch.allclose(patches, expected, atol=1e-5)
+    assert torch.allclose(g, F.layer_norm(fmap.mean(dim=(2, 3)), (512,), eps=1e-6), atol=1e-5)
+    assert t.identity()["input_scale"] == 2 and t.identity()["target_grid"] == "native"
+
+
+def test_cnn_teacher_layer_reads_a_feature_stage() -> None:
+    """`layer` i of a CNN is timm's feature stage i: resnet10t's stage 3 (256 channels, stride 16)
+    is the student's grid at input scale 1, chosen automatically."""
+    spec = TeacherSpec("resnet10t", random_init=True, global_size=(64, 32), crowd_size=(64, 64), layer=3)
+    t = load_teacher(spec)
+    assert (t.embed_dim, t.feature_stride, t.input_scale, t.target_grid) == (256, 16, 1, "native")
+    v0 = torch.randn(2, 3, 64, 32)
+    with torch.inference_mode():
+        _, patches = t.encode_global(v0)
+        fmap = t.model.forward_intermediates(v0, indices=[3], intermediates_only=True)[0]  # (2, 256, 4, 2)
+    assert torch.allclose(patches, F.layer_norm(fmap.flatten(2).transpose(1, 2), (256,), eps=1e-6), atol=1e-5)
+    with pytest.raises(InputError, match="out of range for a CNN teacher with 5 feature stages"):
+        load_teacher(TeacherSpec("resnet10t", random_init=True, global_size=(64, 32), layer=5))
+    with pytest.raises(InputError, match="0 \\(automatic\\) to 4"):
+        TeacherSpec("resnet10t", random_init=True, input_scale=5)
+
+
+def test_vit_patch32_teacher_at_input_scale_2() -> None:
+    """A ViT/32 teacher sees the view at twice its size, so its 32-pixel patches fall on the student's
+    16-pixel grid; forcing scale 1 is refused (a ViT's tokens are never interpolated)."""
+    spec = TeacherSpec("vit_small_patch32_224", random_init=True, global_size=(64, 32), crowd_size=(64, 64))
+    t = load_teacher(spec)
+    assert (t.feature_stride, t.input_scale, t.target_grid) == (32, 2, "native")
+    with torch.inference_mode():
+        g, patches = t.encode_global(torch.randn(1, 3, 64, 32))
+    assert patches.shape == (1, 8, t.embed_dim)
+    with pytest.raises(InputError, match="does not give the student's 16-pixel grid"):
+        load_teacher(dataclasses.replace(spec, input_scale=1))
 
 
 def test_efficientnet_lite2_copies_every_tensor() -> None:
@@ -259,7 +312,7 @@ def test_timm_checkpoint_and_name_errors(tmp_path: Path, source_vit: torch.nn.Mo
         load_teacher(TeacherSpec("vit_tiny_patch16_2244", random_init=True))
     with pytest.raises(ValueError, match="patch size"):
         load_teacher(
-            TeacherSpec(ARCH, random_init=True, patch_size=8, global_size=(64, 32), crowd_size=(64, 64))
+            TeacherSpec(ARCH, random_init=True, patch_size=32, global_size=(64, 32), crowd_size=(64, 64))
         )
     with pytest.raises(ValueError, match="multiples of patch_size"):
         TeacherSpec(ARCH, global_size=(250, 128))
@@ -315,3 +368,29 @@ def test_files_that_are_not_checkpoints_say_what_they_are_not(
         assert "\n" not in msg and msg.startswith(str(path)), (name, msg)
         assert words in msg, (name, msg)
         assert name == "objects" or "holds more than tensors" not in msg, (name, msg)
+
+
+@pytest.mark.parametrize("layer, dim", [(None, 1280), (-1, 352)])
+def test_efficientnet_lite2_local_target_has_full_rank_on_a_real_image(layer: int | None, dim: int) -> None:
+    """The real Lite2 on a sample-corpus crop at the demo's v0 (128 x 64, 8 x 4 = 32 tokens): fed
+    as is, its 4 x 2 map resampled onto 32 tokens has rank 8; fed at 2x (the default), the 32 tokens
+    are its own features and have full rank."""
+    import numpy as np
+    from PIL import Image
+
+    from dpal.common import IMAGENET_MEAN, IMAGENET_STD
+
+    img = Image.open(REPO / "sample_data" / "corpus" / "t0001_f000000.jpg").convert("RGB")
+    pixels = torch.tensor(np.array(img.resize((64, 128), Image.BILINEAR)), dtype=torch.float32) / 255
+    x = ((pixels - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).permute(2, 0, 1)[None]
+    ranks = {}
+    for scale in (1, 0):
+        spec = TeacherSpec(
+            "efficientnet-lite2", global_size=(128, 64), crowd_size=(128, 128), layer=layer, input_scale=scale
+        )
+        t = load_teacher(spec)
+        with torch.inference_mode():
+            _, local = t.encode_global(x)  # (1, 32, D)
+        assert local.shape == (1, 32, dim)
+        ranks[t.target_grid] = int(torch.linalg.matrix_rank(local[0].double(), rtol=1e-6))
+    assert ranks == {"interpolated": 8, "native": 32}
