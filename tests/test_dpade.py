@@ -90,7 +90,12 @@ def test_init() -> None:
         assert mha.in_proj_weight.abs().max() > 0.8 * bound_in
         assert torch.equal(mha.in_proj_bias, torch.zeros(3 * D_S))
         assert torch.equal(mha.out_proj.bias, torch.zeros(D_S))
-    assert m.gate.weight.abs().max() <= math.sqrt(6 / (D_S + 3))
+    # the gate keeps nn.Linear's kaiming-uniform(a = sqrt 5): bound 1 / sqrt(d), as the public code
+    # (xavier's would be sqrt(6 / (d + 3)), 0.175 at d = 192 against 0.072)
+    bound_gate = 1 / math.sqrt(D_S)
+    assert m.gate.weight.abs().max() <= bound_gate
+    assert m.gate.weight.abs().max() > 0.8 * bound_gate
+    assert m.gate.weight.std().item() == pytest.approx(bound_gate / math.sqrt(3), rel=0.3)
     assert m.expert_fc.weight.abs().max() <= math.sqrt(6 / (D_S + D_S * D_T))
     assert torch.equal(m.expert_fc.bias, torch.zeros(D_S * D_T))
     for ln in (m.attn_norm, m.router_norm, m.cross_norm, m.expert_in_norm, m.expert_norm, m.out_norm):

@@ -124,10 +124,13 @@ def test_relation_kl_row_shift_invariant_random() -> None:
 
 
 def test_route_weight() -> None:
-    assert route_weight(0) == 0.1
-    assert route_weight(19) == 0.1
-    assert route_weight(20) == 0.01
-    assert route_weight(199) == 0.01
+    # the paper's 200 epochs: 0.1 for epochs 0-19, then 0.01 (the default schedule length)
+    assert [route_weight(e) for e in (0, 19, 20, 199)] == [0.1, 0.1, 0.01, 0.01]
+    assert [route_weight(e, 200) for e in (0, 19, 20, 199)] == [0.1, 0.1, 0.01, 0.01]
+    # the same tenth of shorter schedules: epochs 0-4 of 48 (4.8), 0-1 of 12 (1.2), 0-9 of 100
+    assert [route_weight(e, 48) for e in (0, 4, 5, 47)] == [0.1, 0.1, 0.01, 0.01]
+    assert [route_weight(e, 12) for e in (0, 1, 2, 11)] == [0.1, 0.1, 0.01, 0.01]
+    assert [route_weight(e, 100) for e in (9, 10)] == [0.1, 0.01]
 
 
 def test_total_loss_by_hand() -> None:

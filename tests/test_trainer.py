@@ -248,3 +248,54 @@ def test_progress_reads_lazy_fields_only_when_it_draws() -> None:
     p.stop()
     assert calls == [10, 3] and stream.getvalue().splitlines()[-1].startswith("distill 3/10 steps")
     assert "loss 0.7500" in stream.getvalue().splitlines()[-1]
+
+
+def test_grad_shares_measure_each_terms_gradient_without_changing_the_step(store: Path) -> None:
+    """--grad-shares: on a log step, grad_norm/<term> is the norm of that weighted term's gradient on
+    the student's parameters; the step's gradients are those of a run without it, bit for bit; off
+    log steps nothing is measured."""
+    terms_of = ("global", "local", "relation", "route", "weight_l2")
+    measured, batches = _seam(store, grad_shares=True, log_every=1)
+    plain, _ = _seam(store)
+    alone, _ = _seam(store)
+    batch = measured.model_inputs(batches[0])
+    for t in (measured, plain, alone):
+        t.model.train()
+    torch.manual_seed(7)
+    terms = measured.forward_backward_step(batch)
+    torch.manual_seed(7)
+    plain.forward_backward_step(batch)
+    pairs = zip(measured.model.parameters(), plain.model.parameters(), strict=True)
+    assert all(torch.equal(p.grad, q.grad) for p, q in pairs)
+    assert sorted(k for k in terms if k.startswith("grad_norm/")) == sorted(
+        f"grad_norm/{k}" for k in terms_of
+    )
+    for name in terms_of:  # each term backpropagated alone on a third copy of the same model
+        alone.model.zero_grad(set_to_none=True)
+        alone.model.record_parts = True
+        torch.manual_seed(7)
+        alone.model(batch, 0)
+        alone.model.parts[name].backward()
+        grads = [p.grad for p in alone.model.student.parameters() if p.grad is not None]
+        want = torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt()
+        assert torch.allclose(terms[f"grad_norm/{name}"], want, rtol=1e-5), name
+    assert terms["grad_norm/global"] > 0 and terms["grad_norm/relation"] > 0
+    every_other, _ = _seam(store, grad_shares=True, log_every=2)
+    every_other.model.train()
+    assert not any(k.startswith("grad_norm/") for k in every_other.forward_backward_step(batch))
+
+
+def test_freeze_student_trains_the_heads_alone(store: Path) -> None:
+    """--freeze-student: after two steps the student is its initialisation, bit for bit, and
+    D-PaDe has moved; the optimizer holds no student parameter."""
+    frozen, batches = _seam(store, freeze_student=True)
+    init = {k: v.clone() for k, v in frozen.model.student.state_dict().items()}
+    heads = {k: v.clone() for k, v in frozen.model.heads.state_dict().items()}
+    frozen.schedule = Schedule.constant(1e-3)
+    it = iter(batches)
+    for _ in range(2):
+        frozen.train_step(it)
+    assert all(torch.equal(v, init[k]) for k, v in frozen.model.student.state_dict().items())
+    assert any(not torch.equal(v, heads[k]) for k, v in frozen.model.heads.state_dict().items())
+    student = {id(p) for p in frozen.model.student.parameters()}
+    assert not any(id(p) in student for g in frozen.optimizer.param_groups for p in g["params"])

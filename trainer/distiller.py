@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from dpal.config import DistillConfig
 from dpal.trainer.dpade import PATTERN_GLOBAL, PATTERN_LOCAL, PATTERN_RELATION, DPaDe
 from dpal.trainer.losses import (
+    PAPER_EPOCHS,
     global_mse,
     local_masked_mse,
     relation_kl,
@@ -127,6 +128,7 @@ class Distiller(nn.Module):
         grid_hw: tuple[int, int],
         fix_mask_sign: bool,
         weights: dict[str, float] | None = None,
+        num_epochs: int = PAPER_EPOCHS,
     ) -> None:
         super().__init__()
         self.student = student
@@ -138,6 +140,11 @@ class Distiller(nn.Module):
         self.grid_hw = grid_hw
         self.fix_mask_sign = fix_mask_sign
         self.weights = dict(weights or {"global": 1.0, "local": 1.0, "relation": 1.0})
+        self.num_epochs = num_epochs  # the schedule's length: the route weight switches at its tenth
+        # record_parts: forward keeps each weighted term of the total, with its graph, in `parts`
+        # (the trainer's --grad-shares measures each one's gradient on the student)
+        self.record_parts = False
+        self.parts: dict[str, Tensor] = {}
 
     @property
     def heads(self) -> nn.Module:
@@ -200,28 +207,41 @@ class Distiller(nn.Module):
             calls.append(rel)
         total = weighted_sum(parts, w)
         terms: dict[str, Tensor | float] = {k: v.detach() for k, v in parts.items()}
+        self.parts = {k: w[k] * v.float() for k, v in parts.items()} if self.record_parts else {}
         if hasattr(self, "dpade"):
-            lam = route_weight(epoch)
-            route = torch.stack([c.route_loss.float() for c in calls]).mean()
-            l2 = torch.stack([c.weight_l2.float() for c in calls]).mean()
-            total = total + lam * route + l2
-            terms.update(
-                route=route.detach(),
-                weight_l2=l2.detach(),
-                total=total.detach(),
-                route_weight=lam,
-                route_acc=torch.stack([c.route_correct for c in calls]).mean().detach(),
-            )
+            total = self._add_dpade_terms(total, terms, calls, epoch)
         else:
             terms["total"] = total.detach()
         return total, terms
+
+    def _add_dpade_terms(
+        self, total: Tensor, terms: dict[str, Tensor | float], calls: list, epoch: int
+    ) -> Tensor:
+        """total + lambda_route(epoch) x mean route loss + mean expert term, over the D-PaDe calls;
+        their terms added to `terms` (and to `parts` when recorded)."""
+        lam = route_weight(epoch, self.num_epochs)
+        route = torch.stack([c.route_loss.float() for c in calls]).mean()
+        l2 = torch.stack([c.weight_l2.float() for c in calls]).mean()
+        total = total + lam * route + l2
+        if self.record_parts:
+            self.parts.update(route=lam * route, weight_l2=l2)
+        terms.update(
+            route=route.detach(),
+            weight_l2=l2.detach(),
+            total=total.detach(),
+            route_weight=lam,
+            route_acc=torch.stack([c.route_correct for c in calls]).mean().detach(),
+        )
+        return total
 
 
 def build_student(cfg: DistillConfig, recipe: ViewRecipe) -> nn.Module:
     """The configured student at v0's size, initialised from `cfg.seed` (then every recipe's heads,
     from the RNG where the student's initialisation left it)."""
     torch.manual_seed(cfg.seed)
-    student = create_student(cfg.student, img_size=tuple(recipe.global_size), **cfg.student_kwargs)
+    student = create_student(
+        cfg.student, img_size=tuple(recipe.global_size), init=cfg.student_init, **cfg.student_kwargs
+    )
     recompute_mlp_activations(student, cfg.recompute)
     return student
 
@@ -243,4 +263,4 @@ def build_distiller(
             recompute=cfg.recompute,
         )
     weights = {"global": cfg.global_weight, "local": cfg.local_weight, "relation": cfg.relation_weight}
-    return Distiller(student, head, tuple(grid_hw), cfg.fix_mask_sign, weights)
+    return Distiller(student, head, tuple(grid_hw), cfg.fix_mask_sign, weights, cfg.epochs)

@@ -12,10 +12,11 @@ Choices, following the authors' public code where the paper leaves room (docs/me
   expert (one mean and variance per expert, an affine weight of size d*D), exactly as
   `nn.LayerNorm(d * D)` on the (B, 3, d*D) tensor, before it is reshaped to (d, D).
 - Every LayerNorm uses eps 1e-6.
-- The router's gate Wg is an `nn.Linear(d, 3, bias=False)` and gets xavier-uniform like every
-  other Linear weight (the public code leaves it at kaiming-uniform(a=sqrt 5)).
-- The expert mixing constant is `scale` (default 1/256; the public code divides by its per-GPU
-  batch of 256).
+- The router's gate Wg is an `nn.Linear(d, 3, bias=False)` that keeps PyTorch's default
+  kaiming-uniform(a = sqrt 5) initialisation, bound 1/sqrt(d), as in the public code, where every
+  other Linear weight gets xavier-uniform.
+- The expert mixing constant is `scale` (default 1/256, the literal the public code multiplies
+  each image's W by).
 
 The lean expert path (default). The router's probabilities s sum to one, so the mixed projection is
 an exact rearrangement of per-expert statistics: with h_k = GELU(z_k) the generator's output for
@@ -36,6 +37,7 @@ compare the lean path against.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -291,12 +293,15 @@ class DPaDe(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform Linear weights (MHA in/out projections included), zero biases, LN (1, 0).
+        """Xavier-uniform Linear weights (MHA in/out projections included), zero biases, LN (1, 0);
+        the gate kaiming-uniform(a = sqrt 5), nn.Linear's default, as in the public code.
 
         `router_token` keeps its randn init and `pattern_queries` their zeros.
         """
         for m in self.modules():
-            if isinstance(m, nn.MultiheadAttention):
+            if m is self.gate:
+                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))  # bound 1 / sqrt(d)
+            elif isinstance(m, nn.MultiheadAttention):
                 nn.init.xavier_uniform_(m.in_proj_weight)
                 nn.init.zeros_(m.in_proj_bias)
             elif isinstance(m, nn.Linear):  # includes MHA out_proj

@@ -24,7 +24,9 @@ from torch import Tensor
 
 ROUTE_WEIGHT_EARLY = 0.1
 ROUTE_WEIGHT_LATE = 0.01
-ROUTE_WEIGHT_SWITCH_EPOCH = 20
+# The paper switches at epoch 20 of 200: dpal keeps that tenth of any schedule.
+ROUTE_WEIGHT_SWITCH = (20, 200)
+PAPER_EPOCHS = 200
 # the terms of `total_loss`, in the order it stacks them
 TERM_NAMES = ("global", "local", "relation", "route", "weight_l2", "total")
 
@@ -199,9 +201,14 @@ def weighted_sum(terms: Mapping[str, Tensor], weights: Mapping[str, float]) -> T
     return total
 
 
-def route_weight(epoch: int) -> float:
-    """lambda_route: 0.1 for epochs 0-19, then 0.01."""
-    return ROUTE_WEIGHT_EARLY if epoch < ROUTE_WEIGHT_SWITCH_EPOCH else ROUTE_WEIGHT_LATE
+def route_weight(epoch: int, num_epochs: int = PAPER_EPOCHS) -> float:
+    """lambda_route: 0.1 in the first tenth of the schedule (the paper's 20 of 200 epochs), then 0.01.
+
+    Epoch e (0-based) is early while e / num_epochs < 20 / 200: epochs 0-19 of 200, 0-4 of 48,
+    0-1 of 12.
+    """
+    early, total = ROUTE_WEIGHT_SWITCH
+    return ROUTE_WEIGHT_EARLY if epoch * total < early * num_epochs else ROUTE_WEIGHT_LATE
 
 
 def total_loss(
@@ -211,6 +218,7 @@ def total_loss(
     route_losses: Sequence[Tensor],
     weight_l2s: Sequence[Tensor],
     epoch: int,
+    num_epochs: int = PAPER_EPOCHS,
 ) -> tuple[Tensor, dict[str, float]]:
     """L = L_g + L_l + L_r + lambda_route(epoch) * mean(route CE) + mean(L_W), the reference that
     `Distiller.forward` (which also weighs and skips objectives) is tested against.
@@ -222,6 +230,7 @@ def total_loss(
         route_losses: () router cross-entropy of each D-PaDe call (5 per step).
         weight_l2s: () expert regulariser of each D-PaDe call (5 per step).
         epoch: the current epoch, 0-based.
+        num_epochs: the schedule's length (`route_weight`).
 
     Returns:
         The total (), and its terms as floats: global, local, relation, route, weight_l2,
@@ -229,7 +238,7 @@ def total_loss(
     """
     if not route_losses or not weight_l2s:
         raise ValueError("route_losses and weight_l2s must not be empty")
-    lam = route_weight(epoch)
+    lam = route_weight(epoch, num_epochs)
     route = torch.stack([r.float() for r in route_losses]).mean()
     l2 = torch.stack([w.float() for w in weight_l2s]).mean()
     total = loss_global.float() + loss_local.float() + loss_relation.float() + lam * route + l2

@@ -13,6 +13,7 @@ one GELU per block in the backward pass for a quarter of the student's activatio
 
 from __future__ import annotations
 
+import math
 import types
 from typing import Any
 
@@ -126,12 +127,44 @@ if not timm.is_model(DPAL_VIT_TINY):
     register_model(dpal_vit_tiny)
 
 
-def create_student(name: str, img_size: tuple[int, int] = DEFAULT_IMG_SIZE, **kw: Any) -> nn.Module:
+STUDENT_INITS = ("dpal", "timm")
+
+
+def dpal_init_(model: nn.Module) -> None:
+    """Re-initialise a timm ViT student as the authors' pretraining code does (docs/method.md,
+    "Student"): xavier-uniform for the patch convolution (as a (d, 3 p p) matrix) and every Linear
+    weight (the fused qkv as one (3d, d) matrix), zero Linear biases, LayerNorm (1, 0), the CLS
+    token from N(0, 0.02), the position embedding from U[0, 1) (`torch.rand`, never re-initialised
+    there) and the patch convolution's bias at PyTorch's default, U(-1/sqrt(3 p p), 1/sqrt(3 p p)).
+    Draws from the global RNG (seed it first)."""
+    with torch.no_grad():
+        proj = model.patch_embed.proj
+        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        if proj.bias is not None:
+            bound = 1 / math.sqrt(proj.weight[0].numel())
+            nn.init.uniform_(proj.bias, -bound, bound)
+        nn.init.normal_(model.cls_token, std=0.02)
+        model.pos_embed.uniform_(0.0, 1.0)
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+def create_student(
+    name: str, img_size: tuple[int, int] = DEFAULT_IMG_SIZE, init: str = "timm", **kw: Any
+) -> nn.Module:
     """A randomly initialised, head-less student ViT.
 
     Args:
         name: `dpal_vit_tiny` or any timm Vision Transformer name (`vit_tiny_patch16_224`, ...).
         img_size: (H, W) the model's native input; its position grid is (H / 16, W / 16).
+        init: `timm` keeps timm's initialisation; `dpal` applies the authors' code's (`dpal_init_`),
+            what `dpal distill` starts from by default (`--student-init`).
         **kw: extra timm model arguments (depth, num_heads, ...); recorded on the model as
             `dpal_timm_kwargs` so that `dpal.trainer.export` can rebuild it.
 
@@ -162,6 +195,10 @@ def create_student(name: str, img_size: tuple[int, int] = DEFAULT_IMG_SIZE, **kw
             f"{name!r} is not a timm VisionTransformer with a CLS token and a learned position embedding "
             f"(missing: {missing}); DPAL needs patch_embed, cls_token, pos_embed, blocks and norm"
         )
+    if init not in STUDENT_INITS:
+        raise InputError(f"student init {init!r}: choose one of {', '.join(STUDENT_INITS)}")
+    if init == "dpal":
+        dpal_init_(model)
     model.dpal_timm_kwargs = dict(kw)
     return model
 

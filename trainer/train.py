@@ -168,6 +168,8 @@ class Trainer:
         self.cfg, self.meta, self.recipe, self.device = cfg, meta, recipe, torch.device(device)
         self.info = info or DistInfo()
         self.model = build_model(cfg, recipe, meta.embed_dim, meta.token_grid.global_grid).to(self.device)
+        if cfg.freeze_student:  # the heads alone align (no graph through the student, no updates)
+            self.model.student.requires_grad_(False)
         self.ddp_model: nn.Module = self.model
         if self.info.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -204,10 +206,29 @@ class Trainer:
         the loss divided by `grad_accum`); its loss terms, on the device. `sync` False: DDP keeps the
         gradients local (a micro-batch before the step's last)."""
         ctx = nullcontext() if sync or self.info.world_size == 1 else self.ddp_model.no_sync()
+        measure = self.cfg.grad_shares and self._is_log_step(self.step + 1)
+        self.model.record_parts = measure
         with ctx, self.autocast:
             loss, terms = self.ddp_model(batch, self.epoch)
+            if measure:
+                terms = {**terms, **self._grad_norms()}
             (loss / self.cfg.grad_accum).backward()
         return terms
+
+    def _is_log_step(self, step: int) -> bool:
+        return step % self.cfg.log_every == 0 or step == getattr(self, "end_steps", None)
+
+    def _grad_norms(self) -> dict[str, Tensor]:
+        """`grad_norm/<term>`: the L2 norm of each weighted loss term's gradient on the student's
+        parameters (this rank's micro-batch, one backward pass per term; --grad-shares)."""
+        params = [p for p in self.model.student.parameters() if p.requires_grad]
+        out = {}
+        for name, part in self.model.parts.items():
+            grads = torch.autograd.grad(part, params, retain_graph=True, allow_unused=True)
+            sq = [g.float().pow(2).sum() for g in grads if g is not None]
+            out[f"grad_norm/{name}"] = torch.stack(sq).sum().sqrt() if sq else part.new_zeros(())
+        self.model.parts = {}
+        return out
 
     def train_step(self, batches: Iterator[dict[str, Tensor]]) -> StepResult:
         """One optimizer step on the next `grad_accum` loader batches of `batches`."""
