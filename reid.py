@@ -456,3 +456,37 @@ def format_table(rows: list[dict]) -> str:
         values = "  ".join(_cell(row, k, scale, shown[k]) for k in keys)
         lines.append(f"{str(row['model']):<{width}}  {values}".rstrip())
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- label-free fidelity
+
+
+def linear_cka(x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> float:
+    """Linear centred kernel alignment of two embeddings of the same N images (Kornblith et al.,
+    2019): ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with Xc, Yc the column-centred (N, p) and
+    (N, q) features, in float64. 1 when one is an orthogonal transform and scaling of the other, 0
+    when they share no linear structure; the widths may differ.
+    """
+    xc, yc = (torch.as_tensor(v, dtype=torch.float64) for v in (x, y))
+    if xc.ndim != 2 or yc.ndim != 2 or xc.shape[0] != yc.shape[0] or xc.shape[0] < 2:
+        raise ValueError(
+            f"linear_cka needs (N, p) and (N, q) with N >= 2, got {tuple(xc.shape)}, {tuple(yc.shape)}"
+        )
+    xc, yc = xc - xc.mean(0), yc - yc.mean(0)
+    cross = torch.linalg.matrix_norm(yc.T @ xc) ** 2
+    return float(cross / (torch.linalg.matrix_norm(xc.T @ xc) * torch.linalg.matrix_norm(yc.T @ yc)))
+
+
+def knn_agreement(x: Tensor | np.ndarray, y: Tensor | np.ndarray, k: int = 10) -> float:
+    """Mean over the N images of the fraction of each image's k nearest neighbours (cosine, itself
+    excluded) that two embeddings share: 1 when they rank the neighbours alike, about k / (N - 1)
+    by chance."""
+    sets = []
+    for v in (x, y):
+        f = torch.nn.functional.normalize(torch.as_tensor(v, dtype=torch.float64), dim=1)
+        sim = f @ f.T
+        sim.fill_diagonal_(-float("inf"))
+        sets.append(sim.topk(k, dim=1).indices)  # (N, k)
+    a, b = sets
+    shared = (a.unsqueeze(2) == b.unsqueeze(1)).any(dim=2).sum(dim=1)  # (N,)
+    return float(shared.double().mean() / k)

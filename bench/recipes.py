@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DPAL = [sys.executable, "-m", "dpal.cli"]
@@ -48,8 +50,22 @@ CONFIGS: dict[str, list[str]] = {
     "dpal-no-relation": ["--relation-weight", "0"],
     "proteus": ["--recipe", "proteus"],
     "feature-kd": ["--recipe", "feature-kd"],
+    "dpal-frozen": ["--freeze-student"],
+    "dpal-relation-0.1": ["--relation-weight", "0.1"],
+    "dpal-timm-init": ["--student-init", "timm"],
     "dpal-compact": [],
 }
+# run by default; the others on request (--configs)
+DEFAULT_CONFIGS = (
+    "dpal",
+    "dpal-linear",
+    "dpal-no-global",
+    "dpal-no-local",
+    "dpal-no-relation",
+    "proteus",
+    "feature-kd",
+    "dpal-frozen",
+)
 NEEDS_COMPACT = ("dpal-compact",)
 FEATURES = ("cls", "mean")
 IMAGE_SIZE = (128, 64)  # the demo's v0 size: the store's global view
@@ -86,6 +102,7 @@ def distill_command(args: argparse.Namespace, config: str, seed: int, run_dir: P
         "--progress-seconds",
         "120",
         *CONFIGS[config],
+        *args.extra,
     ]
     if args.val_store:
         cmd += ["--val-store", args.val_store, "--val-every", str(args.val_every)]
@@ -123,13 +140,33 @@ def train_all(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> list[dic
         return list(pool.map(lambda job: train_one(args, job[0], job[1], threads), jobs))
 
 
-def score(model: str, reid: str, feature: str = "cls", random_init: bool = False) -> dict:
-    """ReID of one model: mAP, R1 and their bootstrap intervals, with the per-query arrays."""
+def score(model: str, reid: str, feature: str = "cls", random_init: bool = False, seed: int = 0) -> dict:
+    """ReID of one model: mAP, R1 and their bootstrap intervals, with the per-query arrays; the
+    gallery's features (`gallery_features`, a list) for the fidelity measures."""
     from dpal.evaluate import evaluate_reid, resolve_model
 
-    embedder = resolve_model(model, IMAGE_SIZE, random_init=random_init, feature=feature)
-    res = evaluate_reid(embedder, reid, per_query=True)
-    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in res.items()}
+    embedder = resolve_model(model, IMAGE_SIZE, random_init=random_init, feature=feature, seed=seed)
+    res = evaluate_reid(embedder, reid, per_query=True, features=True)
+    res.pop("query_features")
+    return {k: v.tolist() if isinstance(v, (np.ndarray, torch.Tensor)) else v for k, v in res.items()}
+
+
+def fidelity(entry: dict, teacher: dict) -> dict:
+    """Label-free agreement of a model's gallery features with the teacher's: linear CKA and the
+    share of 10 nearest neighbours in common (reid.linear_cka, reid.knn_agreement)."""
+    from dpal.reid import knn_agreement, linear_cka
+
+    t = np.asarray(teacher["gallery_features"], dtype=np.float64)
+    out = {}
+    for feature in FEATURES:
+        f = np.asarray(entry[feature]["gallery_features"], dtype=np.float64)
+        out[feature] = {"cka": linear_cka(f, t), "knn10": knn_agreement(f, t, k=10)}
+    return out
+
+
+def slim(entry: dict) -> dict:
+    """A score without its features (what results.json keeps)."""
+    return {k: v for k, v in entry.items() if k != "gallery_features"}
 
 
 def val_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -151,60 +188,95 @@ def evaluate_all(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> dict:
     """Every student, the teacher and the random student on the ReID split; the held-out curves.
     Each model's scores are kept beside it (reid_scores.json) and reused by a later call."""
     out = Path(args.out)
-    reference = cached(
-        out / "reid_reference.json",
-        Path(args.reid) / "query",  # a regenerated split rewrites the folder
-        lambda: {
-            "teacher": score("efficientnet-lite2", args.reid),
-            "random": {f: score("dpal_vit_tiny", args.reid, f, random_init=True) for f in FEATURES},
-        },
-    )
-    results: dict = {**reference, "runs": {}}
-    for config, seed in jobs:
-        run_dir = out / "runs" / f"{config}-s{seed}"
-        student = run_dir / "student.safetensors"
-        entry = cached(
-            run_dir / "reid_scores.json",
-            student,
-            lambda s=student: {f: score(str(s), args.reid, f) for f in FEATURES},
+    splits = {"test": args.reid, "val": args.val_reid}
+    results: dict = {"runs": {}, "reference": {}}
+    for split, reid in splits.items():
+        if not reid:
+            continue
+        teacher = cached(
+            out / f"reid_teacher_{split}.json",
+            Path(args.store) / "zarr.json",
+            lambda r=reid: score(args.store, r),
         )
-        entry["val"] = val_curves(run_dir)
-        results["runs"][f"{config}-s{seed}"] = {"config": config, "seed": seed, **entry}
-        print(f"scored {config} seed {seed}", flush=True)
+        results["reference"][split] = {"teacher": slim(teacher), "random": {}}
+        for seed in sorted({s for _, s in jobs}):  # each seed's runs start from this student
+            rnd = cached(
+                out / f"reid_random_{split}_s{seed}.json",
+                Path(reid) / "query",  # a regenerated split rewrites the folder
+                lambda r=reid, s=seed: {
+                    f: score("dpal_vit_tiny", r, f, random_init=True, seed=s) for f in FEATURES
+                },
+            )
+            results["reference"][split]["random"][seed] = {
+                **{f: slim(rnd[f]) for f in FEATURES},
+                "fidelity": fidelity(rnd, teacher),
+            }
+        for config, seed in jobs:
+            run_dir = out / "runs" / f"{config}-s{seed}"
+            student = run_dir / "student.safetensors"
+            entry = cached(
+                run_dir / f"reid_scores_{split}.json",
+                student,
+                lambda s=student, r=reid: {f: score(str(s), r, f) for f in FEATURES},
+            )
+            run = results["runs"].setdefault(f"{config}-s{seed}", {"config": config, "seed": seed})
+            run[split] = {**{f: slim(entry[f]) for f in FEATURES}, "fidelity": fidelity(entry, teacher)}
+            run["val"] = val_curves(run_dir)
+            print(f"scored {config} seed {seed} on {split}", flush=True)
     return results
 
 
-def pooled(results: dict, config: str, feature: str, key: str) -> np.ndarray:
+def pooled(results: dict, config: str, split: str, feature: str, key: str) -> np.ndarray:
     """The per-query values of `config`'s runs, averaged over its seeds (queries are shared)."""
     runs = [r for r in results["runs"].values() if r["config"] == config]
-    return np.mean([np.asarray(r[feature][f"per_query_{key}"], dtype=np.float64) for r in runs], axis=0)
+    return np.mean(
+        [np.asarray(r[split][feature][f"per_query_{key}"], dtype=np.float64) for r in runs], axis=0
+    )
 
 
-def summarize(results: dict, configs: list[str], level: float) -> dict:
-    """Per configuration and feature: the seeds' mAP and R1, the seed-mean with its bootstrap
-    interval over queries, the share of the random-to-teacher gap closed, and the paired difference
-    against dpal (positive: dpal better) with its interval."""
+def random_baseline(results: dict, split: str, seeds: list[int], feature: str) -> dict:
+    """The random students of `seeds` (each seed's runs start from its own): mean mAP and fidelity."""
+    ref = results["reference"][split]["random"]
+    return {
+        "mAP": float(np.mean([ref[s][feature]["mAP"] for s in seeds])),
+        "cka": float(np.mean([ref[s]["fidelity"][feature]["cka"] for s in seeds])),
+        "knn10": float(np.mean([ref[s]["fidelity"][feature]["knn10"] for s in seeds])),
+    }
+
+
+def summarize(results: dict, configs: list[str], split: str, level: float) -> dict:
+    """Per configuration and feature on one split: the seeds' mAP and R1, the seed-mean with its
+    bootstrap interval over queries, the share of the random-to-teacher gap closed (against the
+    random students of the same seeds), the fidelity to the teacher (CKA, kNN agreement) per seed,
+    and the paired difference against dpal (positive: dpal better) with its interval."""
     from dpal.reid import bootstrap_interval, paired_bootstrap
 
-    teacher = results["teacher"]["mAP"]
+    teacher = results["reference"][split]["teacher"]["mAP"]
     table: dict = {}
+    have_dpal = any(r["config"] == "dpal" for r in results["runs"].values())
     for config in configs:
         runs = [r for r in results["runs"].values() if r["config"] == config]
+        if not runs:
+            continue
         row: dict = {"seeds": [r["seed"] for r in runs]}
         for feature in FEATURES:
-            random = results["random"][feature]["mAP"]
-            ap, r1 = pooled(results, config, feature, "ap"), pooled(results, config, feature, "rank1")
+            random = random_baseline(results, split, row["seeds"], feature)
+            ap = pooled(results, config, split, feature, "ap")
+            r1 = pooled(results, config, split, feature, "rank1")
             cell = {
-                "mAP_seeds": [r[feature]["mAP"] for r in runs],
-                "rank1_seeds": [r[feature]["rank1"] for r in runs],
+                "mAP_seeds": [r[split][feature]["mAP"] for r in runs],
+                "rank1_seeds": [r[split][feature]["rank1"] for r in runs],
                 "mAP": float(ap.mean()),
                 "mAP_interval": list(bootstrap_interval(ap, level=level)),
                 "rank1": float(r1.mean()),
                 "rank1_interval": list(bootstrap_interval(r1, level=level)),
-                "gap_closed": (float(ap.mean()) - random) / (teacher - random),
+                "gap_closed": (float(ap.mean()) - random["mAP"]) / (teacher - random["mAP"]),
+                "random": random,
+                "cka_seeds": [r[split]["fidelity"][feature]["cka"] for r in runs],
+                "knn10_seeds": [r[split]["fidelity"][feature]["knn10"] for r in runs],
             }
-            if config != "dpal" and any(r["config"] == "dpal" for r in results["runs"].values()):
-                diff = paired_bootstrap(pooled(results, "dpal", feature, "ap"), ap, level=level)
+            if config != "dpal" and have_dpal:
+                diff = paired_bootstrap(pooled(results, "dpal", split, feature, "ap"), ap, level=level)
                 cell["dpal_minus_this"] = diff._asdict()
             row[feature] = cell
         row["val_final"] = final_val(runs)
@@ -226,18 +298,23 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def markdown(results: dict, table: dict, level: float) -> str:
+def spread(values: list[float], digits: int = 2) -> str:
+    return " / ".join(f"{v:.{digits}f}" for v in values)
+
+
+def markdown(results: dict, table: dict, split: str, level: float) -> str:
     """The table for docs/benchmarks.md: one row per configuration and feature."""
-    t = results["teacher"]
+    t = results["reference"][split]["teacher"]
     lines = [
-        f"Teacher (EfficientNet-Lite2) mAP {pct(t['mAP'])} [{pct(t['mAP_lo'])}, {pct(t['mAP_hi'])}], "
-        f"R1 {pct(t['rank1'])}; random student mAP "
-        + ", ".join(f"{f} {pct(results['random'][f]['mAP'])}" for f in FEATURES)
-        + f". Intervals: {level:.0%} bootstrap over queries of the seed-mean per-query AP (R1).",
+        f"Split {split}. Teacher (the store's) mAP {pct(t['mAP'])} [{pct(t['mAP_lo'])}, {pct(t['mAP_hi'])}], "
+        f"R1 {pct(t['rank1'])}. Intervals: {level:.0%} bootstrap over queries of the seed-mean per-query "
+        "AP (R1). Gap closed: against the random students of the same seeds (their mAP in the column). "
+        "CKA and kNN: the gallery features' linear CKA and 10-NN agreement with the teacher's, per seed "
+        "(the random students' in brackets).",
         "",
-        "| configuration | feature | mAP per seed | mAP (seed mean) [interval] | R1 [interval] | gap closed "
-        "| dpal minus this, mAP [interval] |",
-        "|---|---|---|---|---|---|---|",
+        "| configuration | feature | mAP per seed | mAP (seed mean) [interval] | R1 [interval] | random mAP "
+        "| gap closed | dpal minus this, mAP [interval] | CKA per seed [random] | kNN-10 per seed [random] |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for config, row in table.items():
         for feature in FEATURES:
@@ -248,7 +325,9 @@ def markdown(results: dict, table: dict, level: float) -> str:
                 f"| {config} | {feature} | {' / '.join(pct(m) for m in c['mAP_seeds'])} | "
                 f"{pct(c['mAP'])} [{pct(c['mAP_interval'][0])}, {pct(c['mAP_interval'][1])}] | "
                 f"{pct(c['rank1'])} [{pct(c['rank1_interval'][0])}, {pct(c['rank1_interval'][1])}] | "
-                f"{c['gap_closed']:.0%} | {diff_s} |"
+                f"{pct(c['random']['mAP'])} | {c['gap_closed']:.0%} | {diff_s} | "
+                f"{spread(c['cka_seeds'])} [{c['random']['cka']:.2f}] | "
+                f"{spread(c['knn10_seeds'])} [{c['random']['knn10']:.2f}] |"
             )
     lines += ["", "Held-out loss terms at the end of each run (`--val-store`), per seed:", ""]
     lines += ["| configuration | term | per seed |", "|---|---|---|"]
@@ -256,7 +335,7 @@ def markdown(results: dict, table: dict, level: float) -> str:
         for term, values in row["val_final"].items():
             if term.startswith("reid"):
                 continue
-            lines.append(f"| {config} | {term} | {' / '.join(f'{v:.4f}' for v in values)} |")
+            lines.append(f"| {config} | {term} | {spread(values, 4)} |")
     return "\n".join(lines)
 
 
@@ -311,22 +390,39 @@ def main() -> None:
     ap.add_argument(
         "--compact-store", default="", help="the same corpus cached with another codec (dpal-compact)"
     )
-    ap.add_argument("--reid", default=str(ROOT / "sample_data" / "reid"))
+    ap.add_argument("--reid", default=str(ROOT / "sample_data" / "reid"), help="the test split")
+    ap.add_argument(
+        "--val-reid",
+        default="",
+        help="a validation ReID split for choosing settings (`--make-val-reid` writes one from the corpus)",
+    )
+    ap.add_argument(
+        "--make-val-reid",
+        default="",
+        metavar="CORPUS",
+        help="write OUT/val_reid from this corpus's tracks (t<track>_f<frame>.jpg) and use it as --val-reid",
+    )
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=12, help="the demo's budget")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--base-lr", type=float, default=1.2e-2)
+    ap.add_argument(
+        "--distill-args", default="", help="more `dpal distill` options for every run, one string"
+    )
     ap.add_argument("--val-every", type=int, default=60, help="steps between held-out validations")
     ap.add_argument("--jobs", type=int, default=2, help="runs trained at a time")
     ap.add_argument("--level", type=float, default=0.9, help="bootstrap interval level")
     ap.add_argument("--skip-train", action="store_true", help="score the runs already exported")
     args = ap.parse_args()
-    configs = args.configs or [c for c in CONFIGS if c not in NEEDS_COMPACT or args.compact_store]
+    args.extra = shlex.split(args.distill_args)
+    configs = args.configs or [c for c in DEFAULT_CONFIGS if c not in NEEDS_COMPACT or args.compact_store]
     if any(c in NEEDS_COMPACT for c in configs) and not args.compact_store:
         ap.error("dpal-compact needs --compact-store")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.make_val_reid:
+        args.val_reid = str(make_val_reid(Path(args.make_val_reid), out / "val_reid"))
     # seeds outermost: with a time limit, every configuration gets its first seed before any its second
     jobs = [(c, s) for s in args.seeds for c in configs]
     t0 = time.perf_counter()
@@ -334,14 +430,46 @@ def main() -> None:
     results = evaluate_all(args, jobs)
     results["timings"] = timings
     results["settings"] = {k: v for k, v in vars(args).items()}
-    table = summarize(results, configs, args.level)
-    results["table"] = table
+    texts = []
+    for split in results["reference"]:
+        results[f"table_{split}"] = table = summarize(results, configs, split, args.level)
+        texts.append(markdown(results, table, split, args.level))
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    text = markdown(results, table, args.level)
+    text = "\n\n".join(texts)
     (out / "table.md").write_text(text + "\n")
     print(text)
     print(f"curves: {plot_curves(results, out)}; results: {out / 'results.json'}")
     print(f"bench/recipes.py finished in {time.perf_counter() - t0:.0f} s")
+
+
+def make_val_reid(corpus: Path, out: Path, min_crops: int = 6) -> Path:
+    """A validation ReID split in Market-1501 layout from a corpus of track crops named
+    t<track>_f<frame>.jpg (scripts/make_sample_corpus.py): each track with at least `min_crops`
+    crops is one identity, its first half in frame order pseudo-camera 1, its second half
+    camera 2; every crop is a query and a gallery image, matched against the other half. The
+    student trains on these crops (without labels); the test split (sample_data/reid) comes from
+    later frames. Two tracks of one person would count as two identities."""
+    import re
+    import shutil
+
+    tracks: dict[int, list[tuple[int, Path]]] = {}
+    for p in sorted(corpus.glob("*.jpg")):
+        m = re.fullmatch(r"t(\d+)_f(\d+)\.jpg", p.name)
+        if m:
+            tracks.setdefault(int(m.group(1)), []).append((int(m.group(2)), p))
+    if out.exists():
+        shutil.rmtree(out)
+    for sub in ("query", "bounding_box_test"):
+        (out / sub).mkdir(parents=True)
+    for track, crops in tracks.items():
+        if len(crops) < min_crops:
+            continue
+        crops.sort()
+        for i, (frame, path) in enumerate(crops):
+            name = f"{track:04d}_c{1 + (2 * i >= len(crops))}s1_{frame:06d}_00.jpg"
+            for sub in ("query", "bounding_box_test"):
+                shutil.copyfile(path, out / sub / name)
+    return out
 
 
 if __name__ == "__main__":
