@@ -482,28 +482,25 @@ def plot(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory of `dpal distill` (or a checkpoint .pt).")],
     out: Annotated[
-        Path, typer.Option("--out", help="Output FILE.safetensors (a .json config is written beside).")
+        Path,
+        typer.Option(
+            "--out",
+            help="A model FOLDER (model.safetensors, config.json, README.md), or FILE.safetensors "
+            "(its .json config beside).",
+        ),
     ],
 ) -> None:
-    """Write the student backbone as safetensors with plain timm ViT keys, plus a JSON config.
+    """Write the student backbone with plain timm ViT keys: a model folder, or one .safetensors file.
 
-    Load it with `dpal.trainer.export.load_exported(FILE)`, or with `timm.create_model` from the JSON
-    (model_name, img_size, timm_kwargs, pretrained_cfg_overlay=pretrained_cfg) and
-    `load_state_dict(strict=True)`; `timm.data.resolve_data_config` then gives the input as trained.
+    The folder is timm's (and the Hugging Face hub's) layout, with a model card made from the run:
+    `timm.create_model("local-dir:FOLDER", pretrained=True)` loads it, input config included. Either
+    form loads with `dpal.load_student(PATH)`.
     """
-    from dpal.trainer.checkpoint import build_student_from_checkpoint
-    from dpal.trainer.export import export_student
+    from dpal.trainer.export import export_run
 
-    model, ckpt = build_student_from_checkpoint(run_dir)
-    path = export_student(
-        model,
-        ckpt["student_name"],
-        tuple(ckpt["img_size"]),
-        out,
-        timm_kwargs=ckpt.get("student_kwargs") or {},
-    )
+    res = export_run(run_dir, out)
     typer.echo(
-        f"exported {ckpt['student_name']} at step {ckpt['step']} to {path} (+ {path.with_suffix('.json').name})"
+        f"exported {res.model_name} at step {res.step} to {res.path} ({', '.join(f.name for f in res.files)})"
     )
 
 
@@ -513,7 +510,7 @@ def eval_reid(
     model: Annotated[
         str,
         typer.Option(
-            help="An exported student (.safetensors), a run directory or checkpoint, "
+            help="An exported student (model folder or .safetensors), a run directory or checkpoint, "
             "a teacher preset (efficientnet-lite2, path-b), or a timm/dpal model name."
         ),
     ],

@@ -1,6 +1,7 @@
 """Resolve "a model" for evaluation into an embedding function: image batch -> global feature.
 
-`dpal eval reid --model M` accepts an exported student (.safetensors with its .json), a run
+`dpal eval reid --model M` accepts an exported student (a model folder, or .safetensors with its
+.json), a run
 directory or checkpoint of `dpal distill`, a teacher preset (`efficientnet-lite2`, `path-b` with
 a checkpoint), or a timm / dpal model name. A bare name has no weights, so it needs
 `random_init=True`: nobody scores a random network by accident. Students give their CLS token
@@ -68,6 +69,15 @@ def resolve_model(
     if feature not in FEATURES:
         raise InputError(f"--feature {feature!r}: choose one of {', '.join(FEATURES)}")
     path = Path(model)
+    if path.is_dir() and (path / "config.json").is_file():  # an exported model folder
+        import json
+
+        from dpal.trainer.export import load_exported
+
+        cfg = json.loads((path / "config.json").read_text())
+        size = image_size or tuple(cfg["pretrained_cfg"]["input_size"][1:])
+        name = f"{cfg['architecture']} ({path.name})"
+        return _student_embedder(name, load_exported(path), size, "student", feature)
     if path.suffix in (".safetensors", ".json") and path.exists():
         import json
 
