@@ -23,10 +23,21 @@ from typing import Annotated, Any
 import typer
 
 from dpal import __version__
-from dpal.config import CacheConfig, DistillConfig, choices, field_types, resolve
+from dpal.clihelp import Command, CommandGroup
+from dpal.config import (
+    PANEL_CONFIG,
+    PANEL_DATA,
+    PANEL_RUNTIME,
+    CacheConfig,
+    DistillConfig,
+    choices,
+    field_types,
+    resolve,
+)
 from dpal.errors import ConfigError, InputError, UserError
 
 app = typer.Typer(
+    cls=CommandGroup,
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -35,8 +46,8 @@ app = typer.Typer(
     "Stage one, [bold]cache-teacher[/bold], runs the teacher once and writes a store; stage two, "
     "[bold]distill[/bold], trains students from it, as often as you like.",
 )
-store_app = typer.Typer(no_args_is_help=True, help="Inspect and check a teacher store.")
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate students and teachers.")
+store_app = typer.Typer(cls=CommandGroup, no_args_is_help=True, help="Inspect and check a teacher store.")
+eval_app = typer.Typer(cls=CommandGroup, no_args_is_help=True, help="Evaluate students and teachers.")
 app.add_typer(store_app, name="store")
 app.add_typer(eval_app, name="eval")
 
@@ -161,11 +172,20 @@ def config_parameters(cls: type) -> list[inspect.Parameter]:
         if (default := _default_text(f)) is not None:
             help_ += f" [default: {default}]"
         help_ = help_.replace("[", "\\[")  # rich markup: a literal [
+        panel = f.metadata.get("panel")
         if _is_bool(types_[f.name]):
-            info = typer.Option(f"--{name}/--no-{name}", help=help_, show_default=False)
+            info = typer.Option(
+                f"--{name}/--no-{name}", help=help_, show_default=False, rich_help_panel=panel
+            )
             annotation: Any = Annotated[bool | None, info]
         else:
-            info = typer.Option(f"--{name}", help=help_, metavar=_metavar(types_[f.name]), show_default=False)
+            info = typer.Option(
+                f"--{name}",
+                help=help_,
+                metavar=_metavar(types_[f.name]),
+                show_default=False,
+                rich_help_panel=panel,
+            )
             annotation = Annotated[str | None, info]
         params.append(
             inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
@@ -208,7 +228,9 @@ def config_command(cls: type) -> Callable[[Callable], Callable]:
             annotation=Annotated[
                 Path | None,
                 typer.Option(
-                    "--config", help="YAML or TOML file of config keys; flags and --set override it."
+                    "--config",
+                    help="YAML or TOML file of config keys; flags and --set override it.",
+                    rich_help_panel=PANEL_CONFIG,
                 ),
             ],
         )
@@ -216,7 +238,10 @@ def config_command(cls: type) -> Callable[[Callable], Callable]:
             "set_",
             inspect.Parameter.KEYWORD_ONLY,
             default=None,
-            annotation=Annotated[list[str] | None, typer.Option("--set", help=_set_help(cls))],
+            annotation=Annotated[
+                list[str] | None,
+                typer.Option("--set", help=_set_help(cls), metavar="KEY=VALUE", rich_help_panel=PANEL_CONFIG),
+            ],
         )
 
         @functools.wraps(fn)
@@ -231,7 +256,7 @@ def config_command(cls: type) -> Callable[[Callable], Callable]:
     return decorate
 
 
-@app.command("cache-teacher")
+@app.command("cache-teacher", cls=Command)
 @user_errors
 @config_command(CacheConfig)
 def cache_teacher(
@@ -242,12 +267,22 @@ def cache_teacher(
             "--dry-run",
             help="Time the teacher on a few images and print the "
             "store size and run time; with --slurm also the job script.",
+            rich_help_panel=PANEL_DATA,
         ),
     ] = False,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress bar (nor, in a log, progress lines).")
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="No progress bar (nor, in a log, progress lines).",
+            rich_help_panel=PANEL_RUNTIME,
+        ),
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary (or dry-run) as JSON.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the summary (or dry-run) as JSON.", rich_help_panel=PANEL_DATA),
+    ] = False,
 ) -> None:
     """Stage one: run the teacher once over a corpus and write K replayable views' targets to a store.
 
@@ -353,7 +388,7 @@ def _token_lines(info: dict[str, Any]) -> list[str]:
     return [f"tokens         {how}"]
 
 
-@store_app.command("info")
+@store_app.command("info", cls=Command)
 @user_errors
 def store_info_cmd(
     store: Annotated[Path, typer.Argument(help="Store written by `dpal cache-teacher`.")],
@@ -394,7 +429,7 @@ def store_info_cmd(
     typer.echo("\n".join(lines))
 
 
-@store_app.command("verify")
+@store_app.command("verify", cls=Command)
 @user_errors
 def store_verify_cmd(
     store: Annotated[Path, typer.Argument(help="Store written by `dpal cache-teacher`.")],
@@ -428,12 +463,17 @@ def store_verify_cmd(
     raise typer.Exit(1)
 
 
-@app.command("distill")
+@app.command("distill", cls=Command)
 @user_errors
 @config_command(DistillConfig)
 def distill(
     cfg: DistillConfig,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress lines.")] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="No progress bar or progress lines.", rich_help_panel=PANEL_RUNTIME
+        ),
+    ] = False,
 ) -> None:
     """Stage two: train the student and D-PaDe on the store's targets (global, local, relation).
 
@@ -463,7 +503,7 @@ def distill(
         raise typer.Exit(130)  # interrupted, as a shell expects of Ctrl-C (SIGTERM/SIGUSR1: 0, for requeue)
 
 
-@app.command("plot")
+@app.command("plot", cls=Command)
 @user_errors
 def plot(
     run_dir: Annotated[Path, typer.Argument(help="Run directory of `dpal distill` (holds metrics.jsonl).")],
@@ -477,7 +517,7 @@ def plot(
     typer.echo(f"wrote {plot_run(run_dir, out)}")
 
 
-@app.command("export")
+@app.command("export", cls=Command)
 @user_errors
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory of `dpal distill` (or a checkpoint .pt).")],
@@ -504,7 +544,7 @@ def export(
     )
 
 
-@eval_app.command("reid")
+@eval_app.command("reid", cls=Command)
 @user_errors
 def eval_reid(
     model: Annotated[
