@@ -34,7 +34,7 @@ from dpal.config import (
     field_types,
     resolve,
 )
-from dpal.errors import ConfigError, InputError, UserError
+from dpal.errors import ConfigError, UserError
 
 app = typer.Typer(
     cls=CommandGroup,
@@ -295,7 +295,7 @@ def cache_teacher(
     if not dry_run and not cfg.out:
         raise ConfigError("--out is required (the store to create or resume)")
     from dpal.pipeline.engine import dry_run as do_dry_run
-    from dpal.pipeline.engine import run_cache, slurm_cluster
+    from dpal.pipeline.engine import slurm_cluster
 
     if dry_run:
         rep = do_dry_run(cfg)
@@ -310,7 +310,9 @@ def cache_teacher(
             return
         _print_dry_run(rep)
         return
-    summary = run_cache(cfg, show_progress=not quiet)  # a bar on a terminal, else plain lines
+    from dpal.api import cache_teacher as run_cache
+
+    summary = run_cache(config=cfg, show_progress=not quiet).summary  # a bar on a terminal, else lines
     if as_json:
         typer.echo(json.dumps(summary.__dict__))
     else:
@@ -481,12 +483,10 @@ def distill(
     SIGTERM or SIGUSR1 checkpoints at the next step and exits 0; Ctrl-C (SIGINT) does the same and
     exits 130. Under `torchrun --nproc-per-node N` each rank trains on its own slice of every batch.
     """
-    from dpal.trainer.train import train
+    from dpal.api import distill as run_distill
 
     _setup_logging(False)
-    if not cfg.store or not cfg.out:
-        raise ConfigError("--store and --out are required")
-    result = train(cfg, show_progress=not quiet)
+    result = run_distill(config=cfg, show_progress=not quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         if result.stopped_by_signal:
             again = "the same command" if not cfg.fresh else "the same command without --fresh"
@@ -536,9 +536,9 @@ def export(
     `timm.create_model("local-dir:FOLDER", pretrained=True)` loads it, input config included. Either
     form loads with `dpal.load_student(PATH)`.
     """
-    from dpal.trainer.export import export_run
+    from dpal.api import export as run_export
 
-    res = export_run(run_dir, out)
+    res = run_export(run_dir, out)
     typer.echo(
         f"exported {res.model_name} at step {res.step} to {res.path} ({', '.join(f.name for f in res.files)})"
     )
@@ -589,35 +589,25 @@ def eval_reid(
     (--json too), with 90% bootstrap intervals over queries for mAP and Rank-1 (mAP_lo, mAP_hi,
     rank1_lo, rank1_hi in --json).
     """
-    import torch
-
-    from dpal.evaluate import evaluate_reid, resolve_model
+    from dpal.api import eval_reid as run_eval_reid
     from dpal.reid import format_table
 
-    if image_size is not None and len(image_size) != 2:
-        raise ConfigError("--image-size takes two values: --image-size H --image-size W")
-    if not (data / "query").is_dir() or not (data / "bounding_box_test").is_dir():
-        raise InputError(f"--data {data} must hold query/ and bounding_box_test/ (Market-1501 layout)")
-    with torch.no_grad():
-        emb = resolve_model(
-            model, tuple(image_size) if image_size else None, random_init, teacher_checkpoint, seed, feature
-        )
-        res = evaluate_reid(emb, data, batch_size)
+    res = run_eval_reid(
+        model,
+        data,
+        image_size=tuple(image_size) if image_size else None,
+        feature=feature,
+        batch_size=batch_size,
+        random_init=random_init,
+        teacher_checkpoint=teacher_checkpoint,
+        seed=seed,
+    )
     if as_json:  # one unit wherever the command prints: percent, as the table shows and papers report
         metrics = ("mAP", "rank1", "rank5", "rank10", "mAP_lo", "mAP_hi", "rank1_lo", "rank1_hi")
         pct = {k: 100 * v if k in metrics else v for k, v in res.items()}
-        typer.echo(
-            json.dumps(
-                {
-                    "model": emb.name,
-                    "feature": feature if emb.kind != "teacher" else "global",
-                    **pct,
-                    "unit": "percent",
-                }
-            )
-        )
+        typer.echo(json.dumps({**pct, "unit": "percent"}))
         return
-    typer.echo(format_table([{"model": emb.name, **res}]))
+    typer.echo(format_table([{k: v for k, v in res.items() if k != "feature"}]))
     typer.echo(
         f"mAP and CMC in percent, [90% bootstrap interval over queries]; {res['num_query']} queries, "
         f"{res['num_gallery']} gallery images at {res['image_size']}"
