@@ -128,6 +128,11 @@ def _is_bool(tp: Any) -> bool:
     )
 
 
+def _is_repeated(tp: Any) -> bool:
+    """A field of choices that takes several (`tuple[Literal[...], ...]`): a repeatable option."""
+    return typing.get_origin(tp) is tuple and choices(tp) is not None
+
+
 def _metavar(tp: Any) -> str:
     """The value's shape in --help: a Literal's choices, a number's kind, a list or mapping (YAML)."""
     if (allowed := choices(tp)) is not None:
@@ -146,11 +151,11 @@ def _metavar(tp: Any) -> str:
 
 def _default_text(f: dataclasses.Field) -> str | None:
     """What --help shows as the field's default: the dataclass default as YAML would write it, a rule
-    (`default_help`) for a default decided at run time, nothing for flags, empty strings and None."""
+    (`default_help`) for a default decided at run time, nothing for flags, empty strings and lists, None."""
     if f.metadata.get("default_help"):
         return f.metadata["default_help"]
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-    if default is None or default == "" or isinstance(default, bool):
+    if default is None or default in ("", ()) or isinstance(default, bool):
         return None
     if isinstance(default, (tuple, dict)):
         return json.dumps(list(default) if isinstance(default, tuple) else default)
@@ -179,14 +184,15 @@ def config_parameters(cls: type) -> list[inspect.Parameter]:
             )
             annotation: Any = Annotated[bool | None, info]
         else:
+            repeated = _is_repeated(types_[f.name])  # tuple[Literal[...], ...]: --logger a --logger b
             info = typer.Option(
                 f"--{name}",
-                help=help_,
+                help=help_ + (" Repeatable." if repeated and "repeatable" not in help_ else ""),
                 metavar=_metavar(types_[f.name]),
                 show_default=False,
                 rich_help_panel=panel,
             )
-            annotation = Annotated[str | None, info]
+            annotation = Annotated[list[str] | None if repeated else str | None, info]
         params.append(
             inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
         )
@@ -209,6 +215,7 @@ def config_from_options(cls: type, options: dict[str, Any]) -> Any:
     """The config of class `cls` that a command's parsed options give; takes the config's own options
     (one per field, `config`, `set_`) out of `options`, leaving the command's."""
     flags = {f.name: options.pop(f.name) for f in dataclasses.fields(cls) if not f.metadata.get("section")}
+    flags = {k: None if v == [] else v for k, v in flags.items()}  # a repeatable option not given
     config, sets = options.pop("config"), options.pop("set_")
     return resolve(cls, str(config) if config else None, flags, sets or [])
 

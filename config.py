@@ -380,6 +380,13 @@ class DistillConfig:
         500, "Steps between checkpoints (plus one at the end and on SIGTERM/SIGUSR1).", panel=PANEL_DATA
     )
     log_every: int = opt(10, "Steps between metric lines.", panel=PANEL_RUNTIME)
+    loggers: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = opt(
+        (),
+        "Also send metrics.jsonl's scalars and the config to this logger (repeatable; each an extra: "
+        "pip install 'dpal[mlflow]'; docs/training.md, Loggers).",
+        flag="logger",
+        panel=PANEL_RUNTIME,
+    )
     progress_seconds: float = opt(
         60.0,
         "Seconds between plain progress lines on stderr when it is not a "
@@ -565,6 +572,8 @@ def choices(tp: Any) -> tuple[Any, ...] | None:
     """The allowed values of a `Literal[...]` type (or of `Literal[...] | None`); None for any other type."""
     if typing.get_origin(tp) is Literal:
         return typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and typing.get_args(tp)[1:] == (Ellipsis,):  # tuple[Literal[...], ...]
+        return choices(typing.get_args(tp)[0])
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         for a in typing.get_args(tp):
             if (found := choices(a)) is not None:
@@ -576,8 +585,11 @@ def check_choices(cfg: Any) -> None:
     """Every `Literal` field of `cfg` holds one of its choices, however the config was built."""
     for name, tp in field_types(type(cfg)).items():
         allowed, value = choices(tp), getattr(cfg, name)
-        if allowed is not None and value not in allowed and value is not None:
-            raise ConfigError(f"{name} {value!r} is not one of {', '.join(map(str, allowed))}")
+        for v in value if isinstance(value, tuple) else (value,):
+            if allowed is not None and v not in allowed and v is not None:
+                raise ConfigError(f"{name} {v!r} is not one of {', '.join(map(str, allowed))}")
+        if isinstance(value, tuple) and allowed is not None and len(set(value)) < len(value):
+            raise ConfigError(f"{name} {list(value)} names one twice")
 
 
 # ---------------------------------------------------------------- loading and overrides
@@ -606,6 +618,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             raise ConfigError(f"{name} must be a mapping, e.g. {{depth: 2}}")
         return dict(value)
     if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, str):
+            value = [value]  # --set loggers=mlflow: a list of one
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name} must be a list, e.g. [256, 128]")
         if len(args) == 2 and args[1] is Ellipsis:

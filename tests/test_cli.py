@@ -136,7 +136,7 @@ _RULE_DEFAULTS = {
 def test_help_defaults_are_the_config_defaults(command: str, config: type) -> None:
     # Every option named after a config field shows that field's default, read from config.py here,
     # so a default changed in the dataclass and not in the help text fails. Flags (bools), empty
-    # strings and None (no default) show none; sections (recipe, slurm) have no option of their own.
+    # strings and lists and None (no default) show none; sections (recipe, slurm) have no option of their own.
     rows = _help_rows(command)
     fields = {
         f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -152,7 +152,7 @@ def test_help_defaults_are_the_config_defaults(command: str, config: type) -> No
         match = re.search(r"\[default: (\[[^\]]*\]|[^\]]*)\]", rows[name])  # a list's own brackets too
         if rule is not None:
             assert default is None and match and match.group(1).startswith(rule), (name, default, rows[name])
-        elif default is None or isinstance(default, bool) or default == "":
+        elif default is None or isinstance(default, bool) or default in ("", ()):
             assert match is None, (name, default, rows[name])
         else:  # parsed as the field's type: 2.5e-4 == 0.00025, 10 == 10.0, [0.9, 0.95] == (0.9, 0.95)
             assert match, f"--help of {command} shows no default for {name} (config: {default!r})"
@@ -545,6 +545,7 @@ _OTHER = {
     "relation": "factor",
     "recipe.crowd_size": (240, 256),
     "slurm.job_extra": ("--constraint=a100",),
+    "loggers": ("mlflow", "wandb"),  # a repeatable option: --logger mlflow --logger wandb
     "recipe_local_size": (64, 48),
     "student_kwargs": {"depth": 2},
     "recipe": "feature-kd",
@@ -607,7 +608,7 @@ def test_every_config_field_is_reachable_from_the_cli(command: str, config: type
 
     base = config()
     leaves = list(_leaves(config))
-    assert len(leaves) == {"cache-teacher": 27 + 8 + 18, "distill": 41}[command]  # with slurm, recipe
+    assert len(leaves) == {"cache-teacher": 27 + 8 + 18, "distill": 42}[command]  # with slurm, recipe
     for dotted, f, default in leaves:
         value = _other_value(dotted, default)
         assert value != default, dotted
@@ -622,6 +623,8 @@ def test_every_config_field_is_reachable_from_the_cli(command: str, config: type
             args = (
                 [f"--{flag}" if value else f"--no-{flag}"]
                 if isinstance(value, bool)
+                else [a for v in value for a in (f"--{flag}", v)]
+                if f.name == "loggers"
                 else [f"--{flag}", _as_text(value)]
             )
             with_recipe = (
