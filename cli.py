@@ -23,10 +23,21 @@ from typing import Annotated, Any
 import typer
 
 from dpal import __version__
-from dpal.config import CacheConfig, DistillConfig, choices, field_types, resolve
-from dpal.errors import ConfigError, InputError, UserError
+from dpal.clihelp import Command, CommandGroup
+from dpal.config import (
+    PANEL_CONFIG,
+    PANEL_DATA,
+    PANEL_RUNTIME,
+    CacheConfig,
+    DistillConfig,
+    choices,
+    field_types,
+    resolve,
+)
+from dpal.errors import ConfigError, UserError
 
 app = typer.Typer(
+    cls=CommandGroup,
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -35,8 +46,8 @@ app = typer.Typer(
     "Stage one, [bold]cache-teacher[/bold], runs the teacher once and writes a store; stage two, "
     "[bold]distill[/bold], trains students from it, as often as you like.",
 )
-store_app = typer.Typer(no_args_is_help=True, help="Inspect and check a teacher store.")
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate students and teachers.")
+store_app = typer.Typer(cls=CommandGroup, no_args_is_help=True, help="Inspect and check a teacher store.")
+eval_app = typer.Typer(cls=CommandGroup, no_args_is_help=True, help="Evaluate students and teachers.")
 app.add_typer(store_app, name="store")
 app.add_typer(eval_app, name="eval")
 
@@ -117,6 +128,11 @@ def _is_bool(tp: Any) -> bool:
     )
 
 
+def _is_repeated(tp: Any) -> bool:
+    """A field of choices that takes several (`tuple[Literal[...], ...]`): a repeatable option."""
+    return typing.get_origin(tp) is tuple and choices(tp) is not None
+
+
 def _metavar(tp: Any) -> str:
     """The value's shape in --help: a Literal's choices, a number's kind, a list or mapping (YAML)."""
     if (allowed := choices(tp)) is not None:
@@ -135,11 +151,11 @@ def _metavar(tp: Any) -> str:
 
 def _default_text(f: dataclasses.Field) -> str | None:
     """What --help shows as the field's default: the dataclass default as YAML would write it, a rule
-    (`default_help`) for a default decided at run time, nothing for flags, empty strings and None."""
+    (`default_help`) for a default decided at run time, nothing for flags, empty strings and lists, None."""
     if f.metadata.get("default_help"):
         return f.metadata["default_help"]
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-    if default is None or default == "" or isinstance(default, bool):
+    if default is None or default in ("", ()) or isinstance(default, bool):
         return None
     if isinstance(default, (tuple, dict)):
         return json.dumps(list(default) if isinstance(default, tuple) else default)
@@ -161,12 +177,22 @@ def config_parameters(cls: type) -> list[inspect.Parameter]:
         if (default := _default_text(f)) is not None:
             help_ += f" [default: {default}]"
         help_ = help_.replace("[", "\\[")  # rich markup: a literal [
+        panel = f.metadata.get("panel")
         if _is_bool(types_[f.name]):
-            info = typer.Option(f"--{name}/--no-{name}", help=help_, show_default=False)
+            info = typer.Option(
+                f"--{name}/--no-{name}", help=help_, show_default=False, rich_help_panel=panel
+            )
             annotation: Any = Annotated[bool | None, info]
         else:
-            info = typer.Option(f"--{name}", help=help_, metavar=_metavar(types_[f.name]), show_default=False)
-            annotation = Annotated[str | None, info]
+            repeated = _is_repeated(types_[f.name])  # tuple[Literal[...], ...]: --logger a --logger b
+            info = typer.Option(
+                f"--{name}",
+                help=help_ + (" Repeatable." if repeated and "repeatable" not in help_ else ""),
+                metavar=_metavar(types_[f.name]),
+                show_default=False,
+                rich_help_panel=panel,
+            )
+            annotation = Annotated[list[str] | None if repeated else str | None, info]
         params.append(
             inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
         )
@@ -189,6 +215,7 @@ def config_from_options(cls: type, options: dict[str, Any]) -> Any:
     """The config of class `cls` that a command's parsed options give; takes the config's own options
     (one per field, `config`, `set_`) out of `options`, leaving the command's."""
     flags = {f.name: options.pop(f.name) for f in dataclasses.fields(cls) if not f.metadata.get("section")}
+    flags = {k: None if v == [] else v for k, v in flags.items()}  # a repeatable option not given
     config, sets = options.pop("config"), options.pop("set_")
     return resolve(cls, str(config) if config else None, flags, sets or [])
 
@@ -208,7 +235,9 @@ def config_command(cls: type) -> Callable[[Callable], Callable]:
             annotation=Annotated[
                 Path | None,
                 typer.Option(
-                    "--config", help="YAML or TOML file of config keys; flags and --set override it."
+                    "--config",
+                    help="YAML or TOML file of config keys; flags and --set override it.",
+                    rich_help_panel=PANEL_CONFIG,
                 ),
             ],
         )
@@ -216,7 +245,10 @@ def config_command(cls: type) -> Callable[[Callable], Callable]:
             "set_",
             inspect.Parameter.KEYWORD_ONLY,
             default=None,
-            annotation=Annotated[list[str] | None, typer.Option("--set", help=_set_help(cls))],
+            annotation=Annotated[
+                list[str] | None,
+                typer.Option("--set", help=_set_help(cls), metavar="KEY=VALUE", rich_help_panel=PANEL_CONFIG),
+            ],
         )
 
         @functools.wraps(fn)
@@ -231,7 +263,7 @@ def config_command(cls: type) -> Callable[[Callable], Callable]:
     return decorate
 
 
-@app.command("cache-teacher")
+@app.command("cache-teacher", cls=Command)
 @user_errors
 @config_command(CacheConfig)
 def cache_teacher(
@@ -242,12 +274,22 @@ def cache_teacher(
             "--dry-run",
             help="Time the teacher on a few images and print the "
             "store size and run time; with --slurm also the job script.",
+            rich_help_panel=PANEL_DATA,
         ),
     ] = False,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress bar (nor, in a log, progress lines).")
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="No progress bar (nor, in a log, progress lines).",
+            rich_help_panel=PANEL_RUNTIME,
+        ),
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary (or dry-run) as JSON.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the summary (or dry-run) as JSON.", rich_help_panel=PANEL_DATA),
+    ] = False,
 ) -> None:
     """Stage one: run the teacher once over a corpus and write K replayable views' targets to a store.
 
@@ -260,7 +302,7 @@ def cache_teacher(
     if not dry_run and not cfg.out:
         raise ConfigError("--out is required (the store to create or resume)")
     from dpal.pipeline.engine import dry_run as do_dry_run
-    from dpal.pipeline.engine import run_cache, slurm_cluster
+    from dpal.pipeline.engine import slurm_cluster
 
     if dry_run:
         rep = do_dry_run(cfg)
@@ -275,7 +317,9 @@ def cache_teacher(
             return
         _print_dry_run(rep)
         return
-    summary = run_cache(cfg, show_progress=not quiet)  # a bar on a terminal, else plain lines
+    from dpal.api import cache_teacher as run_cache
+
+    summary = run_cache(config=cfg, show_progress=not quiet).summary  # a bar on a terminal, else lines
     if as_json:
         typer.echo(json.dumps(summary.__dict__))
     else:
@@ -353,7 +397,7 @@ def _token_lines(info: dict[str, Any]) -> list[str]:
     return [f"tokens         {how}"]
 
 
-@store_app.command("info")
+@store_app.command("info", cls=Command)
 @user_errors
 def store_info_cmd(
     store: Annotated[Path, typer.Argument(help="Store written by `dpal cache-teacher`.")],
@@ -400,7 +444,7 @@ def store_info_cmd(
     typer.echo("\n".join(lines))
 
 
-@store_app.command("verify")
+@store_app.command("verify", cls=Command)
 @user_errors
 def store_verify_cmd(
     store: Annotated[Path, typer.Argument(help="Store written by `dpal cache-teacher`.")],
@@ -434,12 +478,17 @@ def store_verify_cmd(
     raise typer.Exit(1)
 
 
-@app.command("distill")
+@app.command("distill", cls=Command)
 @user_errors
 @config_command(DistillConfig)
 def distill(
     cfg: DistillConfig,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress lines.")] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="No progress bar or progress lines.", rich_help_panel=PANEL_RUNTIME
+        ),
+    ] = False,
 ) -> None:
     """Stage two: train the student and D-PaDe on the store's targets (global, local, relation).
 
@@ -447,12 +496,10 @@ def distill(
     SIGTERM or SIGUSR1 checkpoints at the next step and exits 0; Ctrl-C (SIGINT) does the same and
     exits 130. Under `torchrun --nproc-per-node N` each rank trains on its own slice of every batch.
     """
-    from dpal.trainer.train import train
+    from dpal.api import distill as run_distill
 
     _setup_logging(False)
-    if not cfg.store or not cfg.out:
-        raise ConfigError("--store and --out are required")
-    result = train(cfg, show_progress=not quiet)
+    result = run_distill(config=cfg, show_progress=not quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         if result.stopped_by_signal:
             again = "the same command" if not cfg.fresh else "the same command without --fresh"
@@ -469,7 +516,7 @@ def distill(
         raise typer.Exit(130)  # interrupted, as a shell expects of Ctrl-C (SIGTERM/SIGUSR1: 0, for requeue)
 
 
-@app.command("plot")
+@app.command("plot", cls=Command)
 @user_errors
 def plot(
     run_dir: Annotated[Path, typer.Argument(help="Run directory of `dpal distill` (holds metrics.jsonl).")],
@@ -483,45 +530,42 @@ def plot(
     typer.echo(f"wrote {plot_run(run_dir, out)}")
 
 
-@app.command("export")
+@app.command("export", cls=Command)
 @user_errors
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory of `dpal distill` (or a checkpoint .pt).")],
     out: Annotated[
-        Path, typer.Option("--out", help="Output FILE.safetensors (a .json config is written beside).")
+        Path,
+        typer.Option(
+            "--out",
+            help="A model FOLDER (model.safetensors, config.json, README.md), or FILE.safetensors "
+            "(its .json config beside).",
+        ),
     ],
 ) -> None:
-    """Write the student backbone as safetensors with plain timm ViT keys, plus a JSON config.
+    """Write the student backbone with plain timm ViT keys: a model folder, or one .safetensors file.
 
-    Load it with `dpal.trainer.export.load_exported(FILE)`, or with `timm.create_model` from the JSON
-    (model_name, img_size, timm_kwargs, pretrained_cfg_overlay=pretrained_cfg) and
-    `load_state_dict(strict=True)`; `timm.data.resolve_data_config` then gives the input as trained.
+    The folder is timm's (and the Hugging Face hub's) layout, with a model card made from the run:
+    `timm.create_model("local-dir:FOLDER", pretrained=True)` loads it, input config included. Either
+    form loads with `dpal.load_student(PATH)`.
     """
-    from dpal.trainer.checkpoint import build_student_from_checkpoint
-    from dpal.trainer.export import export_student
+    from dpal.api import export as run_export
 
-    model, ckpt = build_student_from_checkpoint(run_dir)
-    path = export_student(
-        model,
-        ckpt["student_name"],
-        tuple(ckpt["img_size"]),
-        out,
-        timm_kwargs=ckpt.get("student_kwargs") or {},
-    )
+    res = run_export(run_dir, out)
     typer.echo(
-        f"exported {ckpt['student_name']} at step {ckpt['step']} to {path} (+ {path.with_suffix('.json').name})"
+        f"exported {res.model_name} at step {res.step} to {res.path} ({', '.join(f.name for f in res.files)})"
     )
 
 
-@eval_app.command("reid")
+@eval_app.command("reid", cls=Command)
 @user_errors
 def eval_reid(
     model: Annotated[
         str,
         typer.Option(
-            help="An exported student (.safetensors), a run directory or checkpoint, a store "
-            "(the teacher that wrote it, as it wrote it), a teacher preset (efficientnet-lite2, "
-            "path-b), or a timm/dpal model name."
+            help="An exported student (model folder or .safetensors), a run directory or checkpoint, "
+            "a store (the teacher that wrote it, as it wrote it), a teacher preset "
+            "(efficientnet-lite2, path-b), or a timm/dpal model name."
         ),
     ],
     data: Annotated[Path, typer.Option(help="Market-1501 layout: DIR/query and DIR/bounding_box_test.")],
@@ -564,35 +608,25 @@ def eval_reid(
     (--json too), with 90% bootstrap intervals over queries for mAP and Rank-1 (mAP_lo, mAP_hi,
     rank1_lo, rank1_hi in --json).
     """
-    import torch
-
-    from dpal.evaluate import evaluate_reid, resolve_model
+    from dpal.api import eval_reid as run_eval_reid
     from dpal.reid import format_table
 
-    if image_size is not None and len(image_size) != 2:
-        raise ConfigError("--image-size takes two values: --image-size H --image-size W")
-    if not (data / "query").is_dir() or not (data / "bounding_box_test").is_dir():
-        raise InputError(f"--data {data} must hold query/ and bounding_box_test/ (Market-1501 layout)")
-    with torch.no_grad():
-        emb = resolve_model(
-            model, tuple(image_size) if image_size else None, random_init, teacher_checkpoint, seed, feature
-        )
-        res = evaluate_reid(emb, data, batch_size)
+    res = run_eval_reid(
+        model,
+        data,
+        image_size=tuple(image_size) if image_size else None,
+        feature=feature,
+        batch_size=batch_size,
+        random_init=random_init,
+        teacher_checkpoint=teacher_checkpoint,
+        seed=seed,
+    )
     if as_json:  # one unit wherever the command prints: percent, as the table shows and papers report
         metrics = ("mAP", "rank1", "rank5", "rank10", "mAP_lo", "mAP_hi", "rank1_lo", "rank1_hi")
         pct = {k: 100 * v if k in metrics else v for k, v in res.items()}
-        typer.echo(
-            json.dumps(
-                {
-                    "model": emb.name,
-                    "feature": feature if emb.kind != "teacher" else "global",
-                    **pct,
-                    "unit": "percent",
-                }
-            )
-        )
+        typer.echo(json.dumps({**pct, "unit": "percent"}))
         return
-    typer.echo(format_table([{"model": emb.name, **res}]))
+    typer.echo(format_table([{k: v for k, v in res.items() if k != "feature"}]))
     typer.echo(
         f"mAP and CMC in percent, [90% bootstrap interval over queries]; {res['num_query']} queries, "
         f"{res['num_gallery']} gallery images at {res['image_size']}"

@@ -24,6 +24,17 @@ from dpal.errors import ConfigError
 
 DTYPES = STORE_DTYPES  # bench/bench_cache.py's name for them
 VAL_EVERY = 500  # steps between validations when --val-every is not given
+# the groups --help lists the options in (each field's `panel`)
+PANEL_DATA = "Data and output"
+PANEL_SCHEDULE = "Schedule"
+PANEL_OPTIMISER = "Optimiser"
+PANEL_METHOD = "Method"
+PANEL_RECIPES = "Recipes and ablations"
+PANEL_VALIDATION = "Validation"
+PANEL_RUNTIME = "Runtime and distributed"
+PANEL_TEACHER = "Teacher"
+PANEL_VIEWS = "Views and targets"
+PANEL_CONFIG = "Config file and overrides"
 
 
 def opt(
@@ -33,10 +44,12 @@ def opt(
     factory: Any = dataclasses.MISSING,
     flag: str | None = None,
     default_help: str | None = None,
+    panel: str | None = None,
 ) -> Any:
     """A config field with its help text. `flag`: the CLI option's name when it is not the field's
-    (`--slurm` for `use_slurm`); `default_help`: what --help says for a default computed at run time."""
-    meta = {"help": help, "flag": flag, "default_help": default_help}
+    (`--slurm` for `use_slurm`); `default_help`: what --help says for a default computed at run time;
+    `panel`: the group of options that --help lists it in (`PANEL_*`)."""
+    meta = {"help": help, "flag": flag, "default_help": default_help, "panel": panel}
     return field(default=default, default_factory=factory, metadata=meta)
 
 
@@ -142,43 +155,62 @@ class CacheConfig:
         "",
         "Folder of images, a .txt list of image paths, or WebDataset .tar shards (path, "
         "glob, {a..b}, fsspec URL).",
+        panel=PANEL_DATA,
     )
-    out: str = opt("", "Store to create, or to resume if it exists (rerunning the same command resumes).")
+    out: str = opt(
+        "",
+        "Store to create, or to resume if it exists (rerunning the same command resumes).",
+        panel=PANEL_DATA,
+    )
     teacher: str = opt(
-        "efficientnet-lite2", "Teacher preset (path-b, efficientnet-lite2) or any timm model name."
+        "efficientnet-lite2",
+        "Teacher preset (path-b, efficientnet-lite2) or any timm model name.",
+        panel=PANEL_TEACHER,
     )
     teacher_checkpoint: str | None = opt(
-        None, "Teacher weights file (PATH-B .pth, timm state dict); required for path-b and plain timm names."
+        None,
+        "Teacher weights file (PATH-B .pth, timm state dict); required for path-b and plain timm names.",
+        panel=PANEL_TEACHER,
     )
     teacher_arch: str | None = opt(
-        None, "Override the timm architecture of a preset (e.g. a smaller ViT in PATH layout)."
+        None,
+        "Override the timm architecture of a preset (e.g. a smaller ViT in PATH layout).",
+        panel=PANEL_TEACHER,
     )
     teacher_layer: int | None = opt(
         None,
         "Use the output of ViT block i, or of CNN feature stage i (timm's feature_info; -1: the last "
         "stage, before a head convolution), instead of the final output (negative counts from the end).",
+        panel=PANEL_TEACHER,
     )
     teacher_input_scale: int = opt(
         0,
         "Upsample each view by this factor before the teacher, so that its feature grid is the "
         "student's token grid: 0 = automatic (teacher stride / student patch: 2 for "
         "EfficientNet-Lite2); 1 = as is (a coarser CNN map is then interpolated).",
+        panel=PANEL_TEACHER,
     )
     teacher_global_token: Literal["auto", "mean"] = opt(
         "auto",
         "auto: the teacher's CLS token where it has one, else the mean patch token; mean: always the mean.",
+        panel=PANEL_TEACHER,
     )
     random_init: bool = opt(
-        False, "Allow a teacher without weights, randomly initialised (tests and benchmarks only)."
+        False,
+        "Allow a teacher without weights, randomly initialised (tests and benchmarks only).",
+        panel=PANEL_TEACHER,
     )
     random_init_seed: int = opt(
-        0, "Seed of the random teacher init, so that stage two can rebuild it for --online-teacher."
+        0,
+        "Seed of the random teacher init, so that stage two can rebuild it for --online-teacher.",
+        panel=PANEL_TEACHER,
     )
-    views: int = opt(4, "K: replayable augmented views cached per image.")
+    views: int = opt(4, "K: replayable augmented views cached per image.", panel=PANEL_VIEWS)
     dtype: StoreDtype = opt(
         "float16",
         "Stored feature dtype: bfloat16 is stored as uint16, int8 with a per-token scale; int8-rotated "
         "is int8 of the tokens times one random rotation R stored in the store (store schema 4).",
+        panel=PANEL_VIEWS,
     )
     relation: Literal["logits", "factor"] = opt(
         "logits",
@@ -186,42 +218,62 @@ class CacheConfig:
         "--dtype; factor, a rank-r float16 factor Z with Z Z^T ~= "
         "the logits plus their exact float32 diagonal (store schema 3; "
         "docs/store.md).",
+        panel=PANEL_VIEWS,
     )
     relation_rank: int | None = opt(
-        None, "r of --relation factor, 1 to T; default min(64, T // 4) (codec.default_relation_rank)."
+        None,
+        "r of --relation factor, 1 to T; default min(64, T // 4) (codec.default_relation_rank).",
+        panel=PANEL_VIEWS,
     )
-    shard_size: int = opt(256, "Images per store shard: the unit of work, of writing and of resume.")
-    seed: int = opt(0, "Seed of the view parameters (with each image's key and view index).")
-    batch_size: int = opt(32, "Views per teacher forward.")
-    workers: int = opt(1, "Local dask worker processes (one per GPU on a GPU machine).")
-    threads_per_worker: int = opt(0, "Torch threads per worker; 0 = cores / workers.")
+    shard_size: int = opt(
+        256, "Images per store shard: the unit of work, of writing and of resume.", panel=PANEL_DATA
+    )
+    seed: int = opt(
+        0, "Seed of the view parameters (with each image's key and view index).", panel=PANEL_VIEWS
+    )
+    batch_size: int = opt(32, "Views per teacher forward.", panel=PANEL_RUNTIME)
+    workers: int = opt(1, "Local dask worker processes (one per GPU on a GPU machine).", panel=PANEL_RUNTIME)
+    threads_per_worker: int = opt(0, "Torch threads per worker; 0 = cores / workers.", panel=PANEL_RUNTIME)
     replay_threads: int = opt(
         0,
         "Threads per worker that replay views ahead of the teacher; 0 = the "
         "worker's threads when the teacher runs on a GPU, 1 when it runs on the CPU "
         "(its forward already uses every core).",
+        panel=PANEL_RUNTIME,
     )
     scheduler: str | None = opt(
-        None, "Address of a running dask scheduler (tcp://host:8786) to use instead of a local cluster."
+        None,
+        "Address of a running dask scheduler (tcp://host:8786) to use instead of a local cluster.",
+        panel=PANEL_RUNTIME,
     )
     use_slurm: bool = opt(
         False,
         "Start dask workers on SLURM through dask-jobqueue; see --set "
         "slurm.partition=..., slurm.jobs, slurm.gpus_per_job, slurm.walltime.",
         flag="slurm",
+        panel=PANEL_RUNTIME,
     )
     slurm: SlurmConfig = section(SlurmConfig, "SLURM jobs for --slurm.")
-    shards: str | None = opt(None, "Run only shards A:B in this process, without dask (SLURM array jobs).")
-    strict: bool = opt(False, "Fail on the first bad corpus image instead of skipping and recording it.")
+    shards: str | None = opt(
+        None, "Run only shards A:B in this process, without dask (SLURM array jobs).", panel=PANEL_RUNTIME
+    )
+    strict: bool = opt(
+        False, "Fail on the first bad corpus image instead of skipping and recording it.", panel=PANEL_DATA
+    )
     embed_images: bool = opt(
         True,
         "Copy source images into WebDataset tars beside the features (stage two "
         "then needs only the store); --no-embed-images references the corpus instead.",
+        panel=PANEL_DATA,
     )
-    max_pixels: int = opt(MAX_PIXELS, "Images declaring more pixels are skipped as decompression bombs.")
-    device: str = opt("auto", "auto (cuda if available), cpu or cuda[:i].")
+    max_pixels: int = opt(
+        MAX_PIXELS, "Images declaring more pixels are skipped as decompression bombs.", panel=PANEL_DATA
+    )
+    device: str = opt("auto", "auto (cuda if available), cpu or cuda[:i].", panel=PANEL_RUNTIME)
     progress_seconds: float = opt(
-        60.0, "Seconds between plain progress lines when stderr is not a terminal (a batch job's log)."
+        60.0,
+        "Seconds between plain progress lines when stderr is not a terminal (a batch job's log).",
+        panel=PANEL_RUNTIME,
     )
     recipe: ViewRecipe = section(ViewRecipe, "Sizes and augmentation ranges of the views.")
 
@@ -265,78 +317,111 @@ RECIPE_KEYS = {
 class DistillConfig:
     """`dpal distill`: train the student and D-PaDe against a store."""
 
-    store: str = opt("", "Store written by `dpal cache-teacher`.")
-    out: str = opt("", "Run directory: checkpoints/, metrics.jsonl, config.yaml.")
-    student: str = opt("dpal_vit_tiny", "dpal_vit_tiny (the paper's student) or any timm ViT name.")
+    store: str = opt("", "Store written by `dpal cache-teacher`.", panel=PANEL_DATA)
+    out: str = opt("", "Run directory: checkpoints/, metrics.jsonl, config.yaml.", panel=PANEL_DATA)
+    student: str = opt(
+        "dpal_vit_tiny", "dpal_vit_tiny (the paper's student) or any timm ViT name.", panel=PANEL_METHOD
+    )
     student_kwargs: dict[str, Any] = opt(
         help="Extra timm.create_model arguments for the student, e.g. {depth: 2} (recorded for export).",
         factory=dict,
+        panel=PANEL_METHOD,
     )
     student_init: Literal["dpal", "timm"] = opt(
         "dpal",
         "How the student starts: dpal, as the authors' code (xavier-uniform weights, CLS from "
         "N(0, 0.02), position embedding from U[0, 1)); timm, timm's own ViT initialisation.",
+        panel=PANEL_METHOD,
     )
-    epochs: int = opt(200, "Length of the schedule in epochs (warmup + cosine).")
+    epochs: int = opt(200, "Length of the schedule in epochs (warmup + cosine).", panel=PANEL_SCHEDULE)
     max_steps: int | None = opt(
-        None, "Stop at this optimizer step without changing the schedule; a later run resumes."
+        None,
+        "Stop at this optimizer step without changing the schedule; a later run resumes.",
+        panel=PANEL_SCHEDULE,
     )
-    batch_size: int = opt(256, "Images per rank per optimizer step (before accumulation).")
+    batch_size: int = opt(
+        256, "Images per rank per optimizer step (before accumulation).", panel=PANEL_SCHEDULE
+    )
     grad_accum: int = opt(
-        1, "Micro-batches per optimizer step; each rank's step sees batch_size images in total."
+        1,
+        "Micro-batches per optimizer step; each rank's step sees batch_size images in total.",
+        panel=PANEL_SCHEDULE,
     )
-    base_lr: float = opt(2.5e-4, "Learning rate per 256 images; lr = base_lr * global_batch / 256.")
-    min_lr: float = opt(0.0, "Floor of the cosine decay.")
-    warmup_epochs: float = opt(10.0, "Linear warmup length in epochs (applied per step).")
-    weight_decay: float = opt(0.05, "AdamW weight decay (none on 1-D parameters and biases).")
-    betas: tuple[float, float] = opt((0.9, 0.95), "AdamW betas.")
-    seed: int = opt(0, "Seed of the sampler, the fresh local crops and the init.")
+    base_lr: float = opt(
+        2.5e-4, "Learning rate per 256 images; lr = base_lr * global_batch / 256.", panel=PANEL_OPTIMISER
+    )
+    min_lr: float = opt(0.0, "Floor of the cosine decay.", panel=PANEL_OPTIMISER)
+    warmup_epochs: float = opt(
+        10.0, "Linear warmup length in epochs (applied per step).", panel=PANEL_SCHEDULE
+    )
+    weight_decay: float = opt(
+        0.05, "AdamW weight decay (none on 1-D parameters and biases).", panel=PANEL_OPTIMISER
+    )
+    betas: tuple[float, float] = opt((0.9, 0.95), "AdamW betas.", panel=PANEL_OPTIMISER)
+    seed: int = opt(0, "Seed of the sampler, the fresh local crops and the init.", panel=PANEL_SCHEDULE)
     num_workers: int | None = opt(
         None,
         "DataLoader worker processes (forkserver) that decode and replay "
         "the views; 0 decodes in the main process.",
         default_help="2 on CPU; on a GPU, the CPUs per local rank minus one, at most 16",
+        panel=PANEL_RUNTIME,
     )
     resume: str = opt(
         "auto",
         "auto (newest complete checkpoint in --out), a checkpoint PATH, or none "
         "(refused where --out holds a run: see --fresh).",
+        panel=PANEL_DATA,
     )
     fresh: bool = opt(
-        False, "Start over where --out holds a run: move that run aside whole (to OUT.old-<UTC time>) first."
+        False,
+        "Start over where --out holds a run: move that run aside whole (to OUT.old-<UTC time>) first.",
+        panel=PANEL_DATA,
     )
     keep_last: int = opt(
-        3, "Whole checkpoints kept in out/checkpoints (the newest; each can resume the run)."
+        3,
+        "Whole checkpoints kept in out/checkpoints (the newest; each can resume the run).",
+        panel=PANEL_DATA,
     )
     keep_weights_only_older: int = opt(
         0,
         "Of the checkpoints older than those, how many to keep reduced to "
         "the student's weights (step-N.student.pt: for export and evaluation, "
         "not for resuming); 0 deletes them.",
+        panel=PANEL_DATA,
     )
     checkpoint_every: int = opt(
-        500, "Steps between checkpoints (plus one at the end and on SIGTERM/SIGUSR1)."
+        500, "Steps between checkpoints (plus one at the end and on SIGTERM/SIGUSR1).", panel=PANEL_DATA
     )
-    log_every: int = opt(10, "Steps between metric lines.")
+    log_every: int = opt(10, "Steps between metric lines.", panel=PANEL_RUNTIME)
+    loggers: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = opt(
+        (),
+        "Also send metrics.jsonl's scalars and the config to this logger (repeatable; each an extra: "
+        "pip install 'dpal[mlflow]'; docs/training.md, Loggers).",
+        flag="logger",
+        panel=PANEL_RUNTIME,
+    )
     progress_seconds: float = opt(
         60.0,
         "Seconds between plain progress lines on stderr when it is not a "
         "terminal (a batch job's log); 0 prints one per step. On a terminal a "
         "progress bar is drawn instead.",
+        panel=PANEL_RUNTIME,
     )
     online_teacher: bool = opt(
         False,
         "Run the teacher in the loop on the same replayed views instead of "
         "reading its targets from the store.",
+        panel=PANEL_METHOD,
     )
     fix_mask_sign: bool = opt(
         True,
         "Orient the PCA shape mask so the image centre scores higher than its border (documented deviation).",
+        panel=PANEL_METHOD,
     )
     dpade_scale: float = opt(
-        1.0 / 256.0, "D-PaDe expert mixing scale (the paper's 1/256, its per-GPU batch)."
+        1.0 / 256.0, "D-PaDe expert mixing scale (the paper's 1/256, its per-GPU batch).", panel=PANEL_METHOD
     )
-    l2_weight: float = opt(0.025, "Weight of the expert Frobenius regulariser.")
+    l2_weight: float = opt(0.025, "Weight of the expert Frobenius regulariser.", panel=PANEL_METHOD)
     recompute: bool | None = opt(
         None,
         "Recompute the step's largest activations in the backward pass "
@@ -345,11 +430,19 @@ class DistillConfig:
         "more time per step. Same values either way.",
         default_help="yes on CUDA (memory traffic bounds the step there), no on CPU "
         "(matrix products bound it)",
+        panel=PANEL_RUNTIME,
     )
-    allow_incomplete: bool = opt(False, "Train on the finished shards of an incomplete store.")
-    device: str = opt("auto", "auto, cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK.")
+    allow_incomplete: bool = opt(
+        False, "Train on the finished shards of an incomplete store.", panel=PANEL_DATA
+    )
+    device: str = opt(
+        "auto", "auto, cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK.", panel=PANEL_RUNTIME
+    )
     recipe_local_size: tuple[int, int] | None = opt(
-        None, "Override the local crop size (H, W), e.g. [64, 48].", default_help="the store's recipe"
+        None,
+        "Override the local crop size (H, W), e.g. [64, 48].",
+        default_help="the store's recipe",
+        panel=PANEL_METHOD,
     )
     recipe: Literal["dpal", "proteus", "feature-kd"] = opt(
         "dpal",
@@ -357,57 +450,75 @@ class DistillConfig:
         "three objectives), proteus (LayerNorm + Linear heads on CLS and v0's tokens plus a masked branch, after "
         "Proteus, ICLR 2025) or feature-kd (one LayerNorm + Linear projector, MSE on the global target and v0's "
         "tokens). Fixed for a run: a resume keeps it.",
+        panel=PANEL_RECIPES,
     )
     projector: Literal["dpade", "linear"] = opt(
         "dpade",
         "dpal's projector from student to teacher width: D-PaDe, "
         "or one plain Linear(d, D) shared by the three objectives "
         "(ablation). Fixed for a run.",
+        panel=PANEL_RECIPES,
     )
     global_weight: float = opt(
         1.0,
         "Weight of the global objective (dpal, feature-kd); 0 switches it off and skips its forward passes.",
+        panel=PANEL_RECIPES,
     )
-    local_weight: float = opt(1.0, "Weight of the local objective (dpal, feature-kd); 0 switches it off.")
+    local_weight: float = opt(
+        1.0, "Weight of the local objective (dpal, feature-kd); 0 switches it off.", panel=PANEL_RECIPES
+    )
     relation_weight: float = opt(
-        1.0, "Weight of dpal's relation objective; 0 switches it off and skips the student's pass over Ic."
+        1.0,
+        "Weight of dpal's relation objective; 0 switches it off and skips the student's pass over Ic.",
+        panel=PANEL_RECIPES,
     )
     freeze_student: bool = opt(
         False,
         "Keep the student at its initialisation and train only the heads (D-PaDe or the recipe's): "
         "how much of the alignment the heads achieve alone.",
+        panel=PANEL_RECIPES,
     )
     grad_shares: bool = opt(
         False,
         "On log steps, also measure each loss term's gradient norm on the student's parameters "
         "(one extra backward pass per term) and log it (grad_norm/<term>, metrics.jsonl).",
+        panel=PANEL_RUNTIME,
     )
     mask_ratio: float = opt(
         0.5,
         "proteus: fraction of v0's patches (at least one) replaced by the mask token "
         "in a masked image (Proteus's 0.5).",
+        panel=PANEL_RECIPES,
     )
     mask_probability: float = opt(
         0.5,
         "proteus: fraction of each micro-batch (its first images, at least one) "
         "that the masked branch sees (Proteus's 0.5).",
+        panel=PANEL_RECIPES,
     )
     val_store: str = opt(
         "",
         "A store that stage one cached from held-out images with the run's teacher and "
         "views: every loss term of the recipe on it every --val-every steps and at the end "
         "(metrics.jsonl lines with split val; docs/training.md, Validation).",
+        panel=PANEL_VALIDATION,
     )
     val_every: int = opt(
-        VAL_EVERY, "Steps between validations (--val-store, --eval-reid); one more at the end of the run."
+        VAL_EVERY,
+        "Steps between validations (--val-store, --eval-reid); one more at the end of the run.",
+        panel=PANEL_VALIDATION,
     )
     val_images: int | None = opt(
-        None, "Validate on the first N images of --val-store only.", default_help="all of them"
+        None,
+        "Validate on the first N images of --val-store only.",
+        default_help="all of them",
+        panel=PANEL_VALIDATION,
     )
     eval_reid: str = opt(
         "",
         "A Market-1501-style folder (query/, bounding_box_test/): mAP and rank-1 of the "
         "student's CLS feature at each validation.",
+        panel=PANEL_VALIDATION,
     )
 
     def __post_init__(self) -> None:
@@ -488,6 +599,8 @@ def choices(tp: Any) -> tuple[Any, ...] | None:
     """The allowed values of a `Literal[...]` type (or of `Literal[...] | None`); None for any other type."""
     if typing.get_origin(tp) is Literal:
         return typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and typing.get_args(tp)[1:] == (Ellipsis,):  # tuple[Literal[...], ...]
+        return choices(typing.get_args(tp)[0])
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         for a in typing.get_args(tp):
             if (found := choices(a)) is not None:
@@ -499,8 +612,11 @@ def check_choices(cfg: Any) -> None:
     """Every `Literal` field of `cfg` holds one of its choices, however the config was built."""
     for name, tp in field_types(type(cfg)).items():
         allowed, value = choices(tp), getattr(cfg, name)
-        if allowed is not None and value not in allowed and value is not None:
-            raise ConfigError(f"{name} {value!r} is not one of {', '.join(map(str, allowed))}")
+        for v in value if isinstance(value, tuple) else (value,):
+            if allowed is not None and v not in allowed and v is not None:
+                raise ConfigError(f"{name} {v!r} is not one of {', '.join(map(str, allowed))}")
+        if isinstance(value, tuple) and allowed is not None and len(set(value)) < len(value):
+            raise ConfigError(f"{name} {list(value)} names one twice")
 
 
 # ---------------------------------------------------------------- loading and overrides
@@ -529,6 +645,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             raise ConfigError(f"{name} must be a mapping, e.g. {{depth: 2}}")
         return dict(value)
     if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, str):
+            value = [value]  # --set loggers=mlflow: a list of one
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name} must be a list, e.g. [256, 128]")
         if len(args) == 2 and args[1] is Ellipsis:

@@ -1,8 +1,8 @@
 """Resolve "a model" for evaluation into an embedding function: image batch -> global feature.
 
-`dpal eval reid --model M` accepts an exported student (.safetensors with its .json), a run
-directory or checkpoint of `dpal distill`, a store (the teacher that wrote it, with the layer and
-input scale it used), a teacher preset (`efficientnet-lite2`, `path-b` with
+`dpal eval reid --model M` accepts an exported student (a model folder, or .safetensors with its
+.json), a run directory or checkpoint of `dpal distill`, a store (the teacher that wrote it, with
+the layer and input scale it used), a teacher preset (`efficientnet-lite2`, `path-b` with
 a checkpoint), or a timm / dpal model name. A bare name has no weights, so it needs
 `random_init=True`: nobody scores a random network by accident. Students give their CLS token
 after the final norm (the backbone that is kept); teachers give the global target of stage one.
@@ -51,6 +51,24 @@ def _student_embedder(
     return Embedder(name, fn, image_size, kind)
 
 
+def _exported_embedder(path: Path, image_size: tuple[int, int] | None, feature: str) -> Embedder:
+    """An exported student: a model folder, or a .safetensors file with its .json."""
+    import json
+
+    from dpal.trainer.export import load_exported
+
+    if path.is_dir():
+        cfg = json.loads((path / "config.json").read_text())
+        size = image_size or tuple(cfg["pretrained_cfg"]["input_size"][1:])
+        name = f"{cfg['architecture']} ({path.name})"
+    else:
+        cfg = json.loads(path.with_suffix(".json").read_text())
+        size = image_size or tuple(cfg["img_size"])
+        # the model's own name, then the file it came from (its stem is often just "student")
+        name = f"{cfg['model_name']} ({path.with_suffix('.safetensors').name})"
+    return _student_embedder(name, load_exported(path), size, "student", feature)
+
+
 def resolve_model(
     model: str,
     image_size: tuple[int, int] | None = None,
@@ -72,16 +90,10 @@ def resolve_model(
     if feature not in FEATURES:
         raise InputError(f"--feature {feature!r}: choose one of {', '.join(FEATURES)}")
     path = Path(model)
-    if path.suffix in (".safetensors", ".json") and path.exists():
-        import json
-
-        from dpal.trainer.export import load_exported
-
-        cfg = json.loads(path.with_suffix(".json").read_text())
-        size = image_size or tuple(cfg["img_size"])
-        # the model's own name, then the file it came from (its stem is often just "student")
-        name = f"{cfg['model_name']} ({path.with_suffix('.safetensors').name})"
-        return _student_embedder(name, load_exported(path), size, "student", feature)
+    if (path.is_dir() and (path / "config.json").is_file()) or (
+        path.suffix in (".safetensors", ".json") and path.exists()
+    ):
+        return _exported_embedder(path, image_size, feature)
     if path.is_dir() and (path / "zarr.json").exists():  # a store: the teacher that wrote it
         return _store_teacher(path, image_size)
     if path.is_dir() or path.suffix == ".pt":

@@ -183,10 +183,13 @@ def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, timeout: flo
         time.sleep(0.005)
 
 
-def start_until_steps(args: list[str], out: Path, steps: int = 2, **popen: Any) -> subprocess.Popen:
-    """`dpal ARGS` in its own session (process group), returned once it has logged `steps` steps."""
+def start_until_steps(
+    args: list[str], out: Path, steps: int = 2, launcher: list[str] = DPAL, **popen: Any
+) -> subprocess.Popen:
+    """`dpal ARGS` in its own session (process group), returned once it has logged `steps` steps.
+    `launcher`: what runs dpal (a torchrun agent's command, ending in `-m dpal.cli`)."""
     proc = subprocess.Popen(
-        [*DPAL, *args],
+        [*launcher, *args],
         env=popen.pop("env", env()),
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,

@@ -136,7 +136,7 @@ _RULE_DEFAULTS = {
 def test_help_defaults_are_the_config_defaults(command: str, config: type) -> None:
     # Every option named after a config field shows that field's default, read from config.py here,
     # so a default changed in the dataclass and not in the help text fails. Flags (bools), empty
-    # strings and None (no default) show none; sections (recipe, slurm) have no option of their own.
+    # strings and lists and None (no default) show none; sections (recipe, slurm) have no option of their own.
     rows = _help_rows(command)
     fields = {
         f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -152,7 +152,7 @@ def test_help_defaults_are_the_config_defaults(command: str, config: type) -> No
         match = re.search(r"\[default: (\[[^\]]*\]|[^\]]*)\]", rows[name])  # a list's own brackets too
         if rule is not None:
             assert default is None and match and match.group(1).startswith(rule), (name, default, rows[name])
-        elif default is None or isinstance(default, bool) or default == "":
+        elif default is None or isinstance(default, bool) or default in ("", ()):
             assert match is None, (name, default, rows[name])
         else:  # parsed as the field's type: 2.5e-4 == 0.00025, 10 == 10.0, [0.9, 0.95] == (0.9, 0.95)
             assert match, f"--help of {command} shows no default for {name} (config: {default!r})"
@@ -547,6 +547,7 @@ _OTHER = {
     "relation": "factor",
     "recipe.crowd_size": (240, 256),
     "slurm.job_extra": ("--constraint=a100",),
+    "loggers": ("mlflow", "wandb"),  # a repeatable option: --logger mlflow --logger wandb
     "recipe_local_size": (64, 48),
     "student_kwargs": {"depth": 2},
     "recipe": "feature-kd",
@@ -610,7 +611,7 @@ def test_every_config_field_is_reachable_from_the_cli(command: str, config: type
 
     base = config()
     leaves = list(_leaves(config))
-    assert len(leaves) == {"cache-teacher": 28 + 8 + 18, "distill": 44}[command]  # with slurm, recipe
+    assert len(leaves) == {"cache-teacher": 28 + 8 + 18, "distill": 45}[command]  # with slurm, recipe
     for dotted, f, default in leaves:
         value = _other_value(dotted, default)
         assert value != default, dotted
@@ -625,6 +626,8 @@ def test_every_config_field_is_reachable_from_the_cli(command: str, config: type
             args = (
                 [f"--{flag}" if value else f"--no-{flag}"]
                 if isinstance(value, bool)
+                else [a for v in value for a in (f"--{flag}", v)]
+                if f.name == "loggers"
                 else [f"--{flag}", _as_text(value)]
             )
             with_recipe = (
@@ -836,3 +839,114 @@ def test_user_mistakes_below_the_cli_are_user_errors(tmp_path: Path) -> None:
         with pytest.raises(kind) as e:
             make()
         assert needle in str(e.value) and isinstance(e.value, ValueError), (kind, str(e.value))
+
+
+# ---------------------------------------------------------------- help that reads at 80 columns
+
+_PAGES = [
+    [],
+    ["cache-teacher"],
+    ["distill"],
+    ["export"],
+    ["plot"],
+    ["store"],
+    ["store", "info"],
+    ["store", "verify"],
+    ["eval"],
+    ["eval", "reid"],
+]
+
+
+def _page(args: list[str], columns: int = 80) -> str:
+    env = {**os.environ, "COLUMNS": str(columns), "NO_COLOR": "1"}
+    r = subprocess.run([*_dpal(), *args, "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    return r.stdout
+
+
+def _panels(page: str) -> dict[str, list[str]]:
+    """{panel title: the lines inside it, borders stripped}, in the page's order."""
+    panels: dict[str, list[str]] = {}
+    title = None
+    for line in page.splitlines():
+        if line.startswith("╭─ "):
+            title = line[3:].split(" ─")[0]
+            panels[title] = []
+        elif line.startswith("╰"):
+            title = None
+        elif title is not None:
+            panels[title].append(line[1:-1])
+    return panels
+
+
+# The help column starts at most this far into a panel's row: it keeps 80 - 2 - HELP_START >= 42
+# columns of text. typer's single table started it at column 60 (a 17-character column).
+HELP_START = 36
+
+
+@pytest.mark.parametrize("args", _PAGES, ids=lambda a: " ".join(a) or "dpal")
+def test_help_reads_at_80_columns(args: list[str]) -> None:
+    """At COLUMNS=80 no line is wider than 80, no flag shows a `<bool>` type, and every help text is
+    laid out in a column that starts by column HELP_START of its panel (an option wider than that
+    takes a row of its own, its help the rows below): measured on every row that holds help text."""
+    page = _page(args)
+    assert "<bool>" not in page and "bool" not in page.lower().replace("boolean", "")
+    assert max(len(ln) for ln in page.splitlines()) <= 80
+    rows = 0
+    for title, lines in _panels(page).items():
+        for line in lines:
+            if not line.strip():
+                continue
+            # the help text starts after the name and a gap of two or more spaces, or at the first
+            # character of a continuation row; a row with a wide option's name alone has none
+            m = re.match(r" (\S.*?)( {2,})(\S)", line)
+            start = len(line) - len(line.lstrip()) if line.startswith("   ") else m.start(3) if m else None
+            assert start is None or start <= HELP_START, (title, line)
+            rows += start is not None
+    assert rows >= 2
+
+
+def test_options_are_grouped_in_the_panels_the_config_names() -> None:
+    """Each config field's option is listed in the panel of its `panel` metadata (one source), and the
+    pages list the panels in this order."""
+    for command, config in (("cache-teacher", CacheConfig), ("distill", DistillConfig)):
+        panels = _panels(_page([command], columns=200))
+        assert (
+            list(panels)
+            == {
+                "cache-teacher": [
+                    "Data and output",
+                    "Teacher",
+                    "Views and targets",
+                    "Runtime and distributed",
+                    "Config file and overrides",
+                    "Options",
+                ],
+                "distill": [
+                    "Data and output",
+                    "Schedule",
+                    "Optimiser",
+                    "Method",
+                    "Recipes and ablations",
+                    "Validation",
+                    "Runtime and distributed",
+                    "Config file and overrides",
+                    "Options",
+                ],
+            }[command]
+        )
+        where = {
+            line.split()[0]: title
+            for title, lines in panels.items()
+            for line in lines
+            if line.lstrip().startswith("--") and line.startswith(" --")
+        }
+        for f in dataclasses.fields(config):
+            if f.metadata.get("section"):
+                continue
+            flag = "--" + (f.metadata.get("flag") or f.name.replace("_", "-"))
+            assert f.metadata["panel"] and where[flag] == f.metadata["panel"], (command, flag)
+        assert (
+            where["--config"] == where["--set"] == "Config file and overrides"
+            and where["--help"] == "Options"
+        )

@@ -228,3 +228,19 @@ def test_validation_settings_without_anything_to_validate_are_refused(setting: d
     assert (cfg.val_every, cfg.val_images) == (setting.get("val_every", 500), setting.get("val_images"))
     # the default interval passes alone: config.yaml files of runs written before the check hold it
     assert DistillConfig(store="s", out="o", val_every=500).val_every == 500
+
+
+def test_loggers_are_choices_given_once_each(tmp_path: Path) -> None:
+    """--logger: a tuple of choices; a single text is a list of one, an old config.yaml without the
+    key loads with none, an unknown or repeated one is refused naming it."""
+    assert build(DistillConfig, {"loggers": ["mlflow", "wandb"]}).loggers == ("mlflow", "wandb")
+    assert build(DistillConfig, {"loggers": "tensorboard"}).loggers == ("tensorboard",)
+    assert resolve(DistillConfig, None, {}, ["loggers=mlflow"]).loggers == ("mlflow",)
+    old = tmp_path / "config.yaml"
+    old.write_text(dump_yaml(DistillConfig(store="s", out="o")).replace("loggers: []\n", ""))
+    assert "loggers" not in old.read_text()
+    assert resolve(DistillConfig, str(old), {}, []).loggers == ()
+    with pytest.raises(ConfigError, match="loggers 'neptune' is not one of tensorboard, wandb, mlflow"):
+        build(DistillConfig, {"loggers": ["mlflow", "neptune"]})
+    with pytest.raises(ConfigError, match=r"loggers \['wandb', 'wandb'\] names one twice"):
+        build(DistillConfig, {"loggers": ["wandb", "wandb"]})

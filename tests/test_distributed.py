@@ -1,5 +1,7 @@
 """DDP on CPU: two gloo ranks under `torchrun --standalone` take equal steps on disjoint samples, stop
 together when only one of them gets SIGTERM, and a second torchrun resumes the data stream exactly.
+Two nodes on localhost (two torchrun agents, `--nnodes 2`, one rank each, static rendezvous): a run
+killed whole with SIGKILL resumes to the uninterrupted two-node run's metrics and checkpoint bit for bit.
 
 The ranks run `dpal distill` through a small probe script (written by the test) that records, per
 rank, its pid and every batch it loads: (epoch, step, store indices). With num_workers 0 the
@@ -12,6 +14,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -153,3 +156,56 @@ def test_ddp_equal_steps_disjoint_samples_sigterm_and_resume(tmp_path: Path, sto
     )
     assert all(math.isfinite(m["total"]) for m in lines)
     assert np.isfinite(np.array([m["global"] for m in lines])).all()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _agents(store: Path, out: Path) -> tuple[list[str], list[list[str]]]:
+    """`dpal distill` arguments and the two agents' launchers: `torchrun --nnodes 2` with node ranks
+    0 and 1 on this host, one rank each, the first node's address and a fresh port (static rendezvous)."""
+    port = str(_free_port())
+    launchers = [
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+        + ["--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", port, "-m", "dpal.cli"]
+        for node in (0, 1)
+    ]
+    args = u.distill_args(store, out, "--batch-size", str(BATCH), "--set", "checkpoint_every=2")
+    return args, launchers
+
+
+def _two_nodes(store: Path, out: Path, until_steps: int | None = None) -> list[subprocess.Popen]:
+    """Both agents started (node 1 first: node 0 waits at the rendezvous for it), each in its own
+    session; with `until_steps`, returned once metrics.jsonl has that many lines, else once done."""
+    args, (node0, node1) = _agents(store, out)
+    popen = dict(cwd=u.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen([*node1, *args], env=u.env(), start_new_session=True, **popen)
+    if until_steps is not None:
+        return [u.start_until_steps(args, out, until_steps, launcher=node0), second]
+    first = subprocess.Popen([*node0, *args], env=u.env(), start_new_session=True, **popen)
+    for proc in (first, second):
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+    return [first, second]
+
+
+@pytest.mark.slow  # three two-node runs (2 agents, 2 ranks) on two cores: about 80 s
+def test_two_nodes_killed_whole_resume_bit_for_bit(tmp_path: Path, store: Path) -> None:
+    reference = tmp_path / "reference"
+    _two_nodes(store, reference)
+    steps = 3 * (10 // (BATCH * 2))  # 3 epochs of 10 images, global batch 4: 2 steps an epoch
+    assert u.checkpoint_steps(reference)[-1] == steps and u.load_last(reference)["world_size"] == 2
+
+    out = tmp_path / "run"
+    agents = _two_nodes(store, out, until_steps=3)  # past the checkpoint at step 2
+    for proc in agents:  # the whole job killed, as a node failure or scancel --signal=KILL would
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    assert u.checkpoint_steps(out)[0] == 2 and len(u.metrics(out)) >= 3
+    _two_nodes(store, out)  # the same commands again: --resume auto from step 2
+    assert u.metrics(out) == u.metrics(reference)
+    assert [m["step"] for m in u.metrics(out)] == list(range(1, steps + 1))
+    u.assert_same_training_state(u.load_last(out), u.load_last(reference))

@@ -257,3 +257,62 @@ def test_safetensors_bytes_are_the_format_spelled_out() -> None:
     assert sorted(back) == sorted(state)
     for k, t in state.items():
         assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
+
+
+# ---------------------------------------------------------------- the model folder
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [("dpal_vit_tiny", {"depth": 2}), ("vit_tiny_patch16_224", {"depth": 2, "drop_path_rate": 0.1})],
+)
+def test_a_model_folder_loads_in_timm_through_local_dir(tmp_path: Path, name: str, kwargs: dict) -> None:
+    # timm alone (`local-dir:`, pretrained=True) rebuilds the model with the exported weights and the
+    # input as trained; drop path (training only) is not a reconstruction argument
+    torch.manual_seed(0)
+    model = create_student(name, img_size=(64, 32), **kwargs).eval()
+    _perturb(model)
+    folder = export_student(model, name, (64, 32), tmp_path / "student")
+    assert folder == tmp_path / "student"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["architecture"], config["num_classes"], config["num_features"]) == (name, 0, 192)
+    assert config["model_args"] == {"img_size": [64, 32], "num_classes": 0, "depth": 2}
+    assert _packed_layout(folder / "model.safetensors") == {
+        k: tuple(v.shape) for k, v in model.state_dict().items()
+    }
+
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    resolved = resolve_data_config({}, model=loaded)
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in resolved.items()} == {
+        "input_size": (3, 64, 32),
+        "interpolation": "bilinear",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "crop_pct": 1.0,
+        "crop_mode": "squash",
+    }
+    state = model.state_dict()
+    assert loaded.state_dict().keys() == state.keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    x = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.forward_features(x), model.forward_features(x))
+        assert torch.equal(loaded(x), model(x)) and loaded(x).shape == (2, 192)
+        assert torch.equal(student_tokens(load_exported(folder), x), student_tokens(model, x))
+    assert loaded.blocks[-1].attn.num_heads == (12 if name == "dpal_vit_tiny" else 3)
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: timm\n") and "2508.07144" in card
+
+
+def test_export_out_that_is_neither_a_folder_nor_safetensors_is_refused(tmp_path: Path) -> None:
+    from dpal.errors import InputError
+
+    model = create_student("vit_tiny_patch16_224", img_size=(32, 16), depth=1)
+    (tmp_path / "a_file").write_text("x")
+    for out in ("a.pt", "a.json", "a_file"):
+        with pytest.raises(InputError, match="model folder .* or a FILE.safetensors"):
+            export_student(model, "vit_tiny_patch16_224", (32, 16), tmp_path / out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    with pytest.raises(InputError, match="not an exported model folder"):
+        load_exported(tmp_path)

@@ -18,7 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = (".", "pipeline", "trainer")  # what setuptools packs (pyproject's package-dir maps . to dpal)
-CORE_EXTRAS = ("engine", "slurm", "demo", "tensorboard")  # the extras that the package's own modules may use
+# the extras that the package's own modules may use
+CORE_EXTRAS = ("engine", "slurm", "demo", "tensorboard", "mlflow", "wandb")
 
 
 def _canonical(name: str) -> str:
@@ -177,15 +178,36 @@ def test_missing_demo_teacher_extra_is_one_line(
     assert "pip install 'dpal[demo]'" in line, line
 
 
-def test_missing_tensorboard_extra_is_one_info_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_missing_loggers_are_one_error_line_before_anything_is_written(
+    tmp_path: Path, child_env: dict[str, str]
 ) -> None:
-    from dpal.trainer.metrics import _tensorboard
+    """`--logger` names a logger whose package is missing: one line naming each and its extra, on
+    every rank before the store opens or the run directory is made."""
+    out = tmp_path / "run"
+    args = ["distill", "--store", str(tmp_path / "no-store"), "--out", str(out), "--quiet"]
+    args += ["--logger", "mlflow", "--logger", "tensorboard", "--logger", "wandb"]
+    r = _run_without(("mlflow", "tensorboard", "wandb"), args, child_env)
+    assert _one_error_line(r) == (
+        "error: --logger mlflow, tensorboard, wandb: mlflow and tensorboard and wandb are not installed: "
+        "pip install 'dpal[mlflow,tensorboard,wandb]'"
+    )
+    assert not out.exists()
+    r = _run_without(("wandb",), [*args[:-4], "--logger", "wandb"], child_env)
+    assert _one_error_line(r) == "error: --logger wandb: wandb is not installed: pip install 'dpal[wandb]'"
 
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
-    with caplog.at_level(logging.INFO, logger="dpal.trainer.metrics"):
-        assert _tensorboard(tmp_path) is None
+
+def test_an_earlier_runs_tensorboard_folder_is_kept_and_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TensorBoard is written only with --logger tensorboard now (it was whenever installed): a run
+    directory's tb/ from before is left alone, with one line saying how to keep writing it."""
+    from dpal.config import DistillConfig
+    from dpal.trainer.loggers import open_sinks
+
+    (tmp_path / "tb").mkdir()
+    with caplog.at_level(logging.INFO, logger="dpal.trainer.loggers"):
+        assert open_sinks(tmp_path, DistillConfig()) == []
     assert [r.getMessage() for r in caplog.records] == [
-        "metrics go to metrics.jsonl; for TensorBoard's run_dir/tb too: pip install 'dpal[tensorboard]'"
+        f"{tmp_path / 'tb'} is from an earlier run: add --logger tensorboard to keep writing it"
     ]
-    assert not (tmp_path / "tb").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tb"]

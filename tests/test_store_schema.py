@@ -4,9 +4,8 @@ store; and dpal.common's device resolver."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import copy
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -188,7 +187,9 @@ def test_teacher_spec_rebuilds_the_teacher_that_wrote_the_store(
 ) -> None:
     meta = read_meta(ref_store)
     # the spec names the input scale the store's teacher used (automatic resolved: 1 for a ViT/16)
-    assert meta.teacher_spec() == dataclasses.replace(teacher_spec(make_config("unused", "unused")), input_scale=1)
+    assert meta.teacher_spec() == dataclasses.replace(
+        teacher_spec(make_config("unused", "unused")), input_scale=1
+    )
     rebuilt = load_teacher(meta.teacher_spec())
     assert rebuilt.identity() == meta.teacher.to_attrs()
     meta.check_teacher(rebuilt.identity())
@@ -254,5 +255,7 @@ def test_teacher_identity_of_stores_before_input_scaling() -> None:
         "teacher.input_scale: store has 1, this run has 2",
         "teacher.target_grid: store has 'interpolated', this run has 'native'",
     ]
-    with pytest.raises(StoreError, match="store attribute target_grid should be one of native, interpolated, got .blurred."):
+    with pytest.raises(
+        StoreError, match="store attribute target_grid should be one of native, interpolated, got .blurred."
+    ):
         TeacherIdentity.from_attrs({**old, "target_grid": "blurred"})

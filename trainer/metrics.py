@@ -1,5 +1,5 @@
 """Stage two's metrics: the loss terms of a step, read from the device only when they are logged or
-shown, and where they go (rank 0's `metrics.jsonl`, and TensorBoard's `tb/` when it is installed).
+shown, and where they go (rank 0's `metrics.jsonl`, and the loggers of `--logger`: loggers.py).
 
 A step leaves its terms on the device (`StepTerms`); reading them waits for the device, so the
 trainer reads them on log steps and when the progress display draws, never otherwise. One line of
@@ -7,7 +7,7 @@ trainer reads them on log steps and when the progress display draws, never other
 term over the step's micro-batches (dpal: global, local, relation, route, weight_l2, total, route_weight,
 route_acc; other recipes and ablations: their own terms and total, docs/training.md "Recipes") and `images_per_s` (all ranks' images since the previous line over its wall time).
 A validation (validate.py) adds a line with `"split": "val"`: `step`, `epoch`, the same loss terms on
-the held-out store, `images`, and with --eval-reid `reid_mAP`, `reid_rank1`; TensorBoard gets them
+the held-out store, `images`, and with --eval-reid `reid_mAP`, `reid_rank1`; the loggers get them
 under `val/`. A resume cuts both kinds of line back to the checkpoint's step alike.
 """
 
@@ -18,11 +18,12 @@ import logging
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from dpal.config import DistillConfig
+from dpal.trainer.loggers import open_sinks
 from dpal.trainer.rundir import disk_full_error
 
 logger = logging.getLogger(__name__)
@@ -70,26 +71,16 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
-def _tensorboard(run_dir: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        logger.info(
-            "metrics go to metrics.jsonl; for TensorBoard's run_dir/tb too: pip install 'dpal[tensorboard]'"
-        )
-        return None
-    return SummaryWriter(str(run_dir / "tb"))
-
-
 class MetricsLog:
-    """Rank 0's sinks: `metrics.jsonl` (cut back to `resumed_step` first) and TensorBoard."""
+    """Rank 0's sinks: `metrics.jsonl` (cut back to `resumed_step` first) and the loggers that `cfg`
+    chooses (loggers.py)."""
 
-    def __init__(self, run_dir: Path, resumed_step: int) -> None:
+    def __init__(self, run_dir: Path, resumed_step: int, cfg: DistillConfig | None = None) -> None:
         self.run_dir = Path(run_dir)
         path = self.run_dir / METRICS_FILE
         truncate_jsonl(path, resumed_step)
         self.file = open(path, "a")  # noqa: SIM115 - open for the whole run, closed by close()
-        self.tb = _tensorboard(self.run_dir)
+        self.sinks = open_sinks(self.run_dir, cfg) if cfg is not None else []
         self.restart_clock()
 
     def restart_clock(self) -> None:
@@ -101,10 +92,8 @@ class MetricsLog:
         dt = time.perf_counter() - self.t_last
         line = {"step": step, "epoch": epoch, "lr": lr, **values, "images_per_s": self.images / max(dt, 1e-9)}
         self._append(json.dumps(line), last_ckpt)
-        if self.tb is not None:
-            for k, v in line.items():
-                if k != "step":
-                    self.tb.add_scalar(k, v, step)
+        for sink in self.sinks:
+            sink.scalars({k: v for k, v in line.items() if k != "step"}, step)
         self.restart_clock()
 
     def log_val(
@@ -114,9 +103,8 @@ class MetricsLog:
         line's `images_per_s`."""
         line = {"step": step, "epoch": epoch, "split": "val", **values}
         self._append(json.dumps(line), last_ckpt)
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(f"val/{k}", v, step)
+        for sink in self.sinks:
+            sink.scalars({f"val/{k}": v for k, v in values.items()}, step)
         self.t_last += seconds
 
     def _append(self, line: str, last_ckpt: Path | None) -> None:
@@ -135,5 +123,5 @@ class MetricsLog:
             self.file.close()
         except OSError:  # the full disk already reported: a line it could not write stays unwritten
             pass
-        if self.tb is not None:
-            self.tb.close()
+        for sink in self.sinks:
+            sink.close()

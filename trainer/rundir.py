@@ -1,6 +1,7 @@
 """The run directory of `dpal distill`: who owns it, starting over in it, and what a crash leaves there.
 
-A run directory (`--out`) holds one run: `checkpoints/`, `metrics.jsonl`, `config.yaml`, `tb/`.
+A run directory (`--out`) holds one run: `checkpoints/`, `metrics.jsonl`, `config.yaml` (and `tb/`,
+`loggers.json`, `wandb/` with --logger).
 - Ownership. The process that trains into it (rank 0 under torchrun) holds an exclusive `flock`
   on `RUN_DIR/.lock` for the whole run and writes its host, pid and start time into it; a second
   run into the same directory is refused with one line naming that holder. The kernel drops the

@@ -67,19 +67,27 @@ def dpal_vit_tiny(pretrained: bool = False, last_num_heads: int = 12, **kwargs: 
     """ViT-Ti/16 with 6 heads in all blocks but the last, which has `last_num_heads` (12).
 
     Args:
-        pretrained: must be False; there are no published weights for this layout.
+        pretrained: load the weights that `pretrained_cfg` points to: an exported model folder
+            (`timm.create_model("local-dir:FOLDER", pretrained=True)`) or a hub repo; there are no
+            published weights of this layout to load otherwise.
         last_num_heads: heads of the last block's attention.
         **kwargs: `VisionTransformer` arguments overriding the defaults (img_size, depth,
             num_classes, ...).
 
     Returns:
         The model, with all blocks but the last initialised by timm and the last block's new
-        attention holding the weights timm initialised for it.
+        attention holding the weights timm initialised for it (or the loaded weights).
     """
-    if pretrained:
-        raise ValueError(f"{DPAL_VIT_TINY} has no pretrained weights; create it with pretrained=False")
     overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
-    for key in ("pretrained_cfg", "cache_dir"):
+    source = kwargs.pop("pretrained_cfg", None) or {}
+    # a hub or local-dir config (a PretrainedCfg or dict); a tag name (str) selects nothing here
+    source = source.to_dict() if hasattr(source, "to_dict") else source if isinstance(source, dict) else {}
+    if pretrained and not (source.get("file") or source.get("hf_hub_id")):
+        raise ValueError(
+            f"{DPAL_VIT_TINY} has no published weights; load an exported folder with "
+            f'timm.create_model("local-dir:FOLDER", pretrained=True), or create it with pretrained=False'
+        )
+    for key in ("cache_dir", "pretrained_model_args"):
         kwargs.pop(key, None)
     args: dict[str, Any] = dict(
         img_size=DEFAULT_IMG_SIZE,
@@ -94,12 +102,34 @@ def dpal_vit_tiny(pretrained: bool = False, last_num_heads: int = 12, **kwargs: 
     )
     args.update(kwargs)
     model = VisionTransformer(**args)  # LayerNorm eps defaults to 1e-6 in timm's ViT
+    _last_block_heads(model, last_num_heads)
+    # timm's create_model passes `pretrained_cfg_overlay` on (an export's recorded data config), and
+    # a model folder's config.json as `pretrained_cfg` (its input as trained, where the weights are).
+    model.pretrained_cfg = {
+        "architecture": DPAL_VIT_TINY,
+        **data_config(args["img_size"]),
+        "num_classes": args["num_classes"],
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        **{k: v for k, v in source.items() if v is not None},
+        **overlay,
+    }
+    model.default_cfg = model.pretrained_cfg
+    if pretrained:
+        from timm.models import load_pretrained
+
+        load_pretrained(model, model.pretrained_cfg, num_classes=args["num_classes"], strict=True)
+    return model
+
+
+def _last_block_heads(model: VisionTransformer, num_heads: int) -> None:
+    """Give the last block's attention `num_heads` heads, keeping the weights it holds."""
     last = model.blocks[-1]
     old = last.attn
     qkv_w = old.qkv.weight
     new = Attention(
         qkv_w.shape[1],
-        num_heads=last_num_heads,
+        num_heads=num_heads,
         qkv_bias=old.qkv.bias is not None,
         attn_drop=old.attn_drop.p,
         proj_drop=old.proj_drop.p,
@@ -109,17 +139,6 @@ def dpal_vit_tiny(pretrained: bool = False, last_num_heads: int = 12, **kwargs: 
     # Same parameter shapes: keep the initialisation timm gave the 6-head attention.
     new.load_state_dict(old.state_dict(), strict=True)
     last.attn = new
-    # timm's create_model passes `pretrained_cfg_overlay` on (an export's recorded data config).
-    model.pretrained_cfg = {
-        "architecture": DPAL_VIT_TINY,
-        **data_config(args["img_size"]),
-        "num_classes": args["num_classes"],
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        **overlay,
-    }
-    model.default_cfg = model.pretrained_cfg
-    return model
 
 
 # Importing this module twice (or reloading it) must not re-register, which timm warns about.

@@ -54,6 +54,7 @@ from dpal.trainer.data import (
     valid_rows,
 )
 from dpal.trainer.distiller import Schedule, make_optimizer
+from dpal.trainer.loggers import require as require_loggers
 from dpal.trainer.metrics import MetricsLog, StepTerms
 from dpal.trainer.recipes import batch_needs, build_model, check_targets
 from dpal.trainer.rundir import (
@@ -92,6 +93,7 @@ RUNTIME_KEYS = (
     "num_workers",
     "device",
     "log_every",
+    "loggers",
     "checkpoint_every",
     "keep_last",
     "keep_weights_only_older",
@@ -323,6 +325,7 @@ class Trainer:
         """A run as configured: the store opened and checked, the run directory owned (released by
         `stack`), the model built and resumed, the DataLoader ready."""
         t_start = time.perf_counter()
+        require_loggers(cfg.loggers)  # a logger not installed: one line on every rank, before anything
         info, device = init_distributed(cfg.device)
         if device.type == "cpu":
             keep_freed_memory()
@@ -372,7 +375,7 @@ class Trainer:
                 config_text(cfg, trainer.config_changes).encode(),
                 trainer.run_dir,
             )
-            trainer.metrics = MetricsLog(trainer.run_dir, trainer.step)
+            trainer.metrics = MetricsLog(trainer.run_dir, trainer.step, cfg)
         return trainer
 
     def resume(self) -> None:

@@ -1,5 +1,5 @@
-"""The batch scripts the cluster tier submits are the ones docs/training.md shows, whole, and they
-parse as bash. No SLURM needed."""
+"""The batch scripts are the ones docs/training.md shows, whole, and they parse as bash. No SLURM
+needed. The cluster tier submits all but distill-multinode.sbatch (slurm-local is one node)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ SBATCH = sorted(cu.SCRIPTS.glob("*.sbatch"))
 
 
 def test_there_are_scripts() -> None:
-    assert [p.name for p in SBATCH] == ["cache-array.sbatch", "distill.sbatch"]
+    assert [p.name for p in SBATCH] == ["cache-array.sbatch", "distill-multinode.sbatch", "distill.sbatch"]
 
 
 @pytest.mark.parametrize("script", SBATCH, ids=lambda p: p.name)
