@@ -158,12 +158,18 @@ def config_parameters(cls: type) -> list[inspect.Parameter]:
             continue
         name = f.metadata.get("flag") or f.name.replace("_", "-")
         help_ = f.metadata["help"]
+        listed = _metavar(types_[f.name]) == "LIST"
+        if listed:
+            help_ += " Repeat the option for each value, or give one YAML list."
         if (default := _default_text(f)) is not None:
             help_ += f" [default: {default}]"
         help_ = help_.replace("[", "\\[")  # rich markup: a literal [
         if _is_bool(types_[f.name]):
             info = typer.Option(f"--{name}/--no-{name}", help=help_, show_default=False)
             annotation: Any = Annotated[bool | None, info]
+        elif listed:  # --betas 0.9 --betas 0.95, or one YAML list: --betas '[0.9, 0.95]'
+            info = typer.Option(f"--{name}", help=help_, metavar="LIST", show_default=False)
+            annotation = Annotated[list[str] | None, info]
         else:
             info = typer.Option(f"--{name}", help=help_, metavar=_metavar(types_[f.name]), show_default=False)
             annotation = Annotated[str | None, info]
@@ -189,6 +195,11 @@ def config_from_options(cls: type, options: dict[str, Any]) -> Any:
     """The config of class `cls` that a command's parsed options give; takes the config's own options
     (one per field, `config`, `set_`) out of `options`, leaving the command's."""
     flags = {f.name: options.pop(f.name) for f in dataclasses.fields(cls) if not f.metadata.get("section")}
+    # a list option: not given (empty), given once (its text, read as YAML: "[0.9, 0.95]"), N times
+    flags = {
+        k: (v[0] if len(v) == 1 else v or None) if isinstance(v, (list, tuple)) else v
+        for k, v in flags.items()
+    }
     config, sets = options.pop("config"), options.pop("set_")
     return resolve(cls, str(config) if config else None, flags, sets or [])
 

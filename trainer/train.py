@@ -34,7 +34,7 @@ from dpal.config import DistillConfig, dump_yaml, to_dict
 from dpal.errors import InputError
 from dpal.progress import Progress
 from dpal.store import StoreError, StoreMeta, StoreReader
-from dpal.store_schema import FEATURES
+from dpal.store_schema import FEATURES, KEYS
 from dpal.teachers import autocast_context, load_teacher
 from dpal.trainer.checkpoint import (
     CHECKPOINT_VERSION,
@@ -64,6 +64,7 @@ from dpal.trainer.rundir import (
     existing_run,
     move_aside,
     refuse_mixing,
+    remove_if_unused,
 )
 from dpal.trainer.runtime import (
     DistInfo,
@@ -184,6 +185,8 @@ class Trainer:
         self.last_ckpt: Path | None = None
         self.metrics: MetricsLog | None = None  # rank 0's sinks, in a whole run
         self.validator: Validator | None = None  # rank 0's, with --val-store or --eval-reid
+        # store rows -> image keys (a whole run's; a non-finite step names its batch's images)
+        self.image_keys: Callable[[Any], list[str]] | None = None
 
     # ------------------------------------------------------------ the step
 
@@ -312,20 +315,28 @@ class Trainer:
             recipe = ViewRecipe.from_dict({**recipe.to_dict(), "local_size": list(cfg.recipe_local_size)})
         check_targets(cfg, FEATURES, f"store {cfg.store}")  # every store of this schema holds all three
         fingerprint = reader.fingerprint()
-        # rank 0's; a validation store that cannot serve the run is refused before anything is written
+        rows = valid_rows(reader)
+        if len(rows) == 0:
+            raise InputError(
+                f"store {cfg.store} has 0 cached images of its {meta.layout.num_images} (every one skipped, or "
+                f"in shards not finished): nothing to train on; `dpal store info {cfg.store}` lists the skipped "
+                "images and why"
+            )
+        # Everything that can refuse the run does so before the run directory is written: the side
+        # inputs (rank 0's validation store and ReID folder), the model (student_kwargs timm refuses)
         validator = (
             Validator(cfg, meta, recipe, device)
             if info.is_main and (cfg.val_store or cfg.eval_reid)
             else None
         )
-        _own_run_dir(cfg, info, stack)
         trainer = cls(cfg, meta, recipe, device, info)
+        sampler = EpochSampler(rows, cfg.batch_size, info.world_size, info.rank, cfg.seed)
+        _own_run_dir(cfg, info, stack)
         trainer.validator = validator
         trainer.t_start, trainer.show_progress = t_start, show_progress
         trainer.run_dir, trainer.fingerprint = Path(cfg.out), fingerprint
-        trainer.sampler = EpochSampler(
-            valid_rows(reader), cfg.batch_size, info.world_size, info.rank, cfg.seed
-        )
+        trainer.image_keys = lambda rows: [str(k) for k in reader.meta(KEYS)[rows]]  # read when needed
+        trainer.sampler = sampler
         trainer.steps_per_epoch = trainer.sampler.steps_per_epoch
         trainer.schedule = Schedule.for_run(cfg, trainer.steps_per_epoch, info.world_size)
         if info.is_main:  # a small batch scales the peak far down (batch 8: 7.8e-6); say so before training
@@ -547,6 +558,8 @@ def _own_run_dir(cfg: DistillConfig, info: DistInfo, stack: ExitStack) -> None:
     run_dir = Path(cfg.out)
     error = ""
     if info.is_main:
+        if not run_dir.exists():  # a run refused before it wrote anything leaves no --out behind
+            stack.callback(remove_if_unused, run_dir)
         try:
             lock = RunLock(run_dir).acquire()
             stack.callback(lambda: lock.release())  # the lock held at the end: move_aside replaces it

@@ -1,0 +1,137 @@
+"""Issue 19: never train on NaN, never lose a run to a side input.
+
+Every setting is checked before anything is written (no --out left behind); a loss or gradient norm
+that is not finite stops the run before the optimizer step and before any checkpoint, in one line
+(or is skipped, --skip-nonfinite); side inputs (--eval-reid, --val-store) are read at the start;
+damaged metrics.jsonl lines never block a resume; pickles that would run code are refused in
+dpal's own words. The tiny run of tests/stage2_util.py (10 images, batch 4, 6 steps) is the
+reference; stores are real Zarr stores written by stage one, edited through zarr where a test
+needs a value changed with every checksum still valid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dpal_tests_stage2_util as u  # registered by conftest.py
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from dpal.cli import app
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Any:
+    yield from u.one_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("reliability")
+
+
+@pytest.fixture(scope="module")
+def corpus(root: Path) -> Path:
+    return u.make_corpus(root / "corpus")
+
+
+@pytest.fixture(scope="module")
+def store16(root: Path, corpus: Path) -> Path:
+    return u.make_store(corpus, root / "store16", dtype="float16")
+
+
+def _cli(*args: Any) -> Any:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _one_error_line(result: Any) -> str:
+    """The one `error:` line of a refused command (exit 2, no traceback, nothing after it)."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
+# ---------------------------------------------------------------- item 3: settings checked at the start
+
+NO_GPU = not torch.cuda.is_available()
+
+
+@pytest.mark.parametrize(
+    ("extra", "line"),
+    [
+        (["--base-lr", "nan"], "error: base_lr must be a finite number > 0, got nan"),
+        (["--base-lr", "-1"], "error: base_lr must be a finite number > 0, got -1.0"),
+        (["--base-lr", "0"], "error: base_lr must be a finite number > 0, got 0.0"),
+        (["--min-lr", "-1e-6"], "error: min_lr must be a finite number >= 0, got -1e-06"),
+        (["--warmup-epochs", "-1"], "error: warmup_epochs must be a finite number >= 0, got -1.0"),
+        (["--set", "weight_decay=.nan"], "error: weight_decay must be a finite number >= 0, got nan"),
+        (["--skip-nonfinite", "-1"], "error: skip_nonfinite must be an integer >= 0, got -1"),
+        (
+            ["--betas", "[1.5, 0.9]"],
+            "error: betas must be two numbers in [0, 1) (AdamW's beta1 and beta2), got [1.5, 0.9]",
+        ),
+        (
+            ["--betas", "1.5", "--betas", "0.9"],
+            "error: betas must be two numbers in [0, 1) (AdamW's beta1 and beta2), got [1.5, 0.9]",
+        ),
+        (
+            ["--betas", "0.9"],
+            "error: betas must be a list of 2 values: one YAML list such as [0.9, 0.95], or on the "
+            "command line the option once per value; got 0.9",
+        ),
+        (["--epochs", "0"], "error: epochs, batch_size and grad_accum must be >= 1"),
+        (
+            ["--set", "student_kwargs={depth: -1}"],
+            "error: timm cannot build 'vit_tiny_patch16_224' with student_kwargs {'depth': -1} "
+            "(RuntimeError: number of steps must be non-negative); fix or drop those keys",
+        ),
+        pytest.param(
+            ["--device", "cuda"],
+            "error: --device cuda: torch sees no CUDA device here (no GPU, no driver, or "
+            "CUDA_VISIBLE_DEVICES hides it); use --device cpu, or auto to take a GPU where there is one",
+            marks=pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU"),
+        ),
+        (["--resume", "no-such.pt"], "error: --resume no-such.pt: no such checkpoint"),
+    ],
+)
+def test_a_bad_setting_is_one_line_and_leaves_no_out_behind(
+    store16: Path, tmp_path: Path, extra: list[str], line: str
+) -> None:
+    out = tmp_path / "run"
+    assert _one_error_line(_cli(*u.distill_args(store16, out), *extra)) == line
+    assert not out.exists()  # not even the lock file of a run that never started
+
+
+def test_betas_repeated_on_the_command_line_are_the_list(store16: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = _cli(*u.distill_args(store16, out), "--betas", "0.8", "--betas", "0.9", "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((out / "config.yaml").read_text())["betas"] == [0.8, 0.9]
+
+
+def test_a_config_directory_is_named_as_one(store16: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    line = _one_error_line(_cli(*u.distill_args(store16, out), "--config", tmp_path))
+    assert line == f"error: config file {tmp_path} is a directory; give a YAML or TOML file"
+
+
+def test_a_store_with_no_cached_image_says_so(root: Path, tmp_path: Path) -> None:
+    bad = root / "bad_corpus"
+    bad.mkdir(exist_ok=True)
+    for i in range(3):
+        (bad / f"bad{i}.jpg").write_bytes(b"this is a text file, not a JPEG\n")
+    store = u.make_store(bad, root / "store_empty")
+    out = tmp_path / "run"
+    line = _one_error_line(_cli(*u.distill_args(store, out)))
+    assert line == (
+        f"error: store {store} has 0 cached images of its 3 (every one skipped, or in shards not "
+        f"finished): nothing to train on; `dpal store info {store}` lists the skipped images and why"
+    )
+    assert not out.exists()
