@@ -135,3 +135,62 @@ def test_a_store_with_no_cached_image_says_so(root: Path, tmp_path: Path) -> Non
         f"finished): nothing to train on; `dpal store info {store}` lists the skipped images and why"
     )
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- item 1: the non-finite guard
+
+# base_lr 1e12 (peak 7.8e9 at step 1 of the 2-step warmup): step 1 is finite, its AdamW update makes
+# the forward of step 2 overflow float32, so every term and the gradient of step 2 are NaN
+DIVERGING = ["--base-lr", "1e12", "--set", "checkpoint_every=1"]
+STEP_2 = "img03.jpg, img09.jpg, img00.jpg, img08.jpg (store rows 3, 9, 0, 8)"  # the sampler's batches
+STEP_4 = "img00.jpg, img08.jpg, img09.jpg, img03.jpg (store rows 0, 8, 9, 3)"
+NAN_LINE = (
+    "error: step {step}: not finite: global nan, local nan, relation nan, route nan, weight_l2 nan, total "
+    "nan, gradient (largest |g|) nan, images {keys}; stopped before the optimizer step, the last checkpoint, {out}/checkpoints/step-{last:08d}.pt, "
+    "is kept. Find the cause (`dpal store verify --deep {store}` checks the stored targets; a learning "
+    "rate too high diverges), or rerun with --skip-nonfinite N to skip up to N such steps"
+)
+
+
+def test_a_nan_step_stops_before_the_optimizer_and_keeps_the_last_good_checkpoint(
+    store16: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    args = [*u.distill_args(store16, out), *DIVERGING, "--set", "keep_last=1"]
+    line = _one_error_line(_cli(*args))
+    assert line == NAN_LINE.format(step=2, keys=STEP_2, out=out, last=1, store=store16)
+    assert u.checkpoint_steps(out) == [1]  # keep_last 1: no NaN checkpoint pruned step 1's
+    ckpt = u.load_last(out)
+    assert all(torch.isfinite(t).all() for t in u.tensors(ckpt["model"]).values())
+    assert [m["step"] for m in u.metrics(out)] == [1]  # no line of the bad step
+    # the rerun resumes from the kept checkpoint and stops at the same step, with the same line
+    line = _one_error_line(_cli(*args))
+    assert line == NAN_LINE.format(step=2, keys=STEP_2, out=out, last=1, store=store16)
+
+
+def test_skip_nonfinite_skips_n_steps_records_them_and_stops_at_the_next(
+    store16: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    args = [*u.distill_args(store16, out), *DIVERGING, "--skip-nonfinite", "2"]
+    line = _one_error_line(_cli(*args))
+    assert (
+        line == NAN_LINE.format(step=4, keys=STEP_4, out=out, last=3, store=store16) + " (2 skipped so far)"
+    )
+    lines = u.metrics(out)
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    what = (
+        "global nan, local nan, relation nan, route nan, weight_l2 nan, total nan, gradient (largest |g|) nan"
+    )
+    assert lines[1:] == [
+        {"step": s, "epoch": e, "lr": lr, "skipped_nonfinite": what}
+        for s, e, lr in ((2, 0, 1e12 * 4 / 256), (3, 1, 1e12 * 4 / 256))
+    ]
+    # a skipped step changes no weight: checkpoints 2 and 3 hold step 1's student, optimizer and all
+    steps = {s: torch.load(out / "checkpoints" / f"step-{s:08d}.pt", weights_only=True) for s in (1, 2, 3)}
+    for s in (2, 3):
+        a, b = u.tensors(steps[1]["model"]), u.tensors(steps[s]["model"])
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert steps[s]["nonfinite_steps"] == [2, 3][: s - 1]
+    # the count survives a resume: the rerun starts at step 3 and stops at step 4 again
+    assert _one_error_line(_cli(*args)).endswith(" (2 skipped so far)")

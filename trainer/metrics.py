@@ -107,6 +107,11 @@ class MetricsLog:
                     self.tb.add_scalar(k, v, step)
         self.restart_clock()
 
+    def log_skipped(self, step: int, epoch: int, lr: float, what: str, last_ckpt: Path | None) -> None:
+        """The line of a step skipped for a value that is not finite (--skip-nonfinite): no terms."""
+        line = {"step": step, "epoch": epoch, "lr": lr, "skipped_nonfinite": what}
+        self._append(json.dumps(line), last_ckpt)
+
     def log_val(
         self, step: int, epoch: int, values: dict[str, float], last_ckpt: Path | None, seconds: float = 0.0
     ) -> None:

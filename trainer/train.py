@@ -17,6 +17,7 @@ its leftovers and a full disk are rundir.py's.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from dpal import __version__
 from dpal.config import DistillConfig, dump_yaml, to_dict
-from dpal.errors import InputError
+from dpal.errors import InputError, UserError
 from dpal.progress import Progress
 from dpal.store import StoreError, StoreMeta, StoreReader
 from dpal.store_schema import FEATURES, KEYS
@@ -125,6 +126,13 @@ class StepResult:
     epoch: int
     terms: StepTerms
     images: int
+    skipped: str = ""
+    """A step skipped for a value that is not finite (--skip-nonfinite): what was not finite."""
+
+
+class NonFiniteError(UserError):
+    """A loss term or the gradient norm of a step is NaN or infinite: the run stops before the
+    optimizer applies it and before any checkpoint (exit 2, as every user-facing stop)."""
 
 
 def train(
@@ -187,6 +195,7 @@ class Trainer:
         self.validator: Validator | None = None  # rank 0's, with --val-store or --eval-reid
         # store rows -> image keys (a whole run's; a non-finite step names its batch's images)
         self.image_keys: Callable[[Any], list[str]] | None = None
+        self.nonfinite_steps: list[int] = []  # steps skipped so far (--skip-nonfinite), over resumes
 
     # ------------------------------------------------------------ the step
 
@@ -219,19 +228,74 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         micro: list[dict[str, Tensor | float]] = []
-        images = 0
+        images, rows = 0, []
         for i in range(self.cfg.grad_accum):
             batch = self.model_inputs(next(batches))
             micro.append(self.forward_backward_step(batch, sync=i == self.cfg.grad_accum - 1))
             images += batch["v0"].shape[0] * self.info.world_size
-        self.optimizer.step()
+            if "index" in batch:
+                rows.append(batch["index"])
+        skipped = self.check_finite(micro, rows)  # raises past --skip-nonfinite
+        if not skipped:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        result = StepResult(lr, self.epoch, StepTerms(micro, self.cfg.grad_accum), images)
+        result = StepResult(lr, self.epoch, StepTerms(micro, self.cfg.grad_accum), images, skipped)
         self.step += 1
         self.position += 1
         if self.steps_per_epoch is not None and self.position >= self.steps_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
         return result
+
+    def check_finite(self, micro: list[dict[str, Tensor | float]], rows: list[Tensor]) -> str:
+        """Whether this step's loss terms and gradient norm are finite: one `isfinite` over them
+        stacked, one device sync (and under DDP one all-reduce, so that every rank decides alike).
+        Finite: "". Else, within --skip-nonfinite, what was not finite (the caller skips the
+        optimizer step); past it, NonFiniteError naming the step, the terms and the images."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # the largest |g| (not the 2-norm, whose squares overflow float32 for finite gradients past
+        # 1e19): finite exactly when every gradient is, NaN propagates through the max
+        norm = torch.stack(torch._foreach_norm(grads, math.inf)).max() if grads else None
+        terms = [(k, v) for m in micro for k, v in m.items() if isinstance(v, Tensor)]
+        values = torch.stack([v.float().reshape(()) for _, v in terms] + ([norm.float()] if grads else []))
+        ok = torch.isfinite(values).all()
+        if self.info.world_size > 1:
+            ok = ok.to(torch.int32)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if bool(ok):
+            return ""
+        bad = {k: float(v) for k, v in terms if not torch.isfinite(v).all()}
+        if grads and not torch.isfinite(norm):
+            bad["gradient (largest |g|)"] = float(norm)
+        what = ", ".join(f"{k} {v}" for k, v in bad.items()) or "on another rank"
+        step = self.step + 1
+        images = self._image_names(rows)
+        if len(self.nonfinite_steps) < self.cfg.skip_nonfinite:
+            self.nonfinite_steps.append(step)
+            logger.warning(
+                "step %d skipped: not finite: %s%s (%d of --skip-nonfinite %d)",
+                step, what, images, len(self.nonfinite_steps), self.cfg.skip_nonfinite,
+            )  # fmt: skip
+            return what
+        kept = (
+            f"the last checkpoint, {self.last_ckpt}, is kept"
+            if self.last_ckpt
+            else "no checkpoint was written"
+        )
+        raise NonFiniteError(
+            f"step {step}: not finite: {what}{images}; stopped before the optimizer step, {kept}. "
+            f"Find the cause (`dpal store verify --deep {self.cfg.store}` checks the stored targets; a "
+            "learning rate too high diverges), or rerun with --skip-nonfinite N to skip up to N such steps"
+            + (f" ({len(self.nonfinite_steps)} skipped so far)" if self.nonfinite_steps else "")
+        )
+
+    def _image_names(self, rows: list[Tensor]) -> str:
+        """`, images KEY, KEY (store rows R, R)` of a step's batches (the first 8), or ""."""
+        if not rows or self.image_keys is None:
+            return ""
+        index = torch.cat(rows).cpu().numpy()
+        keys = self.image_keys(index[:8])
+        more = f" and {len(index) - 8} more" if len(index) > 8 else ""
+        return f", images {', '.join(keys)}{more} (store rows {', '.join(map(str, index[:8]))}{more})"
 
     # ------------------------------------------------------------ state
 
@@ -253,6 +317,7 @@ class Trainer:
             "world_size": self.info.world_size,
             "student_kwargs": dict(getattr(self.model.student, "dpal_timm_kwargs", {})),
             "config_changes": self.config_changes,
+            "nonfinite_steps": self.nonfinite_steps,
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
@@ -268,6 +333,7 @@ class Trainer:
             ckpt["sampler"]["position"],
         )
         self.config_changes = list(ckpt.get("config_changes", []))
+        self.nonfinite_steps = list(ckpt.get("nonfinite_steps", []))
 
     def check_resumable(self, ckpt: dict[str, Any], path: Path) -> None:
         """Refuse, in one line, a checkpoint of another store, model, data stream or world size."""
@@ -514,6 +580,17 @@ class Trainer:
     def checkpoint(self) -> None:
         """Rank 0 writes `state_dict` (keeping the last `keep_last`); every rank waits for it."""
         if self.info.is_main:
+            weights = [*self.model.parameters()]
+            if weights and not torch.isfinite(torch.stack(torch._foreach_norm(weights, math.inf))).all():
+                # never reached through train_step's check; a checkpoint of NaN weights would prune good ones
+                kept = (
+                    f"the last one, {self.last_ckpt}, is kept"
+                    if self.last_ckpt
+                    else "none was written before"
+                )
+                raise NonFiniteError(
+                    f"the weights at step {self.step} are not finite: no checkpoint written, {kept}"
+                )
             self.last_ckpt = save_checkpoint(self.run_dir, self.state_dict(), self.cfg.keep_last)
         if self.info.world_size > 1:
             dist.barrier()
@@ -522,7 +599,9 @@ class Trainer:
         """The step's metrics line on log steps, and the progress display (terms read only if drawn)."""
         if self.metrics is not None:
             self.metrics.images += result.images
-            if self.step % self.cfg.log_every == 0 or self.step == self.end_steps:
+            if result.skipped:  # always logged: the step changed nothing
+                self.metrics.log_skipped(self.step, result.epoch, result.lr, result.skipped, self.last_ckpt)
+            elif self.step % self.cfg.log_every == 0 or self.step == self.end_steps:
                 self.metrics.log(self.step, result.epoch, result.lr, result.terms, self.last_ckpt)
         if progress is not None:
             progress.update(
