@@ -485,6 +485,7 @@ def plot(
     """Draw the training and validation curves of every loss term in RUN_DIR/metrics.jsonl as one PNG."""
     from dpal.trainer.plot import plot_run
 
+    _setup_logging(False)  # its warning about damaged lines
     typer.echo(f"wrote {plot_run(run_dir, out)}")
 
 

@@ -11,6 +11,7 @@ needs a value changed with every checksum still valid.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,14 @@ def store16(root: Path, corpus: Path) -> Path:
 
 
 def _cli(*args: Any) -> Any:
-    return CliRunner().invoke(app, [str(a) for a in args])
+    """`dpal ARGS` in this process; the CLI's logging setup is undone afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        return CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def _one_error_line(result: Any) -> str:
@@ -194,3 +202,46 @@ def test_skip_nonfinite_skips_n_steps_records_them_and_stops_at_the_next(
         assert steps[s]["nonfinite_steps"] == [2, 3][: s - 1]
     # the count survives a resume: the rerun starts at step 3 and stops at step 4 again
     assert _one_error_line(_cli(*args)).endswith(" (2 skipped so far)")
+
+
+# ---------------------------------------------------------------- item 5: damaged metrics.jsonl lines
+
+DAMAGED_LINES = b'null\n[1, 2]\n{"loss": 1.0}\n\xff\xfe not UTF-8\n{"step": true}\n'
+DAMAGED_WARNING = "5 line(s) are not metric lines (not a JSON object with an integer step: damaged or edited)"
+
+
+@pytest.fixture(scope="module")
+def reference(root: Path, store16: Path) -> Path:
+    """The uninterrupted 6-step run through the CLI."""
+    out = root / "reference"
+    assert _cli(*u.distill_args(store16, out)).exit_code == 0
+    return out
+
+
+def test_damaged_metric_lines_do_not_block_a_resume(store16: Path, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _cli(*u.distill_args(store16, out), "--max-steps", "3").exit_code == 0
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(DAMAGED_LINES)
+    result = _cli(*u.distill_args(store16, out))
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert result.stderr.count(DAMAGED_WARNING) == 1
+    assert u.metrics(out) == u.metrics(reference)  # the damaged lines trimmed like lines past step 3
+
+
+def test_plot_leaves_damaged_lines_out_with_one_warning(reference: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    good = (reference / "metrics.jsonl").read_bytes()
+    (run / "metrics.jsonl").write_bytes(DAMAGED_LINES + good)
+    result = _cli("plot", run)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert result.stdout == f"wrote {run / 'curves.png'}\n"
+    assert result.stderr.count(DAMAGED_WARNING) == 1
+    from dpal.trainer.plot import read_curves
+
+    (run / "metrics.jsonl").write_bytes(good)
+    clean = read_curves(run)
+    (run / "metrics.jsonl").write_bytes(DAMAGED_LINES + good)
+    assert read_curves(run) == clean
+    assert [s for s, _ in clean[0]["total"]] == [1, 2, 3, 4, 5, 6]
