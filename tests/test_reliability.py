@@ -12,13 +12,17 @@ needs a value changed with every checksum still valid.
 from __future__ import annotations
 
 import logging
+import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import dpal_tests_stage2_util as u  # registered by conftest.py
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from typer.testing import CliRunner
 
 from dpal.cli import app
@@ -245,3 +249,91 @@ def test_plot_leaves_damaged_lines_out_with_one_warning(reference: Path, tmp_pat
     (run / "metrics.jsonl").write_bytes(DAMAGED_LINES + good)
     assert read_curves(run) == clean
     assert [s for s, _ in clean[0]["total"]] == [1, 2, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------- item 6: pickles that would run code
+
+
+class _RunsCode:
+    """Pickles as a call of os.system: what a malicious checkpoint holds (its class is not needed to load)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _market(root: Path) -> Path:
+    """A Market-1501-style folder of real JPEGs: 2 identities, queries in c1, gallery in c2."""
+    rng = np.random.default_rng(0)
+    for folder, items in (
+        ("query", [(1, 1, 10), (2, 1, 11)]),
+        ("bounding_box_test", [(1, 2, 20), (2, 2, 21)]),
+    ):
+        (root / folder).mkdir(parents=True)
+        for pid, cam, frame in items:
+            arr = rng.integers(0, 256, (64, 32, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / folder / f"{pid:04d}_c{cam}s1_{frame:06d}_00.jpg")
+    return root
+
+
+@pytest.fixture()
+def code_pickles(tmp_path: Path) -> dict[str, Path]:
+    """A torch.save'd zip and raw pickles (protocols 2 and 4) that would run `touch PWNED` on load."""
+    bomb = _RunsCode(tmp_path / "PWNED")
+    files = {"zip": tmp_path / "zip.pt", "raw2": tmp_path / "raw2.pt", "raw4": tmp_path / "raw4.pt"}
+    torch.save({"format_version": 1, "model": bomb}, files["zip"])
+    files["raw2"].write_bytes(pickle.dumps({"model": bomb}, protocol=2))
+    files["raw4"].write_bytes(pickle.dumps({"model": bomb}, protocol=4))
+    return files
+
+
+def _refused(path: Path) -> str:
+    return (
+        f"error: refused: {path} needs code execution to load (its pickle calls posix.system, as a "
+        "__reduce__ or an object other than tensors does); dpal never loads such files"
+    )
+
+
+@pytest.mark.parametrize("kind", ["zip", "raw2", "raw4"])
+def test_a_pickle_that_runs_code_is_refused_in_dpals_words_everywhere(
+    store16: Path, corpus: Path, code_pickles: dict[str, Path], tmp_path: Path, kind: str
+) -> None:
+    evil = code_pickles[kind]
+    market = _market(tmp_path / "market")
+    commands = {
+        "--resume": [*u.distill_args(store16, tmp_path / "run"), "--resume", evil],
+        "export": ["export", evil, "--out", tmp_path / "x.safetensors"],
+        "eval reid --model": ["eval", "reid", "--model", evil, "--data", market],
+        "eval reid --teacher-checkpoint": [
+            "eval",
+            "reid",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--teacher-checkpoint",
+            evil,
+            "--data",
+            market,
+        ],  # fmt: skip
+        "--teacher-checkpoint": [
+            "cache-teacher",
+            "--corpus",
+            corpus,
+            "--out",
+            tmp_path / "store",
+            "--teacher",
+            "vit_tiny_patch16_224",
+            "--teacher-checkpoint",
+            evil,
+            "--device",
+            "cpu",
+        ],  # fmt: skip
+    }
+    for what, args in commands.items():
+        result = _cli(*args)
+        line = _one_error_line(result)
+        assert line == _refused(evil), (what, line)
+        assert "weights_only" not in result.output, what  # never torch's advice to load it anyway
+    assert not (tmp_path / "PWNED").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "x.safetensors").exists()
