@@ -555,6 +555,12 @@ def eval_reid(
         ),
     ] = "cls",
     batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 64,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="Refuse an image that does not decode instead of leaving it out and counting it."
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """ReID on a Market-1501-style folder: rank the gallery by cosine similarity of global features.
@@ -569,6 +575,7 @@ def eval_reid(
     from dpal.evaluate import evaluate_reid, resolve_model
     from dpal.reid import format_table
 
+    _setup_logging(False)  # the warning that counts images left out
     if image_size is not None and len(image_size) != 2:
         raise ConfigError("--image-size takes two values: --image-size H --image-size W")
     if not (data / "query").is_dir() or not (data / "bounding_box_test").is_dir():
@@ -577,7 +584,7 @@ def eval_reid(
         emb = resolve_model(
             model, tuple(image_size) if image_size else None, random_init, teacher_checkpoint, seed, feature
         )
-        res = evaluate_reid(emb, data, batch_size)
+        res = evaluate_reid(emb, data, batch_size, strict=strict)
     if as_json:  # one unit wherever the command prints: percent, as the table shows and papers report
         metrics = ("mAP", "rank1", "rank5", "rank10", "mAP_lo", "mAP_hi", "rank1_lo", "rank1_hi")
         pct = {k: 100 * v if k in metrics else v for k, v in res.items()}
@@ -596,6 +603,7 @@ def eval_reid(
     typer.echo(
         f"mAP and CMC in percent, [90% bootstrap interval over queries]; {res['num_query']} queries, "
         f"{res['num_gallery']} gallery images at {res['image_size']}"
+        + (f"; {res['num_unreadable']} images that do not decode left out" if res["num_unreadable"] else "")
     )
 
 

@@ -11,9 +11,11 @@ needs a value changed with every checksum still valid.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dpal.cli import app
+from dpal.errors import InputError
+from dpal.trainer.train import Trainer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -337,3 +341,115 @@ def test_a_pickle_that_runs_code_is_refused_in_dpals_words_everywhere(
         assert "weights_only" not in result.output, what  # never torch's advice to load it anyway
     assert not (tmp_path / "PWNED").exists()
     assert not (tmp_path / "run").exists() and not (tmp_path / "x.safetensors").exists()
+
+
+# ---------------------------------------------------------------- item 4: side inputs read at the start
+
+
+def _bad_images(market: Path) -> list[str]:
+    """An empty, a cut and a text .jpg among a Market folder's gallery (names in Market form)."""
+    gallery = market / "bounding_box_test"
+    good = (gallery / "0001_c2s1_000020_00.jpg").read_bytes()
+    (gallery / "0001_c2s1_000030_00.jpg").write_bytes(b"")
+    (gallery / "0002_c2s1_000031_00.jpg").write_bytes(good[: len(good) // 2])
+    (gallery / "0002_c2s1_000032_00.jpg").write_bytes(b"<html>404 Not Found</html>\n")
+    return ["0001_c2s1_000030_00.jpg", "0002_c2s1_000031_00.jpg", "0002_c2s1_000032_00.jpg"]
+
+
+def test_eval_reid_leaves_images_that_do_not_decode_out_and_counts_them(tmp_path: Path) -> None:
+    market = _market(tmp_path / "market")
+    args = ["eval", "reid", "--model", "vit_tiny_patch16_224", "--random-init", "--data", market]
+    clean = _cli(*args, "--json")
+    assert clean.exit_code == 0, clean.output
+    names = _bad_images(market)
+    result = _cli(*args, "--json")
+    assert result.exit_code == 0, (result.output, result.exception)
+    warning = (
+        f"--data: 3 of 7 images do not decode and are left out (bounding_box_test/{names[0]}: empty file; "
+        f"bounding_box_test/{names[1]}: truncated or corrupt: image file is truncated"
+    )
+    assert result.stderr.count(warning) == 1, result.stderr
+    got, want = json.loads(result.stdout), json.loads(clean.stdout)
+    assert (got["num_unreadable"], got["num_query"], got["num_gallery"]) == (3, 2, 2)
+    assert got["mAP"] == want["mAP"] and got["rank1"] == want["rank1"]  # scored on the same images
+    line = _one_error_line(_cli(*args, "--strict"))
+    assert line == (
+        f"error: --data: {market / 'bounding_box_test' / names[0]}: empty file; rerun without --strict to "
+        "leave such images out"
+    )
+
+
+def test_distill_checks_the_reid_folder_before_the_first_step(store16: Path, tmp_path: Path) -> None:
+    market = _market(tmp_path / "market")
+    names = _bad_images(market)
+    out = tmp_path / "run"
+    args = [*u.distill_args(store16, out), "--eval-reid", market, "--val-every", "2"]
+    line = _one_error_line(_cli(*args, "--strict"))
+    assert line == (
+        f"error: --eval-reid {market}: {market / 'bounding_box_test' / names[0]}: empty file; rerun without "
+        "--strict to leave such images out"
+    )
+    assert not out.exists()
+    result = _cli(*args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    warning = f"--eval-reid {market}: 3 of 7 images do not decode and are left out"
+    assert warning in result.stderr.split("starting fresh at step 0")[0]  # said before training
+    val = [m for m in u.metrics(out) if m.get("split") == "val"]
+    assert [m["step"] for m in val] == [2, 4, 6] and all(0 <= m["reid_mAP"] <= 1 for m in val)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            "no match",  # every gallery image of a person from the query's own camera
+            "error: --eval-reid {market}: no query of its 2 readable query images has a true match in the "
+            "gallery (an image of the same person id from another camera); mAP and rank-1 are undefined there",
+        ),
+        (
+            "bad name",
+            "error: {market}/query/frame.jpg: 'frame.jpg' is not a Market-1501 file name: expected "
+            "PPPP_cCsS_FFFFFF_BB.jpg (4-digit pid, or -1 for junk), e.g. 0002_c1s1_000451_03.jpg",
+        ),
+    ],
+)
+def test_a_reid_folder_that_cannot_be_scored_is_refused_before_training(
+    store16: Path, tmp_path: Path, damage: str, message: str
+) -> None:
+    market = _market(tmp_path / "market")
+    if damage == "no match":
+        for p in (market / "bounding_box_test").iterdir():
+            p.rename(p.with_name(p.name.replace("_c2s1", "_c1s1")))
+    else:
+        (market / "query" / "0001_c1s1_000010_00.jpg").rename(market / "query" / "frame.jpg")
+    out = tmp_path / "run"
+    line = _one_error_line(_cli(*u.distill_args(store16, out), "--eval-reid", market))
+    assert line == message.format(market=market)
+    assert not out.exists()  # refused before the first step (it was at the first validation, after it)
+
+
+def test_a_val_store_with_no_cached_image_is_refused_before_training(
+    root: Path, store16: Path, tmp_path: Path
+) -> None:
+    bad = root / "bad_corpus_val"
+    bad.mkdir(exist_ok=True)
+    for i in range(2):
+        (bad / f"bad{i}.jpg").write_bytes(b"")
+    val = u.make_store(bad, root / "val_empty", dtype="float16")
+    out = tmp_path / "run"
+    line = _one_error_line(_cli(*u.distill_args(store16, out), "--val-store", val))
+    assert line == f"error: --val-store {val} has 0 cached images: nothing to validate on"
+    assert not out.exists()
+
+
+def test_a_reid_image_gone_mid_run_stops_after_a_checkpoint(store16: Path, tmp_path: Path) -> None:
+    market = _market(tmp_path / "market")
+    out = tmp_path / "run"
+    cfg = u.distill_config(store16, out, eval_reid=str(market), val_every=4, checkpoint_every=500)
+    gone = market / "query" / "0001_c1s1_000010_00.jpg"
+    with ExitStack() as stack, pytest.raises(InputError) as err:
+        trainer = Trainer.from_config(cfg, stack, show_progress=False)
+        gone.unlink()  # the folder changes after the start check, before the first validation
+        trainer.train()
+    assert str(err.value) == f"{gone} cannot be read (missing); it changed since it was checked"
+    assert u.checkpoint_steps(out) == [4]  # the 4 steps trained are kept

@@ -541,7 +541,7 @@ class Trainer:
                 if self.validator is not None and (
                     self.step % self.cfg.val_every == 0 or self.step == self.end_steps
                 ):
-                    self.validate(result.epoch)
+                    self.validate_or_checkpoint(result.epoch)
                 if stop_now or self.step % self.cfg.checkpoint_every == 0 or self.step == self.end_steps:
                     self.checkpoint()
                 if stop_now:
@@ -576,6 +576,16 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.log_val(self.step, epoch, values, self.last_ckpt, time.perf_counter() - t0)
         return values
+
+    def validate_or_checkpoint(self, epoch: int) -> None:
+        """`validate`; a side input that fails now (a folder changed since the start) stops the run
+        only after the steps trained are checkpointed (one process: other ranks would wait)."""
+        try:
+            self.validate(epoch)
+        except UserError:
+            if self.info.world_size == 1:
+                self.checkpoint()
+            raise
 
     def checkpoint(self) -> None:
         """Rank 0 writes `state_dict` (keeping the last `keep_last`); every rank waits for it."""
