@@ -409,20 +409,33 @@ def store_info_cmd(
 @user_errors
 def store_verify_cmd(
     store: Annotated[Path, typer.Argument(help="Store written by `dpal cache-teacher`.")],
+    deep: Annotated[
+        bool,
+        typer.Option(
+            "--deep",
+            help="Also read every target value: each (row, view) against the crc32c its shard's marker "
+            "recorded, and for NaN and inf (what training checks of the rows it reads).",
+        ),
+    ] = False,
 ) -> None:
     """Check the store's metadata (attributes, every zarr.json, the index) and every shard's files
     against the checksums recorded when they were written; exit 1 naming what is bad or missing."""
     from dpal.store import verify_store
 
-    rep = verify_store(store)
+    rep = verify_store(store, deep=deep)
     for problem in rep["metadata"]:
         typer.echo(f"BAD store metadata: {problem}")
     for shard, problems in rep["bad"].items():
         typer.echo(f"BAD shard {shard}: {'; '.join(problems)}")
     if rep["not_done"]:
         typer.echo(f"NOT DONE {len(rep['not_done'])} shard(s): {', '.join(rep['not_done'][:20])}")
+    if rep.get("unrecorded"):
+        typer.echo(
+            f"note: {len(rep['unrecorded'])} shard(s) have no value checksums (written before dpal recorded "
+            "them): their values were checked for NaN and inf only"
+        )
     if rep["ok"]:
-        typer.echo(f"ok: {rep['shards_checked']} shards verified")
+        typer.echo(f"ok: {rep['shards_checked']} shards verified" + (", every value read" if deep else ""))
         return
     if rep["metadata"]:
         typer.echo(

@@ -48,16 +48,6 @@ def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
         out = torch.device(device)
     except (RuntimeError, TypeError):
         raise ConfigError(f"device {device!r} is not one of {DEVICE_CHOICES}") from None
-    if out.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"--device {device}: torch sees no CUDA device here (no GPU, no driver, or "
-            "CUDA_VISIBLE_DEVICES hides it); use --device cpu, or auto to take a GPU where there is one"
-        )
-    if out.type == "cuda" and local_rank is None and (out.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(
-            f"--device {device}: this machine shows {torch.cuda.device_count()} CUDA device(s), "
-            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
-        )
     if out.type == "cuda" and local_rank is not None:
         return torch.device("cuda", local_rank)
     return out

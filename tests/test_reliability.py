@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -453,3 +454,108 @@ def test_a_reid_image_gone_mid_run_stops_after_a_checkpoint(store16: Path, tmp_p
         trainer.train()
     assert str(err.value) == f"{gone} cannot be read (missing); it changed since it was checked"
     assert u.checkpoint_steps(out) == [4]  # the 4 steps trained are kept
+
+
+# ---------------------------------------------------------------- item 2: values checked where they are read
+
+
+def _store(root: Path, corpus: Path, name: str, dtype: str, relation: str = "logits") -> Path:
+    """A real stage-one store of the tiny corpus (stage2_util's settings), copied fresh per test."""
+    from dpal.config import CacheConfig
+    from dpal.pipeline.engine import run_cache
+
+    ref = root / f"ref_{name}"
+    if not ref.exists():
+        cfg = CacheConfig(
+            corpus=str(corpus), out=str(ref), teacher=u.STUDENT, random_init=True, views=2, dtype=dtype,
+            relation=relation, shard_size=u.SHARD_SIZE, batch_size=8, device="cpu", recipe=u.RECIPE,
+        )  # fmt: skip
+        run_cache(cfg, show_progress=False)
+    out = root / f"{name}_{len(list(root.glob(name + '_*')))}"
+    shutil.copytree(ref, out)
+    return out
+
+
+# (store dtype, relation codec, array, edit through zarr of row 1 view 0, what the reader says)
+EDITS = [
+    ("float16", "logits", "global", lambda x: x * np.nan, "do not match the checksum its marker recorded"),
+    ("float16", "logits", "global", lambda x: -x, "do not match the checksum its marker recorded"),
+    ("int8-rotated", "logits", "local", lambda x: -x, "do not match the checksum its marker recorded"),
+    (
+        "float16",
+        "factor",
+        "relation_factor",
+        lambda x: x * 3,
+        "do not match the checksum its marker recorded",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "relation", "name", "edit", "what"), EDITS, ids=["nan", "neg", "rot", "x3"]
+)
+def test_values_edited_through_zarr_are_refused_where_read_and_by_verify_deep(
+    root: Path, corpus: Path, dtype: str, relation: str, name: str, edit: Any, what: str
+) -> None:
+    import zarr
+
+    from dpal.store import StoreError, StoreReader, verify_store
+
+    store = _store(root, corpus, f"{dtype}_{relation}", dtype, relation)
+    arr = zarr.open_array(store / name, mode="r+")
+    arr[1, 0] = edit(arr[1, 0])  # through zarr: every chunk checksum stays valid
+    with pytest.raises(StoreError) as err:
+        StoreReader(store).read_targets(np.array([0, 1, 2]), view=0)
+    assert str(err.value) == (
+        f"{store}: the {name!r} values of row 1 (image 'img01.jpg', view 0, shard 000000) {what} (damaged, "
+        f"or edited through zarr after stage one); `dpal store verify --deep` lists every such row; delete "
+        f"{store}/shards/000000.json and rerun the same `dpal cache-teacher` command to rewrite shard(s) 000000"
+    )
+    StoreReader(store).read_targets(np.array([0, 2, 5]), view=0)  # other rows, and row 1's other view,
+    StoreReader(store).read_targets(np.array([1]), view=1)  # read as before
+    deep = verify_store(store, deep=True)["bad"]
+    assert deep == {"000000": [f"{name}/c/0/0/0{'/0' * (arr.ndim - 3)} checksum mismatch",
+                               f"{name!r} row 1 view 0 differs from its recorded checksum"]
+                    + ([f"{name!r} row 1 view 0 is not finite"] if "nan" in str(edit(np.ones(1))) else [])}  # fmt: skip
+
+
+def test_distill_stops_on_a_nan_written_through_zarr_before_the_step(
+    root: Path, corpus: Path, tmp_path: Path
+) -> None:
+    import zarr
+
+    store = _store(root, corpus, "float16_logits", "float16")
+    arr = zarr.open_array(store / "global", mode="r+")
+    arr[3, 0, 5] = np.nan  # img03, in step 2's batch (epoch 0 reads view 0)
+    out = tmp_path / "run"
+    line = _one_error_line(_cli(*u.distill_args(store, out)))
+    assert line.startswith(
+        f"error: {store}: the 'global' values of row 3 (image 'img03.jpg', view 0, shard 000000) do not "
+        "match the checksum its marker recorded"
+    )
+    assert [m["step"] for m in u.metrics(out)] == [1]  # step 2, which would read it, never ran
+
+
+def test_a_store_without_value_checksums_still_reads_and_nan_is_refused(root: Path, corpus: Path) -> None:
+    import zarr
+
+    from dpal.store import StoreError, StoreReader, verify_store
+
+    store = _store(root, corpus, "float16_logits", "float16")
+    for marker in (store / "shards").glob("*.json"):  # a store written before markers recorded them
+        m = json.loads(marker.read_text())
+        del m["value_crc32c"]
+        marker.write_text(json.dumps(m))
+    reader = StoreReader(store)
+    before = reader.read_targets(np.array([0, 1]), view=0)
+    arr = zarr.open_array(store / "relation", mode="r+")
+    arr[1, 0, 2, 3] = np.inf  # stage one wrote an infinity (a float16 overflow) into row 1
+    with pytest.raises(StoreError, match=r"the 'relation' values of row 1 \(image 'img01.jpg', view 0, shard "
+                       r"000000\) are not finite \(NaN or inf\)"):  # fmt: skip
+        StoreReader(store).read_targets(np.array([0, 1]), view=0)
+    assert torch.equal(StoreReader(store).read_targets(np.array([0]), view=0).global_, before.global_[:1])
+    rep = verify_store(store, deep=True)
+    assert rep["unrecorded"] == ["000000", "000001", "000002"]
+    assert rep["bad"] == {
+        "000000": ["relation/c/0/0/0/0 checksum mismatch", "'relation' row 1 view 0 is not finite"]
+    }
