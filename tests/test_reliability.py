@@ -163,7 +163,7 @@ STEP_2 = "img03.jpg, img09.jpg, img00.jpg, img08.jpg (store rows 3, 9, 0, 8)"  #
 STEP_4 = "img00.jpg, img08.jpg, img09.jpg, img03.jpg (store rows 0, 8, 9, 3)"
 NAN_LINE = (
     "error: step {step}: not finite: global nan, local nan, relation nan, route nan, weight_l2 nan, total "
-    "nan, gradient (largest |g|) nan, images {keys}; stopped before the optimizer step, the last checkpoint, {out}/checkpoints/step-{last:08d}.pt, "
+    "nan, gradient norm nan, images {keys}; stopped before the optimizer step, the last checkpoint, {out}/checkpoints/step-{last:08d}.pt, "
     "is kept. Find the cause (`dpal store verify --deep {store}` checks the stored targets; a learning "
     "rate too high diverges), or rerun with --skip-nonfinite N to skip up to N such steps"
 )
@@ -196,9 +196,7 @@ def test_skip_nonfinite_skips_n_steps_records_them_and_stops_at_the_next(
     )
     lines = u.metrics(out)
     assert [m["step"] for m in lines] == [1, 2, 3]
-    what = (
-        "global nan, local nan, relation nan, route nan, weight_l2 nan, total nan, gradient (largest |g|) nan"
-    )
+    what = "global nan, local nan, relation nan, route nan, weight_l2 nan, total nan, gradient norm nan"
     assert lines[1:] == [
         {"step": s, "epoch": e, "lr": lr, "skipped_nonfinite": what}
         for s, e, lr in ((2, 0, 1e12 * 4 / 256), (3, 1, 1e12 * 4 / 256))

@@ -17,7 +17,6 @@ its leftovers and a full disk are rundir.py's.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -252,11 +251,13 @@ class Trainer:
         Finite: "". Else, within --skip-nonfinite, what was not finite (the caller skips the
         optimizer step); past it, NonFiniteError naming the step, the terms and the images."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        # the largest |g| (not the 2-norm, whose squares overflow float32 for finite gradients past
-        # 1e19): finite exactly when every gradient is, NaN propagates through the max
-        norm = torch.stack(torch._foreach_norm(grads, math.inf)).max() if grads else None
+        # the 2-norm of each gradient tensor, as clip_grad_norm_ computes it (a norm that overflows
+        # float32, gradients past about 1e19, counts as not finite, as GradScaler treats it)
+        norms = torch.stack(torch._foreach_norm(grads)) if grads else None
         terms = [(k, v) for m in micro for k, v in m.items() if isinstance(v, Tensor)]
-        values = torch.stack([v.float().reshape(()) for _, v in terms] + ([norm.float()] if grads else []))
+        values = torch.cat(
+            [torch.stack([v.float().reshape(()) for _, v in terms]), *([norms] if grads else [])]
+        )
         ok = torch.isfinite(values).all()
         if self.info.world_size > 1:
             ok = ok.to(torch.int32)
@@ -264,8 +265,8 @@ class Trainer:
         if bool(ok):
             return ""
         bad = {k: float(v) for k, v in terms if not torch.isfinite(v).all()}
-        if grads and not torch.isfinite(norm):
-            bad["gradient (largest |g|)"] = float(norm)
+        if grads and not torch.isfinite(norms).all():
+            bad["gradient norm"] = float(torch.linalg.vector_norm(norms))
         what = ", ".join(f"{k} {v}" for k, v in bad.items()) or "on another rank"
         step = self.step + 1
         images = self._image_names(rows)
@@ -591,7 +592,7 @@ class Trainer:
         """Rank 0 writes `state_dict` (keeping the last `keep_last`); every rank waits for it."""
         if self.info.is_main:
             weights = [*self.model.parameters()]
-            if weights and not torch.isfinite(torch.stack(torch._foreach_norm(weights, math.inf))).all():
+            if weights and not torch.isfinite(torch.stack(torch._foreach_norm(weights))).all():
                 # never reached through train_step's check; a checkpoint of NaN weights would prune good ones
                 kept = (
                     f"the last one, {self.last_ckpt}, is kept"
