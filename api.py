@@ -184,10 +184,12 @@ def eval_reid(
     random_init: bool = False,
     teacher_checkpoint: str | None = None,
     seed: int = 0,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """`dpal eval reid`: Market-1501 protocol on `data` for `model` (what `--model` accepts). Returns
     mAP, rank1, rank5, rank10 and the 90% bootstrap bounds (mAP_lo, ...) as fractions in [0, 1],
-    the counts, the image size, and `model`: the name the CLI prints."""
+    the counts (images that do not decode are left out and counted in num_unreadable; `strict`:
+    refused in one line), the image size, and `model`: the name the CLI prints."""
     if image_size is not None and len(image_size) != 2:
         raise ConfigError("--image-size takes two values: --image-size H --image-size W")
     data = Path(data)
@@ -200,5 +202,5 @@ def eval_reid(
     with torch.no_grad():
         size = tuple(image_size) if image_size else None
         emb = resolve_model(str(model), size, random_init, teacher_checkpoint, seed, feature)
-        res = evaluate_reid(emb, data, batch_size)
+        res = evaluate_reid(emb, data, batch_size, strict=strict)
     return {"model": emb.name, "feature": feature if emb.kind != "teacher" else "global", **res}

@@ -174,6 +174,9 @@ def config_parameters(cls: type) -> list[inspect.Parameter]:
             continue
         name = f.metadata.get("flag") or f.name.replace("_", "-")
         help_ = f.metadata["help"]
+        listed = _metavar(types_[f.name]) == "LIST"
+        if listed:
+            help_ += " Repeat the option for each value, or give one YAML list."
         if (default := _default_text(f)) is not None:
             help_ += f" [default: {default}]"
         help_ = help_.replace("[", "\\[")  # rich markup: a literal [
@@ -183,6 +186,9 @@ def config_parameters(cls: type) -> list[inspect.Parameter]:
                 f"--{name}/--no-{name}", help=help_, show_default=False, rich_help_panel=panel
             )
             annotation: Any = Annotated[bool | None, info]
+        elif listed:  # --betas 0.9 --betas 0.95, or one YAML list: --betas '[0.9, 0.95]'
+            info = typer.Option(f"--{name}", help=help_, metavar="LIST", show_default=False)
+            annotation = Annotated[list[str] | None, info]
         else:
             repeated = _is_repeated(types_[f.name])  # tuple[Literal[...], ...]: --logger a --logger b
             info = typer.Option(
@@ -215,7 +221,11 @@ def config_from_options(cls: type, options: dict[str, Any]) -> Any:
     """The config of class `cls` that a command's parsed options give; takes the config's own options
     (one per field, `config`, `set_`) out of `options`, leaving the command's."""
     flags = {f.name: options.pop(f.name) for f in dataclasses.fields(cls) if not f.metadata.get("section")}
-    flags = {k: None if v == [] else v for k, v in flags.items()}  # a repeatable option not given
+    # a list option: not given (empty), given once (its text, read as YAML: "[0.9, 0.95]"), N times
+    flags = {
+        k: (v[0] if len(v) == 1 else v or None) if isinstance(v, (list, tuple)) else v
+        for k, v in flags.items()
+    }
     config, sets = options.pop("config"), options.pop("set_")
     return resolve(cls, str(config) if config else None, flags, sets or [])
 
@@ -448,20 +458,33 @@ def store_info_cmd(
 @user_errors
 def store_verify_cmd(
     store: Annotated[Path, typer.Argument(help="Store written by `dpal cache-teacher`.")],
+    deep: Annotated[
+        bool,
+        typer.Option(
+            "--deep",
+            help="Also read every target value: each (row, view) against the crc32c its shard's marker "
+            "recorded, and for NaN and inf (what training checks of the rows it reads).",
+        ),
+    ] = False,
 ) -> None:
     """Check the store's metadata (attributes, every zarr.json, the index) and every shard's files
     against the checksums recorded when they were written; exit 1 naming what is bad or missing."""
     from dpal.store import verify_store
 
-    rep = verify_store(store)
+    rep = verify_store(store, deep=deep)
     for problem in rep["metadata"]:
         typer.echo(f"BAD store metadata: {problem}")
     for shard, problems in rep["bad"].items():
         typer.echo(f"BAD shard {shard}: {'; '.join(problems)}")
     if rep["not_done"]:
         typer.echo(f"NOT DONE {len(rep['not_done'])} shard(s): {', '.join(rep['not_done'][:20])}")
+    if rep.get("unrecorded"):
+        typer.echo(
+            f"note: {len(rep['unrecorded'])} shard(s) have no value checksums (written before dpal recorded "
+            "them): their values were checked for NaN and inf only"
+        )
     if rep["ok"]:
-        typer.echo(f"ok: {rep['shards_checked']} shards verified")
+        typer.echo(f"ok: {rep['shards_checked']} shards verified" + (", every value read" if deep else ""))
         return
     if rep["metadata"]:
         typer.echo(
@@ -527,6 +550,7 @@ def plot(
     """Draw the training and validation curves of every loss term in RUN_DIR/metrics.jsonl as one PNG."""
     from dpal.trainer.plot import plot_run
 
+    _setup_logging(False)  # its warning about damaged lines
     typer.echo(f"wrote {plot_run(run_dir, out)}")
 
 
@@ -599,6 +623,12 @@ def eval_reid(
         ),
     ] = "cls",
     batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 64,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="Refuse an image that does not decode instead of leaving it out and counting it."
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """ReID on a Market-1501-style folder: rank the gallery by cosine similarity of global features.
@@ -611,6 +641,7 @@ def eval_reid(
     from dpal.api import eval_reid as run_eval_reid
     from dpal.reid import format_table
 
+    _setup_logging(False)  # the warning that counts images left out
     res = run_eval_reid(
         model,
         data,
@@ -620,6 +651,7 @@ def eval_reid(
         random_init=random_init,
         teacher_checkpoint=teacher_checkpoint,
         seed=seed,
+        strict=strict,
     )
     if as_json:  # one unit wherever the command prints: percent, as the table shows and papers report
         metrics = ("mAP", "rank1", "rank5", "rank10", "mAP_lo", "mAP_hi", "rank1_lo", "rank1_hi")
@@ -630,6 +662,7 @@ def eval_reid(
     typer.echo(
         f"mAP and CMC in percent, [90% bootstrap interval over queries]; {res['num_query']} queries, "
         f"{res['num_gallery']} gallery images at {res['image_size']}"
+        + (f"; {res['num_unreadable']} images that do not decode left out" if res["num_unreadable"] else "")
     )
 
 

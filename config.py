@@ -10,6 +10,7 @@ Unknown keys are errors that list the known ones; a bad value names the field an
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -520,9 +521,19 @@ class DistillConfig:
         "student's CLS feature at each validation.",
         panel=PANEL_VALIDATION,
     )
+    strict: bool = opt(
+        False,
+        "Refuse an --eval-reid image that does not decode instead of leaving it out and counting it.",
+    )
+    skip_nonfinite: int = opt(
+        0,
+        "Optimizer steps whose loss or gradient norm is not finite (NaN, inf) that are skipped, each "
+        "recorded in metrics.jsonl, before the next one stops the run (docs/training.md).",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
+        self._check_numbers()
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("epochs, batch_size and grad_accum must be >= 1")
         if self.batch_size % self.grad_accum:
@@ -552,6 +563,27 @@ class DistillConfig:
                 "add --val-store (a held-out store) or --eval-reid (a ReID folder), or drop them"
             )
         self._check_recipe()
+
+    def _check_numbers(self) -> None:
+        """The optimizer's and the schedule's numbers: finite and in range (a NaN or negative rate
+        would train to the end on NaN weights, or ascend the loss)."""
+        rules = (
+            ("base_lr", self.base_lr, "a finite number > 0", lambda v: 0 < v < math.inf),
+            ("min_lr", self.min_lr, "a finite number >= 0", lambda v: 0 <= v < math.inf),
+            ("warmup_epochs", self.warmup_epochs, "a finite number >= 0", lambda v: 0 <= v < math.inf),
+            ("weight_decay", self.weight_decay, "a finite number >= 0", lambda v: 0 <= v < math.inf),
+            ("dpade_scale", self.dpade_scale, "a finite number > 0", lambda v: 0 < v < math.inf),
+            ("l2_weight", self.l2_weight, "a finite number >= 0", lambda v: 0 <= v < math.inf),
+            ("progress_seconds", self.progress_seconds, "a finite number >= 0", lambda v: 0 <= v < math.inf),
+            ("skip_nonfinite", self.skip_nonfinite, "an integer >= 0", lambda v: v >= 0),
+        )
+        for name, value, rule, ok in rules:
+            if not ok(value):  # every comparison with NaN is false: refused too
+                raise ConfigError(f"{name} must be {rule}, got {value}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(
+                f"betas must be two numbers in [0, 1) (AdamW's beta1 and beta2), got {list(self.betas)}"
+            )
 
     def _check_recipe(self) -> None:
         """Each recipe's own keys: a setting that another recipe reads is refused, never ignored."""
@@ -648,7 +680,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if len(args) == 2 and args[1] is Ellipsis and isinstance(value, str):
             value = [value]  # --set loggers=mlflow: a list of one
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list, e.g. [256, 128]")
+            n = "" if len(args) == 2 and args[1] is Ellipsis else f" of {len(args)} values"
+            raise ConfigError(
+                f"{name} must be a list{n}: one YAML list such as [0.9, 0.95], or on the command line the "
+                f"option once per value; got {value!r}"
+            )
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], name) for v in value)
         if len(args) != len(value):
@@ -724,6 +760,8 @@ def _yaml_value(text: str, where: str) -> Any:
 
 def load_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory; give a YAML or TOML file")
     if not p.is_file():
         raise ConfigError(f"config file {p} not found")
     try:

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,9 @@ from torch import Tensor, nn
 from dpal.errors import InputError
 from dpal.teachers import PRESETS, TeacherSpec, load_teacher
 from dpal.vit import vit_tokens
+
+if TYPE_CHECKING:
+    from dpal.reid import MarketSplit
 
 EmbedFn = Callable[[Tensor], Tensor]
 
@@ -161,6 +165,8 @@ def evaluate_reid(
     per_query: bool = False,
     level: float = 0.9,
     features: bool = False,
+    strict: bool = False,
+    split: MarketSplit | None = None,
 ) -> dict:
     """Market-1501 protocol on `data` (query/ and bounding_box_test/): mAP and CMC rank-1/5/10.
 
@@ -171,10 +177,21 @@ def evaluate_reid(
     list), for `dpal.reid.paired_bootstrap` between two models scored on the same folder. With
     `features`, "query_features" and "gallery_features" hold the embeddings ((N, D) tensors, in
     sorted file order), for label-free comparisons (`dpal.reid.linear_cka`, `knn_agreement`).
+    Images that do not decode are left out, counted in "num_unreadable" (`strict`: refused, one
+    line); `split`: an already checked split of `data` (reid.checked_market), read once by a caller
+    that scores it often.
     """
-    from dpal.reid import bootstrap_interval, extract_features, read_market, score_queries, summarize_scores
+    from dpal.reid import (
+        bootstrap_interval,
+        checked_market,
+        extract_features,
+        score_queries,
+        summarize_scores,
+    )
 
-    split = read_market(data)
+    unreadable = 0
+    if split is None:  # images that do not decode left out and counted ("num_unreadable"), or refused
+        split, unreadable = checked_market(data, strict)
     qf = extract_features(embedder.fn, split.query.paths, embedder.image_size, batch_size)
     gf = extract_features(embedder.fn, split.gallery.paths, embedder.image_size, batch_size)
     scores = score_queries(qf, gf, split.query.pids, split.query.cams, split.gallery.pids, split.gallery.cams)
@@ -182,6 +199,7 @@ def evaluate_reid(
     for key, values in (("mAP", scores.ap), ("rank1", scores.rank1)):
         res[f"{key}_lo"], res[f"{key}_hi"] = bootstrap_interval(values, level)
     res.update(
+        num_unreadable=unreadable,
         num_query=len(split.query.paths),
         num_gallery=len(split.gallery.paths),
         image_size=list(embedder.image_size),

@@ -11,7 +11,9 @@ batch to features.
 
 from __future__ import annotations
 
+import logging
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +21,13 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from dpal.common import IMAGENET_MEAN, IMAGENET_STD
 from dpal.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 # Nq queries, Ng gallery images, D feature width, B batch, H x W image size
 
@@ -122,6 +126,76 @@ def read_market(root: str | Path) -> MarketSplit:
     return MarketSplit(read_market_folder(root / QUERY_DIR), read_market_folder(root / GALLERY_DIR))
 
 
+def image_problem(path: Path) -> str | None:
+    """Why an image file cannot be used (empty, not an image, truncated or corrupt), decoding it
+    whole; None for a good one."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+    except FileNotFoundError:
+        return "missing"
+    except UnidentifiedImageError:
+        return "not an image"
+    except Image.DecompressionBombError as e:
+        return f"decompression bomb: {e}"
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"truncated or corrupt: {e}"
+    return None
+
+
+def _keep(images: MarketImages, keep: list[bool]) -> MarketImages:
+    mask = np.asarray(keep, dtype=bool)
+    return MarketImages(
+        [p for p, k in zip(images.paths, keep, strict=True) if k], images.pids[mask], images.cams[mask]
+    )
+
+
+def checked_market(root: str | Path, strict: bool = False, where: str = "--data") -> tuple[MarketSplit, int]:
+    """`read_market`, with every image decoded once: one that does not decode is left out and
+    counted (one warning line naming the first few), or, `strict`, refused in one line. Refuses a
+    split in which no query has a true match (a gallery image of its person from another camera),
+    on which no score exists. Returns the split and how many images were left out."""
+    split = read_market(root)
+    bad: list[str] = []
+    kept = []
+    for images in (split.query, split.gallery):
+        keep = []
+        for path in images.paths:
+            problem = image_problem(path)
+            if problem is not None and strict:
+                raise InputError(
+                    f"{where}: {path}: {problem}; rerun without --strict to leave such images out"
+                )
+            if problem is not None:
+                bad.append(f"{path.parent.name}/{path.name}: {problem}")
+            keep.append(problem is None)
+        kept.append(_keep(images, keep))
+    split = MarketSplit(*kept)
+    if bad:
+        logger.warning(
+            "%s: %d of %d images do not decode and are left out (%s%s); --strict refuses them",
+            where, len(bad), len(bad) + len(split.query) + len(split.gallery), "; ".join(bad[:3]),
+            f"; ... and {len(bad) - 3} more" if len(bad) > 3 else "",
+        )  # fmt: skip
+    _check_matches(split, where)
+    return split, len(bad)
+
+
+def _check_matches(split: MarketSplit, where: str) -> None:
+    q, g = split.query, split.gallery
+    for pid, cam in zip(q.pids, q.cams, strict=True):
+        if pid != JUNK_PID and np.any((g.pids == pid) & (g.cams != cam)):
+            return
+    raise InputError(
+        f"{where}: no query of its {len(q)} readable query images has a true match in the gallery (an image "
+        "of the same person id from another camera); mAP and rank-1 are undefined there"
+    )
+
+
 def load_image(path: Path, image_size: tuple[int, int]) -> Tensor:
     """One image as the models see it: RGB, bilinear resize, ImageNet mean/std.
 
@@ -133,8 +207,13 @@ def load_image(path: Path, image_size: tuple[int, int]) -> Tensor:
         (3, H, W) float32.
     """
     height, width = image_size
-    with Image.open(path) as img:
-        rgb = img.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+    except (OSError, SyntaxError, ValueError) as e:  # read when checked_market ran: changed since
+        raise InputError(
+            f"{path} cannot be read ({image_problem(path) or e}); it changed since it was checked"
+        ) from None
     x = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)

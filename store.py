@@ -97,6 +97,10 @@ _UNCHECKED_ATTRS = ("complete", INTEGRITY)  # attributes the integrity checksum 
 # A marker's mean relative error of the int8 tokens of its cached views, measured while writing:
 # {"global": e, "local": e}, ||x - decoded|| / ||x|| per token (int8 and int8-rotated stores)
 TOKEN_ERROR = "token_error"
+# A marker's crc32c of each (row, view) of every target array as stored (`row_crc32c`), compared
+# wherever values are read: a value written through zarr after stage one (every chunk checksum then
+# valid) is caught. Markers of stores written before dpal recorded it lack it: those read unchecked.
+VALUE_CRC32C = "value_crc32c"
 
 
 def shard_name(shard: int) -> str:
@@ -184,6 +188,27 @@ def _raw_tensor(data: np.ndarray, dtype: str) -> Tensor:
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(data).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(data))
+
+
+# the exponent bits that are all ones in a NaN or an infinity, by stored dtype: a test of the bits
+# is 4.5x faster than np.isfinite on float16, which converts every value first (docs/benchmarks.md)
+_NONFINITE_BITS = {
+    "float16": (np.uint16, 0x7C00),
+    "bfloat16": (np.uint16, 0x7F80),
+    "float32": (np.uint32, 0x7F800000),
+}
+
+
+def nonfinite_rows(data: np.ndarray, dtype: str = "") -> np.ndarray:
+    """Indices of the rows (first axis) of a stored array that hold a NaN or an infinity: float16
+    and float32 arrays, and bfloat16's uint16 bits (`dtype` "bfloat16"), by their exponent bits;
+    int8 has none."""
+    kind = "bfloat16" if dtype == "bfloat16" else str(data.dtype)
+    if kind not in _NONFINITE_BITS:
+        return np.empty(0, dtype=np.int64)
+    bits, mask = _NONFINITE_BITS[kind]
+    flat = np.ascontiguousarray(data).view(bits).reshape(len(data), -1)
+    return np.flatnonzero(((flat & bits(mask)) == bits(mask)).any(axis=1))
 
 
 def shift_rows(logits: np.ndarray) -> np.ndarray:
@@ -525,9 +550,19 @@ def _image_tar(
     return raw, offsets, sizes
 
 
-def _write_features(path: Path, layout: Layout, data: ShardData, files: list[Path]) -> dict[str, float]:
-    """Write a shard's feature arrays (and scales), appending their chunk files to `files`; returns
-    the mean relative int8 error of the global and local tokens of its cached rows (int8 dtypes)."""
+def row_crc32c(stored: np.ndarray) -> str:
+    """The crc32c of each (row, view) of a stored feature array (rows, K, ...), as a marker records
+    them (`VALUE_CRC32C`): hex of little-endian uint32, row-major (rows, K)."""
+    crcs = np.array([[crc32c_of(stored[r, k]) for k in range(stored.shape[1])] for r in range(len(stored))])
+    return crcs.astype("<u4").tobytes().hex()
+
+
+def _write_features(
+    path: Path, layout: Layout, data: ShardData, files: list[Path], crcs: dict[str, str]
+) -> dict[str, float]:
+    """Write a shard's feature arrays (and scales), appending their chunk files to `files` and each
+    array's `row_crc32c` to `crcs`; returns the mean relative int8 error of the global and local
+    tokens of its cached rows (int8 dtypes)."""
     start, stop = layout.shard_range(data.shard)
     # every writer uses the R stored when the store was created (never one of its own)
     rotation = read_token_rotation(path, _load_attrs(path), layout.embed_dim) if layout.rotated else None
@@ -545,9 +580,11 @@ def _write_features(path: Path, layout: Layout, data: ShardData, files: list[Pat
             stored, scale = np.asarray(data.features[name], dtype=storage), None
         _open_rw(path, name)[start:stop] = stored
         files += _chunk_files(path, name, stored.ndim, data.shard)
+        crcs[name] = row_crc32c(stored)
         if scale is not None:
             _open_rw(path, name + SCALE_SUFFIX)[start:stop] = scale
             files += _chunk_files(path, name + SCALE_SUFFIX, scale.ndim, data.shard)
+            crcs[name + SCALE_SUFFIX] = row_crc32c(scale)
     return errors
 
 
@@ -566,7 +603,8 @@ def write_shard(path: Path, data: ShardData) -> dict[str, Any]:
         raw, offsets, sizes = _image_tar(data.images, start)
         atomic_write_bytes(tar_path, raw)
         files.append(tar_path)
-    errors = _write_features(path, layout, data, files)
+    crcs: dict[str, str] = {}
+    errors = _write_features(path, layout, data, files, crcs)
     shard_arrays = {
         PARAMS: np.asarray(data.params, dtype=np.float64),
         VALID: np.asarray(data.valid, dtype=np.uint8),
@@ -591,6 +629,8 @@ def write_shard(path: Path, data: ShardData) -> dict[str, Any]:
             "image_crc32c": [
                 None if item is None else int(google_crc32c.value(item[1])) for item in data.images
             ],
+            # the values of each (row, view) of every target array, checked wherever they are read
+            VALUE_CRC32C: crcs,
         }
         | ({TOKEN_ERROR: errors} if errors else {})
         | data.stats
@@ -753,6 +793,7 @@ class StoreReader:
         self._markers: dict[int, dict[str, Any]] | None = None
         self._image_crc: np.ndarray | None = None
         self._params_checked: set[int] = set()
+        self._value_crc: dict[tuple[int, str], np.ndarray | None] = {}
 
     def array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
@@ -908,6 +949,9 @@ class StoreReader:
             for name, (_, scaled) in arrays.items():
                 data = self.array(name).oindex[sel][:, 0]
                 scale = self.array(name + SCALE_SUFFIX).oindex[sel][:, 0] if scaled else None
+                self.check_values(name, sorted_idx, view, data)
+                if scale is not None:
+                    self.check_values(name + SCALE_SUFFIX, sorted_idx, view, scale)
                 if name not in FEATURES:  # the relation factor or diagonal, exactly as stored
                     out[name] = torch.from_numpy(np.ascontiguousarray(data))[inverse]
                 elif raw:
@@ -937,6 +981,43 @@ class StoreReader:
         if raw:
             return Targets(out.get(GLOBAL), out.get(LOCAL), z, params, scales, diag)
         return Targets(out.get(GLOBAL), out.get(LOCAL), rebuild_logits(z.float(), diag), params, scales)
+
+    def _value_crcs(self, shard: int, name: str) -> np.ndarray | None:
+        """(rows, K) uint32 crc32c of array `name`'s values in a finished shard (`row_crc32c`);
+        None where its marker predates them."""
+        key = (shard, name)
+        if key not in self._value_crc:
+            recorded = (
+                self.markers()[shard].get(VALUE_CRC32C, {}).get(name) if shard in self.markers() else None
+            )
+            a, b = self.layout.shard_range(shard)
+            self._value_crc[key] = (
+                None
+                if recorded is None
+                else np.frombuffer(bytes.fromhex(recorded), dtype="<u4").reshape(b - a, self.layout.num_views)
+            )
+        return self._value_crc[key]
+
+    def check_values(self, name: str, rows: np.ndarray, view: int, data: np.ndarray) -> None:
+        """Array `name`'s stored values of view `view` of store rows `rows` (`data`, one row each)
+        against the crc32c their markers recorded, and finite (float dtypes); else a StoreError
+        that names the array, the row, its image key and its shard."""
+        shard_size = self.layout.shard_size
+        for i, row in enumerate(np.asarray(rows).tolist()):
+            want = self._value_crcs(row // shard_size, name)
+            if want is not None and crc32c_of(data[i]) != int(want[row % shard_size, view]):
+                raise self._value_error(name, row, view, "do not match the checksum its marker recorded")
+        bad = nonfinite_rows(data, self.layout.feature_dtype(_feature_of(name)) if name in FEATURES else "")
+        if len(bad):
+            raise self._value_error(name, int(np.asarray(rows)[bad[0]]), view, "are not finite (NaN or inf)")
+
+    def _value_error(self, name: str, row: int, view: int, what: str) -> StoreError:
+        shard = self.shard_of(row)
+        return StoreError(
+            f"{self.path}: the {name!r} values of row {row} (image {str(self.meta(KEYS)[row])!r}, view {view}, "
+            f"shard {shard_name(shard)}) {what} (damaged, or edited through zarr after stage one); "
+            f"`dpal store verify --deep` lists every such row; {rewrite_hint(self.path, [shard])}"
+        )
 
     def _read_error(self, e: Exception, sorted_idx: np.ndarray, view: int) -> StoreError:
         """The one line for a feature read that failed: names the shard(s) and what to run."""
@@ -1137,12 +1218,44 @@ def shard_problems(path: Path, shard: int) -> list[str]:
     return problems
 
 
-def verify_store(path: Path) -> dict[str, Any]:
-    """Check the store's metadata against the checksums recorded when it was made (attributes,
-    every array's zarr.json, the index arrays) and every shard's files against its marker.
+def value_problems(reader: StoreReader, shard: int) -> tuple[list[str], bool]:
+    """What `dpal store verify --deep` finds in a finished shard's values: (row, view) pairs of a
+    target array whose values differ from the crc32c its marker recorded, or that are not finite
+    (the first 3 of each array); and whether the marker records value checksums at all."""
+    a, b = reader.layout.shard_range(shard)
+    problems, recorded = [], True
+    for feature, (_, scaled) in reader.layout.feature_arrays().items():
+        for name in (feature, feature + SCALE_SUFFIX) if scaled else (feature,):
+            try:
+                values = reader.array(name)[a:b]  # (rows, K, ...)
+            except Exception as e:  # noqa: BLE001 - damaged bytes: the sha256 check names the file
+                problems.append(f"{name!r} cannot be read ({type(e).__name__})")
+                continue
+            want = reader._value_crcs(shard, name)
+            recorded &= want is not None
+            dtype = reader.layout.feature_dtype(feature) if name in FEATURES else ""
+            found = []
+            for k in range(values.shape[1]):
+                edited = [
+                    r for r in range(b - a) if want is not None and crc32c_of(values[r, k]) != want[r, k]
+                ]
+                found += [f"row {a + r} view {k} differs from its recorded checksum" for r in edited]
+                found += [f"row {a + r} view {k} is not finite" for r in nonfinite_rows(values[:, k], dtype)]
+            problems += [f"{name!r} {f}" for f in found[:3]] + (
+                [f"{name!r}: {len(found) - 3} more"] if len(found) > 3 else []
+            )
+    return problems, recorded
 
-    Returns a dict with `ok` (bool), `metadata` ([problems]), `bad` ({shard: [problems]}) and
-    `not_done` (shard list).
+
+def verify_store(path: Path, deep: bool = False) -> dict[str, Any]:
+    """Check the store's metadata against the checksums recorded when it was made (attributes,
+    every array's zarr.json, the index arrays) and every shard's files against its marker; `deep`:
+    also every target value against the crc32c of each (row, view) its marker recorded and for
+    NaN and inf (`value_problems`: what the read path checks of the rows it reads).
+
+    Returns a dict with `ok` (bool), `metadata` ([problems]), `bad` ({shard: [problems]}),
+    `not_done` (shard list) and, deep, `unrecorded` (shards whose markers predate value checksums:
+    their values were checked for NaN and inf only).
     """
     attrs = _load_attrs(path)
     metadata = metadata_problems(path, attrs)
@@ -1156,8 +1269,14 @@ def verify_store(path: Path) -> dict[str, Any]:
     n = attrs["num_shards"]
     done = done_shards(path)
     bad: dict[str, list[str]] = {}
+    reader = StoreReader(path, allow_incomplete=True) if deep and not metadata else None
+    unrecorded = []
     for s in sorted(done & set(range(n))):
         problems = shard_problems(path, s)
+        if reader is not None and not any("marker" in p or ".json" in p for p in problems):
+            found, recorded = value_problems(reader, s)
+            problems += found
+            unrecorded += [] if recorded else [shard_name(s)]
         if problems:
             bad[shard_name(s)] = problems
     not_done = [shard_name(s) for s in range(n) if s not in done]
@@ -1168,4 +1287,4 @@ def verify_store(path: Path) -> dict[str, Any]:
         "not_done": not_done,
         "num_shards": n,
         "shards_checked": len(done),
-    }
+    } | ({"unrecorded": unrecorded} if deep else {})

@@ -19,6 +19,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -538,16 +539,24 @@ def _not_a_checkpoint(path: str, error: BaseException) -> str:
                 f"{path} is a zip archive but not a torch checkpoint (no data.pkl inside; it holds "
                 f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
             )
-    if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):
+        if code_in_pickle(path, error, False) is None and isinstance(error, pickle.UnpicklingError):
+            return (
+                f"refused: {path} is a torch.save archive that torch's safe loader refuses ({torch_reason(error)}); "
+                "dpal never loads a file that may need code execution"
+            )
+    is_pickle = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    code = code_in_pickle(path, error, is_pickle)
+    if code is not None:
         return (
-            f"{path} holds more than tensors (weights_only load failed): save just its state dict, "
-            "e.g. torch.save({'model': ckpt['model']}, 'teacher.pth') in a session that trusts the file"
+            f"refused: {path} needs code execution to load (its pickle calls {code}, as a __reduce__ or an "
+            "object other than tensors does); dpal never loads such files"
         )
-    if isinstance(error, EOFError) or (
-        head[:1] == b"\x80"
-        and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
-        and isinstance(error, (EOFError, pickle.UnpicklingError))
-    ):
+    if is_pickle and isinstance(error, pickle.UnpicklingError) and _pickle_is_whole(path):
+        return (
+            f"{path} is a plain pickle (protocol {head[1]}) that torch's safe loader cannot read, not a torch "
+            "checkpoint: save the weights with torch.save"
+        )
+    if isinstance(error, EOFError) or (is_pickle and isinstance(error, pickle.UnpicklingError)):
         return f"{path} is a torch checkpoint cut short ({size} bytes; an interrupted download?): {fix}"
     text = _as_text(head)
     if text is not None:
@@ -560,6 +569,62 @@ def _not_a_checkpoint(path: str, error: BaseException) -> str:
         f"{path} is not a torch checkpoint (neither a torch zip archive nor a pickle; it starts with "
         f"bytes {head[:8].hex(' ')}): {fix}"
     )
+
+
+# pickle opcodes that call what a GLOBAL pushed: what a __reduce__ (or any object but tensors) needs
+_CALLS = ("REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST", "BUILD")
+_PICKLE_SCAN_BYTES = 64 << 20  # how much of a plain pickle is scanned for the globals it would call
+
+
+def code_in_pickle(path: str | os.PathLike, error: BaseException, is_pickle: bool) -> str | None:
+    """What a file that `torch.load(weights_only=True)` refused would call to load (`posix.system`,
+    `argparse.Namespace`), or None when it was refused for another reason. From torch's message
+    (`GLOBAL posix.system`) or, for a plain pickle torch's loader does not parse, from its opcodes,
+    read with `pickletools` (which runs nothing)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if isinstance(error, pickle.UnpicklingError) and found:
+        return found.group(1)
+    if not is_pickle:
+        return None
+    import pickletools
+
+    with open(path, "rb") as f:
+        data = f.read(_PICKLE_SCAN_BYTES)
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                return str(arg).replace(" ", ".")
+            if op.name == "STACK_GLOBAL":
+                return ".".join(strings[-2:])
+            if op.name in _CALLS:
+                return "a function"
+            if isinstance(arg, str):
+                strings.append(arg)
+    except ValueError:  # cut short, or not a pickle after all
+        return None
+    return None
+
+
+def torch_reason(error: BaseException) -> str:
+    """The line of torch's error that says what failed, without its advice to load with
+    weights_only=False (which would run whatever the file holds)."""
+    advice = ("weights_only", "weights only", "please file an issue", "check the documentation", "in pytorch")
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not any(a in ln.lower() for a in advice)]
+    return (useful or lines or [type(error).__name__])[0].removeprefix("WeightsUnpickler error: ")
+
+
+def _pickle_is_whole(path: str | os.PathLike) -> bool:
+    """Whether a file's pickle reads to its STOP opcode (read with `pickletools`, nothing run)."""
+    import pickletools
+
+    with open(path, "rb") as f:
+        data = f.read(_PICKLE_SCAN_BYTES)
+    try:
+        return any(op.name == "STOP" for op, _, _ in pickletools.genops(data))
+    except ValueError:
+        return False
 
 
 def _as_text(head: bytes) -> str | None:
@@ -576,7 +641,11 @@ def _as_text(head: bytes) -> str | None:
 def _torch_load(path: str) -> Any:
     """`torch.load(path, weights_only=True)`; a file that is not a checkpoint is one ValueError line."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with (
+            warnings.catch_warnings()
+        ):  # torch's note on pickle protocols: the error below says what the file is
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, MemoryError):
         raise
     except Exception as e:  # torch raises EOFError, RuntimeError, UnpicklingError, ... by file kind

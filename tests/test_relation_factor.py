@@ -233,8 +233,10 @@ def test_a_non_finite_factor_is_refused_in_one_line(root: Path, factor_store: Pa
     z = zarr.open_array(store / RELATION_FACTOR, mode="r+", config={"write_empty_chunks": True})
     z[5, 1, 2, 0] = np.nan  # through Zarr: the chunk's own crc32c is rewritten, the marker's sha256 is not
     assert verify_store(store)["bad"] == {"000001": [f"{RELATION_FACTOR}/c/1/0/0/0 checksum mismatch"]}
+    # the values' own checksum in the marker (issue 19) refuses the edit before the factor's check
     with pytest.raises(
-        StoreError, match=r"relation factor of shard\(s\) 000001 is corrupt: its factor holds NaN"
+        StoreError,
+        match=r"the 'relation_factor' values of row 5 \(image 'img05.jpg', view 1, shard 000001\) do not match",
     ):
         StoreReader(store).read_targets(np.array([4, 5]), 1, raw=True)
 

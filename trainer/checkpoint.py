@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import nn
 from dpal import __version__
 from dpal.errors import InputError
 from dpal.store import atomic_write_bytes
+from dpal.teachers import code_in_pickle, torch_reason
 from dpal.trainer.rundir import CHECKPOINT_DIR, disk_full_error
 from dpal.trainer.student import create_student
 
@@ -62,9 +64,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint's dict, on the CPU; InputError for a file that is not one, CheckpointFormatError
     (one line) for a dpal checkpoint of another format version."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with (
+            warnings.catch_warnings()
+        ):  # torch's note on pickle protocols: the error below says what the file is
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-        raise InputError(f"cannot read checkpoint {path}: {e}") from None
+        raise InputError(_unreadable(path, e)) from None
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise InputError(f"{path} is not a dpal checkpoint of format {CHECKPOINT_VERSION}")
     if ckpt["format_version"] != CHECKPOINT_VERSION:
@@ -74,6 +80,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             "the dpal version that wrote it, or a new --out"
         )
     return ckpt
+
+
+def _unreadable(path: Path, error: BaseException) -> str:
+    """One line for a checkpoint torch.load(weights_only=True) refused: a file that would run code
+    to load is refused in dpal's words (never torch's advice to load it with weights_only=False)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    is_pickle = head in tuple(b"\x80" + bytes([p]) for p in range(2, 6))
+    code = code_in_pickle(path, error, is_pickle)
+    if code is not None:
+        return (
+            f"refused: {path} needs code execution to load (its pickle calls {code}, as a __reduce__ or an "
+            "object other than tensors does); dpal never loads such files"
+        )
+    return f"cannot read checkpoint {path}: {torch_reason(error)}"
 
 
 def find_resume(run_dir: Path, resume: str) -> Path | None:

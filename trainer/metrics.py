@@ -18,6 +18,7 @@ import logging
 import time
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,17 +58,52 @@ class StepTerms:
         return {k: self.mean[k] for k in PROGRESS_TERMS if k in self.mean}
 
 
+def read_metric_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The usable lines of a metrics.jsonl, as (text, parsed): JSON objects with an integer `step`.
+    Other lines (`null`, `[1, 2]`, an object without `step`, bytes that are not UTF-8, text that is
+    not JSON) are left out with one warning that counts them; a last line cut short without its
+    newline (a run killed while writing it) is left out without one."""
+    raw = Path(path).read_bytes()
+    lines = raw.split(b"\n")
+    torn = lines.pop() if lines else b""  # what follows the last newline: empty, or a torn line
+    good, bad = [], 0
+    for blob in lines:
+        try:
+            text = blob.decode("utf-8")
+            line = json.loads(text)
+        except (UnicodeDecodeError, ValueError):
+            line = None
+        if (
+            isinstance(line, dict)
+            and isinstance(line.get("step"), int)
+            and not isinstance(line["step"], bool)
+        ):
+            good.append((text, line))
+        elif blob.strip():
+            bad += 1
+    if torn.strip():
+        try:
+            line = json.loads(torn.decode("utf-8"))
+            if isinstance(line, dict) and isinstance(line.get("step"), int):
+                good.append((torn.decode("utf-8"), line))
+        except (UnicodeDecodeError, ValueError):
+            pass
+    if bad:
+        logger.warning(
+            "%s: %d line(s) are not metric lines (not a JSON object with an integer step: damaged or "
+            "edited) and are left out",
+            path,
+            bad,
+        )
+    return good
+
+
 def truncate_jsonl(path: Path, max_step: int) -> None:
-    """Drop metric lines past a resumed checkpoint, so the log equals an uninterrupted run's."""
+    """Drop metric lines past a resumed checkpoint, so the log equals an uninterrupted run's; lines
+    that are not metric lines go too (`read_metric_lines` says how many)."""
     if not path.exists():
         return
-    keep = []
-    for ln in path.read_text().splitlines():
-        try:
-            if json.loads(ln).get("step", 0) <= max_step:
-                keep.append(ln)
-        except json.JSONDecodeError:  # the half-written last line of a killed run
-            continue
+    keep = [text for text, line in read_metric_lines(path) if line["step"] <= max_step]
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
@@ -95,6 +131,11 @@ class MetricsLog:
         for sink in self.sinks:
             sink.scalars({k: v for k, v in line.items() if k != "step"}, step)
         self.restart_clock()
+
+    def log_skipped(self, step: int, epoch: int, lr: float, what: str, last_ckpt: Path | None) -> None:
+        """The line of a step skipped for a value that is not finite (--skip-nonfinite): no terms."""
+        line = {"step": step, "epoch": epoch, "lr": lr, "skipped_nonfinite": what}
+        self._append(json.dumps(line), last_ckpt)
 
     def log_val(
         self, step: int, epoch: int, values: dict[str, float], last_ckpt: Path | None, seconds: float = 0.0

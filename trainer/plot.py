@@ -10,14 +10,13 @@ logged step; y: from the term's smallest to its largest value over both curves.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from dpal.errors import InputError
-from dpal.trainer.metrics import METRICS_FILE
+from dpal.trainer.metrics import METRICS_FILE, read_metric_lines
 
 TRAIN_COLOUR = (31, 119, 180)  # blue
 VAL_COLOUR = (255, 127, 14)  # orange
@@ -40,11 +39,7 @@ def read_curves(
         raise InputError(f"{path} does not exist; give the run directory of `dpal distill` (its --out)")
     train: dict[str, list[tuple[int, float]]] = {}
     val: dict[str, list[tuple[int, float]]] = {}
-    for ln in path.read_text().splitlines():
-        try:
-            line = json.loads(ln)
-        except json.JSONDecodeError:  # the half-written last line of a killed run
-            continue
+    for _, line in read_metric_lines(path):  # damaged lines left out, counted in one warning
         curves = val if line.get("split") == "val" else train
         for k, v in line.items():
             if k not in NOT_TERMS and isinstance(v, (int, float)) and math.isfinite(v):

@@ -74,6 +74,18 @@ class RunLock:
         self.release()
 
 
+def remove_if_unused(run_dir: Path) -> None:
+    """Remove a run directory that holds nothing but its lock file (a run refused at its start),
+    once the lock is released; a directory with anything else in it stays as it is."""
+    run_dir = Path(run_dir)
+    try:
+        if {p.name for p in run_dir.iterdir()} <= {LOCK_NAME}:
+            (run_dir / LOCK_NAME).unlink(missing_ok=True)
+            run_dir.rmdir()
+    except OSError:  # gone already, or another process wrote into it meanwhile
+        pass
+
+
 def holder(lock_path: Path) -> str:
     """What the lock's holder wrote: `host H, pid P, started T` (or a note when it has not yet)."""
     try:

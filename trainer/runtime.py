@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from dpal.common import resolve_device
+from dpal.errors import ConfigError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 CPU_NUM_WORKERS = 2
@@ -43,12 +44,29 @@ def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     device = resolve_device(device_pref, local_rank=info.local_rank)  # one GPU per rank
+    check_device(device, device_pref)
     use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return info, device
+
+
+def check_device(device: torch.device, asked: str) -> None:
+    """Refuse, in one line and before anything is written, a CUDA device this process cannot see."""
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {asked}: torch sees no CUDA device here (no GPU, no driver, or CUDA_VISIBLE_DEVICES "
+            "hides it); use --device cpu, or auto to take a GPU where there is one"
+        )
+    if (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {asked}: this process sees {torch.cuda.device_count()} CUDA device(s), "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
 
 
 def keep_freed_memory() -> bool:

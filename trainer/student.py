@@ -208,6 +208,12 @@ def create_student(
         )
     except TypeError as err:  # e.g. a CNN that takes no img_size
         raise InputError(f"{name!r} cannot be built as a DPAL student ViT: {err}") from err
+    except (ValueError, RuntimeError, AssertionError, ZeroDivisionError) as err:  # e.g. depth -1
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise InputError(
+            f"timm cannot build {name!r} with student_kwargs {kw} ({type(err).__name__}: {first}); "
+            "fix or drop those keys"
+        ) from None
     missing = [a for a in _REQUIRED_ATTRS if getattr(model, a, None) is None]
     if missing:
         raise InputError(

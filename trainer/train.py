@@ -31,10 +31,10 @@ from torch import Tensor, nn
 
 from dpal import __version__
 from dpal.config import DistillConfig, dump_yaml, to_dict
-from dpal.errors import InputError
+from dpal.errors import InputError, UserError
 from dpal.progress import Progress
 from dpal.store import StoreError, StoreMeta, StoreReader
-from dpal.store_schema import FEATURES
+from dpal.store_schema import FEATURES, KEYS
 from dpal.teachers import autocast_context, load_teacher
 from dpal.trainer.checkpoint import (
     CHECKPOINT_VERSION,
@@ -65,6 +65,7 @@ from dpal.trainer.rundir import (
     existing_run,
     move_aside,
     refuse_mixing,
+    remove_if_unused,
 )
 from dpal.trainer.runtime import (
     DistInfo,
@@ -126,6 +127,13 @@ class StepResult:
     epoch: int
     terms: StepTerms
     images: int
+    skipped: str = ""
+    """A step skipped for a value that is not finite (--skip-nonfinite): what was not finite."""
+
+
+class NonFiniteError(UserError):
+    """A loss term or the gradient norm of a step is NaN or infinite: the run stops before the
+    optimizer applies it and before any checkpoint (exit 2, as every user-facing stop)."""
 
 
 def train(
@@ -188,6 +196,9 @@ class Trainer:
         self.last_ckpt: Path | None = None
         self.metrics: MetricsLog | None = None  # rank 0's sinks, in a whole run
         self.validator: Validator | None = None  # rank 0's, with --val-store or --eval-reid
+        # store rows -> image keys (a whole run's; a non-finite step names its batch's images)
+        self.image_keys: Callable[[Any], list[str]] | None = None
+        self.nonfinite_steps: list[int] = []  # steps skipped so far (--skip-nonfinite), over resumes
 
     # ------------------------------------------------------------ the step
 
@@ -239,19 +250,76 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         micro: list[dict[str, Tensor | float]] = []
-        images = 0
+        images, rows = 0, []
         for i in range(self.cfg.grad_accum):
             batch = self.model_inputs(next(batches))
             micro.append(self.forward_backward_step(batch, sync=i == self.cfg.grad_accum - 1))
             images += batch["v0"].shape[0] * self.info.world_size
-        self.optimizer.step()
+            if "index" in batch:
+                rows.append(batch["index"])
+        skipped = self.check_finite(micro, rows)  # raises past --skip-nonfinite
+        if not skipped:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        result = StepResult(lr, self.epoch, StepTerms(micro, self.cfg.grad_accum), images)
+        result = StepResult(lr, self.epoch, StepTerms(micro, self.cfg.grad_accum), images, skipped)
         self.step += 1
         self.position += 1
         if self.steps_per_epoch is not None and self.position >= self.steps_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
         return result
+
+    def check_finite(self, micro: list[dict[str, Tensor | float]], rows: list[Tensor]) -> str:
+        """Whether this step's loss terms and gradient norm are finite: one `isfinite` over them
+        stacked, one device sync (and under DDP one all-reduce, so that every rank decides alike).
+        Finite: "". Else, within --skip-nonfinite, what was not finite (the caller skips the
+        optimizer step); past it, NonFiniteError naming the step, the terms and the images."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # the 2-norm of each gradient tensor, as clip_grad_norm_ computes it (a norm that overflows
+        # float32, gradients past about 1e19, counts as not finite, as GradScaler treats it)
+        norms = torch.stack(torch._foreach_norm(grads)) if grads else None
+        terms = [(k, v) for m in micro for k, v in m.items() if isinstance(v, Tensor)]
+        values = torch.cat(
+            [torch.stack([v.float().reshape(()) for _, v in terms]), *([norms] if grads else [])]
+        )
+        ok = torch.isfinite(values).all()
+        if self.info.world_size > 1:
+            ok = ok.to(torch.int32)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if bool(ok):
+            return ""
+        bad = {k: float(v) for k, v in terms if not torch.isfinite(v).all()}
+        if grads and not torch.isfinite(norms).all():
+            bad["gradient norm"] = float(torch.linalg.vector_norm(norms))
+        what = ", ".join(f"{k} {v}" for k, v in bad.items()) or "on another rank"
+        step = self.step + 1
+        images = self._image_names(rows)
+        if len(self.nonfinite_steps) < self.cfg.skip_nonfinite:
+            self.nonfinite_steps.append(step)
+            logger.warning(
+                "step %d skipped: not finite: %s%s (%d of --skip-nonfinite %d)",
+                step, what, images, len(self.nonfinite_steps), self.cfg.skip_nonfinite,
+            )  # fmt: skip
+            return what
+        kept = (
+            f"the last checkpoint, {self.last_ckpt}, is kept"
+            if self.last_ckpt
+            else "no checkpoint was written"
+        )
+        raise NonFiniteError(
+            f"step {step}: not finite: {what}{images}; stopped before the optimizer step, {kept}. "
+            f"Find the cause (`dpal store verify --deep {self.cfg.store}` checks the stored targets; a "
+            "learning rate too high diverges), or rerun with --skip-nonfinite N to skip up to N such steps"
+            + (f" ({len(self.nonfinite_steps)} skipped so far)" if self.nonfinite_steps else "")
+        )
+
+    def _image_names(self, rows: list[Tensor]) -> str:
+        """`, images KEY, KEY (store rows R, R)` of a step's batches (the first 8), or ""."""
+        if not rows or self.image_keys is None:
+            return ""
+        index = torch.cat(rows).cpu().numpy()
+        keys = self.image_keys(index[:8])
+        more = f" and {len(index) - 8} more" if len(index) > 8 else ""
+        return f", images {', '.join(keys)}{more} (store rows {', '.join(map(str, index[:8]))}{more})"
 
     # ------------------------------------------------------------ state
 
@@ -273,6 +341,7 @@ class Trainer:
             "world_size": self.info.world_size,
             "student_kwargs": dict(getattr(self.model.student, "dpal_timm_kwargs", {})),
             "config_changes": self.config_changes,
+            "nonfinite_steps": self.nonfinite_steps,
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
@@ -288,6 +357,7 @@ class Trainer:
             ckpt["sampler"]["position"],
         )
         self.config_changes = list(ckpt.get("config_changes", []))
+        self.nonfinite_steps = list(ckpt.get("nonfinite_steps", []))
 
     def check_resumable(self, ckpt: dict[str, Any], path: Path) -> None:
         """Refuse, in one line, a checkpoint of another store, model, data stream or world size."""
@@ -336,20 +406,28 @@ class Trainer:
             recipe = ViewRecipe.from_dict({**recipe.to_dict(), "local_size": list(cfg.recipe_local_size)})
         check_targets(cfg, FEATURES, f"store {cfg.store}")  # every store of this schema holds all three
         fingerprint = reader.fingerprint()
-        # rank 0's; a validation store that cannot serve the run is refused before anything is written
+        rows = valid_rows(reader)
+        if len(rows) == 0:
+            raise InputError(
+                f"store {cfg.store} has 0 cached images of its {meta.layout.num_images} (every one skipped, or "
+                f"in shards not finished): nothing to train on; `dpal store info {cfg.store}` lists the skipped "
+                "images and why"
+            )
+        # Everything that can refuse the run does so before the run directory is written: the side
+        # inputs (rank 0's validation store and ReID folder), the model (student_kwargs timm refuses)
         validator = (
             Validator(cfg, meta, recipe, device)
             if info.is_main and (cfg.val_store or cfg.eval_reid)
             else None
         )
-        _own_run_dir(cfg, info, stack)
         trainer = cls(cfg, meta, recipe, device, info)
+        sampler = EpochSampler(rows, cfg.batch_size, info.world_size, info.rank, cfg.seed)
+        _own_run_dir(cfg, info, stack)
         trainer.validator = validator
         trainer.t_start, trainer.show_progress = t_start, show_progress
         trainer.run_dir, trainer.fingerprint = Path(cfg.out), fingerprint
-        trainer.sampler = EpochSampler(
-            valid_rows(reader), cfg.batch_size, info.world_size, info.rank, cfg.seed
-        )
+        trainer.image_keys = lambda rows: [str(k) for k in reader.meta(KEYS)[rows]]  # read when needed
+        trainer.sampler = sampler
         trainer.steps_per_epoch = trainer.sampler.steps_per_epoch
         trainer.schedule = Schedule.for_run(cfg, trainer.steps_per_epoch, info.world_size)
         if info.is_main:  # a small batch scales the peak far down (batch 8: 7.8e-6); say so before training
@@ -488,7 +566,7 @@ class Trainer:
                 if self.validator is not None and (
                     self.step % self.cfg.val_every == 0 or self.step == self.end_steps
                 ):
-                    self.validate(result.epoch)
+                    self.validate_or_checkpoint(result.epoch)
                 if stop_now or self.step % self.cfg.checkpoint_every == 0 or self.step == self.end_steps:
                     self.checkpoint()
                 if stop_now:
@@ -524,9 +602,30 @@ class Trainer:
             self.metrics.log_val(self.step, epoch, values, self.last_ckpt, time.perf_counter() - t0)
         return values
 
+    def validate_or_checkpoint(self, epoch: int) -> None:
+        """`validate`; a side input that fails now (a folder changed since the start) stops the run
+        only after the steps trained are checkpointed (one process: other ranks would wait)."""
+        try:
+            self.validate(epoch)
+        except UserError:
+            if self.info.world_size == 1:
+                self.checkpoint()
+            raise
+
     def checkpoint(self) -> None:
         """Rank 0 writes `state_dict` (keeping the last `keep_last`); every rank waits for it."""
         if self.info.is_main:
+            weights = [*self.model.parameters()]
+            if weights and not torch.isfinite(torch.stack(torch._foreach_norm(weights))).all():
+                # never reached through train_step's check; a checkpoint of NaN weights would prune good ones
+                kept = (
+                    f"the last one, {self.last_ckpt}, is kept"
+                    if self.last_ckpt
+                    else "none was written before"
+                )
+                raise NonFiniteError(
+                    f"the weights at step {self.step} are not finite: no checkpoint written, {kept}"
+                )
             self.last_ckpt = save_checkpoint(self.run_dir, self.state_dict(), self.cfg.keep_last)
         if self.info.world_size > 1:
             dist.barrier()
@@ -535,7 +634,9 @@ class Trainer:
         """The step's metrics line on log steps, and the progress display (terms read only if drawn)."""
         if self.metrics is not None:
             self.metrics.images += result.images
-            if self.step % self.cfg.log_every == 0 or self.step == self.end_steps:
+            if result.skipped:  # always logged: the step changed nothing
+                self.metrics.log_skipped(self.step, result.epoch, result.lr, result.skipped, self.last_ckpt)
+            elif self.step % self.cfg.log_every == 0 or self.step == self.end_steps:
                 self.metrics.log(self.step, result.epoch, result.lr, result.terms, self.last_ckpt)
         if progress is not None:
             progress.update(
@@ -571,6 +672,8 @@ def _own_run_dir(cfg: DistillConfig, info: DistInfo, stack: ExitStack) -> None:
     run_dir = Path(cfg.out)
     error = ""
     if info.is_main:
+        if not run_dir.exists():  # a run refused before it wrote anything leaves no --out behind
+            stack.callback(remove_if_unused, run_dir)
         try:
             lock = RunLock(run_dir).acquire()
             stack.callback(lambda: lock.release())  # the lock held at the end: move_aside replaces it

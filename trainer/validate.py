@@ -101,6 +101,8 @@ class Validator:
             check_val_store(meta, train_meta, where)
             check_targets(cfg, FEATURES, where)
             rows = valid_rows(reader)
+            if len(rows) == 0:
+                raise InputError(f"{where} has 0 cached images: nothing to validate on")
             if cfg.val_images is not None:
                 rows = rows[: cfg.val_images]
             self.num_images = len(rows)
@@ -110,12 +112,16 @@ class Validator:
             needs = batch_needs(replace(cfg, online_teacher=False))
             self.dataset = BatchDataset(cfg.val_store, self.sampler, recipe, cfg.seed, needs=needs)
         self.reid = Path(cfg.eval_reid) if cfg.eval_reid else None
-        if self.reid is not None and not (
-            (self.reid / "query").is_dir() and (self.reid / "bounding_box_test").is_dir()
-        ):
-            raise InputError(
-                f"--eval-reid {self.reid} must hold query/ and bounding_box_test/ (Market-1501 layout)"
-            )
+        self.reid_split: Any = None
+        if self.reid is not None:
+            if not ((self.reid / "query").is_dir() and (self.reid / "bounding_box_test").is_dir()):
+                raise InputError(
+                    f"--eval-reid {self.reid} must hold query/ and bounding_box_test/ (Market-1501 layout)"
+                )
+            from dpal.reid import checked_market
+
+            # read and decoded now, before the first step: names, images, a query with a true match
+            self.reid_split, _ = checked_market(self.reid, cfg.strict, f"--eval-reid {self.reid}")
 
     def run(self, model: nn.Module, epoch: int, autocast: Any = None) -> dict[str, float]:
         """The validation values of `model` now: each loss term's mean over the validation images
@@ -161,5 +167,6 @@ class Validator:
             Embedder("student", fn, tuple(self.recipe.global_size), "student"),
             self.reid,
             self.cfg.batch_size // self.cfg.grad_accum,
+            split=self.reid_split,
         )
         return {f"reid_{k}": float(res[k]) for k in REID_KEYS}
