@@ -1,7 +1,10 @@
 """`make demo`: the whole dpal pipeline on the sample corpus cut from a real pedestrian video.
 
 1. `dpal cache-teacher` runs the real ImageNet EfficientNet-Lite2 teacher (offline weights) once
-   over sample_data/corpus and writes the store.
+   over sample_data/corpus and writes the store. The teacher sees each view upsampled 2x, so its
+   stride-32 map is the student's token grid (one genuine feature per token), and its last block's
+   352 channels are the targets (`--teacher-layer -1`: as good for ReID as the 1280-channel head,
+   at a fifth of D-PaDe's cost).
 2. `dpal distill` trains the paper's dpal_vit_tiny student with D-PaDe from the store.
 3. `dpal export` writes the student backbone as safetensors.
 4. `dpal eval reid` scores the teacher, a randomly initialised student and the distilled student
@@ -77,6 +80,8 @@ def main() -> None:
             str(store),
             "--teacher",
             "efficientnet-lite2",
+            "--teacher-layer",
+            "-1",
             "--views",
             str(args.views),
             "--shard-size",
@@ -123,7 +128,7 @@ def main() -> None:
     size = ["--image-size", "128", "--image-size", "64"]
     rows = []
     for label, model_args in (
-        ("teacher efficientnet-lite2", ["--model", "efficientnet-lite2"]),
+        ("teacher efficientnet-lite2 (the store's)", ["--model", str(store)]),
         ("student random init, CLS", ["--model", "dpal_vit_tiny", "--random-init"]),
         ("student distilled, CLS", ["--model", str(student)]),
         (

@@ -612,7 +612,7 @@ def test_every_config_field_is_reachable_from_the_cli(command: str, config: type
 
     base = config()
     leaves = list(_leaves(config))
-    assert len(leaves) == {"cache-teacher": 28 + 8 + 18, "distill": 46}[command]  # with slurm, recipe
+    assert len(leaves) == {"cache-teacher": 28 + 8 + 18, "distill": 47}[command]  # with slurm, recipe
     for dotted, f, default in leaves:
         value = _other_value(dotted, default)
         assert value != default, dotted
