@@ -1,27 +1,38 @@
 """Recipes and ablations on one store and one budget: which way of distilling the teacher pays.
 
 Trains every configuration below with `dpal distill` on the same cached store (same views, same
-teacher targets, same schedule), for each seed, with held-out validation (`--val-store`), exports
-each student, then scores every student on the held-out ReID split (mAP and R1 of the CLS and of
-the mean patch feature, bootstrap 90% intervals over queries) beside the teacher and a randomly
-initialised student. It writes results.json, a Markdown table (table.md) and the held-out loss
-curves of every run (curves.png), and prints the table.
+teacher targets, same schedule), for each seed, optionally with held-out loss curves
+(`--val-store`), exports each student, then scores every student on the ReID test split and on a
+validation split (mAP and R1 of the CLS and of the mean patch feature, bootstrap 90% intervals
+over queries) beside the store's own teacher and each seed's randomly initialised student (the
+point that seed's runs start from). Beside ReID, two label-free fidelity measures of each feature
+against the teacher's global feature on the test gallery: linear CKA and the share of 10 nearest
+neighbours in common. It writes results.json, a Markdown table per split (table.md) and the
+held-out loss curves (curves.png), and prints the tables.
 
-    python bench/recipes.py --out /tmp/rb --store STORE --val-store VAL --seeds 0 1 --jobs 2
+    python bench/recipes.py --out /tmp/rb --store STORE --make-val-reid sample_data/corpus \
+        --seeds 0 1 2 --jobs 2
 
-Configurations (`--configs`, default all but those that need `--compact-store`):
+Configurations (`--configs`; the default runs the first eight):
 - dpal: the paper's recipe (D-PaDe, global + local + relation objectives);
 - dpal-linear: one plain Linear(d, D) in place of D-PaDe;
 - dpal-no-global / dpal-no-local / dpal-no-relation: one objective's weight set to 0;
 - proteus, feature-kd: the baselines (docs/training.md, Recipes);
-- dpal-compact: dpal on `--compact-store` (issue 12's training comparison: a store of the same
-  corpus, views and seed written with another codec).
+- dpal-frozen: the student kept at its initialisation, D-PaDe alone trained (`--freeze-student`):
+  how much of the alignment the head does by itself;
+- dpal-relation-0.1: the relation term at a tenth of the others' weight;
+- dpal-timm-init: the student from timm's initialisation instead of the authors' code's;
+- dpal-compact: dpal on `--compact-store` (a store of the same corpus, views and seed written with
+  another codec).
+
+The validation split (`--make-val-reid CORPUS` writes it from the corpus's tracks) is where
+settings are chosen; the test split (sample_data/reid, later frames of the video) only reports.
 
 Runs are resumable: a configuration and seed whose export exists is not trained again, and a
-killed run resumes from its checkpoint (`dpal distill --resume auto`). `--jobs N` trains N runs at a
-time with torch limited to cores // N threads each (on 2 cores, 2 jobs of 1 thread finish the set
-sooner than 1 job of 2 threads). Training on CPU is deterministic for a given thread count, so
-rerunning a configuration reproduces its numbers.
+killed run resumes from its checkpoint (`dpal distill --resume auto`); scores are kept beside
+each run and reused. `--jobs N` trains N runs at a time with torch limited to cores // N threads
+each (on 2 cores, 2 jobs of 1 thread finish the set sooner than 1 job of 2 threads). Training on
+CPU is deterministic for a given thread count, so rerunning a configuration reproduces its numbers.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import timm
 import torch
 
 import dpal.trainer.student as student_mod
+from dpal.errors import InputError
 from dpal.trainer.student import BACKBONE_PREFIXES, create_student, student_tokens
 
 # B batch, N patches, d width
@@ -122,3 +123,39 @@ def test_recompute_mlp_activations_same_values_less_memory(when: bool | None) ->
     expected_saving = 2 * 2 * 9 * 192 * 4 if when else 0
     assert saved[0] - saved[1] == expected_saving
     assert sorted(base.state_dict()) == sorted(other.state_dict())
+
+
+def test_dpal_init_is_the_authors_codes() -> None:
+    """init="dpal": xavier-uniform patch convolution (as a (d, 3 p p) matrix) and Linear weights
+    (qkv as one (3d, d) matrix), zero Linear biases, LayerNorm (1, 0), CLS from N(0, 0.02), position
+    embedding from U[0, 1), the patch bias at PyTorch's default bound 1 / sqrt(3 p p); by value."""
+    import math
+
+    torch.manual_seed(0)
+    m = create_student("dpal_vit_tiny", init="dpal")
+    d = 192
+    proj = m.patch_embed.proj
+    bound = math.sqrt(6 / (d + 3 * 16 * 16))
+    assert proj.weight.abs().max() <= bound and proj.weight.abs().max() > 0.99 * bound
+    assert proj.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    assert proj.bias.abs().max() <= 1 / math.sqrt(3 * 16 * 16)
+    assert m.cls_token.std().item() == pytest.approx(0.02, rel=0.15)
+    pos = m.pos_embed
+    assert pos.min() >= 0 and pos.max() < 1 and pos.mean().item() == pytest.approx(0.5, abs=0.01)
+    for block in m.blocks:
+        qkv, fc1 = block.attn.qkv, block.mlp.fc1
+        assert qkv.weight.abs().max() <= math.sqrt(6 / (d + 3 * d)) and torch.equal(
+            qkv.bias, torch.zeros(3 * d)
+        )
+        assert fc1.weight.abs().max() <= math.sqrt(6 / (d + 4 * d)) and torch.equal(
+            fc1.bias, torch.zeros(4 * d)
+        )
+        assert torch.equal(block.norm1.weight, torch.ones(d)) and torch.equal(
+            block.norm1.bias, torch.zeros(d)
+        )
+    # the default keeps timm's (its position embedding is a truncated normal of std 0.02)
+    torch.manual_seed(0)
+    timm_init = create_student("dpal_vit_tiny")
+    assert timm_init.pos_embed.std().item() == pytest.approx(0.02, rel=0.1)
+    with pytest.raises(InputError, match="student init 'jax': choose one of dpal, timm"):
+        create_student("dpal_vit_tiny", depth=1, init="jax")
