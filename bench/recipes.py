@@ -151,12 +151,22 @@ def train_all(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> list[dic
         return list(pool.map(lambda job: train_one(args, job[0], job[1], threads), jobs))
 
 
-def score(model: str, reid: str, feature: str = "cls", random_init: bool = False, seed: int = 0) -> dict:
+def student_init(config: str) -> str:
+    """The student initialisation a configuration's runs start from (`--student-init`)."""
+    args = CONFIGS[config]
+    return args[args.index("--student-init") + 1] if "--student-init" in args else "dpal"
+
+
+def score(
+    model: str, reid: str, feature: str = "cls", random_init: bool = False, seed: int = 0, init: str = "dpal"
+) -> dict:
     """ReID of one model: mAP, R1 and their bootstrap intervals, with the per-query arrays; the
     gallery's features (`gallery_features`, a list) for the fidelity measures."""
     from dpal.evaluate import evaluate_reid, resolve_model
 
-    embedder = resolve_model(model, IMAGE_SIZE, random_init=random_init, feature=feature, seed=seed)
+    embedder = resolve_model(
+        model, IMAGE_SIZE, random_init=random_init, feature=feature, seed=seed, init=init
+    )
     res = evaluate_reid(embedder, reid, per_query=True, features=True)
     res.pop("query_features")
     return {k: v.tolist() if isinstance(v, (np.ndarray, torch.Tensor)) else v for k, v in res.items()}
@@ -210,15 +220,18 @@ def evaluate_all(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> dict:
             lambda r=reid: score(args.store, r),
         )
         results["reference"][split] = {"teacher": slim(teacher), "random": {}}
-        for seed in sorted({s for _, s in jobs}):  # each seed's runs start from this student
+        inits = sorted({student_init(c) for c, _ in jobs})
+        for init, seed in [(i, s) for i in inits for s in sorted({s for _, s in jobs})]:
+            # each seed's runs start from this student (its initialisation, its seed)
+            suffix = "" if init == "dpal" else f"_{init}"
             rnd = cached(
-                out / f"reid_random_{split}_s{seed}.json",
+                out / f"reid_random_{split}_s{seed}{suffix}.json",
                 Path(reid) / "query",  # a regenerated split rewrites the folder
-                lambda r=reid, s=seed: {
-                    f: score("dpal_vit_tiny", r, f, random_init=True, seed=s) for f in FEATURES
+                lambda r=reid, s=seed, i=init: {
+                    f: score("dpal_vit_tiny", r, f, random_init=True, seed=s, init=i) for f in FEATURES
                 },
             )
-            results["reference"][split]["random"][seed] = {
+            results["reference"][split]["random"][f"{init}-s{seed}"] = {
                 **{f: slim(rnd[f]) for f in FEATURES},
                 "fidelity": fidelity(rnd, teacher),
             }
@@ -232,7 +245,7 @@ def evaluate_all(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> dict:
             )
             run = results["runs"].setdefault(f"{config}-s{seed}", {"config": config, "seed": seed})
             run[split] = {**{f: slim(entry[f]) for f in FEATURES}, "fidelity": fidelity(entry, teacher)}
-            run["val"] = val_curves(run_dir)
+            run["curves"] = val_curves(run_dir)
             print(f"scored {config} seed {seed} on {split}", flush=True)
     return results
 
@@ -245,13 +258,15 @@ def pooled(results: dict, config: str, split: str, feature: str, key: str) -> np
     )
 
 
-def random_baseline(results: dict, split: str, seeds: list[int], feature: str) -> dict:
-    """The random students of `seeds` (each seed's runs start from its own): mean mAP and fidelity."""
+def random_baseline(results: dict, split: str, config: str, seeds: list[int], feature: str) -> dict:
+    """The random students `config`'s runs start from (its initialisation, each of `seeds`): mean
+    mAP and fidelity."""
     ref = results["reference"][split]["random"]
+    rnd = [ref[f"{student_init(config)}-s{s}"] for s in seeds]
     return {
-        "mAP": float(np.mean([ref[s][feature]["mAP"] for s in seeds])),
-        "cka": float(np.mean([ref[s]["fidelity"][feature]["cka"] for s in seeds])),
-        "knn10": float(np.mean([ref[s]["fidelity"][feature]["knn10"] for s in seeds])),
+        "mAP": float(np.mean([r[feature]["mAP"] for r in rnd])),
+        "cka": float(np.mean([r["fidelity"][feature]["cka"] for r in rnd])),
+        "knn10": float(np.mean([r["fidelity"][feature]["knn10"] for r in rnd])),
     }
 
 
@@ -271,7 +286,7 @@ def summarize(results: dict, configs: list[str], split: str, level: float) -> di
             continue
         row: dict = {"seeds": [r["seed"] for r in runs]}
         for feature in FEATURES:
-            random = random_baseline(results, split, row["seeds"], feature)
+            random = random_baseline(results, split, config, row["seeds"], feature)
             ap = pooled(results, config, split, feature, "ap")
             r1 = pooled(results, config, split, feature, "rank1")
             cell = {
@@ -299,7 +314,7 @@ def final_val(runs: list[dict]) -> dict[str, list[float]]:
     """Each held-out loss term at the end of each seed's run."""
     terms: dict[str, list[float]] = {}
     for r in runs:
-        for term, points in r["val"].items():
+        for term, points in r["curves"].items():
             if points:
                 terms.setdefault(term, []).append(points[-1][1])
     return terms
@@ -340,6 +355,8 @@ def markdown(results: dict, table: dict, split: str, level: float) -> str:
                 f"{spread(c['cka_seeds'])} [{c['random']['cka']:.2f}] | "
                 f"{spread(c['knn10_seeds'])} [{c['random']['knn10']:.2f}] |"
             )
+    if not any(row["val_final"] for row in table.values()):
+        return "\n".join(lines)
     lines += ["", "Held-out loss terms at the end of each run (`--val-store`), per seed:", ""]
     lines += ["| configuration | term | per seed |", "|---|---|---|"]
     for config, row in table.items():
@@ -364,7 +381,7 @@ def plot_curves(results: dict, out: Path) -> Path:
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44)]
     for i, (config, seeds) in enumerate(runs.items()):
         ox, oy = (i % cols) * w, (i // cols) * h
-        curves = [r["val"].get("total", []) for r in seeds]
+        curves = [r["curves"].get("total", []) for r in seeds]
         points = [p for c in curves for p in c]
         if not points:
             continue
