@@ -187,7 +187,9 @@ def config_parameters(cls: type) -> list[inspect.Parameter]:
             )
             annotation: Any = Annotated[bool | None, info]
         elif listed:  # --betas 0.9 --betas 0.95, or one YAML list: --betas '[0.9, 0.95]'
-            info = typer.Option(f"--{name}", help=help_, metavar="LIST", show_default=False)
+            info = typer.Option(
+                f"--{name}", help=help_, metavar="LIST", show_default=False, rich_help_panel=panel
+            )
             annotation = Annotated[list[str] | None, info]
         else:
             repeated = _is_repeated(types_[f.name])  # tuple[Literal[...], ...]: --logger a --logger b

@@ -524,11 +524,13 @@ class DistillConfig:
     strict: bool = opt(
         False,
         "Refuse an --eval-reid image that does not decode instead of leaving it out and counting it.",
+        panel=PANEL_VALIDATION,
     )
     skip_nonfinite: int = opt(
         0,
         "Optimizer steps whose loss or gradient norm is not finite (NaN, inf) that are skipped, each "
         "recorded in metrics.jsonl, before the next one stops the run (docs/training.md).",
+        panel=PANEL_RUNTIME,
     )
 
     def __post_init__(self) -> None:

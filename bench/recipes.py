@@ -238,6 +238,9 @@ def evaluate_all(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> dict:
         for config, seed in jobs:
             run_dir = out / "runs" / f"{config}-s{seed}"
             student = run_dir / "student.safetensors"
+            if not student.exists():  # --skip-train with a run not trained (yet): left out, said
+                print(f"not trained, left out: {config} seed {seed}", flush=True)
+                continue
             entry = cached(
                 run_dir / f"reid_scores_{split}.json",
                 student,

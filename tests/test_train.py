@@ -117,7 +117,8 @@ def test_run_logs_the_schedule_and_the_epoch_of_each_step(reference: Path) -> No
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
     assert [m["lr"] for m in lines] == pytest.approx(TINY_LRS, rel=1e-12)
     assert [m["epoch"] for m in lines] == [0, 0, 1, 1, 2, 2]
-    assert all(m["route_weight"] == 0.1 for m in lines)
+    # the route weight's switch after the first tenth of the 3-epoch schedule: epoch 0 only
+    assert [m["route_weight"] for m in lines] == [0.1, 0.1, 0.01, 0.01, 0.01, 0.01]
     assert all(math.isfinite(m[k]) for m in lines for k in TERMS)
 
 

@@ -187,6 +187,7 @@ def test_a_checkpoint_of_another_format_version_is_refused_in_one_line(tmp_path:
         "world_size",
         "student_kwargs",
         "config_changes",
+        "nonfinite_steps",
     }
     assert ckpt["sampler"] == {"epoch": 1, "position": 0}
     newer = run / "checkpoints" / "step-00000003.pt"

@@ -406,13 +406,7 @@ class Trainer:
             recipe = ViewRecipe.from_dict({**recipe.to_dict(), "local_size": list(cfg.recipe_local_size)})
         check_targets(cfg, FEATURES, f"store {cfg.store}")  # every store of this schema holds all three
         fingerprint = reader.fingerprint()
-        rows = valid_rows(reader)
-        if len(rows) == 0:
-            raise InputError(
-                f"store {cfg.store} has 0 cached images of its {meta.layout.num_images} (every one skipped, or "
-                f"in shards not finished): nothing to train on; `dpal store info {cfg.store}` lists the skipped "
-                "images and why"
-            )
+        rows = _training_rows(reader, cfg.store)
         # Everything that can refuse the run does so before the run directory is written: the side
         # inputs (rank 0's validation store and ReID folder), the model (student_kwargs timm refuses)
         validator = (
@@ -664,6 +658,18 @@ class Trainer:
                 raise LoaderError(_loader_message(e, self.workers, self.last_ckpt)) from None
             taken += 1
             yield batch
+
+
+def _training_rows(reader: StoreReader, store: str) -> Any:
+    """The store's cached rows; none is one line (InputError), before anything is written."""
+    rows = valid_rows(reader)
+    if len(rows) == 0:
+        raise InputError(
+            f"store {store} has 0 cached images of its {reader.store_meta.layout.num_images} (every one "
+            f"skipped, or in shards not finished): nothing to train on; `dpal store info {store}` lists "
+            "the skipped images and why"
+        )
+    return rows
 
 
 def _own_run_dir(cfg: DistillConfig, info: DistInfo, stack: ExitStack) -> None:
