@@ -27,6 +27,7 @@ CITATION = """@misc{wang2025dpal,
   archivePrefix = {arXiv},
   primaryClass  = {cs.CV},
 }"""
+CITATION_LINES = ("## Citation", "", "```bibtex", CITATION, "```", "")
 # Licences of the weights a teacher preset loads, where dpal knows them; any other teacher's is unknown.
 TEACHER_LICENCES = {
     "efficientnet-lite2": "Apache-2.0 (Google's EfficientNet-Lite2 ImageNet checkpoint, tensorflow/tpu; "
@@ -231,12 +232,7 @@ def model_card(ckpt: dict[str, Any], run_dir: Path | None, model_name: str, num_
             *_licence_lines(facts["teacher"] if facts else None, facts["corpus"] if facts else None),
             "- dpal (the code that trained it): Apache-2.0",
             "",
-            "## Citation",
-            "",
-            "```bibtex",
-            CITATION,
-            "```",
-            "",
+            *CITATION_LINES,
         ]
     )
 
@@ -248,11 +244,6 @@ def basic_card(model_name: str, num_features: int, img_size: tuple[int, int]) ->
             *_usage_lines(model_name, num_features, img_size),
             f"Exported with dpal {__version__}; the run that trained it is not recorded here.",
             "",
-            "## Citation",
-            "",
-            "```bibtex",
-            CITATION,
-            "```",
-            "",
+            *CITATION_LINES,
         ]
     )
