@@ -110,8 +110,10 @@ def test_wandb_offline_run_holds_the_metrics_and_config(run: tuple[Path, Any]) -
 
     run_dir, cfg = run
     wandb_id = json.loads((run_dir / "loggers.json").read_text())["wandb"]
-    files = sorted(Path(run_dir.parent / "wandb").glob(f"wandb/offline-run-*-{wandb_id}/run-*.wandb"))
-    assert len(files) == 2  # one per half: offline mode cannot resume, the second continues the id
+    # one file per half: offline mode cannot resume, the second continues the id. W&B names the
+    # folder offline-run-<second>-<id> and adds -1 when both halves start within one second.
+    files = sorted(Path(run_dir.parent / "wandb").glob(f"wandb/offline-run-*/run-{wandb_id}.wandb"))
+    assert len(files) == 2
     got: dict[str, dict[int, float]] = defaultdict(dict)
     config: dict[str, Any] = {}
     for f in files:
