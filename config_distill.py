@@ -26,6 +26,7 @@ from dpal.config_load import (
 from dpal.errors import ConfigError
 
 VAL_EVERY = 500  # steps between validations when --val-every is not given
+
 # DistillConfig's keys that only some recipes read; another recipe refuses them at a value of their own
 RECIPE_KEYS = {
     "dpal": ("global_weight", "local_weight", "relation_weight", "projector"),
