@@ -17,7 +17,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_DIRS = (".", "pipeline", "trainer")  # what setuptools packs (pyproject's package-dir maps . to dpal)
+# what setuptools packs: pyproject's packages as folders (its package-dir maps . to dpal)
+PACKAGE_DIRS = tuple(
+    p.removeprefix("dpal").lstrip(".").replace(".", "/") or "."
+    for p in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+)
 # the extras that the package's own modules may use
 CORE_EXTRAS = ("engine", "slurm", "demo", "tensorboard", "mlflow", "wandb")
 
@@ -113,6 +117,12 @@ def test_every_imported_package_is_declared() -> None:
     tools = sorted((ROOT / "bench").glob("*.py")) + sorted((ROOT / "scripts").glob("*.py"))
     for module, places in _third_party(_imports(tools), {p.stem for p in tools}).items():
         assert _distributions(module) & (core | extras["dev"]), f"{places} import {module}; not in [dev]"
+
+
+def test_every_subpackage_is_packed() -> None:
+    # a folder of the product with an __init__.py that pyproject does not list is left out of the wheel
+    folders = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "bench", "scripts"}
+    assert folders and folders <= set(PACKAGE_DIRS)
 
 
 def test_declared_but_unused_packages_are_gone() -> None:

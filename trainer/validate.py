@@ -23,13 +23,16 @@ import torch
 from torch import nn
 
 from dpal.config import DistillConfig
+from dpal.embed import Embedder, evaluate_reid
 from dpal.errors import InputError
+from dpal.reid import checked_market
 from dpal.store import StoreMeta, StoreReader
 from dpal.store_schema import FEATURES
 from dpal.trainer.checkpoint import rng_state, set_rng_state
 from dpal.trainer.data import BatchDataset, BatchRequest, valid_rows
 from dpal.trainer.recipes import batch_needs, check_targets
 from dpal.views import ViewRecipe
+from dpal.vit import vit_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +121,6 @@ class Validator:
                 raise InputError(
                     f"--eval-reid {self.reid} must hold query/ and bounding_box_test/ (Market-1501 layout)"
                 )
-            from dpal.reid import checked_market
-
             # read and decoded now, before the first step: names, images, a query with a true match
             self.reid_split, _ = checked_market(self.reid, cfg.strict, f"--eval-reid {self.reid}")
 
@@ -156,9 +157,7 @@ class Validator:
         return {**{k: s / n for k, s in sums.items()}, "images": n}
 
     def reid_probe(self, student: nn.Module) -> dict[str, float]:
-        """mAP and rank-1 of the student's CLS token (evaluate.py's `dpal eval reid --feature cls`), at v0's size."""
-        from dpal.evaluate import Embedder, evaluate_reid
-        from dpal.vit import vit_tokens
+        """mAP and rank-1 of the student's CLS token (`dpal eval reid --feature cls`'s), at v0's size."""
 
         def fn(x: torch.Tensor) -> torch.Tensor:
             return vit_tokens(student, x.to(self.device))[:, 0]  # (B, d)
