@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 DPAL = [sys.executable, "-m", "dpal.cli"]
 # the demo's views, half the paper's sizes: v0 128 x 64, local crops 64 x 48, Ic 128 x 128
@@ -53,12 +54,18 @@ def cache_teacher_command(
     ]
 
 
+class Schedule(Protocol):
+    """The schedule's options as the scripts' parsed arguments (`argparse.Namespace`) hold them."""
+
+    epochs: int
+    batch_size: int
+    base_lr: float
+
+
 def distill_command(
     store: str | Path,
     run_dir: Path,
-    epochs: int,
-    batch_size: int,
-    base_lr: float,
+    schedule: Schedule,
     warmup_epochs: float = 1,
     num_workers: int | None = None,
     seed: int | None = None,
@@ -66,7 +73,7 @@ def distill_command(
     settings: Sequence[str] = (),
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """`dpal distill` of the demo's student: the schedule's options, then `--num-workers`,
+    """`dpal distill` of the demo's student: `schedule`'s options, then `--num-workers`,
     `--seed` and `-q` when given, a `--set` per entry of `settings` ("key=value"), then `extra`."""
     return [
         *DPAL,
@@ -78,11 +85,11 @@ def distill_command(
         "--student",
         DEMO_STUDENT,
         "--epochs",
-        str(epochs),
+        str(schedule.epochs),
         "--batch-size",
-        str(batch_size),
+        str(schedule.batch_size),
         "--base-lr",
-        str(base_lr),
+        str(schedule.base_lr),
         "--warmup-epochs",
         str(warmup_epochs),
         *(["--num-workers", str(num_workers)] if num_workers is not None else []),

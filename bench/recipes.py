@@ -89,9 +89,7 @@ def distill_command(args: argparse.Namespace, config: str, seed: int, run_dir: P
     cmd = commands.distill_command(
         store,
         run_dir,
-        args.epochs,
-        args.batch_size,
-        args.base_lr,
+        args,
         num_workers=0,
         seed=seed,
         settings=["log_every=5", "checkpoint_every=40"],

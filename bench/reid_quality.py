@@ -66,9 +66,7 @@ def main() -> None:
         distill_command(
             store,
             run_dir,
-            args.epochs,
-            args.batch_size,
-            args.base_lr,
+            args,
             warmup_epochs=args.warmup_epochs,
             seed=args.seed,
             quiet=True,

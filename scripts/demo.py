@@ -71,9 +71,7 @@ def main() -> None:
         distill_command(
             store,
             run_dir,
-            args.epochs,
-            args.batch_size,
-            args.base_lr,
+            args,
             num_workers=args.num_workers,
             settings=["log_every=5", "checkpoint_every=100"],
         )
