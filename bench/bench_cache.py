@@ -35,12 +35,14 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from timing import alternate, pair_ratios
 
 import dpal.pipeline.cache as cache_mod
 from dpal.codec import token_rotation
@@ -251,27 +253,34 @@ def _run_teacher(teacher: Teacher, batches: list[tuple[torch.Tensor, torch.Tenso
 
 
 def bench_throughput(cfg: CacheConfig, teacher: Teacher, work: Path, reps: int) -> dict[str, Any]:
+    """`cache_shard` against the teacher's forward on the same views, alternated, each on a fresh
+    store; round 0 is a warm-up of both (allocator, oneDNN kernels, page cache) and replays the
+    views that the teacher's runs are fed."""
     pairs = []
     parts: list[dict[str, float]] = []
-    batches = None
-    for rep in range(reps + 1):  # rep 0 is a warmup of both (allocator, oneDNN kernels, page cache)
-        store = work / f"store-{rep}"
+    last: dict[str, Any] = {"batches": None, "round": 0}
+
+    def run_cache() -> float:
+        store = last["store"] = work / f"store-{last['round']}"
         shutil.rmtree(store, ignore_errors=True)
         layout = prepare_store(replace(cfg, out=str(store)), teacher)
-        views = (layout.shard_range(0)[1] - layout.shard_range(0)[0]) * layout.num_views
-        if batches is None:
-            dt_cache, cpu_cache, tm = _run_cache(store, cfg, teacher)
-            batches = replayed_batches(store, 0, cfg)
-            dt_teacher, cpu_teacher = _run_teacher(teacher, batches)
-        elif rep % 2:
-            dt_teacher, cpu_teacher = _run_teacher(teacher, batches)
-            dt_cache, cpu_cache, tm = _run_cache(store, cfg, teacher)
-        else:
-            dt_cache, cpu_cache, tm = _run_cache(store, cfg, teacher)
-            dt_teacher, cpu_teacher = _run_teacher(teacher, batches)
-        shutil.rmtree(store, ignore_errors=True)
+        last["views"] = (layout.shard_range(0)[1] - layout.shard_range(0)[0]) * layout.num_views
+        last["cache"] = _run_cache(store, cfg, teacher)
+        if last["batches"] is None:
+            last["batches"] = replayed_batches(store, 0, cfg)
+        return last["cache"][0]
+
+    def run_teacher() -> float:
+        last["teacher"] = _run_teacher(teacher, last["batches"])
+        return last["teacher"][0]
+
+    def record(rep: int, _: dict[str, float]) -> None:
+        shutil.rmtree(last["store"], ignore_errors=True)
+        last["round"] = rep + 1
         if rep == 0:
-            continue
+            return
+        (dt_cache, cpu_cache, tm), (dt_teacher, cpu_teacher) = last["cache"], last["teacher"]
+        views = last["views"]
         pairs.append(
             {
                 "cache_views_per_s": views / dt_cache,
@@ -297,9 +306,16 @@ def bench_throughput(cfg: CacheConfig, teacher: Teacher, work: Path, reps: int) 
             f"(CPU-time ratio {cpu_teacher / cpu_cache:.3f}, load {os.getloadavg()[0]:.2f})",
             flush=True,
         )
+
+    alternate({"cache": run_cache, "teacher": run_teacher}, reps, 1, record)
     med = {k: statistics.median(p[k] for p in pairs) for k in pairs[0]}
     fractions = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
-    return {"views_per_rep": views, "reps": pairs, "median": med, "fractions_of_cache_shard_time": fractions}
+    return {
+        "views_per_rep": last["views"],
+        "reps": pairs,
+        "median": med,
+        "fractions_of_cache_shard_time": fractions,
+    }
 
 
 # ---------------------------------------------------------------- replay threads
@@ -327,16 +343,25 @@ def bench_replay(cfg: CacheConfig, threads: int, reps: int) -> dict[str, Any]:
         return replay(cfg.recipe, p, images[i], images[background_index(p)])
 
     ref = [v for _, vs in batches_ahead(jobs, cfg.batch_size, one, 1) for v in vs]
-    rates: dict[int, list[float]] = {1: [], threads: []}
-    for rep in range(reps):
-        for n in (1, threads) if rep % 2 == 0 else (threads, 1):
+
+    def replay_with(n: int) -> Callable[[], float]:
+        def run() -> float:
             t0 = time.perf_counter()
             got = [v for _, vs in batches_ahead(jobs, cfg.batch_size, one, n) for v in vs]
-            rates[n].append(len(jobs) / (time.perf_counter() - t0))
+            dt = time.perf_counter() - t0
             assert all(
                 torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ref, got, strict=True)
             )
-    ratios = [b / a for a, b in zip(rates[1], rates[threads], strict=True)]
+            return dt
+
+        return run
+
+    seconds = alternate({"one": replay_with(1), "many": replay_with(threads)}, reps)
+    rates = {
+        1: [len(jobs) / dt for dt in seconds["one"]],
+        threads: [len(jobs) / dt for dt in seconds["many"]],
+    }
+    ratios = pair_ratios(rates[threads], rates[1])
     return {
         "views": len(jobs),
         "threads": threads,

@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ from dpal.trainer.train import Trainer, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cache import TEACHER, make_corpus  # noqa: E402
+from timing import alternate, medians, pair_ratios  # noqa: E402
 
 # B batch, K views, P patches of v0, T crowd tokens, D teacher width
 
@@ -196,16 +198,14 @@ def train_steps(
     return [batch_size / ln["images_per_s"] for ln in lines]
 
 
-def compare(name_a: str, run_a: Any, name_b: str, run_b: Any, reps: int, warmup: int) -> dict[str, Any]:
-    """Alternate two training variants; per pair, the median step time of each (warmup steps dropped)
-    and `ratio` = steps/s of `name_a` over steps/s of `name_b`."""
+def compare(runs: dict[str, Callable[[], list[float]]], reps: int, warmup: int) -> dict[str, Any]:
+    """Alternate two training variants (each a call returning its steps' seconds); per pair, the
+    median step time of each (warmup steps dropped) and `ratio` = steps/s of the first over steps/s
+    of the second."""
+    name_a, name_b = runs
     pairs = []
-    for rep in range(reps):
-        order = ((name_a, run_a), (name_b, run_b)) if rep % 2 == 0 else ((name_b, run_b), (name_a, run_a))
-        med = {}
-        for name, fn in order:
-            secs = fn()
-            med[name] = statistics.median(secs[warmup:])
+
+    def record(rep: int, med: dict[str, float]) -> None:
         pair = {
             f"{name_a}_steps_per_s": 1 / med[name_a],
             f"{name_b}_steps_per_s": 1 / med[name_b],
@@ -219,6 +219,10 @@ def compare(name_a: str, run_a: Any, name_b: str, run_b: Any, reps: int, warmup:
             f"(load {pair['loadavg_1min']:.2f})",
             flush=True,
         )
+
+    alternate(
+        {n: (lambda fn=fn: statistics.median(fn()[warmup:])) for n, fn in runs.items()}, reps, 0, record
+    )
     return {
         "pairs": pairs,
         "median_ratio": statistics.median(p["ratio"] for p in pairs),
@@ -271,31 +275,34 @@ class Variant:
         return time.perf_counter() - t0
 
 
-def interleaved(variants: dict[str, Variant], steps: int, warmup: int = 1) -> dict[str, Any]:
-    """Alternate single steps of the variants (A B, B A, ...); median seconds per step of each."""
-    names = list(variants)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(warmup + steps):
-        for n in names if i % 2 == 0 else names[::-1]:
-            dt = variants[n].step()
-            if i >= warmup:
-                times[n].append(dt)
-    return {
-        "seconds_per_step": times,
-        "median_seconds": {n: statistics.median(v) for n, v in times.items()},
+def interleaved(
+    store: Path,
+    batch_size: int,
+    variants: dict[str, dict[str, Any]],
+    steps: int,
+    slow: str,
+    fast: str,
+    warmup: int,
+) -> dict[str, Any]:
+    """Alternate single steps of the variants (A B, B A, ...), each a `Variant(store, batch_size,
+    **options)`: median seconds per step and steps/s of each (printed), and the ratio seconds[slow]
+    / seconds[fast] (= steps/s fast / steps/s slow) per adjacent pair of steps and of the medians."""
+    runs = {name: Variant(store, batch_size, **options) for name, options in variants.items()}
+    t = alternate({n: v.step for n, v in runs.items()}, steps, warmup)
+    res: dict[str, Any] = {
+        "seconds_per_step": t,
+        "median_seconds": medians(t),
         "loadavg_1min": os.getloadavg()[0],
     }
-
-
-def ratio_of(res: dict[str, Any], slow: str, fast: str) -> dict[str, Any]:
-    """Add steps/s and the ratio seconds[slow] / seconds[fast] (= steps/s fast / steps/s slow), per
-    adjacent pair of steps and of the medians."""
-    t = res["seconds_per_step"]
-    pairs = [a / b for a, b in zip(t[slow], t[fast], strict=True)]
+    pairs = pair_ratios(t[slow], t[fast])
     res["steps_per_s"] = {n: 1 / v for n, v in res["median_seconds"].items()}
     res["pair_ratios"] = pairs
     res["median_pair_ratio"] = statistics.median(pairs)
     res["ratio_of_medians"] = res["median_seconds"][slow] / res["median_seconds"][fast]
+    print(
+        f"  {fast} {res['steps_per_s'][fast]:.4f} steps/s, {slow} {res['steps_per_s'][slow]:.4f} "
+        f"steps/s; per-pair ratios {fmt(pairs)}"
+    )
     return res
 
 
@@ -679,6 +686,11 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
     warmup = 1
+
+    def whole(**kw: Any) -> Callable[[], list[float]]:
+        """A whole `train` run of `--train-steps` steps with `train_steps`'s options `kw`."""
+        return lambda: train_steps(store, work, args.batch_size, args.train_steps, **kw)
+
     if "speedup" not in skip:
         fl = flops(store, args.batch_size)
         result["flops"] = fl
@@ -688,22 +700,8 @@ def main() -> None:
             f"(v0 {fl['teacher_v0'] / 1e9:.1f} G, Ic {fl['teacher_ic'] / 1e9:.1f} G); bound {fl['bound']:.2f}x"
         )
         print("speedup (store vs online teacher), steps interleaved in one process:", flush=True)
-        sp = ratio_of(
-            interleaved(
-                {
-                    "offline": Variant(store, args.batch_size),
-                    "online": Variant(store, args.batch_size, online=True),
-                },
-                args.steps,
-                warmup,
-            ),
-            "online",
-            "offline",
-        )
-        print(
-            f"  offline {sp['steps_per_s']['offline']:.4f} steps/s, online {sp['steps_per_s']['online']:.4f} "
-            f"steps/s; per-pair ratios {fmt(sp['pair_ratios'])}"
-        )
+        offline_online = {"offline": {}, "online": {"online": True}}
+        sp = interleaved(store, args.batch_size, offline_online, args.steps, "online", "offline", warmup)
         result["speedup"] = sp
         if args.train_reps:
             print(
@@ -711,12 +709,7 @@ def main() -> None:
                 flush=True,
             )
             sp["train_runs"] = compare(
-                "offline",
-                lambda: train_steps(store, work, args.batch_size, args.train_steps),
-                "online",
-                lambda: train_steps(store, work, args.batch_size, args.train_steps, online=True),
-                args.train_reps,
-                warmup,
+                {"offline": whole(), "online": whole(online=True)}, args.train_reps, warmup
             )
             nw = default_num_workers(torch.device("cpu"), 1)
             print(
@@ -724,12 +717,7 @@ def main() -> None:
                 flush=True,
             )
             sp["train_runs_workers"] = compare(
-                "offline",
-                lambda: train_steps(store, work, args.batch_size, args.train_steps, num_workers=nw),
-                "online",
-                lambda: train_steps(
-                    store, work, args.batch_size, args.train_steps, online=True, num_workers=nw
-                ),
+                {"offline": whole(num_workers=nw), "online": whole(online=True, num_workers=nw)},
                 args.train_reps,
                 warmup,
             )
@@ -750,32 +738,13 @@ def main() -> None:
     if "loader" not in skip:
         pre = preload_targets(store)
         print("loader overhead (store vs in-memory targets), steps interleaved in one process:", flush=True)
-        lo = ratio_of(
-            interleaved(
-                {
-                    "store": Variant(store, args.batch_size),
-                    "memory": Variant(store, args.batch_size, memory_targets=pre),
-                },
-                args.steps,
-                warmup,
-            ),
-            "memory",
-            "store",
-        )
-        print(
-            f"  store {lo['steps_per_s']['store']:.4f} steps/s, memory {lo['steps_per_s']['memory']:.4f} "
-            f"steps/s; per-pair ratios {fmt(lo['pair_ratios'])}"
-        )
+        store_memory = {"store": {}, "memory": {"memory_targets": pre}}
+        lo = interleaved(store, args.batch_size, store_memory, args.steps, "memory", "store", warmup)
         result["loader"] = lo
         if args.train_reps:
             print("  check with whole `train` runs (store, memory alternated):", flush=True)
             lo["train_runs"] = compare(
-                "store",
-                lambda: train_steps(store, work, args.batch_size, args.train_steps),
-                "memory",
-                lambda: train_steps(store, work, args.batch_size, args.train_steps, memory_targets=pre),
-                args.train_reps,
-                warmup,
+                {"store": whole(), "memory": whole(memory_targets=pre)}, args.train_reps, warmup
             )
         MemoryTargetsReader.preloaded = {}
         r = lo["median_pair_ratio"]

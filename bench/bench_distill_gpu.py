@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timing import alternate, medians
 from torch.utils.flop_counter import FlopCounterMode
 
 from dpal.config import DistillConfig
@@ -202,14 +203,12 @@ def main() -> None:
         batch, batch_online = tile(small, bs, device), tile(small_online, bs, device)
         off, on = Runner(meta, device), Runner(meta, device, teacher)
         fl = flops(off, teacher, batch)
-        times: dict[str, list[float]] = {"offline": [], "online": []}
-        for i in range(args.warmup + args.steps):
-            order = (("offline", off), ("online", on)) if i % 2 == 0 else (("online", on), ("offline", off))
-            for name, r in order:
-                dt = r.step(batch if r is off else batch_online)
-                if i >= args.warmup:
-                    times[name].append(dt)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        contenders = {"offline": (off, batch), "online": (on, batch_online)}
+        times = alternate(
+            {k: (lambda r=r, b=b: r.step(b)) for k, (r, b) in contenders.items()}, args.steps, args.warmup
+        )
+        del contenders
+        med = medians(times)
         del on
         peak = 0
         if cuda:

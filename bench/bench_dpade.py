@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import timing
 import torch
 
 from dpal.config import DistillConfig
@@ -105,17 +106,13 @@ def alternate(runs: dict[str, Any], batch_size: int, reps: int) -> dict[str, Any
     alternating order; per-round ratios against `reference`, printed and returned."""
     for fn in runs.values():
         fn()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    loads = []
-    for r in range(reps):
-        for name in list(runs) if r % 2 == 0 else list(reversed(runs)):
-            times[name].append(runs[name]())
-        loads.append(os.getloadavg()[0])
+    loads: list[float] = []
+    times = timing.alternate(runs, reps, after_round=lambda _, __: loads.append(os.getloadavg()[0]))
     res: dict[str, Any] = {"batch_size": batch_size, "reps": reps, "load": loads, "seconds": times}
-    for name in runs:
-        ratios = [a / b for a, b in zip(times["reference"], times[name], strict=True)]
+    for name, median_s in timing.medians(times).items():
+        ratios = timing.pair_ratios(times["reference"], times[name])
         res[name] = {
-            "median_s": statistics.median(times[name]),
+            "median_s": median_s,
             "speedup_median": statistics.median(ratios),
             "speedup_min": min(ratios),
             "speedup_max": max(ratios),

@@ -110,6 +110,7 @@ sys.path.insert(0, str(BENCH))
 
 import bench_distill_gpu as bdg  # noqa: E402
 import bench_dpade  # noqa: E402
+import timing  # noqa: E402
 import torch  # noqa: E402
 
 from dpal.store import StoreMeta, StoreReader  # noqa: E402
@@ -658,15 +659,14 @@ class Check:
             fl = bdg.flops(off, teacher, batch["offline"])
         except Exception as err:  # noqa: BLE001 - the timing is worth keeping without the bound
             fl = {"bound": None, "error": f"{type(err).__name__}: {err}"}
-        times: dict[str, list[float]] = {"offline": [], "online": []}
-        for i in range(self.s["warmup"] + self.s["steps"]):
-            order = (("offline", off), ("online", on)) if i % 2 == 0 else (("online", on), ("offline", off))
-            for name, r in order:
-                dt = r.step(batch[name])
-                if i >= self.s["warmup"]:
-                    times[name].append(dt)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        pairs = [b / a for a, b in zip(times["offline"], times["online"], strict=True)]
+        runners = {"offline": off, "online": on}
+        times = timing.alternate(
+            {name: (lambda r=r, b=batch[name]: r.step(b)) for name, r in runners.items()},
+            self.s["steps"],
+            self.s["warmup"],
+        )
+        med = timing.medians(times)
+        pairs = timing.pair_ratios(times["online"], times["offline"])
         row = {
             "batch_size": bs,
             "offline_steps_per_s": 1 / med["offline"],
@@ -824,17 +824,23 @@ class Check:
                 bench_dpade.dpade_step(m, xs)
             sync_peak = (torch.cuda.max_memory_allocated() - base) if self.cuda else None
             rows[name] = {"peak_bytes": sync_peak, "seconds": []}
-        for i in range(self.s["steps"]):
-            for name in list(models) if i % 2 == 0 else list(reversed(models)):
-                bdg.sync(self.device)
-                t0 = time.perf_counter()
-                with autocast_context(self.device):  # the training step's autocast
-                    bench_dpade.dpade_step(models[name], xs)
-                bdg.sync(self.device)
-                rows[name]["seconds"].append(time.perf_counter() - t0)
-        ref = statistics.median(rows["reference"]["seconds"])
+
+        def timed(m: Any) -> float:
+            bdg.sync(self.device)
+            t0 = time.perf_counter()
+            with autocast_context(self.device):  # the training step's autocast
+                bench_dpade.dpade_step(m, xs)
+            bdg.sync(self.device)
+            return time.perf_counter() - t0
+
+        seconds = timing.alternate(
+            {name: (lambda m=m: timed(m)) for name, m in models.items()}, self.s["steps"]
+        )
+        median_s = timing.medians(seconds)
+        ref = median_s["reference"]
         for name, row in rows.items():
-            row["median_s"] = statistics.median(row["seconds"])
+            row["seconds"] = seconds[name]
+            row["median_s"] = median_s[name]
             row["speedup_over_reference"] = ref / row["median_s"]
             peak = row["peak_bytes"]
             print(

@@ -42,7 +42,6 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -51,8 +50,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpal import commands
+
 ROOT = Path(__file__).resolve().parent.parent
-DPAL = [sys.executable, "-m", "dpal.cli"]
+DPAL = commands.DPAL
 CONFIGS: dict[str, list[str]] = {
     "dpal": [],
     "dpal-linear": ["--projector", "linear"],
@@ -85,36 +86,15 @@ IMAGE_SIZE = (128, 64)  # the demo's v0 size: the store's global view
 def distill_command(args: argparse.Namespace, config: str, seed: int, run_dir: Path) -> list[str]:
     """`dpal distill` for one configuration and seed: the demo's schedule and settings."""
     store = args.compact_store if config in NEEDS_COMPACT else args.store
-    cmd = [
-        *DPAL,
-        "distill",
-        "--store",
+    cmd = commands.distill_command(
         store,
-        "--out",
-        str(run_dir),
-        "--student",
-        "dpal_vit_tiny",
-        "--epochs",
-        str(args.epochs),
-        "--batch-size",
-        str(args.batch_size),
-        "--base-lr",
-        str(args.base_lr),
-        "--warmup-epochs",
-        "1",
-        "--num-workers",
-        "0",
-        "--seed",
-        str(seed),
-        "--set",
-        "log_every=5",
-        "--set",
-        "checkpoint_every=40",
-        "--progress-seconds",
-        "120",
-        *CONFIGS[config],
-        *args.extra,
-    ]
+        run_dir,
+        args,
+        num_workers=0,
+        seed=seed,
+        settings=["log_every=5", "checkpoint_every=40"],
+        extra=["--progress-seconds", "120", *CONFIGS[config], *args.extra],
+    )
     if args.val_store:
         cmd += ["--val-store", args.val_store, "--val-every", str(args.val_every)]
     return cmd

@@ -14,20 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from dpal.commands import DPAL, cache_teacher_command, distill_command
+
 ROOT = Path(__file__).resolve().parent.parent
-SMALL_RECIPE = [
-    "--set",
-    "recipe.global_size=[128,64]",
-    "--set",
-    "recipe.local_size=[64,48]",
-    "--set",
-    "recipe.crowd_size=[128,128]",
-]
-DPAL = [sys.executable, "-m", "dpal.cli"]
 
 
 def run(cmd: list[str]) -> str:
@@ -65,58 +57,21 @@ def main() -> None:
         out / "store",
         out / f"run-e{args.epochs}-b{args.batch_size}-lr{args.base_lr:g}-s{args.seed}",
     )
-    run(
-        DPAL
-        + [
-            "cache-teacher",
-            "--corpus",
-            args.corpus,
-            "--out",
-            str(store),
-            "--teacher",
-            "efficientnet-lite2",
-            "--views",
-            str(args.views),
-            "--shard-size",
-            "64",
-            "--workers",
-            "1",
-            "-q",
-            *SMALL_RECIPE,
-        ]
-    )
+    run(cache_teacher_command(args.corpus, store, args.views, quiet=True))
     info = json.loads(run(DPAL + ["store", "info", str(store), "--json"]))
     steps_per_epoch = info["num_cached_images"] // args.batch_size
     every = steps_per_epoch * args.eval_every
     t_train = time.perf_counter()
     run(
-        DPAL
-        + [
-            "distill",
-            "--store",
-            str(store),
-            "--out",
-            str(run_dir),
-            "--student",
-            "dpal_vit_tiny",
-            "--epochs",
-            str(args.epochs),
-            "--batch-size",
-            str(args.batch_size),
-            "--base-lr",
-            str(args.base_lr),
-            "--warmup-epochs",
-            str(args.warmup_epochs),
-            "--seed",
-            str(args.seed),
-            "-q",
-            "--set",
-            f"checkpoint_every={every}",
-            "--set",
-            "keep_last=1000",
-            "--set",
-            "log_every=10",
-        ]
+        distill_command(
+            store,
+            run_dir,
+            args,
+            warmup_epochs=args.warmup_epochs,
+            seed=args.seed,
+            quiet=True,
+            settings=[f"checkpoint_every={every}", "keep_last=1000", "log_every=10"],
+        )
     )
     train_s = time.perf_counter() - t_train
 

@@ -25,15 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+from dpal.commands import DPAL, cache_teacher_command, distill_command
+
 ROOT = Path(__file__).resolve().parent.parent
-SMALL_RECIPE = [
-    "--set",
-    "recipe.global_size=[128,64]",
-    "--set",
-    "recipe.local_size=[64,48]",
-    "--set",
-    "recipe.crowd_size=[128,128]",
-]
 
 
 def run(cmd: list[str], capture: bool = False) -> str:
@@ -65,64 +59,26 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dpal = [sys.executable, "-m", "dpal.cli"]
     t0 = time.perf_counter()
     store, run_dir, student = out / "store", out / "run", out / "student.safetensors"
 
     print("\n== 1/4 stage one: cache the EfficientNet-Lite2 teacher ==", flush=True)
-    run(
-        dpal
-        + [
-            "cache-teacher",
-            "--corpus",
-            args.corpus,
-            "--out",
-            str(store),
-            "--teacher",
-            "efficientnet-lite2",
-            "--teacher-layer",
-            "-1",
-            "--views",
-            str(args.views),
-            "--shard-size",
-            "64",
-            "--workers",
-            "1",
-            *SMALL_RECIPE,
-        ]
-    )
-    run(dpal + ["store", "info", str(store)])
+    run(cache_teacher_command(args.corpus, store, args.views, teacher_layer="-1"))
+    run(DPAL + ["store", "info", str(store)])
 
     print("\n== 2/4 stage two: distill dpal_vit_tiny ==", flush=True)
     run(
-        dpal
-        + [
-            "distill",
-            "--store",
-            str(store),
-            "--out",
-            str(run_dir),
-            "--student",
-            "dpal_vit_tiny",
-            "--epochs",
-            str(args.epochs),
-            "--batch-size",
-            str(args.batch_size),
-            "--base-lr",
-            str(args.base_lr),
-            "--warmup-epochs",
-            "1",
-            "--num-workers",
-            str(args.num_workers),
-            "--set",
-            "log_every=5",
-            "--set",
-            "checkpoint_every=100",
-        ]
+        distill_command(
+            store,
+            run_dir,
+            args,
+            num_workers=args.num_workers,
+            settings=["log_every=5", "checkpoint_every=100"],
+        )
     )
 
     print("\n== 3/4 export the student ==", flush=True)
-    run(dpal + ["export", str(run_dir), "--out", str(student)])
+    run(DPAL + ["export", str(run_dir), "--out", str(student)])
 
     print("\n== 4/4 ReID on held-out frames (sample_data/reid) ==", flush=True)
     size = ["--image-size", "128", "--image-size", "64"]
@@ -138,7 +94,7 @@ def main() -> None:
         ("student distilled, mean patch", ["--model", str(student), "--feature", "mean"]),
     ):
         res = json.loads(
-            run(dpal + ["eval", "reid", *model_args, "--data", args.reid, *size, "--json"], capture=True)
+            run(DPAL + ["eval", "reid", *model_args, "--data", args.reid, *size, "--json"], capture=True)
         )
         rows.append({**res, "model": label})
     from dpal.reid import format_table

@@ -10,9 +10,11 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import multiprocessing.process
 import os
 import shutil
 import struct
+import subprocess
 import sys
 import zlib
 from collections.abc import Callable, Iterator
@@ -58,6 +60,34 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     base = config.invocation_params.dir
     asked = [(base / a.split("::")[0]).resolve() for a in config.args]
     return not any(p == cluster or cluster in p.parents for p in asked)
+
+
+# ---------------------------------------------------------------- test tiers
+
+PROCESS_MARK = "subprocess"  # pyproject.toml registers it; `make test-fast` leaves these tests out
+NOT_MARKED = (
+    f"this test starts a process but is not marked @pytest.mark.{PROCESS_MARK} "
+    "(`make test-fast` must leave it out; see README.md, Development)"
+)
+
+
+def _refuse_process(*args: object, **kwargs: object) -> None:
+    raise RuntimeError(NOT_MARKED)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[object]:
+    """A test that is not marked `subprocess` cannot start a process, so the mark stays true: from
+    its fixtures' set-up to their teardown, the three ways a process starts fail with NOT_MARKED
+    (subprocess, which torchrun and the CLI tests use; multiprocessing, which DataLoader workers
+    and dask's worker processes use; os.fork)."""
+    if item.get_closest_marker(PROCESS_MARK) is not None:
+        return (yield)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(subprocess.Popen, "_execute_child", _refuse_process)
+        mp.setattr(multiprocessing.process.BaseProcess, "start", _refuse_process)
+        mp.setattr(os, "fork", _refuse_process)
+        return (yield)
 
 
 TEACHER = "vit_tiny_patch16_224"

@@ -58,6 +58,7 @@ def market(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.subprocess
 def test_import_dpal_imports_no_torch() -> None:
     code = (
         "import sys, dpal; f = dpal.distill; "
@@ -69,6 +70,7 @@ def test_import_dpal_imports_no_torch() -> None:
     assert r.stdout == "[] dpal.api ['cache_teacher', 'distill', 'eval_reid', 'export', 'load_student']\n"
 
 
+@pytest.mark.subprocess
 def test_the_api_runs_both_stages_as_the_cli_does(tmp_path: Path, same_store, market: Path) -> None:
     corpus = u.make_corpus(tmp_path / "corpus")
     store = dpal.cache_teacher(

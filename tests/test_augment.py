@@ -251,6 +251,7 @@ torch.save(augment.local_crops(src, augs, tuple(size)), {path!r})
 """
 
 
+@pytest.mark.subprocess
 def test_local_crops_are_deterministic_in_another_process_and_near_pil(tmp_path: Path) -> None:
     recipe = ViewRecipe()
     images = _images()
@@ -321,6 +322,7 @@ def _batches(
     return [ds.model_inputs(b, CPU) for b in loader]
 
 
+@pytest.mark.subprocess
 def test_batches_are_identical_whatever_the_worker_count(store: Path) -> None:
     keys = {"index", "v0", "v1", "v2", "ic", "g_t", "local_t", "rel_t", "mask"}
 

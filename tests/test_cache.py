@@ -149,6 +149,7 @@ torch.save(out, sys.argv[2])
 """
 
 
+@pytest.mark.subprocess
 def test_replay_is_bit_identical_in_another_process(
     tmp_path: Path, ref_store: Path, child_env: dict[str, str]
 ) -> None:
@@ -180,6 +181,7 @@ def _dpal() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "dpal.cli"]
 
 
+@pytest.mark.subprocess
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(
     tmp_path: Path,
     big_corpus_dir: Path,
@@ -216,6 +218,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(
     same_store(out, uninterrupted)
 
 
+@pytest.mark.subprocess
 def test_dask_two_workers_equal_one_process(
     tmp_path: Path,
     corpus_dir: Path,

@@ -63,6 +63,7 @@ def _export(run_dir: Path, out: Path) -> str:
     return result.stdout
 
 
+@pytest.mark.subprocess
 def test_the_card_states_the_runs_own_figures(run: tuple[Path, Path, Path], tmp_path: Path) -> None:
     run_dir, store, _ = run
     out = _export(run_dir, tmp_path / "model")
@@ -116,6 +117,7 @@ def test_the_card_states_the_runs_own_figures(run: tuple[Path, Path, Path], tmp_
     assert "- Training images: unknown: state it before publishing these weights" in card
 
 
+@pytest.mark.subprocess
 def test_the_folder_is_the_runs_student_for_timm_and_eval_reid(
     run: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
@@ -140,6 +142,7 @@ def test_the_folder_is_the_runs_student_for_timm_and_eval_reid(
     }
 
 
+@pytest.mark.subprocess
 def test_a_run_without_validation_says_so_and_a_gone_store_is_not_guessed(
     run: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:

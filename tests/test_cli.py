@@ -96,6 +96,7 @@ def _assert_one_error_line(result, *needles: str) -> str:
         (["store", "verify"], ["STORE", "checksums", "exit 1"]),
     ],
 )
+@pytest.mark.subprocess
 def test_help(args: list[str], needles: list[str]) -> None:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     r = subprocess.run([*_dpal(), *args, "--help"], capture_output=True, text=True, env=env, timeout=60)
@@ -132,6 +133,7 @@ _RULE_DEFAULTS = {
 }
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(("command", "config"), [("cache-teacher", CacheConfig), ("distill", DistillConfig)])
 def test_help_defaults_are_the_config_defaults(command: str, config: type) -> None:
     # Every option named after a config field shows that field's default, read from config.py here,
@@ -299,6 +301,7 @@ def test_json_summary_is_all_of_stdout(
     assert summary["cached"] == 13 and summary["complete"] is True
 
 
+@pytest.mark.subprocess
 def test_strict_fails_on_the_first_bad_file(
     tmp_path: Path, bad_corpus_dir: Path, cli_args: Callable[..., list[str]], child_env: dict[str, str]
 ) -> None:
@@ -463,6 +466,7 @@ def test_damaged_tar_corpus_is_named_and_counted(
     )
 
 
+@pytest.mark.subprocess
 def test_disk_full_is_one_line_and_a_rerun_resumes(
     tmp_path: Path,
     corpus_dir: Path,
@@ -503,6 +507,7 @@ def test_disk_full_is_one_line_and_a_rerun_resumes(
     same_store(ref_store, copy)
 
 
+@pytest.mark.subprocess
 def test_dask_run_in_a_log_prints_progress_lines_and_closes_cleanly(
     tmp_path: Path, corpus_dir: Path, cli_args: Callable[..., list[str]], child_env: dict[str, str]
 ) -> None:
@@ -708,6 +713,7 @@ def test_version(cli) -> None:
     assert version("dpal") == dpal.__version__
 
 
+@pytest.mark.subprocess
 def test_python_dash_m_dpal(tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     r = subprocess.run(
@@ -756,6 +762,7 @@ app()
 """
 
 
+@pytest.mark.subprocess
 def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path: Path) -> None:
     script = tmp_path / "errors_cli.py"
     script.write_text(_ERRORS_SCRIPT)
@@ -777,6 +784,7 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path: Path) 
     assert value.stderr.rstrip().endswith("ValueError: grid_hw (16, 8) does not match 96 patch tokens")
 
 
+@pytest.mark.subprocess
 def test_the_cli_module_imports_no_torch() -> None:
     """`dpal --help` and `dpal --version` build every option from the config without torch (2-5 s to
     import); a command imports what it runs."""
@@ -885,6 +893,7 @@ def _panels(page: str) -> dict[str, list[str]]:
 HELP_START = 36
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("args", _PAGES, ids=lambda a: " ".join(a) or "dpal")
 def test_help_reads_at_80_columns(args: list[str]) -> None:
     """At COLUMNS=80 no line is wider than 80, no flag shows a `<bool>` type, and every help text is
@@ -907,6 +916,7 @@ def test_help_reads_at_80_columns(args: list[str]) -> None:
     assert rows >= 2
 
 
+@pytest.mark.subprocess
 def test_options_are_grouped_in_the_panels_the_config_names() -> None:
     """Each config field's option is listed in the panel of its `panel` metadata (one source), and the
     pages list the panels in this order."""

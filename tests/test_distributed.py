@@ -96,6 +96,7 @@ def _samples(probe_dir: Path, rank: int) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in f.read_text().splitlines()] if f.exists() else []
 
 
+@pytest.mark.subprocess
 def test_ddp_equal_steps_disjoint_samples_sigterm_and_resume(tmp_path: Path, store: Path) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
@@ -192,6 +193,7 @@ def _two_nodes(store: Path, out: Path, until_steps: int | None = None) -> list[s
     return [first, second]
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow  # three two-node runs (2 agents, 2 ranks) on two cores: about 80 s
 def test_two_nodes_killed_whole_resume_bit_for_bit(tmp_path: Path, store: Path) -> None:
     reference = tmp_path / "reference"

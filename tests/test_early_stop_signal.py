@@ -44,6 +44,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return u.make_store(u.make_corpus(root / "corpus"), root / "store")
 
 
+@pytest.mark.subprocess
 def test_usr1_while_the_run_is_built_stops_after_one_step_with_a_checkpoint(
     store: Path, tmp_path: Path
 ) -> None:

@@ -65,6 +65,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_every_section_ran_without_error(tiny_run: dict[str, Any]) -> None:
     sec = tiny_run["sections"]
@@ -78,6 +79,7 @@ def test_every_section_ran_without_error(tiny_run: dict[str, Any]) -> None:
     assert "== summary: cpu" in tiny_run["stdout"] and "| batch | step offline images/s" in tiny_run["stdout"]
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_both_teachers_cached_every_image(tiny_run: dict[str, Any]) -> None:
     for name, teacher in (("cache", "vit_tiny_patch16_224"), ("lite2", "efficientnet-lite2")):
@@ -88,6 +90,7 @@ def test_both_teachers_cached_every_image(tiny_run: dict[str, Any]) -> None:
     assert tiny_run["sections"]["lite2"]["teacher"]["checkpoint_sha256"]  # the packaged real weights
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_sigterm_stops_with_a_checkpoint_and_the_rerun_resumes_to_the_end(tiny_run: dict[str, Any]) -> None:
     d = tiny_run["sections"]["distill"]
@@ -108,6 +111,7 @@ def test_sigterm_stops_with_a_checkpoint_and_the_rerun_resumes_to_the_end(tiny_r
     assert d["images_per_s"]["before_sigterm"] > 0 and d["images_per_s"]["after_resume"] > 0
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_export_loads_with_the_students_tensor_names(tiny_run: dict[str, Any]) -> None:
     e = tiny_run["sections"]["distill"]["export"]
@@ -120,6 +124,7 @@ def test_export_loads_with_the_students_tensor_names(tiny_run: dict[str, Any]) -
     assert e["loads_strict"] and e["equals_final_checkpoint"]
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_step_memory_loader_and_runs_have_figures(tiny_run: dict[str, Any]) -> None:
     sec = tiny_run["sections"]
@@ -164,6 +169,7 @@ def test_step_memory_loader_and_runs_have_figures(tiny_run: dict[str, Any]) -> N
     assert targets[0]["value"] == steps[1]["speedup"] and targets[1]["value"] == run["speedup"]
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_logs_file_holds_every_commands_output_and_metrics(tiny_run: dict[str, Any]) -> None:
     with tarfile.open(tiny_run["logs_tar"]) as tar:

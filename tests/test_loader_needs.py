@@ -166,6 +166,7 @@ SHED = {  # a run's needs: name -> config keys
 }
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("dtype", ["float16", "int8", "int8-rotated", "factor"])
 def test_a_shed_batch_holds_the_needed_keys_equal_to_the_full_batch(
     stores: dict[str, Path], dtype: str
@@ -190,6 +191,7 @@ def test_a_shed_batch_holds_the_needed_keys_equal_to_the_full_batch(
             )
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("dtype", ["float16", "int8-rotated"])
 def test_shed_batches_are_the_same_with_two_workers(stores: dict[str, Path], dtype: str) -> None:
     store = stores[dtype]  # int8-rotated: the workers rotate the local targets back for the mask
@@ -227,6 +229,7 @@ class _Seen(BatchDataset):
     [{"recipe": "proteus"}, {"recipe": "feature-kd", "local_weight": 0.5}],
     ids=["proteus", "feature-kd"],
 )
+@pytest.mark.subprocess
 def test_a_shed_run_trains_as_the_full_loader_and_resumes_bit_for_bit(
     tmp_path: Path, stores: dict[str, Path], kw: dict[str, Any]
 ) -> None:
@@ -247,6 +250,7 @@ def test_a_shed_run_trains_as_the_full_loader_and_resumes_bit_for_bit(
 # ---------------------------------------------------------------- the store's reads
 
 
+@pytest.mark.subprocess
 def test_an_unread_target_is_not_touched_and_a_read_one_is_still_checked(
     tmp_path: Path, stores: dict[str, Path]
 ) -> None:

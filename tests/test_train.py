@@ -249,6 +249,7 @@ def _resume_and_compare(out: Path, store: Path, reference: Path) -> None:
     u.assert_same_training_state(u.load_last(out), u.load_last(reference))
 
 
+@pytest.mark.subprocess
 def test_resume_after_sigkill_is_exact(root: Path, store32: Path, reference: Path) -> None:
     out = root / "killed"
     proc = subprocess.Popen(
@@ -290,6 +291,7 @@ def _ignored_signals(pid: int) -> set[int]:
     return {n for n in range(1, 65) if mask >> (n - 1) & 1}
 
 
+@pytest.mark.subprocess
 def test_sigterm_checkpoints_at_a_step_boundary_and_resumes_exactly(
     root: Path, store32: Path, reference: Path
 ) -> None:
@@ -313,6 +315,7 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resumes_exactly(
     _resume_and_compare(out, store32, reference)
 
 
+@pytest.mark.subprocess
 def test_a_killed_loader_worker_stops_with_one_line_and_a_checkpoint(root: Path, store32: Path) -> None:
     # The system's OOM killer (or a full /dev/shm) takes a DataLoader worker: the run must say so in
     # one line that names the fix, and keep the steps it has done.
@@ -388,6 +391,7 @@ def test_missing_shard_file_stops_with_one_error_line(root: Path, store32: Path)
     assert [m["step"] for m in u.metrics(out)] == list(range(1, bad_step))
 
 
+@pytest.mark.subprocess
 def test_corrupted_shard_file_stops_with_one_error_line(root: Path, store32: Path) -> None:
     # A real process with a DataLoader worker (forkserver): the worker's traceback must not reach
     # the user, and the process must exit (its worker ignores SIGTERM, so it is shut down first).
@@ -579,6 +583,7 @@ print(json.dumps({"returned": returned, "mmapped": mmapped, "kept": kept, "threa
 """
 
 
+@pytest.mark.subprocess
 def test_keep_freed_memory_keeps_large_blocks_and_still_serves_other_threads() -> None:
     import ctypes
     import json

@@ -198,6 +198,7 @@ def test_val_lines_after_a_resume_continue_without_duplicates(
     assert u.metrics(run) == u.metrics(ref)  # training and val lines, as the uninterrupted run's
 
 
+@pytest.mark.subprocess
 def test_a_val_store_of_another_token_grid_is_refused_in_one_line(
     tmp_path: Path, stores: tuple[Path, Path]
 ) -> None:

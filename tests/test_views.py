@@ -196,6 +196,7 @@ for i in range(3):
 """
 
 
+@pytest.mark.subprocess
 def test_views_replay_alike_in_a_fresh_process(recipe: ViewRecipe) -> None:
     # Another interpreter (other PYTHONHASHSEED, nothing imported or drawn before) must draw the same
     # view parameters and replay the same pixels, byte for byte: stage one replays in its worker

@@ -7,6 +7,7 @@ Not a test module and not a conftest: tests/cluster/conftest.py registers it as
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -24,6 +26,14 @@ SCRIPTS = REPO_ROOT / "scripts" / "slurm"
 START_STOP = HERE / "slurm_local.sh"
 BIN = Path(sys.executable).parent  # the venv's bin/: python, dpal, torchrun
 SKIP_EXIT = 3  # slurm_local.sh: SLURM is not installed and cannot be installed here
+
+
+def skip_tier(reason: str) -> NoReturn:
+    """Skip the whole tier, saying why; under CI=true (as CI services set it) a tier that cannot run
+    fails the run instead, with that reason in one line, so that CI never passes without it."""
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.exit(f"cluster tier: CI=true, so it must run, but it would be skipped: {reason}", returncode=1)
+    pytest.skip(f"cluster tier: {reason}")
 
 
 def run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:

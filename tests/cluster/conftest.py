@@ -1,9 +1,10 @@
 """The cluster tier: real SLURM jobs (sbatch, job arrays, dask-jobqueue workers, requeue, time limits).
 
-Every test here is marked `slurm`. The session fixture `slurm` uses the SLURM that answers, or,
+Every test here is marked `slurm` (and `subprocess`). The session fixture `slurm` uses the SLURM that answers, or,
 as root, starts a single-node one with tests/cluster/slurm_local.sh (installing Debian's packages
 when missing) and stops at the end only what that script started; without root and without a
-running SLURM the whole tier is skipped with one reason. A plain `pytest` run (the unit tier)
+running SLURM the whole tier is skipped with one reason, and under CI=true that fails the run
+instead (`cluster_util.skip_tier`). A plain `pytest` run (the unit tier)
 does not collect this folder (tests/conftest.py); run it with `make test-cluster`.
 """
 
@@ -38,6 +39,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if cu.HERE in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.slurm)
+            item.add_marker(pytest.mark.subprocess)  # sbatch, bash, the CLI: tests/conftest.py
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -51,13 +53,11 @@ def slurm() -> Iterator[cu.Cluster]:
     if cu.answering():
         cluster = cu.Cluster(started_here=False)
     elif os.geteuid() != 0:
-        pytest.skip("cluster tier: no SLURM answers here (sbatch, sinfo) and starting one needs root")
+        cu.skip_tier("no SLURM answers here (sbatch, sinfo) and starting one needs root")
     else:
         res = cu.run(["bash", str(cu.START_STOP), "start"], timeout=600)
         if res.returncode == cu.SKIP_EXIT:
-            pytest.skip(
-                f"cluster tier: SLURM cannot be installed here ({res.stderr.strip().splitlines()[-1]})"
-            )
+            cu.skip_tier(f"SLURM cannot be installed here ({res.stderr.strip().splitlines()[-1]})")
         assert res.returncode == 0, f"slurm_local.sh start failed:\n{res.stdout}\n{res.stderr}"
         cluster = cu.Cluster(started_here=True)
     t0 = time.monotonic()
