@@ -20,10 +20,10 @@ from typing import Any, Literal
 
 import yaml
 
-from dpal.common import MAX_PIXELS, STORE_DTYPES, StoreDtype
+from dpal.common import MAX_PIXELS
 from dpal.errors import ConfigError
+from dpal.store.codecs import dtype_help, dtype_names
 
-DTYPES = STORE_DTYPES  # bench/bench_cache.py's name for them
 VAL_EVERY = 500  # steps between validations when --val-every is not given
 # the groups --help lists the options in (each field's `panel`)
 PANEL_DATA = "Data and output"
@@ -46,11 +46,13 @@ def opt(
     flag: str | None = None,
     default_help: str | None = None,
     panel: str | None = None,
+    choices: Any = None,
 ) -> Any:
     """A config field with its help text. `flag`: the CLI option's name when it is not the field's
     (`--slurm` for `use_slurm`); `default_help`: what --help says for a default computed at run time;
-    `panel`: the group of options that --help lists it in (`PANEL_*`)."""
-    meta = {"help": help, "flag": flag, "default_help": default_help, "panel": panel}
+    `panel`: the group of options that --help lists it in (`PANEL_*`); `choices`: a function giving
+    the allowed values of a `str` field whose choices are registered at run time (store codecs)."""
+    meta = {"help": help, "flag": flag, "default_help": default_help, "panel": panel, "choices": choices}
     return field(default=default, default_factory=factory, metadata=meta)
 
 
@@ -207,12 +209,7 @@ class CacheConfig:
         panel=PANEL_TEACHER,
     )
     views: int = opt(4, "K: replayable augmented views cached per image.", panel=PANEL_VIEWS)
-    dtype: StoreDtype = opt(
-        "float16",
-        "Stored feature dtype: bfloat16 is stored as uint16, int8 with a per-token scale; int8-rotated "
-        "is int8 of the tokens times one random rotation R stored in the store (store schema 4).",
-        panel=PANEL_VIEWS,
-    )
+    dtype: str = opt("float16", dtype_help(), panel=PANEL_VIEWS, choices=dtype_names)
     relation: Literal["logits", "factor"] = opt(
         "logits",
         "How Ic's relation target is stored: logits, T x T in "
@@ -223,7 +220,7 @@ class CacheConfig:
     )
     relation_rank: int | None = opt(
         None,
-        "r of --relation factor, 1 to T; default min(64, T // 4) (codec.default_relation_rank).",
+        "r of --relation factor, 1 to T; default min(64, T // 4) (store.relation.default_relation_rank).",
         panel=PANEL_VIEWS,
     )
     shard_size: int = opt(
@@ -643,9 +640,11 @@ def choices(tp: Any) -> tuple[Any, ...] | None:
 
 
 def check_choices(cfg: Any) -> None:
-    """Every `Literal` field of `cfg` holds one of its choices, however the config was built."""
+    """Every `Literal` field of `cfg` (and every field with `opt`'s `choices`) holds one of its
+    choices, however the config was built."""
+    registered = {f.name: f.metadata.get("choices") for f in dataclasses.fields(cfg)}
     for name, tp in field_types(type(cfg)).items():
-        allowed, value = choices(tp), getattr(cfg, name)
+        allowed, value = choices(tp) or (registered[name] and registered[name]()), getattr(cfg, name)
         for v in value if isinstance(value, tuple) else (value,):
             if allowed is not None and v not in allowed and v is not None:
                 raise ConfigError(f"{name} {v!r} is not one of {', '.join(map(str, allowed))}")

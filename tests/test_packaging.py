@@ -17,7 +17,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_DIRS = (".", "pipeline", "trainer")  # what setuptools packs (pyproject's package-dir maps . to dpal)
+PACKAGE_DIRS = (
+    ".",
+    "pipeline",
+    "store",
+    "trainer",
+)  # what setuptools packs (pyproject's package-dir maps . to dpal)
 # the extras that the package's own modules may use
 CORE_EXTRAS = ("engine", "slurm", "demo", "tensorboard", "mlflow", "wandb")
 

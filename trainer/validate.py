@@ -24,8 +24,7 @@ from torch import nn
 
 from dpal.config import DistillConfig
 from dpal.errors import InputError
-from dpal.store import StoreMeta, StoreReader
-from dpal.store_schema import FEATURES
+from dpal.store import FEATURES, StoreMeta, StoreReader
 from dpal.trainer.checkpoint import rng_state, set_rng_state
 from dpal.trainer.data import BatchDataset, BatchRequest, valid_rows
 from dpal.trainer.recipes import batch_needs, check_targets
