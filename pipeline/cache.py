@@ -263,7 +263,7 @@ def cache_shard(
     """Cache one store shard: decode, sample views, run the teacher, write, mark done.
 
     Args:
-        store_path: an initialised store (see `pipeline.engine.prepare_store`).
+        store_path: an initialised store (see `pipeline.prepare.prepare_store`).
         shard: shard index.
         teacher: the loaded teacher (one per worker, never shipped in a task).
         cfg: the run's config (recipe, seed, K, batch size, strictness).

@@ -57,7 +57,7 @@ CHECKED_SHARD_ARRAYS = (VALID, IMAGE_OFFSET, IMAGE_SIZE, PARAMS)
 # Group attribute holding the checksums of the store's own metadata (schema 2), recorded when the
 # store is created: the other attributes (all but `complete`, which flips once at the end), every
 # array's zarr.json (dtype, shape, codecs) and the values of the index arrays. Not part of
-# StoreMeta: store.py computes and checks it.
+# StoreMeta: write.py computes it, integrity.py checks it.
 INTEGRITY = "integrity"
 
 # Attributes that fix what a store means: a rerun that differs in any of them is refused.
