@@ -8,8 +8,9 @@ store of it needs, what it adds to the store's attributes (and so to its identit
 the training device), and from these its bytes per view. A relation codec (`logits`, `factor`) is
 how Ic's T x T relation target is stored; the two are `RELATION_CODECS`.
 
-Adding a target codec is one subclass of `TargetCodec` and one `register` call, in any module
-imported before the codec is used (docs/store.md, "Adding a codec"): `--dtype` lists it, stage one
+Adding a target codec is one subclass of `TargetCodec` and one `register` call (docs/store.md,
+"Adding a codec"): here, where the built-in ones are registered, for `--dtype` and its help to list
+it; or in any module imported before the codec is used, for the config to accept it. Stage one
 writes it, `dpal store verify` checks it and stage two decodes it. Nothing else spells a dtype.
 
 This module imports no torch (`dpal --help` lists the codecs): encode and decode import it.
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 INT8_MAX = 127.0
+Encoded = tuple[np.ndarray, np.ndarray | None]  # the stored array, and its scale if the codec has one
 ROTATION_RULE = (  # the attribute's text, as every int8-rotated store holds it (keep the bytes)
     "Q of the float64 QR of a D x D standard normal matrix drawn by numpy default_rng([0x524f54, seed]), "
     "each column signed so that the triangular factor's diagonal is positive, as float32 "
@@ -69,9 +71,7 @@ class TargetCodec:
     """The float format of the stored bits when Zarr's dtype does not say it (bfloat16 as uint16),
     for the NaN and inf check (`integrity.nonfinite_rows`)."""
 
-    def encode(
-        self, x: np.ndarray, rotation: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
+    def encode(self, x: np.ndarray, rotation: np.ndarray | None = None) -> Encoded:
         """float32 (..., C) -> the stored array (..., C), and the scale (...,) if `scaled`."""
         raise NotImplementedError
 
@@ -117,9 +117,7 @@ class Float32(TargetCodec):
     name, storage = "float32", "float32"
     help = "as the teacher computed them"
 
-    def encode(
-        self, x: np.ndarray, rotation: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
+    def encode(self, x: np.ndarray, rotation: np.ndarray | None = None) -> Encoded:
         return np.asarray(x, dtype=np.float32), None
 
     def decode(self, data: Tensor, scale: Tensor | None = None, rotation: Tensor | None = None) -> Tensor:
@@ -130,9 +128,7 @@ class Float16(Float32):
     name, storage = "float16", "float16"
     help = "half precision, the default"
 
-    def encode(
-        self, x: np.ndarray, rotation: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
+    def encode(self, x: np.ndarray, rotation: np.ndarray | None = None) -> Encoded:
         return np.asarray(x, dtype=np.float32).astype(np.float16), None
 
 
@@ -140,9 +136,7 @@ class BFloat16(Float32):
     name, storage, nonfinite_kind = "bfloat16", "uint16", "bfloat16"
     help = "its bits stored as uint16 (Zarr has no bfloat16)"
 
-    def encode(
-        self, x: np.ndarray, rotation: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
+    def encode(self, x: np.ndarray, rotation: np.ndarray | None = None) -> Encoded:
         import torch
 
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16)
@@ -158,10 +152,12 @@ class Int8(TargetCodec):
     name, storage, scaled = "int8", "int8", True
     help = "with a float32 scale per token (its largest |value| / 127)"
 
-    def encode(
-        self, x: np.ndarray, rotation: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        x = np.asarray(x, dtype=np.float32)
+    def tokens(self, x: np.ndarray, rotation: np.ndarray | None) -> np.ndarray:
+        """The float32 tokens that are quantised (and whose error a marker records)."""
+        return np.asarray(x, dtype=np.float32)
+
+    def encode(self, x: np.ndarray, rotation: np.ndarray | None = None) -> Encoded:
+        x = self.tokens(x, rotation)
         amax = np.abs(x).max(axis=-1)
         scale = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
         q = np.clip(np.rint(x / scale[..., None]), -INT8_MAX, INT8_MAX).astype(np.int8)
@@ -180,7 +176,8 @@ class Int8(TargetCodec):
     ) -> float | None:
         from dpal.store.rotation import int8_token_error
 
-        return int8_token_error(np.asarray(x, dtype=np.float32), stored, scale, rows)
+        # a rotated codec's in R's basis: R is orthogonal, so it is the rebuilt token's error too
+        return int8_token_error(self.tokens(x, rotation), stored, scale, rows)
 
 
 class Int8Rotated(Int8):
@@ -190,14 +187,12 @@ class Int8Rotated(Int8):
         "relation logits plain int8"
     )
 
-    def encode(
-        self, x: np.ndarray, rotation: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
+    def tokens(self, x: np.ndarray, rotation: np.ndarray | None) -> np.ndarray:
         from dpal.store.rotation import rotate_tokens
 
         if rotation is None:
             raise ValueError("int8-rotated needs the store's rotation R")
-        return super().encode(rotate_tokens(np.asarray(x, dtype=np.float32), rotation))
+        return rotate_tokens(np.asarray(x, dtype=np.float32), rotation)
 
     def decode(self, data: Tensor, scale: Tensor | None = None, rotation: Tensor | None = None) -> Tensor:
         out = super().decode(data, scale)
@@ -211,21 +206,6 @@ class Int8Rotated(Int8):
             "arrays": ["global", "local"],
             "decode": "(q * scale) @ R^T",
         }
-
-    def token_error(
-        self,
-        x: np.ndarray,
-        stored: np.ndarray,
-        scale: np.ndarray | None,
-        rows: np.ndarray,
-        rotation: np.ndarray | None,
-    ) -> float | None:
-        from dpal.store.rotation import rotate_tokens
-
-        # in R's basis: R is orthogonal, so it is the rebuilt token's error too
-        return super().token_error(
-            rotate_tokens(np.asarray(x, dtype=np.float32), rotation), stored, scale, rows, None
-        )
 
 
 _TARGET_CODECS: dict[str, TargetCodec] = {}
@@ -272,9 +252,7 @@ def dtype_help() -> str:
     return "Stored feature dtype. " + "; ".join(f"{c.name}: {c.help}" for c in _TARGET_CODECS.values()) + "."
 
 
-def encode(
-    x: np.ndarray, dtype: str, rotation: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray | None]:
+def encode(x: np.ndarray, dtype: str, rotation: np.ndarray | None = None) -> Encoded:
     """float32 (..., C) -> the stored array of codec `dtype` (and its scale (...,) if scaled).
     A rotated codec takes the store's R (D, D) as `rotation`."""
     return target_codec(dtype).encode(x, rotation)
