@@ -133,9 +133,10 @@ def _is_repeated(tp: Any) -> bool:
     return typing.get_origin(tp) is tuple and choices(tp) is not None
 
 
-def _metavar(tp: Any) -> str:
-    """The value's shape in --help: a Literal's choices, a number's kind, a list or mapping (YAML)."""
-    if (allowed := choices(tp)) is not None:
+def _metavar(tp: Any, registered: Callable[[], tuple[str, ...]] | None = None) -> str:
+    """The value's shape in --help: a Literal's (or a `registered` function's) choices, a number's
+    kind, a list or mapping (YAML)."""
+    if (allowed := choices(tp) or (registered and registered())) is not None:
         return "[" + "|".join(map(str, allowed)) + "]"
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
@@ -196,7 +197,7 @@ def config_parameters(cls: type) -> list[inspect.Parameter]:
             info = typer.Option(
                 f"--{name}",
                 help=help_ + (" Repeatable." if repeated and "repeatable" not in help_ else ""),
-                metavar=_metavar(types_[f.name]),
+                metavar=_metavar(types_[f.name], f.metadata.get("choices")),
                 show_default=False,
                 rich_help_panel=panel,
             )
@@ -313,7 +314,7 @@ def cache_teacher(
         raise ConfigError("--corpus is required (a folder of images, a .txt list, or .tar shards)")
     if not dry_run and not cfg.out:
         raise ConfigError("--out is required (the store to create or resume)")
-    from dpal.pipeline.engine import dry_run as do_dry_run
+    from dpal.pipeline.dryrun import dry_run as do_dry_run
     from dpal.pipeline.engine import slurm_cluster
 
     if dry_run:

@@ -1,5 +1,6 @@
-"""Values and the one helper that both stages share: ImageNet normalisation, the store's feature
-dtypes, the decompression-bomb limit and the device resolver.
+"""Values and the one helper that both stages share: ImageNet normalisation, the
+decompression-bomb limit and the device resolver (the store's dtypes are its codec registry's,
+`dpal.store.codecs`).
 
 Each is stated here once; `pipeline/`, `trainer/` and the shared modules import it from here (this
 module imports only `dpal.errors`, which imports nothing, so any of them may).
@@ -7,8 +8,7 @@ module imports only `dpal.errors`, which imports nothing, so any of them may).
 
 from __future__ import annotations
 
-import typing
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from dpal.errors import ConfigError
 
@@ -18,10 +18,6 @@ if TYPE_CHECKING:  # torch is imported where a device is resolved: `dpal --help`
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 """Per-channel mean of RGB in [0, 1]: every view is normalised with it, teacher's and student's."""
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-StoreDtype = Literal["float16", "bfloat16", "int8", "int8-rotated", "float32"]
-"""How the store keeps teacher features (docs/store.md, "Feature dtypes")."""
-STORE_DTYPES: tuple[str, ...] = typing.get_args(StoreDtype)
 
 MAX_PIXELS = 64_000_000
 """Images whose header declares more pixels than this are skipped as decompression bombs."""

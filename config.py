@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from dpal.common import MAX_PIXELS, STORE_DTYPES, StoreDtype
+from dpal.common import MAX_PIXELS
 from dpal.config_distill import RECIPE_KEYS, VAL_EVERY, DistillConfig
 from dpal.config_load import (
     PANEL_CONFIG,
@@ -44,10 +44,10 @@ from dpal.config_load import (
     to_dict,
 )
 from dpal.errors import ConfigError
+from dpal.store.codecs import dtype_help, dtype_names
 
 # what callers import from dpal.config: the settings of both stages and the machinery to load them
 __all__ = [
-    "DTYPES",
     "PANEL_CONFIG",
     "PANEL_DATA",
     "PANEL_METHOD",
@@ -78,7 +78,6 @@ __all__ = [
     "to_dict",
 ]
 
-DTYPES = STORE_DTYPES  # bench/bench_cache.py's name for them
 
 
 @dataclass(frozen=True)
@@ -229,12 +228,7 @@ class CacheConfig:
         panel=PANEL_TEACHER,
     )
     views: int = opt(4, "K: replayable augmented views cached per image.", panel=PANEL_VIEWS)
-    dtype: StoreDtype = opt(
-        "float16",
-        "Stored feature dtype: bfloat16 is stored as uint16, int8 with a per-token scale; int8-rotated "
-        "is int8 of the tokens times one random rotation R stored in the store (store schema 4).",
-        panel=PANEL_VIEWS,
-    )
+    dtype: str = opt("float16", dtype_help(), panel=PANEL_VIEWS, choices=dtype_names)
     relation: Literal["logits", "factor"] = opt(
         "logits",
         "How Ic's relation target is stored: logits, T x T in "
@@ -245,7 +239,7 @@ class CacheConfig:
     )
     relation_rank: int | None = opt(
         None,
-        "r of --relation factor, 1 to T; default min(64, T // 4) (codec.default_relation_rank).",
+        "r of --relation factor, 1 to T; default min(64, T // 4) (store.relation.default_relation_rank).",
         panel=PANEL_VIEWS,
     )
     shard_size: int = opt(

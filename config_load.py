@@ -45,11 +45,13 @@ def opt(
     flag: str | None = None,
     default_help: str | None = None,
     panel: str | None = None,
+    choices: Any = None,
 ) -> Any:
     """A config field with its help text. `flag`: the CLI option's name when it is not the field's
     (`--slurm` for `use_slurm`); `default_help`: what --help says for a default computed at run time;
-    `panel`: the group of options that --help lists it in (`PANEL_*`)."""
-    meta = {"help": help, "flag": flag, "default_help": default_help, "panel": panel}
+    `panel`: the group of options that --help lists it in (`PANEL_*`); `choices`: a function giving
+    the allowed values of a `str` field whose choices are registered at run time (store codecs)."""
+    meta = {"help": help, "flag": flag, "default_help": default_help, "panel": panel, "choices": choices}
     return field(default=default, default_factory=factory, metadata=meta)
 
 
@@ -81,9 +83,11 @@ def choices(tp: Any) -> tuple[Any, ...] | None:
 
 
 def check_choices(cfg: Any) -> None:
-    """Every `Literal` field of `cfg` holds one of its choices, however the config was built."""
+    """Every `Literal` field of `cfg` (and every field with `opt`'s `choices`) holds one of its
+    choices, however the config was built."""
+    registered = {f.name: f.metadata.get("choices") for f in dataclasses.fields(cfg)}
     for name, tp in field_types(type(cfg)).items():
-        allowed, value = choices(tp), getattr(cfg, name)
+        allowed, value = choices(tp) or (registered[name] and registered[name]()), getattr(cfg, name)
         for v in value if isinstance(value, tuple) else (value,):
             if allowed is not None and v not in allowed and v is not None:
                 raise ConfigError(f"{name} {v!r} is not one of {', '.join(map(str, allowed))}")

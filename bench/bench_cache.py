@@ -45,11 +45,10 @@ import torch
 from timing import alternate, pair_ratios
 
 import dpal.pipeline.cache as cache_mod
-from dpal.codec import token_rotation
-from dpal.config import DTYPES, CacheConfig
+from dpal.config import CacheConfig
 from dpal.corpus import decode_image, index_corpus, read_bytes
 from dpal.pipeline.cache import batches_ahead, cache_shard, teacher_spec
-from dpal.pipeline.engine import prepare_store
+from dpal.pipeline.prepare import prepare_store
 from dpal.store import (
     FEATURES,
     GLOBAL,
@@ -64,8 +63,10 @@ from dpal.store import (
     StoreReader,
     decode,
     encode,
+    token_rotation,
     write_shard,
 )
+from dpal.store.codecs import DTYPES
 from dpal.teachers import Teacher, load_teacher
 from dpal.views import background_index, replay, sample_view
 

@@ -19,7 +19,7 @@ half, against the float32 targets:
 - tokens (v0's patch tokens, the `local` target): ||x - x^|| / ||x|| per token, mean and worst;
 - global: v0's global token stored float16, relative error.
 
-Bytes per view: `codec.bytes_per_view`, the basis amortised over a shard of S x K views (S = 64,
+Bytes per view: `pca_codec.bytes_per_view`, the basis amortised over a shard of S x K views (S = 64,
 K = 4 for the demo's shapes; S = 256, K = 4 for the paper's). Encode cost: the codec's encode per
 view (eigendecomposition of the T x T logits, projection, int8) against the teacher's forward per
 view, on the same CPU threads.
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpal import codec
 from dpal.config import ViewRecipe
 from dpal.corpus import decode_image
 from dpal.store import encode as store_encode
-from dpal.store import shift_rows
+from dpal.store import relation, shift_rows
 from dpal.teachers import Teacher, TeacherSpec, load_teacher
 from dpal.views import background_index, replay, sample_view
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/pca_codec.py
+import pca_codec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT_BYTES = 60_000  # "60 KB" read as 60,000 bytes (61,440 if KiB; the stricter one)
@@ -94,7 +97,7 @@ def teacher_tokens(teacher: Teacher, v0: torch.Tensor, ic: torch.Tensor, batch: 
     for i in range(0, len(v0), batch):
         g, patches = teacher.encode_global(v0[i : i + batch])
         f = teacher.encode_crowd(ic[i : i + batch])
-        codec.relation_logits(f)
+        relation.relation_logits(f)
         out["g"].append(g.float())
         out["patches"].append(patches.float())
         out["ic"].append(f.float())
@@ -103,13 +106,13 @@ def teacher_tokens(teacher: Teacher, v0: torch.Tensor, ic: torch.Tensor, batch: 
 
 
 def _kl(true: torch.Tensor, rebuilt: torch.Tensor) -> float:
-    return float(codec.row_kl(true, rebuilt).mean())
+    return float(relation.row_kl(true, rebuilt).mean())
 
 
 @torch.inference_mode()
 def relation_rows(ic: torch.Tensor, ranks: tuple[int, ...]) -> list[dict[str, Any]]:
     """KL of the rank-r factor (float16 and int8 Z) per r, and of today's float16 and int8 stores."""
-    true = codec.relation_logits(ic)
+    true = relation.relation_logits(ic)
     t = true.shape[-1]
     rows = []
     for name in ("float16", "int8"):  # today's stores: logits minus row max, per dtype
@@ -123,17 +126,17 @@ def relation_rows(ic: torch.Tensor, ranks: tuple[int, ...]) -> list[dict[str, An
             }
         )
     for r in ranks:
-        factor = codec.relation_factor(ic, r)
+        factor = relation.relation_factor(ic, r)
         for dtype in ("float16", "int8"):
-            code = codec.encode_relation(factor, dtype)
-            got = codec.decode_relation(code)
+            code = relation.encode_relation(factor, dtype)
+            got = relation.decode_relation(code)
             # the same factor without the exact diagonal: what the T float32 values buy
             no_diag = (
                 got
                 if dtype == "int8"
                 else torch.from_numpy(code.z).float() @ torch.from_numpy(code.z).float().mT
             )
-            cfg = codec.CodecConfig(relation_rank=r, relation_dtype=dtype)
+            cfg = pca_codec.CodecConfig(relation_rank=r, relation_dtype=dtype)
             rows.append(
                 {
                     "what": "factor",
@@ -141,10 +144,10 @@ def relation_rows(ic: torch.Tensor, ranks: tuple[int, ...]) -> list[dict[str, An
                     "dtype": dtype,
                     "kl": _kl(true, got),
                     "kl_without_diagonal": _kl(true, no_diag) if dtype == "float16" else float("nan"),
-                    "bytes": codec.bytes_per_view(cfg, ic.shape[-1], 0, t)["relation"],
+                    "bytes": pca_codec.bytes_per_view(cfg, ic.shape[-1], 0, t)["relation"],
                     "kept_energy": float(
                         1
-                        - (codec.truncation_error(factor.eigenvalues, r) ** 2).sum()
+                        - (relation.truncation_error(factor.eigenvalues, r) ** 2).sum()
                         / (factor.eigenvalues.double() ** 2).sum()
                     ),
                 }
@@ -152,9 +155,9 @@ def relation_rows(ic: torch.Tensor, ranks: tuple[int, ...]) -> list[dict[str, An
     return rows
 
 
-def _token_err(x: torch.Tensor, basis: codec.TokenBasis) -> tuple[torch.Tensor, torch.Tensor]:
-    got = codec.decode_tokens(codec.encode_tokens(x, basis), basis)
-    return codec.relative_error(x, got), got
+def _token_err(x: torch.Tensor, basis: pca_codec.TokenBasis) -> tuple[torch.Tensor, torch.Tensor]:
+    got = pca_codec.decode_tokens(pca_codec.encode_tokens(x, basis), basis)
+    return pca_codec.relative_error(x, got), got
 
 
 def today_token_rows(x: torch.Tensor) -> list[dict[str, Any]]:
@@ -162,7 +165,7 @@ def today_token_rows(x: torch.Tensor) -> list[dict[str, Any]]:
     rows = []
     for name in ("float16", "int8"):
         q, s = store_encode(x.numpy(), name)
-        err = codec.relative_error(
+        err = pca_codec.relative_error(
             x, torch.from_numpy(q.astype(np.float32) * (s[..., None] if s is not None else 1.0))
         )
         rows.append(
@@ -185,16 +188,16 @@ def token_rows(fit_other: dict[str, torch.Tensor], ev: dict[str, torch.Tensor]) 
     """Per r_pca, scales and basis kind: v0 patch-token error, and the relation rebuilt from Ic's
     coded tokens (the alternative to the factor). One basis over v0's patches and Ic's tokens."""
     d = ev["patches"].shape[-1]
-    true_rel = codec.relation_logits(ev["ic"])
+    true_rel = relation.relation_logits(ev["ic"])
     rows = today_token_rows(ev["patches"])
     for kind, src in (("shard", ev), ("store", fit_other)):
         sample = torch.cat([src["patches"].reshape(-1, d), src["ic"].reshape(-1, d)])
-        for scales in codec.TOKEN_SCALES:
+        for scales in pca_codec.TOKEN_SCALES:
             # one fit with all D components; its first r rows are the fit at r (eigenvalues sorted).
             # r_pca = D is a rotation: as many int8 bytes as today's int8, its steps set per component
-            full = codec.fit_token_basis(sample, d, scales=scales)
+            full = pca_codec.fit_token_basis(sample, d, scales=scales)
             for r in sorted({c for c in COMPONENTS if c < d} | {d}):
-                basis = codec.TokenBasis(
+                basis = pca_codec.TokenBasis(
                     full.mean, full.components[:r].copy(), full.component_scale[:r].copy()
                 )
                 err, _ = _token_err(ev["patches"], basis)
@@ -207,7 +210,7 @@ def token_rows(fit_other: dict[str, torch.Tensor], ev: dict[str, torch.Tensor]) 
                         "local_mean": float(err.mean()),
                         "local_max": float(err.max()),
                         "ic_mean": float(ic_err.mean()),
-                        "relation_kl_via_tokens": _kl(true_rel, codec.relation_logits(ic_got)),
+                        "relation_kl_via_tokens": _kl(true_rel, relation.relation_logits(ic_got)),
                     }
                 )
     return rows
@@ -219,13 +222,13 @@ def encode_cost(ev: dict[str, torch.Tensor], r: int, r_pca: int, batch: int) -> 
     n, d = len(ev["patches"]), ev["patches"].shape[-1]
     sample = torch.cat([ev["patches"].reshape(-1, d), ev["ic"].reshape(-1, d)])
     t0 = time.perf_counter()
-    basis = codec.fit_token_basis(sample, r_pca)
+    basis = pca_codec.fit_token_basis(sample, r_pca)
     out = {"basis_fit_s": time.perf_counter() - t0, "basis_fit_tokens": int(sample.shape[0])}
     parts = {
-        "relation_s_per_view": lambda i: codec.encode_relation(
-            codec.relation_factor(ev["ic"][i : i + batch], r)
+        "relation_s_per_view": lambda i: relation.encode_relation(
+            relation.relation_factor(ev["ic"][i : i + batch], r)
         ),
-        "pca_s_per_view": lambda i: codec.encode_tokens(ev["patches"][i : i + batch], basis),
+        "pca_s_per_view": lambda i: pca_codec.encode_tokens(ev["patches"][i : i + batch], basis),
         "int8_s_per_view": lambda i: store_encode(ev["patches"][i : i + batch].numpy(), "int8"),
     }
     for name, fn in parts.items():
@@ -260,17 +263,17 @@ def pick(
     out = []
     for fields, tr in _token_options(tok):
         options = [
-            (codec.CodecConfig(relation_rank=x["r"], relation_dtype=x["dtype"], **fields), x["kl"])
+            (pca_codec.CodecConfig(relation_rank=x["r"], relation_dtype=x["dtype"], **fields), x["kl"])
             for x in rel
             if x["what"] == "factor"
         ]
         if fields["token_codec"] == "pca":
             options.append(
-                (codec.CodecConfig(relation_source="tokens", **fields), tr["relation_kl_via_tokens"])
+                (pca_codec.CodecConfig(relation_source="tokens", **fields), tr["relation_kl_via_tokens"])
             )
         for cfg, kl in options:
             if kl <= KL_TARGET:
-                size = codec.bytes_per_view(cfg, d, p, t, setup["views_per_basis"])
+                size = pca_codec.bytes_per_view(cfg, d, p, t, setup["views_per_basis"])
                 out.append(
                     {
                         "config": cfg.__dict__,
@@ -293,7 +296,7 @@ def run_teacher(name: str, n_images: int, batch: int) -> dict[str, Any]:
     fit_other = {k: tokens[k][:half] for k in ("patches", "ic")}
     ev = {k: tokens[k][half:] for k in ("g", "patches", "ic")}
     dims = (ev["patches"].shape[-1], ev["patches"].shape[1], ev["ic"].shape[1])
-    g16 = codec.relative_error(ev["g"], ev["g"].half().float())
+    g16 = pca_codec.relative_error(ev["g"], ev["g"].half().float())
     rel = relation_rows(ev["ic"], setup["ranks"])
     tok = token_rows(fit_other, ev)
     picks = pick(setup, dims, rel, tok)

@@ -84,13 +84,14 @@ class Runner:
     def __init__(self, meta: StoreMeta, device: torch.device, teacher: Any = None) -> None:
         self.device = device
         self.recipe = meta.recipe
+        self.layout = meta.layout  # its codecs decode the targets
         self.trainer = Trainer(
             DistillConfig(student=STUDENT),
             meta,
             self.recipe,
             device,
             schedule=Schedule.constant(1e-4),
-            finish=lambda loaded: model_inputs(loaded, self.recipe, device),
+            finish=lambda loaded: model_inputs(loaded, self.recipe, device, self.layout),
         )
         self.trainer.teacher = teacher
 
@@ -105,7 +106,7 @@ class Runner:
 
 
 def flops(runner: Runner, teacher: Any, loaded: dict[str, torch.Tensor]) -> dict[str, float]:
-    batch = model_inputs(loaded, runner.recipe, runner.device)
+    batch = model_inputs(loaded, runner.recipe, runner.device, runner.layout)
     with FlopCounterMode(display=False) as fc:
         runner.trainer.forward_backward_step(batch)  # the student's forward and backward, under its autocast
     step = fc.get_total_flops()
@@ -150,12 +151,12 @@ def loader_rate(store: Path, batch_size: int, reps: int, device: torch.device) -
     finally:
         torch.set_num_threads(threads)
     loaded = tile(ds[BatchRequest(0, 0, 0)], batch_size, device)
-    model_inputs(loaded, recipe, device)
+    model_inputs(loaded, recipe, device, ds.reader.layout)
     secs = []
     for _ in range(reps):
         sync(device)
         t0 = time.perf_counter()
-        model_inputs(loaded, recipe, device)
+        model_inputs(loaded, recipe, device, ds.reader.layout)
         sync(device)
         secs.append(time.perf_counter() - t0)
     out["device_side_ms_per_image"] = 1000 * statistics.median(secs) / batch_size

@@ -15,12 +15,12 @@ without gradients); only the teacher targets g_t, local_t and rel_t differ:
   target (rel_t: the row-shifted logits, as stage one encodes them), what such a store serves;
 - relation factor, rank r (relation only; v0's targets float32, as `--dtype float32 --relation
   factor`): `pipeline.cache.relation_code` of Ic's teacher tokens (float16 Z, float32 diagonal),
-  rebuilt by `codec.rebuild_logits` as stage two rebuilds it. Ic's tokens are not in a logits
+  rebuilt by `relation.rebuild_logits` as stage two rebuilds it. Ic's tokens are not in a logits
   store: the store's teacher recomputes them on the batch's Ic (`Teacher.encode_crowd`, float32);
 - relation from those tokens in float32 (`online-teacher relation`): the floor of the factor rows,
   the difference between the stored relation and the one recomputed on the loader's Ic;
 - PCA token codec, all D components, int8 coefficients with per-token x component steps
-  (`codec.fit_token_basis`, `encode_tokens`, `decode_tokens`) on v0's patch tokens only, the basis
+  (`pca_codec.fit_token_basis`, `encode_tokens`, `decode_tokens`) on v0's patch tokens only, the basis
   fitted on the evaluated batches' v0 patches and Ic tokens (a shard's own basis, as bench_codec's
   `shard` rows);
 - two whole stores: `--relation factor` at the default rank with float16 v0 targets (what `dpal
@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -52,16 +53,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dpal import codec, store
+from dpal import store
 from dpal.config import DistillConfig, build, resolve, to_dict
-from dpal.pipeline.cache import relation_code
-from dpal.store import StoreReader
-from dpal.store_schema import RELATION_DIAG, RELATION_FACTOR
+from dpal.store import RELATION_DIAG, RELATION_FACTOR, StoreReader, relation, token_rotation
+from dpal.store.relation import relation_code
 from dpal.teachers import load_teacher
 from dpal.trainer.checkpoint import load_checkpoint
 from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, valid_rows
 from dpal.trainer.recipes import batch_needs
 from dpal.trainer.train import RUNTIME_KEYS, Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/pca_codec.py
+import pca_codec  # noqa: E402
 
 TERMS = ("global", "local", "relation", "total")
 TARGET = 0.01  # the issue's "within 1%"
@@ -71,7 +74,7 @@ STORE_DTYPES = ("float32", "float16", "bfloat16", "int8", "int8-rotated")
 def codecs(num_crowd_tokens: int) -> dict[str, dict[str, str]]:
     """{name: {g_t, local_t, rel_t: how each target is coded}}. Tokens: a store dtype or `pca`;
     relation: a store dtype, `factor:R` or `tokens` (float32 logits of the recomputed Ic tokens)."""
-    r0 = codec.default_relation_rank(num_crowd_tokens)
+    r0 = relation.default_relation_rank(num_crowd_tokens)
     f32 = {"g_t": "float32", "local_t": "float32", "rel_t": "float32"}
     # an int8-rotated store rotates v0's targets only; its relation logits are plain int8
     out = {
@@ -102,20 +105,20 @@ def codecs(num_crowd_tokens: int) -> dict[str, dict[str, str]]:
 
 def store_round_trip(x: Tensor, dtype: str) -> Tensor:
     """What a store of `dtype` serves for float32 `x`: `store.encode` then `store.decode`."""
-    # int8-rotated: the R a store of seed 0 would hold (codec.token_rotation, as stage one makes it)
-    rotation = codec.token_rotation(x.shape[-1], 0) if dtype == store.ROTATED_DTYPE else None
-    data, scale = store.encode(x.numpy(), dtype, rotation)
-    return store.decode(data, scale, dtype, rotation)
+    # int8-rotated: the R a store of seed 0 would hold (token_rotation, as stage one makes it)
+    r = token_rotation(x.shape[-1], 0) if dtype == store.ROTATED_DTYPE else None
+    data, scale = store.encode(x.numpy(), dtype, r)
+    return store.decode(data, scale, dtype, r)
 
 
 def factor_logits(tokens: Tensor, rank: int) -> Tensor:
     """The row-shifted logits stage two rebuilds from what a factor store of rank `rank` holds."""
     code = relation_code(tokens, rank)
     z = torch.from_numpy(code[RELATION_FACTOR]).float()
-    return codec.rebuild_logits(z, torch.from_numpy(code[RELATION_DIAG]))
+    return relation.rebuild_logits(z, torch.from_numpy(code[RELATION_DIAG]))
 
 
-def coded(batch: dict[str, Tensor], how: dict[str, str], basis: codec.TokenBasis) -> dict[str, Tensor]:
+def coded(batch: dict[str, Tensor], how: dict[str, str], basis: pca_codec.TokenBasis) -> dict[str, Tensor]:
     """`batch` with its targets as codec `how` serves them (batch["ic_tokens"]: Ic's teacher tokens)."""
     out = {k: v for k, v in batch.items() if k != "ic_tokens"}
     for key, kind in how.items():
@@ -123,9 +126,11 @@ def coded(batch: dict[str, Tensor], how: dict[str, str], basis: codec.TokenBasis
         if kind in STORE_DTYPES:
             out[key] = store_round_trip(x, kind)
         elif kind == "pca":
-            out[key] = codec.decode_tokens(codec.encode_tokens(x, basis), basis)
+            out[key] = pca_codec.decode_tokens(pca_codec.encode_tokens(x, basis), basis)
         elif kind == "tokens":
-            out[key] = torch.from_numpy(store.shift_rows(codec.relation_logits(batch["ic_tokens"]).numpy()))
+            out[key] = torch.from_numpy(
+                store.shift_rows(relation.relation_logits(batch["ic_tokens"]).numpy())
+            )
         else:
             out[key] = factor_logits(batch["ic_tokens"], int(kind.split(":")[1]))
     return out
@@ -153,13 +158,13 @@ def load_batches(cfg: DistillConfig, trainer: Trainer, n: int) -> list[dict[str,
     return out
 
 
-def token_basis(batches: list[dict[str, Tensor]]) -> codec.TokenBasis:
+def token_basis(batches: list[dict[str, Tensor]]) -> pca_codec.TokenBasis:
     """The PCA basis with all D components over the batches' v0 patch tokens and Ic tokens."""
     d = batches[0]["local_t"].shape[-1]
     sample = torch.cat(
         [t for b in batches for t in (b["local_t"].reshape(-1, d), b["ic_tokens"].reshape(-1, d))]
     )
-    return codec.fit_token_basis(sample, d)
+    return pca_codec.fit_token_basis(sample, d)
 
 
 def build_trainer(
@@ -250,7 +255,9 @@ def measure(
     # the relation recomputed from Ic's tokens against the stored one (what the factor rows start from)
     recompute = max(
         float(
-            np.abs(store.shift_rows(codec.relation_logits(b["ic_tokens"]).numpy()) - b["rel_t"].numpy()).max()
+            np.abs(
+                store.shift_rows(relation.relation_logits(b["ic_tokens"]).numpy()) - b["rel_t"].numpy()
+            ).max()
         )
         for b in data
     )

@@ -25,19 +25,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dpal.codec import default_relation_rank, rebuild_logits, relation_factor, relation_logits, row_kl
 from dpal.config import CacheConfig
 from dpal.corpus import BadImage, decode_image, read_bytes
-from dpal.errors import InputError, UserError
+from dpal.errors import UserError
 from dpal.store import (
-    FACTOR_DTYPE,
     FEATURES,
     GLOBAL,
     KEYS,
     LOCAL,
     RELATION,
-    RELATION_DIAG,
-    RELATION_FACTOR,
     SOURCE,
     SOURCE_OFFSET,
     SOURCE_SIZE,
@@ -49,6 +45,7 @@ from dpal.store import (
     shift_rows,
     write_shard,
 )
+from dpal.store.relation import RELATION_KL, relation_code
 from dpal.teachers import Teacher, TeacherSpec, autocast_context
 from dpal.views import NUM_PARAMS, ViewRecipe, background_index, replay, sample_view
 
@@ -146,46 +143,6 @@ def batches_ahead(
         while pending:
             done, futures = pending.popleft()
             yield done, [f.result() for f in futures]
-
-
-def relation_rank(cfg: CacheConfig, num_crowd_tokens: int) -> int:
-    """r of the relation factor that `cfg` asks for at T = num_crowd_tokens; 0 for `--relation logits`."""
-    if cfg.relation != "factor":
-        if cfg.relation_rank is not None:  # checked here, not in CacheConfig: a config sets fields one by one
-            raise InputError(
-                f"relation_rank {cfg.relation_rank} is set but the relation is stored as logits; add "
-                "--relation factor, or drop --relation-rank"
-            )
-        return 0
-    rank = default_relation_rank(num_crowd_tokens) if cfg.relation_rank is None else cfg.relation_rank
-    if not 1 <= rank <= num_crowd_tokens:
-        raise InputError(
-            f"relation_rank {rank} must be between 1 and T = {num_crowd_tokens} (Ic's tokens); "
-            "set --relation-rank in that range"
-        )
-    return rank
-
-
-RELATION_KL = "relation_kl"  # (B,) in a factor batch: each view's mean row KL of the stored factor
-
-
-def relation_code(tokens: torch.Tensor, rank: int) -> dict[str, np.ndarray]:
-    """Ic's tokens (B, T, D) -> what a factor store holds, factored on the tokens' device.
-
-    Returns:
-        RELATION_FACTOR (B, T, r) float16 Z, RELATION_DIAG (B, T) float32 exact diagonal, and
-        RELATION_KL (B,) float64: each view's mean row KL(softmax(logits) || softmax(rebuilt)),
-        the logits rebuilt from the float16 Z as stage two rebuilds them.
-    """
-    with torch.autocast(tokens.device.type, enabled=False):  # float32 logits, float64 eigh (codec)
-        factor = relation_factor(tokens, rank)
-        z = factor.z.to(getattr(torch, FACTOR_DTYPE))
-        kl = row_kl(relation_logits(tokens), rebuild_logits(z.float(), factor.diag, shift=False)).mean(-1)
-    return {
-        RELATION_FACTOR: z.cpu().numpy(),
-        RELATION_DIAG: factor.diag.float().cpu().numpy(),
-        RELATION_KL: kl.cpu().numpy(),
-    }
 
 
 @torch.inference_mode()
@@ -306,7 +263,7 @@ def cache_shard(
     """Cache one store shard: decode, sample views, run the teacher, write, mark done.
 
     Args:
-        store_path: an initialised store (see `pipeline.engine.prepare_store`).
+        store_path: an initialised store (see `pipeline.prepare.prepare_store`).
         shard: shard index.
         teacher: the loaded teacher (one per worker, never shipped in a task).
         cfg: the run's config (recipe, seed, K, batch size, strictness).

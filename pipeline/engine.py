@@ -1,4 +1,5 @@
-"""Stage one's engine: prepare the store, then run one `cache_shard` task per pending shard.
+"""Stage one's driver: prepare the store (`pipeline.prepare`), then run one `cache_shard` task per
+pending shard, and summarise the run.
 
 Where the tasks run: an embedded dask LocalCluster (default, `--workers N` processes), a running
 dask scheduler (`--scheduler ADDRESS`), SLURM workers through dask-jobqueue (`--slurm`), or this
@@ -9,7 +10,6 @@ the teacher once, through a WorkerPlugin, and uses one device; tasks carry only 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 import warnings
@@ -36,46 +36,29 @@ except ImportError:  # without the `engine` extra only --shards runs (in this pr
 
 from dpal import __version__
 from dpal.common import resolve_device
-from dpal.config import CacheConfig, shard_slice, to_dict
-from dpal.corpus import Corpus, index_corpus, scan_corpus
+from dpal.config import CacheConfig, shard_slice
 from dpal.errors import UserError
 from dpal.pipeline.cache import (
     DiskFullError,
     ShardReport,
     StrictModeError,
     cache_shard,
-    disk_full_message,
-    is_disk_full,
-    relation_rank,
     replay_threads_for,
     teacher_spec,
-    teacher_targets,
 )
+from dpal.pipeline.prepare import check_inputs, local_worker_threads, prepare_store
 from dpal.progress import Progress as PlainProgress
 from dpal.store import (
-    FACTOR_SCHEMA,
-    ROTATED_DTYPE,
-    ROTATED_SCHEMA,
-    SCHEMA_VERSION,
     Layout,
     StoreError,
-    StoreMeta,
-    TeacherIdentity,
-    TokenGrid,
-    corpus_fingerprint,
-    create_store,
     done_shards,
-    identity_diff,
     mark_complete_if_done,
-    read_attrs,
     read_marker,
 )
-from dpal.teachers import Teacher, load_teacher, qkv_std_ratio
-from dpal.views import background_index, replay, sample_view
+from dpal.teachers import Teacher, load_teacher
 
 logger = logging.getLogger(__name__)
 PLUGIN_NAME = "dpal-teacher"
-MAX_LOGGED_PROBLEMS = 20  # corpus problems logged one line each; the store records all
 WORKER_EXIT_S = 60.0  # grace for a dask worker process to exit after its worker closed
 # A SLURM worker's memory is torch's (the teacher, its buffers), none of it dask's: dask's memory
 # manager would pause the worker at 80% of the job's --mem, forever, since nothing it holds can be
@@ -132,187 +115,6 @@ class RunSummary:
                 'rerun the same command to finish'
             }"
         )
-
-
-def store_meta(
-    cfg: CacheConfig,
-    teacher: Teacher,
-    fingerprint: str,
-    num_images: int,
-    corpus_problems: list[dict[str, Any]] | None = None,
-) -> StoreMeta:
-    """What the store holds: the identity a resume must match, and the records beside it.
-
-    Args:
-        corpus_problems: corpus entries that could not be indexed (not identity: for `store info`).
-    """
-    grid = TokenGrid.of(cfg.recipe, teacher.patch_size)
-    rank = relation_rank(cfg, grid.num_crowd_tokens)
-    return StoreMeta(
-        teacher=TeacherIdentity.from_attrs(teacher.identity(), "teacher identity"),
-        recipe=cfg.recipe,
-        token_grid=grid,
-        seed=cfg.seed,
-        num_views=cfg.views,
-        num_images=num_images,
-        shard_size=cfg.shard_size,
-        dtype=cfg.dtype,
-        embed_dim=teacher.embed_dim,
-        corpus=cfg.corpus,
-        corpus_fingerprint=fingerprint,
-        embed_images=cfg.embed_images,
-        value_settings=value_settings(cfg),
-        config=to_dict(cfg),
-        corpus_problems=corpus_problems,
-        relation_rank=rank,
-        schema_version=schema_version(cfg.dtype, rank),
-    )
-
-
-def schema_version(dtype: str, relation_rank: int) -> int:
-    """The schema a new store is written in: 4 for int8-rotated (either relation codec), 3 for a
-    relation factor, else 2 (docs/store.md, "Changelog")."""
-    if dtype == ROTATED_DTYPE:
-        return ROTATED_SCHEMA
-    return FACTOR_SCHEMA if relation_rank else SCHEMA_VERSION
-
-
-def value_settings(cfg: CacheConfig) -> dict[str, Any]:
-    """Run settings outside the teacher and recipe that change stored values, so a resume must match.
-
-    `max_pixels` decides which images are skipped. `batch_size` changes the teacher's outputs in the
-    last bits (matrix kernels split a batch of B rows differently; measured: 8 to 406 elements of a
-    shard differ between batch sizes). The device type changes them more: a GPU teacher runs under
-    bf16 autocast, a CPU one in float32. A CPU teacher's torch thread count changes the last bit too
-    (MKL splits a small matrix product differently for 1 and 2 threads); on a GPU the threads only
-    replay views, and `replay_threads` is proven not to change a value (a test). With remote workers
-    (`--scheduler`, `--slurm`) and `device: auto` the driver cannot see the workers' device, and
-    records `auto`.
-    """
-    device = cfg.device
-    if device == "auto" and not (cfg.scheduler or cfg.use_slurm):
-        device = resolve_device(device).type
-    device = device.split(":")[0]
-    precision = {"cuda": "bfloat16 autocast", "cpu": "float32"}.get(
-        device, "bfloat16 autocast on cuda, float32 on cpu"
-    )
-    return {
-        "max_pixels": cfg.max_pixels,
-        "batch_size": cfg.batch_size,
-        "teacher_device": device,
-        "teacher_precision": precision,
-        "teacher_threads": teacher_threads(cfg) if device == "cpu" else None,
-    }
-
-
-def teacher_threads(cfg: CacheConfig) -> int | str:
-    """Torch threads that run a CPU teacher: this process's (`--shards`), or each worker's."""
-    if cfg.shards is not None:
-        return torch.get_num_threads()
-    if cfg.scheduler:
-        return "the scheduler's workers' own"
-    if cfg.use_slurm:
-        return cfg.threads_per_worker or cfg.slurm.cores
-    return local_worker_threads(cfg)
-
-
-def local_worker_threads(cfg: CacheConfig) -> int:
-    """Torch threads of each local dask worker: from --workers, never from the shards left, so that
-    a resume with fewer pending shards than workers runs a CPU teacher as the first run did."""
-    return cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers)
-
-
-def _value_settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Differences in `value_settings`; a store made before the attribute existed is compared on
-    the settings its `config` attribute recorded (max_pixels, batch_size)."""
-    before = old.get("value_settings")
-    if before is None:
-        config = old.get("config") or {}
-        before = {k: config[k] for k in ("max_pixels", "batch_size") if k in config}
-    now = new["value_settings"]
-    return [
-        f"value_settings.{k}: store has {before[k]!r}, this run has {now.get(k)!r}"
-        for k in sorted(before)
-        if before[k] != now.get(k)
-    ]
-
-
-def _check_out(out: Path) -> bool:
-    """Whether `out` is an existing store; raises StoreError if the store cannot be made there."""
-    is_store = (out / "zarr.json").exists()
-    if out.exists() and not is_store and (not out.is_dir() or any(out.iterdir())):
-        raise StoreError(f"--out {out} exists and is not a dpal store; choose a new path")
-    if not out.exists():
-        above = next(p for p in out.absolute().parents if p.exists())
-        if not above.is_dir():
-            raise StoreError(f"--out {out}: cannot create the store there ({above} is not a folder)")
-        if not os.access(above, os.W_OK | os.X_OK):
-            raise StoreError(f"--out {out}: cannot create the store there (no write permission in {above})")
-    return is_store
-
-
-def check_inputs(cfg: CacheConfig) -> Corpus:
-    """Index the corpus and check --out, before the teacher loads (which takes many seconds).
-
-    Corpus entries that cannot be indexed are logged, one line each, and recorded in the store;
-    under --strict the first one stops the run.
-
-    Raises:
-        ValueError: no corpus there, or no image in it.
-        StoreError: --out cannot hold a store.
-        StrictModeError: a corpus problem under --strict.
-    """
-    _check_out(Path(cfg.out))
-    corpus = scan_corpus(cfg.corpus)
-    for p in corpus.problems[:MAX_LOGGED_PROBLEMS]:
-        logger.warning("corpus: %s: %s", p["entry"], p["reason"])
-    if len(corpus.problems) > MAX_LOGGED_PROBLEMS:
-        logger.warning(
-            "corpus: %d more unreadable entries (the store's corpus_problems lists all)",
-            len(corpus.problems) - MAX_LOGGED_PROBLEMS,
-        )
-    if corpus.problems and cfg.strict:
-        p = corpus.problems[0]
-        raise StrictModeError(
-            f"corpus entry {p['entry']}: {p['reason']}; rerun without --strict to skip and record it"
-        )
-    return corpus
-
-
-def prepare_store(cfg: CacheConfig, teacher: Teacher, corpus: Corpus | None = None) -> Layout:
-    """Create the store, or check that an existing one was made by the same command.
-
-    Args:
-        corpus: the indexed corpus (`check_inputs`); indexed here when None.
-
-    Raises:
-        StoreError: the existing store differs in teacher, recipe, seed, K, dtype, ...; the
-            message names each difference.
-    """
-    out = Path(cfg.out)
-    is_store = _check_out(out)
-    corpus = corpus if corpus is not None else scan_corpus(cfg.corpus)
-    refs = corpus.refs
-    meta = store_meta(cfg, teacher, corpus_fingerprint(refs), len(refs), corpus.problems)
-    if not is_store:  # a new path, or an empty folder made for it
-        try:
-            create_store(out, meta, refs)
-        except OSError as e:
-            if is_disk_full(e):
-                raise DiskFullError(disk_full_message(out, "the new store", e, resumes=False)) from None
-            raise StoreError(
-                f"--out {out}: cannot create the store there ({e.strerror or e}: {e.filename})"
-            ) from None
-    old = read_attrs(out)
-    new = meta.to_attrs()
-    diff = identity_diff(old, new) + _value_settings_diff(old, new)
-    if diff:
-        raise StoreError(
-            f"{out} was made with different settings, refusing to mix them: "
-            + "; ".join(diff)
-            + ". Use a new --out, or rerun with the store's settings."
-        )
-    return StoreMeta.from_attrs(old, out).layout
 
 
 # ---------------------------------------------------------------- dask
@@ -581,85 +383,3 @@ def close_cluster(cluster: Any) -> None:
 
         cluster.sync(close_all, list(cluster.workers.values()))
     cluster.close()
-
-
-# ---------------------------------------------------------------- dry run
-
-
-def _sample_views(cfg: CacheConfig, refs: list[Any], num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """v0 and Ic (view 0) of the first `num_images` decodable corpus images, for timing the teacher."""
-    from dpal.corpus import BadImage, decode_image, read_bytes
-
-    imgs = []
-    for ref in refs:
-        try:
-            imgs.append((ref.key, decode_image(read_bytes(ref.source, ref.offset, ref.size), cfg.max_pixels)))
-        except (BadImage, OSError):
-            continue
-        if len(imgs) >= num_images:
-            break
-    if not imgs:
-        raise StoreError(f"no decodable image among the first images of {cfg.corpus}")
-    pool = [(i, (im.height, im.width)) for i, (_, im) in enumerate(imgs)]
-    v0s, ics = [], []
-    for i, (key, im) in enumerate(imgs):
-        p = sample_view(
-            cfg.recipe, cfg.seed, key, 0, (im.height, im.width), [b for b in pool if b[0] != i] or pool
-        )
-        v0, ic = replay(cfg.recipe, p, im, imgs[background_index(p)][1])
-        v0s.append(v0)
-        ics.append(ic)
-    return torch.stack(v0s), torch.stack(ics)
-
-
-def _image_bytes(cfg: CacheConfig, refs: list[Any]) -> int:
-    """The image tars' size estimated from up to 256 images' sizes (0 without --embed-images)."""
-    if not cfg.embed_images:
-        return 0
-    sample = refs[: min(len(refs), 256)]
-    sizes = [
-        ref.size if ref.size >= 0 else os.path.getsize(ref.source)
-        for ref in sample
-        if ref.size >= 0 or os.path.exists(ref.source)
-    ]
-    return int(sum(sizes) / max(len(sizes), 1) * len(refs))
-
-
-def dry_run(cfg: CacheConfig, num_images: int = 8) -> dict[str, Any]:
-    """Time the teacher on a few images and size the store for this corpus and K."""
-    device = resolve_device(cfg.device)
-    refs = index_corpus(cfg.corpus)  # before the teacher: a corpus mistake is reported at once
-    teacher = load_teacher(teacher_spec(cfg), device=device)
-    v0, ic = _sample_views(cfg, refs, num_images)
-    grid = TokenGrid.of(cfg.recipe, teacher.patch_size)
-    rank = relation_rank(cfg, grid.num_crowd_tokens)
-    teacher_targets(teacher, v0[:2], ic[:2], device, rank)  # warm up
-    t0 = time.perf_counter()
-    teacher_targets(teacher, v0, ic, device, rank)
-    per_view = (time.perf_counter() - t0) / len(v0)
-    layout = Layout(
-        len(refs), cfg.views, cfg.shard_size, teacher.embed_dim, grid.num_patches, grid.num_crowd_tokens,
-        cfg.dtype, rank,
-    )  # fmt: skip
-    image_bytes = _image_bytes(cfg, refs)
-    views = len(refs) * cfg.views
-    workers = 1 if cfg.shards else (cfg.slurm.jobs if cfg.use_slurm else cfg.workers)
-    return {
-        "teacher": teacher.identity(),
-        "device": str(device),
-        "num_images": len(refs),
-        "num_views": cfg.views,
-        "dtype": cfg.dtype,
-        "relation_codec": layout.relation_codec,
-        "relation_rank": layout.relation_rank or None,
-        "bytes_per_view": layout.bytes_per_view(),
-        "rotation_bytes": layout.rotation_bytes(),  # R, once per store (int8-rotated)
-        "feature_bytes": layout.bytes_per_view() * views + layout.rotation_bytes(),
-        "image_bytes": image_bytes,
-        "store_bytes": layout.bytes_per_view() * views + layout.rotation_bytes() + image_bytes,
-        "seconds_per_view": per_view,
-        "estimated_seconds": per_view * views / workers,
-        "workers": workers,
-        "qkv_std_ratio": qkv_std_ratio(teacher),
-        "num_shards": layout.num_shards,
-    }

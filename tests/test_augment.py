@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dpal.corpus import decode_image
-from dpal.store import StoreReader, decode, encode
+from dpal.store import StoreReader
 from dpal.trainer import augment
 from dpal.trainer.data import BatchDataset, EpochSampler, collate_requests, valid_rows
 from dpal.views import (
@@ -114,16 +114,6 @@ def test_compose_views_tables_every_person_background_pair() -> None:
     v0, ic = augment.compose_views(bg, bg, empty, empty, torch.tensor([[0, 0, 0, 4]]), alpha)
     whole = to_normalized(Image.fromarray(bg[0].numpy()))
     assert torch.equal(v0[0], whole) and torch.equal(ic[0, :, 4:], whole[:, 4:])
-
-
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8", "float32"])
-def test_decode_targets_equals_store_decode(dtype: str) -> None:
-    x = np.random.default_rng(1).normal(size=(3, 5, 8)).astype(np.float32) * 4
-    data, scale = encode(x, dtype)
-    from dpal.store import _raw_tensor
-
-    got = augment.decode_targets(_raw_tensor(data, dtype), None if scale is None else torch.from_numpy(scale))
-    assert got.dtype == torch.float32 and torch.equal(got, decode(data, scale, dtype))
 
 
 # ---------------------------------------------------------------- local crops

@@ -24,7 +24,9 @@ import webdataset as wds
 from dpal.config import CacheConfig
 from dpal.corpus import decode_image
 from dpal.pipeline.cache import StrictModeError, batches_ahead, cache_shard, replay_threads_for
-from dpal.pipeline.engine import dry_run, prepare_store, run_cache
+from dpal.pipeline.dryrun import dry_run
+from dpal.pipeline.engine import run_cache
+from dpal.pipeline.prepare import prepare_store
 from dpal.store import (
     IMAGE_OFFSET,
     IMAGES_DIR,
@@ -496,7 +498,7 @@ def test_corpus_problems_are_recorded_counted_and_strict(
 
 def test_value_settings_of_a_store_from_before_they_were_recorded() -> None:
     """A store written before `value_settings` existed is compared on what its config recorded."""
-    from dpal.pipeline.engine import _value_settings_diff
+    from dpal.pipeline.prepare import _value_settings_diff
 
     now = {
         "value_settings": {

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from dpal.cli import app
 from dpal.config import DistillConfig
 from dpal.errors import ConfigError, InputError
-from dpal.store_schema import FEATURES
+from dpal.store import FEATURES
 from dpal.trainer.checkpoint import build_student_from_checkpoint
 from dpal.trainer.distiller import build_distiller
 from dpal.trainer.export import load_exported

@@ -20,7 +20,6 @@ import zarr
 from typer.testing import CliRunner
 
 from dpal.cli import app
-from dpal.codec import rebuild_logits, relation_factor, relation_logits, row_kl
 from dpal.config import CacheConfig
 from dpal.corpus import decode_image
 from dpal.errors import InputError
@@ -36,6 +35,7 @@ from dpal.store import (
     read_marker,
     verify_store,
 )
+from dpal.store.relation import rebuild_logits, relation_factor, relation_logits, row_kl
 from dpal.teachers import load_teacher
 from dpal.trainer.data import BatchDataset, BatchRequest, EpochSampler, valid_rows
 from dpal.trainer.train import train

@@ -77,7 +77,7 @@ def test_encode_decode_int8_per_token_scale() -> None:
     # rounding error at most half a step per element (plus float32 noise of the product)
     assert (np.abs(y - x) <= scale[..., None] * (0.5 + 1e-4)).all()
     assert np.array_equal(y[0, 0], np.zeros(64, dtype=np.float32))
-    with pytest.raises(ValueError, match="unknown dtype"):
+    with pytest.raises(ValueError, match="dtype .int4. is not one of float16, bfloat16, int8"):
         encode(x, "int4")
 
 

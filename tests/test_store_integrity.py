@@ -452,7 +452,8 @@ def test_shard_finished_by_another_run_is_not_counted_as_run(
     tmp_path: Path, corpus_dir: Path, teacher, make_config
 ) -> None:
     from dpal.pipeline.cache import cache_shard
-    from dpal.pipeline.engine import prepare_store, summarize
+    from dpal.pipeline.engine import summarize
+    from dpal.pipeline.prepare import prepare_store
 
     cfg = make_config(corpus_dir, tmp_path / "store")
     layout = prepare_store(cfg, teacher)

@@ -1,4 +1,4 @@
-"""The store's typed attributes (store_schema.StoreMeta): exact round trips, the attributes stage one
+"""The store's typed attributes (store.meta.StoreMeta): exact round trips, the attributes stage one
 writes, one line for a missing or malformed attribute, schema-1 stores, the teacher rebuilt from a
 store; and dpal.common's device resolver."""
 
@@ -20,7 +20,7 @@ from dpal.common import IMAGENET_MEAN, resolve_device
 from dpal.config import CacheConfig
 from dpal.corpus import index_corpus
 from dpal.pipeline.cache import teacher_spec
-from dpal.pipeline.engine import store_meta
+from dpal.pipeline.prepare import store_meta
 from dpal.store import (
     INTEGRITY,
     Layout,
@@ -93,7 +93,7 @@ def test_conftest_store_meta_has_the_tiny_recipes_numbers(ref_store: Path) -> No
 def test_stage_one_builds_what_the_store_holds(
     ref_store: Path, make_config: Callable[..., CacheConfig], corpus_dir: Path, teacher: Teacher
 ) -> None:
-    """`pipeline.engine.store_meta`, rebuilt for the same command, is the store's attributes."""
+    """`pipeline.prepare.store_meta`, rebuilt for the same command, is the store's attributes."""
     cfg = make_config(corpus_dir, _attrs(ref_store)["config"]["out"])
     refs = index_corpus(str(corpus_dir))
     built = store_meta(cfg, teacher, corpus_fingerprint(refs), len(refs), [])
@@ -230,8 +230,7 @@ def test_teacher_identity_of_stores_before_input_scaling() -> None:
     """Stores written before `input_scale` and `target_grid` existed read with what they did: the
     view as it was (scale 1), and for a CNN teacher targets interpolated from its coarser map; such
     a store's identity equals a new one's that spells those values out (a resume is not refused)."""
-    from dpal.store import identity_diff
-    from dpal.store_schema import TeacherIdentity
+    from dpal.store import TeacherIdentity, identity_diff
 
     old = {
         "name": "efficientnet-lite2",

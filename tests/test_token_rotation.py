@@ -23,10 +23,10 @@ import zarr
 from typer.testing import CliRunner
 
 from dpal.cli import app
-from dpal.codec import token_rotation
 from dpal.config import CacheConfig
 from dpal.pipeline.cache import teacher_spec
-from dpal.pipeline.engine import prepare_store, run_cache
+from dpal.pipeline.engine import run_cache
+from dpal.pipeline.prepare import prepare_store
 from dpal.store import (
     GLOBAL,
     INTEGRITY,
@@ -41,6 +41,7 @@ from dpal.store import (
     encode,
     index_crc32c,
     read_marker,
+    token_rotation,
     verify_store,
 )
 from dpal.teachers import load_teacher

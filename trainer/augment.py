@@ -16,9 +16,10 @@ This module does the rest where the step runs:
 - `local_crops`: v1 and v2 from per-image parameters drawn in the worker exactly as before
   (views.sample_local), applied as a batch in float32 (see the function for where it deviates from
   the PIL reference, views.random_local).
-- `decode_targets`: stored float16 / bfloat16 / int8 (+ scale) -> float32, `store.decode`'s values;
-  int8-rotated tokens are rotated back with the store's R, one batched matmul on the device.
-  A factor store's relation (Z, diagonal) becomes the row-shifted logits (`codec.rebuild_logits`).
+- the targets: the store's codecs decode them (`dpal.store.codecs`: float16 / bfloat16 / int8 (+
+  scale) -> float32, `store.decode`'s values; int8-rotated tokens rotated back with the store's R,
+  one batched matmul on the device; a factor store's relation (Z, diagonal) becomes the row-shifted
+  logits).
 
 Shapes: B images, (Hg, Wg) v0, (Hl, Wl) local crops and persons, (Hc, Wc) Ic, (Hs, Ws) the batch's
 largest source image.
@@ -36,8 +37,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from dpal.codec import rebuild_logits
 from dpal.common import IMAGENET_MEAN, IMAGENET_STD
+from dpal.store import GLOBAL, LOCAL, RELATION, Layout
 from dpal.views import ViewRecipe, normalize, to_unit
 
 # ITU-R 601-2 luma, PIL's convert("L") and torchvision's rgb_to_grayscale
@@ -274,28 +275,21 @@ def local_crops(source: Tensor, augs: Tensor, size: tuple[int, int]) -> Tensor:
     return (out - mean) / std
 
 
-# ---------------------------------------------------------------- targets
-
-
-def decode_targets(data: Tensor, scale: Tensor | None = None, rotation: Tensor | None = None) -> Tensor:
-    """Stored targets -> float32, `store.decode`'s values: float16 and bfloat16 widen exactly; int8
-    is multiplied by its per-token scale (one float32 product, as numpy's); int8-rotated's global
-    and local targets are then rotated back, (q * scale) @ R^T, one batched matmul with `rotation`
-    (R (D, D) float32, already on data's device)."""
-    out = data.float() * scale[..., None] if scale is not None else data.float()
-    return out @ rotation.T if rotation is not None else out
-
-
 # ---------------------------------------------------------------- the whole batch
 
 
 def model_inputs(
-    batch: dict[str, Tensor], recipe: ViewRecipe, device: torch.device, rotation: Tensor | None = None
+    batch: dict[str, Tensor],
+    recipe: ViewRecipe,
+    device: torch.device,
+    layout: Layout | None = None,
+    rotation: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """A `BatchDataset` batch -> the model's inputs on `device`: index, v0, v1, v2, ic (float32,
     normalised; v1, v2 and ic when the batch has their parts, BatchDataset's `needs`), and the
-    targets it has, g_t, local_t, rel_t (float32), and mask. `rotation`: an int8-rotated store's
-    R (D, D) on `device` (`BatchDataset.rotation_on`), which g_t and local_t are rotated back by."""
+    targets it has, g_t, local_t, rel_t (float32, decoded by the codecs of the store's `layout`),
+    and mask. `rotation`: a rotated codec's R (D, D) on `device` (`BatchDataset.rotation_on`),
+    which g_t and local_t are rotated back by."""
     on = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "local_aug"}
     out = {"index": on["index"]}
     if "bg_u8" in on:
@@ -309,13 +303,13 @@ def model_inputs(
         augs = batch["local_aug"]  # (B, 2, NUM_AUG), stays on the CPU: it only steers the batched ops
         local = local_crops(on["src_u8"], torch.cat([augs[:, 0], augs[:, 1]]), recipe.local_size)
         out.update(v1=local[:b], v2=local[b:])
-    for name in ("g_t", "local_t", "rel_t"):
-        if name in on:  # the relation (T x T logits or a factor) is never rotated
-            out[name] = decode_targets(
-                on[name], on.get(name + "_scale"), None if name == "rel_t" else rotation
-            )
-    if "rel_t_diag" in on:  # a factor store: the row-shifted logits, one batched matmul on `device`
-        out["rel_t"] = rebuild_logits(out["rel_t"], on["rel_t_diag"])
+    for name, feature in (("g_t", GLOBAL), ("local_t", LOCAL)):
+        if name in on:
+            out[name] = layout.codec(feature).decode(on[name], on.get(name + "_scale"), rotation)
+    if "rel_t" in on:  # the logits (never rotated), or a factor store's Z and diagonal: one matmul
+        out["rel_t"] = layout.relation.decode(
+            layout.codec(RELATION), on["rel_t"], on.get("rel_t_scale"), on.get("rel_t_diag")
+        )
     if "mask" in on:
         out["mask"] = on["mask"]
     return out

@@ -33,8 +33,8 @@ from torch import Tensor
 
 from dpal.corpus import decode_image
 from dpal.errors import InputError, UserError
-from dpal.store import StoreError, StoreReader, shard_name
-from dpal.trainer.augment import decode_targets, model_inputs
+from dpal.store import LOCAL, Layout, StoreError, StoreReader, shard_name
+from dpal.trainer.augment import model_inputs
 from dpal.trainer.losses import shape_mask
 from dpal.trainer.recipes import EVERYTHING, Needs
 from dpal.views import (
@@ -186,7 +186,7 @@ class BatchDataset(torch.utils.data.Dataset):
             torch.set_num_threads(1)
             try:
                 cpu = torch.device("cpu")
-                batch = model_inputs(batch, self.recipe, cpu, self._targets_rotation(batch, cpu))
+                batch = model_inputs(batch, self.recipe, cpu, *self._decoding(batch, cpu))
             finally:
                 torch.set_num_threads(threads)
         return batch
@@ -291,7 +291,7 @@ class BatchDataset(torch.utils.data.Dataset):
             # int8-rotated tokens are left in R's basis: the mask is the tokens' centred projection
             # on their top principal axis, which a rotation does not change (the worker is spared a
             # B*P x D x D matmul; tests/test_token_rotation.py compares the two masks)
-            local = decode_targets(t.local, None if t.scales is None else t.scales[1])
+            local = reader.layout.codec(LOCAL).decode(t.local, None if t.scales is None else t.scales[1])
             out["mask"] = shape_mask(local, grid, self.mask_fix_sign)  # (B, P, 1)
         return t.params
 
@@ -300,12 +300,18 @@ class BatchDataset(torch.utils.data.Dataset):
         a batch finished on the CPU (`finish_on_cpu`) is only moved."""
         if self.finish_on_cpu:
             return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        return model_inputs(batch, self.recipe, device, self._targets_rotation(batch, device))
+        return model_inputs(batch, self.recipe, device, *self._decoding(batch, device))
 
-    def _targets_rotation(self, batch: dict[str, Tensor], device: torch.device) -> Tensor | None:
-        """R on `device` when the batch has global or local targets to rotate back, else None
-        (online-teacher batches have none, and nothing is moved to the device)."""
-        return self.rotation_on(device) if "g_t" in batch or "local_t" in batch else None
+    def _decoding(
+        self, batch: dict[str, Tensor], device: torch.device
+    ) -> tuple[Layout | None, Tensor | None]:
+        """The store's layout (its codecs) when the batch has targets, and R on `device` when it has
+        global or local targets to rotate back (online-teacher batches have none: nothing is read
+        or moved to the device)."""
+        if not {"g_t", "local_t", "rel_t"} & set(batch):
+            return None, None
+        rotation = self.rotation_on(device) if "g_t" in batch or "local_t" in batch else None
+        return self.reader.layout, rotation
 
 
 class _Laps:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from dpal.config import DistillConfig
 from dpal.errors import InputError
-from dpal.store_schema import FEATURES, GLOBAL, LOCAL, RELATION
+from dpal.store import FEATURES, GLOBAL, LOCAL, RELATION
 from dpal.trainer.distiller import Distiller, build_distiller, build_student
 from dpal.trainer.losses import masked_token_mse, proteus_feature_mse, token_mse, weighted_sum
 from dpal.trainer.student import student_tokens
@@ -42,7 +42,7 @@ MASK_STREAM = "proteus-mask"  # views.view_rng's stream of the masked positions
 
 
 def needed_targets(cfg: DistillConfig) -> tuple[str, ...]:
-    """The store's target arrays (store_schema.FEATURES names) that `cfg`'s recipe reads."""
+    """The store's target arrays (store.FEATURES names) that `cfg`'s recipe reads."""
     if cfg.recipe == "proteus":
         return (GLOBAL, LOCAL)
     weights = {GLOBAL: cfg.global_weight, LOCAL: cfg.local_weight, RELATION: cfg.relation_weight}
@@ -62,7 +62,7 @@ class Needs:
 
     local_crops: bool  # v1 and v2: drawn, cut from the image and shipped
     ic: bool  # the crowd image: its background read and replayed, composed
-    targets: tuple[str, ...]  # store_schema.FEATURES names read from the store
+    targets: tuple[str, ...]  # store.FEATURES names read from the store
 
 
 EVERYTHING = Needs(local_crops=True, ic=True, targets=FEATURES)  # what dpal with every term reads
@@ -81,7 +81,7 @@ def batch_needs(cfg: DistillConfig) -> Needs:
 
 def check_targets(cfg: DistillConfig, available: Collection[str], where: str) -> None:
     """Refuse, in one line, a recipe that needs targets `where` does not hold (`available`: the names
-    of its target arrays; every store of this schema holds all of store_schema.FEATURES)."""
+    of its target arrays; every store of this schema holds all of store.FEATURES)."""
     missing = [name for name in needed_targets(cfg) if name not in available]
     if missing:
         raise InputError(

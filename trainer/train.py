@@ -33,8 +33,7 @@ from dpal import __version__
 from dpal.config import DistillConfig, dump_yaml, to_dict
 from dpal.errors import InputError, UserError
 from dpal.progress import Progress
-from dpal.store import StoreError, StoreMeta, StoreReader
-from dpal.store_schema import FEATURES, KEYS
+from dpal.store import FEATURES, KEYS, StoreError, StoreMeta, StoreReader
 from dpal.teachers import autocast_context, load_teacher
 from dpal.trainer.checkpoint import (
     CHECKPOINT_VERSION,

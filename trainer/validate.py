@@ -26,8 +26,7 @@ from dpal.config import DistillConfig
 from dpal.embed import Embedder, evaluate_reid
 from dpal.errors import InputError
 from dpal.reid import checked_market
-from dpal.store import StoreMeta, StoreReader
-from dpal.store_schema import FEATURES
+from dpal.store import FEATURES, StoreMeta, StoreReader
 from dpal.trainer.checkpoint import rng_state, set_rng_state
 from dpal.trainer.data import BatchDataset, BatchRequest, valid_rows
 from dpal.trainer.recipes import batch_needs, check_targets

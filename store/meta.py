@@ -1,296 +1,57 @@
-"""The teacher store's schema: its version, array names, feature dtypes, shapes (`Layout`) and its
-group attributes as one typed, validated object (`StoreMeta`).
+"""A store's group attributes as one typed, validated object (`StoreMeta`) and its parts
+(`TokenGrid`, `TeacherIdentity`, `Preprocessing`).
 
-This is the one place that spells them; `store.py` writes and reads stores with them (and
-re-exports every name here, so `from dpal.store import StoreMeta` works), stage one builds a
-`StoreMeta` (`pipeline.engine.store_meta`) and stage two reads one (`StoreReader.store_meta`).
-`StoreMeta.to_attrs()` is exactly what a store's zarr.json holds (same keys, same order, so the
-bytes and the integrity checksum are those of the dict this replaced); `StoreMeta.from_attrs`
-reads schemas 1 to 4 and names the first missing or malformed attribute in one StoreError line.
-docs/store.md documents every attribute and keeps the changelog.
+Stage one builds a `StoreMeta` (`pipeline.prepare.store_meta`) and stage two reads one
+(`StoreReader.store_meta`). `StoreMeta.to_attrs()` is exactly what a store's zarr.json holds (same
+keys, same order, so the bytes and the integrity checksum are those of the dict this replaced);
+`StoreMeta.from_attrs` reads schemas 1 to 4 and names the first missing or malformed attribute in one
+StoreError line. What the codecs add (`relation_codec`, `token_codec`) comes from the registry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from dpal import __version__
-from dpal.common import IMAGENET_MEAN, IMAGENET_STD, STORE_DTYPES
-from dpal.errors import UserError
+from dpal.common import IMAGENET_MEAN, IMAGENET_STD
+from dpal.store.codecs import ROTATED_DTYPE, dtype_names, relation_codec, target_codec
+from dpal.store.layout import Layout
+from dpal.store.schema import (
+    BOOL,
+    COUNT,
+    DECODE_RULE,
+    DICT,
+    FACTOR_SCHEMA,
+    FORMAT,
+    GLOBAL_TARGETS,
+    GRID,
+    INT,
+    NAMES,
+    OPTIONAL_DICT,
+    OPTIONAL_INT,
+    OPTIONAL_LIST,
+    OPTIONAL_STR,
+    POSITIVE,
+    REBUILD,
+    RELATION_TARGET,
+    RGB,
+    ROTATED_SCHEMA,
+    SCHEMA_VERSION,
+    STR,
+    TARGET_GRIDS,
+    TEACHER_KINDS,
+    StoreError,
+    _Fields,
+    _one_of,
+    attribute_error,
+    check_header,
+)
 from dpal.views import NUM_PARAMS, PARAM_FIELDS, ViewRecipe
 
 if TYPE_CHECKING:
     from dpal.teachers import TeacherSpec
-
-SCHEMA_VERSION = 2  # stores whose relation target is the logits (the default)
-FACTOR_SCHEMA = 3  # stores whose relation target is a low-rank factor (attribute `relation_codec`)
-ROTATED_SCHEMA = 4  # stores of dtype int8-rotated (attribute `token_codec`), either relation codec
-READABLE_SCHEMAS = (1, 2, 3, 4)  # schema 1 lacks the checksums of schema 2; its stores read unchecked
-FORMAT = "dpal-teacher-store"
-
-# N images, K views per image, P patch tokens of v0, T tokens of Ic (1 + grid), D teacher width
-GLOBAL = "global"  # (N, K, D)     teacher CLS (or mean patch token) on v0
-LOCAL = "local"  # (N, K, P, D)  teacher patch tokens on v0
-RELATION = "relation"  # (N, K, T, T) teacher affinity logits F F^T / sqrt(D) on Ic, each row minus its max
-# schema 3, relation codec `factor`, instead of RELATION (codec.relation_factor):
-RELATION_FACTOR = "relation_factor"  # (N, K, T, r) float16 Z, logits ~= Z Z^T off the diagonal
-RELATION_DIAG = "relation_diag"  # (N, K, T) float32, the logits' exact diagonal
-RELATION_CODECS = ("logits", "factor")
-FACTOR_DTYPE = "float16"  # Z's stored dtype, whatever the store's `dtype` (which sets v0's targets)
-SCALE_SUFFIX = "_scale"  # int8 only: per-token float32 scale, (N, K), (N, K, P), (N, K, T)
-# schema 4, dtype int8-rotated: GLOBAL and LOCAL hold int8(x @ R) with their scales; the relation
-# logits (if stored as logits) are plain int8. R is written once, when the store is created.
-TOKEN_ROTATION = "token_rotation"  # (D, D) float32 R, orthogonal (codec.token_rotation)
-ROTATED_DTYPE = "int8-rotated"
-ROTATED_FEATURES = (GLOBAL, LOCAL)  # the D-wide targets that go through R
-PARAMS = "params"  # (N, K, NUM_PARAMS) float64 view parameters, laid out as views.PARAM_FIELDS
-VALID = "valid"  # (N,) uint8: 1 cached, 0 skipped (bad image)
-KEYS = "keys"  # (N,) str     image keys
-SOURCE = "source"  # (N,) str    where the corpus image lives (file, or tar)
-SOURCE_OFFSET = "source_offset"  # (N,) int64 byte offset in the source tar, -1 for a file
-SOURCE_SIZE = "source_size"  # (N,) int64
-IMAGE_OFFSET = "image_offset"  # (N,) int64 byte offset of the image in images/<shard>.tar, -1 if none
-IMAGE_SIZE = "image_size"  # (N,) int64
-FEATURES = (GLOBAL, LOCAL, RELATION)
-INDEX_ARRAYS = (KEYS, SOURCE, SOURCE_OFFSET, SOURCE_SIZE)  # written once, when the store is created
-# (and TOKEN_ROTATION in an int8-rotated store: its crc32c sits beside theirs in `integrity`)
-SHARD_ARRAYS = (PARAMS, VALID, IMAGE_OFFSET, IMAGE_SIZE)  # written by each shard's writer
-IMAGES_DIR = "images"
-MARKERS_DIR = "shards"
-# Per-shard arrays whose rows' crc32c each marker records (schema 2): the readers check them
-# before trusting which rows are valid, where their images are, and their view parameters.
-CHECKED_SHARD_ARRAYS = (VALID, IMAGE_OFFSET, IMAGE_SIZE, PARAMS)
-
-DTYPES = STORE_DTYPES  # feature dtypes (`--dtype`); Zarr has no bfloat16, so its bits go as uint16
-STORAGE_DTYPE = {
-    "float16": "float16",
-    "bfloat16": "uint16",
-    "int8": "int8",
-    ROTATED_DTYPE: "int8",
-    "float32": "float32",
-}
-INT8_DTYPES = ("int8", ROTATED_DTYPE)  # dtypes stored as int8 with a per-token float32 scale
-
-# Group attribute holding the checksums of the store's own metadata (schema 2), recorded when the
-# store is created: the other attributes (all but `complete`, which flips once at the end), every
-# array's zarr.json (dtype, shape, codecs) and the values of the index arrays. Not part of
-# StoreMeta: store.py computes and checks it.
-INTEGRITY = "integrity"
-
-# Attributes that fix what a store means: a rerun that differs in any of them is refused.
-IDENTITY_ATTRS = (
-    "teacher",
-    "recipe",
-    "seed",
-    "num_views",
-    "dtype",
-    "shard_size",
-    "corpus_fingerprint",
-    "num_images",
-    "embed_images",
-    "token_grid",
-    "relation_codec",  # absent (None) in logits stores
-)
-
-RELATION_TARGET = "row-shifted logits F F^T / sqrt(D)"
-ROTATION_RULE = (
-    "Q of the float64 QR of a D x D standard normal matrix drawn by numpy default_rng([0x524f54, seed]), "
-    "each column signed so that the triangular factor's diagonal is positive, as float32 "
-    "(codec.token_rotation)"
-)
-DECODE_RULE = "PIL, EXIF transpose, to RGB (dpal.corpus.decode_image)"
-TEACHER_KINDS = ("vit", "cnn")
-GLOBAL_TARGETS = ("cls", "mean", "pool")  # the CLS token, the mean patch token, a CNN's pooled map
-TARGET_GRIDS = ("native", "interpolated")  # one teacher feature per student token, or resampled
-REBUILD = "rebuild it with `dpal cache-teacher --out NEW`"
-
-
-class StoreError(UserError):
-    """A store that cannot be used as asked; the message says what to run (the CLI prints it as one
-    line)."""
-
-
-# ---------------------------------------------------------------- reading attributes, checked
-
-
-@dataclass(frozen=True)
-class _Kind:
-    """What one attribute must be: `what` names it in the error, `ok` tests it, `convert` turns the
-    JSON value into the field's value (lists into tuples)."""
-
-    what: str
-    ok: Callable[[Any], bool]
-    convert: Callable[[Any], Any] = lambda v: v
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _one_of(choices: tuple[str, ...]) -> _Kind:
-    return _Kind(f"one of {', '.join(choices)}", lambda v: v in choices)
-
-
-INT = _Kind("an integer", _is_int)
-COUNT = _Kind("an integer >= 0", lambda v: _is_int(v) and v >= 0)
-POSITIVE = _Kind("a positive integer", lambda v: _is_int(v) and v > 0)
-OPTIONAL_INT = _Kind("an integer or null", lambda v: v is None or _is_int(v))
-BOOL = _Kind("true or false", lambda v: isinstance(v, bool))
-STR = _Kind("a string", lambda v: isinstance(v, str))
-OPTIONAL_STR = _Kind("a string or null", lambda v: v is None or isinstance(v, str))
-DICT = _Kind("an object", lambda v: isinstance(v, dict))
-OPTIONAL_DICT = _Kind("an object or null", lambda v: v is None or isinstance(v, dict))
-OPTIONAL_LIST = _Kind("a list or null", lambda v: v is None or isinstance(v, list))
-GRID = _Kind(
-    "two positive integers",
-    lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v),
-    tuple,
-)
-RGB = _Kind(
-    "three numbers",
-    lambda v: isinstance(v, list | tuple) and len(v) == 3 and all(map(_is_number, v)),
-    lambda v: tuple(float(x) for x in v),
-)
-NAMES = _Kind(
-    "a list of strings", lambda v: isinstance(v, list | tuple) and all(isinstance(x, str) for x in v), tuple
-)
-
-_REQUIRED = object()
-
-
-def _short(value: Any) -> str:
-    r = repr(value)
-    return r if len(r) <= 60 else r[:57] + "..."
-
-
-def attribute_error(where: str | Path, name: str, problem: str) -> StoreError:
-    """The one line for an attribute that is missing, malformed or inconsistent."""
-    return StoreError(
-        f"{where}: store attribute {name} {problem}; the store was written by another dpal or "
-        f"edited: use the dpal that wrote it, or {REBUILD}"
-    )
-
-
-class _Fields:
-    """One attribute object of a store, read field by field; errors name the field's full path
-    (`teacher.embed_dim`) and the store."""
-
-    def __init__(self, attrs: dict[str, Any], where: str | Path, prefix: str = "") -> None:
-        self.attrs, self.where, self.prefix = attrs, where, prefix
-
-    def __call__(self, key: str, kind: _Kind, default: Any = _REQUIRED) -> Any:
-        name = self.prefix + key
-        if key not in self.attrs:
-            if default is not _REQUIRED:
-                return default
-            raise attribute_error(self.where, name, "is missing")
-        value = self.attrs[key]
-        if not kind.ok(value):
-            raise attribute_error(self.where, name, f"should be {kind.what}, got {_short(value)}")
-        return kind.convert(value)
-
-    def sub(self, key: str) -> _Fields:
-        return _Fields(self(key, DICT), self.where, f"{self.prefix}{key}.")
-
-
-def check_header(attrs: dict[str, Any], where: str | Path) -> None:
-    """Refuse what is not a dpal store, or a schema this dpal does not read."""
-    if attrs.get("format") != FORMAT:
-        raise StoreError(f"{where} is a Zarr group but not a dpal teacher store")
-    if attrs.get("schema_version") not in READABLE_SCHEMAS:
-        raise StoreError(
-            f"{where} has store schema {attrs.get('schema_version')}, this dpal ({__version__}) reads "
-            f"schema {', '.join(map(str, READABLE_SCHEMAS))}; rebuild it with `dpal cache-teacher` or use a "
-            "matching dpal"
-        )
-
-
-# ---------------------------------------------------------------- layout
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Shapes of one store. P patches and T crowd tokens follow the student's patch grid."""
-
-    num_images: int
-    num_views: int
-    shard_size: int
-    embed_dim: int
-    num_patches: int
-    num_crowd_tokens: int
-    dtype: str
-    relation_rank: int = 0
-    """r of the relation factor; 0: the relation is stored as T x T logits (schema 1, 2)."""
-
-    @property
-    def relation_codec(self) -> str:
-        return "factor" if self.relation_rank else "logits"
-
-    def feature_arrays(self) -> dict[str, tuple[str, bool]]:
-        """Each feature array's storage dtype, and whether it has a float32 `_scale` array (int8)."""
-        storage = STORAGE_DTYPE[self.dtype]
-        scaled = self.dtype in INT8_DTYPES
-        out = {name: (storage, scaled) for name in (GLOBAL, LOCAL)}
-        if self.relation_rank:
-            return out | {RELATION_FACTOR: (FACTOR_DTYPE, False), RELATION_DIAG: ("float32", False)}
-        return out | {RELATION: (storage, scaled)}
-
-    @property
-    def rotated(self) -> bool:
-        """Whether GLOBAL and LOCAL are stored as int8(x @ R) (dtype int8-rotated, schema 4)."""
-        return self.dtype == ROTATED_DTYPE
-
-    def feature_dtype(self, name: str) -> str:
-        """How feature array `name` is encoded (`store.encode`): the relation logits of an
-        int8-rotated store are plain int8 (R is D x D; the logits are T x T)."""
-        return "int8" if self.rotated and name not in ROTATED_FEATURES else self.dtype
-
-    def rotation_bytes(self) -> int:
-        """Bytes of R, stored once per store (0 unless int8-rotated); not in `bytes_per_view`."""
-        return self.embed_dim * self.embed_dim * 4 if self.rotated else 0
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.num_images // self.shard_size)
-
-    def shard_range(self, shard: int) -> tuple[int, int]:
-        start = shard * self.shard_size
-        return start, min(start + self.shard_size, self.num_images)
-
-    def feature_shapes(self) -> dict[str, tuple[int, ...]]:
-        n, k, d, p, t = (
-            self.num_images,
-            self.num_views,
-            self.embed_dim,
-            self.num_patches,
-            self.num_crowd_tokens,
-        )
-        shapes = {GLOBAL: (n, k, d), LOCAL: (n, k, p, d)}
-        if self.relation_rank:
-            return shapes | {RELATION_FACTOR: (n, k, t, self.relation_rank), RELATION_DIAG: (n, k, t)}
-        return shapes | {RELATION: (n, k, t, t)}
-
-    def bytes_per_view(self) -> int:
-        """Bytes of targets per cached view, scales and parameters included."""
-        n = NUM_PARAMS * 8
-        for name, shape in self.feature_shapes().items():
-            dtype, scaled = self.feature_arrays()[name]
-            n += int(np.prod(shape[2:])) * np.dtype(dtype).itemsize + (
-                int(np.prod(shape[2:-1])) * 4 if scaled else 0
-            )
-        return n
-
-
-# ---------------------------------------------------------------- the group attributes
 
 
 @dataclass(frozen=True)
@@ -428,9 +189,10 @@ class Preprocessing:
 class StoreMeta:
     """Everything a store's group attributes say, typed (docs/store.md, "Group attributes").
 
-    Stage one builds it (`pipeline.engine.store_meta`), `store.create_store` writes
+    Stage one builds it (`pipeline.prepare.store_meta`), `write.create_store` writes
     `to_attrs()`, and every reader gets it from `from_attrs` (`StoreReader.store_meta`). The
-    attribute `complete` flips once, when the last shard is done; `integrity` is store.py's.
+    attribute `complete` flips once, when the last shard is done; `integrity` is
+    `integrity.py`'s.
     """
 
     teacher: TeacherIdentity
@@ -447,7 +209,7 @@ class StoreMeta:
     embed_images: bool
     preprocessing: Preprocessing = Preprocessing()
     value_settings: dict[str, Any] | None = None
-    """Run settings that change stored values (`pipeline.engine.value_settings`), compared on
+    """Run settings that change stored values (`pipeline.prepare.value_settings`), compared on
     resume; None in stores made before the attribute existed."""
     config: dict[str, Any] | None = None
     """The resolved `dpal cache-teacher` config, as a record."""
@@ -479,26 +241,11 @@ class StoreMeta:
 
     def relation_codec_attrs(self) -> dict[str, Any] | None:
         """The attribute `relation_codec` (schema 3), None for a logits store."""
-        if not self.relation_rank:
-            return None
-        return {
-            "codec": "factor",
-            "rank": self.relation_rank,
-            "arrays": {RELATION_FACTOR: FACTOR_DTYPE, RELATION_DIAG: "float32"},
-            "target": "row-shifted logits rebuilt as Z Z^T with the exact diagonal (codec.rebuild_logits)",
-        }
+        return relation_codec(self.relation_rank).attrs(self.relation_rank)
 
     def token_codec_attrs(self) -> dict[str, Any] | None:
-        """The attribute `token_codec` (schema 4), None unless the dtype is int8-rotated."""
-        if self.dtype != ROTATED_DTYPE:
-            return None
-        return {
-            "codec": ROTATED_DTYPE,
-            "rotation": TOKEN_ROTATION,
-            "rotation_rule": ROTATION_RULE,
-            "arrays": list(ROTATED_FEATURES),
-            "decode": "(q * scale) @ R^T",
-        }
+        """The attribute `token_codec` (schema 4) of the store's target codec, None for most."""
+        return target_codec(self.dtype).attrs()
 
     def to_attrs(self) -> dict[str, Any]:
         """The group attributes, in the order stores have always been written (zarr.json's bytes
@@ -524,10 +271,10 @@ class StoreMeta:
             "corpus_fingerprint": self.corpus_fingerprint,
             "embed_images": self.embed_images,
         }
-        if self.relation_rank:
-            attrs["relation_codec"] = self.relation_codec_attrs()
-        if self.dtype == ROTATED_DTYPE:
-            attrs["token_codec"] = self.token_codec_attrs()
+        if (relation := self.relation_codec_attrs()) is not None:
+            attrs["relation_codec"] = relation
+        if (token := self.token_codec_attrs()) is not None:
+            attrs["token_codec"] = token
         optional = {
             "value_settings": self.value_settings,
             "config": self.config,
@@ -556,7 +303,7 @@ class StoreMeta:
             num_views=f("num_views", POSITIVE),
             num_images=f("num_images", COUNT),
             shard_size=f("shard_size", POSITIVE),
-            dtype=f("dtype", _one_of(DTYPES)),
+            dtype=f("dtype", _one_of(dtype_names())),
             embed_dim=f("embed_dim", POSITIVE),
             corpus=f("corpus", STR),
             corpus_fingerprint=f("corpus_fingerprint", STR),
@@ -576,8 +323,10 @@ class StoreMeta:
         return meta
 
     def _check_token_codec(self, f: _Fields) -> None:
-        """Schema 4 and dtype int8-rotated go together, and such a store names its rotation."""
-        rotated = self.dtype == ROTATED_DTYPE
+        """A dtype of schema 4 (int8-rotated) and schema 4 go together, and such a store names its
+        token codec as the codec's `attrs` do."""
+        codec = target_codec(self.dtype)
+        rotated = codec.schema >= ROTATED_SCHEMA
         if rotated != (self.schema_version >= ROTATED_SCHEMA):
             raise attribute_error(
                 f.where,
@@ -585,13 +334,14 @@ class StoreMeta:
                 f"is {self.dtype}, but schema {self.schema_version} stores "
                 f"{'are' if self.schema_version >= ROTATED_SCHEMA else 'are not'} {ROTATED_DTYPE}",
             )
-        if not rotated:
+        want = codec.attrs()
+        if want is None:
             if "token_codec" in f.attrs:
                 raise attribute_error(f.where, "token_codec", f"is set, but the dtype is {self.dtype}")
             return
-        codec = f.sub("token_codec")
-        codec("codec", _one_of((ROTATED_DTYPE,)))
-        codec("rotation", _one_of((TOKEN_ROTATION,)))
+        sub = f.sub("token_codec")
+        sub("codec", _one_of((want["codec"],)))
+        sub("rotation", _one_of((want["rotation"],)))
 
     def _check_consistent(self, f: _Fields) -> None:
         """Attributes that restate each other must agree: each restates a shape readers rely on."""
