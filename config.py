@@ -79,7 +79,6 @@ __all__ = [
 ]
 
 
-
 @dataclass(frozen=True)
 class ViewRecipe:
     """Sizes and augmentation ranges of DPAL's views (docs/method.md, "Views"); views.py
