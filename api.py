@@ -2,14 +2,14 @@
 
     import dpal
 
-    store = dpal.cache_teacher("images/", "images.dpal", teacher="efficientnet-lite2", views=4)
+    store = dpal.cache_teacher("images/", "images.dpal", teacher="efficientnet-lite2", num_views=4)
     run = dpal.distill(store.path, "runs/ti", epochs=50, batch_size=64)
     folder = dpal.export(run.run_dir, "dpal-vit-ti")
     model = dpal.load_student(folder.path)
     scores = dpal.eval_reid(folder.path, "market1501/")
 
 Keyword arguments are the config's keys (`CacheConfig`, `DistillConfig` in config.py; a section as a
-mapping or its dataclass, `recipe={"global_size": (128, 64)}`), and `config=` takes a YAML or TOML
+mapping or its dataclass, `views={"global_size": (128, 64)}`), and `config=` takes a YAML or TOML
 file, or a config object, under them: defaults < config < keyword arguments, as on the command line.
 A mistake raises a `dpal.errors.UserError` kind (ConfigError, InputError, StoreError, ...) whose
 message is the CLI's `error:` line; nothing here exits the process. Every heavy import (torch,
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpal.config import CacheConfig, DistillConfig, build, load_file, to_dict
+from dpal.config import CacheConfig, DistillConfig, build, load_file, to_dict, upgrade_keys
 from dpal.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -41,12 +41,14 @@ def make_config(cls: type, config: str | Path | Any | None, settings: dict[str, 
     elif isinstance(config, cls):
         values = to_dict(config)
     elif isinstance(config, (str, Path)):
-        values = load_file(config)
+        values = upgrade_keys(cls, load_file(config), f"config file {config}")
     else:
         raise ConfigError(
             f"config must be a YAML or TOML file or a {cls.__name__}, got {type(config).__name__}"
         )
-    for key, value in settings.items():  # a section given as a mapping updates the file's keys
+    for key, value in upgrade_keys(
+        cls, settings, "settings"
+    ).items():  # a section given as a mapping updates the file's keys
         if isinstance(value, dict) and isinstance(values.get(key), dict):
             value = {**values[key], **value}
         values[key] = to_dict(value) if dataclasses.is_dataclass(value) else value

@@ -212,7 +212,7 @@ def _set_help(cls: type) -> str:
     sections = [f for f in dataclasses.fields(cls) if f.metadata.get("section")]
     text = (
         "Override any config key: --set key=value, the value read as YAML (dotted keys for sections, e.g. "
-        "--set recipe.global_size=[128,64]). Repeatable; applied last."
+        "--set views.global_size=[128,64]). Repeatable; applied last."
     )
     for f in sections:
         keys = ", ".join(g.name for g in dataclasses.fields(field_types(cls)[f.name]))

@@ -18,11 +18,11 @@ DPAL = [sys.executable, "-m", "dpal.cli"]
 # the demo's views, half the paper's sizes: v0 128 x 64, local crops 64 x 48, Ic 128 x 128
 DEMO_RECIPE = [
     "--set",
-    "recipe.global_size=[128,64]",
+    "views.global_size=[128,64]",
     "--set",
-    "recipe.local_size=[64,48]",
+    "views.local_size=[64,48]",
     "--set",
-    "recipe.crowd_size=[128,128]",
+    "views.crowd_size=[128,128]",
 ]
 DEMO_TEACHER = "efficientnet-lite2"
 DEMO_STUDENT = "dpal_vit_tiny"

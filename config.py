@@ -3,7 +3,7 @@
 Every field states its name, type, default, choices (a `Literal`) and help text once; the CLI
 (cli.py) builds its options from these fields, and `--config FILE` / `--set key=value` fill the same
 fields. Precedence: dataclass defaults < `--config FILE` < command-line flags < `--set key=value`.
-Nested sections use dotted keys (`--set recipe.global_size=[128,64]`, `--set slurm.partition=gpu`).
+Nested sections use dotted keys (`--set views.global_size=[128,64]`, `--set slurm.partition=gpu`).
 Unknown keys are errors that list the known ones; a bad value names the field and the fix.
 
 Here: stage one's `CacheConfig` with its sections `ViewRecipe` and `SlurmConfig`. `DistillConfig`
@@ -42,6 +42,7 @@ from dpal.config_load import (
     resolve,
     section,
     to_dict,
+    upgrade_keys,
 )
 from dpal.errors import ConfigError
 from dpal.store.codecs import dtype_help, dtype_names
@@ -76,6 +77,7 @@ __all__ = [
     "section",
     "shard_slice",
     "to_dict",
+    "upgrade_keys",
 ]
 
 
@@ -116,13 +118,13 @@ class ViewRecipe:
         for name in ("global_size", "local_size", "crowd_size"):
             h, w = getattr(self, name)
             if h <= 0 or w <= 0:
-                raise ConfigError(f"recipe.{name} must be positive, got {(h, w)}")
+                raise ConfigError(f"views.{name} must be positive, got {(h, w)}")
         ch, cw = self.crowd_size
         lh, lw = self.local_size
         # Two persons side by side, no horizontal overlap (docs/method.md, "Views": A col in [0, Wc - 2w - 1)).
         if cw < 2 * lw + 2 or ch < lh + 2:
             raise ConfigError(
-                f"recipe.crowd_size {self.crowd_size} cannot hold two {self.local_size} persons side by "
+                f"views.crowd_size {self.crowd_size} cannot hold two {self.local_size} persons side by "
                 f"side; it needs width >= {2 * lw + 2} and height >= {lh + 2}"
             )
         for name in (
@@ -136,7 +138,7 @@ class ViewRecipe:
             "person_alpha",
         ):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"recipe.{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"views.{name} must be in [0, 1], got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -146,7 +148,7 @@ class ViewRecipe:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ConfigError(f"unknown recipe keys {sorted(unknown)}; known: {sorted(known)}")
+            raise ConfigError(f"unknown views keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
@@ -226,7 +228,9 @@ class CacheConfig:
         "Seed of the random teacher init, so that stage two can rebuild it for --online-teacher.",
         panel=PANEL_TEACHER,
     )
-    views: int = opt(4, "K: replayable augmented views cached per image.", panel=PANEL_VIEWS)
+    num_views: int = opt(
+        4, "K: replayable augmented views cached per image.", flag="views", panel=PANEL_VIEWS
+    )
     dtype: str = opt("float16", dtype_help(), panel=PANEL_VIEWS, choices=dtype_names)
     relation: Literal["logits", "factor"] = opt(
         "logits",
@@ -291,21 +295,21 @@ class CacheConfig:
         "Seconds between plain progress lines when stderr is not a terminal (a batch job's log).",
         panel=PANEL_RUNTIME,
     )
-    recipe: ViewRecipe = section(ViewRecipe, "Sizes and augmentation ranges of the views.")
+    views: ViewRecipe = section(ViewRecipe, "Sizes and augmentation ranges of the views.")
 
     def __post_init__(self) -> None:
         check_choices(self)
-        if self.views < 1:
-            raise ConfigError(f"views must be >= 1, got {self.views}")
+        if self.num_views < 1:
+            raise ConfigError(f"num_views (--views) must be >= 1, got {self.num_views}")
         if self.shard_size < 1 or self.batch_size < 1 or self.workers < 1:
             raise ConfigError("shard_size, batch_size and workers must be >= 1")
         if self.relation_rank is not None and self.relation_rank < 1:
             raise ConfigError(f"relation_rank must be >= 1, got {self.relation_rank}")
         if self.shards is not None:
             shard_slice(self.shards, 10**12)
-        for hw in (self.recipe.global_size, self.recipe.crowd_size):
+        for hw in (self.views.global_size, self.views.crowd_size):
             if hw[0] % 16 or hw[1] % 16:
-                raise ConfigError(f"recipe sizes must be multiples of 16 (the patch), got {hw}")
+                raise ConfigError(f"views sizes must be multiples of 16 (the patch), got {hw}")
 
 
 def shard_slice(spec: str, num_shards: int) -> range:

@@ -160,10 +160,10 @@ class DistillConfig:
     device: str = opt(
         "auto", "auto, cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK.", panel=PANEL_RUNTIME
     )
-    recipe_local_size: tuple[int, int] | None = opt(
+    local_size: tuple[int, int] | None = opt(
         None,
         "Override the local crop size (H, W), e.g. [64, 48].",
-        default_help="the store's recipe",
+        default_help="the store's views.local_size",
         panel=PANEL_METHOD,
     )
     recipe: Literal["dpal", "proteus", "feature-kd"] = opt(

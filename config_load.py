@@ -13,6 +13,7 @@ Nothing here knows a setting: the dataclasses are in config.py and config_distil
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tomllib
 import types
 import typing
@@ -23,6 +24,19 @@ from typing import Any, Literal
 import yaml
 
 from dpal.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# keys renamed since older config files, `--set`s, store attributes and checkpoints spelled them:
+# {config class: [(old key, new key, whether the old key's value is the renamed one)]}. Stage one's
+# view section was `recipe` (a word `--recipe proteus` also uses) and K was `views`.
+RENAMED: dict[str, list[tuple[str, str, Any]]] = {
+    "CacheConfig": [
+        ("views", "num_views", lambda v: isinstance(v, (int, str))),  # K; a mapping is the new section
+        ("recipe", "views", lambda v: True),
+    ],
+    "DistillConfig": [("recipe_local_size", "local_size", lambda v: True)],
+}
 
 # the groups --help lists the options in (each field's `panel`)
 PANEL_DATA = "Data and output"
@@ -253,11 +267,25 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def upgrade_keys(cls: type, values: dict[str, Any], where: str | None = None) -> dict[str, Any]:
+    """`values` with the keys of `cls` that RENAMED lists spelled the new way. `where` (the config
+    file, `--set`): say each renamed key in one line; None: a saved config, upgraded silently."""
+    out = dict(values)
+    for old, new, applies in RENAMED.get(cls.__name__, ()):
+        if old in out and applies(out[old]):
+            value = out.pop(old)
+            out[new] = _merge(value, out[new]) if isinstance(out.get(new), dict) else out.get(new, value)
+            if where:
+                logger.warning("%s: the key %r is now %r; read as %r (rename it)", where, old, new, new)
+    return out
+
+
 def resolve(cls: type, config_file: str | None, flags: dict[str, Any], sets: list[str]) -> Any:
-    """Defaults < config file < flags given on the command line (not None) < --set."""
-    values: dict[str, Any] = load_file(config_file) if config_file else {}
+    """Defaults < config file < flags given on the command line (not None) < --set. Keys renamed
+    since (RENAMED) are read under their new names, with a note."""
+    values = upgrade_keys(cls, load_file(config_file), f"config file {config_file}") if config_file else {}
     values = _merge(values, {k: v for k, v in flags.items() if v is not None})
-    values = _merge(values, parse_sets(sets))
+    values = _merge(values, upgrade_keys(cls, parse_sets(sets), "--set"))
     return build(cls, values)
 
 

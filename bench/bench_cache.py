@@ -214,7 +214,7 @@ def replayed_batches(store: Path, shard: int, cfg: CacheConfig) -> list[tuple[to
         v0s, ics = [], []
         for r, k in jobs[i : i + cfg.batch_size]:
             p = params[r, k]
-            v0, ic = replay(cfg.recipe, p, images[start + r], images[background_index(p)])
+            v0, ic = replay(cfg.views, p, images[start + r], images[background_index(p)])
             v0s.append(v0)
             ics.append(ic)
         out.append((torch.stack(v0s), torch.stack(ics)))
@@ -326,7 +326,7 @@ def bench_replay(cfg: CacheConfig, threads: int, reps: int) -> dict[str, Any]:
     """Views/s that `cache_shard`'s replay stage delivers with 1 thread and with `threads` threads.
 
     This is what one worker can feed a GPU teacher (on CPU the teacher's forward, not replay, sets
-    the pace and one thread replays). The views are the corpus images' first `cfg.views` views,
+    the pace and one thread replays). The views are the corpus images' first `cfg.num_views` views,
     replayed through `pipeline.cache.batches_ahead` in batches of `cfg.batch_size`; the two thread counts
     alternate and every run's tensors are checked equal to the first's.
     """
@@ -334,14 +334,14 @@ def bench_replay(cfg: CacheConfig, threads: int, reps: int) -> dict[str, Any]:
     images = [decode_image(read_bytes(r.source)) for r in records]
     pool = [(i, (im.height, im.width)) for i, im in enumerate(images)]
     jobs = [
-        (i, sample_view(cfg.recipe, cfg.seed, r.key, k, pool[i][1], [p for p in pool if p[0] != i]))
+        (i, sample_view(cfg.views, cfg.seed, r.key, k, pool[i][1], [p for p in pool if p[0] != i]))
         for i, r in enumerate(records)
-        for k in range(cfg.views)
+        for k in range(cfg.num_views)
     ]
 
     def one(job: tuple[int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         i, p = job
-        return replay(cfg.recipe, p, images[i], images[background_index(p)])
+        return replay(cfg.views, p, images[i], images[background_index(p)])
 
     ref = [v for _, vs in batches_ahead(jobs, cfg.batch_size, one, 1) for v in vs]
 
@@ -495,7 +495,7 @@ def main() -> None:
         out="",
         teacher=TEACHER,
         random_init=True,
-        views=args.views,
+        num_views=args.views,
         dtype="float16",
         shard_size=args.images,
         batch_size=args.batch_size,
@@ -506,8 +506,8 @@ def main() -> None:
     sizes = [decode_image(read_bytes(r.source)).size for r in index_corpus(str(corpus))]
     print(f"corpus: {corpus_desc}; sizes (W x H) {min(sizes)}..{max(sizes)}")
     print(
-        f"teacher {TEACHER} (random init, D={teacher.embed_dim}), views v0 {cfg.recipe.global_size} "
-        f"Ic {cfg.recipe.crowd_size}, K={args.views}, batch {args.batch_size}, "
+        f"teacher {TEACHER} (random init, D={teacher.embed_dim}), views v0 {cfg.views.global_size} "
+        f"Ic {cfg.views.crowd_size}, K={args.views}, batch {args.batch_size}, "
         f"torch threads {torch.get_num_threads()}"
     )
 

@@ -94,7 +94,7 @@ def ensure_store(work: Path, num_images: int, views: int, batch_size: int) -> tu
         out=str(store),
         teacher=TEACHER,
         random_init=True,
-        views=views,
+        num_views=views,
         dtype="float16",
         shard_size=max(1, num_images // 2),
         batch_size=batch_size,

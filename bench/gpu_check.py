@@ -130,7 +130,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     s: dict[str, Any] = {
         "images": 16 if tiny else 0,  # 0: the whole sample corpus (319 crops)
         "teacher": "vit_tiny_patch16_224" if tiny else "vit_base_patch16_224",
-        "recipe_sets": [f"recipe.{k}=[{v[0]},{v[1]}]" for k, v in TINY_RECIPE.items()] if tiny else [],
+        "recipe_sets": [f"views.{k}=[{v[0]},{v[1]}]" for k, v in TINY_RECIPE.items()] if tiny else [],
         "shard_size": 8 if tiny else 256,
         # the default engine (a dask LocalCluster) on a GPU; in-process on the tiny CPU run, whose
         # cluster start-up alone would take a third of its minute
@@ -448,12 +448,12 @@ class Check:
             out=str(self.store),
             teacher=self.s["teacher"],
             random_init=True,
-            views=2,
+            num_views=2,
             dtype="float16",
             shard_size=self.s["shard_size"],
             shards="0:",
             device=self.args.device,
-            recipe=recipe,
+            views=recipe,
         )
         summary = run_cache(cfg, show_progress=False)
         print(f"  in this process instead: {summary.line()}", flush=True)

@@ -104,8 +104,8 @@ def teacher_spec(cfg: CacheConfig) -> TeacherSpec:
         random_init_seed=cfg.random_init_seed,
         layer=cfg.teacher_layer,
         arch=cfg.teacher_arch,
-        global_size=cfg.recipe.global_size,
-        crowd_size=cfg.recipe.crowd_size,
+        global_size=cfg.views.global_size,
+        crowd_size=cfg.views.crowd_size,
         global_token=cfg.teacher_global_token,
         input_scale=cfg.teacher_input_scale,
     )
@@ -217,7 +217,7 @@ def _targets(
     """The K views' parameters of each good row (rows, K, NUM_PARAMS), the teacher's targets on
     them (the layout's feature arrays: float32 but the relation factor's float16; zeros for bad
     rows) and, in a factor store, each view's mean row KL of its stored factor."""
-    recipe: ViewRecipe = cfg.recipe
+    recipe: ViewRecipe = cfg.views
     rows, k_views = len(images), layout.num_views
     hw = {r: (images[r].height, images[r].width) for r in good}
     params = np.zeros((rows, k_views, NUM_PARAMS), dtype=np.float64)

@@ -38,9 +38,9 @@ def _sample_views(cfg: CacheConfig, refs: list[Any], num_images: int) -> tuple[t
     v0s, ics = [], []
     for i, (key, im) in enumerate(imgs):
         p = sample_view(
-            cfg.recipe, cfg.seed, key, 0, (im.height, im.width), [b for b in pool if b[0] != i] or pool
+            cfg.views, cfg.seed, key, 0, (im.height, im.width), [b for b in pool if b[0] != i] or pool
         )
-        v0, ic = replay(cfg.recipe, p, im, imgs[background_index(p)][1])
+        v0, ic = replay(cfg.views, p, im, imgs[background_index(p)][1])
         v0s.append(v0)
         ics.append(ic)
     return torch.stack(v0s), torch.stack(ics)
@@ -65,24 +65,24 @@ def dry_run(cfg: CacheConfig, num_images: int = 8) -> dict[str, Any]:
     refs = index_corpus(cfg.corpus)  # before the teacher: a corpus mistake is reported at once
     teacher = load_teacher(teacher_spec(cfg), device=device)
     v0, ic = _sample_views(cfg, refs, num_images)
-    grid = TokenGrid.of(cfg.recipe, teacher.patch_size)
+    grid = TokenGrid.of(cfg.views, teacher.patch_size)
     rank = relation_rank(cfg.relation, cfg.relation_rank, grid.num_crowd_tokens)
     teacher_targets(teacher, v0[:2], ic[:2], device, rank)  # warm up
     t0 = time.perf_counter()
     teacher_targets(teacher, v0, ic, device, rank)
     per_view = (time.perf_counter() - t0) / len(v0)
     layout = Layout(
-        len(refs), cfg.views, cfg.shard_size, teacher.embed_dim, grid.num_patches, grid.num_crowd_tokens,
+        len(refs), cfg.num_views, cfg.shard_size, teacher.embed_dim, grid.num_patches, grid.num_crowd_tokens,
         cfg.dtype, rank,
     )  # fmt: skip
     image_bytes = _image_bytes(cfg, refs)
-    views = len(refs) * cfg.views
+    views = len(refs) * cfg.num_views
     workers = 1 if cfg.shards else (cfg.slurm.jobs if cfg.use_slurm else cfg.workers)
     return {
         "teacher": teacher.identity(),
         "device": str(device),
         "num_images": len(refs),
-        "num_views": cfg.views,
+        "num_views": cfg.num_views,
         "dtype": cfg.dtype,
         "relation_codec": layout.relation_codec,
         "relation_rank": layout.relation_rank or None,

@@ -48,14 +48,14 @@ def store_meta(
     Args:
         corpus_problems: corpus entries that could not be indexed (not identity: for `store info`).
     """
-    grid = TokenGrid.of(cfg.recipe, teacher.patch_size)
+    grid = TokenGrid.of(cfg.views, teacher.patch_size)
     rank = relation_rank(cfg.relation, cfg.relation_rank, grid.num_crowd_tokens)
     return StoreMeta(
         teacher=TeacherIdentity.from_attrs(teacher.identity(), "teacher identity"),
-        recipe=cfg.recipe,
+        recipe=cfg.views,
         token_grid=grid,
         seed=cfg.seed,
-        num_views=cfg.views,
+        num_views=cfg.num_views,
         num_images=num_images,
         shard_size=cfg.shard_size,
         dtype=cfg.dtype,

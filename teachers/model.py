@@ -167,7 +167,7 @@ class Teacher(nn.Module):
         if h % self.patch_size or w % self.patch_size:
             raise InputError(
                 f"view {h}x{w} is not a multiple of the teacher's patch size {self.patch_size}; "
-                "set recipe sizes that are (--set recipe.global_size=...)"
+                "set view sizes that are (--set views.global_size=...)"
             )
         return h // self.patch_size, w // self.patch_size
 

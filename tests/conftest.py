@@ -93,9 +93,9 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 TEACHER = "vit_tiny_patch16_224"
 GLOBAL_SIZE, LOCAL_SIZE, CROWD_SIZE = (32, 16), (16, 16), (32, 48)
 RECIPE_SETS = [
-    f"recipe.global_size=[{GLOBAL_SIZE[0]},{GLOBAL_SIZE[1]}]",
-    f"recipe.local_size=[{LOCAL_SIZE[0]},{LOCAL_SIZE[1]}]",
-    f"recipe.crowd_size=[{CROWD_SIZE[0]},{CROWD_SIZE[1]}]",
+    f"views.global_size=[{GLOBAL_SIZE[0]},{GLOBAL_SIZE[1]}]",
+    f"views.local_size=[{LOCAL_SIZE[0]},{LOCAL_SIZE[1]}]",
+    f"views.crowd_size=[{CROWD_SIZE[0]},{CROWD_SIZE[1]}]",
 ]
 NUM_GOOD = 13  # with SHARD_SIZE 3: five shards, the last holding one image (its own background)
 SHARD_SIZE = 3
@@ -240,10 +240,10 @@ def make_config(recipe: ViewRecipe) -> Callable[..., CacheConfig]:
         kw = dict(
             teacher=TEACHER,
             random_init=True,
-            views=NUM_VIEWS,
+            num_views=NUM_VIEWS,
             shard_size=SHARD_SIZE,
             dtype="float32",
-            recipe=recipe,
+            views=recipe,
             shards="0:",
             device="cpu",
         )

@@ -61,14 +61,14 @@ def make_store(corpus: Path, out: Path, dtype: str = "float32", shards: str = "0
         out=str(out),
         teacher=STUDENT,
         random_init=True,
-        views=2,
+        num_views=2,
         dtype=dtype,
         shard_size=SHARD_SIZE,
         seed=seed,
         batch_size=8,
         shards=shards,
         device="cpu",
-        recipe=RECIPE,
+        views=RECIPE,
     )
     run_cache(cfg, show_progress=False)
     return out

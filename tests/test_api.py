@@ -78,13 +78,13 @@ def test_the_api_runs_both_stages_as_the_cli_does(tmp_path: Path, same_store, ma
         tmp_path / "store",
         teacher=u.STUDENT,
         random_init=True,
-        views=2,
+        num_views=2,
         dtype="float32",
         shard_size=u.SHARD_SIZE,
         batch_size=8,
         shards="0:",
         device="cpu",
-        recipe=u.RECIPE,
+        views=u.RECIPE,
     )
     assert (store.path, store.complete, store.images, store.cached, store.skipped) == (
         tmp_path / "store",

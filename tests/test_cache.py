@@ -332,7 +332,7 @@ def test_strict_raises_on_the_first_bad_file(
     ("override", "needle"),
     [
         ({"seed": 1}, "seed: store has 0, this run has 1"),
-        ({"views": 3}, "num_views: store has 2, this run has 3"),
+        ({"num_views": 3}, "num_views: store has 2, this run has 3"),
         ({"dtype": "float16"}, "dtype: store has 'float32', this run has 'float16'"),
         (
             {"teacher": "deit_tiny_patch16_224"},
@@ -340,11 +340,7 @@ def test_strict_raises_on_the_first_bad_file(
         ),
         ({"random_init_seed": 1}, "teacher.random_init_seed: store has 0, this run has 1"),
         (
-            {
-                "recipe": ViewRecipe(
-                    global_size=(32, 16), local_size=(16, 16), crowd_size=(32, 48), flip_p=0.0
-                )
-            },
+            {"views": ViewRecipe(global_size=(32, 16), local_size=(16, 16), crowd_size=(32, 48), flip_p=0.0)},
             "recipe.flip_p: store has 0.5, this run has 0.0",
         ),
         # these change stored values too: which images are skipped, and the teacher's last bits
@@ -420,7 +416,7 @@ def test_tar_corpus_and_embedded_webdataset_tars(
         for n in names:
             sink.write({"__key__": Path(n).stem, Path(n).suffix[1:]: corpus_files[n]})
     out = tmp_path / "store"
-    run_cache(make_config(tmp_path / "src.tar", out, views=1), show_progress=False)
+    run_cache(make_config(tmp_path / "src.tar", out, num_views=1), show_progress=False)
     reader = StoreReader(out)
     assert [str(k) for k in reader.meta(KEYS)] == [Path(n).stem for n in names]
     for i, n in enumerate(names):
@@ -443,7 +439,9 @@ def test_tar_corpus_and_embedded_webdataset_tars(
 
     # --no-embed-images: the same targets, and image bytes read back from the corpus tar by offset
     ref_out = tmp_path / "referenced"
-    run_cache(make_config(tmp_path / "src.tar", ref_out, views=1, embed_images=False), show_progress=False)
+    run_cache(
+        make_config(tmp_path / "src.tar", ref_out, num_views=1, embed_images=False), show_progress=False
+    )
     referenced = StoreReader(ref_out)
     assert not list((ref_out / IMAGES_DIR).iterdir())
     assert np.array_equal(referenced.array(PARAMS)[:], reader.array(PARAMS)[:])

@@ -128,7 +128,7 @@ def _help_rows(command: str) -> dict[str, str]:
 _RULE_DEFAULTS = {
     ("distill", "num_workers"): "2 on CPU; on a GPU, the CPUs per local rank minus one",
     ("distill", "recompute"): "yes on CUDA",
-    ("distill", "recipe_local_size"): "the store's recipe",
+    ("distill", "local_size"): "the store's views.local_size",
     ("distill", "val_images"): "all of them",
 }
 
@@ -138,7 +138,7 @@ _RULE_DEFAULTS = {
 def test_help_defaults_are_the_config_defaults(command: str, config: type) -> None:
     # Every option named after a config field shows that field's default, read from config.py here,
     # so a default changed in the dataclass and not in the help text fails. Flags (bools), empty
-    # strings and lists and None (no default) show none; sections (recipe, slurm) have no option of their own.
+    # strings and lists and None (no default) show none; sections (views, slurm) have no option of their own.
     rows = _help_rows(command)
     fields = {
         f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -175,6 +175,7 @@ def test_help_defaults_are_the_config_defaults(command: str, config: type) -> No
                 "device",
                 "dtype",
                 "max_pixels",
+                "num_views",
                 "progress_seconds",
                 "random_init_seed",
                 "relation",
@@ -185,7 +186,6 @@ def test_help_defaults_are_the_config_defaults(command: str, config: type) -> No
                 "teacher_global_token",
                 "teacher_input_scale",
                 "threads_per_worker",
-                "views",
                 "workers",
             ],
             "distill": [
@@ -244,8 +244,8 @@ def test_user_mistakes_are_one_error_line(
             ["unknown config key 'viewz'", "known keys:", "views"],
         ),
         "bad set value": (
-            cli_args(corpus_dir, out, "--set", "views=many"),
-            ["views must be an integer, got 'many'"],
+            cli_args(corpus_dir, out, "--set", "num_views=many"),
+            ["num_views must be an integer, got 'many'"],
         ),
     }[mistake]
     result = cli(*args, "--shards", "0:")
@@ -394,7 +394,7 @@ def test_empty_teacher_checkpoint_is_one_error_line(
         ("distill", "set yaml", ["--set student_kwargs={depth: 2 is not valid YAML at line 1, column 10"]),
         ("distill", "set overflow", ["max_steps must be an integer, got inf"]),
         ("cache-teacher", "yaml file", ["bad.yaml is not valid YAML at line 2, column 1"]),
-        ("cache-teacher", "set yaml", ["--set recipe.global_size=[32, is not valid YAML"]),
+        ("cache-teacher", "set yaml", ["--set views.global_size=[32, is not valid YAML"]),
     ],
 )
 def test_malformed_config_or_set_value_is_one_error_line(
@@ -407,7 +407,7 @@ def test_malformed_config_or_set_value_is_one_error_line(
         "toml file": ["--config", str(tmp_path / "bad.toml")],
         "set yaml": [
             "--set",
-            "student_kwargs={depth: 2" if command == "distill" else "recipe.global_size=[32,",
+            "student_kwargs={depth: 2" if command == "distill" else "views.global_size=[32,",
         ],
         "set overflow": ["--set", "max_steps=1.0e+400"],
     }[bad]
@@ -551,10 +551,10 @@ _OTHER = {
     "dtype": "int8",
     "teacher_global_token": "mean",
     "relation": "factor",
-    "recipe.crowd_size": (240, 256),
+    "views.crowd_size": (240, 256),
     "slurm.job_extra": ("--constraint=a100",),
     "loggers": ("mlflow", "wandb"),  # a repeatable option: --logger mlflow --logger wandb
-    "recipe_local_size": (64, 48),
+    "local_size": (64, 48),
     "student_kwargs": {"depth": 2},
     "recipe": "feature-kd",
     "projector": "linear",
@@ -656,7 +656,13 @@ def test_flags_beat_the_config_file_and_set_beats_flags(tmp_path: Path) -> None:
     path = tmp_path / "cfg.yaml"
     path.write_text("strict: true\nembed_images: false\nviews: 2\nseed: 5\nrecipe:\n  flip_p: 0.25\n")
     cfg = config_from_options(CacheConfig, _parse("cache-teacher", ["--config", str(path)]))
-    assert (cfg.strict, cfg.embed_images, cfg.views, cfg.seed, cfg.recipe.flip_p) == (True, False, 2, 5, 0.25)
+    assert (cfg.strict, cfg.embed_images, cfg.num_views, cfg.seed, cfg.views.flip_p) == (
+        True,
+        False,
+        2,
+        5,
+        0.25,
+    )
     args = [
         "--config",
         str(path),
@@ -665,13 +671,19 @@ def test_flags_beat_the_config_file_and_set_beats_flags(tmp_path: Path) -> None:
         "--views",
         "3",
         "--set",
-        "views=4",
+        "num_views=4",
         "--set",
-        "recipe.flip_p=0.75",
+        "views.flip_p=0.75",
     ]
     cfg = config_from_options(CacheConfig, _parse("cache-teacher", args))
-    assert (cfg.strict, cfg.embed_images, cfg.views, cfg.seed, cfg.recipe.flip_p) == (False, True, 4, 5, 0.75)
-    assert cfg.batch_size == 32 and cfg.recipe.jitter_p == 0.8  # neither given: the dataclass defaults
+    assert (cfg.strict, cfg.embed_images, cfg.num_views, cfg.seed, cfg.views.flip_p) == (
+        False,
+        True,
+        4,
+        5,
+        0.75,
+    )
+    assert cfg.batch_size == 32 and cfg.views.jitter_p == 0.8  # neither given: the dataclass defaults
 
 
 @pytest.mark.parametrize(
@@ -686,9 +698,9 @@ def test_flags_beat_the_config_file_and_set_beats_flags(tmp_path: Path) -> None:
             ["--set", "dtype=int4"],
             "error: dtype 'int4' is not one of float16, bfloat16, int8, int8-rotated, float32",
         ),
-        (["--views", "many"], "error: views must be an integer, got 'many'"),
-        (["--views", "2.5"], "error: views must be an integer, got 2.5"),
-        (["--views", "true"], "error: views must be an integer, got 'true'"),
+        (["--views", "many"], "error: num_views must be an integer, got 'many'"),
+        (["--views", "2.5"], "error: num_views must be an integer, got 2.5"),
+        (["--views", "true"], "error: num_views must be an integer, got 'true'"),
         (["--recipe", "x"], "No such option: --recipe"),  # a section has no option of its own
     ],
 )

@@ -24,17 +24,17 @@ from dpal.views import ViewRecipe
 
 def test_parse_sets_values_are_yaml() -> None:
     sets = [
-        "views=3",
-        "recipe.global_size=[128, 64]",
+        "num_views=3",
+        "views.global_size=[128, 64]",
         "strict=true",
         "teacher_checkpoint=null",
         "out=",
         "slurm.partition=gpu",
-        "recipe.flip_p=0.25",
+        "views.flip_p=0.25",
     ]
     assert parse_sets(sets) == {
-        "views": 3,
-        "recipe": {"global_size": [128, 64], "flip_p": 0.25},
+        "num_views": 3,
+        "views": {"global_size": [128, 64], "flip_p": 0.25},
         "strict": True,
         "teacher_checkpoint": None,
         "out": "",
@@ -52,8 +52,8 @@ def test_resolve_coerces_types() -> None:
         None,
         {},
         [
-            "views=3",
-            "recipe.global_size=[128,64]",
+            "num_views=3",
+            "views.global_size=[128,64]",
             "strict=yes",
             "random_init=on",
             "slurm.job_extra=[--constraint=a100]",
@@ -63,9 +63,9 @@ def test_resolve_coerces_types() -> None:
             "max_pixels=1000",
         ],
     )
-    assert cfg.views == 3 and cfg.seed == 7 and cfg.strict is True and cfg.random_init is True
-    assert cfg.recipe.global_size == (128, 64) and isinstance(cfg.recipe, ViewRecipe)
-    assert cfg.recipe.local_size == ViewRecipe().local_size  # untouched nested keys keep their defaults
+    assert cfg.num_views == 3 and cfg.seed == 7 and cfg.strict is True and cfg.random_init is True
+    assert cfg.views.global_size == (128, 64) and isinstance(cfg.views, ViewRecipe)
+    assert cfg.views.local_size == ViewRecipe().local_size  # untouched nested keys keep their defaults
     assert cfg.slurm.job_extra == ("--constraint=a100",) and cfg.slurm.jobs == 2
     assert cfg.teacher_layer == -2 and cfg.max_pixels == 1000
     assert resolve(CacheConfig, None, {}, ["teacher_layer=none"]).teacher_layer is None
@@ -78,30 +78,29 @@ def test_unknown_keys_list_the_known_ones() -> None:
         resolve(CacheConfig, None, {}, ["viewz=3"])
     msg = str(e.value)
     assert msg.startswith("unknown config key 'viewz'; known keys: corpus, out, teacher")
-    assert ", views," in msg and ", recipe" in msg
+    assert ", num_views," in msg and ", views" in msg
     with pytest.raises(
         ValueError,
-        match=r"unknown config key 'recipe.global_sise'; known keys: recipe.global_size, "
-        r"recipe.local_size",
+        match=r"unknown config key 'views.global_sise'; known keys: views.global_size, views.local_size",
     ):
-        resolve(CacheConfig, None, {}, ["recipe.global_sise=[1,2]"])
+        resolve(CacheConfig, None, {}, ["views.global_sise=[1,2]"])
 
 
 @pytest.mark.parametrize(
     ("setting", "needle"),
     [
-        ("views=abc", "views must be an integer, got 'abc'"),
-        ("views=2.5", "views must be an integer, got 2.5"),
-        ("views=true", "views must be a number"),
-        ("views=0", "views must be >= 1, got 0"),
+        ("num_views=abc", "num_views must be an integer, got 'abc'"),
+        ("num_views=2.5", "num_views must be an integer, got 2.5"),
+        ("num_views=true", "num_views must be a number"),
+        ("num_views=0", "num_views (--views) must be >= 1, got 0"),
         ("strict=maybe", "strict must be true or false, got 'maybe'"),
-        ("recipe.global_size=[1,2,3]", "recipe.global_size needs 2 values, got 3"),
-        ("recipe.global_size=5", "recipe.global_size must be a list"),
-        ("recipe.global_size=[40,16]", "multiples of 16"),
-        ("recipe=3", "recipe must be a mapping"),
+        ("views.global_size=[1,2,3]", "views.global_size needs 2 values, got 3"),
+        ("views.global_size=5", "views.global_size must be a list"),
+        ("views.global_size=[40,16]", "multiples of 16"),
+        ("views=[3]", "views must be a mapping"),
         ("dtype=fp8", "dtype 'fp8' is not one of float16, bfloat16, int8, int8-rotated, float32"),
         ("shards=abc", "--shards 'abc' must look like A:B"),
-        ("recipe.person_alpha=2", "recipe.person_alpha must be in [0, 1]"),
+        ("views.person_alpha=2", "views.person_alpha must be in [0, 1]"),
     ],
 )
 def test_bad_values_name_the_field(setting: str, needle: str) -> None:
@@ -114,17 +113,19 @@ def test_bad_values_name_the_field(setting: str, needle: str) -> None:
 def test_precedence_file_flags_set(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"cfg{suffix}"
     if suffix == ".yaml":
-        path.write_text("views: 2\nseed: 5\ndtype: int8\nbatch_size: 8\nrecipe:\n  global_size: [64, 32]\n")
+        path.write_text(
+            "num_views: 2\nseed: 5\ndtype: int8\nbatch_size: 8\nviews:\n  global_size: [64, 32]\n"
+        )
     else:
         path.write_text(
-            'views = 2\nseed = 5\ndtype = "int8"\nbatch_size = 8\n[recipe]\nglobal_size = [64, 32]\n'
+            'num_views = 2\nseed = 5\ndtype = "int8"\nbatch_size = 8\n[views]\nglobal_size = [64, 32]\n'
         )
-    flags = {"views": 3, "seed": None, "dtype": "bfloat16", "corpus": "c"}
-    cfg = resolve(CacheConfig, str(path), flags, ["views=4", "recipe.local_size=[32,16]"])
-    assert cfg.views == 4  # --set beats the flag and the file
+    flags = {"num_views": 3, "seed": None, "dtype": "bfloat16", "corpus": "c"}
+    cfg = resolve(CacheConfig, str(path), flags, ["num_views=4", "views.local_size=[32,16]"])
+    assert cfg.num_views == 4  # --set beats the flag and the file
     assert cfg.dtype == "bfloat16"  # the flag beats the file
     assert cfg.seed == 5 and cfg.batch_size == 8  # file beats the default; a None flag is not given
-    assert cfg.recipe.global_size == (64, 32) and cfg.recipe.local_size == (32, 16)  # sections merge
+    assert cfg.views.global_size == (64, 32) and cfg.views.local_size == (32, 16)  # sections merge
     assert cfg.corpus == "c" and cfg.shard_size == 256  # default
     with pytest.raises(ValueError, match="not found"):
         resolve(CacheConfig, str(tmp_path / "missing.yaml"), {}, [])
@@ -132,10 +133,10 @@ def test_precedence_file_flags_set(tmp_path: Path, suffix: str) -> None:
 
 def test_yaml_round_trip() -> None:
     cfg = resolve(
-        CacheConfig, None, {"corpus": "x"}, ["recipe.jitter=[0.1,0.2,0.3,0.05]", "slurm.job_extra=[a,b]"]
+        CacheConfig, None, {"corpus": "x"}, ["views.jitter=[0.1,0.2,0.3,0.05]", "slurm.job_extra=[a,b]"]
     )
     again = build(CacheConfig, yaml.safe_load(dump_yaml(cfg)))
-    assert again == cfg and to_dict(again)["recipe"]["jitter"] == [0.1, 0.2, 0.3, 0.05]
+    assert again == cfg and to_dict(again)["views"]["jitter"] == [0.1, 0.2, 0.3, 0.05]
 
 
 def test_shard_slice() -> None:
@@ -169,12 +170,15 @@ def test_choices_are_checked_however_the_config_is_built(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        ({"views": "3", "teacher_layer": "-2", "seed": None}, {"views": 3, "teacher_layer": -2, "seed": 0}),
+        (
+            {"num_views": "3", "teacher_layer": "-2", "seed": None},
+            {"num_views": 3, "teacher_layer": -2, "seed": 0},
+        ),
         (
             {"progress_seconds": "1e-1", "teacher_layer": "none"},
             {"progress_seconds": 0.1, "teacher_layer": None},
         ),
-        ({"recipe": {"global_size": "[64, 32]"}, "strict": True}, {"strict": True}),
+        ({"views": {"global_size": "[64, 32]"}, "strict": True}, {"strict": True}),
     ],
 )
 def test_flag_texts_are_read_as_the_field_type(flags: dict, expected: dict) -> None:
@@ -183,16 +187,16 @@ def test_flag_texts_are_read_as_the_field_type(flags: dict, expected: dict) -> N
     cfg = resolve(CacheConfig, None, flags, [])
     for k, v in expected.items():
         assert getattr(cfg, k) == v and type(getattr(cfg, k)) is type(v), k
-    if "recipe" in flags:
-        assert cfg.recipe.global_size == (64, 32)
+    if "views" in flags:
+        assert cfg.views.global_size == (64, 32)
 
 
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
-        ({"views": "2.5"}, "views must be an integer, got 2.5"),  # was truncated to 2
-        ({"views": "true"}, "views must be an integer, got 'true'"),  # was int(True) == 1
-        ({"views": "[3]"}, "views must be an integer, got '[3]'"),
+        ({"num_views": "2.5"}, "num_views must be an integer, got 2.5"),  # was truncated to 2
+        ({"num_views": "true"}, "num_views must be an integer, got 'true'"),  # was int(True) == 1
+        ({"num_views": "[3]"}, "num_views must be an integer, got '[3]'"),
         ({"base_lr": "fast"}, None),
     ],
 )
@@ -244,3 +248,34 @@ def test_loggers_are_choices_given_once_each(tmp_path: Path) -> None:
         build(DistillConfig, {"loggers": ["mlflow", "neptune"]})
     with pytest.raises(ConfigError, match=r"loggers \['wandb', 'wandb'\] names one twice"):
         build(DistillConfig, {"loggers": ["wandb", "wandb"]})
+
+
+def test_old_key_spellings_read_the_same_with_a_note(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stage one's view section was `recipe` and K was `views`; stage two's local-size override was
+    `recipe_local_size`. Old config files and `--set`s give the same config, each renamed key said
+    in one line; a saved config (store attribute, checkpoint) is upgraded silently."""
+    from dpal.config import DistillConfig, upgrade_keys
+
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old.write_text("views: 2\nrecipe:\n  global_size: [64, 32]\n")
+    new.write_text("num_views: 2\nviews:\n  global_size: [64, 32]\n")
+    want = resolve(CacheConfig, str(new), {}, ["views.local_size=[32,16]"])
+    with caplog.at_level("WARNING", logger="dpal.config_load"):
+        got = resolve(CacheConfig, str(old), {}, ["recipe.local_size=[32,16]"])
+    assert got == want and got.num_views == 2 and got.views.local_size == (32, 16)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"config file {old}: the key 'views' is now 'num_views'; read as 'num_views' (rename it)",
+        f"config file {old}: the key 'recipe' is now 'views'; read as 'views' (rename it)",
+        "--set: the key 'recipe' is now 'views'; read as 'views' (rename it)",
+    ]
+    assert resolve(DistillConfig, None, {}, ["recipe_local_size=[64,48]"]).local_size == (64, 48)
+    caplog.clear()
+    saved = {"views": 4, "recipe": {"flip_p": 0.25}, "seed": 1}
+    assert upgrade_keys(CacheConfig, saved) == {"seed": 1, "num_views": 4, "views": {"flip_p": 0.25}}
+    assert upgrade_keys(DistillConfig, {"recipe": "proteus", "recipe_local_size": None}) == {
+        "recipe": "proteus",  # stage two's --recipe keeps its name
+        "local_size": None,
+    }
+    assert caplog.records == []

@@ -465,8 +465,8 @@ def _store(root: Path, corpus: Path, name: str, dtype: str, relation: str = "log
     ref = root / f"ref_{name}"
     if not ref.exists():
         cfg = CacheConfig(
-            corpus=str(corpus), out=str(ref), teacher=u.STUDENT, random_init=True, views=2, dtype=dtype,
-            relation=relation, shard_size=u.SHARD_SIZE, batch_size=8, device="cpu", recipe=u.RECIPE,
+            corpus=str(corpus), out=str(ref), teacher=u.STUDENT, random_init=True, num_views=2, dtype=dtype,
+            relation=relation, shard_size=u.SHARD_SIZE, batch_size=8, device="cpu", views=u.RECIPE,
         )  # fmt: skip
         run_cache(cfg, show_progress=False)
     out = root / f"{name}_{len(list(root.glob(name + '_*')))}"

@@ -115,7 +115,7 @@ def test_changed_corpus_image_of_a_referencing_store_is_refused(
 
     corpus = Path(shutil.copytree(corpus_dir, tmp_path / "corpus"))
     out = tmp_path / "store"
-    run_cache(make_config(corpus, out, embed_images=False, views=1), show_progress=False)
+    run_cache(make_config(corpus, out, embed_images=False, num_views=1), show_progress=False)
     assert StoreReader(out).image_bytes(0) == (corpus / "p00.jpg").read_bytes()
     _flip(corpus / "p00.jpg", 300)  # same size, same key: the corpus fingerprint cannot see it
     with pytest.raises(StoreError) as e:

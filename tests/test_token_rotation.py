@@ -62,13 +62,13 @@ def cache_config(corpus: Path, out: Path, **overrides: Any) -> CacheConfig:
     kw: dict[str, Any] = dict(
         teacher=u.STUDENT,
         random_init=True,
-        views=2,
+        num_views=2,
         dtype="int8-rotated",
         shard_size=u.SHARD_SIZE,
         batch_size=8,
         shards="0:",
         device="cpu",
-        recipe=u.RECIPE,
+        views=u.RECIPE,
     )
     return CacheConfig(corpus=str(corpus), out=str(out), **(kw | overrides))
 
@@ -318,8 +318,8 @@ def test_store_info_and_dry_run_show_the_codec(corpus: Path, rotated_factor: Pat
     assert f"local {err:.3%} (worst shard " in res.output
     args = ["cache-teacher", "--corpus", str(corpus), "--teacher", u.STUDENT, "--random-init", "--views", "2"]
     args += ["--dtype", "int8-rotated", "--device", "cpu", "--dry-run"]
-    args += ["--set", "recipe.global_size=[32,16]", "--set", "recipe.local_size=[16,16]"]
-    args += ["--set", "recipe.crowd_size=[32,48]"]
+    args += ["--set", "views.global_size=[32,16]", "--set", "views.local_size=[16,16]"]
+    args += ["--set", "views.crowd_size=[32,48]"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "(int8-rotated, relation logits T x T); plus R 147.5 KB once per store" in res.output

@@ -212,11 +212,11 @@ def test_a_val_store_of_another_token_grid_is_refused_in_one_line(
             out=str(tmp_path / "other"),
             teacher=u.STUDENT,
             random_init=True,
-            views=1,
+            num_views=1,
             shard_size=2,
             batch_size=8,
             device="cpu",
-            recipe=other,
+            views=other,
         ),
         show_progress=False,
     )

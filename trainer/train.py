@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dpal import __version__
-from dpal.config import DistillConfig, dump_yaml, to_dict
+from dpal.config import DistillConfig, dump_yaml, to_dict, upgrade_keys
 from dpal.errors import InputError, UserError
 from dpal.progress import Progress
 from dpal.store import FEATURES, KEYS, StoreError, StoreMeta, StoreReader
@@ -371,7 +371,7 @@ class Trainer:
                 f"{ckpt['store_fingerprint'][:12]}, this store {self.fingerprint[:12]}: teacher, views or shard "
                 "data differ); use a new --out, or --fresh to move this run aside and start over"
             )
-        now, then = to_dict(self.cfg), {**RESUME_KEY_DEFAULTS, **ckpt["config"]}
+        now, then = to_dict(self.cfg), {**RESUME_KEY_DEFAULTS, **upgrade_keys(DistillConfig, ckpt["config"])}
         changed = [f"{k} {then.get(k)!r} (now {now[k]!r})" for k in RESUME_KEYS if then.get(k) != now[k]]
         if ckpt["world_size"] != self.info.world_size:
             changed.insert(0, f"{ckpt['world_size']} ranks (now {self.info.world_size})")
@@ -401,8 +401,8 @@ class Trainer:
         reader = StoreReader(cfg.store, allow_incomplete=cfg.allow_incomplete)
         meta = reader.store_meta
         recipe = meta.recipe
-        if cfg.recipe_local_size is not None:
-            recipe = ViewRecipe.from_dict({**recipe.to_dict(), "local_size": list(cfg.recipe_local_size)})
+        if cfg.local_size is not None:
+            recipe = ViewRecipe.from_dict({**recipe.to_dict(), "local_size": list(cfg.local_size)})
         check_targets(cfg, FEATURES, f"store {cfg.store}")  # every store of this schema holds all three
         fingerprint = reader.fingerprint()
         rows = _training_rows(reader, cfg.store)
@@ -468,7 +468,7 @@ class Trainer:
         ckpt = load_checkpoint(resume_path)
         self.check_resumable(ckpt, resume_path)
         self.load_state_dict(ckpt)
-        notes = changed_settings(ckpt["config"], to_dict(cfg))
+        notes = changed_settings(upgrade_keys(DistillConfig, ckpt["config"]), to_dict(cfg))
         if notes:
             self.config_changes.append({"step": self.step, "changes": notes})
         if self.info.is_main:

@@ -86,7 +86,7 @@ class Validator:
     Args:
         cfg: the run's config (val_store, val_images, eval_reid, seed, batch_size, recipe).
         train_meta: the run's store's metadata (the validation store must match it).
-        recipe: the run's view recipe (its local size, which `--recipe-local-size` may override).
+        recipe: the run's view recipe (its local size, which `--local-size` may override).
         device: where the model is.
     """
 
