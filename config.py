@@ -41,6 +41,7 @@ from dpal.config_load import (
     parse_sets,
     resolve,
     section,
+    stored_keys,
     to_dict,
     upgrade_keys,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "resolve",
     "section",
     "shard_slice",
+    "stored_keys",
     "to_dict",
     "upgrade_keys",
 ]

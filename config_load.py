@@ -280,6 +280,14 @@ def upgrade_keys(cls: type, values: dict[str, Any], where: str | None = None) ->
     return out
 
 
+def stored_keys(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` (a `to_dict` of `cls`) spelled as before the renames in RENAMED, key order kept: how a
+    store's `config` attribute records it, so that the store's attributes and their checksum stay
+    what they were (the store's own attribute `recipe` keeps its name for the same reason)."""
+    old_name = {new: old for old, new, _ in RENAMED.get(cls.__name__, ())}
+    return {old_name.get(k, k): v for k, v in values.items()}
+
+
 def resolve(cls: type, config_file: str | None, flags: dict[str, Any], sets: list[str]) -> Any:
     """Defaults < config file < flags given on the command line (not None) < --set. Keys renamed
     since (RENAMED) are read under their new names, with a note."""

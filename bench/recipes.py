@@ -233,9 +233,14 @@ def evaluate_all(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> dict:
     return results
 
 
-def pooled(results: dict, config: str, split: str, feature: str, key: str) -> np.ndarray:
-    """The per-query values of `config`'s runs, averaged over its seeds (queries are shared)."""
-    runs = [r for r in results["runs"].values() if r["config"] == config]
+def pooled(
+    results: dict, config: str, split: str, feature: str, key: str, seeds: list[int] | None = None
+) -> np.ndarray:
+    """The per-query values of `config`'s runs, averaged over its seeds (queries are shared); only
+    the runs of `seeds` where given."""
+    runs = [
+        r for r in results["runs"].values() if r["config"] == config and (seeds is None or r["seed"] in seeds)
+    ]
     return np.mean(
         [np.asarray(r[split][feature][f"per_query_{key}"], dtype=np.float64) for r in runs], axis=0
     )
@@ -257,12 +262,13 @@ def summarize(results: dict, configs: list[str], split: str, level: float) -> di
     """Per configuration and feature on one split: the seeds' mAP and R1, the seed-mean with its
     bootstrap interval over queries, the share of the random-to-teacher gap closed (against the
     random students of the same seeds), the fidelity to the teacher (CKA, kNN agreement) per seed,
-    and the paired difference against dpal (positive: dpal better) with its interval."""
+    and the paired difference against dpal's runs of the same seeds (positive: dpal better) with its
+    interval, where dpal has every seed of the configuration."""
     from dpal.reid import bootstrap_interval, paired_bootstrap
 
     teacher = results["reference"][split]["teacher"]["mAP"]
     table: dict = {}
-    have_dpal = any(r["config"] == "dpal" for r in results["runs"].values())
+    dpal_seeds = {r["seed"] for r in results["runs"].values() if r["config"] == "dpal"}
     for config in configs:
         runs = [r for r in results["runs"].values() if r["config"] == config]
         if not runs:
@@ -284,8 +290,10 @@ def summarize(results: dict, configs: list[str], split: str, level: float) -> di
                 "cka_seeds": [r[split]["fidelity"][feature]["cka"] for r in runs],
                 "knn10_seeds": [r[split]["fidelity"][feature]["knn10"] for r in runs],
             }
-            if config != "dpal" and have_dpal:
-                diff = paired_bootstrap(pooled(results, "dpal", split, feature, "ap"), ap, level=level)
+            if config != "dpal" and set(row["seeds"]) <= dpal_seeds:
+                # paired by seed too: dpal's runs of the same seeds against this configuration's
+                ref = pooled(results, "dpal", split, feature, "ap", row["seeds"])
+                diff = paired_bootstrap(ref, ap, level=level)
                 cell["dpal_minus_this"] = diff._asdict()
             row[feature] = cell
         row["val_final"] = final_val(runs)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from dpal.common import resolve_device
-from dpal.config import CacheConfig, to_dict
+from dpal.config import CacheConfig, stored_keys, to_dict
 from dpal.corpus import Corpus, scan_corpus
 from dpal.pipeline.cache import DiskFullError, StrictModeError, disk_full_message, is_disk_full
 from dpal.store import (
@@ -64,7 +64,7 @@ def store_meta(
         corpus_fingerprint=fingerprint,
         embed_images=cfg.embed_images,
         value_settings=value_settings(cfg),
-        config=to_dict(cfg),
+        config=stored_keys(CacheConfig, to_dict(cfg)),  # the attribute's spelling (config_load.RENAMED)
         corpus_problems=corpus_problems,
         relation_rank=rank,
         schema_version=schema_for(cfg.dtype, rank),

@@ -279,3 +279,11 @@ def test_old_key_spellings_read_the_same_with_a_note(
         "local_size": None,
     }
     assert caplog.records == []
+    # a store's `config` attribute keeps the earlier spelling, in the same key order
+    from dpal.config import stored_keys
+
+    now = to_dict(CacheConfig())
+    stored = stored_keys(CacheConfig, now)
+    assert [k for k in stored if k in ("views", "recipe")] == ["views", "recipe"]
+    assert stored["views"] == 4 and list(stored)[-1] == "recipe" and list(now)[-1] == "views"
+    assert upgrade_keys(CacheConfig, stored) == now and caplog.records == []
