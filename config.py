@@ -150,7 +150,7 @@ class ViewRecipe:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ConfigError(f"unknown views keys {sorted(unknown)}; known: {sorted(known)}")
+            raise ConfigError(f"unknown view keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 

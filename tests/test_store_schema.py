@@ -144,7 +144,7 @@ def test_unknown_recipe_key_and_other_stores_are_one_line(ref_store: Path) -> No
     attrs = _attrs(ref_store)
     attrs["recipe"]["zoom"] = 2
     assert _error(attrs).startswith(
-        "S: store attribute recipe is not a view recipe of this dpal (unknown recipe "
+        "S: store attribute recipe is not a view recipe of this dpal (unknown view keys "
     )
     assert _error({**_attrs(ref_store), "format": "x"}) == "S is a Zarr group but not a dpal teacher store"
     assert _error({**_attrs(ref_store), "schema_version": 5}).startswith("S has store schema 5, this dpal")

@@ -261,5 +261,5 @@ def test_recipe_validation_and_round_trip(recipe: ViewRecipe) -> None:
         ViewRecipe(global_size=(0, 128))
     with pytest.raises(ValueError, match="flip_p"):
         ViewRecipe(flip_p=1.5)
-    with pytest.raises(ValueError, match="unknown recipe keys"):
+    with pytest.raises(ValueError, match="unknown view keys"):
         ViewRecipe.from_dict({"global_sise": [1, 2]})
