@@ -37,6 +37,7 @@ CASES = {
     "factor-float16": ["--dtype", "float16", "--relation", "factor", "--relation-rank", "3"],
     "factor-int8-rotated": ["--dtype", "int8-rotated", "--relation", "factor", "--relation-rank", "3"],
 }
+# the view section as the older spelling, which both trees read (the new one with a note)
 RECIPE = ["recipe.global_size=[32,16]", "recipe.local_size=[16,16]", "recipe.crowd_size=[32,48]"]
 
 
