@@ -192,8 +192,15 @@ def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         raise ConfigError(
             f"unknown config key {prefix + unknown[0]!r}; known keys: {', '.join(prefix + k for k in types_)}"
         )
-    kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in values.items()}
+    kwargs = {k: _coerce(v, types_[k], _display_name(cls, k, prefix)) for k, v in values.items()}
     return cls(**kwargs)
+
+
+def _display_name(cls: type, key: str, prefix: str) -> str:
+    """A key as errors name it: with its flag where the flag is spelled otherwise (`num_views
+    (--views)`), so that a user who typed either finds it."""
+    flag = next((f.metadata.get("flag") for f in dataclasses.fields(cls) if f.name == key), None)
+    return f"{prefix}{key} (--{flag})" if flag and flag != key else prefix + key
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

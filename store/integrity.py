@@ -116,8 +116,14 @@ def _with_defaults(teacher: dict[str, Any]) -> dict[str, Any]:
         return teacher
 
 
+# The attribute's name as a user sets it: the view sizes are stored under `recipe` (every store
+# has that attribute) and set as `--set views.<field>`.
+SETTING_NAMES = {"recipe": "views"}
+
+
 def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two stores' identity attributes."""
+    """Human-readable differences between two stores' identity attributes, each named as a user
+    sets it."""
     out = []
     for k in IDENTITY_ATTRS:
         a, b = old.get(k), new.get(k)
@@ -127,12 +133,13 @@ def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             a, b = ({kk: v for kk, v in _with_defaults(x).items() if kk != "checkpoint"} for x in (a, b))
         if a == b:
             continue
+        name = SETTING_NAMES.get(k, k)
         if isinstance(a, dict) and isinstance(b, dict):
             for sub in sorted(set(a) | set(b)):
                 if a.get(sub) != b.get(sub):
-                    out.append(f"{k}.{sub}: store has {a.get(sub)!r}, this run has {b.get(sub)!r}")
+                    out.append(f"{name}.{sub}: store has {a.get(sub)!r}, this run has {b.get(sub)!r}")
         else:
-            out.append(f"{k}: store has {a!r}, this run has {b!r}")
+            out.append(f"{name}: store has {a!r}, this run has {b!r}")
     return out
 
 

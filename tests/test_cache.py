@@ -341,7 +341,7 @@ def test_strict_raises_on_the_first_bad_file(
         ({"random_init_seed": 1}, "teacher.random_init_seed: store has 0, this run has 1"),
         (
             {"views": ViewRecipe(global_size=(32, 16), local_size=(16, 16), crowd_size=(32, 48), flip_p=0.0)},
-            "recipe.flip_p: store has 0.5, this run has 0.0",
+            "views.flip_p: store has 0.5, this run has 0.0",
         ),
         # these change stored values too: which images are skipped, and the teacher's last bits
         ({"max_pixels": 100}, "value_settings.max_pixels: store has 64000000, this run has 100"),

@@ -245,7 +245,7 @@ def test_user_mistakes_are_one_error_line(
         ),
         "bad set value": (
             cli_args(corpus_dir, out, "--set", "num_views=many"),
-            ["num_views must be an integer, got 'many'"],
+            ["num_views (--views) must be an integer, got 'many'"],
         ),
     }[mistake]
     result = cli(*args, "--shards", "0:")
@@ -698,9 +698,9 @@ def test_flags_beat_the_config_file_and_set_beats_flags(tmp_path: Path) -> None:
             ["--set", "dtype=int4"],
             "error: dtype 'int4' is not one of float16, bfloat16, int8, int8-rotated, float32",
         ),
-        (["--views", "many"], "error: num_views must be an integer, got 'many'"),
-        (["--views", "2.5"], "error: num_views must be an integer, got 2.5"),
-        (["--views", "true"], "error: num_views must be an integer, got 'true'"),
+        (["--views", "many"], "error: num_views (--views) must be an integer, got 'many'"),
+        (["--views", "2.5"], "error: num_views (--views) must be an integer, got 2.5"),
+        (["--views", "true"], "error: num_views (--views) must be an integer, got 'true'"),
         (["--recipe", "x"], "No such option: --recipe"),  # a section has no option of its own
     ],
 )

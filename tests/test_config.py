@@ -89,9 +89,9 @@ def test_unknown_keys_list_the_known_ones() -> None:
 @pytest.mark.parametrize(
     ("setting", "needle"),
     [
-        ("num_views=abc", "num_views must be an integer, got 'abc'"),
-        ("num_views=2.5", "num_views must be an integer, got 2.5"),
-        ("num_views=true", "num_views must be a number"),
+        ("num_views=abc", "num_views (--views) must be an integer, got 'abc'"),
+        ("num_views=2.5", "num_views (--views) must be an integer, got 2.5"),
+        ("num_views=true", "num_views (--views) must be a number"),
         ("num_views=0", "num_views (--views) must be >= 1, got 0"),
         ("strict=maybe", "strict must be true or false, got 'maybe'"),
         ("views.global_size=[1,2,3]", "views.global_size needs 2 values, got 3"),
@@ -194,9 +194,9 @@ def test_flag_texts_are_read_as_the_field_type(flags: dict, expected: dict) -> N
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
-        ({"num_views": "2.5"}, "num_views must be an integer, got 2.5"),  # was truncated to 2
-        ({"num_views": "true"}, "num_views must be an integer, got 'true'"),  # was int(True) == 1
-        ({"num_views": "[3]"}, "num_views must be an integer, got '[3]'"),
+        ({"num_views": "2.5"}, "num_views (--views) must be an integer, got 2.5"),  # was truncated to 2
+        ({"num_views": "true"}, "num_views (--views) must be an integer, got 'true'"),  # was int(True) == 1
+        ({"num_views": "[3]"}, "num_views (--views) must be an integer, got '[3]'"),
         ({"base_lr": "fast"}, None),
     ],
 )
